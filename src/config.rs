@@ -1,0 +1,1 @@
+//! targets.yaml (serde_yaml). To be implemented.

@@ -1,0 +1,19 @@
+//! diskless: an iSCSI target for network boot.
+//!
+//! Layers, bottom-up (see docs/architecture.md):
+//! - [`pdu`]: the PDU codec (pure: bytes in, values out).
+//! - [`login`]: text keys, login and text negotiation, CHAP (pure state machines).
+//! - [`session`]: sessions and connections on tokio (the only layer that touches sockets).
+//! - [`scsi`]: the SCSI block command set, knows nothing of iSCSI.
+//! - [`storage`]: block stores (image files, memory).
+//! - [`config`] and [`registry`]: targets.yaml and the targets built from it.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod login;
+pub mod pdu;
+pub mod registry;
+pub mod scsi;
+pub mod session;
+pub mod storage;

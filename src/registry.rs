@@ -1,0 +1,1 @@
+//! The target registry built from the configuration. To be implemented.

@@ -1,0 +1,69 @@
+//! SCSI block device (SPC-4, SBC-3), independent of iSCSI: CDBs and data in, status, sense and
+//! data out. A [`LunTable`] is one target's logical units; each [`LogicalUnit`] serves one
+//! [`BlockStore`](crate::storage::BlockStore).
+
+use bytes::Bytes;
+
+/// SCSI status codes (SAM-5 §5.3).
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+    pub const CONDITION_MET: u8 = 0x04;
+    pub const BUSY: u8 = 0x08;
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+    pub const TASK_SET_FULL: u8 = 0x28;
+    pub const ACA_ACTIVE: u8 = 0x30;
+    pub const TASK_ABORTED: u8 = 0x40;
+}
+
+/// One I_T nexus as the SCSI layer sees it (SAM-5 §4.6). The transport creates one per
+/// session and tells the LUNs when it is lost.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Nexus {
+    /// Unique for the lifetime of the process.
+    pub id: u64,
+    /// Initiator port name: for iSCSI "InitiatorName,i,0xISID" (RFC 7143 §4.2.7.1 / SPC-4
+    /// TransportID format 01b).
+    pub initiator_port: String,
+    /// Initiator device name (iSCSI InitiatorName), for PERSISTENT RESERVE TransportIDs.
+    pub initiator_name: String,
+    /// Relative target port identifier (VPD 0x83, PR).
+    pub relative_port: u16,
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiResult {
+    pub status: u8,
+    /// Data for the initiator (already limited by the CDB's allocation/transfer length; the
+    /// transport truncates further to its expected transfer length and reports residuals).
+    pub data_in: Bytes,
+    /// Sense data (fixed or descriptor format) when status is CHECK CONDITION.
+    pub sense: Option<Bytes>,
+}
+
+/// Data direction and length a CDB implies, so the transport can collect Data-Out before
+/// executing and compute residuals (SAM-5 §5.4.2: the CDB's length, not the transport's,
+/// decides what the command transfers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    None,
+    /// Up to this many bytes to the initiator.
+    In(u32),
+    /// Exactly this many bytes from the initiator.
+    Out(u32),
+}
+
+/// Task management, as far as the SCSI layer is concerned (SAM-5 §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetKind {
+    LogicalUnit,
+    TargetWarm,
+    TargetCold,
+}
+
+mod lun;
+mod table;
+
+pub use lun::{LogicalUnit, LuIdentity};
+pub use table::LunTable;

@@ -1,0 +1,1 @@
+//! Sessions and connections (tokio). To be implemented.
