@@ -1,5 +1,6 @@
 //! Decoding (to be implemented).
 use super::{Digests, Pdu, PduError};
+use bytes::Bytes;
 
 /// How many bytes the PDU at the start of `buf` occupies on the wire (BHS, AHS, header
 /// digest, data segment, padding, data digest), or `None` if more bytes are needed to know.
@@ -15,8 +16,8 @@ pub fn frame_length(
 }
 
 /// Decode exactly one whole PDU (`frame` is what `frame_length` measured). Checks the data
-/// digest. Never panics on any input.
-pub fn decode(frame: &[u8], digests: Digests) -> Result<Pdu, PduError> {
+/// digest. The data segment is a zero-copy slice of `frame`. Never panics on any input.
+pub fn decode(frame: Bytes, digests: Digests) -> Result<Pdu, PduError> {
     let _ = (frame, digests);
     todo!()
 }

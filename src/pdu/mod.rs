@@ -36,16 +36,31 @@ pub enum PduError {
     HeaderDigest,
     /// Data digest mismatch; the header is good.
     #[error("data digest mismatch")]
-    DataDigest { bhs: Box<[u8; BHS_LEN]>, frame_len: usize },
+    DataDigest {
+        bhs: Box<[u8; BHS_LEN]>,
+        frame_len: usize,
+    },
     /// DataSegmentLength larger than the MaxRecvDataSegmentLength we declared.
     #[error("data segment of {len} bytes exceeds the negotiated {max}")]
-    DataSegmentTooLong { bhs: Box<[u8; BHS_LEN]>, len: u32, max: u32 },
+    DataSegmentTooLong {
+        bhs: Box<[u8; BHS_LEN]>,
+        len: u32,
+        max: u32,
+    },
     /// Opcode not defined for an initiator (or target) PDU.
     #[error("unknown opcode {opcode:#04x}")]
-    UnknownOpcode { bhs: Box<[u8; BHS_LEN]>, opcode: u8, frame_len: usize },
+    UnknownOpcode {
+        bhs: Box<[u8; BHS_LEN]>,
+        opcode: u8,
+        frame_len: usize,
+    },
     /// Fields that violate the PDU format (bad AHS, reserved bits where the RFC demands, ...).
     #[error("malformed PDU: {reason}")]
-    Malformed { bhs: Box<[u8; BHS_LEN]>, reason: &'static str, frame_len: Option<usize> },
+    Malformed {
+        bhs: Box<[u8; BHS_LEN]>,
+        reason: &'static str,
+        frame_len: Option<usize>,
+    },
 }
 
 impl PduError {
