@@ -1,0 +1,1087 @@
+//! One iSCSI connection: the login phase, then the full-feature phase (RFC 7143 §3.2, §4).
+//! MaxConnections is negotiated down to 1, so a connection and its session live and die
+//! together (ERL 0: no connection recovery, §7.1.5).
+
+use super::cmdsn::{sn_lt, Admit, CmdWindow};
+use super::io::{self, FrameReader, Out, ReadError, SeqState};
+use super::table::SessionHandle;
+use super::task::{Completion, Residual, WriteCollector, NO_TTT};
+use super::Server;
+use crate::login::{
+    status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
+    TextOutcome,
+};
+use crate::pdu::{
+    self, reject_reason, AsyncMessage, Bhs, DataOut, Digests, LoginResponse, LogoutRequest,
+    LogoutResponse, NopIn, NopOut, Pdu, Reject, ScsiCommand, TaskMgmtRequest, TaskMgmtResponse,
+    TextRequest, BHS_LEN,
+};
+use crate::scsi::{self, LunTable, Nexus, ResetKind, ScsiResult, Transfer};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// During login the default MaxRecvDataSegmentLength (8192) applies (§13.12).
+const LOGIN_MAX_DATA: u32 = 8192;
+/// How long a Logout or shutdown waits for commands still running.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+pub(super) async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    // Small PDUs (responses, R2Ts) must not wait for Nagle (latency at QD1).
+    let _ = stream.set_nodelay(true);
+    let span = info_span!("conn", %peer);
+    async move {
+        match login(&server, stream, local).await {
+            Ok(Some(ready)) => full_feature(server, ready).await,
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "connection ended during login"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Everything a successful login hands to the full-feature phase.
+struct Ready {
+    stream: TcpStream,
+    reader: FrameReader,
+    params: SessionParams,
+    handle: Arc<SessionHandle>,
+    luns: Option<Arc<LunTable>>,
+    nexus: Nexus,
+    window: CmdWindow,
+    stat_sn: u32,
+    cid: u16,
+    local: SocketAddr,
+}
+
+async fn send_login(
+    stream: &mut TcpStream,
+    mut pdu: Pdu,
+    stat_sn: &mut u32,
+    window: &CmdWindow,
+) -> std::io::Result<()> {
+    io::stamp(
+        &mut pdu.bhs,
+        stat_sn,
+        window.exp_cmd_sn(),
+        window.max_cmd_sn(),
+    );
+    stream
+        .write_all(&io::encode_one(&pdu, Digests::default()))
+        .await
+}
+
+fn login_failure(itt: u32, isid: [u8; 6], (class, detail): (u8, u8)) -> Pdu {
+    Pdu {
+        bhs: Bhs::LoginResponse(LoginResponse {
+            itt,
+            isid,
+            status_class: class,
+            status_detail: detail,
+            ..Default::default()
+        }),
+        data: Bytes::new(),
+    }
+}
+
+/// The login phase (§6). Returns None when the login failed and the connection is closed.
+async fn login(
+    server: &Arc<Server>,
+    mut stream: TcpStream,
+    local: SocketAddr,
+) -> std::io::Result<Option<Ready>> {
+    let settings = server.settings();
+    let registry = server.registry();
+    let directory: Arc<dyn Directory> = registry.clone();
+    let mut machine = LoginMachine::new(directory, settings.params.clone(), local);
+    let mut reader = FrameReader::default();
+    let mut stat_sn: u32 = rand::random::<u16>() as u32;
+    let mut window = CmdWindow::new(0, settings.cmd_window);
+    let deadline = Instant::now() + settings.login_timeout;
+    let mut first = true;
+    loop {
+        let pdu = match tokio::time::timeout_at(
+            deadline,
+            reader.next(&mut stream, Digests::default(), LOGIN_MAX_DATA),
+        )
+        .await
+        {
+            Err(_) => {
+                info!("login timed out");
+                return Ok(None);
+            }
+            Ok(Err(ReadError::Eof)) => return Ok(None),
+            Ok(Err(ReadError::Io(e))) => return Err(e),
+            Ok(Err(ReadError::Pdu { error, .. })) => {
+                // §6.? a malformed login PDU ends the login with an initiator error.
+                info!(%error, "bad PDU during login");
+                let itt = error
+                    .bhs()
+                    .map(|b| u32::from_be_bytes([b[16], b[17], b[18], b[19]]))
+                    .unwrap_or(0);
+                send_login(
+                    &mut stream,
+                    login_failure(itt, [0; 6], status::INITIATOR_ERROR),
+                    &mut stat_sn,
+                    &window,
+                )
+                .await?;
+                return Ok(None);
+            }
+            Ok(Ok(p)) => p,
+        };
+        let Bhs::LoginRequest(req) = &pdu.bhs else {
+            // Anything but a Login Request before login completes (§6.1): refuse and close.
+            info!(opcode = ?pdu.bhs.opcode(), "non-login PDU during login");
+            send_login(
+                &mut stream,
+                login_failure(0, [0; 6], status::INVALID_DURING_LOGIN),
+                &mut stat_sn,
+                &window,
+            )
+            .await?;
+            return Ok(None);
+        };
+        if first {
+            // §11.12.8: the Login Request's CmdSN is the session's first CmdSN.
+            window = CmdWindow::new(req.cmd_sn, settings.cmd_window);
+            first = false;
+        }
+        match machine.step(req, &pdu.data) {
+            LoginOutcome::Continue(resp) => {
+                send_login(&mut stream, resp, &mut stat_sn, &window).await?
+            }
+            LoginOutcome::Failed(resp) => {
+                if let Bhs::LoginResponse(r) = &resp.bhs {
+                    info!(
+                        class = r.status_class,
+                        detail = r.status_detail,
+                        "login refused"
+                    );
+                }
+                send_login(&mut stream, resp, &mut stat_sn, &window).await?;
+                return Ok(None);
+            }
+            LoginOutcome::Complete(done) => {
+                let done = *done;
+                let itt = req.itt;
+                let fail = |st| login_failure(itt, done.isid, st);
+                let params = done.params;
+                if done.tsih != 0 {
+                    // Adding a connection to a session: we negotiate MaxConnections=1 (§13.2).
+                    let st = if server.sessions().get(done.tsih).is_some() {
+                        status::TOO_MANY_CONNECTIONS
+                    } else {
+                        status::SESSION_DOES_NOT_EXIST
+                    };
+                    send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                    return Ok(None);
+                }
+                let luns = match params.session_type {
+                    SessionType::Discovery => None,
+                    SessionType::Normal => match registry.luns(&params.target_name) {
+                        Some(l) => Some(l),
+                        None => {
+                            send_login(&mut stream, fail(status::NOT_FOUND), &mut stat_sn, &window)
+                                .await?;
+                            return Ok(None);
+                        }
+                    },
+                };
+                // Session reinstatement (§6.3.5): same InitiatorName + ISID with TSIH 0 closes
+                // the old session first. A different ISID is a separate session and stays.
+                if let Some(old) =
+                    server
+                        .sessions()
+                        .find(&params.initiator_name, &done.isid, &params.target_name)
+                {
+                    info!(tsih = old.tsih, "reinstating session: closing the old one");
+                    old.close(Duration::from_secs(5)).await;
+                    server.sessions().remove(old.tsih);
+                }
+                if server.sessions().len() >= settings.max_sessions {
+                    warn!(max = settings.max_sessions, "session limit reached");
+                    send_login(
+                        &mut stream,
+                        fail(status::OUT_OF_RESOURCES),
+                        &mut stat_sn,
+                        &window,
+                    )
+                    .await?;
+                    return Ok(None);
+                }
+                let handle = server.sessions().insert(
+                    &params.initiator_name,
+                    done.isid,
+                    &params.target_name,
+                );
+                let mut response = done.response;
+                if let Bhs::LoginResponse(r) = &mut response.bhs {
+                    r.tsih = handle.tsih;
+                }
+                send_login(&mut stream, response, &mut stat_sn, &window).await?;
+                let nexus = Nexus {
+                    id: handle.nexus_id,
+                    initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
+                    initiator_name: params.initiator_name.clone(),
+                    relative_port: 1,
+                };
+                return Ok(Some(Ready {
+                    stream,
+                    reader,
+                    params,
+                    handle,
+                    luns,
+                    nexus,
+                    window,
+                    stat_sn,
+                    cid: done.cid,
+                    local,
+                }));
+            }
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A command whose Data-Out is still arriving.
+struct PendingWrite {
+    cmd: ScsiCommand,
+    collector: WriteCollector,
+}
+
+/// A command running on the blocking pool.
+struct Running {
+    lun: u64,
+    aborted: bool,
+}
+
+/// What a blocking SCSI execution sends back.
+struct Done {
+    itt: u32,
+    lun: u64,
+    result: ScsiResult,
+    /// The initiator's expected data transfer length.
+    edtl: u32,
+    /// Bytes the command wanted to move (writes), for the residual.
+    write_len: Option<u32>,
+    r2t_count: u32,
+}
+
+/// A task management function waiting for aborted commands to finish (§4.2.3.? SAM-5 §7:
+/// the response follows the termination of every affected task).
+struct PendingTmf {
+    req: TaskMgmtRequest,
+    waiting: HashSet<u32>,
+    response: u8,
+    reset: Option<(Option<u64>, ResetKind)>,
+}
+
+struct Conn {
+    params: SessionParams,
+    luns: Option<Arc<LunTable>>,
+    nexus: Nexus,
+    window: CmdWindow,
+    seq: Arc<SeqState>,
+    tx: mpsc::Sender<Out>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    held: HashMap<u32, Pdu>,
+    writes: HashMap<u32, PendingWrite>,
+    running: HashMap<u32, Running>,
+    absorbing: HashSet<u32>,
+    tmfs: Vec<PendingTmf>,
+    next_ttt: u32,
+    text: TextMachine,
+    cid: u16,
+    ping_outstanding: Option<(u32, Instant)>,
+    logout: Option<LogoutRequest>,
+    closing: bool,
+    cold_reset: bool,
+}
+
+/// Why the full-feature loop ended.
+enum End {
+    Closed,
+    Logout,
+    Error(String),
+}
+
+async fn full_feature(server: Arc<Server>, ready: Ready) {
+    let Ready {
+        stream,
+        mut reader,
+        params,
+        handle,
+        luns,
+        nexus,
+        window,
+        stat_sn,
+        cid,
+        local,
+    } = ready;
+    let span = info_span!(
+        "session",
+        initiator = %params.initiator_name,
+        target = %params.target_name,
+        tsih = handle.tsih
+    );
+    async move {
+        info!(
+            kind = ?params.session_type,
+            header_digest = params.header_digest,
+            data_digest = params.data_digest,
+            "logged in"
+        );
+        let digests = Digests { header: params.header_digest, data: params.data_digest };
+        let max_data = params.target_max_recv_data_segment_length;
+        let (mut rd, wr) = stream.into_split();
+        let seq = Arc::new(SeqState::default());
+        seq.set(window.exp_cmd_sn(), window.max_cmd_sn());
+        let (tx, rx) = mpsc::channel::<Out>(256);
+        let writer = tokio::spawn(io::writer(wr, rx, digests, seq.clone(), stat_sn));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let directory: Arc<dyn Directory> = server.registry();
+        let mut conn = Conn {
+            params,
+            luns,
+            nexus,
+            window,
+            seq,
+            tx,
+            done_tx,
+            held: HashMap::new(),
+            writes: HashMap::new(),
+            running: HashMap::new(),
+            absorbing: HashSet::new(),
+            tmfs: Vec::new(),
+            next_ttt: 1,
+            text: TextMachine::new(directory, local),
+            cid,
+            ping_outstanding: None,
+            logout: None,
+            closing: false,
+            cold_reset: false,
+        };
+        let settings = server.settings().clone();
+        let tick_every = settings.nop_in_interval.unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every.max(Duration::from_millis(100)));
+        let mut last_rx = Instant::now();
+        let mut shutdown = server.shutdown_signal();
+        let mut shutdown_deadline: Option<Instant> = None;
+        let end = loop {
+            if conn.closing && conn.running.is_empty() {
+                break if conn.logout.is_some() { End::Logout } else { End::Closed };
+            }
+            let deadline = shutdown_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400));
+            tokio::select! {
+                biased;
+                _ = handle.kill.notified() => break End::Closed,
+                Some(done) = done_rx.recv() => {
+                    if let Err(e) = conn.on_done(done).await { break End::Error(e); }
+                }
+                r = reader.next(&mut rd, digests, max_data), if !conn.closing => {
+                    match r {
+                        Ok(pdu) => {
+                            last_rx = Instant::now();
+                            if let Err(e) = conn.on_pdu(pdu).await { break End::Error(e); }
+                        }
+                        Err(ReadError::Eof) => break End::Closed,
+                        Err(ReadError::Io(e)) => break End::Error(e.to_string()),
+                        Err(ReadError::Pdu { error, skipped }) => {
+                            info!(%error, "bad PDU");
+                            let reason = match &error {
+                                pdu::PduError::DataDigest { .. } => reject_reason::DATA_DIGEST_ERROR,
+                                pdu::PduError::UnknownOpcode { .. } => reject_reason::COMMAND_NOT_SUPPORTED,
+                                _ => reject_reason::PROTOCOL_ERROR,
+                            };
+                            if let Some(bhs) = error.bhs() {
+                                let _ = conn.reject_raw(reason, bhs).await;
+                            }
+                            // A header digest error or an oversized segment leaves the stream
+                            // unframed: with ERL 0 the connection must go (§7.8, §7.1.4).
+                            if !skipped {
+                                let _ = conn.flush().await;
+                                break End::Error(error.to_string());
+                            }
+                        }
+                    }
+                }
+                changed = shutdown.changed(), if shutdown_deadline.is_none() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        // §11.9.1 AsyncEvent 1: the target requests a logout.
+                        let _ = conn.send(Pdu { bhs: Bhs::AsyncMessage(AsyncMessage { lun: 0, async_event: 1, parameter3: 1, ..Default::default() }), data: Bytes::new() }).await;
+                        shutdown_deadline = Some(Instant::now() + Duration::from_secs(3));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if shutdown_deadline.is_some() => break End::Closed,
+                _ = tick.tick() => {
+                    if let Some(e) = conn.on_tick(&settings, last_rx).await { break End::Error(e); }
+                }
+            }
+        };
+        match &end {
+            End::Closed => info!("connection closed"),
+            End::Logout => info!("logged out"),
+            End::Error(e) => info!(error = %e, "connection dropped"),
+        }
+        // Wait (bounded) for commands still on the blocking pool, so nothing of this nexus
+        // lands after it is declared lost.
+        let drain_deadline = Instant::now() + DRAIN_WAIT;
+        while !conn.running.is_empty() {
+            match tokio::time::timeout_at(drain_deadline, done_rx.recv()).await {
+                Ok(Some(d)) => {
+                    conn.running.remove(&d.itt);
+                }
+                _ => break,
+            }
+        }
+        if let Some(luns) = &conn.luns {
+            luns.nexus_lost(&conn.nexus);
+        }
+        server.sessions().remove(handle.tsih);
+        let cold = conn.cold_reset;
+        let target = conn.params.target_name.clone();
+        drop(conn);
+        let _ = writer.await;
+        handle.closed.send_replace(true);
+        if cold {
+            // §11.5.1 TARGET COLD RESET: every session of the target goes.
+            for s in server.sessions().all() {
+                if s.target == target {
+                    s.kill.notify_one();
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+type R = Result<(), String>;
+
+impl Conn {
+    async fn send(&self, pdu: Pdu) -> R {
+        self.tx
+            .send(Out::Pdu(pdu))
+            .await
+            .map_err(|_| "writer gone".to_string())
+    }
+
+    async fn send_all(&self, pdus: Vec<Pdu>) -> R {
+        self.tx
+            .send(Out::Pdus(pdus))
+            .await
+            .map_err(|_| "writer gone".to_string())
+    }
+
+    async fn flush(&self) -> R {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Out::Flush(tx))
+            .await
+            .map_err(|_| "writer gone".to_string())?;
+        rx.await.map_err(|_| "writer gone".to_string())
+    }
+
+    fn sync_seq(&self) {
+        self.seq
+            .set(self.window.exp_cmd_sn(), self.window.max_cmd_sn());
+    }
+
+    /// Reject PDU (§11.17) carrying the offending header.
+    async fn reject_raw(&self, reason: u8, bhs: &[u8; BHS_LEN]) -> R {
+        self.send(Pdu {
+            bhs: Bhs::Reject(Reject {
+                reason,
+                data_sn_or_r2t_sn: 0,
+                ..Default::default()
+            }),
+            data: Bytes::copy_from_slice(bhs),
+        })
+        .await
+    }
+
+    async fn reject(&self, reason: u8, pdu: &Pdu) -> R {
+        let header = pdu::encode_header(&pdu.bhs, pdu.data.len() as u32, Digests::default());
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&header[..BHS_LEN]);
+        self.reject_raw(reason, &bhs).await
+    }
+
+    async fn on_pdu(&mut self, pdu: Pdu) -> R {
+        let ordered = match &pdu.bhs {
+            Bhs::ScsiCommand(c) => Some((c.cmd_sn, c.immediate)),
+            Bhs::NopOut(n) => Some((n.cmd_sn, n.immediate)),
+            Bhs::TaskMgmtRequest(t) => Some((t.cmd_sn, t.immediate)),
+            Bhs::TextRequest(t) => Some((t.cmd_sn, t.immediate)),
+            Bhs::LogoutRequest(l) => Some((l.cmd_sn, l.immediate)),
+            _ => None,
+        };
+        let Some((cmd_sn, immediate)) = ordered else {
+            return self.dispatch(pdu).await;
+        };
+        match self.window.admit(cmd_sn, immediate) {
+            Admit::Ignore => {
+                debug!(
+                    cmd_sn,
+                    exp = self.window.exp_cmd_sn(),
+                    "CmdSN outside the window: ignored"
+                );
+                Ok(())
+            }
+            Admit::Hold => {
+                self.held.insert(cmd_sn, pdu);
+                Ok(())
+            }
+            Admit::Now => {
+                self.sync_seq();
+                self.dispatch(pdu).await?;
+                // Deliver commands that were waiting for this one (§3.2.2.1: in CmdSN order).
+                while let Some(next) = self.held.remove(&self.window.exp_cmd_sn()) {
+                    let _ = self.window.admit(self.window.exp_cmd_sn(), false);
+                    self.sync_seq();
+                    self.dispatch(next).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, pdu: Pdu) -> R {
+        let discovery = self.params.session_type == SessionType::Discovery;
+        match &pdu.bhs {
+            Bhs::NopOut(n) => {
+                let n = n.clone();
+                self.on_nop(n, pdu.data).await
+            }
+            Bhs::ScsiCommand(c) if !discovery => {
+                let c = c.clone();
+                self.on_command(c, pdu.data).await
+            }
+            Bhs::DataOut(d) if !discovery => {
+                let d = d.clone();
+                self.on_data_out(&pdu, d).await
+            }
+            Bhs::TaskMgmtRequest(t) if !discovery => {
+                let t = t.clone();
+                self.on_tmf(t).await
+            }
+            Bhs::TextRequest(t) => {
+                let t = t.clone();
+                self.on_text(&pdu, t).await
+            }
+            Bhs::LogoutRequest(l) => {
+                let l = l.clone();
+                self.on_logout(l).await
+            }
+            // SNACK needs ERL >= 1 (§7.1.4); we negotiate 0.
+            Bhs::SnackRequest(_) => self.reject(reject_reason::SNACK_REJECT, &pdu).await,
+            // A second login on a logged-in connection, target-only opcodes, or SCSI on a
+            // discovery session (§6.2: discovery sessions carry Text and Logout only).
+            _ => self.reject(reject_reason::PROTOCOL_ERROR, &pdu).await,
+        }
+    }
+
+    async fn on_nop(&mut self, n: NopOut, data: Bytes) -> R {
+        if n.itt == NO_TTT {
+            // The answer to our ping (§11.18.3), or a one-way NOP-Out: no response.
+            if let Some((ttt, _)) = self.ping_outstanding {
+                if n.ttt == ttt {
+                    self.ping_outstanding = None;
+                }
+            }
+            return Ok(());
+        }
+        // §11.19: echo ITT and the ping data.
+        self.send(Pdu {
+            bhs: Bhs::NopIn(NopIn {
+                lun: n.lun,
+                itt: n.itt,
+                ttt: NO_TTT,
+                ..Default::default()
+            }),
+            data,
+        })
+        .await
+    }
+
+    async fn on_tick(&mut self, settings: &super::Settings, last_rx: Instant) -> Option<String> {
+        let interval = settings.nop_in_interval?;
+        if let Some((_, sent)) = self.ping_outstanding {
+            if let Some(timeout) = settings.nop_in_timeout {
+                if sent.elapsed() >= timeout {
+                    return Some("NOP-In ping not answered".into());
+                }
+            }
+            return None;
+        }
+        if last_rx.elapsed() >= interval {
+            let ttt = self.alloc_ttt();
+            self.ping_outstanding = Some((ttt, Instant::now()));
+            let ping = Pdu {
+                bhs: Bhs::NopIn(NopIn {
+                    lun: 0,
+                    itt: NO_TTT,
+                    ttt,
+                    ..Default::default()
+                }),
+                data: Bytes::new(),
+            };
+            if self.send(ping).await.is_err() {
+                return Some("writer gone".into());
+            }
+        }
+        None
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == NO_TTT {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    async fn on_command(&mut self, c: ScsiCommand, data: Bytes) -> R {
+        let Some(luns) = self.luns.clone() else {
+            return Ok(());
+        };
+        if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
+            // §11.3: ITTs are unique among outstanding tasks.
+            return self
+                .reject_raw(
+                    reject_reason::INVALID_PDU_FIELD,
+                    &self.header_of_cmd(&c, &data),
+                )
+                .await;
+        }
+        let edtl = c.expected_data_transfer_length;
+        let transfer = match luns.transfer(c.lun, &c.cdb) {
+            Ok(t) => t,
+            Err(result) => {
+                if c.write && (data.len() as u32) < edtl && !c.final_ {
+                    self.absorbing.insert(c.itt);
+                }
+                return self.complete(c.itt, c.lun, result, edtl, None, 0).await;
+            }
+        };
+        match transfer {
+            Transfer::Out(n) if n > 0 => {
+                if n != edtl || !c.write {
+                    // SAM-5 §5.4.2 / FCP-4: a transfer length that disagrees with the EDTL gets
+                    // CHECK CONDITION, INVALID FIELD IN COMMAND INFORMATION UNIT, nothing written,
+                    // and the residual reported.
+                    if (data.len() as u32) < edtl {
+                        self.absorbing.insert(c.itt);
+                    }
+                    let result = ScsiResult {
+                        status: scsi::status::CHECK_CONDITION,
+                        data_in: Bytes::new(),
+                        sense: Some(Bytes::from_static(&[
+                            0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0e, 0x03, 0, 0, 0, 0,
+                        ])),
+                    };
+                    return self.complete(c.itt, c.lun, result, edtl, Some(n), 0).await;
+                }
+                let collector = match WriteCollector::new(&self.params, n, &data) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        debug!(error = %e, "bad immediate data");
+                        return self
+                            .reject_raw(
+                                reject_reason::PROTOCOL_ERROR,
+                                &self.header_of_cmd(&c, &data),
+                            )
+                            .await;
+                    }
+                };
+                let mut pw = PendingWrite { cmd: c, collector };
+                if pw.collector.complete() {
+                    return self.execute(pw.cmd, pw.collector.into_data(), 0).await;
+                }
+                let (itt, lun) = (pw.cmd.itt, pw.cmd.lun);
+                let r2ts = self.solicit(&mut pw.collector, itt, lun);
+                self.writes.insert(itt, pw);
+                if !r2ts.is_empty() {
+                    self.send_all(
+                        r2ts.into_iter()
+                            .map(|r| Pdu {
+                                bhs: Bhs::R2t(r),
+                                data: Bytes::new(),
+                            })
+                            .collect(),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            _ => {
+                if c.write && (data.len() as u32) < edtl {
+                    // Unsolicited data for a command that takes none: swallow it.
+                    self.absorbing.insert(c.itt);
+                }
+                self.execute(c, Bytes::new(), 0).await
+            }
+        }
+    }
+
+    fn header_of_cmd(&self, c: &ScsiCommand, data: &Bytes) -> [u8; BHS_LEN] {
+        let h = pdu::encode_header(
+            &Bhs::ScsiCommand(c.clone()),
+            data.len() as u32,
+            Digests::default(),
+        );
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&h[..BHS_LEN]);
+        bhs
+    }
+
+    async fn on_data_out(&mut self, pdu: &Pdu, d: DataOut) -> R {
+        let Some(pw) = self.writes.get_mut(&d.itt) else {
+            if self.absorbing.contains(&d.itt) {
+                if d.final_ {
+                    self.absorbing.remove(&d.itt);
+                }
+                return Ok(());
+            }
+            // §11.7: a Data-Out for no task we know.
+            return self.reject(reject_reason::INVALID_PDU_FIELD, pdu).await;
+        };
+        if let Err(e) = pw.collector.data_out(&self.params, &d, &pdu.data) {
+            // ERL 0 cannot recover a broken data sequence (§7.1.4): reject it and drop the
+            // connection; the initiator retries on a new one.
+            info!(itt = d.itt, error = %e, "Data-Out protocol error");
+            self.writes.remove(&d.itt);
+            self.reject(reject_reason::PROTOCOL_ERROR, pdu).await?;
+            self.flush().await?;
+            return Err(format!("Data-Out error: {e}"));
+        }
+        if pw.collector.complete() {
+            let Some(pw) = self.writes.remove(&d.itt) else {
+                return Ok(());
+            };
+            let r2ts = pw.collector.r2t_count();
+            return self.execute(pw.cmd, pw.collector.into_data(), r2ts).await;
+        }
+        // An R2T finished: solicit the next burst.
+        let (itt, lun) = (pw.cmd.itt, pw.cmd.lun);
+        let mut collector = std::mem::replace(&mut pw.collector, WriteCollector::placeholder());
+        let r2ts = self.solicit(&mut collector, itt, lun);
+        if let Some(pw) = self.writes.get_mut(&itt) {
+            pw.collector = collector;
+        }
+        if !r2ts.is_empty() {
+            self.send_all(
+                r2ts.into_iter()
+                    .map(|r| Pdu {
+                        bhs: Bhs::R2t(r),
+                        data: Bytes::new(),
+                    })
+                    .collect(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// R2Ts for the next bursts of a write (§11.8).
+    fn solicit(
+        &mut self,
+        collector: &mut WriteCollector,
+        itt: u32,
+        lun: u64,
+    ) -> Vec<crate::pdu::R2t> {
+        let mut next = self.next_ttt;
+        let r2ts = collector.next_r2ts(&self.params, itt, lun, || {
+            let t = next;
+            next = if next.wrapping_add(1) == NO_TTT {
+                1
+            } else {
+                next.wrapping_add(1)
+            };
+            t
+        });
+        self.next_ttt = next;
+        r2ts
+    }
+
+    /// Run the command on the blocking pool; the result comes back through `done_tx`.
+    async fn execute(&mut self, c: ScsiCommand, data: Bytes, r2t_count: u32) -> R {
+        let Some(luns) = self.luns.clone() else {
+            return Ok(());
+        };
+        let nexus = self.nexus.clone();
+        let done = self.done_tx.clone();
+        let write_len = if data.is_empty() {
+            None
+        } else {
+            Some(data.len() as u32)
+        };
+        self.running.insert(
+            c.itt,
+            Running {
+                lun: c.lun,
+                aborted: false,
+            },
+        );
+        let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);
+        let cdb = c.cdb;
+        tokio::task::spawn_blocking(move || {
+            let result = luns.execute(&nexus, lun, &cdb, &data);
+            let _ = done.send(Done {
+                itt,
+                lun,
+                result,
+                edtl,
+                write_len,
+                r2t_count,
+            });
+        });
+        Ok(())
+    }
+
+    async fn on_done(&mut self, d: Done) -> R {
+        let aborted = self
+            .running
+            .remove(&d.itt)
+            .map(|r| r.aborted)
+            .unwrap_or(true);
+        let finished_tmfs = self.tmf_task_finished(d.itt);
+        if !aborted {
+            self.complete(d.itt, d.lun, d.result, d.edtl, d.write_len, d.r2t_count)
+                .await?;
+        }
+        for t in finished_tmfs {
+            self.finish_tmf(t).await?;
+        }
+        if let Some(l) = self.logout.clone() {
+            if self.running.is_empty() && !self.closing {
+                self.logout_respond(l).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send the result of a command: Data-In and/or SCSI Response with residuals.
+    async fn complete(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        r: ScsiResult,
+        edtl: u32,
+        write_len: Option<u32>,
+        r2t_count: u32,
+    ) -> R {
+        let (data, residual) = match write_len {
+            Some(n) => (Bytes::new(), Residual::of(n, edtl)),
+            None => {
+                let produced = r.data_in.len() as u32;
+                let send = produced.min(edtl) as usize;
+                (r.data_in.slice(..send), Residual::of(produced, edtl))
+            }
+        };
+        let mut pdus = Vec::with_capacity(
+            1 + data.len() / self.params.initiator_max_recv_data_segment_length.max(512) as usize,
+        );
+        Completion {
+            itt,
+            lun,
+            status: r.status,
+            sense: r.sense.as_deref(),
+            data,
+            residual,
+            r2t_count,
+        }
+        .into_pdus(
+            self.params.initiator_max_recv_data_segment_length,
+            self.params.max_burst_length,
+            &mut pdus,
+        );
+        self.send_all(pdus).await
+    }
+
+    async fn on_text(&mut self, pdu: &Pdu, t: TextRequest) -> R {
+        match self.text.step(&self.params, &t, &pdu.data) {
+            TextOutcome::Respond(resp) => self.send(resp).await,
+            TextOutcome::Renegotiated(resp, params) => {
+                self.send(resp).await?;
+                // Only declarative limits change in FFP; digests stay as they were.
+                self.params.initiator_max_recv_data_segment_length =
+                    params.initiator_max_recv_data_segment_length;
+                Ok(())
+            }
+            TextOutcome::Reject(reason) => self.reject(reason, pdu).await,
+        }
+    }
+
+    async fn on_logout(&mut self, l: LogoutRequest) -> R {
+        // Pending writes die with the session (§11.14.1); running commands finish first.
+        self.writes.clear();
+        if self.running.is_empty() {
+            self.logout_respond(l).await
+        } else {
+            self.logout = Some(l);
+            Ok(())
+        }
+    }
+
+    async fn logout_respond(&mut self, l: LogoutRequest) -> R {
+        // §11.15.1: 0 closed; 1 CID not found; 2 recovery not supported (ERL 0).
+        let response = match l.reason & 0x7f {
+            0 => 0,
+            1 if l.cid == self.cid => 0,
+            1 => 1,
+            _ => 2,
+        };
+        self.send(Pdu {
+            bhs: Bhs::LogoutResponse(LogoutResponse {
+                response,
+                itt: l.itt,
+                time2wait: 0,
+                time2retain: 0,
+                ..Default::default()
+            }),
+            data: Bytes::new(),
+        })
+        .await?;
+        self.flush().await?;
+        if response == 0 {
+            self.logout = Some(l);
+            self.closing = true;
+        } else {
+            self.logout = None;
+        }
+        Ok(())
+    }
+
+    async fn on_tmf(&mut self, t: TaskMgmtRequest) -> R {
+        let function = t.function & 0x7f;
+        let lun_exists = self
+            .luns
+            .as_ref()
+            .map(|l| crate::pdu::lun_to_index(t.lun).is_some_and(|i| l.luns.contains_key(&i)))
+            .unwrap_or(false);
+        let mut pending = PendingTmf {
+            req: t.clone(),
+            waiting: HashSet::new(),
+            response: 0,
+            reset: None,
+        };
+        match function {
+            // ABORT TASK (§11.5.1)
+            1 => {
+                let rtt = t.referenced_task_tag;
+                if self.writes.remove(&rtt).is_some() {
+                    pending.response = 0;
+                } else if let Some(r) = self.running.get_mut(&rtt) {
+                    r.aborted = true;
+                    pending.waiting.insert(rtt);
+                } else if sn_lt(t.ref_cmd_sn, t.cmd_sn) || t.ref_cmd_sn == t.cmd_sn && t.immediate {
+                    // §11.5.1: a task we never saw whose RefCmdSN is before the TMF counts as
+                    // received and aborted.
+                    pending.response = 0;
+                } else {
+                    pending.response = 1;
+                }
+            }
+            // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
+            2 | 4 | 5 => {
+                if !lun_exists {
+                    pending.response = 2;
+                } else {
+                    self.abort_where(|lun| lun == t.lun, &mut pending);
+                    if function == 5 {
+                        pending.reset = Some((Some(t.lun), ResetKind::LogicalUnit));
+                    }
+                }
+            }
+            // TARGET WARM RESET, TARGET COLD RESET
+            6 | 7 => {
+                self.abort_where(|_| true, &mut pending);
+                let kind = if function == 6 {
+                    ResetKind::TargetWarm
+                } else {
+                    ResetKind::TargetCold
+                };
+                pending.reset = Some((None, kind));
+            }
+            // TASK REASSIGN needs ERL 2.
+            8 => pending.response = 4,
+            // CLEAR ACA and anything else: not supported.
+            _ => pending.response = 5,
+        }
+        if pending.waiting.is_empty() {
+            self.finish_tmf(pending).await
+        } else {
+            self.tmfs.push(pending);
+            Ok(())
+        }
+    }
+
+    fn abort_where(&mut self, matches: impl Fn(u64) -> bool, pending: &mut PendingTmf) {
+        self.writes.retain(|_, w| !matches(w.cmd.lun));
+        for (itt, r) in self.running.iter_mut() {
+            if matches(r.lun) {
+                r.aborted = true;
+                pending.waiting.insert(*itt);
+            }
+        }
+    }
+
+    fn tmf_task_finished(&mut self, itt: u32) -> Vec<PendingTmf> {
+        let mut finished = Vec::new();
+        let mut i = 0;
+        while i < self.tmfs.len() {
+            self.tmfs[i].waiting.remove(&itt);
+            if self.tmfs[i].waiting.is_empty() {
+                finished.push(self.tmfs.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        finished
+    }
+
+    async fn finish_tmf(&mut self, p: PendingTmf) -> R {
+        let mut response = p.response;
+        if let (Some((lun, kind)), Some(luns)) = (p.reset, self.luns.clone()) {
+            if !luns.reset(&self.nexus, lun, kind) {
+                response = 2;
+            }
+            if kind == ResetKind::TargetCold {
+                self.cold_reset = true;
+            }
+        }
+        self.send(Pdu {
+            bhs: Bhs::TaskMgmtResponse(TaskMgmtResponse {
+                response,
+                itt: p.req.itt,
+                ..Default::default()
+            }),
+            data: Bytes::new(),
+        })
+        .await?;
+        if self.cold_reset {
+            // §11.5.1: after a TARGET COLD RESET response the target drops its connections.
+            self.flush().await?;
+            self.closing = true;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! Framing over a byte stream: buffer until the codec says a whole PDU is there, then decode
+//! (the mini-redis shape), and the writer task that stamps sequence numbers and writes header,
+//! payload and trailer with vectored writes.
+
+use crate::pdu::{self, Bhs, Digests, Pdu, PduError};
+use bytes::{Buf, Bytes, BytesMut};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Why no PDU could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed by the initiator")]
+    Eof,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A PDU the codec refused. If `skipped`, the PDU's bytes are being discarded and the
+    /// connection may go on (after a Reject); otherwise the stream cannot be resynchronised.
+    #[error("{error}")]
+    Pdu { error: PduError, skipped: bool },
+}
+
+/// Receive side: a buffer and the framing rules. Cancel-safe: all state lives in `self`.
+pub struct FrameReader {
+    buf: BytesMut,
+    skip: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader {
+            buf: BytesMut::with_capacity(64 * 1024),
+            skip: 0,
+        }
+    }
+}
+
+impl FrameReader {
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        digests: Digests,
+        max_data: u32,
+    ) -> Result<Pdu, ReadError> {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.buf.len());
+                self.buf.advance(n);
+                self.skip -= n;
+            }
+            if self.skip == 0 && !self.buf.is_empty() {
+                match pdu::frame_length(&self.buf, digests, max_data) {
+                    Ok(Some(n)) => {
+                        let frame = self.buf.split_to(n).freeze();
+                        return pdu::decode(frame, digests)
+                            .map_err(|error| self.recoverable(error, 0));
+                    }
+                    Ok(None) => {}
+                    Err(error) => return Err(self.recoverable(error, usize::MAX)),
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            if rd.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Eof);
+            }
+        }
+    }
+
+    /// Errors that name the whole PDU's length let us skip it. `consumed` = 0 when the frame
+    /// was already taken out of the buffer by decode.
+    fn recoverable(&mut self, error: PduError, pending: usize) -> ReadError {
+        let frame_len = match &error {
+            PduError::UnknownOpcode { frame_len, .. } => Some(*frame_len),
+            PduError::DataDigest { frame_len, .. } => Some(*frame_len),
+            PduError::Malformed { frame_len, .. } => *frame_len,
+            PduError::HeaderDigest | PduError::DataSegmentTooLong { .. } => None,
+        };
+        match frame_len {
+            Some(n) if pending == usize::MAX => {
+                self.skip = n;
+                ReadError::Pdu {
+                    error,
+                    skipped: true,
+                }
+            }
+            Some(_) => ReadError::Pdu {
+                error,
+                skipped: true,
+            },
+            None => ReadError::Pdu {
+                error,
+                skipped: false,
+            },
+        }
+    }
+}
+
+/// Sequence numbers shared by the connection's reader (which admits commands) and its writer
+/// (which stamps every PDU).
+#[derive(Debug, Default)]
+pub struct SeqState {
+    pub exp_cmd_sn: AtomicU32,
+    pub max_cmd_sn: AtomicU32,
+}
+
+impl SeqState {
+    pub fn set(&self, exp: u32, max: u32) {
+        self.exp_cmd_sn.store(exp, Ordering::Release);
+        self.max_cmd_sn.store(max, Ordering::Release);
+    }
+}
+
+/// What the writer task is asked to do.
+#[derive(Debug)]
+pub enum Out {
+    Pdu(Pdu),
+    Pdus(Vec<Pdu>),
+    /// Flush, then report through the channel (e.g. before closing after a Logout Response).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Stamp StatSN/ExpCmdSN/MaxCmdSN (RFC 7143 §4.2.2.2, §11): responses take the next StatSN;
+/// R2T and unsolicited NOP-In carry the current one without advancing it; Data-In without
+/// status carries none.
+pub fn stamp(bhs: &mut Bhs, stat_sn: &mut u32, exp: u32, max: u32) {
+    let mut take = |advance: bool| {
+        let v = *stat_sn;
+        if advance {
+            *stat_sn = stat_sn.wrapping_add(1);
+        }
+        v
+    };
+    match bhs {
+        Bhs::ScsiResponse(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::TaskMgmtResponse(r) => {
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max)
+        }
+        Bhs::LoginResponse(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::TextResponse(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::LogoutResponse(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::Reject(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::AsyncMessage(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(true), exp, max),
+        Bhs::DataIn(r) => {
+            let sn = if r.status_present { take(true) } else { 0 };
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (sn, exp, max)
+        }
+        Bhs::NopIn(r) => {
+            let sn = take(r.itt != 0xffff_ffff);
+            (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (sn, exp, max)
+        }
+        Bhs::R2t(r) => (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) = (take(false), exp, max),
+        _ => {}
+    }
+}
+
+/// Payloads up to this size are copied into the batch buffer; larger ones go out by
+/// vectored write straight from the SCSI layer's buffer.
+const COPY_LIMIT: usize = 16 * 1024;
+const BATCH_LIMIT: usize = 512 * 1024;
+
+/// The writer task of one connection. Batches whatever is queued into one write.
+pub async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Out>,
+    digests: Digests,
+    seq: Arc<SeqState>,
+    mut stat_sn: u32,
+) -> std::io::Result<()> {
+    let mut batch = BytesMut::with_capacity(BATCH_LIMIT + COPY_LIMIT);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Out::Pdu(p) => put(&mut w, &mut batch, p, digests, &seq, &mut stat_sn).await?,
+                Out::Pdus(ps) => {
+                    for p in ps {
+                        put(&mut w, &mut batch, p, digests, &seq, &mut stat_sn).await?;
+                    }
+                }
+                Out::Flush(done) => {
+                    w.write_all(&batch).await?;
+                    batch.clear();
+                    w.flush().await?;
+                    let _ = done.send(());
+                }
+            }
+            if batch.len() < BATCH_LIMIT {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    w.flush().await?;
+    w.shutdown().await
+}
+
+async fn put<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &mut BytesMut,
+    mut p: Pdu,
+    digests: Digests,
+    seq: &SeqState,
+    stat_sn: &mut u32,
+) -> std::io::Result<()> {
+    let exp = seq.exp_cmd_sn.load(Ordering::Acquire);
+    let max = seq.max_cmd_sn.load(Ordering::Acquire);
+    stamp(&mut p.bhs, stat_sn, exp, max);
+    let header = pdu::encode_header(&p.bhs, p.data.len() as u32, digests);
+    let trailer = pdu::trailer(&p.data, digests);
+    batch.extend_from_slice(&header);
+    if p.data.len() <= COPY_LIMIT {
+        batch.extend_from_slice(&p.data);
+        batch.extend_from_slice(&trailer);
+        return Ok(());
+    }
+    let batched = std::mem::take(batch);
+    write_all_vectored(w, &[&batched, &p.data, &trailer]).await?;
+    *batch = batched;
+    batch.clear();
+    Ok(())
+}
+
+/// `write_all` for several buffers: vectored writes until every byte is out.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < bufs.len() {
+        let slices: Vec<IoSlice<'_>> = bufs[idx..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| IoSlice::new(if i == 0 { &b[off..] } else { b }))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while idx < bufs.len() && n > 0 {
+            let left = bufs[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        while idx < bufs.len() && bufs[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Encode one PDU into a fresh buffer (login phase, tests).
+pub fn encode_one(p: &Pdu, digests: Digests) -> Bytes {
+    let mut out = BytesMut::new();
+    pdu::encode(p, digests, &mut out);
+    out.freeze()
+}

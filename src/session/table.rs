@@ -1,0 +1,119 @@
+//! The table of live sessions: TSIH allocation, lookup by (InitiatorName, ISID) for session
+//! reinstatement (RFC 7143 §6.3.5), and signals to close a session.
+
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{watch, Notify};
+
+/// What the rest of the server may know and do about one session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub tsih: u16,
+    pub initiator: String,
+    pub isid: [u8; 6],
+    pub target: String,
+    pub nexus_id: u64,
+    /// Ask the session to close (reinstatement, target cold reset).
+    pub kill: Notify,
+    /// Becomes true once the session has released everything.
+    pub closed: watch::Sender<bool>,
+}
+
+impl SessionHandle {
+    /// Ask the session to close and wait (bounded) until it has.
+    pub async fn close(&self, wait: std::time::Duration) {
+        self.kill.notify_one();
+        let mut rx = self.closed.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|c| *c)).await;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    sessions: DashMap<u16, Arc<SessionHandle>>,
+    next_tsih: AtomicU16,
+    next_nexus: AtomicU64,
+}
+
+impl SessionTable {
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub fn get(&self, tsih: u16) -> Option<Arc<SessionHandle>> {
+        self.sessions.get(&tsih).map(|s| s.clone())
+    }
+
+    /// The session this initiator port (InitiatorName + ISID) already has, if any.
+    pub fn find(
+        &self,
+        initiator: &str,
+        isid: &[u8; 6],
+        target: &str,
+    ) -> Option<Arc<SessionHandle>> {
+        self.sessions
+            .iter()
+            .find(|s| s.initiator == initiator && &s.isid == isid && s.target == target)
+            .map(|s| s.clone())
+    }
+
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        self.sessions.iter().map(|s| s.clone()).collect()
+    }
+
+    /// Register a new session with a fresh, non-zero TSIH not in use (§11.12.6: 0 is reserved).
+    pub fn insert(&self, initiator: &str, isid: [u8; 6], target: &str) -> Arc<SessionHandle> {
+        loop {
+            let tsih = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if tsih == 0 || self.sessions.contains_key(&tsih) {
+                continue;
+            }
+            let handle = Arc::new(SessionHandle {
+                tsih,
+                initiator: initiator.to_string(),
+                isid,
+                target: target.to_string(),
+                nexus_id: self.next_nexus.fetch_add(1, Ordering::Relaxed) + 1,
+                kill: Notify::new(),
+                closed: watch::Sender::new(false),
+            });
+            match self.sessions.entry(tsih) {
+                dashmap::mapref::entry::Entry::Occupied(_) => continue,
+                dashmap::mapref::entry::Entry::Vacant(v) => {
+                    v.insert(handle.clone());
+                    return handle;
+                }
+            }
+        }
+    }
+
+    pub fn remove(&self, tsih: u16) {
+        self.sessions.remove(&tsih);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsih_unique_and_nonzero() {
+        let t = SessionTable::default();
+        t.next_tsih.store(u16::MAX - 1, Ordering::Relaxed);
+        let a = t.insert("i", [0; 6], "t");
+        let b = t.insert("i", [1; 6], "t");
+        assert_ne!(a.tsih, 0);
+        assert_ne!(b.tsih, 0);
+        assert_ne!(a.tsih, b.tsih);
+        assert_eq!(t.find("i", &[1; 6], "t").map(|s| s.tsih), Some(b.tsih));
+        assert!(t.find("i", &[2; 6], "t").is_none());
+    }
+}
