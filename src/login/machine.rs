@@ -127,10 +127,7 @@ impl LoginMachine {
             return self.failed(req, failure(status::INITIATOR_ERROR, "login already over"));
         }
         match self.step_inner(req, data) {
-            Ok(outcome) => {
-                self.sent_first_response = true;
-                outcome
-            }
+            Ok(outcome) => outcome,
             Err(f) => self.failed(req, f),
         }
     }
@@ -321,6 +318,8 @@ impl LoginMachine {
                 answers.push(("TargetAlias".into(), alias));
             }
         }
+        // The empty acknowledgements of C=1 requests do not count as the first response.
+        self.sent_first_response = true;
         if !self.declared_mrdsl
             && (self.stage == STAGE_OPERATIONAL
                 || (transit && req.nsg == STAGE_FULL_FEATURE)
