@@ -578,7 +578,8 @@ fn chap_algorithm_not_acceptable() {
 
 #[test]
 fn identification_failures() {
-    let cases: Vec<(Vec<(&str, &str)>, (u8, u8))> = vec![
+    type Case = (Vec<(&'static str, &'static str)>, (u8, u8));
+    let cases: Vec<Case> = vec![
         (vec![("TargetName", DISK)], (2, 7)),
         (vec![("InitiatorName", INIT)], (2, 7)),
         (

@@ -369,7 +369,8 @@ mod tests {
 
     #[test]
     fn mutual_refusals() {
-        let cases: Vec<(bool, Box<dyn Fn(&[u8]) -> String>)> = vec![
+        type Challenge = Box<dyn Fn(&[u8]) -> String>;
+        let cases: Vec<(bool, Challenge)> = vec![
             (true, Box::new(|c: &[u8]| keys::hex(c))), // reflection
             (true, Box::new(|_: &[u8]| keys::hex(&vec![1u8; 1025]))), // too long
             (false, Box::new(|_: &[u8]| "0x0102".to_string())), // not configured

@@ -233,3 +233,79 @@ fn text_response(req: &TextRequest, final_: bool, cont: bool, ttt: u32, data: By
         data,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::login::{AuthPolicy, TargetEntry, TargetLookup};
+
+    struct Empty;
+    impl Directory for Empty {
+        fn discovery_auth(&self, _: &str) -> AuthPolicy {
+            AuthPolicy::None
+        }
+        fn lookup(&self, _: &str, _: &str) -> TargetLookup {
+            TargetLookup::NotFound
+        }
+        fn visible_targets(&self, _: &str, _: SocketAddr) -> Vec<TargetEntry> {
+            Vec::new()
+        }
+    }
+
+    fn tm() -> TextMachine {
+        TextMachine::new(Arc::new(Empty), "127.0.0.1:3260".parse().unwrap())
+    }
+
+    #[test]
+    fn ttt_never_reserved() {
+        let mut t = tm();
+        t.next_ttt = NO_TTT - 1;
+        assert_eq!(t.alloc_ttt(), NO_TTT - 1);
+        assert_ne!(t.alloc_ttt(), NO_TTT);
+    }
+
+    #[test]
+    fn unknown_tag_is_rejected() {
+        let mut t = tm();
+        let p = crate::login::params::rfc_defaults(SessionType::Discovery);
+        let req = TextRequest {
+            final_: true,
+            ttt: 5,
+            ..TextRequest::default()
+        };
+        assert!(matches!(
+            t.step(&p, &req, &[]),
+            TextOutcome::Reject(reject_reason::INVALID_PDU_FIELD)
+        ));
+    }
+
+    #[test]
+    fn f0_request_gets_tag_to_continue() {
+        let mut t = tm();
+        let p = crate::login::params::rfc_defaults(SessionType::Discovery);
+        let req = TextRequest {
+            final_: false,
+            ttt: NO_TTT,
+            itt: 9,
+            ..TextRequest::default()
+        };
+        let TextOutcome::Respond(r) = t.step(&p, &req, b"X-a=1\0") else {
+            panic!()
+        };
+        let Bhs::TextResponse(h) = &r.bhs else {
+            panic!()
+        };
+        assert!(!h.final_);
+        assert_ne!(h.ttt, NO_TTT);
+        let next = TextRequest {
+            final_: true,
+            ttt: h.ttt,
+            itt: 9,
+            ..TextRequest::default()
+        };
+        let TextOutcome::Respond(r) = t.step(&p, &next, b"X-b=2\0") else {
+            panic!()
+        };
+        assert_eq!(&r.data[..], b"X-b=NotUnderstood\0");
+    }
+}
