@@ -1010,3 +1010,51 @@ fn text_renegotiation_and_rejects() {
         TextOutcome::Reject(reject_reason::PROTOCOL_ERROR)
     ));
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary requests never panic the login machine; every outcome is a login response.
+        #[test]
+        fn login_never_panics(
+            steps in proptest::collection::vec(
+                (any::<bool>(), any::<bool>(), 0u8..4, 0u8..4, 0u8..2,
+                 proptest::collection::vec(any::<u8>(), 0..300)),
+                1..6),
+        ) {
+            let mut m = machine();
+            for (t, c, csg, nsg, vmin, data) in steps {
+                let mut r = req(csg, nsg, t);
+                r.cont = c;
+                r.version_min = vmin;
+                let pdu = match m.step(&r, &data) {
+                    LoginOutcome::Continue(p) | LoginOutcome::Failed(p) => p,
+                    LoginOutcome::Complete(c) => c.response,
+                };
+                prop_assert!(matches!(pdu.bhs, Bhs::LoginResponse(_)));
+                prop_assert!(pdu.data.len() <= 8192);
+            }
+        }
+
+        /// Well-formed but arbitrary key=value text never panics either.
+        #[test]
+        fn login_keys_never_panic(
+            pairs in proptest::collection::vec(("[A-Za-z_#.-]{1,20}", "[ -~]{0,40}"), 0..30),
+        ) {
+            let mut all: Vec<(String, String)> = vec![
+                ("InitiatorName".into(), INIT.into()),
+                ("TargetName".into(), DISK.into()),
+            ];
+            all.extend(pairs);
+            let mut m = machine();
+            let _ = m.step(&req(0, 3, true), &keys::format(&all));
+            let mut t = text_machine(0);
+            let p = discovery_login(INIT);
+            let _ = t.step(&p, &text_req(0xffff_ffff), &keys::format(&all));
+        }
+    }
+}
