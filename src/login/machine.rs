@@ -82,7 +82,7 @@ pub struct LoginMachine {
     directory: Arc<dyn Directory>,
     ours: OurParams,
     local: SocketAddr,
-    /// ISID, TSIH, CID of the first request; later requests must repeat them (§6.1.1? §11.12).
+    /// ISID, TSIH, CID of the first request; later requests must repeat them (§11.12).
     first: Option<([u8; 6], u16, u16)>,
     identity: Option<Identity>,
     stage: u8,
@@ -187,7 +187,7 @@ impl LoginMachine {
             }
         }
 
-        // The rest of a long response of ours (§6.1.1? C bit, §11.13.2).
+        // The rest of a long response of ours (C bit, §11.13.2).
         if let Some(out) = self.out.take() {
             if !data.is_empty() || req.cont {
                 return Err(failure(
@@ -290,7 +290,7 @@ impl LoginMachine {
             }
         }
 
-        // Transit (§6.2.? / §11.12.2): granted when the initiator asks and the stage is done.
+        // Transit (§11.12.2): granted when the initiator asks and the stage is done.
         let mut transit = false;
         if req.transit {
             if self.stage == STAGE_SECURITY && !id.auth.is_done() {
