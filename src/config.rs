@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The IANA iSCSI port (RFC 7143 §13.1... well-known port 3260).
+/// The IANA-registered iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
 /// Largest LUN we serve: SAM-5 flat/peripheral addressing with 14 bits (§4.7.7.3).
 pub const MAX_LUN: u32 = 16383;
@@ -716,10 +716,6 @@ impl Config {
                     "create_size {} is not a non-zero multiple of block_size {}",
                     size.0, l.block_size
                 )));
-            }
-            if l.read_only && !image.exists() {
-                // Creating an empty read-only disk is almost surely a mistake, but harmless:
-                // allow it (it reads as zeroes).
             }
         }
         Ok(())

@@ -123,7 +123,7 @@ pub fn lu_identity(target: &str, lun: u16, serial: Option<&str>) -> LuIdentity {
     }
 }
 
-/// Turn a validated config into a plan. Pure except for nothing: touches no files.
+/// Turn a validated config into a plan. Pure: touches no files.
 pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
     let file = config.source.as_str();
     let mut targets = Vec::with_capacity(config.targets.len());
