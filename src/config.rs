@@ -13,11 +13,11 @@ use std::time::Duration;
 
 /// The IANA-registered iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
-/// Largest LUN we serve: SAM-5 flat/peripheral addressing with 14 bits (§4.7.7.3).
+/// Largest LUN we serve: SAM-5 single-level LUNs with 14-bit flat addressing.
 pub const MAX_LUN: u32 = 16383;
 /// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 12 bytes (96 bits); we require it.
 pub const MIN_CHAP_SECRET: usize = 12;
-/// RFC 7143 §4.2.7.1 (via RFC 3722): iSCSI names are at most 223 bytes.
+/// iSCSI names are at most 223 bytes (RFC 7143 §4.2.7, RFC 3722).
 pub const MAX_NAME_LEN: usize = 223;
 
 /// Errors loading or validating the configuration. Every message starts with the file name.
@@ -463,7 +463,7 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
         if !date_ok || !month_ok || authority.is_empty() {
             return Err(format!(
                 "name {name:?} is not iqn.YYYY-MM.reversed.domain[:identifier], \
-                 e.g. iqn.2026-11.org.example:disk (RFC 7143 §4.2.7.1)"
+                 e.g. iqn.2026-11.org.example:disk (RFC 7143 §4.2.7)"
             ));
         }
         Ok(())
@@ -472,7 +472,7 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
             Ok(())
         } else {
             Err(format!(
-                "name {name:?}: eui. must be followed by 16 hex digits (RFC 7143 §4.2.7.2)"
+                "name {name:?}: eui. must be followed by 16 hex digits (RFC 7143 §4.2.7)"
             ))
         }
     } else if let Some(rest) = name.strip_prefix("naa.") {
@@ -480,7 +480,7 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
             Ok(())
         } else {
             Err(format!(
-                "name {name:?}: naa. must be followed by 16 or 32 hex digits (RFC 7143 §4.2.7.3)"
+                "name {name:?}: naa. must be followed by 16 or 32 hex digits (RFC 7143 §4.2.7)"
             ))
         }
     } else {
@@ -676,7 +676,7 @@ impl Config {
             )));
         }
         if let Some(s) = &l.serial {
-            // VPD page 0x80 holds printable ASCII (SPC-4 §7.8.15).
+            // The Unit Serial Number VPD page (0x80) holds printable ASCII (SPC-4).
             if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
                 return Err(bad(format!(
                     "serial {s:?} must be 1-64 printable ASCII characters without spaces"

@@ -8,8 +8,8 @@
 //!
 //! LUN identity scheme (stable across restarts, unique per target and LUN): h = MD5 of
 //! `"diskless\0" + target name + "\0" + decimal LUN`. The default serial (VPD 0x80) is the
-//! first 8 bytes of h as 16 uppercase hex digits. The NAA identifier (VPD 0x83, SPC-4
-//! §7.8.6.6.3) is h with its first nibble replaced by 6 (IEEE Registered Extended); the
+//! first 8 bytes of h as 16 uppercase hex digits. The NAA identifier (VPD 0x83, SPC-4 Device
+//! Identification page) is h with its first nibble replaced by 6 (IEEE Registered Extended); the
 //! IEEE company ID field is therefore hash bits, not a registered OUI.
 use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError};
 use crate::login::{AuthPolicy, ChapCredentials, Directory, TargetEntry, TargetLookup};

@@ -73,7 +73,7 @@ impl FileStore {
         })
     }
 
-    /// Whether discards free space (SBC-3 §4.7 thin provisioning). With `false`, `discard`
+    /// Whether discards free space (SBC-3 thin provisioning). With `false`, `discard`
     /// writes zeroes and the LU should not advertise UNMAP.
     pub fn with_thin(mut self, thin: bool) -> Self {
         self.thin = thin;
@@ -169,7 +169,7 @@ impl BlockStore for FileStore {
         self.check(offset, data.len() as u64)?;
         self.file.write_all_at(data, offset)?;
         if fua {
-            // FUA (SBC-3 §5.2.x WRITE(10) FUA bit): durable before status is returned.
+            // FUA (SBC-3 WRITE(10)/(16) FUA bit): durable before status is returned.
             self.file.sync_data()?;
         }
         Ok(())
@@ -238,7 +238,7 @@ impl BlockStore for FileStore {
         // A block that holds any data is mapped; a run of holes counts only whole blocks.
         let data = match self.seek_data_hole(offset, libc::SEEK_DATA) {
             Ok(d) => d,
-            // No SEEK_DATA support: report everything mapped (always true, SBC-3 §5.5).
+            // No SEEK_DATA support: report everything mapped, which is never wrong.
             Err(_) => return Ok((true, left)),
         };
         let data_start = match data {
