@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How errors name the "file" of a quick-mode configuration.
+pub const QUICK_SOURCE: &str = "--image";
 /// The IANA-registered iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
 /// Largest LUN we serve: SAM-5 single-level LUNs with 14-bit flat addressing.
@@ -565,7 +567,7 @@ impl Config {
                 }],
             }],
             base_dir: PathBuf::from("."),
-            source: "--image".to_string(),
+            source: QUICK_SOURCE.to_string(),
         }
     }
 
@@ -702,8 +704,14 @@ impl Config {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if l.create_size.is_none() {
+                    // Quick mode has no create_size to suggest; `diskless image create` does it.
+                    let hint = if self.source == QUICK_SOURCE {
+                        "create it with `diskless image create PATH --size SIZE`"
+                    } else {
+                        "set create_size to create it"
+                    };
                     return Err(bad(format!(
-                        "image {} does not exist (set create_size to create it)",
+                        "image {} does not exist ({hint})",
                         image.display()
                     )));
                 }
