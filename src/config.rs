@@ -935,6 +935,26 @@ targets:
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC{0,80}") {
+            let _ = ByteSize::parse(&s);
+            let _ = Portal::parse(&s);
+            let _ = validate_iscsi_name(&s);
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn yaml_shaped_input_never_panics(
+            key in "(portals|settings|targets|discovery|name|luns|lun|image|chap)",
+            val in "[\\[\\]{}:,\"a-z0-9 .-]{0,30}",
+        ) {
+            let _ = parse(&format!("{key}: {val}\n"));
+            let _ = parse(&format!("targets:\n  - {key}: {val}\n"));
+        }
+    }
+
     #[test]
     fn chap_debug_hides_secret() {
         let c = ChapConfig {
