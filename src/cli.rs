@@ -112,7 +112,10 @@ impl CliError {
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
-        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|e| {
+            eprintln!("diskless: ignoring --log {l:?} ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     // try_init: a second initialisation (tests) is not an error worth dying for.
