@@ -3,7 +3,7 @@
 //!
 //! Building is split in two so the configuration logic is testable on its own: [`plan`] turns a
 //! [`Config`] into inspectable [`TargetPlan`]s (identities, paths, policies), and
-//! [`Registry::from_plans`] attaches a LUN table to each (opening images, constructing
+//! [`Registry::from_plan`] attaches a LUN table to each (opening images, constructing
 //! logical units).
 //!
 //! LUN identity scheme (stable across restarts, unique per target and LUN): h = MD5 of
