@@ -53,7 +53,7 @@ pub struct ServeArgs {
     /// Quick mode: serve this image as LUN 0, without a configuration file.
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     pub image: Option<PathBuf>,
-    /// Quick mode target name (default iqn.2026-11.org.diskless:<file stem>).
+    /// Quick mode target name (default: iqn.2026-11.org.diskless:STEM, STEM = image file stem).
     #[arg(long, value_name = "IQN", requires = "image")]
     pub target: Option<String>,
     /// Quick mode: serve the image read-only.

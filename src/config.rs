@@ -126,7 +126,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A listen address: "ip:port", "[v6]:port", or a bare IP (port 3260).
+/// A listen address: `ip:port`, `[v6]:port`, or a bare IP (port 3260).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Portal(pub SocketAddr);
 
