@@ -1,4 +1,515 @@
-//! Command line (clap). To be implemented.
-pub fn main() -> std::process::ExitCode {
-    todo!()
+//! Command line (clap): `serve`, `image create`, `check-config`.
+//!
+//! Exit codes: 0 success, 1 I/O error (binding, creating an image, serving), 2 bad
+//! configuration or usage.
+use crate::config::{ByteSize, Config, ConfigError, Portal};
+use crate::registry::{self, Registry};
+use crate::session::Server;
+use crate::storage::FileStore;
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "diskless",
+    version,
+    about = "An iSCSI target for diskless network boot"
+)]
+pub struct Cli {
+    /// Log level or filter (trace, debug, info, warn, error, or a tracing filter such as
+    /// "diskless=debug"); overrides RUST_LOG. Default: RUST_LOG, else info.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the targets of a configuration file, or one image (quick mode, --image).
+    Serve(ServeArgs),
+    /// Manage image files.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Validate a configuration file and print a summary (secrets are never printed).
+    CheckConfig {
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file.
+    #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Listen address (repeatable); replaces the configured portals. Port 0 picks a free port.
+    #[arg(long = "listen", value_name = "ADDR", value_parser = parse_portal)]
+    pub listen: Vec<SocketAddr>,
+    /// Quick mode: serve this image as LUN 0, without a configuration file.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub image: Option<PathBuf>,
+    /// Quick mode target name (default: iqn.2026-11.org.diskless:STEM, STEM = image file stem).
+    #[arg(long, value_name = "IQN", requires = "image")]
+    pub target: Option<String>,
+    /// Quick mode: serve the image read-only.
+    #[arg(long, requires = "image")]
+    pub read_only: bool,
+    /// Quick mode: logical block size, 512 or 4096 (default 512).
+    #[arg(long, value_name = "N", requires = "image", value_parser = parse_block_size)]
+    pub block_size: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Create a sparse image file (refuses to overwrite).
+    Create {
+        path: PathBuf,
+        /// Size, e.g. 64MiB, 20G, 1048576.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+fn parse_portal(s: &str) -> Result<SocketAddr, String> {
+    Portal::parse(s).map(|p| p.0)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    ByteSize::parse(s).map(|b| b.0)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s.trim() {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("block size must be 512 or 4096, not {s:?}")),
+    }
+}
+
+/// Why a command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) => 2,
+            CliError::Io(_) => 1,
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|e| {
+            eprintln!("diskless: ignoring --log {l:?} ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    // try_init: a second initialisation (tests) is not an error worth dying for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The `diskless` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    init_logging(cli.log.as_deref());
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("diskless: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Run one command.
+pub fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Serve(args) => serve(args),
+        Command::Image(ImageCommand::Create { path, size }) => image_create(&path, size),
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            let plan = registry::plan(&c)?;
+            let mut out = std::io::stdout().lock();
+            let _ = write_summary(&mut out, &c, &plan);
+            let _ = out.flush();
+            Ok(())
+        }
+    }
+}
+
+fn image_create(path: &Path, size: u64) -> Result<(), CliError> {
+    FileStore::create(path, size).map_err(|e| CliError::Io(format!("image create: {e}")))?;
+    println!(
+        "diskless: created {} ({}, sparse)",
+        path.display(),
+        ByteSize(size)
+    );
+    Ok(())
+}
+
+/// The validated configuration `serve` runs: from the file, or quick mode.
+pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
+    let mut config = match &args.image {
+        Some(image) => {
+            let name = args
+                .target
+                .clone()
+                .unwrap_or_else(|| registry::quick_target_name(image));
+            registry::quick_config(image, &name, args.read_only, args.block_size.unwrap_or(512))?
+        }
+        None => Config::load(&args.config)?,
+    };
+    if !args.listen.is_empty() {
+        config.portals = args.listen.iter().copied().map(Portal).collect();
+        config.validate()?;
+    }
+    Ok(config)
+}
+
+/// Bind one listener per address. An IPv6 wildcard that shares its port with an IPv4
+/// portal is made v6-only, else its dual-stack bind would collide with the IPv4 one.
+pub async fn bind_listeners(addrs: &[SocketAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let sock = if addr.is_ipv6() {
+            let s = tokio::net::TcpSocket::new_v6()?;
+            if addrs.iter().any(|a| a.is_ipv4() && a.port() == addr.port()) {
+                set_v6_only(&s)?;
+            }
+            s
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+        out.push(sock.listen(1024)?);
+    }
+    Ok(out)
+}
+
+fn set_v6_only(sock: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    let int = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = int => {},
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let config = serve_config(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))?;
+    rt.block_on(async move {
+        let listeners = bind_listeners(&config.portal_addrs())
+            .await
+            .map_err(|e| CliError::Io(e.to_string()))?;
+        let bound = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| CliError::Io(e.to_string()))?;
+        // Images are opened after binding so that a port in use fails fast; the registry
+        // reports the real bound addresses (port 0 resolved) in SendTargets.
+        let registry = Registry::from_config(&config)?.with_portals(bound.clone());
+        let settings = registry.settings().clone();
+        for t in registry.targets() {
+            tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
+        }
+        announce(&mut std::io::stdout().lock(), &bound)
+            .map_err(|e| CliError::Io(format!("stdout: {e}")))?;
+        Server::new(Arc::new(registry), settings)
+            .run(listeners, shutdown_signal())
+            .await
+            .map_err(|e| CliError::Io(e.to_string()))
+    })
+}
+
+/// Print `diskless: listening on <addr>` per listener and flush (tests parse these lines).
+pub fn announce(out: &mut impl Write, bound: &[SocketAddr]) -> std::io::Result<()> {
+    for a in bound {
+        writeln!(out, "diskless: listening on {a}")?;
+    }
+    out.flush()
+}
+
+/// The check-config summary. Never prints secrets.
+pub fn write_summary(
+    out: &mut impl Write,
+    config: &Config,
+    plan: &registry::Plan,
+) -> std::io::Result<()> {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let secs = |d: Option<std::time::Duration>| {
+        d.map_or("never".to_string(), |d| format!("{}s", d.as_secs()))
+    };
+    writeln!(out, "{}: OK", config.source)?;
+    let portals: Vec<String> = plan.portals.iter().map(|p| p.to_string()).collect();
+    writeln!(out, "portals: {}", portals.join(", "))?;
+    let s = &plan.settings;
+    let p = &s.params;
+    writeln!(
+        out,
+        "settings: login timeout {}s, NOP-In interval {}, NOP-In timeout {}, max sessions {}, \
+         command window {}",
+        s.login_timeout.as_secs(),
+        secs(s.nop_in_interval),
+        secs(s.nop_in_timeout),
+        s.max_sessions,
+        s.cmd_window
+    )?;
+    writeln!(
+        out,
+        "negotiation: MaxRecvDataSegmentLength {}, MaxBurstLength {}, FirstBurstLength {}, \
+         ImmediateData {}, InitialR2T {}, header digest {}, data digest {}",
+        p.max_recv_data_segment_length,
+        p.max_burst_length,
+        p.first_burst_length,
+        yes(p.immediate_data),
+        yes(p.initial_r2t),
+        yes(p.allow_header_digest),
+        yes(p.allow_data_digest)
+    )?;
+    let auth = |c: Option<&crate::login::ChapCredentials>| match c {
+        None => "none".to_string(),
+        Some(c) => match &c.mutual {
+            None => format!("CHAP (user {})", c.user),
+            Some((mu, _)) => format!("mutual CHAP (user {}, target user {mu})", c.user),
+        },
+    };
+    writeln!(
+        out,
+        "discovery authentication: {}",
+        auth(plan.discovery_chap.as_ref())
+    )?;
+    writeln!(out, "targets: {}", plan.targets.len())?;
+    for t in &plan.targets {
+        match &t.alias {
+            Some(a) => writeln!(out, "  {} (alias {a:?})", t.name)?,
+            None => writeln!(out, "  {}", t.name)?,
+        }
+        writeln!(out, "    initiators: {}", t.initiators.join(", "))?;
+        writeln!(out, "    authentication: {}", auth(t.chap.as_ref()))?;
+        for l in &t.luns {
+            let state = match std::fs::metadata(&l.image) {
+                Ok(m) if m.is_file() => ByteSize(m.len()).to_string(),
+                Ok(_) => "device".to_string(),
+                Err(_) => match l.create_size {
+                    Some(n) => format!("missing, will be created with {}", ByteSize(n)),
+                    None => "missing".to_string(),
+                },
+            };
+            writeln!(
+                out,
+                "    LUN {}: {} ({state}), {}-byte blocks, {}{}{}, serial {}",
+                l.lun,
+                l.image.display(),
+                l.block_size,
+                if l.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                if l.thin { ", thin" } else { "" },
+                if l.removable { ", removable" } else { "" },
+                l.identity.serial
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("diskless").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_arguments() {
+        let c = parse(&["serve"]).unwrap();
+        match c.command {
+            Command::Serve(a) => {
+                assert_eq!(a.config, Path::new("targets.yaml"));
+                assert!(a.listen.is_empty() && a.image.is_none());
+            }
+            _ => panic!(),
+        }
+        let c = parse(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:3261",
+            "--image",
+            "x.img",
+            "--read-only",
+            "--block-size",
+            "4096",
+            "--log",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(c.log.as_deref(), Some("debug"));
+        match c.command {
+            Command::Serve(a) => {
+                assert_eq!(a.listen.len(), 2);
+                assert!(a.read_only);
+                assert_eq!(a.block_size, Some(4096));
+            }
+            _ => panic!(),
+        }
+        assert!(parse(&["serve", "--read-only"]).is_err());
+        assert!(parse(&["serve", "--image", "x", "--block-size", "1024"]).is_err());
+        assert!(parse(&["serve", "--listen", "nohost:1"]).is_err());
+        assert!(parse(&["serve", "-c", "a.yaml", "--image", "x"]).is_err());
+        assert!(parse(&["image", "create", "x.img", "--size", "64MiB"]).is_ok());
+        assert!(parse(&["image", "create", "x.img", "--size", "lots"]).is_err());
+        assert!(parse(&["check-config", "-c", "a.yaml"]).is_ok());
+    }
+
+    #[test]
+    fn quick_mode_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("My Disk.img");
+        FileStore::create(&img, 1 << 20).unwrap();
+        let c = parse(&[
+            "serve",
+            "--image",
+            img.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        let config = serve_config(&a).unwrap();
+        assert_eq!(config.targets[0].name, "iqn.2026-11.org.diskless:my-disk");
+        assert_eq!(config.portal_addrs(), vec!["127.0.0.1:0".parse().unwrap()]);
+        let c = parse(&["serve", "--image", "/nonexistent/x.img"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        assert_eq!(serve_config(&a).err().map(|e| e.exit_code()), Some(2));
+        let c = parse(&["serve", "--image", img.to_str().unwrap(), "--target", "Bad"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        assert_eq!(serve_config(&a).err().map(|e| e.exit_code()), Some(2));
+    }
+
+    #[tokio::test]
+    async fn binds_and_announces_real_ports() {
+        let ls =
+            bind_listeners(&["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]).await;
+        // IPv6 loopback may be unavailable in a sandbox; IPv4 alone must work.
+        let ls = match ls {
+            Ok(l) => l,
+            Err(_) => bind_listeners(&["127.0.0.1:0".parse().unwrap()])
+                .await
+                .unwrap(),
+        };
+        let bound: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert!(bound.iter().all(|a| a.port() != 0));
+        let mut out = Vec::new();
+        announce(&mut out, &bound).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.lines().next().unwrap(),
+            format!("diskless: listening on {}", bound[0])
+        );
+        // A taken port is an I/O error.
+        assert!(bind_listeners(&[bound[0]]).await.is_err());
+    }
+
+    #[test]
+    fn summary_hides_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "discovery:\n  chap: {user: disc, secret: discoverysecret}\ntargets:\n  - name: iqn.2026-11.org.x:y\n    chap: {user: boot, secret: bootsecret123, mutual_user: tgt, mutual_secret: mutualsecret99}\n    luns:\n      - {lun: 0, image: a.img, create_size: 1MiB}\n";
+        let c = Config::from_yaml(yaml, "t.yaml", dir.path()).unwrap();
+        let p = registry::plan(&c).unwrap();
+        let mut out = Vec::new();
+        write_summary(&mut out, &c, &p).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("iqn.2026-11.org.x:y") && s.contains("will be created with 1MiB"),
+            "{s}"
+        );
+        assert!(
+            s.contains("mutual CHAP (user boot, target user tgt)"),
+            "{s}"
+        );
+        for secret in ["discoverysecret", "bootsecret123", "mutualsecret99"] {
+            assert!(!s.contains(secret), "{s}");
+        }
+    }
 }

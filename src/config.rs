@@ -1,1 +1,973 @@
-//! targets.yaml (serde_yaml). To be implemented.
+//! targets.yaml: the portals, server settings, discovery authentication and targets
+//! (docs/configuration.md documents every key). Parsing is strict: unknown keys are errors,
+//! and every error names the file, the YAML location or the offending field path.
+use crate::login::{ChapCredentials, OurParams};
+use crate::session::Settings;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How errors name the "file" of a quick-mode configuration.
+pub const QUICK_SOURCE: &str = "--image";
+/// The IANA-registered iSCSI port.
+pub const DEFAULT_PORT: u16 = 3260;
+/// Largest LUN we serve: SAM-5 single-level LUNs with 14-bit flat addressing.
+pub const MAX_LUN: u32 = 16383;
+/// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 12 bytes (96 bits); we require it.
+pub const MIN_CHAP_SECRET: usize = 12;
+/// iSCSI names are at most 223 bytes (RFC 7143 §4.2.7, RFC 3722).
+pub const MAX_NAME_LEN: usize = 223;
+
+/// Errors loading or validating the configuration. Every message starts with the file name.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid YAML, or does not fit the schema (serde_yaml's message carries the field
+    /// path and the line/column).
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    /// Valid YAML with a value we refuse; `path` is e.g. `targets[0].luns[1]`.
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        file: String,
+        path: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(file: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            file: file.to_string(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A byte size: an integer (bytes) or a string with an optional binary suffix: "4096",
+/// "64MiB", "64M", "1G", "1GiB", "512K", "2T". Suffixes are powers of 1024 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parse "64MiB", "1G", "4096", ...
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, suffix) = t.split_at(split);
+        if num.is_empty() {
+            return Err(format!("bad size {s:?}: expected e.g. 64MiB, 1G or 4096"));
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("bad size {s:?}: number too large"))?;
+        let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => {
+                return Err(format!(
+                    "bad size {s:?}: unknown unit {suffix:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"
+                ))
+            }
+        };
+        n.checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("bad size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if n >= 1 << shift && n % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n} bytes")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 64MiB, 1G or 4096")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A listen address: `ip:port`, `[v6]:port`, or a bare IP (port 3260).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Portal(pub SocketAddr);
+
+impl Portal {
+    pub fn parse(s: &str) -> Result<Portal, String> {
+        let t = s.trim();
+        if let Ok(a) = t.parse::<SocketAddr>() {
+            return Ok(Portal(a));
+        }
+        let bare = t
+            .strip_prefix('[')
+            .and_then(|x| x.strip_suffix(']'))
+            .unwrap_or(t);
+        bare.parse::<IpAddr>()
+            .map(|ip| Portal(SocketAddr::new(ip, DEFAULT_PORT)))
+            .map_err(|_| {
+                format!(
+                    "bad portal address {s:?}: expected ip:port, e.g. 0.0.0.0:3260 or [::]:3260"
+                )
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Portal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Portal::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+fn default_portals() -> Vec<Portal> {
+    vec![Portal(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_portals")]
+    pub portals: Vec<Portal>,
+    #[serde(default)]
+    pub settings: SettingsConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    /// Directory relative image paths are resolved against (the file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// How errors name the file (its path as given).
+    #[serde(skip)]
+    pub source: String,
+}
+
+/// `settings:`; every key optional. Maps onto [`Settings`] and [`OurParams`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettingsConfig {
+    pub login_timeout_secs: u64,
+    /// 0 = never ping.
+    pub nop_in_interval_secs: u64,
+    /// 0 = never drop an initiator for ignoring pings (iPXE never answers them).
+    pub nop_in_timeout_secs: u64,
+    pub max_sessions: usize,
+    pub cmd_window: u32,
+    pub max_recv_data_segment_length: u32,
+    pub max_burst_length: u32,
+    pub first_burst_length: u32,
+    pub immediate_data: bool,
+    pub initial_r2t: bool,
+    pub header_digest: bool,
+    pub data_digest: bool,
+}
+
+impl Default for SettingsConfig {
+    fn default() -> Self {
+        let s = Settings::default();
+        let p = &s.params;
+        SettingsConfig {
+            login_timeout_secs: s.login_timeout.as_secs(),
+            nop_in_interval_secs: s.nop_in_interval.map_or(0, |d| d.as_secs()),
+            nop_in_timeout_secs: s.nop_in_timeout.map_or(0, |d| d.as_secs()),
+            max_sessions: s.max_sessions,
+            cmd_window: s.cmd_window,
+            max_recv_data_segment_length: p.max_recv_data_segment_length,
+            max_burst_length: p.max_burst_length,
+            first_burst_length: p.first_burst_length,
+            immediate_data: p.immediate_data,
+            initial_r2t: p.initial_r2t,
+            header_digest: p.allow_header_digest,
+            data_digest: p.allow_data_digest,
+        }
+    }
+}
+
+impl SettingsConfig {
+    /// The session layer's settings.
+    pub fn to_settings(&self) -> Settings {
+        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
+        Settings {
+            params: OurParams {
+                max_recv_data_segment_length: self.max_recv_data_segment_length,
+                max_burst_length: self.max_burst_length,
+                first_burst_length: self.first_burst_length,
+                immediate_data: self.immediate_data,
+                initial_r2t: self.initial_r2t,
+                allow_header_digest: self.header_digest,
+                allow_data_digest: self.data_digest,
+                ..OurParams::default()
+            },
+            nop_in_interval: secs(self.nop_in_interval_secs),
+            nop_in_timeout: secs(self.nop_in_timeout_secs),
+            login_timeout: Duration::from_secs(self.login_timeout_secs),
+            max_sessions: self.max_sessions,
+            cmd_window: self.cmd_window,
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, msg: String| ConfigError::invalid(file, format!("settings.{key}"), msg);
+        // RFC 7143 §13.12-§13.14: 512 to 2^24-1 bytes.
+        for (key, v) in [
+            (
+                "max_recv_data_segment_length",
+                self.max_recv_data_segment_length,
+            ),
+            ("max_burst_length", self.max_burst_length),
+            ("first_burst_length", self.first_burst_length),
+        ] {
+            if !(512..=16_777_215).contains(&v) {
+                return Err(bad(
+                    key,
+                    format!("{v} is outside 512..=16777215 (RFC 7143 §13.12-13.14)"),
+                ));
+            }
+        }
+        // §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength.
+        if self.first_burst_length > self.max_burst_length {
+            return Err(bad(
+                "first_burst_length",
+                format!(
+                    "{} exceeds max_burst_length {} (RFC 7143 §13.14)",
+                    self.first_burst_length, self.max_burst_length
+                ),
+            ));
+        }
+        if self.login_timeout_secs == 0 {
+            return Err(bad("login_timeout_secs", "must be at least 1".into()));
+        }
+        if self.max_sessions == 0 {
+            return Err(bad("max_sessions", "must be at least 1".into()));
+        }
+        // CmdSN uses serial number arithmetic (§4.2.2.1, RFC 1982): the window must stay far
+        // below 2^31.
+        if !(1..=65_536).contains(&self.cmd_window) {
+            return Err(bad(
+                "cmd_window",
+                format!("{} is outside 1..=65536", self.cmd_window),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `discovery:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// CHAP required for SendTargets discovery sessions, if present.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+}
+
+/// CHAP credentials (RFC 7143 §12.1.3). `mutual_*`: how the target answers the initiator's
+/// challenge (mutual CHAP); both or neither.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    pub user: String,
+    pub secret: String,
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    #[serde(default)]
+    pub mutual_secret: Option<String>,
+}
+
+impl fmt::Debug for ChapConfig {
+    // Secrets are never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChapConfig")
+            .field("user", &self.user)
+            .field("mutual_user", &self.mutual_user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChapConfig {
+    pub fn credentials(&self) -> ChapCredentials {
+        ChapCredentials {
+            user: self.user.clone(),
+            secret: self.secret.clone(),
+            mutual: match (&self.mutual_user, &self.mutual_secret) {
+                (Some(u), Some(s)) => Some((u.clone(), s.clone())),
+                _ => None,
+            },
+        }
+    }
+
+    fn validate(&self, file: &str, path: &str) -> Result<(), ConfigError> {
+        let bad = |msg: String| ConfigError::invalid(file, path, msg);
+        if self.user.is_empty() {
+            return Err(bad("chap user is empty".into()));
+        }
+        let short = |what: &str, s: &str| {
+            (s.len() < MIN_CHAP_SECRET).then(|| {
+                bad(format!(
+                    "chap {what} is {} bytes; at least {MIN_CHAP_SECRET} are required \
+                     (RFC 7143 §12.1.3)",
+                    s.len()
+                ))
+            })
+        };
+        if let Some(e) = short("secret", &self.secret) {
+            return Err(e);
+        }
+        match (&self.mutual_user, &self.mutual_secret) {
+            (None, None) => {}
+            (Some(u), Some(s)) => {
+                if u.is_empty() {
+                    return Err(bad("chap mutual_user is empty".into()));
+                }
+                if let Some(e) = short("mutual_secret", s) {
+                    return Err(e);
+                }
+                // §12.1.3: the same secret must not authenticate both directions.
+                if *s == self.secret {
+                    return Err(bad(
+                        "chap mutual_secret must differ from secret (RFC 7143 §12.1.3)".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "chap mutual_user and mutual_secret must be given together".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_initiators() -> Vec<String> {
+    vec!["*".to_string()]
+}
+
+/// One entry of `targets:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Initiator name globs allowed to see and log in to this target.
+    #[serde(default = "default_initiators")]
+    pub initiators: Vec<String>,
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+    #[serde(default)]
+    pub luns: Vec<LunConfig>,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One entry of `luns:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunConfig {
+    /// Read as u32 so that out-of-range numbers get our message, not serde's.
+    pub lun: u32,
+    /// Relative paths are relative to the configuration file's directory.
+    pub image: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default = "default_true")]
+    pub thin: bool,
+    #[serde(default)]
+    pub removable: bool,
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub create_size: Option<ByteSize>,
+}
+
+/// Validate an iSCSI name (RFC 7143 §4.2.7: "iqn.", "eui." or "naa." formats; characters
+/// restricted to what stringprep (RFC 3722) leaves: a-z 0-9 '-' '.' ':').
+pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("name {name:?} is longer than {MAX_NAME_LEN} bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | ':')))
+    {
+        return Err(format!(
+            "name {name:?} contains {c:?}: only lowercase a-z, 0-9, '-', '.' and ':' are allowed \
+             (RFC 7143 §4.2.7)"
+        ));
+    }
+    let hex = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit());
+    if let Some(rest) = name.strip_prefix("iqn.") {
+        // iqn.YYYY-MM.reversed.domain[:anything]
+        let b = rest.as_bytes();
+        let date_ok = b.len() > 8
+            && b.iter().take(4).all(u8::is_ascii_digit)
+            && b.get(4) == Some(&b'-')
+            && b.get(5..7)
+                .is_some_and(|m| m.iter().all(u8::is_ascii_digit))
+            && b.get(7) == Some(&b'.');
+        let month_ok = rest
+            .get(5..7)
+            .and_then(|m| m.parse::<u8>().ok())
+            .is_some_and(|m| (1..=12).contains(&m));
+        let authority = rest.get(8..).unwrap_or("");
+        let authority = authority.split(':').next().unwrap_or("");
+        if !date_ok || !month_ok || authority.is_empty() {
+            return Err(format!(
+                "name {name:?} is not iqn.YYYY-MM.reversed.domain[:identifier], \
+                 e.g. iqn.2026-11.org.example:disk (RFC 7143 §4.2.7)"
+            ));
+        }
+        Ok(())
+    } else if let Some(rest) = name.strip_prefix("eui.") {
+        if rest.len() == 16 && hex(rest) {
+            Ok(())
+        } else {
+            Err(format!(
+                "name {name:?}: eui. must be followed by 16 hex digits (RFC 7143 §4.2.7)"
+            ))
+        }
+    } else if let Some(rest) = name.strip_prefix("naa.") {
+        if (rest.len() == 16 || rest.len() == 32) && hex(rest) {
+            Ok(())
+        } else {
+            Err(format!(
+                "name {name:?}: naa. must be followed by 16 or 32 hex digits (RFC 7143 §4.2.7)"
+            ))
+        }
+    } else {
+        Err(format!(
+            "name {name:?} must start with iqn., eui. or naa. (RFC 7143 §4.2.7)"
+        ))
+    }
+}
+
+/// Build a case-insensitive matcher for initiator name globs (initiator names are
+/// case-insensitive: stringprep lowercases them, RFC 3722).
+pub fn build_acl(patterns: &[String]) -> Result<globset::GlobSet, String> {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let g = globset::GlobBuilder::new(p)
+            .case_insensitive(true)
+            .build()
+            .map_err(|e| format!("bad initiator glob {p:?}: {e}"))?;
+        b.add(g);
+    }
+    b.build().map_err(|e| format!("bad initiator globs: {e}"))
+}
+
+impl Config {
+    /// Read, parse and validate `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Config::from_yaml(&text, &file, base)
+    }
+
+    /// Parse and validate YAML text; `file` names it in errors, relative images resolve
+    /// against `base_dir`.
+    pub fn from_yaml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        // An empty file (or only comments) is an empty configuration, not an error.
+        let mut config: Config = if text.trim().lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---"
+        }) {
+            serde_yaml::from_str("{}")
+        } else {
+            serde_yaml::from_str(text)
+        }
+        .map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        config.base_dir = base_dir.to_path_buf();
+        config.source = file.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A config with one target from the command line (quick mode); nothing is validated
+    /// against the file system.
+    pub fn quick(image: &Path, target: &str, read_only: bool, block_size: u32) -> Config {
+        Config {
+            portals: default_portals(),
+            settings: SettingsConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            targets: vec![TargetConfig {
+                name: target.to_string(),
+                alias: None,
+                initiators: default_initiators(),
+                chap: None,
+                luns: vec![LunConfig {
+                    lun: 0,
+                    image: image.to_path_buf(),
+                    read_only,
+                    block_size,
+                    thin: true,
+                    removable: false,
+                    serial: None,
+                    create_size: None,
+                }],
+            }],
+            base_dir: PathBuf::from("."),
+            source: QUICK_SOURCE.to_string(),
+        }
+    }
+
+    /// The portal addresses.
+    pub fn portal_addrs(&self) -> Vec<SocketAddr> {
+        self.portals.iter().map(|p| p.0).collect()
+    }
+
+    /// The absolute-or-base-relative path of an image.
+    pub fn image_path(&self, image: &Path) -> PathBuf {
+        if image.is_absolute() {
+            image.to_path_buf()
+        } else {
+            self.base_dir.join(image)
+        }
+    }
+
+    /// Check everything serde cannot: names, numbers, duplicates, secrets, images.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let file = self.source.as_str();
+        if self.portals.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "portals",
+                "no listen address given",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.portals.iter().enumerate() {
+            if !seen.insert(p.0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("portals[{i}]"),
+                    format!("duplicate portal {}", p.0),
+                ));
+            }
+        }
+        self.settings.validate(file)?;
+        if let Some(chap) = &self.discovery.chap {
+            chap.validate(file, "discovery.chap")?;
+        }
+        let mut names = HashSet::new();
+        for (ti, t) in self.targets.iter().enumerate() {
+            let tpath = format!("targets[{ti}]");
+            validate_iscsi_name(&t.name)
+                .map_err(|m| ConfigError::invalid(file, format!("{tpath}.name"), m))?;
+            if !names.insert(t.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{tpath}.name"),
+                    format!("duplicate target name {}", t.name),
+                ));
+            }
+            if let Some(a) = &t.alias {
+                // TargetAlias is a UTF-8 text value (§13.6); keep it printable and short.
+                if a.is_empty() || a.len() > 255 || a.chars().any(char::is_control) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tpath}.alias"),
+                        "alias must be 1-255 bytes of printable text",
+                    ));
+                }
+            }
+            if t.initiators.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{tpath}.initiators"),
+                    "empty list: no initiator could log in (omit the key to allow everyone)",
+                ));
+            }
+            build_acl(&t.initiators)
+                .map_err(|m| ConfigError::invalid(file, format!("{tpath}.initiators"), m))?;
+            if let Some(chap) = &t.chap {
+                chap.validate(file, &format!("{tpath}.chap"))?;
+            }
+            if t.luns.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{tpath}.luns"),
+                    "no LUNs",
+                ));
+            }
+            let mut luns = HashSet::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                self.validate_lun(&format!("{tpath}.luns[{li}]"), l)?;
+                if !luns.insert(l.lun) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tpath}.luns[{li}]"),
+                        format!("duplicate LUN {}", l.lun),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_lun(&self, path: &str, l: &LunConfig) -> Result<(), ConfigError> {
+        let file = self.source.as_str();
+        let bad = |msg: String| ConfigError::invalid(file, path, msg);
+        if l.lun > MAX_LUN {
+            return Err(bad(format!("LUN {} is above {MAX_LUN}", l.lun)));
+        }
+        if l.block_size != 512 && l.block_size != 4096 {
+            return Err(bad(format!(
+                "block_size {} is not 512 or 4096",
+                l.block_size
+            )));
+        }
+        if let Some(s) = &l.serial {
+            // The Unit Serial Number VPD page (0x80) holds printable ASCII (SPC-4).
+            if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(bad(format!(
+                    "serial {s:?} must be 1-64 printable ASCII characters without spaces"
+                )));
+            }
+        }
+        let image = self.image_path(&l.image);
+        match std::fs::metadata(&image) {
+            Ok(m) if m.is_dir() => {
+                return Err(bad(format!("image {} is a directory", image.display())))
+            }
+            Ok(m) if m.is_file() => {
+                if m.len() == 0 || m.len() % u64::from(l.block_size) != 0 {
+                    return Err(bad(format!(
+                        "image {} is {} bytes, not a whole number of {}-byte blocks",
+                        image.display(),
+                        m.len(),
+                        l.block_size
+                    )));
+                }
+            }
+            // Block devices and the like: sized when opened.
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if l.create_size.is_none() {
+                    // Quick mode has no create_size to suggest; `diskless image create` does it.
+                    let hint = if self.source == QUICK_SOURCE {
+                        "create it with `diskless image create PATH --size SIZE`"
+                    } else {
+                        "set create_size to create it"
+                    };
+                    return Err(bad(format!(
+                        "image {} does not exist ({hint})",
+                        image.display()
+                    )));
+                }
+            }
+            Err(e) => return Err(bad(format!("image {}: {e}", image.display()))),
+        }
+        if let Some(size) = l.create_size {
+            if size.0 == 0 || size.0 % u64::from(l.block_size) != 0 {
+                return Err(bad(format!(
+                    "create_size {} is not a non-zero multiple of block_size {}",
+                    size.0, l.block_size
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "t.yaml", Path::new("/nonexistent-dir"))
+    }
+
+    const ONE: &str = "
+targets:
+  - name: iqn.2026-11.org.diskless:demo
+    luns:
+      - lun: 0
+        image: demo.img
+        create_size: 64MiB
+";
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("64MiB"), Ok(ByteSize(64 << 20)));
+        assert_eq!(ByteSize::parse("1G"), Ok(ByteSize(1 << 30)));
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("512k"), Ok(ByteSize(512 << 10)));
+        assert_eq!(ByteSize::parse(" 2 TiB "), Ok(ByteSize(2 << 40)));
+        assert!(ByteSize::parse("").is_err());
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("12XB").is_err());
+        assert!(ByteSize::parse("99999999999999999999").is_err());
+        assert!(ByteSize::parse("99999999999T").is_err());
+        assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000 bytes");
+    }
+
+    #[test]
+    fn portals() {
+        assert_eq!(Portal::parse("0.0.0.0:3260").unwrap().0.port(), 3260);
+        assert_eq!(Portal::parse("10.0.0.1").unwrap().0.port(), 3260);
+        assert!(Portal::parse("[::]:3261").unwrap().0.is_ipv6());
+        assert!(Portal::parse("[::1]").unwrap().0.is_ipv6());
+        assert!(Portal::parse("host:3260").is_err());
+        assert!(Portal::parse("1.2.3.4:99999").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_iscsi_name("iqn.2026-11.org.diskless:demo").is_ok());
+        assert!(validate_iscsi_name("iqn.2001-04.com.example").is_ok());
+        assert!(validate_iscsi_name("eui.02004567a425678d").is_ok());
+        assert!(validate_iscsi_name("naa.52004567ba64678d").is_ok());
+        assert!(validate_iscsi_name("naa.62004567ba64678d62004567ba64678d").is_ok());
+        for bad in [
+            "",
+            "demo",
+            "iqn.2026-13.org.x:y",
+            "iqn.26-11.org.x",
+            "iqn.2026-11.",
+            "iqn.2026-11.:x",
+            "iqn.2026-11.org.Diskless:demo",
+            "iqn.2026-11.org.diskless:de mo",
+            "eui.0200",
+            "naa.zz004567ba64678d",
+        ] {
+            assert!(validate_iscsi_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_iscsi_name(&format!("iqn.2026-11.org.x:{}", "a".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn defaults_and_settings() {
+        let c = parse(ONE).unwrap();
+        assert_eq!(c.portal_addrs(), vec!["0.0.0.0:3260".parse().unwrap()]);
+        let s = c.settings.to_settings();
+        let d = Settings::default();
+        assert_eq!(s.params, d.params);
+        assert_eq!(s.nop_in_interval, d.nop_in_interval);
+        assert_eq!(s.nop_in_timeout, None);
+        assert_eq!(s.login_timeout, d.login_timeout);
+        let l = &c.targets[0].luns[0];
+        assert_eq!(
+            (l.block_size, l.thin, l.read_only, l.removable),
+            (512, true, false, false)
+        );
+        assert_eq!(c.targets[0].initiators, vec!["*"]);
+        assert_eq!(
+            c.image_path(&l.image),
+            Path::new("/nonexistent-dir/demo.img")
+        );
+
+        let c = parse(&format!(
+            "settings: {{nop_in_interval_secs: 0, nop_in_timeout_secs: 5, cmd_window: 32, \
+             header_digest: false}}\n{ONE}"
+        ))
+        .unwrap();
+        let s = c.settings.to_settings();
+        assert_eq!(s.nop_in_interval, None);
+        assert_eq!(s.nop_in_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.cmd_window, 32);
+        assert!(!s.params.allow_header_digest);
+        assert!(s.params.allow_data_digest);
+    }
+
+    #[test]
+    fn empty_file_is_empty_config() {
+        let c = parse("# nothing\n").unwrap();
+        assert!(c.targets.is_empty());
+        assert_eq!(c.portals.len(), 1);
+    }
+
+    fn err(yaml: &str) -> String {
+        parse(yaml).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err("portals: [\"nope\"]\n");
+        assert!(
+            e.starts_with("t.yaml: ") && e.contains("bad portal") && e.contains("line 1"),
+            "{e}"
+        );
+        let e = err(&format!("{ONE}        colour: red\n"));
+        assert!(
+            e.contains("unknown field `colour`") && e.contains("line"),
+            "{e}"
+        );
+        let e = err("settings: {max_burst_length: 1024, first_burst_length: 4096}\n");
+        assert!(e.contains("settings.first_burst_length"), "{e}");
+        let e = err("settings: {cmd_window: 0}\n");
+        assert!(e.contains("settings.cmd_window"), "{e}");
+        let e = err(&ONE.replace("lun: 0", "lun: 16384"));
+        assert!(
+            e.contains("targets[0].luns[0]: LUN 16384 is above 16383"),
+            "{e}"
+        );
+        let e = err(&ONE.replace(
+            "create_size: 64MiB",
+            "create_size: 64MiB\n        block_size: 1024",
+        ));
+        assert!(e.contains("block_size 1024"), "{e}");
+        let e = err(&ONE.replace("64MiB", "64XiB"));
+        assert!(e.contains("bad size"), "{e}");
+        let e = err(&ONE.replace("        create_size: 64MiB\n", ""));
+        assert!(
+            e.contains("targets[0].luns[0]: image /nonexistent-dir/demo.img does not exist"),
+            "{e}"
+        );
+        let e = err(&ONE.replace("64MiB", "1000"));
+        assert!(e.contains("create_size 1000"), "{e}");
+        let e = err(&format!(
+            "{ONE}      - lun: 0\n        image: b.img\n        create_size: 1M\n"
+        ));
+        assert!(e.contains("targets[0].luns[1]: duplicate LUN 0"), "{e}");
+        let e = err(&format!("{ONE}{}", ONE.replace("targets:\n", "")));
+        assert!(e.contains("targets[1].name: duplicate target"), "{e}");
+        let e = err(&ONE.replace("diskless:demo", "diskless:Demo"));
+        assert!(e.contains("targets[0].name"), "{e}");
+        let e = err(&ONE.replace("    luns:", "    initiators: [\"iqn.[\"]\n    luns:"));
+        assert!(
+            e.contains("targets[0].initiators: bad initiator glob"),
+            "{e}"
+        );
+        let e = err(&ONE.replace("    luns:", "    initiators: []\n    luns:"));
+        assert!(e.contains("targets[0].initiators"), "{e}");
+        let e = err(&ONE.replace("    luns:", "    chap: {user: u, secret: short}\n    luns:"));
+        assert!(e.contains("targets[0].chap: chap secret is 5 bytes"), "{e}");
+        assert!(!e.contains("short"), "secret leaked: {e}");
+        let e = err(&format!(
+            "discovery:\n  chap: {{user: u, secret: abcdefghijkl, mutual_user: m}}\n{ONE}"
+        ));
+        assert!(
+            e.contains("discovery.chap: chap mutual_user and mutual_secret"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "discovery:\n  chap: {{user: u, secret: abcdefghijkl, mutual_user: m, mutual_secret: abcdefghijkl}}\n{ONE}"
+        ));
+        assert!(e.contains("must differ"), "{e}");
+        let e = err("targets: [{name: iqn.2026-11.org.x:y, luns: []}]\n");
+        assert!(e.contains("targets[0].luns: no LUNs"), "{e}");
+        let e = err(&ONE.replace("lun: 0", "lun: 0\n        serial: \"a b\""));
+        assert!(e.contains("serial"), "{e}");
+        let e = err("portals: [\"1.2.3.4:1\", \"1.2.3.4:1\"]\n");
+        assert!(e.contains("portals[1]: duplicate portal"), "{e}");
+    }
+
+    #[test]
+    fn bad_yaml_never_panics() {
+        for y in [
+            "{",
+            "targets: [",
+            "- a\n- b",
+            "targets: 5",
+            "portals: {a: b}",
+            ":\n:\n",
+            "\t- x",
+            "targets:\n  - name: [1,2]\n",
+            "settings: {max_sessions: -1}",
+            "&a [*a]",
+            "!!binary x",
+            "targets:\n  - luns:\n    - lun: -3\n",
+        ] {
+            let e = err(y);
+            assert!(e.starts_with("t.yaml: "), "{y:?} -> {e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC{0,80}") {
+            let _ = ByteSize::parse(&s);
+            let _ = Portal::parse(&s);
+            let _ = validate_iscsi_name(&s);
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn yaml_shaped_input_never_panics(
+            key in "(portals|settings|targets|discovery|name|luns|lun|image|chap)",
+            val in "[\\[\\]{}:,\"a-z0-9 .-]{0,30}",
+        ) {
+            let _ = parse(&format!("{key}: {val}\n"));
+            let _ = parse(&format!("targets:\n  - {key}: {val}\n"));
+        }
+    }
+
+    #[test]
+    fn chap_debug_hides_secret() {
+        let c = ChapConfig {
+            user: "u".into(),
+            secret: "topsecret-value".into(),
+            mutual_user: Some("m".into()),
+            mutual_secret: Some("other-secret-value".into()),
+        };
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("topsecret") && !d.contains("other-secret"),
+            "{d}"
+        );
+        assert_eq!(c.credentials().mutual.map(|m| m.0), Some("m".to_string()));
+    }
+}

@@ -1,16 +1,568 @@
-//! The target registry built from the configuration (to be implemented): targets, their
-//! LUN tables, access lists and CHAP, as the login layer's `Directory`.
-use crate::scsi::LunTable;
+//! The target registry built from the configuration: targets, their LUN tables, access lists
+//! and CHAP, as the login layer's [`Directory`].
+//!
+//! Building is split in two so the configuration logic is testable on its own: [`plan`] turns a
+//! [`Config`] into inspectable [`TargetPlan`]s (identities, paths, policies), and
+//! [`Registry::from_plan`] attaches a LUN table to each (opening images, constructing
+//! logical units).
+//!
+//! LUN identity scheme (stable across restarts, unique per target and LUN): h = MD5 of
+//! `"diskless\0" + target name + "\0" + decimal LUN`. The default serial (VPD 0x80) is the
+//! first 8 bytes of h as 16 uppercase hex digits. The NAA identifier (VPD 0x83, SPC-4 Device
+//! Identification page) is h with its first nibble replaced by 6 (IEEE Registered Extended); the
+//! IEEE company ID field is therefore hash bits, not a registered OUI.
+use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError};
+use crate::login::{AuthPolicy, ChapCredentials, Directory, TargetEntry, TargetLookup};
+use crate::scsi::{LogicalUnit, LuIdentity, LunTable};
+use crate::session::Settings;
+use crate::storage::{BlockStore, FileStore};
+use md5::{Digest, Md5};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// T10 vendor identification reported in INQUIRY.
+pub const VENDOR: &str = "DISKLESS";
+/// Product identification reported in INQUIRY.
+pub const PRODUCT: &str = "VIRTUAL-DISK";
+/// Target portal group tag of every portal (one portal group, RFC 7143 §13.9).
+pub const PORTAL_GROUP_TAG: u16 = 1;
+
+/// Everything about one LUN except the opened store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunPlan {
+    pub lun: u16,
+    /// Resolved path (relative images resolved against the config file's directory).
+    pub image: PathBuf,
+    pub read_only: bool,
+    pub block_size: u32,
+    pub thin: bool,
+    pub removable: bool,
+    /// Create a sparse image of this size if `image` is missing.
+    pub create_size: Option<u64>,
+    pub identity: LuIdentity,
+}
+
+/// Everything about one target except its LUN table.
+#[derive(Debug, Clone)]
+pub struct TargetPlan {
+    pub name: String,
+    pub alias: Option<String>,
+    /// The initiator globs as written.
+    pub initiators: Vec<String>,
+    pub acl: globset::GlobSet,
+    pub chap: Option<ChapCredentials>,
+    pub luns: Vec<LunPlan>,
+}
+
+impl TargetPlan {
+    /// Whether `initiator` may see and log in to this target.
+    pub fn allows(&self, initiator: &str) -> bool {
+        self.acl.is_match(initiator)
+    }
+
+    fn policy(&self) -> AuthPolicy {
+        self.chap.clone().map_or(AuthPolicy::None, AuthPolicy::Chap)
+    }
+}
+
+/// The whole plan: targets plus server-wide items.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub portals: Vec<SocketAddr>,
+    pub settings: Settings,
+    pub discovery_chap: Option<ChapCredentials>,
+    pub targets: Vec<TargetPlan>,
+}
+
+fn identity_hash(target: &str, lun: u16) -> [u8; 16] {
+    let mut h = Md5::new();
+    h.update(b"diskless\0");
+    h.update(target.as_bytes());
+    h.update(b"\0");
+    h.update(lun.to_string().as_bytes());
+    h.finalize().into()
+}
+
+/// The default serial: 16 hex digits derived from the target name and LUN.
+pub fn default_serial(target: &str, lun: u16) -> String {
+    identity_hash(target, lun)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02X}"))
+        .collect()
+}
+
+/// The NAA type 6 identifier of a LUN (16 bytes, first nibble 6).
+pub fn naa_identifier(target: &str, lun: u16) -> [u8; 16] {
+    let mut h = identity_hash(target, lun);
+    h[0] = 0x60 | (h[0] & 0x0f);
+    h
+}
+
+/// The INQUIRY revision: the crate version with the dots removed, at most 4 characters
+/// (T10 PRODUCT REVISION LEVEL is 4 bytes), e.g. "010" for 0.1.0.
+pub fn revision() -> String {
+    env!("CARGO_PKG_VERSION")
+        .chars()
+        .filter(|c| *c != '.')
+        .take(4)
+        .collect()
+}
+
+/// The identity of a LUN: vendor DISKLESS, product VIRTUAL-DISK, serial as configured or
+/// derived, NAA derived.
+pub fn lu_identity(target: &str, lun: u16, serial: Option<&str>) -> LuIdentity {
+    LuIdentity {
+        vendor: VENDOR.to_string(),
+        product: PRODUCT.to_string(),
+        revision: revision(),
+        serial: serial.map_or_else(|| default_serial(target, lun), str::to_string),
+        naa: naa_identifier(target, lun),
+    }
+}
+
+/// Turn a validated config into a plan. Pure: touches no files.
+pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
+    let file = config.source.as_str();
+    let mut targets = Vec::with_capacity(config.targets.len());
+    for (ti, t) in config.targets.iter().enumerate() {
+        let acl = build_acl(&t.initiators)
+            .map_err(|m| ConfigError::invalid(file, format!("targets[{ti}].initiators"), m))?;
+        let mut luns = Vec::with_capacity(t.luns.len());
+        for (li, l) in t.luns.iter().enumerate() {
+            let lun = u16::try_from(l.lun)
+                .ok()
+                .filter(|&n| u32::from(n) <= crate::config::MAX_LUN)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        file,
+                        format!("targets[{ti}].luns[{li}]"),
+                        format!("LUN {} is above {}", l.lun, crate::config::MAX_LUN),
+                    )
+                })?;
+            luns.push(LunPlan {
+                lun,
+                image: config.image_path(&l.image),
+                read_only: l.read_only,
+                block_size: l.block_size,
+                thin: l.thin,
+                removable: l.removable,
+                create_size: l.create_size.map(|s| s.0),
+                identity: lu_identity(&t.name, lun, l.serial.as_deref()),
+            });
+        }
+        targets.push(TargetPlan {
+            name: t.name.clone(),
+            alias: t.alias.clone(),
+            initiators: t.initiators.clone(),
+            acl,
+            chap: t.chap.as_ref().map(|c| c.credentials()),
+            luns,
+        });
+    }
+    Ok(Plan {
+        portals: config.portal_addrs(),
+        settings: config.settings.to_settings(),
+        discovery_chap: config.discovery.chap.as_ref().map(|c| c.credentials()),
+        targets,
+    })
+}
+
+/// Open (or create, when `create_size` is set and the image is missing) a LUN's image.
+pub fn open_store(file: &str, path: &str, lun: &LunPlan) -> Result<FileStore, ConfigError> {
+    let bad = |m: String| ConfigError::invalid(file, path, m);
+    if let Some(size) = lun.create_size {
+        if !lun.image.exists() {
+            if let Some(dir) = lun.image.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| bad(format!("creating {}: {e}", dir.display())))?;
+            }
+            FileStore::create(&lun.image, size).map_err(|e| bad(format!("creating image: {e}")))?;
+            tracing::info!(image = %lun.image.display(), size, "created sparse image");
+        }
+    }
+    FileStore::open(&lun.image, lun.block_size, lun.read_only)
+        .map(|s| s.with_thin(lun.thin))
+        .map_err(|e| bad(format!("opening image: {e}")))
+}
+
+/// Construct the logical unit of a LUN (the one place that calls into the SCSI layer).
+// Merge note: once the scsi branch's `LuOptions` is in, pass `removable` through it:
+// `LogicalUnit::with_options(store, id, LuOptions { removable: lun.removable, ..Default::default() })`.
+fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan) -> LogicalUnit {
+    LogicalUnit::new(store, lun.identity.clone())
+}
+
+/// Open every image of `target` and build its LUN table.
+pub fn open_luns(file: &str, ti: usize, target: &TargetPlan) -> Result<Arc<LunTable>, ConfigError> {
+    let mut map = BTreeMap::new();
+    for (li, l) in target.luns.iter().enumerate() {
+        let store = open_store(file, &format!("targets[{ti}].luns[{li}]"), l)?;
+        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l)));
+    }
+    Ok(Arc::new(LunTable::new(map)))
+}
+
+struct Target {
+    plan: TargetPlan,
+    luns: Arc<LunTable>,
+}
+
+/// The configured targets.
 pub struct Registry {
-    _private: (),
+    targets: Vec<Target>,
+    portals: Vec<SocketAddr>,
+    settings: Settings,
+    discovery_chap: Option<ChapCredentials>,
 }
 
 impl Registry {
+    /// Open every image (creating missing ones that have `create_size`) and build the targets.
+    pub fn from_config(config: &Config) -> Result<Registry, ConfigError> {
+        let file = config.source.clone();
+        Registry::from_plan(plan(config)?, |ti, t| open_luns(&file, ti, t))
+    }
+
+    /// Build from a plan with a caller-supplied LUN table builder (`(target index, plan)`);
+    /// tests pass one that returns empty tables.
+    pub fn from_plan(
+        plan: Plan,
+        mut luns: impl FnMut(usize, &TargetPlan) -> Result<Arc<LunTable>, ConfigError>,
+    ) -> Result<Registry, ConfigError> {
+        let mut targets = Vec::with_capacity(plan.targets.len());
+        for (ti, t) in plan.targets.into_iter().enumerate() {
+            let table = luns(ti, &t)?;
+            targets.push(Target {
+                plan: t,
+                luns: table,
+            });
+        }
+        Ok(Registry {
+            targets,
+            portals: plan.portals,
+            settings: plan.settings,
+            discovery_chap: plan.discovery_chap,
+        })
+    }
+
+    /// Quick mode: one image as LUN 0 of `target_name`, open to every initiator, no CHAP,
+    /// default settings and portal (the caller overrides portals with `with_portals`).
+    pub fn quick(
+        image: &Path,
+        target_name: &str,
+        read_only: bool,
+        block_size: u32,
+    ) -> Result<Registry, ConfigError> {
+        let config = quick_config(image, target_name, read_only, block_size)?;
+        Registry::from_config(&config)
+    }
+
+    /// Replace the portals (the `--listen` option).
+    pub fn with_portals(mut self, portals: Vec<SocketAddr>) -> Registry {
+        self.portals = portals;
+        self
+    }
+
     /// The LUNs of `target`, if it exists.
     pub fn luns(&self, target: &str) -> Option<Arc<LunTable>> {
-        let _ = target;
-        todo!()
+        self.find(target).map(|t| Arc::clone(&t.luns))
+    }
+
+    /// The target plans (names, ACLs, LUN identities), in configuration order.
+    pub fn targets(&self) -> impl Iterator<Item = &TargetPlan> {
+        self.targets.iter().map(|t| &t.plan)
+    }
+
+    pub fn portals(&self) -> &[SocketAddr] {
+        &self.portals
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn find(&self, target: &str) -> Option<&Target> {
+        // iSCSI names compare case-insensitively (stringprep lowercases them, RFC 3722).
+        self.targets
+            .iter()
+            .find(|t| t.plan.name.eq_ignore_ascii_case(target))
+    }
+
+    /// TargetAddress values for a SendTargets answer (RFC 7143 Appendix C, §13.8):
+    /// "ip:port,tpgt". A wildcard portal is reported with the address the initiator reached us
+    /// on, since 0.0.0.0 means nothing to it.
+    pub fn target_addresses(&self, local: SocketAddr) -> Vec<String> {
+        let local_ip = canonical(local.ip());
+        let mut out: Vec<String> = Vec::new();
+        for p in &self.portals {
+            let ip = if p.ip().is_unspecified() {
+                local_ip
+            } else {
+                p.ip()
+            };
+            let addr = format!("{},{PORTAL_GROUP_TAG}", SocketAddr::new(ip, p.port()));
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        out
+    }
+}
+
+/// An IPv4-mapped IPv6 address (a v4 client on a dual-stack [::] socket) as plain IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The quick-mode target name for an image: `iqn.2026-11.org.diskless:<file stem>`, the stem
+/// lowercased with anything outside a-z 0-9 '-' '.' replaced by '-'.
+pub fn quick_target_name(image: &Path) -> String {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let mut clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        clean.push_str("disk");
+    }
+    clean.truncate(150);
+    format!("iqn.2026-11.org.diskless:{clean}")
+}
+
+/// The validated config quick mode serves.
+pub fn quick_config(
+    image: &Path,
+    target_name: &str,
+    read_only: bool,
+    block_size: u32,
+) -> Result<Config, ConfigError> {
+    let config = Config::quick(image, target_name, read_only, block_size);
+    if let Err(m) = validate_iscsi_name(target_name) {
+        return Err(ConfigError::invalid("--target", "", m));
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+impl Directory for Registry {
+    fn discovery_auth(&self, _initiator: &str) -> AuthPolicy {
+        self.discovery_chap
+            .clone()
+            .map_or(AuthPolicy::None, AuthPolicy::Chap)
+    }
+
+    fn lookup(&self, initiator: &str, target: &str) -> TargetLookup {
+        match self.find(target) {
+            None => TargetLookup::NotFound,
+            Some(t) if !t.plan.allows(initiator) => TargetLookup::NotAuthorized,
+            Some(t) => TargetLookup::Allowed(t.plan.policy()),
+        }
+    }
+
+    fn visible_targets(&self, initiator: &str, local: SocketAddr) -> Vec<TargetEntry> {
+        let addresses = self.target_addresses(local);
+        self.targets
+            .iter()
+            .filter(|t| t.plan.allows(initiator))
+            .map(|t| TargetEntry {
+                name: t.plan.name.clone(),
+                addresses: addresses.clone(),
+            })
+            .collect()
+    }
+
+    fn target_alias(&self, target: &str) -> Option<String> {
+        self.find(target).and_then(|t| t.plan.alias.clone())
+    }
+
+    fn portal_group_tag(&self, _local: SocketAddr) -> u16 {
+        PORTAL_GROUP_TAG
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "
+portals: [\"0.0.0.0:3260\", \"192.168.1.5:3261\"]
+discovery:
+  chap: {user: disc, secret: discoverysecret}
+targets:
+  - name: iqn.2026-11.org.diskless:open
+    alias: open disk
+    luns:
+      - {lun: 0, image: a.img, create_size: 1MiB}
+      - {lun: 3, image: /abs/b.img, create_size: 1MiB, serial: MYSERIAL, block_size: 4096}
+  - name: iqn.2026-11.org.diskless:ipxe
+    initiators: [\"iqn.2010-04.org.ipxe:*\"]
+    chap: {user: boot, secret: bootsecret123}
+    luns:
+      - {lun: 0, image: c.img, create_size: 1MiB, read_only: true}
+";
+
+    fn registry(yaml: &str) -> Registry {
+        let c = Config::from_yaml(yaml, "t.yaml", Path::new("/cfg")).unwrap();
+        Registry::from_plan(plan(&c).unwrap(), |_, _| {
+            Ok(Arc::new(LunTable::new(BTreeMap::new())))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn identities_are_stable_and_distinct() {
+        let a = lu_identity("iqn.2026-11.org.x:a", 0, None);
+        let b = lu_identity("iqn.2026-11.org.x:a", 1, None);
+        let c = lu_identity("iqn.2026-11.org.x:b", 0, None);
+        assert_eq!(a, lu_identity("iqn.2026-11.org.x:a", 0, None));
+        assert_ne!(a.naa, b.naa);
+        assert_ne!(a.naa, c.naa);
+        assert_ne!(a.serial, b.serial);
+        assert_eq!(a.serial.len(), 16);
+        assert!(a.serial.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.naa[0] >> 4, 6);
+        assert_eq!((a.vendor.as_str(), a.product.as_str()), (VENDOR, PRODUCT));
+        assert!(!a.revision.is_empty() && a.revision.len() <= 4);
+        assert_eq!(
+            lu_identity("iqn.2026-11.org.x:a", 0, Some("S1")).serial,
+            "S1"
+        );
+    }
+
+    #[test]
+    fn plan_resolves_paths_and_identities() {
+        let c = Config::from_yaml(YAML, "t.yaml", Path::new("/cfg")).unwrap();
+        let p = plan(&c).unwrap();
+        assert_eq!(p.targets.len(), 2);
+        let t0 = &p.targets[0];
+        assert_eq!(t0.luns[0].image, Path::new("/cfg/a.img"));
+        assert_eq!(t0.luns[1].image, Path::new("/abs/b.img"));
+        assert_eq!(t0.luns[1].lun, 3);
+        assert_eq!(t0.luns[1].block_size, 4096);
+        assert_eq!(t0.luns[1].identity.serial, "MYSERIAL");
+        assert_eq!(t0.luns[0].create_size, Some(1 << 20));
+        assert!(p.targets[1].luns[0].read_only);
+        assert_eq!(
+            p.discovery_chap.as_ref().map(|c| c.user.as_str()),
+            Some("disc")
+        );
+    }
+
+    #[test]
+    fn directory_lookup_and_acl() {
+        let r = registry(YAML);
+        let ipxe = "iqn.2010-04.org.ipxe:00112233";
+        let other = "iqn.1994-05.com.redhat:abc";
+        assert_eq!(
+            r.lookup(other, "iqn.2026-11.org.diskless:nope"),
+            TargetLookup::NotFound
+        );
+        assert_eq!(
+            r.lookup(other, "iqn.2026-11.org.diskless:open"),
+            TargetLookup::Allowed(AuthPolicy::None)
+        );
+        assert_eq!(
+            r.lookup(other, "IQN.2026-11.org.diskless:OPEN"),
+            TargetLookup::Allowed(AuthPolicy::None)
+        );
+        assert_eq!(
+            r.lookup(other, "iqn.2026-11.org.diskless:ipxe"),
+            TargetLookup::NotAuthorized
+        );
+        match r.lookup(ipxe, "iqn.2026-11.org.diskless:ipxe") {
+            TargetLookup::Allowed(AuthPolicy::Chap(c)) => assert_eq!(c.user, "boot"),
+            x => panic!("{x:?}"),
+        }
+        // Case-insensitive globs.
+        assert!(matches!(
+            r.lookup("IQN.2010-04.ORG.IPXE:X", "iqn.2026-11.org.diskless:ipxe"),
+            TargetLookup::Allowed(_)
+        ));
+        assert!(matches!(r.discovery_auth(other), AuthPolicy::Chap(_)));
+        assert_eq!(
+            r.target_alias("iqn.2026-11.org.diskless:open").as_deref(),
+            Some("open disk")
+        );
+        assert_eq!(r.target_alias("iqn.2026-11.org.diskless:ipxe"), None);
+        assert!(r.luns("iqn.2026-11.org.diskless:open").is_some());
+        assert!(r.luns("iqn.2026-11.org.diskless:nope").is_none());
+        assert_eq!(r.portal_group_tag("10.0.0.1:3260".parse().unwrap()), 1);
+    }
+
+    #[test]
+    fn visible_targets_filter_and_substitute_wildcards() {
+        let r = registry(YAML);
+        let local: SocketAddr = "10.1.2.3:3260".parse().unwrap();
+        let v = r.visible_targets("iqn.1994-05.com.redhat:abc", local);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].name, "iqn.2026-11.org.diskless:open");
+        assert_eq!(
+            v[0].addresses,
+            vec!["10.1.2.3:3260,1", "192.168.1.5:3261,1"]
+        );
+        let v = r.visible_targets("iqn.2010-04.org.ipxe:x", local);
+        assert_eq!(v.len(), 2);
+        // A v4 client on a dual-stack socket.
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:3260".parse().unwrap();
+        assert_eq!(r.target_addresses(mapped)[0], "10.1.2.3:3260,1");
+        let r6 = registry(&YAML.replace(
+            "\"0.0.0.0:3260\", \"192.168.1.5:3261\"",
+            "\"[::]:3260\", \"0.0.0.0:3260\"",
+        ));
+        let local6: SocketAddr = "[fd00::1]:3260".parse().unwrap();
+        assert_eq!(r6.target_addresses(local6), vec!["[fd00::1]:3260,1"]);
+    }
+
+    #[test]
+    fn quick_names() {
+        assert_eq!(
+            quick_target_name(Path::new("/srv/Win 11_x64.img")),
+            "iqn.2026-11.org.diskless:win-11-x64"
+        );
+        assert_eq!(
+            quick_target_name(Path::new("/")),
+            "iqn.2026-11.org.diskless:disk"
+        );
+        assert!(validate_iscsi_name(&quick_target_name(Path::new("/x/ÄÖ.img"))).is_ok());
+        assert!(quick_config(
+            Path::new("/nonexistent.img"),
+            "iqn.2026-11.org.x:y",
+            false,
+            512
+        )
+        .is_err());
+        assert!(quick_config(Path::new("/etc/hostname"), "bad name", false, 512).is_err());
+    }
+
+    #[test]
+    fn open_store_creates_missing_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sub/demo.img");
+        let yaml = format!(
+            "targets:\n  - name: iqn.2026-11.org.x:y\n    luns:\n      - {{lun: 0, image: {}, create_size: 2MiB, thin: false}}\n",
+            img.display()
+        );
+        let c = Config::from_yaml(&yaml, "t.yaml", dir.path()).unwrap();
+        let p = plan(&c).unwrap();
+        let s = open_store("t.yaml", "targets[0].luns[0]", &p.targets[0].luns[0]).unwrap();
+        assert_eq!(s.size(), 2 << 20);
+        assert!(!s.thin_provisioned());
+        // Second open reuses the image.
+        let s2 = open_store("t.yaml", "x", &p.targets[0].luns[0]).unwrap();
+        assert_eq!(s2.size(), 2 << 20);
     }
 }
