@@ -7,10 +7,11 @@
 
 mod decode;
 mod encode;
+mod raw;
 mod types;
 
 pub use decode::{decode, frame_length};
-pub use encode::{encode, encode_header, pad_len, trailer, HeaderBuf, Trailer};
+pub use encode::{encode, encode_header, pad_len, trailer, HeaderBuf, Trailer, MAX_CDB_LEN};
 pub use types::*;
 
 /// Length of the Basic Header Segment (RFC 7143 §11.2.1).

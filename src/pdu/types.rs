@@ -389,3 +389,46 @@ pub fn lun_to_index(lun: u64) -> Option<u16> {
         _ => None,
     }
 }
+
+impl Opcode {
+    /// The opcode in the low 6 bits of BHS byte 0 (§11.2.1.2), if RFC 7143 defines it.
+    /// Vendor-specific opcodes (0x1c-0x1e, 0x3c-0x3e) are not served and map to `None`.
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Some(match v & 0x3f {
+            0x00 => Opcode::NopOut,
+            0x01 => Opcode::ScsiCommand,
+            0x02 => Opcode::TaskMgmtRequest,
+            0x03 => Opcode::LoginRequest,
+            0x04 => Opcode::TextRequest,
+            0x05 => Opcode::DataOut,
+            0x06 => Opcode::LogoutRequest,
+            0x10 => Opcode::SnackRequest,
+            0x20 => Opcode::NopIn,
+            0x21 => Opcode::ScsiResponse,
+            0x22 => Opcode::TaskMgmtResponse,
+            0x23 => Opcode::LoginResponse,
+            0x24 => Opcode::TextResponse,
+            0x25 => Opcode::DataIn,
+            0x26 => Opcode::LogoutResponse,
+            0x31 => Opcode::R2t,
+            0x32 => Opcode::AsyncMessage,
+            0x3f => Opcode::Reject,
+            _ => return None,
+        })
+    }
+
+    /// True for opcodes an initiator sends (§11.2.1.2: target opcodes have bit 5 set).
+    pub fn is_initiator(self) -> bool {
+        (self as u8) & 0x20 == 0
+    }
+}
+
+impl Pdu {
+    /// A PDU without a data segment.
+    pub fn header_only(bhs: Bhs) -> Pdu {
+        Pdu {
+            bhs,
+            data: Bytes::new(),
+        }
+    }
+}
