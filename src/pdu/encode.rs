@@ -94,7 +94,7 @@ pub(crate) fn to_raw(bhs: &Bhs) -> RawBhs {
     match bhs {
         // §11.18
         Bhs::NopOut(p) => {
-            r.b0 = immediate(p.immediate) | 0x00;
+            r.b0 = immediate(p.immediate); // opcode 0x00
             r.b1 = 0x80;
             r.w8 = p.lun;
             r.itt = p.itt;

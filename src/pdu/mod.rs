@@ -76,3 +76,6 @@ impl PduError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -373,7 +373,7 @@ pub fn lun_from_index(index: u16) -> u64 {
     if index < 256 {
         (index as u64) << 48
     } else {
-        ((0x4000 | (index as u64 & 0x3fff)) as u64) << 48
+        (0x4000 | (index as u64 & 0x3fff)) << 48
     }
 }
 
