@@ -139,8 +139,8 @@ fn parse_one_ahs(i: &[u8]) -> IResult<&[u8], (u8, &[u8])> {
     Ok((i, (ty, specific)))
 }
 
-/// The AHS of a SCSI Command: extra CDB bytes (§11.3.5) and the bidirectional read length
-/// (§11.3.6). Lying lengths, zero lengths, duplicates and unknown types are malformed.
+/// The AHS of a SCSI Command: extra CDB bytes (§11.2.2.3) and the bidirectional read length
+/// (§11.2.2.4). Lying lengths, zero lengths, duplicates and unknown types are malformed.
 fn parse_scsi_ahs(mut i: &[u8]) -> Result<(&[u8], Option<u32>), &'static str> {
     let mut ext: Option<&[u8]> = None;
     let mut bidi = None;
@@ -151,7 +151,7 @@ fn parse_scsi_ahs(mut i: &[u8]) -> Result<(&[u8], Option<u32>), &'static str> {
         }
         match ty {
             AHS_EXTENDED_CDB => {
-                // First byte reserved, then CDB bytes 16.. (§11.3.5).
+                // First byte reserved, then CDB bytes 16.. (§11.2.2.3).
                 let cdb = specific.get(1..).unwrap_or(&[]);
                 if cdb.is_empty() {
                     return Err("empty Extended CDB AHS");
@@ -161,7 +161,7 @@ fn parse_scsi_ahs(mut i: &[u8]) -> Result<(&[u8], Option<u32>), &'static str> {
                 }
             }
             AHS_BIDI_READ_LENGTH => {
-                // One reserved byte then the 4-byte length; AHSLength is 5 (§11.3.6).
+                // One reserved byte then the 4-byte length; AHSLength is 5 (§11.2.2.4).
                 let [_, a, b, c, d] = specific else {
                     return Err("bad Bidirectional Read AHS length");
                 };
@@ -457,7 +457,7 @@ pub fn decode(frame: Bytes, digests: Digests) -> Result<Pdu, PduError> {
     } else if op == Opcode::ScsiCommand {
         parse_scsi_ahs(ahs).map_err(|reason| malformed(reason, Some(l.total)))?
     } else {
-        // §11.2.1.3: AHS types are defined only for the SCSI Command.
+        // §11.2.2: the defined AHS types belong to the SCSI Command only.
         return Err(malformed("AHS on a PDU that takes none", Some(l.total)));
     };
     let bhs = to_typed(op, &raw, bhs_bytes, ext_cdb, bidi);

@@ -34,7 +34,7 @@ pub fn pad_len(n: usize) -> usize {
     (4 - n % 4) % 4
 }
 
-/// AHSType values (§11.2.1.4... §11.3.5, §11.3.6).
+/// AHSType values (§11.2.2.1; the AHS formats are §11.2.2.3-4).
 pub(crate) const AHS_EXTENDED_CDB: u8 = 1;
 pub(crate) const AHS_BIDI_READ_LENGTH: u8 = 2;
 
@@ -59,7 +59,7 @@ fn be16_pair(hi: u16, lo: u16) -> u32 {
     ((hi as u32) << 16) | lo as u32
 }
 
-/// The 16 BHS CDB bytes (§11.3.5: shorter CDBs are zero-padded) as 4 words.
+/// The 16 BHS CDB bytes (§11.3: shorter CDBs are zero-padded) as 4 words.
 fn cdb_words(cdb: &[u8]) -> [u32; 4] {
     let mut b = [0u8; 16];
     let n = cdb.len().min(16);
@@ -148,7 +148,7 @@ pub(crate) fn to_raw(bhs: &Bhs) -> RawBhs {
             r.w[1] = p.cmd_sn;
             r.w[2] = p.exp_stat_sn;
         }
-        // §11.7 (Data-Out)
+        // §11.7.1 (Data-Out)
         Bhs::DataOut(p) => {
             r.b0 = 0x05;
             r.b1 = flag(p.final_, 0x80);
@@ -320,7 +320,7 @@ pub(crate) fn to_raw(bhs: &Bhs) -> RawBhs {
 /// Lets the connection write header, payload and trailer as one vectored write (no copy of
 /// the payload).
 ///
-/// Carries no AHS: a target never sends one (§11.2.1.3 defines AHS only for the SCSI
+/// Carries no AHS: a target never sends one (§11.2.2 defines AHS only for the SCSI
 /// Command). A SCSI Command whose CDB exceeds 16 bytes, or that carries a bidirectional read
 /// length, must go through [`encode`]; here only its first 16 CDB bytes are written.
 /// `data_len` is truncated to the 24-bit wire field; callers keep it within the negotiated
@@ -360,7 +360,7 @@ pub fn trailer(data: &[u8], digests: Digests) -> Trailer {
     t
 }
 
-/// Append the AHS of a SCSI Command (§11.3.5 Extended CDB, §11.3.6 Bidirectional Read
+/// Append the AHS of a SCSI Command (§11.2.2.3 Extended CDB, §11.2.2.4 Bidirectional Read
 /// Expected Data Transfer Length) to `ahs`. Each AHS is AHSLength(2) AHSType(1) then the
 /// AHS-specific bytes (AHSLength counts them, the first is reserved), padded to 4 bytes.
 fn scsi_ahs(bhs: &Bhs, ahs: &mut [u8; 1020]) -> usize {

@@ -14,7 +14,7 @@ pub(crate) struct RawBhs {
     pub b1: u8,
     pub b2: u8,
     pub b3: u8,
-    /// Byte 4: TotalAHSLength in 4-byte words (§11.2.1.3).
+    /// Byte 4: TotalAHSLength in 4-byte words (§11.2.1).
     pub total_ahs_words: u8,
     /// Bytes 5..8: DataSegmentLength, 24-bit big-endian (§11.2.1.4).
     pub dsl: u32,

@@ -77,7 +77,7 @@ pub mod task_attr {
 }
 
 /// §11.3 SCSI Command. `cdb` is the whole CDB: the 16 BHS bytes, extended by the
-/// Extended-CDB AHS when present (§11.3.5; then its length is 16 + AHS CDB length).
+/// Extended-CDB AHS when present (§11.2.2.3; then its length is 16 + AHS CDB length).
 /// Trailing padding of a 16-byte CDB is kept; the SCSI layer reads what the opcode needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScsiCommand {
@@ -92,7 +92,7 @@ pub struct ScsiCommand {
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub cdb: Vec<u8>,
-    /// Bidirectional Read Expected Data Transfer Length AHS (§11.3.6).
+    /// Bidirectional Read Expected Data Transfer Length AHS (§11.2.2.4).
     pub bidi_read_length: Option<u32>,
 }
 
@@ -143,7 +143,7 @@ pub struct TextRequest {
     pub exp_stat_sn: u32,
 }
 
-/// §11.8 SCSI Data-Out.
+/// §11.7 SCSI Data-Out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DataOut {
     pub final_: bool,
