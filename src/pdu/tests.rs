@@ -317,3 +317,23 @@ fn opcode_table() {
     assert_eq!(Opcode::from_u8(0x1c), None);
     assert_eq!(Opcode::from_u8(0x3c), None);
 }
+
+#[test]
+fn bhs_accessors_and_error_frame_len() {
+    let cmd = Bhs::ScsiCommand(read10());
+    assert_eq!(cmd.itt(), 7);
+    assert_eq!(cmd.cmd_sn(), Some(1));
+    assert_eq!(cmd.exp_stat_sn(), Some(2));
+    assert!(!cmd.immediate());
+    assert!(Bhs::LoginRequest(LoginRequest::default()).immediate());
+    assert_eq!(Bhs::Reject(Reject::default()).itt(), 0xffff_ffff);
+    assert_eq!(Bhs::DataIn(DataIn::default()).cmd_sn(), None);
+    assert_eq!(PduError::HeaderDigest.frame_len(), None);
+    let e = PduError::UnknownOpcode {
+        bhs: Box::new([0; BHS_LEN]),
+        opcode: 0x1c,
+        frame_len: 52,
+    };
+    assert_eq!(e.frame_len(), Some(52));
+    assert_eq!(e.bhs().map(|b| b.len()), Some(BHS_LEN));
+}

@@ -423,6 +423,75 @@ impl Opcode {
     }
 }
 
+impl Bhs {
+    /// Initiator Task Tag (BHS bytes 16..20). Async Message and Reject carry the reserved
+    /// 0xffffffff (§11.9, §11.17).
+    pub fn itt(&self) -> u32 {
+        match self {
+            Bhs::NopOut(p) => p.itt,
+            Bhs::ScsiCommand(p) => p.itt,
+            Bhs::TaskMgmtRequest(p) => p.itt,
+            Bhs::LoginRequest(p) => p.itt,
+            Bhs::TextRequest(p) => p.itt,
+            Bhs::DataOut(p) => p.itt,
+            Bhs::LogoutRequest(p) => p.itt,
+            Bhs::SnackRequest(p) => p.itt,
+            Bhs::NopIn(p) => p.itt,
+            Bhs::ScsiResponse(p) => p.itt,
+            Bhs::TaskMgmtResponse(p) => p.itt,
+            Bhs::LoginResponse(p) => p.itt,
+            Bhs::TextResponse(p) => p.itt,
+            Bhs::DataIn(p) => p.itt,
+            Bhs::LogoutResponse(p) => p.itt,
+            Bhs::R2t(p) => p.itt,
+            Bhs::AsyncMessage(_) | Bhs::Reject(_) => 0xffff_ffff,
+        }
+    }
+
+    /// The I bit (§11.2.1.1): the command is delivered immediately, outside CmdSN order.
+    /// Always true for a Login Request (§11.12); false for PDUs that have no I bit.
+    pub fn immediate(&self) -> bool {
+        match self {
+            Bhs::NopOut(p) => p.immediate,
+            Bhs::ScsiCommand(p) => p.immediate,
+            Bhs::TaskMgmtRequest(p) => p.immediate,
+            Bhs::TextRequest(p) => p.immediate,
+            Bhs::LogoutRequest(p) => p.immediate,
+            Bhs::LoginRequest(_) => true,
+            _ => false,
+        }
+    }
+
+    /// CmdSN of an initiator command PDU (§4.2.2.1); `None` for PDUs that carry none
+    /// (Data-Out, SNACK and everything a target sends).
+    pub fn cmd_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(p) => Some(p.cmd_sn),
+            Bhs::ScsiCommand(p) => Some(p.cmd_sn),
+            Bhs::TaskMgmtRequest(p) => Some(p.cmd_sn),
+            Bhs::LoginRequest(p) => Some(p.cmd_sn),
+            Bhs::TextRequest(p) => Some(p.cmd_sn),
+            Bhs::LogoutRequest(p) => Some(p.cmd_sn),
+            _ => None,
+        }
+    }
+
+    /// ExpStatSN acknowledged by an initiator PDU; `None` on target PDUs.
+    pub fn exp_stat_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(p) => Some(p.exp_stat_sn),
+            Bhs::ScsiCommand(p) => Some(p.exp_stat_sn),
+            Bhs::TaskMgmtRequest(p) => Some(p.exp_stat_sn),
+            Bhs::LoginRequest(p) => Some(p.exp_stat_sn),
+            Bhs::TextRequest(p) => Some(p.exp_stat_sn),
+            Bhs::DataOut(p) => Some(p.exp_stat_sn),
+            Bhs::LogoutRequest(p) => Some(p.exp_stat_sn),
+            Bhs::SnackRequest(p) => Some(p.exp_stat_sn),
+            _ => None,
+        }
+    }
+}
+
 impl Pdu {
     /// A PDU without a data segment.
     pub fn header_only(bhs: Bhs) -> Pdu {
