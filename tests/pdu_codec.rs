@@ -619,6 +619,14 @@ proptest! {
         buf[5..8].copy_from_slice(&dsl.to_be_bytes()[1..]);
         exercise(&buf, d);
         exercise(&buf, NONE);
+        // With a valid header digest too, so digested input reaches the parsers.
+        let covered = 48 + ahs_words as usize * 4;
+        if buf.len() >= covered + 4 {
+            let crc = crc32c::crc32c(&buf[..covered]).to_le_bytes();
+            buf[covered..covered + 4].copy_from_slice(&crc);
+            exercise(&buf, HD);
+            exercise(&buf, BOTH);
+        }
     }
 
     #[test]
