@@ -4,13 +4,18 @@
 //! [`frame_length`] until it returns `Some(n)`, then [`decode`] on exactly those `n` bytes.
 //! `frame_length` verifies the header digest and the data-segment limit as soon as the BHS
 //! (+AHS, +digest) is buffered, so a hostile length is refused before we wait for, or allocate, it.
+//!
+//! The codec is direction-agnostic: it decodes initiator and target opcodes alike (tests and
+//! fuzzers decode what the target sends). The session checks [`Opcode::is_initiator`].
+//! Digests are CRC32C (§13.1), sent little-endian as Linux and libiscsi do.
 
 mod decode;
 mod encode;
+mod raw;
 mod types;
 
 pub use decode::{decode, frame_length};
-pub use encode::{encode, encode_header, pad_len, trailer, HeaderBuf, Trailer};
+pub use encode::{encode, encode_header, pad_len, trailer, HeaderBuf, Trailer, MAX_CDB_LEN};
 pub use types::*;
 
 /// Length of the Basic Header Segment (RFC 7143 §11.2.1).
@@ -74,4 +79,20 @@ impl PduError {
             | PduError::Malformed { bhs, .. } => Some(bhs),
         }
     }
+
+    /// How many bytes to drop to skip the offending PDU and keep the connection, when known.
+    /// `None` means the stream cannot be resynchronised (§7.8: after a header digest error
+    /// the lengths are untrustworthy) and the connection should be dropped.
+    pub fn frame_len(&self) -> Option<usize> {
+        match self {
+            PduError::HeaderDigest | PduError::DataSegmentTooLong { .. } => None,
+            PduError::DataDigest { frame_len, .. } | PduError::UnknownOpcode { frame_len, .. } => {
+                Some(*frame_len)
+            }
+            PduError::Malformed { frame_len, .. } => *frame_len,
+        }
+    }
 }
+
+#[cfg(test)]
+mod tests;

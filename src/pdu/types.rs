@@ -77,7 +77,7 @@ pub mod task_attr {
 }
 
 /// §11.3 SCSI Command. `cdb` is the whole CDB: the 16 BHS bytes, extended by the
-/// Extended-CDB AHS when present (§11.3.5; then its length is 16 + AHS CDB length).
+/// Extended-CDB AHS when present (§11.2.2.3; then its length is 16 + AHS CDB length).
 /// Trailing padding of a 16-byte CDB is kept; the SCSI layer reads what the opcode needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScsiCommand {
@@ -92,7 +92,7 @@ pub struct ScsiCommand {
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub cdb: Vec<u8>,
-    /// Bidirectional Read Expected Data Transfer Length AHS (§11.3.6).
+    /// Bidirectional Read Expected Data Transfer Length AHS (§11.2.2.4).
     pub bidi_read_length: Option<u32>,
 }
 
@@ -143,7 +143,7 @@ pub struct TextRequest {
     pub exp_stat_sn: u32,
 }
 
-/// §11.8 SCSI Data-Out.
+/// §11.7 SCSI Data-Out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DataOut {
     pub final_: bool,
@@ -373,7 +373,7 @@ pub fn lun_from_index(index: u16) -> u64 {
     if index < 256 {
         (index as u64) << 48
     } else {
-        ((0x4000 | (index as u64 & 0x3fff)) as u64) << 48
+        (0x4000 | (index as u64 & 0x3fff)) << 48
     }
 }
 
@@ -387,5 +387,117 @@ pub fn lun_to_index(lun: u64) -> Option<u16> {
         0 if hi >> 8 == 0 => Some(hi & 0xff),
         1 => Some(hi & 0x3fff),
         _ => None,
+    }
+}
+
+impl Opcode {
+    /// The opcode in the low 6 bits of BHS byte 0 (§11.2.1.2), if RFC 7143 defines it.
+    /// Vendor-specific opcodes (0x1c-0x1e, 0x3c-0x3e) are not served and map to `None`.
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Some(match v & 0x3f {
+            0x00 => Opcode::NopOut,
+            0x01 => Opcode::ScsiCommand,
+            0x02 => Opcode::TaskMgmtRequest,
+            0x03 => Opcode::LoginRequest,
+            0x04 => Opcode::TextRequest,
+            0x05 => Opcode::DataOut,
+            0x06 => Opcode::LogoutRequest,
+            0x10 => Opcode::SnackRequest,
+            0x20 => Opcode::NopIn,
+            0x21 => Opcode::ScsiResponse,
+            0x22 => Opcode::TaskMgmtResponse,
+            0x23 => Opcode::LoginResponse,
+            0x24 => Opcode::TextResponse,
+            0x25 => Opcode::DataIn,
+            0x26 => Opcode::LogoutResponse,
+            0x31 => Opcode::R2t,
+            0x32 => Opcode::AsyncMessage,
+            0x3f => Opcode::Reject,
+            _ => return None,
+        })
+    }
+
+    /// True for opcodes an initiator sends (§11.2.1.2: target opcodes have bit 5 set).
+    pub fn is_initiator(self) -> bool {
+        (self as u8) & 0x20 == 0
+    }
+}
+
+impl Bhs {
+    /// Initiator Task Tag (BHS bytes 16..20). Async Message and Reject carry the reserved
+    /// 0xffffffff (§11.9, §11.17).
+    pub fn itt(&self) -> u32 {
+        match self {
+            Bhs::NopOut(p) => p.itt,
+            Bhs::ScsiCommand(p) => p.itt,
+            Bhs::TaskMgmtRequest(p) => p.itt,
+            Bhs::LoginRequest(p) => p.itt,
+            Bhs::TextRequest(p) => p.itt,
+            Bhs::DataOut(p) => p.itt,
+            Bhs::LogoutRequest(p) => p.itt,
+            Bhs::SnackRequest(p) => p.itt,
+            Bhs::NopIn(p) => p.itt,
+            Bhs::ScsiResponse(p) => p.itt,
+            Bhs::TaskMgmtResponse(p) => p.itt,
+            Bhs::LoginResponse(p) => p.itt,
+            Bhs::TextResponse(p) => p.itt,
+            Bhs::DataIn(p) => p.itt,
+            Bhs::LogoutResponse(p) => p.itt,
+            Bhs::R2t(p) => p.itt,
+            Bhs::AsyncMessage(_) | Bhs::Reject(_) => 0xffff_ffff,
+        }
+    }
+
+    /// The I bit (§11.2.1.1): the command is delivered immediately, outside CmdSN order.
+    /// Always true for a Login Request (§11.12); false for PDUs that have no I bit.
+    pub fn immediate(&self) -> bool {
+        match self {
+            Bhs::NopOut(p) => p.immediate,
+            Bhs::ScsiCommand(p) => p.immediate,
+            Bhs::TaskMgmtRequest(p) => p.immediate,
+            Bhs::TextRequest(p) => p.immediate,
+            Bhs::LogoutRequest(p) => p.immediate,
+            Bhs::LoginRequest(_) => true,
+            _ => false,
+        }
+    }
+
+    /// CmdSN of an initiator command PDU (§4.2.2.1); `None` for PDUs that carry none
+    /// (Data-Out, SNACK and everything a target sends).
+    pub fn cmd_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(p) => Some(p.cmd_sn),
+            Bhs::ScsiCommand(p) => Some(p.cmd_sn),
+            Bhs::TaskMgmtRequest(p) => Some(p.cmd_sn),
+            Bhs::LoginRequest(p) => Some(p.cmd_sn),
+            Bhs::TextRequest(p) => Some(p.cmd_sn),
+            Bhs::LogoutRequest(p) => Some(p.cmd_sn),
+            _ => None,
+        }
+    }
+
+    /// ExpStatSN acknowledged by an initiator PDU; `None` on target PDUs.
+    pub fn exp_stat_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(p) => Some(p.exp_stat_sn),
+            Bhs::ScsiCommand(p) => Some(p.exp_stat_sn),
+            Bhs::TaskMgmtRequest(p) => Some(p.exp_stat_sn),
+            Bhs::LoginRequest(p) => Some(p.exp_stat_sn),
+            Bhs::TextRequest(p) => Some(p.exp_stat_sn),
+            Bhs::DataOut(p) => Some(p.exp_stat_sn),
+            Bhs::LogoutRequest(p) => Some(p.exp_stat_sn),
+            Bhs::SnackRequest(p) => Some(p.exp_stat_sn),
+            _ => None,
+        }
+    }
+}
+
+impl Pdu {
+    /// A PDU without a data segment.
+    pub fn header_only(bhs: Bhs) -> Pdu {
+        Pdu {
+            bhs,
+            data: Bytes::new(),
+        }
     }
 }
