@@ -5,7 +5,7 @@
 use super::cmdsn::{sn_lt, Admit, CmdWindow};
 use super::io::{self, FrameReader, Out, ReadError, SeqState};
 use super::table::SessionHandle;
-use super::task::{Completion, Residual, WriteCollector, NO_TTT};
+use super::task::{Completion, DataOutError, Residual, WriteCollector, NO_TTT};
 use super::Server;
 use crate::login::{
     status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
@@ -262,6 +262,8 @@ fn hex(b: &[u8]) -> String {
 /// A command whose Data-Out is still arriving.
 struct PendingWrite {
     cmd: ScsiCommand,
+    /// The CDB's transfer length in bytes.
+    transfer: u32,
     collector: WriteCollector,
 }
 
@@ -671,6 +673,11 @@ impl Conn {
                 )
                 .await;
         }
+        // A new task may reuse the tag of one whose stray Data-Out we were discarding.
+        self.absorbing.remove(&c.itt);
+        if self.absorbing.len() > 1024 {
+            self.absorbing.clear();
+        }
         let edtl = c.expected_data_transfer_length;
         let transfer = match luns.transfer(c.lun, &c.cdb) {
             Ok(t) => t,
@@ -683,23 +690,10 @@ impl Conn {
         };
         match transfer {
             Transfer::Out(n) if n > 0 => {
-                if n != edtl || !c.write {
-                    // SAM-5 §5.4.2 / FCP-4: a transfer length that disagrees with the EDTL gets
-                    // CHECK CONDITION, INVALID FIELD IN COMMAND INFORMATION UNIT, nothing written,
-                    // and the residual reported.
-                    if (data.len() as u32) < edtl {
-                        self.absorbing.insert(c.itt);
-                    }
-                    let result = ScsiResult {
-                        status: scsi::status::CHECK_CONDITION,
-                        data_in: Bytes::new(),
-                        sense: Some(Bytes::from_static(&[
-                            0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0e, 0x03, 0, 0, 0, 0,
-                        ])),
-                    };
-                    return self.complete(c.itt, c.lun, result, edtl, Some(n), 0).await;
-                }
-                let collector = match WriteCollector::new(&self.params, n, &data) {
+                // A transfer length that disagrees with the EDTL is processed as FCP-4 §9.4.2
+                // says (and libiscsi's residual tests expect): only min(EDTL, transfer) bytes
+                // are used, GOOD status, and the residual reported.
+                let collector = match WriteCollector::new(&self.params, edtl, n, &data) {
                     Ok(w) => w,
                     Err(e) => {
                         debug!(error = %e, "bad immediate data");
@@ -711,9 +705,15 @@ impl Conn {
                             .await;
                     }
                 };
-                let mut pw = PendingWrite { cmd: c, collector };
+                let mut pw = PendingWrite {
+                    cmd: c,
+                    transfer: n,
+                    collector,
+                };
                 if pw.collector.complete() {
-                    return self.execute(pw.cmd, pw.collector.into_data(), 0).await;
+                    return self
+                        .execute(pw.cmd, pw.collector.into_data(), Some(n), 0)
+                        .await;
                 }
                 let (itt, lun) = (pw.cmd.itt, pw.cmd.lun);
                 let r2ts = self.solicit(&mut pw.collector, itt, lun);
@@ -732,11 +732,11 @@ impl Conn {
                 Ok(())
             }
             _ => {
-                if c.write && (data.len() as u32) < edtl {
+                if !c.final_ {
                     // Unsolicited data for a command that takes none: swallow it.
                     self.absorbing.insert(c.itt);
                 }
-                self.execute(c, Bytes::new(), 0).await
+                self.execute(c, Bytes::new(), None, 0).await
             }
         }
     }
@@ -755,29 +755,42 @@ impl Conn {
     async fn on_data_out(&mut self, pdu: &Pdu, d: DataOut) -> R {
         let Some(pw) = self.writes.get_mut(&d.itt) else {
             if self.absorbing.contains(&d.itt) {
-                if d.final_ {
-                    self.absorbing.remove(&d.itt);
-                }
                 return Ok(());
             }
             // §11.7: a Data-Out for no task we know.
             return self.reject(reject_reason::INVALID_PDU_FIELD, pdu).await;
         };
         if let Err(e) = pw.collector.data_out(&self.params, &d, &pdu.data) {
-            // ERL 0 cannot recover a broken data sequence (§7.1.4): reject it and drop the
-            // connection; the initiator retries on a new one.
-            info!(itt = d.itt, error = %e, "Data-Out protocol error");
+            // A broken data sequence cannot be recovered at ERL 0 (§7.1.4, no SNACK). The
+            // task ends with CHECK CONDITION, ABORTED COMMAND (SPC-4 Annex D: 4B/xx for data
+            // phase errors) and the rest of its Data-Out is discarded; the session goes on.
+            info!(itt = d.itt, error = %e, "Data-Out protocol error: task aborted");
+            let ascq = match e {
+                DataOutError::UnknownTtt(_) => 0x01,
+                DataOutError::BeyondR2t | DataOutError::BeyondFirstBurst => 0x02,
+                DataOutError::Offset { .. } => 0x05,
+                _ => 0x00,
+            };
             self.writes.remove(&d.itt);
-            self.reject(reject_reason::PROTOCOL_ERROR, pdu).await?;
-            self.flush().await?;
-            return Err(format!("Data-Out error: {e}"));
+            self.absorbing.insert(d.itt);
+            let result = ScsiResult {
+                status: scsi::status::CHECK_CONDITION,
+                data_in: Bytes::new(),
+                sense: Some(Bytes::copy_from_slice(&[
+                    0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, ascq, 0, 0, 0, 0,
+                ])),
+            };
+            return self.complete(d.itt, d.lun, result, 0, Some(0), 0).await;
         }
         if pw.collector.complete() {
             let Some(pw) = self.writes.remove(&d.itt) else {
                 return Ok(());
             };
             let r2ts = pw.collector.r2t_count();
-            return self.execute(pw.cmd, pw.collector.into_data(), r2ts).await;
+            let n = pw.transfer;
+            return self
+                .execute(pw.cmd, pw.collector.into_data(), Some(n), r2ts)
+                .await;
         }
         // An R2T finished: solicit the next burst.
         let (itt, lun) = (pw.cmd.itt, pw.cmd.lun);
@@ -822,17 +835,19 @@ impl Conn {
     }
 
     /// Run the command on the blocking pool; the result comes back through `done_tx`.
-    async fn execute(&mut self, c: ScsiCommand, data: Bytes, r2t_count: u32) -> R {
+    /// `write_len` is the CDB's Data-Out length for writes (for the residual).
+    async fn execute(
+        &mut self,
+        c: ScsiCommand,
+        data: Bytes,
+        write_len: Option<u32>,
+        r2t_count: u32,
+    ) -> R {
         let Some(luns) = self.luns.clone() else {
             return Ok(());
         };
         let nexus = self.nexus.clone();
         let done = self.done_tx.clone();
-        let write_len = if data.is_empty() {
-            None
-        } else {
-            Some(data.len() as u32)
-        };
         self.running.insert(
             c.itt,
             Running {

@@ -70,7 +70,12 @@ struct Outstanding {
 /// increasing offset order and is appended.
 #[derive(Debug)]
 pub struct WriteCollector {
+    /// Bytes the initiator will send: the unsolicited part it sends anyway, then what we
+    /// solicit.
     total: u32,
+    /// Bytes the command uses: min(SCSI transfer length, EDTL) (FCP-4 §9.4.2 / SAM-5 §5.4.2:
+    /// data beyond the EDTL is neither requested nor transferred).
+    wanted: u32,
     buf: BytesMut,
     unsolicited_end: u32,
     unsol_data_sn: u32,
@@ -80,11 +85,17 @@ pub struct WriteCollector {
 }
 
 impl WriteCollector {
-    /// `total` is the transfer length (equal to the EDTL, checked by the caller); `immediate`
-    /// the SCSI Command PDU's data segment.
-    pub fn new(params: &SessionParams, total: u32, immediate: &[u8]) -> Result<Self, DataOutError> {
+    /// `edtl` is the initiator's expected data transfer length, `transfer` the length the CDB
+    /// asks for; `immediate` the SCSI Command PDU's data segment.
+    pub fn new(
+        params: &SessionParams,
+        edtl: u32,
+        transfer: u32,
+        immediate: &[u8],
+    ) -> Result<Self, DataOutError> {
         let imm = immediate.len() as u32;
-        if imm > 0 && (!params.immediate_data || imm > params.first_burst_length || imm > total) {
+        let wanted = transfer.min(edtl);
+        if imm > 0 && (!params.immediate_data || imm > params.first_burst_length || imm > edtl) {
             return Err(DataOutError::ImmediateData);
         }
         // §13.13-14: with InitialR2T=No the initiator sends unsolicited data up to
@@ -92,12 +103,14 @@ impl WriteCollector {
         let unsolicited_end = if params.initial_r2t {
             imm
         } else {
-            params.first_burst_length.min(total).max(imm)
+            params.first_burst_length.min(edtl).max(imm)
         };
+        let total = unsolicited_end.max(wanted);
         let mut buf = BytesMut::with_capacity(total.min(16 << 20) as usize);
         buf.put_slice(immediate);
         Ok(WriteCollector {
             total,
+            wanted,
             buf,
             unsolicited_end,
             unsol_data_sn: 0,
@@ -111,6 +124,7 @@ impl WriteCollector {
     pub fn placeholder() -> Self {
         WriteCollector {
             total: 0,
+            wanted: 0,
             buf: BytesMut::new(),
             unsolicited_end: 0,
             unsol_data_sn: 0,
@@ -232,7 +246,9 @@ impl WriteCollector {
         out
     }
 
-    pub fn into_data(self) -> Bytes {
+    /// The data the command uses (unsolicited bytes beyond it are dropped).
+    pub fn into_data(mut self) -> Bytes {
+        self.buf.truncate(self.wanted as usize);
         self.buf.freeze()
     }
 }
@@ -360,7 +376,7 @@ mod tests {
     #[test]
     fn immediate_unsolicited_then_r2t() {
         let p = params();
-        let mut w = WriteCollector::new(&p, 20000, &[1u8; 1024]).unwrap();
+        let mut w = WriteCollector::new(&p, 20000, 20000, &[1u8; 1024]).unwrap();
         let mut tags = 100..;
         let r2ts = w.next_r2ts(&p, 7, 0, || tags.next().unwrap());
         // Unsolicited covers the first 4096 bytes; R2Ts start there, one outstanding.
@@ -410,15 +426,31 @@ mod tests {
         p.initial_r2t = true;
         p.immediate_data = false;
         assert_eq!(
-            WriteCollector::new(&p, 512, &[0u8; 512]).err(),
+            WriteCollector::new(&p, 512, 512, &[0u8; 512]).err(),
             Some(DataOutError::ImmediateData)
         );
-        let mut w = WriteCollector::new(&p, 512, &[]).unwrap();
+        let mut w = WriteCollector::new(&p, 512, 512, &[]).unwrap();
         assert_eq!(
             w.data_out(&p, &dout(NO_TTT, 0, 0), &[0u8; 512]),
             Err(DataOutError::UnsolicitedNotAllowed)
         );
         assert_eq!(w.next_r2ts(&p, 1, 0, || 5).len(), 1);
+    }
+
+    #[test]
+    fn residual_writes_collect_what_the_initiator_sends() {
+        let p = params();
+        // EDTL 1024 > transfer 512: the initiator sends 1024 unsolicited; we keep 512.
+        let mut w = WriteCollector::new(&p, 1024, 512, &[]).unwrap();
+        assert!(w.next_r2ts(&p, 1, 0, || 9).is_empty());
+        w.data_out(&p, &dout(NO_TTT, 0, 0), &[1u8; 1024]).unwrap();
+        assert!(w.complete());
+        assert_eq!(w.into_data().len(), 512);
+        // EDTL 512 < transfer 8192: only 512 bytes are transferred.
+        let mut w = WriteCollector::new(&p, 512, 8192, &[]).unwrap();
+        w.data_out(&p, &dout(NO_TTT, 0, 0), &[1u8; 512]).unwrap();
+        assert!(w.complete());
+        assert_eq!(w.into_data().len(), 512);
     }
 
     #[test]
