@@ -650,6 +650,37 @@ mod harness_helpers {
         assert_eq!(parse_listening_line("something else"), None);
     }
 
+    /// The Server guard against a stand-in that follows the planned CLI contract.
+    #[test]
+    fn server_guard_reads_port_and_stops() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-diskless");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$1\" = serve ] && [ \"$2\" = -c ] && [ -f \"$3\" ] || exit 3\n\
+             trap 'exit 0' TERM\necho 'starting'\necho 'diskless: listening on 127.0.0.1:4321'\n\
+             while :; do sleep 0.05; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let srv = Server::start_with(&fake, dir.path(), &Config::new(vec![]));
+        assert_eq!(srv.port, 4321);
+        assert_eq!(srv.url("iqn.x", 2), "iscsi://127.0.0.1:4321/iqn.x/2");
+        assert!(srv.stop().success());
+        // Dropping a running server must not hang either.
+        let srv = Server::start_with(&fake, dir.path(), &Config::new(vec![]));
+        drop(srv);
+    }
+
+    #[test]
+    fn client_runner_reports_exit_codes() {
+        let out = run("cmp", &["/dev/null", "/dev/null"]).ok();
+        assert_eq!(out.code, Some(0));
+        let out = run("cmp", &["/nonexistent-a", "/nonexistent-b"]).failed();
+        assert_eq!(out.code, Some(2));
+    }
+
     #[test]
     fn iscsi_ls_size_matches_libiscsi() {
         // Values seen from iscsi-ls -s against tgt.

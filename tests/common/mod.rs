@@ -211,11 +211,20 @@ impl Server {
     /// Write `cfg` into `dir`/targets.yaml, start the binary on 127.0.0.1:0 and wait for
     /// `diskless: listening on 127.0.0.1:PORT`.
     pub fn start(dir: &Path, cfg: &Config) -> Server {
+        // DISKLESS_TEST_BIN points the tests at another build (for example a release binary).
+        let bin = std::env::var_os("DISKLESS_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
+        Self::start_with(&bin, dir, cfg)
+    }
+
+    /// [`Server::start`] with an explicit binary.
+    pub fn start_with(bin: &Path, dir: &Path, cfg: &Config) -> Server {
         let config_path = dir.join("targets.yaml");
         std::fs::write(&config_path, cfg.to_yaml()).unwrap();
         let stderr_path = dir.join("server.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("-c")
             .arg(&config_path)
@@ -228,7 +237,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .spawn()
-            .expect("cannot start target/debug/diskless");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
 
         // A reader thread forwards stdout lines and keeps draining the pipe afterwards so the
         // server never blocks on a full pipe.
@@ -256,8 +265,17 @@ impl Server {
                         return server;
                     }
                 }
-                Err(_) => panic!(
-                    "diskless did not print 'diskless: listening on 127.0.0.1:PORT' within {:?}; stderr:\n{}",
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = server.child.as_mut().and_then(|c| wait_timeout(c, Duration::from_secs(5)));
+                    panic!(
+                        "{} exited ({status:?}) before printing 'diskless: listening on 127.0.0.1:PORT'; stderr:\n{}",
+                        bin.display(),
+                        server.stderr()
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{} did not print 'diskless: listening on 127.0.0.1:PORT' within {:?}; stderr:\n{}",
+                    bin.display(),
                     STARTUP_TIMEOUT,
                     server.stderr()
                 ),
