@@ -68,7 +68,9 @@ esac
 W=$(mktemp -d /tmp/diskless-conformance.XXXXXX)
 TARGET_PID=""
 TGT_CTL=""
+SUITE_PID=""
 cleanup() {
+	if [[ -n $SUITE_PID ]]; then kill -TERM "$SUITE_PID" 2>/dev/null || true; fi
 	if [[ -n $TGT_CTL ]] && kill -0 "$TARGET_PID" 2>/dev/null; then
 		# tgtd ignores SIGTERM while it has targets; ask it to shut down instead.
 		tgtadm -C "$TGT_CTL" --lld iscsi --mode target --op delete --force --tid 1 >/dev/null 2>&1 || true
@@ -205,6 +207,7 @@ run_suite() {
 	timeout -k 5 "$SUITE_SECS" stdbuf -o0 -e0 iscsi-test-cu -i "$INIT1" -I "$INIT2" --dataloss -S \
 		-t "$suite" "$url" "$url" >"$fifo" 2>&1 &
 	pid=$!
+	SUITE_PID=$pid
 	exec 4<"$fifo"
 	last=$SECONDS
 	while :; do
@@ -228,6 +231,7 @@ run_suite() {
 	exec 4<&-
 	rc=0
 	wait "$pid" || rc=$?
+	SUITE_PID=""
 	rm -f "$fifo"
 	if [[ -z $hung && $rc -eq 124 ]]; then hung="suite exceeded ${SUITE_SECS}s"; fi
 	if [[ -n $hung ]]; then printf 'DISKLESS-HUNG %s\n' "$hung" >>"$log"; fi
@@ -278,7 +282,12 @@ if ((UPDATE_DOCS)); then
 	declare -A REASON=()
 	if [[ -f $DOCS_FILE ]]; then
 		while IFS=$'\t' read -r n r; do REASON[$n]=$r; done < <(
-			awk -F'|' '/^\| *(SCSI|iSCSI)\./ { n=$2; r=$4; gsub(/^ +| +$/, "", n); gsub(/^ +| +$/, "", r); gsub(/`/, "", n); print n "\t" r }' "$DOCS_FILE")
+			awk '/^\| *`?(SCSI|iSCSI)\./ {
+				l = $0; sub(/^\| *`?/, "", l)
+				n = l; sub(/[` |].*$/, "", n)
+				r = l; sub(/^[^|]*\|[^|]*\| */, "", r); sub(/ *\|[ \t]*$/, "", r); gsub(/\\\|/, "|", r)
+				print n "\t" r
+			}' "$DOCS_FILE")
 	fi
 	LIBISCSI_VER=$(dpkg-query -W -f '${Version}' libiscsi-bin 2>/dev/null || echo unknown)
 	REV=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
@@ -299,6 +308,7 @@ if ((UPDATE_DOCS)); then
 		while IFS=$'\t' read -r n r d; do
 			[[ $r == PASSED ]] && continue
 			reason=${REASON[$n]:-$d}
+			# shellcheck disable=SC2016 # the backquotes are Markdown
 			printf '| `%s` | %s | %s |\n' "$n" "$r" "${reason//|/\\|}"
 		done <"$W/results.tsv"
 	} >"$DOCS_FILE.tmp"
