@@ -86,7 +86,7 @@ cleanup() {
 	if ((KEEP)); then dl_log "kept scratch dir $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP PIPE
 
 mkdir -p "$W/logs"
 truncate -s "$IMG_SIZE" "$W/rw.img"
@@ -106,11 +106,14 @@ targets:
     luns:
       - {lun: 0, image: $W/ro.img, read_only: true, block_size: 512}
 YAML
+	# Create the files first: the child opens them after fork, the poll below may run before.
+	: >"$W/target.out"
+	: >"$W/target.err"
 	"$BIN" serve -c "$W/targets.yaml" --listen 127.0.0.1:0 >"$W/target.out" 2>"$W/target.err" &
 	TARGET_PID=$!
 	local i
 	for ((i = 0; i < 300; i++)); do
-		PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/target.out" | head -n1)
+		PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/target.out" | head -n1 || true)
 		[[ -n $PORT ]] && break
 		kill -0 "$TARGET_PID" 2>/dev/null || { tail -n 20 "$W/target.err" >&2; dl_die "diskless exited during startup"; }
 		sleep 0.1
