@@ -88,7 +88,7 @@ trap 'rm -rf "$LOGDIR"' EXIT
 step() { printf '\n==== %s ====\n' "$*"; }
 
 step "cargo build"
-if cargo build --bins 2>&1; then
+if cargo build 2>&1; then
 	BUILD_OK=1
 else
 	BUILD_OK=0
