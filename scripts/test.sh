@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# THE test command of diskless (CI runs it through .ci/run).
+#
+#   scripts/test.sh [--quick]
+#
+# As root it first installs the real iSCSI clients the tests drive (libiscsi-bin, qemu-img with
+# the iSCSI block driver, tcpdump) when they are missing. Then it checks that every required
+# tool is present and fails loudly if one is not: no test is ever skipped silently. Then:
+#   1. cargo build
+#   2. cargo test  (unit tests and tests/clients.rs, which drive the real clients)
+#   3. scripts/conformance.sh  (the whole libiscsi iscsi-test-cu suite; skipped by --quick)
+# The last line is "test.sh: N passed, N failed"; the exit status is 0 only when nothing failed.
+set -uo pipefail
+
+DL_NAME=test.sh
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$(dl_repo_root)
+cd "$ROOT" || exit 1
+
+QUICK=0
+CARGO_TEST_SECS=${TEST_CARGO_TEST_SECS:-900}
+CONFORMANCE_SECS=${TEST_CONFORMANCE_SECS:-900}
+for arg in "$@"; do
+	case "$arg" in
+	--quick) QUICK=1 ;;
+	-h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) dl_die "unknown argument '$arg' (try --help)" ;;
+	esac
+done
+
+# sudo resets PATH; find the invoking user's rustup toolchain.
+if ! command -v cargo >/dev/null 2>&1; then
+	for home in "${HOME:-}" "$(getent passwd "${SUDO_USER:-}" 2>/dev/null | cut -d: -f6)"; do
+		[[ -n $home && -x $home/.cargo/bin/cargo ]] && PATH=$PATH:$home/.cargo/bin && break
+	done
+fi
+
+CLIENT_TOOLS=(iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 qemu-img tcpdump)
+OTHER_TOOLS=(cargo timeout stdbuf cmp truncate mktemp)
+
+# ---- 1. install what is missing (root only) ----------------------------------------------------
+missing_pkgs() {
+	local p=()
+	for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16; do
+		command -v "$t" >/dev/null 2>&1 || { p+=(libiscsi-bin); break; }
+	done
+	dl_qemu_has_iscsi || p+=(qemu)
+	command -v tcpdump >/dev/null 2>&1 || p+=(tcpdump)
+	echo "${p[*]}"
+}
+
+NEED=$(missing_pkgs)
+if [[ -n $NEED ]]; then
+	if [[ $(id -u) -ne 0 ]]; then
+		dl_die "missing: $NEED. Run as root (sudo scripts/test.sh) to install them with apt-get"
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	dl_log "installing: $NEED"
+	apt-get update || dl_die "apt-get update failed"
+	for p in $NEED; do
+		case "$p" in
+		qemu)
+			# Backported qemu-utils (10.x) lacks the iSCSI block driver; Debian 12's 7.2 with
+			# qemu-block-extra has it (iscsi:// and --image-opts driver=iscsi).
+			apt-get install -y --allow-downgrades --no-install-recommends qemu-utils/bookworm qemu-block-extra ||
+				apt-get install -y --no-install-recommends qemu-utils qemu-block-extra ||
+				dl_log "could not install qemu-utils + qemu-block-extra"
+			;;
+		*) apt-get install -y --no-install-recommends "$p" || dl_log "could not install $p" ;;
+		esac
+	done
+fi
+
+# ---- 2. every tool must be there ---------------------------------------------------------------
+dl_require "${CLIENT_TOOLS[@]}" "${OTHER_TOOLS[@]}"
+dl_qemu_has_iscsi || dl_die "qemu-img has no iSCSI support (install qemu-utils/bookworm and qemu-block-extra as root)"
+if [[ $(id -u) -ne 0 ]]; then
+	dl_log "warning: not root; tests that capture packets with tcpdump will fail"
+fi
+
+# ---- 3. build, test, conformance ---------------------------------------------------------------
+PASSED=0
+FAILED=0
+LOGDIR=$(mktemp -d /tmp/diskless-test.XXXXXX)
+trap 'rm -rf "$LOGDIR"' EXIT
+
+step() { printf '\n==== %s ====\n' "$*"; }
+
+step "cargo build"
+if cargo build 2>&1; then
+	BUILD_OK=1
+else
+	BUILD_OK=0
+	FAILED=$((FAILED + 1))
+	dl_log "FAILED: cargo build"
+fi
+
+step "cargo test"
+timeout -k 10 "$CARGO_TEST_SECS" cargo test --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log"
+rc=${PIPESTATUS[0]}
+# Count individual tests from every "test result:" line (one per test binary and doc tests).
+read -r tp tf < <(awk '/^test result:/ {
+		for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) }
+	} END { print p + 0, f + 0 }' "$LOGDIR/cargo-test.log")
+PASSED=$((PASSED + tp))
+FAILED=$((FAILED + tf))
+if ((rc != 0 && tf == 0)); then
+	# Compile error, crash or timeout: no per-test failure was counted, count the step.
+	FAILED=$((FAILED + 1))
+	dl_log "FAILED: cargo test exited $rc (124 = timeout after ${CARGO_TEST_SECS}s)"
+fi
+dl_log "cargo test: $tp passed, $tf failed"
+
+if ((QUICK)); then
+	dl_log "--quick: conformance suite not run"
+elif ((BUILD_OK == 0)); then
+	FAILED=$((FAILED + 1))
+	dl_log "FAILED: conformance not run because the build failed"
+else
+	step "scripts/conformance.sh"
+	CONFORMANCE_RESULTS="$LOGDIR/conformance.tsv" timeout -k 10 "$CONFORMANCE_SECS" "$ROOT/scripts/conformance.sh" --target-cmd diskless
+	rc=$?
+	if [[ -f $LOGDIR/conformance.tsv ]]; then
+		cp "$LOGDIR/conformance.tsv" "${CARGO_TARGET_DIR:-$ROOT/target}/conformance-results.tsv" 2>/dev/null || true
+		read -r conf_p conf_f < <(awk -F'\t' '$2 == "PASSED" { p++ } $2 == "FAILED" || $2 == "HUNG" || $2 == "MISSING" { f++ } END { print p + 0, f + 0 }' "$LOGDIR/conformance.tsv")
+	else
+		conf_p=0 conf_f=0
+	fi
+	PASSED=$((PASSED + conf_p))
+	FAILED=$((FAILED + conf_f))
+	# A threshold failure (too few passes) or a crash has no failing test to count: count the step.
+	if ((rc != 0 && conf_f == 0)); then
+		FAILED=$((FAILED + 1))
+		dl_log "FAILED: conformance.sh exited $rc"
+	fi
+fi
+
+echo
+echo "test.sh: $PASSED passed, $FAILED failed"
+((FAILED == 0))

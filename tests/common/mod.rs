@@ -1,0 +1,707 @@
+//! Shared helpers for the integration tests that drive real iSCSI clients (libiscsi's tools,
+//! qemu-img, tcpdump) against our own binary.
+//!
+//! A test writes a config with [`Config`], starts the server with [`Server::start`] (it binds
+//! `127.0.0.1:0` and we read the port from its stdout), runs clients with [`run`] (every client
+//! is killed after [`CLIENT_TIMEOUT`] and the test fails), and the [`Server`] guard stops the
+//! process when dropped. A missing client tool fails the test with the package to install:
+//! nothing is skipped silently.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The initiator name every client uses unless a test says otherwise.
+pub const INITIATOR: &str = "iqn.2026-11.test:init1";
+/// A client that has not finished after this long has hung: kill it and fail.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server may take to print its listening line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration (targets.yaml)
+// ---------------------------------------------------------------------------------------------
+
+/// CHAP credentials; `mutual_*` set means the initiator also authenticates the target.
+#[derive(Clone, Debug)]
+pub struct Chap {
+    pub user: String,
+    pub secret: String,
+    pub mutual: Option<(String, String)>,
+}
+
+impl Chap {
+    pub fn one_way(user: &str, secret: &str) -> Self {
+        Chap {
+            user: user.into(),
+            secret: secret.into(),
+            mutual: None,
+        }
+    }
+    pub fn mutual(user: &str, secret: &str, tuser: &str, tsecret: &str) -> Self {
+        Chap {
+            user: user.into(),
+            secret: secret.into(),
+            mutual: Some((tuser.into(), tsecret.into())),
+        }
+    }
+    fn yaml(&self) -> String {
+        let mut s = format!("{{user: {}, secret: {}", q(&self.user), q(&self.secret));
+        if let Some((u, p)) = &self.mutual {
+            let _ = write!(s, ", mutual_user: {}, mutual_secret: {}", q(u), q(p));
+        }
+        s.push('}');
+        s
+    }
+}
+
+/// One logical unit backed by an image file.
+#[derive(Clone, Debug)]
+pub struct Lun {
+    pub lun: u64,
+    pub image: PathBuf,
+    pub read_only: bool,
+    pub block_size: u32,
+    pub thin: bool,
+    pub removable: bool,
+}
+
+impl Lun {
+    /// A writable, thin, removable 512-byte-block LUN: the defaults the conformance run uses.
+    pub fn new(lun: u64, image: &Path) -> Self {
+        Lun {
+            lun,
+            image: image.to_path_buf(),
+            read_only: false,
+            block_size: 512,
+            thin: true,
+            removable: true,
+        }
+    }
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+    pub fn block_size(mut self, bs: u32) -> Self {
+        self.block_size = bs;
+        self
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: String,
+    pub initiators: Vec<String>,
+    pub chap: Option<Chap>,
+    pub luns: Vec<Lun>,
+}
+
+impl Target {
+    /// A target open to every initiator ("*"), without CHAP.
+    pub fn new(name: &str, luns: Vec<Lun>) -> Self {
+        Target {
+            name: name.into(),
+            initiators: vec!["*".into()],
+            chap: None,
+            luns,
+        }
+    }
+    pub fn initiators(mut self, globs: &[&str]) -> Self {
+        self.initiators = globs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn chap(mut self, chap: Chap) -> Self {
+        self.chap = Some(chap);
+        self
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    pub targets: Vec<Target>,
+    pub discovery_chap: Option<Chap>,
+}
+
+/// YAML double-quoted scalar (paths and secrets may hold characters YAML treats specially).
+fn q(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+impl Config {
+    pub fn new(targets: Vec<Target>) -> Self {
+        Config {
+            targets,
+            discovery_chap: None,
+        }
+    }
+    pub fn discovery_chap(mut self, chap: Chap) -> Self {
+        self.discovery_chap = Some(chap);
+        self
+    }
+
+    /// The config in the planned targets.yaml format.
+    pub fn to_yaml(&self) -> String {
+        let mut y = String::from("portals: [\"127.0.0.1:0\"]\ntargets:\n");
+        for t in &self.targets {
+            let inits: Vec<String> = t.initiators.iter().map(|i| q(i)).collect();
+            let _ = writeln!(y, "  - name: {}", q(&t.name));
+            let _ = writeln!(y, "    initiators: [{}]", inits.join(", "));
+            if let Some(c) = &t.chap {
+                let _ = writeln!(y, "    chap: {}", c.yaml());
+            }
+            y.push_str("    luns:\n");
+            for l in &t.luns {
+                let _ = writeln!(
+                    y,
+                    "      - {{lun: {}, image: {}, read_only: {}, block_size: {}, thin: {}, removable: {}}}",
+                    l.lun,
+                    q(&l.image.to_string_lossy()),
+                    l.read_only,
+                    l.block_size,
+                    l.thin,
+                    l.removable
+                );
+            }
+        }
+        if let Some(c) = &self.discovery_chap {
+            let _ = write!(y, "discovery:\n  chap: {}\n", c.yaml());
+        }
+        y
+    }
+}
+
+/// Create a sparse image file of `size` bytes.
+pub fn sparse_image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// `len` bytes of pseudo-random data (no dependency on `rand` from tests: xorshift is plenty).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server under test
+// ---------------------------------------------------------------------------------------------
+
+/// A running `diskless serve`; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub config_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Write `cfg` into `dir`/targets.yaml, start the binary on 127.0.0.1:0 and wait for
+    /// `diskless: listening on 127.0.0.1:PORT`.
+    pub fn start(dir: &Path, cfg: &Config) -> Server {
+        // DISKLESS_TEST_BIN points the tests at another build (for example a release binary).
+        let bin = std::env::var_os("DISKLESS_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
+        Self::start_with(&bin, dir, cfg)
+    }
+
+    /// [`Server::start`] with an explicit binary.
+    pub fn start_with(bin: &Path, dir: &Path, cfg: &Config) -> Server {
+        let config_path = dir.join("targets.yaml");
+        std::fs::write(&config_path, cfg.to_yaml()).unwrap();
+        let stderr_path = dir.join("server.stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--listen", "127.0.0.1:0"])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+
+        // A reader thread forwards stdout lines and keeps draining the pipe afterwards so the
+        // server never blocks on a full pipe.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = Server {
+            child: Some(child),
+            port: 0,
+            config_path,
+            stderr_path,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(port) = parse_listening_line(&line) {
+                        server.port = port;
+                        return server;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = server.child.as_mut().and_then(|c| wait_timeout(c, Duration::from_secs(5)));
+                    panic!(
+                        "{} exited ({status:?}) before printing 'diskless: listening on 127.0.0.1:PORT'; stderr:\n{}",
+                        bin.display(),
+                        server.stderr()
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{} did not print 'diskless: listening on 127.0.0.1:PORT' within {:?}; stderr:\n{}",
+                    bin.display(),
+                    STARTUP_TIMEOUT,
+                    server.stderr()
+                ),
+            }
+        }
+    }
+
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    /// `iscsi://127.0.0.1:PORT` (discovery URL for iscsi-ls).
+    pub fn portal_url(&self) -> String {
+        format!("iscsi://127.0.0.1:{}", self.port)
+    }
+    /// `iscsi://127.0.0.1:PORT/IQN/LUN`.
+    pub fn url(&self, iqn: &str, lun: u64) -> String {
+        format!("iscsi://127.0.0.1:{}/{}/{}", self.port, iqn, lun)
+    }
+    /// The URL with one-way CHAP credentials in libiscsi's `user%secret@` form.
+    pub fn chap_url(&self, iqn: &str, lun: u64, user: &str, secret: &str) -> String {
+        format!(
+            "iscsi://{}%{}@127.0.0.1:{}/{}/{}",
+            user, secret, self.port, iqn, lun
+        )
+    }
+    /// QEMU `--image-opts` string for a LUN, optionally forcing a header digest.
+    pub fn qemu_opts(&self, iqn: &str, lun: u64, header_digest: Option<&str>) -> String {
+        let mut s = format!(
+            "driver=iscsi,transport=tcp,portal={},target={},lun={},initiator-name=iqn.2026-11.test:qemu",
+            self.portal(),
+            iqn,
+            lun
+        );
+        if let Some(d) = header_digest {
+            let _ = write!(s, ",header-digest={d}");
+        }
+        s
+    }
+
+    /// What the server wrote to stderr so far (for failure messages).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Stop with SIGTERM and wait (the server must flush and exit on its own within 10 s).
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(10));
+        match status {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "diskless did not exit within 10 s of SIGTERM; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(5)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// `diskless: listening on 127.0.0.1:PORT` -> PORT.
+pub fn parse_listening_line(line: &str) -> Option<u16> {
+    let rest = line.trim().strip_prefix("diskless: listening on ")?;
+    let addr: std::net::SocketAddr = rest.split_whitespace().next()?.parse().ok()?;
+    Some(addr.port())
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on the pid of a child we own and have not yet reaped.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client tools
+// ---------------------------------------------------------------------------------------------
+
+/// The Debian package that ships a client tool.
+pub fn package_for(tool: &str) -> &'static str {
+    match tool {
+        "iscsi-ls" | "iscsi-inq" | "iscsi-readcapacity16" | "iscsi-test-cu" => "libiscsi-bin",
+        "qemu-img" => "qemu-utils (Debian 12's 7.2) and qemu-block-extra",
+        "tcpdump" => "tcpdump",
+        "cmp" => "diffutils",
+        _ => "?",
+    }
+}
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Fail the test (never skip) when a client tool is missing.
+pub fn require_tool(tool: &str) {
+    if find_in_path(tool).is_none() {
+        panic!(
+            "required client tool '{tool}' not found: install the Debian package {} (scripts/test.sh does it when run as root)",
+            package_for(tool)
+        );
+    }
+    if tool == "qemu-img" {
+        let out = Command::new("qemu-img").arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        if !help
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == "iscsi")
+        {
+            panic!(
+                "qemu-img has no iSCSI block driver: install qemu-utils/bookworm (7.2) and qemu-block-extra (scripts/test.sh does it as root)"
+            );
+        }
+    }
+}
+
+/// What a client printed and how it exited.
+#[derive(Debug)]
+pub struct Output {
+    /// None when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub cmdline: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+    /// Panic with the whole transcript unless the client exited 0.
+    pub fn ok(self) -> Self {
+        assert!(self.success(), "client failed: {self}");
+        self
+    }
+    /// Panic unless the client failed (non-zero exit).
+    pub fn failed(self) -> Self {
+        assert!(!self.success(), "client unexpectedly succeeded: {self}");
+        self
+    }
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline, self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run a client with [`CLIENT_TIMEOUT`]; kill it and fail the test if it hangs.
+pub fn run(tool: &str, args: &[&str]) -> Output {
+    run_env(tool, args, &[])
+}
+
+/// Like [`run`], with extra environment variables. libiscsi's CHAP variables from the caller's
+/// environment are removed so they cannot change a test's meaning.
+pub fn run_env(tool: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    require_tool(tool);
+    let cmdline = format!("{} {}", tool, args.join(" "));
+    let mut cmd = Command::new(tool);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for v in [
+        "LIBISCSI_CHAP_USERNAME",
+        "LIBISCSI_CHAP_PASSWORD",
+        "LIBISCSI_CHAP_TARGET_USERNAME",
+        "LIBISCSI_CHAP_TARGET_PASSWORD",
+    ] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{cmdline}`: {e}"));
+    let out_t = drain(child.stdout.take().unwrap());
+    let err_t = drain(child.stderr.take().unwrap());
+    let status = wait_timeout(&mut child, CLIENT_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let out = Output {
+        code: status.and_then(|s| s.code()),
+        stdout,
+        stderr,
+        cmdline,
+    };
+    assert!(
+        status.is_some(),
+        "client hung for {CLIENT_TIMEOUT:?} and was killed: {out}"
+    );
+    out
+}
+
+fn drain<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// The size `iscsi-ls -s` prints for a LUN: READ CAPACITY(10)'s last LBA times the block size,
+/// divided by 1024 while above 1024 (libiscsi's own arithmetic, so 64 MiB shows as "63M").
+pub fn iscsi_ls_size(size_bytes: u64, block_size: u64) -> String {
+    let mut size = (size_bytes / block_size - 1) * block_size;
+    let units = [' ', 'k', 'M', 'G', 'T'];
+    let mut i = 0;
+    while i < 4 && size > 1024 {
+        size /= 1024;
+        i += 1;
+    }
+    format!("{size}{}", units[i])
+}
+
+/// Value of `KEY:value` in the output of libiscsi's tools.
+pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':').map(str::trim))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet capture (to check what the target really negotiated)
+// ---------------------------------------------------------------------------------------------
+
+/// A running `tcpdump -i lo` writing a pcap file; stopped with [`Capture::finish`] or on drop.
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Start capturing TCP traffic to/from `port` on loopback (needs root: CAP_NET_RAW).
+    pub fn start(dir: &Path, port: u16) -> Capture {
+        require_tool("tcpdump");
+        let file = dir.join(format!("capture-{port}.pcap"));
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .args(["tcp", "port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // tcpdump says "listening on lo" once the capture is armed.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut all = String::new();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                all.push_str(&line);
+                all.push('\n');
+                if line.contains("listening on") {
+                    let _ = tx.send(Ok(()));
+                    for _ in lines.by_ref() {}
+                    return;
+                }
+            }
+            let _ = tx.send(Err(all));
+        });
+        let mut cap = Capture {
+            child: Some(child),
+            file,
+        };
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(())) => cap,
+            Ok(Err(msg)) => {
+                cap.kill();
+                panic!("tcpdump failed to start (it needs root / CAP_NET_RAW):\n{msg}")
+            }
+            Err(_) => {
+                cap.kill();
+                panic!("tcpdump did not start capturing within 20 s")
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGINT);
+            if wait_timeout(&mut c, Duration::from_secs(5)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Stop the capture (SIGINT flushes the file) and return the TCP payloads seen.
+    pub fn finish(mut self) -> Vec<Segment> {
+        // Let the last segments reach the capture before stopping it.
+        thread::sleep(Duration::from_millis(300));
+        self.kill();
+        let data = std::fs::read(&self.file).unwrap();
+        parse_pcap(&data)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One TCP segment's payload with its ports.
+#[derive(Debug)]
+pub struct Segment {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload: Vec<u8>,
+}
+
+/// Minimal pcap reader: classic pcap, Ethernet (lo) or raw IPv4 link types, IPv4/TCP only.
+pub fn parse_pcap(data: &[u8]) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let u32le = |b: &[u8], o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+    };
+    let Some(magic) = u32le(data, 0) else {
+        return out;
+    };
+    assert!(
+        magic == 0xa1b2_c3d4 || magic == 0xa1b2_3c4d,
+        "not a little-endian pcap file (magic {magic:#x})"
+    );
+    let link = u32le(data, 20).unwrap_or(0);
+    let mut off = 24;
+    while let (Some(incl), true) = (u32le(data, off + 8), off + 16 <= data.len()) {
+        let start = off + 16;
+        let end = start + incl as usize;
+        let Some(pkt) = data.get(start..end) else {
+            break;
+        };
+        off = end;
+        let ip = match link {
+            1 if pkt.get(12..14) == Some(&[0x08, 0x00]) => &pkt[14..],
+            101 | 228 => pkt,
+            _ => continue,
+        };
+        let Some(&vihl) = ip.first() else { continue };
+        if vihl >> 4 != 4 || ip.get(9) != Some(&6) {
+            continue;
+        }
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        let total = ip
+            .get(2..4)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .unwrap_or(0);
+        let Some(tcp) = ip.get(ihl..total.min(ip.len())) else {
+            continue;
+        };
+        if tcp.len() < 20 {
+            continue;
+        }
+        let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        let payload = tcp.get(doff..).unwrap_or(&[]).to_vec();
+        if !payload.is_empty() {
+            out.push(Segment {
+                src_port,
+                dst_port,
+                payload,
+            });
+        }
+    }
+    out
+}
+
+/// Every `KEY=value` text key the sender put in its segments (login text is NUL separated).
+pub fn text_keys(segments: &[Segment], from_port: u16, key: &str) -> Vec<String> {
+    let needle = format!("{key}=");
+    let mut found = Vec::new();
+    for s in segments.iter().filter(|s| s.src_port == from_port) {
+        for piece in s.payload.split(|&b| b == 0) {
+            let text = String::from_utf8_lossy(piece);
+            if let Some(pos) = text.find(&needle) {
+                found.push(text[pos + needle.len()..].to_string());
+            }
+        }
+    }
+    found
+}
