@@ -1007,12 +1007,30 @@ impl Conn {
                 } else if let Some(r) = self.running.get_mut(&rtt) {
                     r.aborted = true;
                     pending.waiting.insert(rtt);
-                } else if sn_lt(t.ref_cmd_sn, t.cmd_sn) || t.ref_cmd_sn == t.cmd_sn && t.immediate {
-                    // §11.5.1: a task we never saw whose RefCmdSN is before the TMF counts as
+                } else if let Some(sn) = self
+                    .held
+                    .iter()
+                    .find(|(_, p)| p.bhs.itt() == rtt)
+                    .map(|(sn, _)| *sn)
+                {
+                    // Received out of order and not yet delivered: it never runs, but its CmdSN
+                    // still counts, so a no-op holds its place in the window.
+                    self.held.insert(
+                        sn,
+                        Pdu::header_only(Bhs::NopOut(NopOut {
+                            itt: NO_TTT,
+                            ttt: NO_TTT,
+                            ..Default::default()
+                        })),
+                    );
+                    pending.response = 0;
+                } else if sn_lt(t.ref_cmd_sn, self.window.exp_cmd_sn()) {
+                    // Received and already completed (its response is out): nothing to abort.
+                    pending.response = 1;
+                } else {
+                    // §11.5.1: a task not yet received whose RefCmdSN is in the window counts as
                     // received and aborted.
                     pending.response = 0;
-                } else {
-                    pending.response = 1;
                 }
             }
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
