@@ -62,8 +62,13 @@ pub enum ResetKind {
     TargetCold,
 }
 
+pub mod cdb;
 mod lun;
+pub mod pr;
+pub mod sense;
+mod spc;
 mod table;
 
-pub use lun::{LogicalUnit, LuIdentity};
+pub use lun::{LogicalUnit, LuIdentity, LuOptions};
+pub use sense::Sense;
 pub use table::LunTable;
