@@ -109,8 +109,8 @@ pub static COMMANDS: &[CmdInfo] = &[
     c(op::START_STOP_UNIT, &[FF, 0x01, 0, 0x0f, 0xf7, 0]),
     c(op::PREVENT_ALLOW, &[FF, 0, 0, 0, 0x03, 0]),
     c(op::READ_CAPACITY10, &[FF, 0, FF, FF, FF, FF, 0, 0, 0x01, 0]),
-    c(op::READ10, &[FF, 0xf8, FF, FF, FF, FF, 0x1f, FF, FF, 0]),
-    c(op::WRITE10, &[FF, 0xf8, FF, FF, FF, FF, 0x1f, FF, FF, 0]),
+    c(op::READ10, &[FF, 0xfa, FF, FF, FF, FF, 0x1f, FF, FF, 0]),
+    c(op::WRITE10, &[FF, 0xfa, FF, FF, FF, FF, 0x1f, FF, FF, 0]),
     c(
         op::WRITE_VERIFY10,
         &[FF, 0xf6, FF, FF, FF, FF, 0x1f, FF, FF, 0],
@@ -143,25 +143,25 @@ pub static COMMANDS: &[CmdInfo] = &[
     c(
         op::READ16,
         &[
-            FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
+            FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
         ],
     ),
     c(
         op::COMPARE_AND_WRITE,
         &[
-            FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x1f, 0,
+            FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x1f, 0,
         ],
     ),
     c(
         op::WRITE16,
         &[
-            FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
+            FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
         ],
     ),
     c(
         op::ORWRITE16,
         &[
-            FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
+            FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
         ],
     ),
     c(
@@ -216,11 +216,11 @@ pub static COMMANDS: &[CmdInfo] = &[
     ),
     c(
         op::READ12,
-        &[FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0],
+        &[FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0],
     ),
     c(
         op::WRITE12,
-        &[FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0],
+        &[FF, 0xfa, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0],
     ),
     c(
         op::WRITE_VERIFY12,

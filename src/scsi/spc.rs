@@ -291,6 +291,19 @@ fn one_descriptor(c: &CmdInfo, rctd: bool) -> Vec<u8> {
     v
 }
 
+/// The usage map as reported: byte 0 is the opcode and a service action field holds the
+/// service action (SPC-4 §6.35.3).
+fn reported_usage(c: &CmdInfo) -> Vec<u8> {
+    let mut u = c.usage.to_vec();
+    if let Some(b) = u.first_mut() {
+        *b = c.opcode;
+    }
+    if let (Some(sa), Some(b)) = (c.sa, u.get_mut(1)) {
+        *b = (*b & !0x1f) | sa;
+    }
+    u
+}
+
 fn timeouts(c: &CmdInfo) -> Vec<u8> {
     let mut v = vec![0, 0x0a, 0, 0];
     v.extend_from_slice(&c.timeout.to_be_bytes());
@@ -331,7 +344,7 @@ pub(super) fn report_opcodes(cdb: &[u8]) -> Out {
                 Some(c) => {
                     v.extend_from_slice(&[0, if rctd { 0x83 } else { 0x03 }]);
                     v.extend_from_slice(&(c.usage.len() as u16).to_be_bytes());
-                    v.extend_from_slice(c.usage);
+                    v.extend(reported_usage(c));
                     if rctd {
                         v.extend(timeouts(c));
                     }
