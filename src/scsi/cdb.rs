@@ -78,6 +78,7 @@ pub mod op {
     pub const PREFETCH16: u8 = 0x90;
     pub const SYNC_CACHE16: u8 = 0x91;
     pub const WRITE_SAME16: u8 = 0x93;
+    pub const WRITE_ATOMIC16: u8 = 0x9c;
     pub const SERVICE_ACTION_IN16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const MAINTENANCE_IN: u8 = 0xa3;
@@ -192,6 +193,12 @@ pub static COMMANDS: &[CmdInfo] = &[
         op::WRITE_SAME16,
         &[
             FF, 0xe9, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
+        ],
+    ),
+    c(
+        op::WRITE_ATOMIC16,
+        &[
+            FF, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, FF, FF, 0x1f, 0,
         ],
     ),
     s(

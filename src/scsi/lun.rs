@@ -151,6 +151,11 @@ fn rw_fields(cdb: &[u8]) -> Rw {
             blocks: be(cdb, 6, 4),
             flags,
         },
+        _ if byte(cdb, 0) == op::WRITE_ATOMIC16 => Rw {
+            lba: be(cdb, 2, 8),
+            blocks: be(cdb, 12, 2),
+            flags,
+        },
         _ => Rw {
             lba: be(cdb, 2, 8),
             blocks: be(cdb, 10, 4),
@@ -308,6 +313,7 @@ impl LogicalUnit {
             }
             op::VERIFY10 | op::VERIFY12 | op::VERIFY16 => self.verify(cdb, data_out),
             op::ORWRITE16 => self.orwrite(cdb, data_out),
+            op::WRITE_ATOMIC16 => self.write_atomic(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
             op::PREFETCH10 | op::PREFETCH16 => {
                 let f = self.prefetch_fields(cdb);
@@ -504,6 +510,31 @@ impl LogicalUnit {
             let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
             self.store
                 .write_at(data, rw.lba * bs, fua)
+                .map_err(|e| storage(e, true))?;
+        }
+        good(vec![])
+    }
+
+    /// WRITE ATOMIC(16) (SBC-4 §5.48): all or nothing, and never seen half-done by a
+    /// concurrent COMPARE AND WRITE or ORWRITE (exclusive io lock). No alignment or
+    /// granularity constraints (both 0 in the Block Limits page).
+    fn write_atomic(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        if rw.flags & 0xe0 != 0 {
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        self.range(rw.lba, rw.blocks)?;
+        if rw.blocks > u64::from(self.opts.max_transfer_blocks) {
+            return Err(Sense::invalid_cdb_field(12, None).into());
+        }
+        self.check_writable()?;
+        let bs = self.block_size();
+        let len = (rw.blocks * bs) as usize;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_PARAM))?;
+        if !data.is_empty() {
+            let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
+            self.store
+                .write_at(data, rw.lba * bs, rw.flags & 0x08 != 0)
                 .map_err(|e| storage(e, true))?;
         }
         good(vec![])
@@ -830,6 +861,7 @@ fn needs_medium(opcode: u8) -> bool {
             | op::VERIFY12
             | op::VERIFY16
             | op::ORWRITE16
+            | op::WRITE_ATOMIC16
             | op::COMPARE_AND_WRITE
             | op::PREFETCH10
             | op::PREFETCH16

@@ -89,6 +89,9 @@ impl LogicalUnit {
                 }
                 body[32..40]
                     .copy_from_slice(&u64::from(self.opts.max_write_same_blocks).to_be_bytes());
+                // MAXIMUM ATOMIC TRANSFER LENGTH (SBC-4): WRITE ATOMIC(16) takes anything a
+                // WRITE does; alignment and granularity 0 = no constraint.
+                body[40..44].copy_from_slice(&self.opts.max_transfer_blocks.to_be_bytes());
             }
             0xb1 => {
                 // Block device characteristics (SBC-3 §6.5.2): non-rotating medium.
