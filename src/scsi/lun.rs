@@ -504,7 +504,7 @@ impl LogicalUnit {
         self.check_writable()?;
         let bs = self.block_size();
         let len = (rw.blocks * bs) as usize;
-        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_PARAM))?;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
         if !data.is_empty() {
             let fua = rw.flags & 0x08 != 0 || !self.lock().mode.wce;
             let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
@@ -530,7 +530,7 @@ impl LogicalUnit {
         self.check_writable()?;
         let bs = self.block_size();
         let len = (rw.blocks * bs) as usize;
-        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_PARAM))?;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
         if !data.is_empty() {
             let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
             self.store
@@ -558,11 +558,11 @@ impl LogicalUnit {
         let expect: Vec<u8> = if bytchk == 3 {
             let one = data
                 .get(..bs as usize)
-                .ok_or(Fail::Check(INVALID_FIELD_PARAM))?;
+                .ok_or(Fail::Check(INVALID_FIELD_IU))?;
             one.repeat(rw.blocks as usize)
         } else {
             data.get(..buf.len())
-                .ok_or(Fail::Check(INVALID_FIELD_PARAM))?
+                .ok_or(Fail::Check(INVALID_FIELD_IU))?
                 .to_vec()
         };
         match buf.iter().zip(expect.iter()).position(|(a, b)| a != b) {
@@ -580,7 +580,7 @@ impl LogicalUnit {
         }
         let bs = self.block_size();
         let len = (rw.blocks * bs) as usize;
-        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_PARAM))?;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
         let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
         let mut buf = vec![0u8; len];
         self.store
@@ -613,7 +613,7 @@ impl LogicalUnit {
         let len = (n * bs) as usize;
         let (verify, write) = match (data.get(..len), data.get(len..2 * len)) {
             (Some(v), Some(w)) => (v, w),
-            _ => return Err(INVALID_FIELD_PARAM.into()),
+            _ => return Err(INVALID_FIELD_IU.into()),
         };
         let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
         let mut buf = vec![0u8; len];
@@ -660,10 +660,10 @@ impl LogicalUnit {
         let block: Vec<u8> = if ndob {
             vec![0u8; bs]
         } else {
-            if data.len() != bs {
-                return Err(INVALID_FIELD_PARAM.into());
+            match data.get(..bs) {
+                Some(b) => b.to_vec(),
+                None => return Err(INVALID_FIELD_IU.into()),
             }
-            data.to_vec()
         };
         if n == 0 {
             return good(vec![]);

@@ -109,6 +109,9 @@ pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00)
 pub const INVALID_FIELD_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
 pub const LU_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
 pub const INVALID_FIELD_PARAM: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
+/// 05/0E/03: the transport delivered less Data-Out than the CDB needs (SAM-5 §5.4.2 allows
+/// refusing the command instead of processing a partial transfer).
+pub const INVALID_FIELD_IU: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
 pub const PARAM_LIST_LENGTH: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x1a, 0x00);
 pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
 pub const REMOVAL_PREVENTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x53, 0x02);
