@@ -605,3 +605,58 @@ fn concurrent_compare_and_write_is_atomic() {
     let r = run(&lu, &nexus(1), &read10(0, 1), &[]);
     assert_eq!(&r.data_in[..4], &100u32.to_be_bytes());
 }
+
+fn xcopy_params(naa: &[u8; 16], src: u64, dst: u64, n: u16, dst_index: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 16];
+    p[0] = 1;
+    p[2..4].copy_from_slice(&32u16.to_be_bytes());
+    p[8..12].copy_from_slice(&28u32.to_be_bytes());
+    let mut t = vec![0xe4, 0, 0, 0, 0x01, 0x03, 0, 16];
+    t.extend_from_slice(naa);
+    t.resize(28, 0);
+    t.extend_from_slice(&[0, 0, 2, 0]);
+    p.extend(t);
+    let mut s = vec![0x02, 0, 0, 0x18, 0, 0];
+    s.extend_from_slice(&dst_index.to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(&n.to_be_bytes());
+    s.extend_from_slice(&src.to_be_bytes());
+    s.extend_from_slice(&dst.to_be_bytes());
+    p.extend(s);
+    p
+}
+
+#[test]
+fn extended_copy_within_lu() {
+    let lu = lu();
+    let n = nexus(1);
+    let naa = ident().naa;
+    good(&run(&lu, &n, &write10(0, 8), &vec![b'A'; 8 * BS]));
+    let p = xcopy_params(&naa, 0, 100, 8, 0);
+    let mut c = vec![0x83, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    c.extend_from_slice(&(p.len() as u32).to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    good(&run(&lu, &n, &c, &p));
+    let r = run(&lu, &n, &read10(100, 8), &[]);
+    assert!(r.data_in.iter().all(|&b| b == b'A'));
+    // Truncated list, unreachable index, beyond the end.
+    c[13] = (p.len() - 1) as u8;
+    assert_eq!(sense(&run(&lu, &n, &c, &p[..p.len() - 1])), (5, 0x1a, 0));
+    c[13] = p.len() as u8;
+    let bad = xcopy_params(&naa, 0, 100, 8, 1);
+    assert_eq!(sense(&run(&lu, &n, &c, &bad)), (0xa, 0x08, 0x04));
+    let eol = xcopy_params(&naa, 0, BLOCKS - 1, 8, 0);
+    assert_eq!(sense(&run(&lu, &n, &c, &eol)).0, 0xa);
+    let mut other = naa;
+    other[15] ^= 1;
+    let p = xcopy_params(&other, 0, 100, 8, 0);
+    assert_eq!(sense(&run(&lu, &n, &c, &p)), (0xa, 0x0d, 0x02));
+    let rcr = run(
+        &lu,
+        &n,
+        &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0],
+        &[],
+    );
+    good(&rcr);
+    assert_eq!(rcr.data_in[43], 2);
+}

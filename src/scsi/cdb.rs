@@ -69,6 +69,8 @@ pub mod op {
     pub const MODE_SENSE10: u8 = 0x5a;
     pub const PR_IN: u8 = 0x5e;
     pub const PR_OUT: u8 = 0x5f;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE16: u8 = 0x8a;
@@ -141,6 +143,16 @@ pub static COMMANDS: &[CmdInfo] = &[
     s(op::PR_OUT, 0x04, &[FF, 0x1f, FF, 0, 0, FF, FF, FF, FF, 0]),
     s(op::PR_OUT, 0x05, &[FF, 0x1f, FF, 0, 0, FF, FF, FF, FF, 0]),
     s(op::PR_OUT, 0x06, &[FF, 0x1f, FF, 0, 0, FF, FF, FF, FF, 0]),
+    s(
+        op::EXTENDED_COPY,
+        0x00,
+        &[FF, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ),
+    s(
+        op::RECEIVE_COPY_RESULTS,
+        0x03,
+        &[FF, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ),
     c(
         op::READ16,
         &[

@@ -246,6 +246,8 @@ impl LogicalUnit {
             op::READ_CAPACITY10 => Transfer::In(8),
             op::SERVICE_ACTION_IN16 => Transfer::In(len32(be(cdb, 10, 4))),
             op::REPORT_LUNS | op::MAINTENANCE_IN => Transfer::In(len32(be(cdb, 6, 4))),
+            op::EXTENDED_COPY => Transfer::Out(len32(be(cdb, 10, 4))),
+            op::RECEIVE_COPY_RESULTS => Transfer::In(len32(be(cdb, 10, 4))),
             op::READ_DEFECT12 => Transfer::In(len32(be(cdb, 6, 4))),
             _ => Transfer::None,
         })
@@ -363,6 +365,8 @@ impl LogicalUnit {
                 good(v)
             }
             op::PR_OUT => self.pr_out(&who, cdb, data_out),
+            op::EXTENDED_COPY => self.extended_copy(cdb, data_out),
+            op::RECEIVE_COPY_RESULTS => self.receive_copy_results(cdb),
             op::READ_DEFECT10 | op::READ_DEFECT12 => {
                 // No defects: a header with an empty list (SBC-3 §5.16/§5.17).
                 let fmt = byte(cdb, if opcode == op::READ_DEFECT10 { 2 } else { 1 }) & 0x1f;
@@ -538,6 +542,15 @@ impl LogicalUnit {
                 .map_err(|e| storage(e, true))?;
         }
         good(vec![])
+    }
+
+    /// A plain write under the shared io lock (other writers may run concurrently; COMPARE AND
+    /// WRITE and ORWRITE may not).
+    pub(super) fn write_shared(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Fail> {
+        let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+        self.store
+            .write_at(data, offset, fua)
+            .map_err(|e| storage(e, true))
     }
 
     fn verify(&self, cdb: &[u8], data: &[u8]) -> Out {
@@ -870,6 +883,7 @@ fn needs_medium(opcode: u8) -> bool {
             | op::WRITE_SAME10
             | op::WRITE_SAME16
             | op::UNMAP
+            | op::EXTENDED_COPY
             | op::READ_CAPACITY10
             | op::SERVICE_ACTION_IN16
     )

@@ -68,6 +68,7 @@ pub mod pr;
 pub mod sense;
 mod spc;
 mod table;
+mod xcopy;
 
 pub use lun::{LogicalUnit, LuIdentity, LuOptions};
 pub use sense::Sense;

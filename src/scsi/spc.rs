@@ -41,6 +41,7 @@ impl LogicalUnit {
         v[1] = if self.opts.removable { 0x80 } else { 0 };
         v[2] = 0x06; // SPC-4
         v[3] = 0x12; // HISUP, response data format 2
+        v[5] = 0x08; // 3PC: EXTENDED COPY
         v[7] = 0x02; // CMDQUE
         v.extend(padded(&self.identity.vendor, 8));
         v.extend(padded(&self.identity.product, 16));
