@@ -114,8 +114,8 @@ fn inquiry_standard_and_vpd() {
     );
     let r = run(&lu, &n, &[0x12, 1, 0, 0, 255, 0], &[]);
     good(&r);
-    assert_eq!(&r.data_in[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
-    for page in [0x80u8, 0x83, 0xb0, 0xb1, 0xb2] {
+    assert_eq!(&r.data_in[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
+    for page in [0x80u8, 0x83, 0x8f, 0xb0, 0xb1, 0xb2] {
         let r = run(&lu, &n, &[0x12, 1, page, 0, 255, 0], &[]);
         good(&r);
         assert_eq!(r.data_in[1], page);

@@ -150,6 +150,11 @@ pub static COMMANDS: &[CmdInfo] = &[
     ),
     s(
         op::RECEIVE_COPY_RESULTS,
+        0x00,
+        &[FF, 0x1f, FF, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ),
+    s(
+        op::RECEIVE_COPY_RESULTS,
         0x03,
         &[FF, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
     ),

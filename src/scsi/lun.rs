@@ -81,6 +81,8 @@ pub(super) struct State {
     prevent: HashSet<u64>,
     ejected: bool,
     pub pr: PrState,
+    /// EXTENDED COPY outcomes by (nexus, list identifier): (segments, bytes).
+    pub copy_results: HashMap<(u64, u8), (u16, u32)>,
 }
 
 pub(super) type Out = Result<(u8, Vec<u8>), Fail>;
@@ -365,8 +367,8 @@ impl LogicalUnit {
                 good(v)
             }
             op::PR_OUT => self.pr_out(&who, cdb, data_out),
-            op::EXTENDED_COPY => self.extended_copy(cdb, data_out),
-            op::RECEIVE_COPY_RESULTS => self.receive_copy_results(cdb),
+            op::EXTENDED_COPY => self.extended_copy(nexus.id, cdb, data_out),
+            op::RECEIVE_COPY_RESULTS => self.receive_copy_results(nexus.id, cdb),
             op::READ_DEFECT10 | op::READ_DEFECT12 => {
                 // No defects: a header with an empty list (SBC-3 §5.16/§5.17).
                 let fmt = byte(cdb, if opcode == op::READ_DEFECT10 { 2 } else { 1 }) & 0x1f;
@@ -843,6 +845,7 @@ impl LogicalUnit {
         st.prevent.remove(&nexus.id);
         st.ua.remove(&nexus.id);
         st.nexuses.remove(&nexus.id);
+        st.copy_results.retain(|k, _| k.0 != nexus.id);
     }
 }
 

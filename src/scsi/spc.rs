@@ -16,7 +16,7 @@ fn padded(s: &str, n: usize) -> Vec<u8> {
 }
 
 /// VPD pages we serve, ascending (SPC-4 §7.8.13 requires the list sorted).
-const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2];
 
 impl LogicalUnit {
     /// INQUIRY (SPC-4 §6.6). Short allocation lengths truncate, never fail.
@@ -75,6 +75,7 @@ impl LogicalUnit {
                 body.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
                 body.extend_from_slice(&nexus.relative_port.to_be_bytes());
             }
+            0x8f => body = super::xcopy::third_party_copy_vpd(),
             0xb0 => {
                 // Block limits (SBC-3 §6.5.3).
                 body.resize(0x3c, 0);

@@ -27,7 +27,7 @@ const UNREACHABLE_TARGET: Sense = Sense::new(key::COPY_ABORTED, 0x08, 0x04);
 const SEGMENT_OUT_OF_RANGE: Sense = Sense::new(key::COPY_ABORTED, 0x00, 0x00);
 
 impl LogicalUnit {
-    pub(super) fn extended_copy(&self, cdb: &[u8], data: &[u8]) -> Out {
+    pub(super) fn extended_copy(&self, nexus: u64, cdb: &[u8], data: &[u8]) -> Out {
         if byte(cdb, 1) & 0x1f != 0 {
             return Err(Sense::invalid_cdb_field(1, Some(4)).into());
         }
@@ -128,8 +128,19 @@ impl LogicalUnit {
         if !plan.is_empty() && self.write_protected() {
             return Err(WRITE_PROTECTED.into());
         }
-        for (src, dst, n) in plan {
+        let mut bytes = 0u64;
+        for &(src, dst, n) in &plan {
             self.copy_blocks(src, dst, n)?;
+            bytes += n * bs;
+        }
+        // Keep the outcome for RECEIVE COPY RESULTS COPY STATUS unless LIST ID USAGE is 11b
+        // (list identifier ignored, SPC-4 §6.4.3.2).
+        if byte(data, 1) & 0x18 != 0x18 {
+            let mut st = self.lock();
+            st.copy_results.insert(
+                (nexus, byte(data, 0)),
+                (plan.len() as u16, u32::try_from(bytes).unwrap_or(u32::MAX)),
+            );
         }
         good(vec![])
     }
@@ -154,10 +165,27 @@ impl LogicalUnit {
         Ok(())
     }
 
-    /// RECEIVE COPY RESULTS (SPC-4 §6.18): OPERATING PARAMETERS only; we keep no held data
-    /// or per-list status (copies complete before EXTENDED COPY returns).
-    pub(super) fn receive_copy_results(&self, cdb: &[u8]) -> Out {
+    /// RECEIVE COPY RESULTS (SPC-4 §6.18): COPY STATUS and OPERATING PARAMETERS. Copies
+    /// complete before EXTENDED COPY returns, so a status is always "completed".
+    pub(super) fn receive_copy_results(&self, nexus: u64, cdb: &[u8]) -> Out {
         let alloc = be(cdb, 10, 4) as usize;
+        if byte(cdb, 1) & 0x1f == 0x00 {
+            let found = self
+                .lock()
+                .copy_results
+                .get(&(nexus, byte(cdb, 2)))
+                .copied();
+            let Some((segments, bytes)) = found else {
+                // No copy with that list identifier from this nexus (SPC-4 §6.18.2).
+                return Err(Sense::invalid_cdb_field(2, None).into());
+            };
+            let mut v = vec![0, 0, 0, 8, 0x00];
+            v.extend_from_slice(&segments.to_be_bytes());
+            v.push(0); // transfer count in bytes
+            v.extend_from_slice(&bytes.to_be_bytes());
+            v.truncate(alloc);
+            return good(v);
+        }
         if byte(cdb, 1) & 0x1f != 0x03 {
             return Err(Sense::invalid_cdb_field(1, Some(4)).into());
         }
@@ -178,4 +206,18 @@ impl LogicalUnit {
         v.truncate(alloc);
         good(v)
     }
+}
+
+/// Third-party Copy VPD page body (SPC-4 §7.8.17): the Supported Commands descriptor.
+pub(super) fn third_party_copy_vpd() -> Vec<u8> {
+    let cmds = [0x83u8, 1, 0x00, 0x84, 2, 0x00, 0x03];
+    let mut d = vec![cmds.len() as u8];
+    d.extend_from_slice(&cmds);
+    while d.len() % 4 != 0 {
+        d.push(0);
+    }
+    let mut v = vec![0x00, 0x01];
+    v.extend_from_slice(&(d.len() as u16).to_be_bytes());
+    v.extend(d);
+    v
 }
