@@ -60,7 +60,10 @@ impl LogicalUnit {
         let mut body = Vec::new();
         match page {
             0x00 => body.extend_from_slice(&VPD_PAGES),
-            0x80 => body.extend(padded(&self.identity.serial, self.identity.serial.len())),
+            0x80 => body.extend(padded(
+                &self.identity.serial,
+                self.identity.serial.len().min(250),
+            )),
             0x83 => {
                 // NAA (type 3, binary) for the LU.
                 body.extend_from_slice(&[0x01, 0x03, 0, 16]);
@@ -68,7 +71,8 @@ impl LogicalUnit {
                 // T10 vendor ID (type 1, ASCII): vendor + product + serial.
                 let mut t10 = padded(&self.identity.vendor, 8);
                 t10.extend(padded(&self.identity.product, 16));
-                t10.extend(padded(&self.identity.serial, self.identity.serial.len()));
+                // The designator length is one byte: keep the serial part bounded.
+                t10.extend(padded(&self.identity.serial, self.identity.serial.len().min(200)));
                 body.extend_from_slice(&[0x02, 0x01, 0, t10.len() as u8]);
                 body.extend(t10);
                 // Relative target port (type 4, association target port, iSCSI, PIV).
