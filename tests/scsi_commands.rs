@@ -403,10 +403,10 @@ fn persistent_reservations() {
     let res = run(&lu, &b, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 255, 0], &[]);
     assert_eq!(&res.data_in[8..16], &0xaau64.to_be_bytes());
     assert_eq!(res.data_in[21], 3);
-    // b preempts a: a's registration is gone and a gets 06/2A/03.
+    // b preempts a: a's registration is gone and a gets 06/2A/05.
     let (c, p) = prout(4, 3, 0xbb, 0xaa);
     good(&run(&lu, &b, &c, &p));
-    assert_eq!(sense(&run(&lu, &a, &[0x00], &[])), (6, 0x2a, 3));
+    assert_eq!(sense(&run(&lu, &a, &[0x00], &[])), (6, 0x2a, 5));
     assert_eq!(
         run(&lu, &a, &read10(0, 1), &[]).status,
         status::RESERVATION_CONFLICT
@@ -659,4 +659,146 @@ fn extended_copy_within_lu() {
     );
     good(&rcr);
     assert_eq!(rcr.data_in[43], 2);
+}
+
+#[test]
+fn transfer_lengths_from_cdbs() {
+    let lu = lu();
+    let t = |c: &[u8]| lu.transfer(&cdb(c));
+    assert_eq!(t(&read10(0, 3)), Ok(Transfer::In(3 * BS as u32)));
+    assert_eq!(t(&write10(0, 2)), Ok(Transfer::Out(2 * BS as u32)));
+    assert_eq!(t(&[0x12, 0, 0, 1, 0, 0]), Ok(Transfer::In(256)));
+    assert_eq!(t(&[0x00]), Ok(Transfer::None));
+    assert_eq!(
+        t(&[0x41, 0, 0, 0, 0, 0, 0, 0, 9, 0]),
+        Ok(Transfer::Out(BS as u32))
+    );
+    let mut ndob = rw16(0x93, 0, 4);
+    ndob[1] = 0x01;
+    assert_eq!(t(&ndob), Ok(Transfer::None));
+    let mut caw = rw16(0x89, 0, 0);
+    caw[13] = 2;
+    assert_eq!(t(&caw), Ok(Transfer::Out(4 * BS as u32)));
+    assert_eq!(
+        t(&[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0]),
+        Ok(Transfer::Out(24))
+    );
+    assert!(t(&[0xee]).is_err());
+}
+
+#[test]
+fn misc_block_commands() {
+    let lu = lu();
+    let n = nexus(1);
+    // PRE-FETCH and SYNCHRONIZE CACHE: range checked, GOOD.
+    good(&run(&lu, &n, &[0x34, 0x02, 0, 0, 0, 0, 0, 0, 1, 0], &[]));
+    good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    let mut pf = rw16(0x90, BLOCKS - 1, 2);
+    assert_eq!(sense(&run(&lu, &n, &pf, &[])), (5, 0x21, 0));
+    pf[0] = 0x91;
+    assert_eq!(sense(&run(&lu, &n, &pf, &[])), (5, 0x21, 0));
+    // READ DEFECT DATA: empty lists.
+    let r = run(&lu, &n, &[0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], &[]);
+    good(&r);
+    assert_eq!(r.data_in.len(), 4);
+    // ORWRITE ORs into the medium.
+    good(&run(&lu, &n, &write10(3, 1), &[0x0f; BS]));
+    good(&run(&lu, &n, &rw16(0x8b, 3, 1), &[0xf0; BS]));
+    let r = run(&lu, &n, &read10(3, 1), &[]);
+    assert!(r.data_in.iter().all(|&b| b == 0xff));
+    // WRITE ATOMIC(16): length in bytes 12-13.
+    let mut wa = rw16(0x9c, 5, 0);
+    wa[13] = 2;
+    good(&run(&lu, &n, &wa, &[7u8; 2 * BS]));
+    let r = run(&lu, &n, &read10(5, 2), &[]);
+    assert!(r.data_in.iter().all(|&b| b == 7));
+    wa[2..10].copy_from_slice(&(BLOCKS - 1).to_be_bytes());
+    assert_eq!(sense(&run(&lu, &n, &wa, &[7u8; 2 * BS])), (5, 0x21, 0));
+    // WRITE SAME(16) NDOB deallocates on a thin LU.
+    let mut ws = rw16(0x93, 5, 2);
+    ws[1] = 0x09;
+    good(&run(&lu, &n, &ws, &[]));
+    let r = run(&lu, &n, &read10(5, 2), &[]);
+    assert!(r.data_in.iter().all(|&b| b == 0));
+    // WRITE SAME(10) of zero blocks covers the rest of the medium.
+    good(&run(
+        &lu,
+        &n,
+        &[0x41, 0, 0, 0, 0x0f, 0xf0, 0, 0, 0, 0],
+        &[0xab; BS],
+    ));
+    let r = run(&lu, &n, &read10(0x0ff0, 16), &[]);
+    assert!(r.data_in.iter().all(|&b| b == 0xab));
+    // REQUEST SENSE with DESC=1 and nothing pending.
+    let r = run(&lu, &n, &[0x03, 1, 0, 0, 252, 0], &[]);
+    good(&r);
+    assert_eq!(&r.data_in[..4], &[0x72, 0, 0, 0]);
+    // MODE SENSE(10) with LLBAA: long block descriptor.
+    let r = run(&lu, &n, &[0x5a, 0x10, 0x08, 0, 0, 0, 0, 0, 255, 0], &[]);
+    good(&r);
+    assert_eq!(&r.data_in[6..8], &[0, 16]);
+    assert_eq!(&r.data_in[8..16], &BLOCKS.to_be_bytes());
+    assert_eq!(r.data_in[24], 0x08);
+    // Changeable values: WCE, D_SENSE, SWP only.
+    let r = run(&lu, &n, &[0x1a, 0x08, 0x7f, 0, 255, 0], &[]);
+    good(&r);
+    assert_eq!(r.data_in[4 + 2], 0x04);
+}
+
+#[test]
+fn all_registrants_write_exclusive() {
+    let lu = lu();
+    let (a, b, c) = (nexus(1), nexus(2), nexus(3));
+    for (nx, k) in [(&a, 1u64), (&b, 2)] {
+        let (cd, p) = prout(6, 0, 0, k);
+        good(&run(&lu, nx, &cd, &p));
+    }
+    let (cd, p) = prout(1, 7, 1, 0);
+    good(&run(&lu, &a, &cd, &p));
+    let res = run(&lu, &c, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 255, 0], &[]);
+    assert_eq!(&res.data_in[8..16], &[0; 8]);
+    assert_eq!(res.data_in[21], 7);
+    good(&run(&lu, &b, &write10(0, 1), &[1; BS]));
+    good(&run(&lu, &c, &read10(0, 1), &[]));
+    assert_eq!(
+        run(&lu, &c, &write10(0, 1), &[1; BS]).status,
+        status::RESERVATION_CONFLICT
+    );
+    // RESERVE(6) conflicts while persistent reservations exist.
+    assert_eq!(
+        run(&lu, &c, &[0x16], &[]).status,
+        status::RESERVATION_CONFLICT
+    );
+    // READ FULL STATUS lists both registrants as holders.
+    let fs = run(&lu, &a, &[0x5e, 3, 0, 0, 0, 0, 0, 0, 255, 0], &[]);
+    good(&fs);
+    assert_eq!(fs.data_in[8 + 12], 1);
+    // Holder leaves: the reservation stays for the remaining registrant.
+    let (cd, p) = prout(0, 0, 1, 0);
+    good(&run(&lu, &a, &cd, &p));
+    assert_eq!(
+        run(&lu, &c, &write10(0, 1), &[1; BS]).status,
+        status::RESERVATION_CONFLICT
+    );
+    let (cd, p) = prout(0, 0, 2, 0);
+    good(&run(&lu, &b, &cd, &p));
+    good(&run(&lu, &c, &write10(0, 1), &[1; BS]));
+}
+
+#[test]
+fn cold_reset_restores_mode_defaults_and_warns_everyone() {
+    let lu = lu();
+    let (a, b) = (nexus(1), nexus(2));
+    good(&run(&lu, &b, &[0x00], &[]));
+    let ctl = run(&lu, &a, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[]);
+    let mut p = ctl.data_in.to_vec();
+    p[0] = 0;
+    p[6] |= 0x04;
+    good(&run(&lu, &a, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p));
+    lu.reset(&a, ResetKind::TargetCold);
+    assert_eq!(sense(&run(&lu, &a, &[0x00], &[])), (6, 0x29, 1));
+    let r = run(&lu, &a, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[]);
+    assert_eq!(r.data_in[6] & 0x04, 0);
+    let r = run(&lu, &b, &[0x00], &[]);
+    assert_eq!(sense(&r).0, 6);
 }

@@ -297,7 +297,8 @@ impl PrState {
         }
     }
 
-    /// PREEMPT (SPC-4 §5.9.11).
+    /// PREEMPT (SPC-4 §5.9.11). Nexuses whose registrations go get REGISTRATIONS
+    /// PREEMPTED (06/2A/05).
     fn preempt(
         &mut self,
         who: &PortId,
@@ -313,7 +314,7 @@ impl PrState {
         match res_all {
             Some(true) if sa_key == 0 => {
                 for r in self.regs.iter().filter(|r| &r.who != who) {
-                    uas.push((r.who.clone(), 0x2a, 0x03));
+                    uas.push((r.who.clone(), 0x2a, 0x05));
                 }
                 self.regs.retain(|r| &r.who == who);
                 self.res = Some(Reservation {
@@ -339,7 +340,7 @@ impl PrState {
         }
         self.regs.retain(|r| !(r.key == sa_key && &r.who != who));
         for v in victims {
-            uas.push((v, 0x2a, 0x03));
+            uas.push((v, 0x2a, 0x05));
         }
         if preempts_holder {
             self.res = Some(Reservation {

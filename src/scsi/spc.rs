@@ -72,7 +72,10 @@ impl LogicalUnit {
                 let mut t10 = padded(&self.identity.vendor, 8);
                 t10.extend(padded(&self.identity.product, 16));
                 // The designator length is one byte: keep the serial part bounded.
-                t10.extend(padded(&self.identity.serial, self.identity.serial.len().min(200)));
+                t10.extend(padded(
+                    &self.identity.serial,
+                    self.identity.serial.len().min(200),
+                ));
                 body.extend_from_slice(&[0x02, 0x01, 0, t10.len() as u8]);
                 body.extend(t10);
                 // Relative target port (type 4, association target port, iSCSI, PIV).
