@@ -802,3 +802,126 @@ fn cold_reset_restores_mode_defaults_and_warns_everyone() {
     let r = run(&lu, &b, &[0x00], &[]);
     assert_eq!(sense(&r).0, 6);
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any CDB and Data-Out: no panic, and CHECK CONDITION always carries sense.
+        #[test]
+        fn random_cdbs_never_panic(
+            op in prop::sample::select(vec![
+                0x00u8, 0x03, 0x08, 0x0a, 0x12, 0x15, 0x16, 0x17, 0x1a, 0x1b, 0x1e, 0x25,
+                0x28, 0x2a, 0x2e, 0x2f, 0x34, 0x35, 0x37, 0x41, 0x42, 0x55, 0x5a, 0x5e,
+                0x5f, 0x83, 0x84, 0x88, 0x89, 0x8a, 0x8b, 0x8e, 0x8f, 0x90, 0x91, 0x93,
+                0x9c, 0x9e, 0xa0, 0xa3, 0xa8, 0xaa, 0xae, 0xaf, 0xb7, 0xff,
+            ]),
+            rest in prop::collection::vec(any::<u8>(), 15),
+            small in prop::collection::vec(0u8..4, 15),
+            data in prop::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            let store = Arc::new(MemStore::new(64 * BS as u64, BS as u32, false));
+            let lu = LogicalUnit::with_options(store, ident(), LuOptions {
+                removable: true,
+                ..LuOptions::default()
+            });
+            let n = nexus(1);
+            for body in [&rest, &small] {
+                let mut c = vec![op];
+                c.extend_from_slice(body);
+                let _ = lu.transfer(&c);
+                let r = lu.execute(&n, &c, &data);
+                if r.status == status::CHECK_CONDITION {
+                    prop_assert!(r.sense.is_some());
+                }
+            }
+        }
+    }
+}
+
+/// A fully provisioned store: MemStore that does not claim thin provisioning.
+struct Thick(MemStore);
+
+impl diskless::storage::BlockStore for Thick {
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), diskless::storage::StorageError> {
+        self.0.read_at(b, o)
+    }
+    fn write_at(&self, d: &[u8], o: u64, f: bool) -> Result<(), diskless::storage::StorageError> {
+        self.0.write_at(d, o, f)
+    }
+    fn flush(&self) -> Result<(), diskless::storage::StorageError> {
+        self.0.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> Result<(), diskless::storage::StorageError> {
+        self.0.discard(o, l)
+    }
+    fn thin_provisioned(&self) -> bool {
+        false
+    }
+    fn allocation(&self, o: u64) -> Result<(bool, u64), diskless::storage::StorageError> {
+        self.0.allocation(o)
+    }
+}
+
+#[test]
+fn fully_provisioned_lu_has_no_unmap() {
+    let store = Arc::new(Thick(MemStore::new(BLOCKS * BS as u64, BS as u32, false)));
+    let lu = LogicalUnit::new(store, ident());
+    let n = nexus(1);
+    let r = run(
+        &lu,
+        &n,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        &[],
+    );
+    assert_eq!(r.data_in[14] & 0xc0, 0);
+    let lbp = run(&lu, &n, &[0x12, 1, 0xb2, 0, 255, 0], &[]);
+    assert_eq!(lbp.data_in[5], 0);
+    let bl = run(&lu, &n, &[0x12, 1, 0xb0, 0, 255, 0], &[]);
+    assert_eq!(&bl.data_in[20..28], &[0; 8]);
+    let p = [0, 6, 0, 0, 0, 0, 0, 0];
+    assert_eq!(
+        sense(&run(&lu, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 8, 0], &p)),
+        (5, 0x20, 0)
+    );
+    assert!(lu
+        .transfer(&cdb(&[0x42, 0, 0, 0, 0, 0, 0, 0, 8, 0]))
+        .is_err());
+    assert_eq!(
+        sense(&run(
+            &lu,
+            &n,
+            &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0],
+            &[0; BS]
+        )),
+        (5, 0x24, 0)
+    );
+    good(&run(&lu, &n, &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0; BS]));
+    // REPORT SUPPORTED OPERATION CODES agrees.
+    let one = run(
+        &lu,
+        &n,
+        &[0xa3, 0x0c, 1, 0x42, 0, 0, 0, 0, 0xff, 0xff, 0, 0],
+        &[],
+    );
+    good(&one);
+    assert_eq!(one.data_in[1] & 7, 1);
+    let ws = run(
+        &lu,
+        &n,
+        &[0xa3, 0x0c, 1, 0x41, 0, 0, 0, 0, 0xff, 0xff, 0, 0],
+        &[],
+    );
+    assert_eq!(ws.data_in[5] & 0x08, 0);
+}

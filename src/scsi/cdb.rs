@@ -21,7 +21,7 @@ pub struct CmdInfo {
     /// Service action, for opcodes that have them.
     pub sa: Option<u8>,
     /// CDB usage map; its length is the CDB length.
-    pub usage: &'static [u8],
+    pub usage: std::borrow::Cow<'static, [u8]>,
     /// Nominal and recommended timeouts in seconds (RCTD timeouts descriptor).
     pub timeout: u32,
 }
@@ -30,7 +30,7 @@ const fn c(opcode: u8, usage: &'static [u8]) -> CmdInfo {
     CmdInfo {
         opcode,
         sa: None,
-        usage,
+        usage: std::borrow::Cow::Borrowed(usage),
         timeout: 30,
     }
 }
@@ -38,7 +38,7 @@ const fn s(opcode: u8, sa: u8, usage: &'static [u8]) -> CmdInfo {
     CmdInfo {
         opcode,
         sa: Some(sa),
-        usage,
+        usage: std::borrow::Cow::Borrowed(usage),
         timeout: 30,
     }
 }

@@ -215,6 +215,9 @@ impl LogicalUnit {
 
     fn transfer_inner(&self, cdb: &[u8]) -> Result<Transfer, Sense> {
         let info = lookup(cdb)?;
+        if info.opcode == op::UNMAP && !self.thin() {
+            return Err(INVALID_OPCODE);
+        }
         let bs = self.block_size();
         let bytes = |n: u64| u32::try_from(n.saturating_mul(bs)).unwrap_or(u32::MAX);
         let len32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
@@ -292,6 +295,10 @@ impl LogicalUnit {
             }
         }
         let info = lookup(cdb)?;
+        // UNMAP exists only on thin LUs (SBC-3 §4.7.3.3: LBPU follows LBPME).
+        if opcode == op::UNMAP && !self.thin() {
+            return Err(INVALID_OPCODE.into());
+        }
         check_usage(info, cdb)?;
         self.check_reservations(nexus, &who, cdb)?;
         if self.lock().ejected && needs_medium(opcode) {
@@ -308,7 +315,7 @@ impl LogicalUnit {
                 op::SA_READ_CAPACITY16 => self.read_capacity16(cdb),
                 _ => self.get_lba_status(cdb),
             },
-            op::MAINTENANCE_IN => super::spc::report_opcodes(cdb),
+            op::MAINTENANCE_IN => super::spc::report_opcodes(cdb, self.thin()),
             op::REPORT_LUNS => Err(INVALID_OPCODE.into()), // answered by the LunTable
             op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(cdb),
             op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16 => self.write(cdb, data_out),
@@ -658,6 +665,10 @@ impl LogicalUnit {
         }
         let unmap = flags & 0x08 != 0;
         let ndob = sixteen && flags & 0x01 != 0;
+        if unmap && !self.thin() {
+            // LBPWS/LBPWS10 are zero on a fully provisioned LU (SBC-3 §5.42).
+            return Err(Sense::invalid_cdb_field(1, Some(3)).into());
+        }
         if lba > self.blocks() {
             return Err(LBA_OUT_OF_RANGE.into());
         }

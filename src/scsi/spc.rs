@@ -1,6 +1,6 @@
 //! SPC-4 device-level commands: INQUIRY and VPD pages, MODE SENSE/SELECT, REPORT SUPPORTED
 //! OPERATION CODES.
-use super::cdb::{be, byte, has_service_action, CmdInfo, COMMANDS};
+use super::cdb::{be, byte, has_service_action, op, CmdInfo, COMMANDS};
 use super::lun::{good, Fail, LogicalUnit, ModeState, Out, MAX_CAW_BLOCKS};
 use super::sense::{Sense, INVALID_FIELD_PARAM, PARAM_LIST_LENGTH, SAVING_NOT_SUPPORTED};
 use super::Nexus;
@@ -291,6 +291,28 @@ impl LogicalUnit {
     }
 }
 
+/// Commands as this LU supports them: without UNMAP and the WRITE SAME UNMAP bit unless it
+/// is thin provisioned.
+fn supported(thin: bool) -> impl Iterator<Item = CmdInfo> {
+    COMMANDS
+        .iter()
+        .filter(move |c| thin || c.opcode != op::UNMAP)
+        .map(move |c| {
+            let mut usage = c.usage.to_vec();
+            if !thin && matches!(c.opcode, op::WRITE_SAME10 | op::WRITE_SAME16) {
+                if let Some(b) = usage.get_mut(1) {
+                    *b &= !0x08;
+                }
+            }
+            CmdInfo {
+                opcode: c.opcode,
+                sa: c.sa,
+                usage: usage.into(),
+                timeout: c.timeout,
+            }
+        })
+}
+
 fn one_descriptor(c: &CmdInfo, rctd: bool) -> Vec<u8> {
     let mut v = vec![c.opcode, 0];
     v.extend_from_slice(&u16::from(c.sa.unwrap_or(0)).to_be_bytes());
@@ -324,7 +346,7 @@ fn timeouts(c: &CmdInfo) -> Vec<u8> {
 }
 
 /// REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35).
-pub(super) fn report_opcodes(cdb: &[u8]) -> Out {
+pub(super) fn report_opcodes(cdb: &[u8], thin: bool) -> Out {
     let rctd = byte(cdb, 2) & 0x80 != 0;
     let options = byte(cdb, 2) & 0x07;
     let req_op = byte(cdb, 3);
@@ -334,8 +356,8 @@ pub(super) fn report_opcodes(cdb: &[u8]) -> Out {
     match options {
         0 => {
             let mut d = Vec::new();
-            for c in COMMANDS {
-                d.extend(one_descriptor(c, rctd));
+            for c in supported(thin) {
+                d.extend(one_descriptor(&c, rctd));
             }
             v.extend_from_slice(&(d.len() as u32).to_be_bytes());
             v.extend(d);
@@ -346,7 +368,7 @@ pub(super) fn report_opcodes(cdb: &[u8]) -> Out {
             if (options == 1 && sa_cmd) || (options == 2 && !sa_cmd) {
                 return Err(Sense::invalid_cdb_field(2, Some(2)).into());
             }
-            let found = COMMANDS.iter().find(|c| {
+            let found = supported(thin).find(|c| {
                 c.opcode == req_op
                     && (options == 1
                         || c.sa.map(u64::from) == Some(req_sa)
@@ -356,9 +378,9 @@ pub(super) fn report_opcodes(cdb: &[u8]) -> Out {
                 Some(c) => {
                     v.extend_from_slice(&[0, if rctd { 0x83 } else { 0x03 }]);
                     v.extend_from_slice(&(c.usage.len() as u16).to_be_bytes());
-                    v.extend(reported_usage(c));
+                    v.extend(reported_usage(&c));
                     if rctd {
-                        v.extend(timeouts(c));
+                        v.extend(timeouts(&c));
                     }
                 }
                 None => {
