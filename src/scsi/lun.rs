@@ -41,7 +41,7 @@ impl Default for LuOptions {
             removable: false,
             max_transfer_blocks: 16384,
             max_write_same_blocks: 65536,
-            max_unmap_blocks: 1 << 22,
+            max_unmap_blocks: 1 << 20,
             max_unmap_descriptors: 256,
         }
     }
