@@ -428,7 +428,7 @@ impl LogicalUnit {
                     })
                     .collect();
                 for (id, asc, ascq) in targets {
-                    st.ua.entry(id).or_default().push_back((asc, ascq));
+                    queue_ua(&mut st, id, asc, ascq);
                 }
                 good(vec![])
             }
@@ -441,7 +441,7 @@ impl LogicalUnit {
     pub(super) fn ua_others(&self, st: &mut State, except: Option<u64>, asc: u8, ascq: u8) {
         let ids: Vec<u64> = st.nexuses.keys().copied().collect();
         for id in ids.into_iter().filter(|id| Some(*id) != except) {
-            st.ua.entry(id).or_default().push_back((asc, ascq));
+            queue_ua(st, id, asc, ascq);
         }
     }
 
@@ -857,6 +857,17 @@ impl LogicalUnit {
         st.ua.remove(&nexus.id);
         st.nexuses.remove(&nexus.id);
         st.copy_results.retain(|k, _| k.0 != nexus.id);
+    }
+}
+
+/// Pending unit attentions per nexus are few and distinct: an idle nexus must not accumulate
+/// an unbounded queue (SAM-5 §5.14 lets a device server report only the most important).
+const MAX_PENDING_UAS: usize = 8;
+
+fn queue_ua(st: &mut State, id: u64, asc: u8, ascq: u8) {
+    let q = st.ua.entry(id).or_default();
+    if !q.contains(&(asc, ascq)) && q.len() < MAX_PENDING_UAS {
+        q.push_back((asc, ascq));
     }
 }
 
