@@ -15,6 +15,9 @@ pub mod ty {
     pub const EA_AR: u8 = 8;
 }
 
+/// Registrations kept at most (one per I_T nexus).
+const MAX_REGISTRATIONS: usize = 256;
+
 /// I_T nexus identity for PR purposes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PortId {
@@ -209,8 +212,13 @@ impl PrState {
                         self.generation = self.generation.wrapping_add(1);
                     }
                 } else {
+                    let full = self.regs.len() >= MAX_REGISTRATIONS;
                     match self.regs.iter_mut().find(|r| &r.who == who) {
                         Some(r) => r.key = sa_key,
+                        None if full => {
+                            // 05/55/04 INSUFFICIENT REGISTRATION RESOURCES (SPC-4 §5.9.5).
+                            return Err(Sense::new(0x5, 0x55, 0x04).into());
+                        }
                         None => self.regs.push(Registration {
                             who: who.clone(),
                             key: sa_key,
