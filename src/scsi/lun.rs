@@ -33,6 +33,9 @@ pub struct LuOptions {
     /// MAXIMUM UNMAP LBA COUNT and BLOCK DESCRIPTOR COUNT (VPD 0xB0).
     pub max_unmap_blocks: u32,
     pub max_unmap_descriptors: u32,
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT for READ CAPACITY(16) (0..=15), e.g. 3 for
+    /// 512-byte blocks on 4 KiB pages. Only a hint to initiators.
+    pub physical_block_exponent: u8,
 }
 
 impl Default for LuOptions {
@@ -43,6 +46,7 @@ impl Default for LuOptions {
             max_write_same_blocks: 65536,
             max_unmap_blocks: 1 << 20,
             max_unmap_descriptors: 256,
+            physical_block_exponent: 0,
         }
     }
 }
@@ -802,6 +806,7 @@ impl LogicalUnit {
         let mut v = vec![0u8; 32];
         v[0..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
         v[8..12].copy_from_slice(&(self.block_size() as u32).to_be_bytes());
+        v[13] = self.opts.physical_block_exponent & 0x0f;
         if self.thin() {
             // LBPME and LBPRZ (SBC-3 §5.16.2): discarded blocks read back as zeroes.
             v[14] = 0xc0;
