@@ -324,6 +324,11 @@ impl LogicalUnit {
             op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(cdb),
             op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16 => self.write(cdb, data_out),
             op::WRITE_VERIFY10 | op::WRITE_VERIFY12 | op::WRITE_VERIFY16 => {
+                // BYTCHK 1xb is reserved for WRITE AND VERIFY (SBC-3 §5.40); the write itself
+                // is the verification of a medium that cannot fail silently.
+                if byte(cdb, 1) & 0x04 != 0 {
+                    return Err(Sense::invalid_cdb_field(1, Some(2)).into());
+                }
                 self.write(cdb, data_out)
             }
             op::VERIFY10 | op::VERIFY12 | op::VERIFY16 => self.verify(cdb, data_out),
