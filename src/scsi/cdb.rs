@@ -122,7 +122,7 @@ pub static COMMANDS: &[CmdInfo] = &[
     c(op::PREFETCH10, &[FF, 0x02, FF, FF, FF, FF, 0x1f, FF, FF, 0]),
     c(
         op::SYNC_CACHE10,
-        &[FF, 0x02, FF, FF, FF, FF, 0x1f, FF, FF, 0],
+        &[FF, 0x06, FF, FF, FF, FF, 0x1f, FF, FF, 0],
     ),
     c(op::READ_DEFECT10, &[FF, 0, 0x1f, 0, 0, 0, 0, FF, FF, 0]),
     c(
@@ -203,7 +203,7 @@ pub static COMMANDS: &[CmdInfo] = &[
     c(
         op::SYNC_CACHE16,
         &[
-            FF, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
+            FF, 0x06, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1f, 0,
         ],
     ),
     c(
