@@ -1,7 +1,12 @@
-//! One logical unit (to be implemented).
-use super::{Nexus, ResetKind, ScsiResult, Transfer};
-use crate::storage::BlockStore;
-use std::sync::Arc;
+//! One logical unit: state (mode pages, unit attentions, reservations, medium) and dispatch.
+use super::cdb::{be, byte, check_usage, lookup, op};
+use super::pr::{Access, PortId, PrError, PrState};
+use super::sense::*;
+use super::{status, Nexus, ResetKind, ScsiResult, Transfer};
+use crate::storage::{BlockStore, StorageError};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Identity a LUN reports in INQUIRY and VPD pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,40 +21,935 @@ pub struct LuIdentity {
     pub naa: [u8; 16],
 }
 
+/// Behaviour knobs of a LU beyond what the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuOptions {
+    /// Report removable medium (INQUIRY RMB) and honour LOEJ / PREVENT ALLOW.
+    pub removable: bool,
+    /// MAXIMUM TRANSFER LENGTH in blocks (VPD 0xB0); larger READ/WRITE get INVALID FIELD.
+    pub max_transfer_blocks: u32,
+    /// MAXIMUM WRITE SAME LENGTH in blocks (VPD 0xB0).
+    pub max_write_same_blocks: u32,
+    /// MAXIMUM UNMAP LBA COUNT and BLOCK DESCRIPTOR COUNT (VPD 0xB0).
+    pub max_unmap_blocks: u32,
+    pub max_unmap_descriptors: u32,
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT for READ CAPACITY(16) (0..=15), e.g. 3 for
+    /// 512-byte blocks on 4 KiB pages. Only a hint to initiators.
+    pub physical_block_exponent: u8,
+}
+
+impl Default for LuOptions {
+    fn default() -> Self {
+        LuOptions {
+            removable: false,
+            max_transfer_blocks: 16384,
+            max_write_same_blocks: 65536,
+            max_unmap_blocks: 1 << 20,
+            max_unmap_descriptors: 256,
+            physical_block_exponent: 0,
+        }
+    }
+}
+
+/// MAXIMUM COMPARE AND WRITE LENGTH (VPD 0xB0); the NUMBER OF LOGICAL BLOCKS field is one byte.
+pub(super) const MAX_CAW_BLOCKS: u32 = 255;
+
+/// Changeable mode parameters (SPC-4 §7.5, SBC-3 §6.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ModeState {
+    pub wce: bool,
+    pub d_sense: bool,
+    pub swp: bool,
+}
+
+impl Default for ModeState {
+    fn default() -> Self {
+        ModeState {
+            wce: true,
+            d_sense: false,
+            swp: false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub mode: ModeState,
+    /// Pending unit attentions per nexus id (SAM-5 §5.14).
+    ua: HashMap<u64, VecDeque<(u8, u8)>>,
+    /// Nexuses that have sent a command, with their PR identity.
+    nexuses: HashMap<u64, PortId>,
+    /// RESERVE(6) holder (SPC-2 §7.21).
+    reserve6: Option<u64>,
+    /// Nexuses holding PREVENT MEDIUM REMOVAL (SBC-3 §5.13).
+    prevent: HashSet<u64>,
+    ejected: bool,
+    pub pr: PrState,
+    /// EXTENDED COPY outcomes by (nexus, list identifier): (segments, bytes).
+    pub copy_results: HashMap<(u64, u8), (u16, u32)>,
+}
+
+pub(super) type Out = Result<(u8, Vec<u8>), Fail>;
+
+#[derive(Debug)]
+pub(super) enum Fail {
+    Check(Sense),
+    Conflict,
+}
+
+impl From<Sense> for Fail {
+    fn from(s: Sense) -> Self {
+        Fail::Check(s)
+    }
+}
+
+pub(super) fn good(data: Vec<u8>) -> Out {
+    Ok((status::GOOD, data))
+}
+
+fn storage(e: StorageError, write: bool) -> Fail {
+    Fail::Check(match e {
+        StorageError::OutOfRange { .. } => LBA_OUT_OF_RANGE,
+        StorageError::ReadOnly => WRITE_PROTECTED,
+        StorageError::Unsupported(_) => INVALID_FIELD_CDB,
+        StorageError::Io(_) if write => WRITE_ERROR,
+        StorageError::Io(_) => READ_ERROR,
+    })
+}
+
 pub struct LogicalUnit {
-    _private: (),
+    pub(super) store: Arc<dyn BlockStore>,
+    pub(super) identity: LuIdentity,
+    pub(super) opts: LuOptions,
+    pub(super) state: Mutex<State>,
+    /// Writes hold it shared; COMPARE AND WRITE and ORWRITE hold it exclusively so that their
+    /// read-modify-write is atomic against every other write (SBC-3 §5.2).
+    io: RwLock<()>,
+}
+
+/// The block-addressing fields of a READ/WRITE-family CDB.
+#[derive(Debug, Clone, Copy)]
+struct Rw {
+    lba: u64,
+    blocks: u64,
+    flags: u8,
+}
+
+fn rw_fields(cdb: &[u8]) -> Rw {
+    let flags = byte(cdb, 1);
+    match byte(cdb, 0) >> 5 {
+        // 6-byte: 21-bit LBA; length 0 means 256 for READ(6)/WRITE(6) (SBC-3 §5.14).
+        0 => {
+            let n = byte(cdb, 4) as u64;
+            Rw {
+                lba: be(cdb, 1, 3) & 0x1f_ffff,
+                blocks: if n == 0 { 256 } else { n },
+                flags: 0,
+            }
+        }
+        1 | 2 => Rw {
+            lba: be(cdb, 2, 4),
+            blocks: be(cdb, 7, 2),
+            flags,
+        },
+        5 => Rw {
+            lba: be(cdb, 2, 4),
+            blocks: be(cdb, 6, 4),
+            flags,
+        },
+        _ if byte(cdb, 0) == op::WRITE_ATOMIC16 => Rw {
+            lba: be(cdb, 2, 8),
+            blocks: be(cdb, 12, 2),
+            flags,
+        },
+        _ => Rw {
+            lba: be(cdb, 2, 8),
+            blocks: be(cdb, 10, 4),
+            flags,
+        },
+    }
 }
 
 impl LogicalUnit {
     pub fn new(store: Arc<dyn BlockStore>, identity: LuIdentity) -> Self {
-        let _ = (store, identity);
-        todo!()
+        Self::with_options(store, identity, LuOptions::default())
+    }
+
+    pub fn with_options(store: Arc<dyn BlockStore>, identity: LuIdentity, opts: LuOptions) -> Self {
+        LogicalUnit {
+            store,
+            identity,
+            opts,
+            state: Mutex::new(State::default()),
+            io: RwLock::new(()),
+        }
+    }
+
+    pub fn options(&self) -> &LuOptions {
+        &self.opts
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not wedge the LU: the state stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn block_size(&self) -> u64 {
+        u64::from(self.store.block_size().max(1))
+    }
+
+    pub(super) fn blocks(&self) -> u64 {
+        self.store.size() / self.block_size()
+    }
+
+    pub(super) fn thin(&self) -> bool {
+        self.store.thin_provisioned()
+    }
+
+    pub(super) fn write_protected(&self) -> bool {
+        self.store.read_only() || self.lock().mode.swp
     }
 
     /// The transfer a CDB implies (for collecting Data-Out and residuals). Err = sense data
     /// for CHECK CONDITION (e.g. invalid opcode, invalid field in CDB).
     pub fn transfer(&self, cdb: &[u8]) -> Result<Transfer, ScsiResult> {
-        let _ = cdb;
-        todo!()
+        let desc = self.lock().mode.d_sense;
+        self.transfer_inner(cdb).map_err(|s| check_result(s, desc))
+    }
+
+    fn transfer_inner(&self, cdb: &[u8]) -> Result<Transfer, Sense> {
+        let info = lookup(cdb)?;
+        if info.opcode == op::UNMAP && !self.thin() {
+            return Err(INVALID_OPCODE);
+        }
+        let bs = self.block_size();
+        let bytes = |n: u64| u32::try_from(n.saturating_mul(bs)).unwrap_or(u32::MAX);
+        let len32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(match info.opcode {
+            op::READ6 | op::READ10 | op::READ12 | op::READ16 => {
+                Transfer::In(bytes(rw_fields(cdb).blocks))
+            }
+            op::WRITE6
+            | op::WRITE10
+            | op::WRITE12
+            | op::WRITE16
+            | op::WRITE_VERIFY10
+            | op::WRITE_VERIFY12
+            | op::WRITE_VERIFY16
+            | op::ORWRITE16 => Transfer::Out(bytes(rw_fields(cdb).blocks)),
+            op::VERIFY10 | op::VERIFY12 | op::VERIFY16 => match (byte(cdb, 1) >> 1) & 3 {
+                0 => Transfer::None,
+                3 => Transfer::Out(bytes(1)),
+                _ => Transfer::Out(bytes(rw_fields(cdb).blocks)),
+            },
+            op::COMPARE_AND_WRITE => Transfer::Out(bytes(2 * u64::from(byte(cdb, 13)))),
+            op::WRITE_SAME10 => Transfer::Out(bytes(1)),
+            op::WRITE_SAME16 if byte(cdb, 1) & 1 != 0 => Transfer::None,
+            op::WRITE_SAME16 => Transfer::Out(bytes(1)),
+            op::UNMAP | op::MODE_SELECT10 => Transfer::Out(len32(be(cdb, 7, 2))),
+            op::MODE_SELECT6 => Transfer::Out(len32(be(cdb, 4, 1))),
+            op::PR_OUT => Transfer::Out(len32(be(cdb, 5, 4))),
+            op::INQUIRY => Transfer::In(len32(be(cdb, 3, 2))),
+            op::REQUEST_SENSE | op::MODE_SENSE6 => Transfer::In(len32(be(cdb, 4, 1))),
+            op::MODE_SENSE10 | op::PR_IN | op::READ_DEFECT10 => Transfer::In(len32(be(cdb, 7, 2))),
+            op::READ_CAPACITY10 => Transfer::In(8),
+            op::SERVICE_ACTION_IN16 => Transfer::In(len32(be(cdb, 10, 4))),
+            op::REPORT_LUNS | op::MAINTENANCE_IN => Transfer::In(len32(be(cdb, 6, 4))),
+            op::EXTENDED_COPY => Transfer::Out(len32(be(cdb, 10, 4))),
+            op::RECEIVE_COPY_RESULTS => Transfer::In(len32(be(cdb, 10, 4))),
+            op::READ_DEFECT12 => Transfer::In(len32(be(cdb, 6, 4))),
+            _ => Transfer::None,
+        })
     }
 
     /// Execute one command. `data_out` is the Data-Out the initiator sent (possibly shorter
     /// than the CDB asked if the transport saw an underflow). Blocking: storage I/O happens here.
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
-        let _ = (nexus, cdb, data_out);
-        todo!()
+        let out = self.execute_inner(nexus, cdb, data_out);
+        let desc = self.lock().mode.d_sense;
+        match out {
+            Ok((st, data)) => ScsiResult {
+                status: st,
+                data_in: Bytes::from(data),
+                sense: None,
+            },
+            Err(Fail::Check(s)) => check_result(s, desc),
+            Err(Fail::Conflict) => ScsiResult {
+                status: status::RESERVATION_CONFLICT,
+                data_in: Bytes::new(),
+                sense: None,
+            },
+        }
+    }
+
+    fn execute_inner(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Out {
+        let opcode = byte(cdb, 0);
+        let who = PortId {
+            initiator_port: nexus.initiator_port.clone(),
+            relative_port: nexus.relative_port,
+        };
+        {
+            let mut st = self.lock();
+            st.nexuses.insert(nexus.id, who.clone());
+            // SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not consume UAs.
+            if !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE) {
+                if let Some((asc, ascq)) = st.ua.get_mut(&nexus.id).and_then(|q| q.pop_front()) {
+                    return Err(Sense::new(key::UNIT_ATTENTION, asc, ascq).into());
+                }
+            }
+        }
+        let info = lookup(cdb)?;
+        // UNMAP exists only on thin LUs (SBC-3 §4.7.3.3: LBPU follows LBPME).
+        if opcode == op::UNMAP && !self.thin() {
+            return Err(INVALID_OPCODE.into());
+        }
+        check_usage(info, cdb)?;
+        self.check_reservations(nexus, &who, cdb)?;
+        if self.lock().ejected && needs_medium(opcode) {
+            return Err(MEDIUM_NOT_PRESENT.into());
+        }
+        match opcode {
+            op::TEST_UNIT_READY => good(vec![]),
+            op::REQUEST_SENSE => self.request_sense(nexus, cdb),
+            op::INQUIRY => self.inquiry(nexus, cdb),
+            op::MODE_SENSE6 | op::MODE_SENSE10 => self.mode_sense(cdb),
+            op::MODE_SELECT6 | op::MODE_SELECT10 => self.mode_select(nexus, cdb, data_out),
+            op::READ_CAPACITY10 => self.read_capacity10(),
+            op::SERVICE_ACTION_IN16 => match byte(cdb, 1) & 0x1f {
+                op::SA_READ_CAPACITY16 => self.read_capacity16(cdb),
+                _ => self.get_lba_status(cdb),
+            },
+            op::MAINTENANCE_IN => super::spc::report_opcodes(cdb, self.thin()),
+            op::REPORT_LUNS => Err(INVALID_OPCODE.into()), // answered by the LunTable
+            op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(cdb),
+            op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16 => self.write(cdb, data_out),
+            op::WRITE_VERIFY10 | op::WRITE_VERIFY12 | op::WRITE_VERIFY16 => {
+                // BYTCHK 1xb is reserved for WRITE AND VERIFY (SBC-3 §5.40); the write itself
+                // is the verification of a medium that cannot fail silently.
+                if byte(cdb, 1) & 0x04 != 0 {
+                    return Err(Sense::invalid_cdb_field(1, Some(2)).into());
+                }
+                self.write(cdb, data_out)
+            }
+            op::VERIFY10 | op::VERIFY12 | op::VERIFY16 => self.verify(cdb, data_out),
+            op::ORWRITE16 => self.orwrite(cdb, data_out),
+            op::WRITE_ATOMIC16 => self.write_atomic(cdb, data_out),
+            op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
+            op::PREFETCH10 | op::PREFETCH16 => {
+                let f = self.prefetch_fields(cdb);
+                self.range(f.0, f.1)?;
+                good(vec![])
+            }
+            op::SYNC_CACHE10 | op::SYNC_CACHE16 => {
+                let f = self.prefetch_fields(cdb);
+                self.range(f.0, f.1)?;
+                self.store.flush().map_err(|e| storage(e, true))?;
+                good(vec![])
+            }
+            op::WRITE_SAME10 | op::WRITE_SAME16 => self.write_same(cdb, data_out),
+            op::UNMAP => self.unmap(cdb, data_out),
+            op::START_STOP_UNIT => self.start_stop(cdb),
+            op::PREVENT_ALLOW => {
+                let mut st = self.lock();
+                if byte(cdb, 4) & 1 != 0 {
+                    st.prevent.insert(nexus.id);
+                } else {
+                    st.prevent.remove(&nexus.id);
+                }
+                good(vec![])
+            }
+            op::RESERVE6 => {
+                let mut st = self.lock();
+                match st.reserve6 {
+                    Some(h) if h != nexus.id => Err(Fail::Conflict),
+                    _ => {
+                        st.reserve6 = Some(nexus.id);
+                        good(vec![])
+                    }
+                }
+            }
+            op::RELEASE6 => {
+                // Releasing a reservation held by another nexus is a no-op (SPC-2 §7.20).
+                let mut st = self.lock();
+                if st.reserve6 == Some(nexus.id) {
+                    st.reserve6 = None;
+                }
+                good(vec![])
+            }
+            op::PR_IN => {
+                let alloc = be(cdb, 7, 2) as usize;
+                let mut v = self.lock().pr.read(byte(cdb, 1) & 0x1f)?;
+                v.truncate(alloc);
+                good(v)
+            }
+            op::PR_OUT => self.pr_out(&who, cdb, data_out),
+            op::EXTENDED_COPY => self.extended_copy(nexus.id, cdb, data_out),
+            op::RECEIVE_COPY_RESULTS => self.receive_copy_results(nexus.id, cdb),
+            op::READ_DEFECT10 | op::READ_DEFECT12 => {
+                // No defects: a header with an empty list (SBC-3 §5.16/§5.17).
+                let fmt = byte(cdb, if opcode == op::READ_DEFECT10 { 2 } else { 1 }) & 0x1f;
+                let (mut v, alloc) = if opcode == op::READ_DEFECT10 {
+                    (vec![0, fmt, 0, 0], be(cdb, 7, 2))
+                } else {
+                    (vec![0, fmt, 0, 0, 0, 0, 0, 0], be(cdb, 6, 4))
+                };
+                v.truncate(alloc as usize);
+                good(v)
+            }
+            _ => Err(INVALID_OPCODE.into()),
+        }
+    }
+
+    /// RESERVE(6) (SPC-2 §5.5.1) and persistent reservation (SPC-4 §5.9.1) conflicts.
+    fn check_reservations(&self, nexus: &Nexus, who: &PortId, cdb: &[u8]) -> Result<(), Fail> {
+        let opcode = byte(cdb, 0);
+        let st = self.lock();
+        if let Some(h) = st.reserve6 {
+            let exempt = matches!(
+                opcode,
+                op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE | op::RELEASE6
+            ) || (opcode == op::MAINTENANCE_IN
+                && byte(cdb, 1) & 0x1f == op::SA_REPORT_OPCODES);
+            if h != nexus.id && !exempt {
+                return Err(Fail::Conflict);
+            }
+        }
+        if matches!(opcode, op::RESERVE6 | op::RELEASE6) && !st.pr.is_empty() {
+            return Err(Fail::Conflict);
+        }
+        if !st.pr.allows(who, access_class(cdb)) {
+            return Err(Fail::Conflict);
+        }
+        Ok(())
+    }
+
+    fn pr_out(&self, who: &PortId, cdb: &[u8], data: &[u8]) -> Out {
+        let mut st = self.lock();
+        match st.pr.out(who, cdb, data) {
+            Ok(uas) => {
+                let targets: Vec<(u64, u8, u8)> = uas
+                    .iter()
+                    .flat_map(|(p, asc, ascq)| {
+                        st.nexuses
+                            .iter()
+                            .filter(move |(_, w)| *w == p)
+                            .map(move |(id, _)| (*id, *asc, *ascq))
+                    })
+                    .collect();
+                for (id, asc, ascq) in targets {
+                    queue_ua(&mut st, id, asc, ascq);
+                }
+                good(vec![])
+            }
+            Err(PrError::Conflict) => Err(Fail::Conflict),
+            Err(PrError::Check(s)) => Err(s.into()),
+        }
+    }
+
+    /// Queue a unit attention for every known nexus except `except`.
+    pub(super) fn ua_others(&self, st: &mut State, except: Option<u64>, asc: u8, ascq: u8) {
+        let ids: Vec<u64> = st.nexuses.keys().copied().collect();
+        for id in ids.into_iter().filter(|id| Some(*id) != except) {
+            queue_ua(st, id, asc, ascq);
+        }
+    }
+
+    fn request_sense(&self, nexus: &Nexus, cdb: &[u8]) -> Out {
+        let desc = byte(cdb, 1) & 1 != 0;
+        let alloc = byte(cdb, 4) as usize;
+        let mut st = self.lock();
+        // SPC-4 §6.39: report (and clear) a pending unit attention, else NO SENSE.
+        let sense = match st.ua.get_mut(&nexus.id).and_then(|q| q.pop_front()) {
+            Some((asc, ascq)) => Sense::new(key::UNIT_ATTENTION, asc, ascq),
+            None if st.ejected => MEDIUM_NOT_PRESENT,
+            None => NO_SENSE,
+        };
+        let mut v = sense.encode(desc).to_vec();
+        v.truncate(alloc);
+        good(v)
+    }
+
+    // ----- block commands (SBC-3 §5) -----
+
+    /// LBA range check: LOGICAL BLOCK ADDRESS OUT OF RANGE (SBC-3 §4.5).
+    fn range(&self, lba: u64, blocks: u64) -> Result<(), Fail> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.blocks() => Ok(()),
+            _ => Err(LBA_OUT_OF_RANGE.into()),
+        }
+    }
+
+    fn prefetch_fields(&self, cdb: &[u8]) -> (u64, u64) {
+        if byte(cdb, 0) & 0xe0 == 0x20 {
+            (be(cdb, 2, 4), be(cdb, 7, 2))
+        } else {
+            (be(cdb, 2, 8), be(cdb, 10, 4))
+        }
+    }
+
+    /// Common READ/WRITE checks: protection fields (we have none), transfer limit, range.
+    fn rw_check(&self, cdb: &[u8], rw: &Rw) -> Result<(), Fail> {
+        if rw.flags & 0xe0 != 0 {
+            // RDPROTECT/WRPROTECT/VRPROTECT != 0 without protection (SBC-3 §5.8 table).
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        if rw.blocks > u64::from(self.opts.max_transfer_blocks) {
+            let field = if byte(cdb, 0) >> 5 == 0 { 4 } else { 7 };
+            return Err(Sense::invalid_cdb_field(field, None).into());
+        }
+        self.range(rw.lba, rw.blocks)
+    }
+
+    fn read(&self, cdb: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        self.rw_check(cdb, &rw)?;
+        let bs = self.block_size();
+        let mut buf = vec![0u8; (rw.blocks * bs) as usize];
+        if !buf.is_empty() {
+            self.store
+                .read_at(&mut buf, rw.lba * bs)
+                .map_err(|e| storage(e, false))?;
+        }
+        good(buf)
+    }
+
+    fn check_writable(&self) -> Result<(), Fail> {
+        if self.write_protected() {
+            return Err(WRITE_PROTECTED.into());
+        }
+        Ok(())
+    }
+
+    fn write(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        self.rw_check(cdb, &rw)?;
+        self.check_writable()?;
+        let bs = self.block_size();
+        let len = (rw.blocks * bs) as usize;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
+        if !data.is_empty() {
+            let fua = rw.flags & 0x08 != 0 || !self.lock().mode.wce;
+            let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+            self.store
+                .write_at(data, rw.lba * bs, fua)
+                .map_err(|e| storage(e, true))?;
+        }
+        good(vec![])
+    }
+
+    /// WRITE ATOMIC(16) (SBC-4 §5.48): all or nothing, and never seen half-done by a
+    /// concurrent COMPARE AND WRITE or ORWRITE (exclusive io lock). No alignment or
+    /// granularity constraints (both 0 in the Block Limits page).
+    fn write_atomic(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        if rw.flags & 0xe0 != 0 {
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        self.range(rw.lba, rw.blocks)?;
+        if rw.blocks > u64::from(self.opts.max_transfer_blocks) {
+            return Err(Sense::invalid_cdb_field(12, None).into());
+        }
+        self.check_writable()?;
+        let bs = self.block_size();
+        let len = (rw.blocks * bs) as usize;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
+        if !data.is_empty() {
+            let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
+            self.store
+                .write_at(data, rw.lba * bs, rw.flags & 0x08 != 0)
+                .map_err(|e| storage(e, true))?;
+        }
+        good(vec![])
+    }
+
+    /// A plain write under the shared io lock (other writers may run concurrently; COMPARE AND
+    /// WRITE and ORWRITE may not).
+    pub(super) fn write_shared(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Fail> {
+        let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+        self.store
+            .write_at(data, offset, fua)
+            .map_err(|e| storage(e, true))
+    }
+
+    fn verify(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        self.rw_check(cdb, &rw)?;
+        let bytchk = (rw.flags >> 1) & 3;
+        if bytchk == 2 {
+            return Err(Sense::invalid_cdb_field(1, Some(2)).into());
+        }
+        if bytchk == 0 || rw.blocks == 0 {
+            return good(vec![]);
+        }
+        let bs = self.block_size();
+        let mut buf = vec![0u8; (rw.blocks * bs) as usize];
+        self.store
+            .read_at(&mut buf, rw.lba * bs)
+            .map_err(|e| storage(e, false))?;
+        let expect: Vec<u8> = if bytchk == 3 {
+            let one = data
+                .get(..bs as usize)
+                .ok_or(Fail::Check(INVALID_FIELD_IU))?;
+            one.repeat(rw.blocks as usize)
+        } else {
+            data.get(..buf.len())
+                .ok_or(Fail::Check(INVALID_FIELD_IU))?
+                .to_vec()
+        };
+        match buf.iter().zip(expect.iter()).position(|(a, b)| a != b) {
+            Some(off) => Err(MISCOMPARE_VERIFY.with_info(off as u64).into()),
+            None => good(vec![]),
+        }
+    }
+
+    fn orwrite(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let rw = rw_fields(cdb);
+        self.rw_check(cdb, &rw)?;
+        self.check_writable()?;
+        if rw.blocks == 0 {
+            return good(vec![]);
+        }
+        let bs = self.block_size();
+        let len = (rw.blocks * bs) as usize;
+        let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
+        let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
+        let mut buf = vec![0u8; len];
+        self.store
+            .read_at(&mut buf, rw.lba * bs)
+            .map_err(|e| storage(e, false))?;
+        buf.iter_mut().zip(data).for_each(|(a, b)| *a |= b);
+        self.store
+            .write_at(&buf, rw.lba * bs, rw.flags & 0x08 != 0)
+            .map_err(|e| storage(e, true))?;
+        good(vec![])
+    }
+
+    /// COMPARE AND WRITE (SBC-3 §5.2): atomic against other writes via the exclusive io lock.
+    fn compare_and_write(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let flags = byte(cdb, 1);
+        let lba = be(cdb, 2, 8);
+        let n = u64::from(byte(cdb, 13));
+        if flags & 0xe0 != 0 {
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        if n > u64::from(MAX_CAW_BLOCKS) || n > u64::from(self.opts.max_transfer_blocks) {
+            return Err(Sense::invalid_cdb_field(13, None).into());
+        }
+        self.range(lba, n)?;
+        self.check_writable()?;
+        if n == 0 {
+            return good(vec![]);
+        }
+        let bs = self.block_size();
+        let len = (n * bs) as usize;
+        let (verify, write) = match (data.get(..len), data.get(len..2 * len)) {
+            (Some(v), Some(w)) => (v, w),
+            _ => return Err(INVALID_FIELD_IU.into()),
+        };
+        let _g = self.io.write().unwrap_or_else(|p| p.into_inner());
+        let mut buf = vec![0u8; len];
+        self.store
+            .read_at(&mut buf, lba * bs)
+            .map_err(|e| storage(e, false))?;
+        if let Some(off) = buf.iter().zip(verify).position(|(a, b)| a != b) {
+            return Err(MISCOMPARE_VERIFY.with_info(off as u64).into());
+        }
+        self.store
+            .write_at(write, lba * bs, flags & 0x08 != 0)
+            .map_err(|e| storage(e, true))?;
+        good(vec![])
+    }
+
+    /// WRITE SAME(10/16) (SBC-3 §5.41/§5.42).
+    fn write_same(&self, cdb: &[u8], data: &[u8]) -> Out {
+        let sixteen = byte(cdb, 0) == op::WRITE_SAME16;
+        let flags = byte(cdb, 1);
+        let (lba, mut n) = if sixteen {
+            (be(cdb, 2, 8), be(cdb, 10, 4))
+        } else {
+            (be(cdb, 2, 4), be(cdb, 7, 2))
+        };
+        if flags & 0xe0 != 0 {
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        let unmap = flags & 0x08 != 0;
+        let ndob = sixteen && flags & 0x01 != 0;
+        if unmap && !self.thin() {
+            // LBPWS/LBPWS10 are zero on a fully provisioned LU (SBC-3 §5.42).
+            return Err(Sense::invalid_cdb_field(1, Some(3)).into());
+        }
+        if lba > self.blocks() {
+            return Err(LBA_OUT_OF_RANGE.into());
+        }
+        let max = u64::from(self.opts.max_write_same_blocks);
+        if n == 0 {
+            // Zero means "to the end of the medium" (SBC-3 §5.41), subject to the limit.
+            n = self.blocks() - lba;
+        }
+        if max != 0 && n > max {
+            return Err(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None).into());
+        }
+        self.range(lba, n)?;
+        self.check_writable()?;
+        let bs = self.block_size() as usize;
+        let block: Vec<u8> = if ndob {
+            vec![0u8; bs]
+        } else {
+            match data.get(..bs) {
+                Some(b) => b.to_vec(),
+                None => return Err(INVALID_FIELD_IU.into()),
+            }
+        };
+        if n == 0 {
+            return good(vec![]);
+        }
+        let zero = block.iter().all(|&b| b == 0);
+        let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+        // UNMAP (or NDOB) with zeroes on a thin LU deallocates: reads return zeroes (LBPRZ).
+        if zero && (unmap || ndob) && self.thin() {
+            self.store
+                .discard(lba * bs as u64, n * bs as u64)
+                .map_err(|e| storage(e, true))?;
+            return good(vec![]);
+        }
+        let chunk_blocks = (1 << 20) / bs as u64 + 1;
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(chunk_blocks);
+            let buf = block.repeat(k as usize);
+            self.store
+                .write_at(&buf, (lba + done) * bs as u64, false)
+                .map_err(|e| storage(e, true))?;
+            done += k;
+        }
+        good(vec![])
+    }
+
+    /// UNMAP (SBC-3 §5.28) with the parameter list checks of §5.28.2.
+    fn unmap(&self, cdb: &[u8], data: &[u8]) -> Out {
+        if byte(cdb, 1) & 1 != 0 {
+            return Err(Sense::invalid_cdb_field(1, Some(0)).into());
+        }
+        let plen = be(cdb, 7, 2) as usize;
+        if plen == 0 {
+            return good(vec![]);
+        }
+        if plen < 8 {
+            return Err(PARAM_LIST_LENGTH.into());
+        }
+        self.check_writable()?;
+        let data = data.get(..plen).ok_or(Fail::Check(PARAM_LIST_LENGTH))?;
+        let dlen = be(data, 0, 2) as usize;
+        let bdlen = be(data, 2, 2) as usize;
+        if bdlen % 16 != 0 || dlen + 2 > plen || bdlen + 8 > plen {
+            return Err(PARAM_LIST_LENGTH.into());
+        }
+        let count = bdlen / 16;
+        if count > self.opts.max_unmap_descriptors as usize {
+            return Err(Sense::invalid_param_field(2, None).into());
+        }
+        let descs: Vec<(u64, u64)> = (0..count)
+            .map(|i| {
+                let d = &data[8 + i * 16..];
+                (be(d, 0, 8), be(d, 8, 4))
+            })
+            .collect();
+        // Validate every descriptor before changing anything.
+        for (i, &(lba, n)) in descs.iter().enumerate() {
+            if n > u64::from(self.opts.max_unmap_blocks) {
+                return Err(Sense::invalid_param_field((8 + i * 16 + 8) as u16, None).into());
+            }
+            self.range(lba, n)?;
+        }
+        let bs = self.block_size();
+        let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+        for (lba, n) in descs.into_iter().filter(|d| d.1 > 0) {
+            if self.thin() {
+                self.store
+                    .discard(lba * bs, n * bs)
+                    .map_err(|e| storage(e, true))?;
+            }
+        }
+        good(vec![])
+    }
+
+    /// GET LBA STATUS (SBC-3 §5.6).
+    fn get_lba_status(&self, cdb: &[u8]) -> Out {
+        let lba = be(cdb, 2, 8);
+        let alloc = be(cdb, 10, 4) as usize;
+        if lba >= self.blocks() {
+            return Err(LBA_OUT_OF_RANGE.into());
+        }
+        let bs = self.block_size();
+        let (mapped, len) = self
+            .store
+            .allocation(lba * bs)
+            .map_err(|e| storage(e, false))?;
+        let count = (len / bs).clamp(1, u64::from(u32::MAX));
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&20u32.to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
+        v.extend_from_slice(&lba.to_be_bytes());
+        v.extend_from_slice(&(count as u32).to_be_bytes());
+        v.push(if mapped { 0 } else { 1 });
+        v.extend_from_slice(&[0; 3]);
+        v.truncate(alloc);
+        good(v)
+    }
+
+    fn read_capacity10(&self) -> Out {
+        let last = self.blocks().saturating_sub(1);
+        let mut v = Vec::with_capacity(8);
+        // Too big for 32 bits: 0xFFFFFFFF tells the initiator to use READ CAPACITY(16).
+        v.extend_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
+        v.extend_from_slice(&(self.block_size() as u32).to_be_bytes());
+        good(v)
+    }
+
+    fn read_capacity16(&self, cdb: &[u8]) -> Out {
+        let alloc = be(cdb, 10, 4) as usize;
+        let mut v = vec![0u8; 32];
+        v[0..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
+        v[8..12].copy_from_slice(&(self.block_size() as u32).to_be_bytes());
+        v[13] = self.opts.physical_block_exponent & 0x0f;
+        if self.thin() {
+            // LBPME and LBPRZ (SBC-3 §5.16.2): discarded blocks read back as zeroes.
+            v[14] = 0xc0;
+        }
+        v.truncate(alloc);
+        good(v)
+    }
+
+    /// START STOP UNIT (SBC-3 §5.25): only LOEJ on removable LUs does anything.
+    fn start_stop(&self, cdb: &[u8]) -> Out {
+        let b4 = byte(cdb, 4);
+        let (pc, loej, start) = (b4 >> 4, b4 & 2 != 0, b4 & 1 != 0);
+        if pc != 0 || !loej {
+            return good(vec![]);
+        }
+        let mut st = self.lock();
+        if !st.prevent.is_empty() {
+            return Err(REMOVAL_PREVENTED.into());
+        }
+        if self.opts.removable {
+            st.ejected = !start;
+        }
+        good(vec![])
     }
 
     /// A reset task management function reached this LU from `nexus`.
     pub fn reset(&self, nexus: &Nexus, kind: ResetKind) {
-        let _ = (nexus, kind);
-        todo!()
+        let _ = nexus;
+        let mut st = self.lock();
+        // SPC-4 §5.9.1 / SPC-2: resets release RESERVE(6) and clear PREVENT (SBC-3 §5.13);
+        // persistent reservations survive.
+        st.reserve6 = None;
+        st.prevent.clear();
+        let (asc, ascq) = match kind {
+            ResetKind::LogicalUnit => (0x29, 0x03),
+            ResetKind::TargetWarm => (0x29, 0x02),
+            ResetKind::TargetCold => (0x29, 0x01),
+        };
+        if kind == ResetKind::TargetCold {
+            st.mode = ModeState::default();
+        }
+        self.ua_others(&mut st, None, asc, ascq);
     }
 
     /// The I_T nexus is gone (session closed or reinstated): release RESERVE(6)
     /// reservations and forget its unit attentions. Persistent reservations survive.
     pub fn nexus_lost(&self, nexus: &Nexus) {
-        let _ = nexus;
-        todo!()
+        let mut st = self.lock();
+        if st.reserve6 == Some(nexus.id) {
+            st.reserve6 = None;
+        }
+        st.prevent.remove(&nexus.id);
+        st.ua.remove(&nexus.id);
+        st.nexuses.remove(&nexus.id);
+        st.copy_results.retain(|k, _| k.0 != nexus.id);
+    }
+}
+
+/// Pending unit attentions per nexus are few and distinct: an idle nexus must not accumulate
+/// an unbounded queue (SAM-5 §5.14 lets a device server report only the most important).
+const MAX_PENDING_UAS: usize = 8;
+
+fn queue_ua(st: &mut State, id: u64, asc: u8, ascq: u8) {
+    let q = st.ua.entry(id).or_default();
+    if !q.contains(&(asc, ascq)) && q.len() < MAX_PENDING_UAS {
+        q.push_back((asc, ascq));
+    }
+}
+
+pub(super) fn check_result(s: Sense, descriptor: bool) -> ScsiResult {
+    ScsiResult {
+        status: status::CHECK_CONDITION,
+        data_in: Bytes::new(),
+        sense: Some(s.encode(descriptor)),
+    }
+}
+
+/// Commands that touch the medium and fail with MEDIUM NOT PRESENT after an eject.
+fn needs_medium(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::TEST_UNIT_READY
+            | op::READ6
+            | op::READ10
+            | op::READ12
+            | op::READ16
+            | op::WRITE6
+            | op::WRITE10
+            | op::WRITE12
+            | op::WRITE16
+            | op::WRITE_VERIFY10
+            | op::WRITE_VERIFY12
+            | op::WRITE_VERIFY16
+            | op::VERIFY10
+            | op::VERIFY12
+            | op::VERIFY16
+            | op::ORWRITE16
+            | op::WRITE_ATOMIC16
+            | op::COMPARE_AND_WRITE
+            | op::PREFETCH10
+            | op::PREFETCH16
+            | op::SYNC_CACHE10
+            | op::SYNC_CACHE16
+            | op::WRITE_SAME10
+            | op::WRITE_SAME16
+            | op::UNMAP
+            | op::EXTENDED_COPY
+            | op::READ_CAPACITY10
+            | op::SERVICE_ACTION_IN16
+    )
+}
+
+/// Access class for the persistent reservation rules (SPC-4 §5.9.1 tables).
+fn access_class(cdb: &[u8]) -> Access {
+    match byte(cdb, 0) {
+        op::INQUIRY
+        | op::REPORT_LUNS
+        | op::REQUEST_SENSE
+        | op::PR_IN
+        | op::PR_OUT
+        | op::TEST_UNIT_READY
+        | op::READ_CAPACITY10
+        | op::SERVICE_ACTION_IN16
+        | op::MAINTENANCE_IN
+        | op::PREVENT_ALLOW => Access::Always,
+        op::READ6
+        | op::READ10
+        | op::READ12
+        | op::READ16
+        | op::VERIFY10
+        | op::VERIFY12
+        | op::VERIFY16
+        | op::MODE_SENSE6
+        | op::MODE_SENSE10
+        | op::PREFETCH10
+        | op::PREFETCH16
+        | op::READ_DEFECT10
+        | op::READ_DEFECT12 => Access::Read,
+        _ => Access::Write,
     }
 }

@@ -1,6 +1,18 @@
 //! SCSI block device (SPC-4, SBC-3), independent of iSCSI: CDBs and data in, status, sense and
 //! data out. A [`LunTable`] is one target's logical units; each [`LogicalUnit`] serves one
 //! [`BlockStore`](crate::storage::BlockStore).
+//!
+//! Transport contract: call [`LunTable::transfer`] with the CDB to learn how much Data-Out to
+//! collect (or Data-In to expect), then [`LunTable::execute`] with what arrived. A Data-Out
+//! shorter than the CDB implies is refused with 05/0E/03 INVALID FIELD IN COMMAND INFORMATION
+//! UNIT (nothing is written); the transport truncates longer Data-Out itself. Call
+//! [`LunTable::reset`] for LOGICAL UNIT RESET / TARGET WARM/COLD RESET and
+//! [`LunTable::nexus_lost`] when a session ends so RESERVE(6), PREVENT and unit attentions of
+//! that nexus go away.
+//!
+//! Files: `cdb` (command table, usage maps, reserved-bit checks), `sense`, `lun` (state and
+//! block commands), `spc` (INQUIRY/VPD, mode pages, REPORT SUPPORTED OPERATION CODES), `pr`
+//! (persistent reservations), `xcopy` (EXTENDED COPY), `table` (REPORT LUNS, absent LUNs).
 
 use bytes::Bytes;
 
@@ -62,8 +74,14 @@ pub enum ResetKind {
     TargetCold,
 }
 
+pub mod cdb;
 mod lun;
+pub mod pr;
+pub mod sense;
+mod spc;
 mod table;
+mod xcopy;
 
-pub use lun::{LogicalUnit, LuIdentity};
+pub use lun::{LogicalUnit, LuIdentity, LuOptions};
+pub use sense::Sense;
 pub use table::LunTable;

@@ -1,5 +1,11 @@
-//! One target's LUNs (to be implemented): REPORT LUNS on any LUN, LUN-not-supported answers.
-use super::{LogicalUnit, Nexus, ResetKind, ScsiResult, Transfer};
+//! One target's LUNs: REPORT LUNS on any LUN, LUN-not-supported answers (SPC-4 §6.33, SAM-5
+//! §5.9 / SPC-4 §6.6.2 for the peripheral qualifier of a LUN that is not there).
+use super::cdb::{be, byte, op};
+use super::lun::check_result;
+use super::sense::{Sense, LU_NOT_SUPPORTED};
+use super::{status, LogicalUnit, Nexus, ResetKind, ScsiResult, Transfer};
+use crate::pdu::{lun_from_index, lun_to_index};
+use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -12,21 +18,122 @@ impl LunTable {
         LunTable { luns }
     }
 
+    fn get(&self, lun: u64) -> Option<&Arc<LogicalUnit>> {
+        lun_to_index(lun).and_then(|i| self.luns.get(&i))
+    }
+
     /// `lun` is the 8-byte SAM LUN from the PDU.
     pub fn transfer(&self, lun: u64, cdb: &[u8]) -> Result<Transfer, ScsiResult> {
-        let _ = (lun, cdb);
-        todo!()
+        let opcode = byte(cdb, 0);
+        if opcode == op::REPORT_LUNS {
+            return Ok(Transfer::In(be(cdb, 6, 4) as u32));
+        }
+        match self.get(lun) {
+            Some(lu) => lu.transfer(cdb),
+            None => match opcode {
+                op::INQUIRY => Ok(Transfer::In(be(cdb, 3, 2) as u32)),
+                op::REQUEST_SENSE => Ok(Transfer::In(u32::from(byte(cdb, 4)))),
+                _ => Err(check_result(LU_NOT_SUPPORTED, false)),
+            },
+        }
     }
 
     pub fn execute(&self, nexus: &Nexus, lun: u64, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
-        let _ = (nexus, lun, cdb, data_out);
-        todo!()
+        let opcode = byte(cdb, 0);
+        let lu = self.get(lun);
+        if opcode == op::REPORT_LUNS {
+            let desc = false;
+            return match self.report_luns(cdb) {
+                Ok(v) => ScsiResult {
+                    status: status::GOOD,
+                    data_in: Bytes::from(v),
+                    sense: None,
+                },
+                Err(s) => check_result(s, desc),
+            };
+        }
+        if let Some(lu) = lu {
+            return lu.execute(nexus, cdb, data_out);
+        }
+        match opcode {
+            op::INQUIRY => {
+                if byte(cdb, 1) & 1 != 0 || byte(cdb, 2) != 0 {
+                    return check_result(LU_NOT_SUPPORTED, false);
+                }
+                // Peripheral qualifier 011b, device type 1Fh: no LU here (SPC-4 §6.6.2).
+                let mut v = vec![0u8; 36];
+                v[0] = 0x7f;
+                v[2] = 0x06;
+                v[3] = 0x12;
+                v[4] = 31;
+                v.truncate(be(cdb, 3, 2) as usize);
+                ScsiResult {
+                    status: status::GOOD,
+                    data_in: Bytes::from(v),
+                    sense: None,
+                }
+            }
+            op::REQUEST_SENSE => {
+                let mut v = LU_NOT_SUPPORTED.encode(byte(cdb, 1) & 1 != 0).to_vec();
+                v.truncate(byte(cdb, 4) as usize);
+                ScsiResult {
+                    status: status::GOOD,
+                    data_in: Bytes::from(v),
+                    sense: None,
+                }
+            }
+            _ => check_result(LU_NOT_SUPPORTED, false),
+        }
+    }
+
+    /// REPORT LUNS (SPC-4 §6.33).
+    fn report_luns(&self, cdb: &[u8]) -> Result<Vec<u8>, Sense> {
+        if let Some((i, _)) = [0xffu8, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0]
+            .iter()
+            .zip(cdb.iter())
+            .enumerate()
+            .find(|(_, (m, b))| **b & !**m != 0)
+        {
+            return Err(Sense::invalid_cdb_field(i as u16, None));
+        }
+        let select = byte(cdb, 2);
+        let alloc = be(cdb, 6, 4) as usize;
+        if alloc < 16 {
+            return Err(Sense::invalid_cdb_field(6, None));
+        }
+        let luns: Vec<u64> = match select {
+            0 | 2 => self.luns.keys().map(|&i| lun_from_index(i)).collect(),
+            // Well-known LUNs only: we have none.
+            1 => Vec::new(),
+            _ => return Err(Sense::invalid_cdb_field(2, None)),
+        };
+        let mut v = Vec::with_capacity(8 + 8 * luns.len());
+        v.extend_from_slice(&((luns.len() * 8) as u32).to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
+        for l in luns {
+            v.extend_from_slice(&l.to_be_bytes());
+        }
+        v.truncate(alloc);
+        Ok(v)
     }
 
     /// Returns false if the LUN does not exist (TMF response 2).
     pub fn reset(&self, nexus: &Nexus, lun: Option<u64>, kind: ResetKind) -> bool {
-        let _ = (nexus, lun, kind);
-        todo!()
+        match lun {
+            Some(l) => match self.get(l) {
+                Some(lu) => {
+                    lu.reset(nexus, kind);
+                    true
+                }
+                None => false,
+            },
+            None => {
+                for lu in self.luns.values() {
+                    lu.reset(nexus, kind);
+                }
+                true
+            }
+        }
     }
 
     pub fn nexus_lost(&self, nexus: &Nexus) {
