@@ -189,10 +189,12 @@ pub fn open_store(file: &str, path: &str, lun: &LunPlan) -> Result<FileStore, Co
 }
 
 /// Construct the logical unit of a LUN (the one place that calls into the SCSI layer).
-// Merge note: once the scsi branch's `LuOptions` is in, pass `removable` through it:
-// `LogicalUnit::with_options(store, id, LuOptions { removable: lun.removable, ..Default::default() })`.
 fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan) -> LogicalUnit {
-    LogicalUnit::new(store, lun.identity.clone())
+    let opts = crate::scsi::LuOptions {
+        removable: lun.removable,
+        ..Default::default()
+    };
+    LogicalUnit::with_options(store, lun.identity.clone(), opts)
 }
 
 /// Open every image of `target` and build its LUN table.

@@ -333,7 +333,6 @@ fn image_create_is_sparse_and_refuses_overwrite() {
 /// End to end through the binary: quick mode binds, announces the real port, and serves.
 /// Needs the SCSI layer's `LogicalUnit::new` (a `todo!()` until the branches are merged).
 #[test]
-#[ignore = "needs scsi::LogicalUnit::new and session::Server::run (after merge)"]
 fn serve_quick_mode_announces_the_bound_port() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();

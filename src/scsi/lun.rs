@@ -526,6 +526,10 @@ impl LogicalUnit {
         self.check_writable()?;
         let bs = self.block_size();
         let len = (rw.blocks * bs) as usize;
+        // When the transport's expected length cut the Data-Out short (FCP-4 §9.4.2 a: data
+        // beyond the EDTL is not transferred), only the whole blocks received are written; the
+        // transport reports the residual.
+        let len = len.min(data.len() / bs as usize * bs as usize);
         let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
         if !data.is_empty() {
             let fua = rw.flags & 0x08 != 0 || !self.lock().mode.wce;
