@@ -190,8 +190,11 @@ pub fn open_store(file: &str, path: &str, lun: &LunPlan) -> Result<FileStore, Co
 
 /// Construct the logical unit of a LUN (the one place that calls into the SCSI layer).
 fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan) -> LogicalUnit {
+    // Largest single transfer: 32 MiB whatever the block size (bounds one command's buffer;
+    // UEFI reads up to 8 MiB at once, libiscsi's WRITE SAME tests write 65536 blocks).
     let opts = crate::scsi::LuOptions {
         removable: lun.removable,
+        max_transfer_blocks: (32 << 20) / lun.block_size.max(512),
         ..Default::default()
     };
     LogicalUnit::with_options(store, lun.identity.clone(), opts)

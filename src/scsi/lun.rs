@@ -236,7 +236,8 @@ impl LogicalUnit {
             | op::WRITE_VERIFY10
             | op::WRITE_VERIFY12
             | op::WRITE_VERIFY16
-            | op::ORWRITE16 => Transfer::Out(bytes(rw_fields(cdb).blocks)),
+            | op::ORWRITE16
+            | op::WRITE_ATOMIC16 => Transfer::Out(bytes(rw_fields(cdb).blocks)),
             op::VERIFY10 | op::VERIFY12 | op::VERIFY16 => match (byte(cdb, 1) >> 1) & 3 {
                 0 => Transfer::None,
                 3 => Transfer::Out(bytes(1)),
@@ -642,6 +643,11 @@ impl LogicalUnit {
         self.range(lba, n)?;
         self.check_writable()?;
         if n == 0 {
+            // SBC-3 §5.2: zero blocks is not an error, but Data-Out with it means the
+            // initiator meant a length the one-byte field cannot hold (libiscsi sends 256).
+            if !data.is_empty() {
+                return Err(Sense::invalid_cdb_field(13, None).into());
+            }
             return good(vec![]);
         }
         let bs = self.block_size();
@@ -709,8 +715,10 @@ impl LogicalUnit {
         }
         let zero = block.iter().all(|&b| b == 0);
         let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
-        // UNMAP (or NDOB) with zeroes on a thin LU deallocates: reads return zeroes (LBPRZ).
-        if zero && (unmap || ndob) && self.thin() {
+        // UNMAP on a thin LU deallocates whatever the data block holds (as LIO does, and as
+        // libiscsi expects with LBPRZ=1: unmapped blocks read back as zeroes); NDOB means a
+        // zero block.
+        if (unmap || (ndob && zero)) && self.thin() {
             self.store
                 .discard(lba * bs as u64, n * bs as u64)
                 .map_err(|e| storage(e, true))?;

@@ -689,11 +689,14 @@ impl Conn {
             }
         };
         match transfer {
-            Transfer::Out(n) if n > 0 => {
+            // Data-Out with a CDB that takes none (or a length its field cannot express) is
+            // still collected: the SCSI layer decides (e.g. COMPARE AND WRITE of 256 blocks).
+            Transfer::Out(n) if n > 0 || (c.write && edtl > 0) => {
+                let n_use = if n == 0 { edtl } else { n };
                 // A transfer length that disagrees with the EDTL is processed as FCP-4 §9.4.2
                 // says (and libiscsi's residual tests expect): only min(EDTL, transfer) bytes
                 // are used, GOOD status, and the residual reported.
-                let collector = match WriteCollector::new(&self.params, edtl, n, &data) {
+                let collector = match WriteCollector::new(&self.params, edtl, n_use, &data) {
                     Ok(w) => w,
                     Err(e) => {
                         debug!(error = %e, "bad immediate data");
