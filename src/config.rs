@@ -173,6 +173,16 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Golden images that boot targets serve through per-client overlays.
+    #[serde(default)]
+    pub images: Vec<ImageConfig>,
+    /// Where per-client overlays and the control socket live (relative to the file's
+    /// directory). Default: `state`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The optional HTTP listener that hands each client its iPXE boot script.
+    #[serde(default)]
+    pub boot_http: Option<BootHttpConfig>,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -199,6 +209,9 @@ pub struct SettingsConfig {
     pub initial_r2t: bool,
     pub header_digest: bool,
     pub data_digest: bool,
+    /// A volatile client counts as rebooted when its firmware logs in after it had no
+    /// session for at least this long (docs/overlays.md).
+    pub reboot_gap_secs: u64,
 }
 
 impl Default for SettingsConfig {
@@ -218,6 +231,7 @@ impl Default for SettingsConfig {
             initial_r2t: p.initial_r2t,
             header_digest: p.allow_header_digest,
             data_digest: p.allow_data_digest,
+            reboot_gap_secs: s.reboot_gap.as_secs(),
         }
     }
 }
@@ -242,6 +256,7 @@ impl SettingsConfig {
             login_timeout: Duration::from_secs(self.login_timeout_secs),
             max_sessions: self.max_sessions,
             cmd_window: self.cmd_window,
+            reboot_gap: Duration::from_secs(self.reboot_gap_secs),
         }
     }
 
@@ -397,6 +412,98 @@ pub struct TargetConfig {
     pub chap: Option<ChapConfig>,
     #[serde(default)]
     pub luns: Vec<LunConfig>,
+    /// A boot target: each client sees, as LUN 0, the golden image of its binding through
+    /// its own overlay. Exclusive with `luns`.
+    #[serde(default)]
+    pub boot: Option<BootConfig>,
+}
+
+/// One entry of `images:`: a golden image, never written (except by a `direct` binding).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Create a sparse image of this size if missing (demo use).
+    #[serde(default)]
+    pub create_size: Option<ByteSize>,
+}
+
+/// How a client's writes are kept (docs/overlays.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlayMode {
+    /// Writes go to an overlay that is discarded when the client boots again.
+    Volatile,
+    /// Writes go to an overlay that survives reboots and server restarts.
+    Persistent,
+    /// Writes are refused (WRITE PROTECTED).
+    Readonly,
+    /// Writes go to the golden image itself (image maintenance; one client at a time).
+    Direct,
+}
+
+impl fmt::Display for OverlayMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OverlayMode::Volatile => "volatile",
+            OverlayMode::Persistent => "persistent",
+            OverlayMode::Readonly => "readonly",
+            OverlayMode::Direct => "direct",
+        })
+    }
+}
+
+/// `boot:` of a target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// Bindings, first match wins.
+    #[serde(default)]
+    pub bindings: Vec<BindingConfig>,
+    /// Binding for initiators no binding matches; absent = unknown initiators are refused.
+    #[serde(default)]
+    pub default: Option<DefaultBindingConfig>,
+}
+
+/// One binding: which initiators get which image, how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// Exact initiator name or glob (`iqn.2010-04.org.ipxe:*`). With `mac`/`uuid` it must be
+    /// exact (the boot script sets it); absent with `mac`: derived from the MAC.
+    #[serde(default)]
+    pub initiator: Option<String>,
+    pub image: String,
+    pub mode: OverlayMode,
+    /// MAC address the boot script endpoint knows this client by.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// SMBIOS UUID the boot script endpoint knows this client by.
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+/// `boot.default:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultBindingConfig {
+    pub image: String,
+    pub mode: OverlayMode,
+}
+
+/// `boot_http:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootHttpConfig {
+    /// Address of the HTTP listener, e.g. 0.0.0.0:8080.
+    pub listen: Portal,
+    /// iSCSI portal written into the scripts (`host:port`); default: the address the client
+    /// reached the HTTP listener on, with the first portal's port.
+    #[serde(default)]
+    pub iscsi_portal: Option<String>,
 }
 
 fn default_block_size() -> u32 {
@@ -492,6 +599,19 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Parse a MAC address ("52:54:00:12:34:56" or with '-'), lowercase hex with ':'.
+pub fn parse_mac(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.trim().split([':', '-']).collect();
+    if parts.len() != 6
+        || !parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(format!("bad MAC address {s:?}: expected e.g. 52:54:00:12:34:56"));
+    }
+    Ok(parts.join(":").to_ascii_lowercase())
+}
+
 /// Build a case-insensitive matcher for initiator name globs (initiator names are
 /// case-insensitive: stringprep lowercases them, RFC 3722).
 pub fn build_acl(patterns: &[String]) -> Result<globset::GlobSet, String> {
@@ -565,7 +685,11 @@ impl Config {
                     serial: None,
                     create_size: None,
                 }],
+                boot: None,
             }],
+            images: Vec::new(),
+            state_dir: None,
+            boot_http: None,
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -574,6 +698,11 @@ impl Config {
     /// The portal addresses.
     pub fn portal_addrs(&self) -> Vec<SocketAddr> {
         self.portals.iter().map(|p| p.0).collect()
+    }
+
+    /// The state directory (overlays, control socket), resolved.
+    pub fn state_path(&self) -> PathBuf {
+        self.image_path(self.state_dir.as_deref().unwrap_or(Path::new("state")))
     }
 
     /// The absolute-or-base-relative path of an image.
@@ -606,6 +735,7 @@ impl Config {
             }
         }
         self.settings.validate(file)?;
+        self.validate_images()?;
         if let Some(chap) = &self.discovery.chap {
             chap.validate(file, "discovery.chap")?;
         }
@@ -643,12 +773,23 @@ impl Config {
             if let Some(chap) = &t.chap {
                 chap.validate(file, &format!("{tpath}.chap"))?;
             }
-            if t.luns.is_empty() {
-                return Err(ConfigError::invalid(
-                    file,
-                    format!("{tpath}.luns"),
-                    "no LUNs",
-                ));
+            match (&t.boot, t.luns.is_empty()) {
+                (Some(_), false) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tpath}"),
+                        "a target has either luns or boot, not both",
+                    ))
+                }
+                (None, true) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tpath}.luns"),
+                        "no LUNs (and no boot section)",
+                    ))
+                }
+                (Some(b), true) => self.validate_boot(&format!("{tpath}.boot"), b)?,
+                (None, false) => {}
             }
             let mut luns = HashSet::new();
             for (li, l) in t.luns.iter().enumerate() {
@@ -661,6 +802,101 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn validate_images(&self) -> Result<(), ConfigError> {
+        let file = self.source.as_str();
+        let mut names = HashSet::new();
+        for (i, im) in self.images.iter().enumerate() {
+            let path = format!("images[{i}]");
+            let bad = |m: String| ConfigError::invalid(file, path.as_str(), m);
+            if im.name.is_empty()
+                || !im
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(bad(format!(
+                    "image name {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                    im.name
+                )));
+            }
+            if !names.insert(im.name.as_str()) {
+                return Err(bad(format!("duplicate image name {}", im.name)));
+            }
+            // The same checks as a LUN's image.
+            let as_lun = LunConfig {
+                lun: 0,
+                image: im.path.clone(),
+                read_only: true,
+                block_size: im.block_size,
+                thin: true,
+                removable: false,
+                serial: None,
+                create_size: im.create_size,
+            };
+            self.validate_lun(&path, &as_lun)?;
+        }
+        Ok(())
+    }
+
+    fn validate_boot(&self, path: &str, b: &BootConfig) -> Result<(), ConfigError> {
+        let file = self.source.as_str();
+        let known = |image: &str, p: String| {
+            if self.images.iter().any(|i| i.name == image) {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    file,
+                    p,
+                    format!("image {image:?} is not in images:"),
+                ))
+            }
+        };
+        if b.bindings.is_empty() && b.default.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                path,
+                "no bindings and no default: no client could boot",
+            ));
+        }
+        for (i, bd) in b.bindings.iter().enumerate() {
+            let bp = format!("{path}.bindings[{i}]");
+            known(&bd.image, format!("{bp}.image"))?;
+            match &bd.initiator {
+                Some(pat) => {
+                    build_acl(std::slice::from_ref(pat))
+                        .map_err(|m| ConfigError::invalid(file, format!("{bp}.initiator"), m))?;
+                    let glob = pat.contains(['*', '?', '[', '{']);
+                    if glob && (bd.mac.is_some() || bd.uuid.is_some()) {
+                        return Err(ConfigError::invalid(
+                            file,
+                            format!("{bp}.initiator"),
+                            "a binding with mac or uuid needs an exact initiator name (the boot                              script sets it)",
+                        ));
+                    }
+                    if !glob {
+                        validate_iscsi_name(&pat.to_ascii_lowercase())
+                            .map_err(|m| ConfigError::invalid(file, format!("{bp}.initiator"), m))?;
+                    }
+                }
+                None if bd.mac.is_none() => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        bp,
+                        "a binding needs an initiator (name or glob) or a mac",
+                    ))
+                }
+                None => {}
+            }
+            if let Some(mac) = &bd.mac {
+                parse_mac(mac).map_err(|m| ConfigError::invalid(file, format!("{bp}.mac"), m))?;
+            }
+        }
+        if let Some(d) = &b.default {
+            known(&d.image, format!("{path}.default.image"))?;
         }
         Ok(())
     }

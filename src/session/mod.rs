@@ -37,6 +37,9 @@ pub struct Settings {
     pub max_sessions: usize,
     /// CmdSN window per session: MaxCmdSN = ExpCmdSN + cmd_window - 1.
     pub cmd_window: u32,
+    /// A firmware login after the client had no session this long counts as a reboot
+    /// (volatile overlays are discarded then; docs/overlays.md).
+    pub reboot_gap: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +51,7 @@ impl Default for Settings {
             login_timeout: Duration::from_secs(15),
             max_sessions: 4096,
             cmd_window: 128,
+            reboot_gap: Duration::from_secs(15),
         }
     }
 }
