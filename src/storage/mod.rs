@@ -4,9 +4,11 @@
 
 mod file;
 mod memory;
+mod overlay;
 
 pub use file::FileStore;
 pub use memory::MemStore;
+pub use overlay::{CheckReport, ChunkState, Overlay, OverlayError, OverlayOptions, OverlayStats};
 
 /// Typed storage errors.
 #[derive(Debug, thiserror::Error)]

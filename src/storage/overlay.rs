@@ -1,0 +1,931 @@
+//! Per-client copy-on-write overlays (issue 3): a private writable disk made of a read-only
+//! golden image plus a directory of the client's own changes.
+//!
+//! The device is cut into chunks (default 4 KiB). Each chunk is golden (read from the golden
+//! image), overlay (read from the data file) or zero (unmapped: reads as zeroes, LBPRZ=1,
+//! SBC-3 §4.7.3.4). The data file is a sparse file the size of the device holding overlay
+//! chunks at their own offset. Chunk states live in an extent map (memory scales with what the
+//! client changed) whose changes are appended to a checksummed journal; a snapshot file holds
+//! the compacted map and the golden identity. docs/overlays.md has the format and the
+//! crash-safety argument; in short, a state record is written to the journal only after the
+//! data it points at was fdatasync'ed, so after a crash every chunk reads its old or its new
+//! content, and anything acknowledged by `flush` or a FUA write reads its new content.
+mod extents;
+mod format;
+
+pub use extents::ChunkState;
+
+use super::{BlockStore, StorageError};
+use extents::ExtentMap;
+use format::{Meta, Rec, JOURNAL_HEADER};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+const META_FILE: &str = "overlay.meta";
+const META_TMP: &str = "overlay.meta.tmp";
+const JOURNAL_FILE: &str = "overlay.journal";
+const DATA_FILE: &str = "overlay.data";
+/// Writer lock stripes: writes to chunks in different stripes run in parallel.
+const STRIPES: usize = 64;
+/// Compact (snapshot + empty journal) once the journal passes this size.
+const COMPACT_AT: u64 = 8 << 20;
+/// Flush on our own once this many state changes wait, bounding memory for clients that
+/// never send SYNCHRONIZE CACHE.
+const MAX_PENDING: usize = 1 << 16;
+/// Copy buffer for `commit_to`.
+const COPY_BUF: usize = 1 << 20;
+
+/// Typed overlay errors.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}: already exists")]
+    Exists(PathBuf),
+    #[error("{path}: overlay metadata is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("golden image does not match the overlay: {0}")]
+    GoldenMismatch(String),
+    #[error("invalid overlay options: {0}")]
+    BadOptions(String),
+    #[error("{0}: overlay is in use by another process")]
+    Busy(PathBuf),
+    #[error("overlay lock poisoned")]
+    Poisoned,
+}
+
+impl From<OverlayError> for StorageError {
+    fn from(e: OverlayError) -> Self {
+        match e {
+            OverlayError::Io(e) => StorageError::Io(e),
+            OverlayError::Storage(e) => e,
+            other => StorageError::Io(io::Error::other(other.to_string())),
+        }
+    }
+}
+
+/// Options for [`Overlay::create`].
+#[derive(Debug, Clone)]
+pub struct OverlayOptions {
+    /// Copy-on-write granularity in bytes: a power of two from the block size to 1 MiB.
+    pub chunk_size: u32,
+    /// Caller-chosen identity of the golden image (e.g. its path, length and mtime), stored
+    /// in the header and checked by [`Overlay::open_with_id`].
+    pub golden_id: Option<String>,
+}
+
+impl Default for OverlayOptions {
+    fn default() -> Self {
+        OverlayOptions {
+            chunk_size: 4096,
+            golden_id: None,
+        }
+    }
+}
+
+/// Usage figures for one overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayStats {
+    pub chunk_size: u32,
+    /// Chunks holding client data (allocated in the data file).
+    pub chunks_written: u64,
+    /// Bytes allocated for client data (`chunks_written` × chunk size, the last chunk clipped).
+    pub bytes_written: u64,
+    /// Chunks the client unmapped (read as zeroes, no space used).
+    pub chunks_zeroed: u64,
+    /// Runs in the in-memory extent map (what memory use scales with).
+    pub extents: usize,
+    /// State changes not yet durable (waiting for `flush`).
+    pub pending_records: usize,
+    /// Current journal length in bytes.
+    pub journal_bytes: u64,
+    /// Snapshot generation (bumped by each compaction and reset).
+    pub generation: u64,
+}
+
+/// What [`Overlay::check`] found in an overlay directory (offline: no golden image needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub golden_size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    pub golden_id: Option<String>,
+    pub generation: u64,
+    pub snapshot_extents: usize,
+    /// Journal records that replay cleanly on top of the snapshot.
+    pub journal_records: u64,
+    /// Journal bytes after the last valid record (a torn tail after a crash is normal; open
+    /// discards it).
+    pub journal_ignored_bytes: u64,
+    /// The journal header is missing or from an older generation (normal after a crash
+    /// during compaction; open rewrites it).
+    pub journal_stale: bool,
+    pub data_file_size: u64,
+    pub chunks_written: u64,
+    pub chunks_zeroed: u64,
+    /// Real inconsistencies (an empty list means the overlay is sound).
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// In-memory state seen by readers and writers.
+struct Live {
+    map: ExtentMap,
+    /// State changes whose data may not be durable yet, oldest first.
+    pending: Vec<Rec>,
+}
+
+/// The durable side, guarded by the flush lock (one flush, compaction or reset at a time,
+/// so journal records are appended in the order their changes happened).
+struct Durable {
+    /// The map as the journal + snapshot describe it.
+    map: ExtentMap,
+    journal: File,
+    /// Valid journal length; 0 means the header must be (re)written before the next record.
+    journal_len: u64,
+    next_seq: u64,
+    generation: u64,
+}
+
+/// A golden image seen through a per-client copy-on-write overlay. See the module docs.
+///
+/// Dropping an `Overlay` does NOT flush (that is what a crash looks like); call
+/// [`Overlay::close`] or `flush` for an orderly shutdown.
+pub struct Overlay {
+    dir: PathBuf,
+    golden: Arc<dyn BlockStore>,
+    size: u64,
+    block_size: u32,
+    chunk: u64,
+    chunks: u64,
+    golden_id: Option<String>,
+    data: File,
+    /// Shared by I/O, exclusive for `reset` and `commit_to` (point-in-time operations).
+    gate: RwLock<()>,
+    /// Writers and discards lock the stripes of the chunks they touch (ascending order, so
+    /// no deadlock), making copy-on-write of one chunk atomic with respect to other writers.
+    stripes: Vec<Mutex<()>>,
+    live: RwLock<Live>,
+    durable: Mutex<Durable>,
+    punch_hole: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OverlayError> {
+    m.lock().map_err(|_| OverlayError::Poisoned)
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn with_path(e: io::Error, p: &Path) -> OverlayError {
+    OverlayError::Io(io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+}
+
+/// Write the snapshot atomically: tmp file, fsync, rename over the old one, fsync the
+/// directory (so the rename itself is durable).
+fn write_meta(dir: &Path, meta: &Meta) -> Result<(), OverlayError> {
+    let tmp = dir.join(META_TMP);
+    let mut f = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
+    f.write_all(&meta.encode())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(META_FILE))?;
+    fsync_dir(dir)?;
+    Ok(())
+}
+
+fn read_meta(dir: &Path) -> Result<Meta, OverlayError> {
+    let p = dir.join(META_FILE);
+    let b = std::fs::read(&p).map_err(|e| with_path(e, &p))?;
+    Meta::decode(&b).map_err(|reason| OverlayError::Corrupt { path: p, reason })
+}
+
+/// Read the journal; a missing journal reads as empty (replay then treats it as stale).
+fn read_journal(dir: &Path) -> Result<Vec<u8>, OverlayError> {
+    let p = dir.join(JOURNAL_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(with_path(e, &p)),
+    }
+}
+
+impl Overlay {
+    /// Create a new, empty overlay of `golden` in `dir` (created if needed) and open it.
+    /// Refuses a directory that already holds an overlay.
+    pub fn create(
+        dir: &Path,
+        golden: Arc<dyn BlockStore>,
+        options: OverlayOptions,
+    ) -> Result<Overlay, OverlayError> {
+        let size = golden.size();
+        format::validate_geometry(golden.block_size(), options.chunk_size, size)
+            .map_err(OverlayError::BadOptions)?;
+        if options
+            .golden_id
+            .as_ref()
+            .is_some_and(|i| i.len() > format::MAX_ID)
+        {
+            return Err(OverlayError::BadOptions("golden id too long".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+        let meta_path = dir.join(META_FILE);
+        if meta_path.exists() {
+            return Err(OverlayError::Exists(meta_path));
+        }
+        // Data and journal first; the snapshot's atomic rename is the commit point, so a crash
+        // before it leaves a directory `create` may simply redo.
+        let data = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(DATA_FILE))?;
+        data.set_len(size)?;
+        data.sync_all()?;
+        let mut j = File::create(dir.join(JOURNAL_FILE))?;
+        j.write_all(&format::journal_header(1))?;
+        j.sync_all()?;
+        write_meta(
+            dir,
+            &Meta {
+                block_size: golden.block_size(),
+                golden_size: size,
+                chunk_size: options.chunk_size,
+                golden_id: options.golden_id.clone(),
+                generation: 1,
+                last_seq: 0,
+                extents: Vec::new(),
+            },
+        )?;
+        Self::open_with_id(dir, golden, options.golden_id.as_deref())
+    }
+
+    /// Open an existing overlay, recovering from a crash: the journal is replayed up to its
+    /// first torn or damaged record, then compacted into a fresh snapshot. Refuses a golden
+    /// image whose size or block size differs from the one recorded.
+    pub fn open(dir: &Path, golden: Arc<dyn BlockStore>) -> Result<Overlay, OverlayError> {
+        Self::open_with_id(dir, golden, None)
+    }
+
+    /// [`Overlay::open`], also refusing a golden image whose recorded id differs from
+    /// `golden_id` (when given).
+    pub fn open_with_id(
+        dir: &Path,
+        golden: Arc<dyn BlockStore>,
+        golden_id: Option<&str>,
+    ) -> Result<Overlay, OverlayError> {
+        let meta = read_meta(dir)?;
+        if golden.size() != meta.golden_size || golden.block_size() != meta.block_size {
+            return Err(OverlayError::GoldenMismatch(format!(
+                "overlay was made for {} bytes in {}-byte blocks, golden has {} bytes in \
+                 {}-byte blocks",
+                meta.golden_size,
+                meta.block_size,
+                golden.size(),
+                golden.block_size()
+            )));
+        }
+        if let Some(want) = golden_id {
+            if meta.golden_id.as_deref() != Some(want) {
+                return Err(OverlayError::GoldenMismatch(format!(
+                    "overlay was made for golden {:?}, not {want:?}",
+                    meta.golden_id
+                )));
+            }
+        }
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(|e| with_path(e, &data_path))?;
+        // One server per overlay: two writers would interleave journals.
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(data.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(OverlayError::Busy(dir.to_path_buf()));
+        }
+        let rep = format::replay(&meta, &read_journal(dir)?);
+        if let Some(p) = rep.problems.first() {
+            // A record with a valid checksum but impossible contents is not crash damage.
+            return Err(OverlayError::Corrupt {
+                path: dir.join(JOURNAL_FILE),
+                reason: p.clone(),
+            });
+        }
+        let data_len = data.metadata()?.len();
+        if data_len != meta.golden_size {
+            if rep.map.count(ChunkState::Overlay) == 0 {
+                // A crash inside `reset` (truncate then extend): nothing in it is referenced.
+                data.set_len(meta.golden_size)?;
+                data.sync_all()?;
+            } else {
+                return Err(OverlayError::Corrupt {
+                    path: data_path,
+                    reason: format!(
+                        "data file is {data_len} bytes, expected {}",
+                        meta.golden_size
+                    ),
+                });
+            }
+        }
+        let journal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(JOURNAL_FILE))?;
+        let ov = Overlay {
+            dir: dir.to_path_buf(),
+            golden,
+            size: meta.golden_size,
+            block_size: meta.block_size,
+            chunk: u64::from(meta.chunk_size),
+            chunks: meta.chunks(),
+            golden_id: meta.golden_id.clone(),
+            data,
+            gate: RwLock::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            live: RwLock::new(Live {
+                map: rep.map.clone(),
+                pending: Vec::new(),
+            }),
+            durable: Mutex::new(Durable {
+                map: rep.map,
+                journal,
+                journal_len: 0,
+                next_seq: rep.next_seq,
+                generation: meta.generation,
+            }),
+            punch_hole: AtomicBool::new(true),
+        };
+        // Start from a clean snapshot and an empty journal: drops any torn tail so new
+        // records are never appended after garbage.
+        {
+            let mut d = lock(&ov.durable)?;
+            ov.compact(&mut d)?;
+        }
+        Ok(ov)
+    }
+
+    /// Flush, then drop: the orderly shutdown.
+    pub fn close(self) -> Result<(), OverlayError> {
+        self.flush_inner()
+    }
+
+    /// The overlay directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The golden id recorded at creation.
+    pub fn golden_id(&self) -> Option<&str> {
+        self.golden_id.as_deref()
+    }
+
+    /// The state of the chunk holding byte `offset` (for diagnostics and tests).
+    pub fn chunk_state(&self, offset: u64) -> Result<ChunkState, OverlayError> {
+        self.check_range(offset, 1)?;
+        let live = self.live.read().map_err(|_| OverlayError::Poisoned)?;
+        Ok(live.map.run_at(offset / self.chunk, self.chunks).0)
+    }
+
+    pub fn stats(&self) -> OverlayStats {
+        let (written, zeroed, extents, pending, last_overlay) = match self.live.read() {
+            Ok(l) => (
+                l.map.count(ChunkState::Overlay),
+                l.map.count(ChunkState::Zero),
+                l.map.len(),
+                l.pending.len(),
+                l.map.run_at(self.chunks.saturating_sub(1), self.chunks).0 == ChunkState::Overlay,
+            ),
+            Err(_) => (0, 0, 0, 0, false),
+        };
+        let (journal_bytes, generation) = match self.durable.lock() {
+            Ok(d) => (d.journal_len, d.generation),
+            Err(_) => (0, 0),
+        };
+        // The last chunk may be shorter than a full chunk.
+        let short = self.chunks * self.chunk - self.size;
+        let bytes = written * self.chunk - if last_overlay { short } else { 0 };
+        OverlayStats {
+            chunk_size: self.chunk as u32,
+            chunks_written: written,
+            bytes_written: bytes,
+            chunks_zeroed: zeroed,
+            extents,
+            pending_records: pending,
+            journal_bytes,
+            generation,
+        }
+    }
+
+    /// Offline consistency check of an overlay directory (do not run it on an overlay that
+    /// a server is writing: it would see a journal in flux).
+    pub fn check(dir: &Path) -> Result<CheckReport, OverlayError> {
+        let meta = read_meta(dir)?;
+        let mut problems = Vec::new();
+        let journal_path = dir.join(JOURNAL_FILE);
+        if !journal_path.exists() {
+            problems.push("journal file is missing".to_string());
+        }
+        let rep = format::replay(&meta, &read_journal(dir)?);
+        problems.extend(rep.problems.iter().cloned());
+        let data_file_size = match std::fs::metadata(dir.join(DATA_FILE)) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                problems.push(format!("data file: {e}"));
+                0
+            }
+        };
+        if data_file_size != meta.golden_size {
+            problems.push(format!(
+                "data file is {data_file_size} bytes, expected {}",
+                meta.golden_size
+            ));
+        }
+        Ok(CheckReport {
+            golden_size: meta.golden_size,
+            block_size: meta.block_size,
+            chunk_size: meta.chunk_size,
+            golden_id: meta.golden_id.clone(),
+            generation: meta.generation,
+            snapshot_extents: meta.extents.len(),
+            journal_records: rep.records,
+            journal_ignored_bytes: rep.ignored_bytes,
+            journal_stale: rep.stale_header,
+            data_file_size,
+            chunks_written: rep.map.count(ChunkState::Overlay),
+            chunks_zeroed: rep.map.count(ChunkState::Zero),
+            problems,
+        })
+    }
+
+    /// Discard every change: the disk reads as the golden image again. Crash-safe: the empty
+    /// snapshot is made durable before any data is dropped, and stale data in the data file
+    /// is harmless because a chunk only becomes overlay after a full-chunk write.
+    pub fn reset(&self) -> Result<(), OverlayError> {
+        let _gate = self.gate.write().map_err(|_| OverlayError::Poisoned)?;
+        let mut d = lock(&self.durable)?;
+        let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
+        let meta = Meta {
+            extents: Vec::new(),
+            ..self.meta_for(&d)
+        };
+        write_meta(&self.dir, &meta)?;
+        d.generation = meta.generation;
+        d.map = ExtentMap::new();
+        live.map = ExtentMap::new();
+        live.pending.clear();
+        drop(live);
+        d.journal_len = 0;
+        self.rewrite_journal(&mut d)?;
+        // Free the space: truncating and extending leaves one big hole.
+        self.data.set_len(0)?;
+        self.data.set_len(self.size)?;
+        self.data.sync_all()?;
+        Ok(())
+    }
+
+    /// Write what the client sees (golden + overlay) into a NEW sparse image at `path`
+    /// (refuses to overwrite): the "update one client, publish it as the next golden image"
+    /// workflow. Unmapped and all-zero ranges are left as holes. The copy is written to
+    /// `<path>.partial`, fsynced, then hard-linked to `path` (atomic, never overwrites).
+    /// Client I/O waits while it runs, so the image is one point in time: use it on an idle
+    /// client.
+    pub fn commit_to(&self, path: &Path) -> Result<(), OverlayError> {
+        if path.exists() {
+            return Err(OverlayError::Exists(path.to_path_buf()));
+        }
+        let _gate = self.gate.write().map_err(|_| OverlayError::Poisoned)?;
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| with_path(e, &partial))?;
+        let res = self
+            .copy_out(&out)
+            .and_then(|()| Ok(out.sync_all()?))
+            .and_then(|()| match std::fs::hard_link(&partial, path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Err(OverlayError::Exists(path.to_path_buf()))
+                }
+                Err(e) => Err(with_path(e, path)),
+            });
+        let _ = std::fs::remove_file(&partial);
+        res?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fsync_dir(parent)?;
+        Ok(())
+    }
+
+    fn copy_out(&self, out: &File) -> Result<(), OverlayError> {
+        out.set_len(self.size)?;
+        let mut buf = vec![0u8; COPY_BUF];
+        let mut pos = 0;
+        while pos < self.size {
+            let (state, run_end) = {
+                let live = self.live.read().map_err(|_| OverlayError::Poisoned)?;
+                live.map.run_at(pos / self.chunk, self.chunks)
+            };
+            let end = (run_end * self.chunk).min(self.size);
+            match state {
+                ChunkState::Zero => {}
+                ChunkState::Overlay => {
+                    self.copy_range(out, &mut buf, pos, end, |b, o| {
+                        Ok(self.data.read_exact_at(b, o)?)
+                    })?;
+                }
+                ChunkState::Golden => {
+                    // Skip what the golden image itself has unmapped (sparse stays sparse).
+                    let mut p = pos;
+                    while p < end {
+                        let (mapped, run) = self.golden.allocation(p)?;
+                        let e = p.saturating_add(run.max(1)).min(end);
+                        if mapped {
+                            self.copy_range(out, &mut buf, p, e, |b, o| {
+                                Ok(self.golden.read_at(b, o)?)
+                            })?;
+                        }
+                        p = e;
+                    }
+                }
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Copy `[start, end)` through `buf`, skipping all-zero chunk-sized pieces.
+    fn copy_range(
+        &self,
+        out: &File,
+        buf: &mut [u8],
+        start: u64,
+        end: u64,
+        read: impl Fn(&mut [u8], u64) -> Result<(), OverlayError>,
+    ) -> Result<(), OverlayError> {
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            let b = buf.get_mut(..n).unwrap_or_default();
+            read(b, pos)?;
+            let mut off = 0usize;
+            for piece in b.chunks(self.chunk as usize) {
+                if piece.iter().any(|&x| x != 0) {
+                    out.write_all_at(piece, pos + off as u64)?;
+                }
+                off += piece.len();
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn meta_for(&self, d: &Durable) -> Meta {
+        Meta {
+            block_size: self.block_size,
+            golden_size: self.size,
+            chunk_size: self.chunk as u32,
+            golden_id: self.golden_id.clone(),
+            generation: d.generation + 1,
+            last_seq: d.next_seq.wrapping_sub(1),
+            extents: d.map.iter().collect(),
+        }
+    }
+
+    /// Snapshot the durable map under a new generation, then start an empty journal. A crash
+    /// between the two leaves a journal of the old generation, which replay ignores (its
+    /// records are all in the snapshot).
+    fn compact(&self, d: &mut Durable) -> Result<(), OverlayError> {
+        let meta = self.meta_for(d);
+        write_meta(&self.dir, &meta)?;
+        d.generation = meta.generation;
+        d.journal_len = 0;
+        self.rewrite_journal(d)
+    }
+
+    /// Truncate the journal and write a header of the current generation. Old records left
+    /// behind by a reordered truncate carry old sequence numbers, so replay stops at them.
+    fn rewrite_journal(&self, d: &mut Durable) -> Result<(), OverlayError> {
+        d.journal.set_len(0)?;
+        d.journal
+            .write_all_at(&format::journal_header(d.generation), 0)?;
+        d.journal.sync_data()?;
+        d.journal_len = JOURNAL_HEADER;
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(StorageError::OutOfRange { offset, len }),
+        }
+    }
+
+    /// Lock the stripes of chunks `[cs, ce)` in ascending order.
+    fn lock_stripes(&self, cs: u64, ce: u64) -> Result<Vec<MutexGuard<'_, ()>>, OverlayError> {
+        let n = STRIPES as u64;
+        let mut idx: Vec<usize> = if ce - cs >= n {
+            (0..STRIPES).collect()
+        } else {
+            (cs..ce).map(|c| (c % n) as usize).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.iter()
+            .filter_map(|&i| self.stripes.get(i))
+            .map(lock)
+            .collect()
+    }
+
+    /// Make every completed write durable: fdatasync the data FIRST, then journal the state
+    /// changes and fdatasync the journal, so no record ever points at data that is not on
+    /// disk (a golden→overlay chunk never surfaces after a crash with garbage in it).
+    fn flush_inner(&self) -> Result<(), OverlayError> {
+        let mut d = lock(&self.durable)?;
+        // Every pending record was pushed after its pwrite returned, so the fdatasync below
+        // covers its data.
+        let recs = {
+            let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
+            std::mem::take(&mut live.pending)
+        };
+        let res = self.journal_batch(&mut d, &recs);
+        if let Err(e) = res {
+            // Keep the changes for the next attempt, in order, ahead of newer ones.
+            if let Ok(mut live) = self.live.write() {
+                let newer = std::mem::replace(&mut live.pending, recs);
+                live.pending.extend(newer);
+            }
+            return Err(e);
+        }
+        if d.journal_len > COMPACT_AT {
+            // The batch is durable already; a failed compaction only leaves a long journal.
+            if let Err(e) = self.compact(&mut d) {
+                tracing::warn!(dir = %self.dir.display(), "overlay compaction failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn journal_batch(&self, d: &mut Durable, recs: &[Rec]) -> Result<(), OverlayError> {
+        self.data.sync_data()?;
+        if recs.is_empty() {
+            return Ok(());
+        }
+        if d.journal_len == 0 {
+            self.rewrite_journal(d)?;
+        }
+        let mut buf = Vec::with_capacity(recs.len() * format::RECORD);
+        for (i, r) in recs.iter().enumerate() {
+            format::encode_record(d.next_seq.wrapping_add(i as u64), r, &mut buf);
+        }
+        let at = d.journal_len;
+        let res = d
+            .journal
+            .write_all_at(&buf, at)
+            .and_then(|()| d.journal.sync_data());
+        if let Err(e) = res {
+            // Cut a possibly half-written batch so the retry starts at a clean boundary.
+            let _ = d.journal.set_len(at);
+            return Err(e.into());
+        }
+        for r in recs {
+            d.map.set(r.start, r.start + r.count, r.state);
+        }
+        d.next_seq = d.next_seq.wrapping_add(recs.len() as u64);
+        d.journal_len = at + buf.len() as u64;
+        Ok(())
+    }
+
+    /// The write path, with the gate held by the caller.
+    fn write_locked(&self, data: &[u8], offset: u64) -> Result<(), OverlayError> {
+        let end = offset + data.len() as u64;
+        let cs = offset / self.chunk;
+        let ce = end.div_ceil(self.chunk);
+        let _stripes = self.lock_stripes(cs, ce)?;
+        let runs = {
+            let live = self.live.read().map_err(|_| OverlayError::Poisoned)?;
+            live.map.runs(cs, ce)
+        };
+        let state_of = |c: u64| {
+            runs.iter()
+                .find(|r| r.0 <= c && c < r.1)
+                .map_or(ChunkState::Golden, |r| r.2)
+        };
+        // Copy-on-write: a chunk turning overlay gets its whole content in the data file
+        // before its state flips, so readers and a post-crash replay never see it half-made.
+        let first = cs * self.chunk;
+        if offset > first && state_of(cs) != ChunkState::Overlay {
+            self.fill(state_of(cs), first, offset)?;
+        }
+        let last_end = (ce * self.chunk).min(self.size);
+        if end < last_end && state_of(ce - 1) != ChunkState::Overlay {
+            self.fill(state_of(ce - 1), end, last_end)?;
+        }
+        self.data.write_all_at(data, offset)?;
+        let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
+        for &(s, e, st) in &runs {
+            if st != ChunkState::Overlay {
+                live.map.set(s, e, ChunkState::Overlay);
+                live.pending.push(Rec {
+                    start: s,
+                    count: e - s,
+                    state: ChunkState::Overlay,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the old content of `[from, to)` (part of one non-overlay chunk) to the data file.
+    fn fill(&self, state: ChunkState, from: u64, to: u64) -> Result<(), OverlayError> {
+        let mut b = vec![0u8; (to - from) as usize];
+        if state == ChunkState::Golden {
+            self.golden.read_at(&mut b, from)?;
+        }
+        self.data.write_all_at(&b, from)?;
+        Ok(())
+    }
+
+    fn pending_len(&self) -> usize {
+        self.live.read().map(|l| l.pending.len()).unwrap_or(0)
+    }
+
+    fn punch(&self, from: u64, to: u64) {
+        if !self.punch_hole.load(Ordering::Relaxed) || to <= from {
+            return;
+        }
+        let (Ok(off), Ok(len)) = (
+            libc::off_t::try_from(from),
+            libc::off_t::try_from(to - from),
+        ) else {
+            return;
+        };
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.data.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if r != 0 {
+            // Only space is lost: zero chunks never read the data file.
+            self.punch_hole.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl BlockStore for Overlay {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        let end = offset + buf.len() as u64;
+        let runs = {
+            let live = self.live.read().map_err(|_| OverlayError::Poisoned)?;
+            live.map.runs(offset / self.chunk, end.div_ceil(self.chunk))
+        };
+        for (s, e, st) in runs {
+            let from = (s * self.chunk).max(offset);
+            let to = (e * self.chunk).min(end);
+            let part = buf
+                .get_mut((from - offset) as usize..(to - offset) as usize)
+                .ok_or(StorageError::OutOfRange {
+                    offset: from,
+                    len: to - from,
+                })?;
+            match st {
+                ChunkState::Golden => self.golden.read_at(part, from)?,
+                ChunkState::Overlay => self.data.read_exact_at(part, from)?,
+                ChunkState::Zero => part.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
+        self.check_range(offset, data.len() as u64)?;
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        if !data.is_empty() {
+            self.write_locked(data, offset)?;
+        }
+        // FUA (SBC-3 §5.x WRITE FUA bit): durable, state record included, before status.
+        if fua || self.pending_len() > MAX_PENDING {
+            self.flush_inner()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        Ok(self.flush_inner()?)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        let end = offset + len;
+        // Whole chunks become zero; the partial chunks at either edge get zeroes written.
+        let cs = offset.div_ceil(self.chunk);
+        let ce = if end == self.size {
+            self.chunks
+        } else {
+            end / self.chunk
+        };
+        if cs >= ce {
+            self.write_locked(&vec![0u8; len as usize], offset)?;
+        } else {
+            let (a, b) = (cs * self.chunk, (ce * self.chunk).min(self.size));
+            if offset < a {
+                self.write_locked(&vec![0u8; (a - offset) as usize], offset)?;
+            }
+            if b < end {
+                self.write_locked(&vec![0u8; (end - b) as usize], b)?;
+            }
+            let _stripes = self.lock_stripes(cs, ce)?;
+            {
+                let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
+                for (s, e, st) in live.map.runs(cs, ce) {
+                    if st != ChunkState::Zero {
+                        live.pending.push(Rec {
+                            start: s,
+                            count: e - s,
+                            state: ChunkState::Zero,
+                        });
+                    }
+                }
+                live.map.set(cs, ce, ChunkState::Zero);
+            }
+            // After the flip: a crash before the record is durable reads the old state over a
+            // hole, i.e. zeroes, which is the new content.
+            self.punch(a, b);
+        }
+        if self.pending_len() > MAX_PENDING {
+            self.flush_inner()?;
+        }
+        Ok(())
+    }
+
+    fn thin_provisioned(&self) -> bool {
+        true
+    }
+
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
+        self.check_range(offset, 1)?;
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        let bs = u64::from(self.block_size);
+        let offset = offset - offset % bs;
+        let (state, run_end) = {
+            let live = self.live.read().map_err(|_| OverlayError::Poisoned)?;
+            live.map.run_at(offset / self.chunk, self.chunks)
+        };
+        let run = (run_end * self.chunk).min(self.size) - offset;
+        match state {
+            ChunkState::Overlay => Ok((true, run)),
+            ChunkState::Zero => Ok((false, run)),
+            ChunkState::Golden => {
+                let (mapped, grun) = self.golden.allocation(offset)?;
+                Ok((mapped, grun.clamp(bs, run.max(bs))))
+            }
+        }
+    }
+}
