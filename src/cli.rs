@@ -231,27 +231,35 @@ fn set_v6_only(sock: &tokio::net::TcpSocket) -> std::io::Result<()> {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when
+/// first polled), so a signal right after the "listening" line is never lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let term = async {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        let int = async {
+            match int {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {},
+            _ = int => {},
         }
-    };
-    let int = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = int => {},
+        tracing::info!("shutdown requested");
     }
-    tracing::info!("shutdown requested");
 }
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
@@ -276,10 +284,11 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         for t in registry.targets() {
             tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
         }
+        let shutdown = shutdown_signal();
         announce(&mut std::io::stdout().lock(), &bound)
             .map_err(|e| CliError::Io(format!("stdout: {e}")))?;
         Server::new(Arc::new(registry), settings)
-            .run(listeners, shutdown_signal())
+            .run(listeners, shutdown)
             .await
             .map_err(|e| CliError::Io(e.to_string()))
     })

@@ -607,7 +607,9 @@ pub fn parse_mac(s: &str) -> Result<String, String> {
             .iter()
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
     {
-        return Err(format!("bad MAC address {s:?}: expected e.g. 52:54:00:12:34:56"));
+        return Err(format!(
+            "bad MAC address {s:?}: expected e.g. 52:54:00:12:34:56"
+        ));
     }
     Ok(parts.join(":").to_ascii_lowercase())
 }
@@ -878,8 +880,9 @@ impl Config {
                         ));
                     }
                     if !glob {
-                        validate_iscsi_name(&pat.to_ascii_lowercase())
-                            .map_err(|m| ConfigError::invalid(file, format!("{bp}.initiator"), m))?;
+                        validate_iscsi_name(&pat.to_ascii_lowercase()).map_err(|m| {
+                            ConfigError::invalid(file, format!("{bp}.initiator"), m)
+                        })?;
                     }
                 }
                 None if bd.mac.is_none() => {

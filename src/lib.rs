@@ -7,8 +7,11 @@
 //! - [`scsi`]: the SCSI block command set, knows nothing of iSCSI.
 //! - [`storage`]: block stores (image files, memory).
 //! - [`config`] and [`registry`]: targets.yaml and the targets built from it.
+//! - [`boot`]: boot emulation: bindings, per-client disks over overlays, the boot script
+//!   endpoint.
 //! - [`cli`]: the command line.
 
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod login;

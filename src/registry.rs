@@ -11,6 +11,7 @@
 //! first 8 bytes of h as 16 uppercase hex digits. The NAA identifier (VPD 0x83, SPC-4 Device
 //! Identification page) is h with its first nibble replaced by 6 (IEEE Registered Extended); the
 //! IEEE company ID field is therefore hash bits, not a registered OUI.
+use crate::boot::{BootTarget, GoldenImage};
 use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError};
 use crate::login::{AuthPolicy, ChapCredentials, Directory, TargetEntry, TargetLookup};
 use crate::scsi::{LogicalUnit, LuIdentity, LunTable};
@@ -213,6 +214,8 @@ pub fn open_luns(file: &str, ti: usize, target: &TargetPlan) -> Result<Arc<LunTa
 struct Target {
     plan: TargetPlan,
     luns: Arc<LunTable>,
+    /// Set for boot targets: each client gets its own disk (crate::boot).
+    boot: Option<Arc<BootTarget>>,
 }
 
 /// The configured targets.
@@ -221,13 +224,98 @@ pub struct Registry {
     portals: Vec<SocketAddr>,
     settings: Settings,
     discovery_chap: Option<ChapCredentials>,
+    state_dir: PathBuf,
+    boot_http: Option<crate::config::BootHttpConfig>,
 }
 
 impl Registry {
     /// Open every image (creating missing ones that have `create_size`) and build the targets.
     pub fn from_config(config: &Config) -> Result<Registry, ConfigError> {
         let file = config.source.clone();
-        Registry::from_plan(plan(config)?, |ti, t| open_luns(&file, ti, t))
+        let mut registry = Registry::from_plan(plan(config)?, |ti, t| {
+            if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
+                Ok(Arc::new(LunTable::new(BTreeMap::new())))
+            } else {
+                open_luns(&file, ti, t)
+            }
+        })?;
+        registry.state_dir = config.state_path();
+        registry.boot_http = config.boot_http.clone();
+        if config.targets.iter().all(|t| t.boot.is_none()) {
+            return Ok(registry);
+        }
+        // Golden images, opened read-only once (created first when create_size says so).
+        let mut images = BTreeMap::new();
+        for (i, im) in config.images.iter().enumerate() {
+            let path = config.image_path(&im.path);
+            let as_lun = LunPlan {
+                lun: 0,
+                image: path.clone(),
+                read_only: true,
+                block_size: im.block_size,
+                thin: true,
+                removable: false,
+                create_size: im.create_size.map(|s| s.0),
+                identity: lu_identity(&im.name, 0, None),
+            };
+            if as_lun.create_size.is_some() && !path.exists() {
+                open_store(
+                    &file,
+                    &format!("images[{i}]"),
+                    &LunPlan {
+                        read_only: false,
+                        ..as_lun.clone()
+                    },
+                )?;
+            }
+            let golden = GoldenImage::open(&im.name, &path, im.block_size)
+                .map_err(|m| ConfigError::invalid(&file, format!("images[{i}]"), m))?;
+            images.insert(im.name.clone(), Arc::new(golden));
+        }
+        for (ti, tc) in config.targets.iter().enumerate() {
+            let Some(boot) = &tc.boot else { continue };
+            let (bindings, default) =
+                crate::boot::plan_bindings(&file, &format!("targets[{ti}].boot"), boot, &images)?;
+            if let Some(t) = registry.targets.get_mut(ti) {
+                t.boot = Some(Arc::new(BootTarget::new(
+                    &tc.name,
+                    bindings,
+                    default,
+                    registry.state_dir.clone(),
+                )));
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Keep the client disks of `old` whose bindings did not change (configuration reload:
+    /// their overlays stay open and their sessions undisturbed).
+    pub fn adopt_clients(&self, old: &Registry) {
+        for t in &self.targets {
+            if let (Some(new), Some(prev)) = (&t.boot, old.boot_target(&t.plan.name)) {
+                new.adopt(&prev);
+            }
+        }
+    }
+
+    /// The boot target named `target`, if it is one.
+    pub fn boot_target(&self, target: &str) -> Option<Arc<BootTarget>> {
+        self.find(target).and_then(|t| t.boot.clone())
+    }
+
+    /// Every boot target.
+    pub fn boot_targets(&self) -> Vec<Arc<BootTarget>> {
+        self.targets.iter().filter_map(|t| t.boot.clone()).collect()
+    }
+
+    /// The state directory (overlays, control socket).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The boot script endpoint's configuration, if enabled.
+    pub fn boot_http(&self) -> Option<&crate::config::BootHttpConfig> {
+        self.boot_http.as_ref()
     }
 
     /// Build from a plan with a caller-supplied LUN table builder (`(target index, plan)`);
@@ -242,6 +330,7 @@ impl Registry {
             targets.push(Target {
                 plan: t,
                 luns: table,
+                boot: None,
             });
         }
         Ok(Registry {
@@ -249,6 +338,8 @@ impl Registry {
             portals: plan.portals,
             settings: plan.settings,
             discovery_chap: plan.discovery_chap,
+            state_dir: PathBuf::from("state"),
+            boot_http: None,
         })
     }
 
@@ -270,9 +361,12 @@ impl Registry {
         self
     }
 
-    /// The LUNs of `target`, if it exists.
+    /// The LUNs of `target`, if it exists and is not a boot target (boot targets give each
+    /// client its own: see [`Registry::boot_target`]).
     pub fn luns(&self, target: &str) -> Option<Arc<LunTable>> {
-        self.find(target).map(|t| Arc::clone(&t.luns))
+        self.find(target)
+            .filter(|t| t.boot.is_none())
+            .map(|t| Arc::clone(&t.luns))
     }
 
     /// The target plans (names, ACLs, LUN identities), in configuration order.
@@ -374,6 +468,14 @@ impl Directory for Registry {
         match self.find(target) {
             None => TargetLookup::NotFound,
             Some(t) if !t.plan.allows(initiator) => TargetLookup::NotAuthorized,
+            // A boot target serves only initiators some binding (or the default) covers.
+            Some(t)
+                if t.boot
+                    .as_ref()
+                    .is_some_and(|b| b.binding(initiator).is_none()) =>
+            {
+                TargetLookup::NotAuthorized
+            }
             Some(t) => TargetLookup::Allowed(t.plan.policy()),
         }
     }
@@ -383,6 +485,11 @@ impl Directory for Registry {
         self.targets
             .iter()
             .filter(|t| t.plan.allows(initiator))
+            .filter(|t| {
+                t.boot
+                    .as_ref()
+                    .is_none_or(|b| b.binding(initiator).is_some())
+            })
             .map(|t| TargetEntry {
                 name: t.plan.name.clone(),
                 addresses: addresses.clone(),

@@ -7,6 +7,7 @@ use super::io::{self, FrameReader, Out, ReadError, SeqState};
 use super::table::SessionHandle;
 use super::task::{Completion, DataOutError, Residual, WriteCollector, NO_TTT};
 use super::Server;
+use crate::boot::{AttachError, Client};
 use crate::login::{
     status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
     TextOutcome,
@@ -58,6 +59,8 @@ struct Ready {
     reader: FrameReader,
     params: SessionParams,
     handle: Arc<SessionHandle>,
+    /// The client disk of a boot target's session.
+    client: Option<Arc<Client>>,
     luns: Option<Arc<LunTable>>,
     nexus: Nexus,
     window: CmdWindow,
@@ -189,19 +192,9 @@ async fn login(
                     send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
                     return Ok(None);
                 }
-                let luns = match params.session_type {
-                    SessionType::Discovery => None,
-                    SessionType::Normal => match registry.luns(&params.target_name) {
-                        Some(l) => Some(l),
-                        None => {
-                            send_login(&mut stream, fail(status::NOT_FOUND), &mut stat_sn, &window)
-                                .await?;
-                            return Ok(None);
-                        }
-                    },
-                };
                 // Session reinstatement (§6.3.5): same InitiatorName + ISID with TSIH 0 closes
-                // the old session first. A different ISID is a separate session and stays.
+                // the old session first. A different ISID is a separate session and stays
+                // (the BIOS hand-off: the firmware's session is orphaned beside the OS's).
                 if let Some(old) =
                     server
                         .sessions()
@@ -211,6 +204,45 @@ async fn login(
                     old.close(Duration::from_secs(5)).await;
                     server.sessions().remove(old.tsih);
                 }
+                let mut client = None;
+                let luns = match params.session_type {
+                    SessionType::Discovery => None,
+                    SessionType::Normal => match registry.boot_target(&params.target_name) {
+                        Some(boot) => match server
+                            .attach_client(&boot, &params.initiator_name, &done.isid)
+                            .await
+                        {
+                            Ok(c) => {
+                                let l = c.luns();
+                                client = Some(c);
+                                Some(l)
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "no disk for this client");
+                                let st = match e {
+                                    AttachError::NoBinding(_) => status::AUTHORIZATION_FAILURE,
+                                    AttachError::DirectBusy { .. } => status::SERVICE_UNAVAILABLE,
+                                    AttachError::Storage(_) => status::TARGET_ERROR,
+                                };
+                                send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                                return Ok(None);
+                            }
+                        },
+                        None => match registry.luns(&params.target_name) {
+                            Some(l) => Some(l),
+                            None => {
+                                send_login(
+                                    &mut stream,
+                                    fail(status::NOT_FOUND),
+                                    &mut stat_sn,
+                                    &window,
+                                )
+                                .await?;
+                                return Ok(None);
+                            }
+                        },
+                    },
+                };
                 if server.sessions().len() >= settings.max_sessions {
                     warn!(max = settings.max_sessions, "session limit reached");
                     send_login(
@@ -221,6 +253,9 @@ async fn login(
                     )
                     .await?;
                     return Ok(None);
+                }
+                if let Some(c) = &client {
+                    c.session_started();
                 }
                 let handle = server.sessions().insert(
                     &params.initiator_name,
@@ -243,6 +278,7 @@ async fn login(
                     reader,
                     params,
                     handle,
+                    client,
                     luns,
                     nexus,
                     window,
@@ -329,6 +365,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         mut reader,
         params,
         handle,
+        client,
         luns,
         nexus,
         window,
@@ -456,6 +493,9 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             luns.nexus_lost(&conn.nexus);
         }
         server.sessions().remove(handle.tsih);
+        if let Some(c) = &client {
+            c.session_ended();
+        }
         let cold = conn.cold_reset;
         let target = conn.params.target_name.clone();
         drop(conn);

@@ -13,6 +13,8 @@ pub use io::{FrameReader, ReadError};
 pub use table::{SessionHandle, SessionTable};
 pub use task::{Completion, DataOutError, Residual, WriteCollector};
 
+use crate::boot::{is_firmware_isid, mac_initiator, AttachError, BootTarget, Client};
+use crate::config::OverlayMode;
 use crate::login::OurParams;
 use crate::registry::Registry;
 use std::sync::{Arc, RwLock};
@@ -143,7 +145,125 @@ impl Server {
         }
     }
 
+    /// Close every session of `initiator` on `target` for which `also(isid)` holds, and wait
+    /// (bounded) until they are gone.
+    pub async fn close_sessions(
+        &self,
+        initiator: &str,
+        target: &str,
+        also: impl Fn(&[u8; 6]) -> bool,
+    ) {
+        let victims: Vec<_> = self
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|s| {
+                s.initiator.eq_ignore_ascii_case(initiator)
+                    && s.target.eq_ignore_ascii_case(target)
+                    && also(&s.isid)
+            })
+            .collect();
+        for s in victims {
+            info!(tsih = s.tsih, initiator, "closing session");
+            s.close(Duration::from_secs(5)).await;
+            self.sessions.remove(s.tsih);
+        }
+    }
+
+    /// The client disk for a login of `initiator` with `isid` to a boot target, applying the
+    /// boot rules (docs/overlays.md): a firmware login that starts a new boot discards a
+    /// volatile overlay (after closing the client's stale sessions); an OS login closes the
+    /// client's firmware sessions, orphaned by the hand-off.
+    pub async fn attach_client(
+        &self,
+        boot: &BootTarget,
+        initiator: &str,
+        isid: &[u8; 6],
+    ) -> Result<Arc<Client>, AttachError> {
+        let client = boot.attach(initiator)?;
+        if client.is_new_boot(isid, self.settings.reboot_gap) {
+            info!(
+                initiator,
+                "client boots again: discarding its volatile overlay"
+            );
+            self.close_sessions(initiator, &boot.name, |_| true).await;
+            client.reset().map_err(AttachError::Storage)?;
+        } else if !is_firmware_isid(isid) {
+            self.close_sessions(initiator, &boot.name, is_firmware_isid)
+                .await;
+        }
+        Ok(client)
+    }
+
+    /// The boot script for a client known by MAC or UUID; marks the start of its boot.
+    pub async fn boot_script(
+        &self,
+        mac: Option<&str>,
+        uuid: Option<&str>,
+        local: std::net::SocketAddr,
+    ) -> Option<String> {
+        let registry = self.registry();
+        for boot in registry.boot_targets() {
+            let hit = boot.bindings.iter().find(|b| {
+                (mac.is_some() && b.mac.as_deref() == mac)
+                    || (uuid.is_some() && b.uuid.as_deref() == uuid)
+            });
+            let initiator = match hit {
+                Some(b) => b.script_initiator(),
+                // An unknown MAC gets the default binding under a name derived from the MAC.
+                None if boot.default.is_some() => mac.map(mac_initiator),
+                None => None,
+            };
+            let Some(initiator) = initiator else { continue };
+            if let Ok(client) = boot.attach(&initiator) {
+                if client.mode == OverlayMode::Volatile {
+                    info!(%initiator, "boot script fetched: client boots again");
+                    self.close_sessions(&initiator, &boot.name, |_| true).await;
+                    if let Err(e) = client.reset() {
+                        warn!(%initiator, error = %e, "overlay reset failed");
+                    }
+                }
+            }
+            let portal = match registry.boot_http().and_then(|h| h.iscsi_portal.clone()) {
+                Some(p) => p,
+                None => {
+                    let port = registry.portals().first().map_or(3260, |p| p.port());
+                    std::net::SocketAddr::new(local.ip(), port).to_string()
+                }
+            };
+            return Some(crate::boot::http::ipxe_script(
+                &initiator, &portal, &boot.name,
+            ));
+        }
+        None
+    }
+
+    /// Discard a client's volatile or persistent overlay now (operator command): its
+    /// sessions are closed first.
+    pub async fn reset_client(&self, target: &str, initiator: &str) -> Result<(), String> {
+        let registry = self.registry();
+        let boot = registry
+            .boot_target(target)
+            .ok_or_else(|| format!("{target} is not a boot target"))?;
+        let client = boot
+            .client(initiator)
+            .ok_or_else(|| format!("no client {initiator} on {target}"))?;
+        self.close_sessions(initiator, target, |_| true).await;
+        client.reset()
+    }
+
     fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+impl crate::boot::http::BootScripts for Server {
+    fn script<'a>(
+        &'a self,
+        mac: Option<&'a str>,
+        uuid: Option<&'a str>,
+        local: std::net::SocketAddr,
+    ) -> crate::boot::http::ScriptFuture<'a> {
+        Box::pin(self.boot_script(mac, uuid, local))
     }
 }
