@@ -40,6 +40,51 @@ pub enum Command {
         #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
         config: PathBuf,
     },
+    /// List the client disks of boot targets (initiator, image, mode, sessions, overlay use).
+    Clients(ControlArgs),
+    /// List the live sessions.
+    Sessions(ControlArgs),
+    /// Show, reset or commit one client's disk.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Re-read the configuration file of the running server (also: SIGHUP).
+    Reload(ControlArgs),
+}
+
+/// How operator commands reach the server: its control socket, found from the
+/// configuration's state directory unless given.
+#[derive(Debug, Args, Clone)]
+pub struct ControlArgs {
+    #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Control socket of the running server (default: STATE_DIR/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Show a client's disk: image, mode, sessions, overlay size and blocks written.
+    Show {
+        initiator: String,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
+    /// Discard a client's overlay (its sessions are closed first).
+    Reset {
+        initiator: String,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
+    /// Write the golden image plus the client's overlay into a new image file (publish one
+    /// updated client as the next golden image).
+    Commit {
+        initiator: String,
+        /// The new image file (must not exist).
+        path: PathBuf,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +107,24 @@ pub struct ServeArgs {
     /// Quick mode: logical block size, 512 or 4096 (default 512).
     #[arg(long, value_name = "N", requires = "image", value_parser = parse_block_size)]
     pub block_size: Option<u32>,
+    /// Quick mode: serve the image as a golden image, each initiator on its own disk:
+    /// volatile, persistent, readonly or direct (docs/overlays.md).
+    #[arg(long, value_name = "MODE", requires = "image", value_parser = parse_mode)]
+    pub overlay: Option<crate::config::OverlayMode>,
+    /// Quick mode: where overlays and the control socket live (default: ./state).
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub state_dir: Option<PathBuf>,
+}
+
+fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
+    use crate::config::OverlayMode::*;
+    match s {
+        "volatile" => Ok(Volatile),
+        "persistent" => Ok(Persistent),
+        "readonly" => Ok(Readonly),
+        "direct" => Ok(Direct),
+        _ => Err(format!("overlay mode must be volatile, persistent, readonly or direct, not {s:?}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,12 +212,67 @@ pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(args) => serve(args),
         Command::Image(ImageCommand::Create { path, size }) => image_create(&path, size),
+        Command::Clients(ctl) => control(&ctl, "clients", None),
+        Command::Sessions(ctl) => control(&ctl, "sessions", None),
+        Command::Reload(ctl) => control(&ctl, "reload", None),
+        Command::Client(ClientCommand::Show { initiator, ctl }) => control(&ctl, &format!("show {initiator}"), Some(&initiator)),
+        Command::Client(ClientCommand::Reset { initiator, ctl }) => control(&ctl, &format!("reset {initiator}"), Some(&initiator)),
+        Command::Client(ClientCommand::Commit { initiator, path, ctl }) => {
+            let abs = std::path::absolute(&path).map_err(|e| CliError::Io(e.to_string()))?;
+            control(&ctl, &format!("commit {initiator} {}", abs.display()), Some(&initiator))
+        }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
             let plan = registry::plan(&c)?;
             let mut out = std::io::stdout().lock();
             let _ = write_summary(&mut out, &c, &plan);
             let _ = out.flush();
+            Ok(())
+        }
+    }
+}
+
+/// Send one request to the running server's control socket. With no server running, the
+/// client commands work offline on the state directory (`reload`, `clients` and `sessions`
+/// need the server).
+fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Result<(), CliError> {
+    let config = match Config::load(&ctl.config) {
+        Ok(c) => Some(c),
+        Err(e) if ctl.control.is_some() => {
+            tracing::debug!(error = %e, "no configuration; using --control");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let socket = match (&ctl.control, &config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => c.state_path().join(crate::control::SOCKET),
+        (None, None) => return Err(CliError::Io("no control socket".into())),
+    };
+    match crate::control::request(&socket, request) {
+        Ok(Ok(body)) => {
+            print!("{body}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(CliError::Io(e)),
+        Err(e) => {
+            let (Some(config), Some(_)) = (config, offline_client) else {
+                return Err(CliError::Io(format!(
+                    "cannot reach the server at {}: {e} (is `diskless serve` running?)",
+                    socket.display()
+                )));
+            };
+            // Offline: open the registry (images read-only) and act on the overlay directly;
+            // the overlay's lock refuses this while a server holds it.
+            let server = Server::new(Arc::new(Registry::from_config(&config)?), config.settings.to_settings());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::Io(e.to_string()))?;
+            let body = rt
+                .block_on(crate::control::handle_offline(&server, request))
+                .map_err(CliError::Io)?;
+            print!("{body}");
             Ok(())
         }
     }
@@ -178,7 +296,15 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
                 .target
                 .clone()
                 .unwrap_or_else(|| registry::quick_target_name(image));
-            registry::quick_config(image, &name, args.read_only, args.block_size.unwrap_or(512))?
+            match args.overlay {
+                Some(mode) => {
+                    let mut c = Config::quick_boot(image, &name, mode, args.block_size.unwrap_or(512));
+                    c.state_dir = Some(args.state_dir.clone().unwrap_or_else(|| PathBuf::from("state")));
+                    c.validate()?;
+                    c
+                }
+                None => registry::quick_config(image, &name, args.read_only, args.block_size.unwrap_or(512))?,
+            }
         }
         None => Config::load(&args.config)?,
     };
@@ -285,12 +411,43 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
         }
         let shutdown = shutdown_signal();
+        let http = match registry.boot_http() {
+            Some(h) => Some(
+                tokio::net::TcpListener::bind(h.listen.0)
+                    .await
+                    .map_err(|e| CliError::Io(format!("boot_http.listen {}: {e}", h.listen.0)))?,
+            ),
+            None => None,
+        };
+        let state_dir = registry.state_dir().to_path_buf();
+        let server = Server::new(Arc::new(registry), settings);
+        let mut aux = tokio::task::JoinSet::new();
+        if let Some(l) = http {
+            let addr = l.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
+            println!("diskless: boot scripts on http://{addr}/boot.ipxe");
+            aux.spawn(crate::boot::http::serve(l, server.clone()));
+        }
+        if std::fs::create_dir_all(&state_dir).is_ok() {
+            let config_path = args.image.is_none().then(|| args.config.clone());
+            aux.spawn(crate::control::serve(state_dir.join(crate::control::SOCKET), server.clone(), config_path.clone()));
+            if let Some(path) = config_path {
+                let server = server.clone();
+                aux.spawn(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+                    while hup.recv().await.is_some() {
+                        if let Err(e) = crate::control::reload(&server, &path) {
+                            tracing::error!(error = %e, "reload failed; keeping the old configuration");
+                        }
+                    }
+                });
+            }
+        }
         announce(&mut std::io::stdout().lock(), &bound)
             .map_err(|e| CliError::Io(format!("stdout: {e}")))?;
-        Server::new(Arc::new(registry), settings)
-            .run(listeners, shutdown)
-            .await
-            .map_err(|e| CliError::Io(e.to_string()))
+        let result = server.run(listeners, shutdown).await.map_err(|e| CliError::Io(e.to_string()));
+        aux.abort_all();
+        result
     })
 }
 

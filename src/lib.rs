@@ -14,6 +14,7 @@
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod login;
 pub mod pdu;
 pub mod registry;

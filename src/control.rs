@@ -1,0 +1,195 @@
+//! The operator control socket: a Unix socket in the state directory (`control.sock`, mode
+//! 0600: only the server's user may drive it). One request line per connection, a text
+//! answer whose first line is `ok` or `error: ...`.
+//!
+//! Requests: `clients`, `sessions`, `show INITIATOR`, `reset INITIATOR`,
+//! `commit INITIATOR PATH`, `reload`.
+
+use crate::boot::{BootTarget, Client, ClientInfo};
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::session::Server;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+/// File name of the socket inside the state directory.
+pub const SOCKET: &str = "control.sock";
+/// Longest request line accepted.
+const MAX_LINE: usize = 4096;
+
+/// Re-read the configuration and swap the registry: new sessions see the new targets;
+/// sessions in progress keep what they logged in to, and client disks whose binding did not
+/// change are carried over with their open overlays.
+pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let old = server.registry();
+    let new = Registry::from_config(&config)
+        .map_err(|e| e.to_string())?
+        .with_portals(old.portals().to_vec());
+    new.adopt_clients(&old);
+    let targets = new.targets().count();
+    server.set_registry(Arc::new(new));
+    info!(config = %config_path.display(), targets, "configuration reloaded");
+    Ok(format!("reloaded {} ({targets} targets)\n", config_path.display()))
+}
+
+/// Serve the control socket until the task is aborted.
+pub async fn serve(path: PathBuf, server: Arc<Server>, config_path: Option<PathBuf>) {
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(socket = %path.display(), error = %e, "control socket unavailable");
+            return;
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    info!(socket = %path.display(), "control socket ready");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let server = server.clone();
+        let config_path = config_path.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd).take(MAX_LINE as u64);
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match handle(&server, config_path.as_deref(), line.trim()).await {
+                Ok(body) => format!("ok\n{body}"),
+                Err(e) => format!("error: {e}\n"),
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+            let _ = wr.shutdown().await;
+        });
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+fn find_client(registry: &Registry, initiator: &str) -> Result<(Arc<BootTarget>, Arc<Client>), String> {
+    for boot in registry.boot_targets() {
+        if let Some(c) = boot.client(initiator) {
+            return Ok((boot, c));
+        }
+    }
+    // Not seen since the server started: open its disk now (e.g. to reset or commit it).
+    for boot in registry.boot_targets() {
+        if boot.binding(initiator).is_some() {
+            let c = boot.attach(initiator).map_err(|e| e.to_string())?;
+            return Ok((boot, c));
+        }
+    }
+    Err(format!("no boot target has a binding for {initiator}"))
+}
+
+/// One line per client: the `clients` listing.
+pub fn format_clients(infos: &[ClientInfo]) -> String {
+    let mut out = String::from("TARGET\tINITIATOR\tIMAGE\tMODE\tSESSIONS\tBOOTS\tWRITTEN\n");
+    for c in infos {
+        let written = c.overlay.as_ref().map_or("-".to_string(), |s| s.bytes_written.to_string());
+        let _ = writeln!(out, "{}\t{}\t{}\t{}\t{}\t{}\t{}", c.target, c.initiator, c.image, c.mode, c.sessions, c.boots, written);
+    }
+    out
+}
+
+/// The `show` detail of one client.
+pub fn format_client(c: &ClientInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "initiator: {}", c.initiator);
+    let _ = writeln!(out, "target: {}", c.target);
+    let _ = writeln!(out, "image: {}", c.image);
+    let _ = writeln!(out, "mode: {}", c.mode);
+    let _ = writeln!(out, "sessions: {}", c.sessions);
+    let _ = writeln!(out, "boots: {}", c.boots);
+    if let Some(d) = &c.overlay_dir {
+        let _ = writeln!(out, "overlay: {}", d.display());
+    }
+    if let Some(s) = &c.overlay {
+        let _ = writeln!(out, "chunk size: {}", s.chunk_size);
+        let _ = writeln!(out, "chunks written: {}", s.chunks_written);
+        let _ = writeln!(out, "bytes written: {}", s.bytes_written);
+        let _ = writeln!(out, "chunks unmapped: {}", s.chunks_zeroed);
+        let _ = writeln!(out, "journal bytes: {}", s.journal_bytes);
+    }
+    out
+}
+
+async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Result<String, String> {
+    let mut words = line.split_whitespace();
+    let cmd = words.next().unwrap_or("");
+    let registry = server.registry();
+    match cmd {
+        "clients" => {
+            let infos: Vec<ClientInfo> =
+                registry.boot_targets().iter().flat_map(|b| b.clients()).map(|c| c.info()).collect();
+            Ok(format_clients(&infos))
+        }
+        "sessions" => {
+            let mut out = String::from("TSIH\tINITIATOR\tISID\tTARGET\n");
+            let mut all = server.sessions().all();
+            all.sort_by_key(|s| s.tsih);
+            for s in all {
+                let isid: String = s.isid.iter().map(|b| format!("{b:02x}")).collect();
+                let _ = writeln!(out, "{}\t{}\t{}\t{}", s.tsih, s.initiator, isid, s.target);
+            }
+            Ok(out)
+        }
+        "show" => {
+            let who = words.next().ok_or("usage: show INITIATOR")?;
+            let (_, c) = find_client(&registry, who)?;
+            Ok(format_client(&c.info()))
+        }
+        "reset" => {
+            let who = words.next().ok_or("usage: reset INITIATOR")?;
+            let (boot, c) = find_client(&registry, who)?;
+            server.reset_client(&boot.name, &c.initiator).await?;
+            Ok(format!("reset {}\n", c.initiator))
+        }
+        "commit" => {
+            let who = words.next().ok_or("usage: commit INITIATOR PATH")?;
+            let path = words.next().ok_or("usage: commit INITIATOR PATH")?;
+            let (_, c) = find_client(&registry, who)?;
+            let path = PathBuf::from(path);
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || c.commit_to(&target))
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok(format!("committed to {}\n", path.display()))
+        }
+        "reload" => {
+            let path = config_path.ok_or("quick mode has no configuration file to reload")?;
+            reload(server, path)
+        }
+        "" => Err("empty request".into()),
+        other => Err(format!("unknown request {other:?}")),
+    }
+}
+
+/// The client requests (`show`, `reset`, `commit`) without a running server.
+pub async fn handle_offline(server: &Server, line: &str) -> Result<String, String> {
+    handle(server, None, line).await
+}
+
+/// Client side: send one request, return the answer body (after `ok`) or the error.
+pub fn request(socket: &Path, line: &str) -> std::io::Result<Result<String, String>> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(match answer.strip_prefix("ok\n") {
+        Some(body) => Ok(body.to_string()),
+        None => Err(answer.trim().trim_start_matches("error: ").to_string()),
+    })
+}
