@@ -603,3 +603,88 @@ proptest! {
         run_model(4096, 8192, 70, ops)?;
     }
 }
+
+/// A real `kill -9`: a child process (this test binary, re-run) writes and flushes in a loop,
+/// reporting each flushed write on stdout; the parent kills it mid-stream, then reopens the
+/// overlay and checks every reported write survived.
+#[test]
+fn kill_dash_nine_child() {
+    const ENV: &str = "DISKLESS_OVERLAY_CHILD_DIR";
+    const BLOCKS: u64 = 512;
+    let golden_at = |dir: &Path| -> Arc<dyn BlockStore> {
+        Arc::new(FileStore::open(&dir.join("golden.img"), 512, true).unwrap())
+    };
+    if let Ok(dir) = std::env::var(ENV) {
+        // Child: never returns normally; the parent kills it.
+        use std::io::Write;
+        let dir = Path::new(&dir);
+        let o = Overlay::open(&dir.join("ov"), golden_at(dir)).unwrap();
+        let mut out = std::io::stdout();
+        for i in 0u64.. {
+            let blk = i % BLOCKS;
+            o.write_at(&pattern(512, i), blk * 512, false).unwrap();
+            if i % 3 == 0 {
+                o.discard(((i * 7) % BLOCKS) / 8 * 4096, 4096).unwrap();
+            }
+            o.flush().unwrap();
+            writeln!(out, "{i}").unwrap();
+            out.flush().unwrap();
+            // Unflushed noise that may or may not survive.
+            o.write_at(&[0xEE; 512], ((i * 13) % BLOCKS) * 512, false)
+                .unwrap();
+        }
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("golden.img"),
+        pattern(BLOCKS as usize * 512, 1),
+    )
+    .unwrap();
+    Overlay::create(&dir.path().join("ov"), golden_at(dir.path()), opts(4096))
+        .unwrap()
+        .close()
+        .unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "kill_dash_nine_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut last = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Ok(n) = line.trim().parse::<u64>() {
+            last = Some(n);
+            if n >= 700 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let last = last.expect("child reported nothing");
+    assert!(Overlay::check(&dir.path().join("ov")).unwrap().is_clean());
+    let o = Overlay::open(&dir.path().join("ov"), golden_at(dir.path())).unwrap();
+    // For each block, the last write reported flushed must be there unless a later write
+    // (flushed or not, or a discard) may have replaced it.
+    for blk in 0..BLOCKS {
+        let Some(i) = (0..=last).rev().find(|i| i % BLOCKS == blk) else {
+            continue;
+        };
+        let later_noise = (i..=last + 1).any(|j| (j * 13) % BLOCKS == blk);
+        let later_discard = (i..=last + 1).any(|j| j % 3 == 0 && ((j * 7) % BLOCKS) / 8 == blk / 8);
+        let mut b = [0u8; 512];
+        o.read_at(&mut b, blk * 512).unwrap();
+        if !later_noise && !later_discard {
+            assert_eq!(b.to_vec(), pattern(512, i), "block {blk}, write {i} lost");
+        }
+    }
+}

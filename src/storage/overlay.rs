@@ -743,6 +743,10 @@ impl Overlay {
             self.fill(state_of(ce - 1), end, last_end)?;
         }
         self.data.write_all_at(data, offset)?;
+        if runs.iter().all(|r| r.2 == ChunkState::Overlay) {
+            // Rewrite in place: no state change, nothing to journal.
+            return Ok(());
+        }
         let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
         for &(s, e, st) in &runs {
             if st != ChunkState::Overlay {
