@@ -191,7 +191,7 @@ fn simulated_crash_keeps_flushed_data() {
     o.write_at(&pattern(4096, 3), 16 * 1024, false).unwrap();
     o.discard(64 * 1024, 16 * 1024).unwrap();
     assert!(o.stats().pending_records >= 2);
-    drop(o); // kill: no flush
+    o.simulate_crash(); // kill: no flush
     let report = Overlay::check(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
     let o = Overlay::open(dir.path(), golden.clone()).unwrap();
@@ -324,8 +324,19 @@ fn reset_goes_back_to_golden() {
     );
     // Still usable after reset, and the reset itself is durable.
     o.write_at(&[9u8; 4096], 0, false).unwrap();
+    o.simulate_crash();
+    let o = Overlay::open(dir.path(), golden.clone()).unwrap();
+    assert_eq!(read_all(&o), gbytes);
+    // Dropping flushes: an orderly shutdown keeps unflushed writes.
+    o.write_at(&[9u8; 4096], 0, false).unwrap();
     drop(o);
-    let o = Overlay::open(dir.path(), golden).unwrap();
+    let o = Overlay::open_or_create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    assert_eq!(read_all(&o)[..4096], [9u8; 4096]);
+    drop(o);
+    let fresh = dir.path().join("fresh");
+    assert!(!Overlay::exists(&fresh));
+    let o = Overlay::open_or_create(&fresh, golden, opts(4096)).unwrap();
+    assert!(Overlay::exists(&fresh));
     assert_eq!(read_all(&o), gbytes);
     assert!(Overlay::check(dir.path()).unwrap().is_clean());
 }
@@ -562,7 +573,7 @@ fn run_model(bs: u32, chunk: u32, blocks: u64, ops: Vec<Op>) -> Result<(), TestC
                 prop_assert_eq!(read_all(o.as_ref().unwrap()), model.clone());
             }
             Op::Crash => {
-                drop(o.take());
+                o.take().unwrap().simulate_crash();
                 let rep = Overlay::check(dir.path()).unwrap();
                 prop_assert!(rep.is_clean(), "{:?}", rep);
                 let re = Overlay::open(dir.path(), golden.clone()).unwrap();
