@@ -274,6 +274,42 @@ fn torn_or_corrupt_journal_opens_as_a_prefix() {
 }
 
 #[test]
+fn compaction_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, mut model) = golden_mem(128 * 1024, 512);
+    let o = Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    let g0 = o.stats().generation;
+    for i in 0..10usize {
+        o.write_at(
+            &pattern(512, i as u64),
+            (i * 9000 / 512 * 512) as u64,
+            false,
+        )
+        .unwrap();
+        model[i * 9000 / 512 * 512..][..512].copy_from_slice(&pattern(512, i as u64));
+        o.flush().unwrap();
+    }
+    o.discard(100 * 1024, 8192).unwrap();
+    model[100 * 1024..100 * 1024 + 8192].fill(0);
+    assert!(o.stats().journal_bytes > 32);
+    o.compact_now().unwrap();
+    let st = o.stats();
+    assert_eq!(
+        (st.journal_bytes, st.generation, st.pending_records),
+        (32, g0 + 1, 0)
+    );
+    // Records after a compaction go to the new journal.
+    o.write_at(&[3u8; 512], 120 * 1024, false).unwrap();
+    model[120 * 1024..120 * 1024 + 512].fill(3);
+    o.flush().unwrap();
+    o.simulate_crash();
+    let rep = Overlay::check(dir.path()).unwrap();
+    assert!(rep.is_clean() && rep.journal_records == 1, "{rep:?}");
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    assert_eq!(read_all(&o), model);
+}
+
+#[test]
 fn check_reports_damage() {
     let dir = tempfile::tempdir().unwrap();
     let (golden, _) = golden_mem(64 * 1024, 512);

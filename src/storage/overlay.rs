@@ -409,6 +409,15 @@ impl Overlay {
         res
     }
 
+    /// Flush, then fold the journal into a new snapshot and empty it (done on its own at open
+    /// and when the journal passes 8 MiB).
+    pub fn compact_now(&self) -> Result<(), OverlayError> {
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        self.flush_inner()?;
+        let mut d = lock(&self.durable)?;
+        self.compact(&mut d)
+    }
+
     /// Drop without flushing, as a killed server would (for tests and fault drills): state
     /// changes not yet flushed are lost, which recovery must cope with.
     pub fn simulate_crash(self) {
