@@ -735,3 +735,65 @@ fn kill_dash_nine_child() {
         }
     }
 }
+
+/// The overlay behind the SCSI layer: writes, UNMAP reading back zeroes, GET LBA STATUS,
+/// and SYNCHRONIZE CACHE making writes survive a crash.
+#[test]
+fn serves_as_a_logical_unit() {
+    use diskless::scsi::{status, LogicalUnit, LuIdentity, Nexus};
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, gbytes) = golden_mem(256 * 512, 512);
+    let ov = Arc::new(Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap());
+    let lu = LogicalUnit::new(
+        ov.clone(),
+        LuIdentity {
+            vendor: "DISKLESS".into(),
+            product: "OVERLAY".into(),
+            revision: "0001".into(),
+            serial: "OV1".into(),
+            naa: [0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+        },
+    );
+    let n = Nexus {
+        id: 1,
+        initiator_port: "iqn.test:c1,i,0x000000000001".into(),
+        initiator_name: "iqn.test:c1".into(),
+        relative_port: 1,
+    };
+    let run = |c: &[u8], d: &[u8]| {
+        let mut c = c.to_vec();
+        c.resize(16, 0);
+        let _ = lu.transfer(&c);
+        let r = lu.execute(&n, &c, d);
+        assert_eq!(r.status, status::GOOD, "{r:?}");
+        r
+    };
+    // Until the first UNIT ATTENTION is consumed.
+    let mut c = [0u8; 16];
+    let _ = lu.execute(&n, &c, &[]);
+    // WRITE(10) 3 blocks at LBA 5, then SYNCHRONIZE CACHE(10).
+    run(&[0x2a, 0, 0, 0, 0, 5, 0, 0, 3, 0], &[7u8; 1536]);
+    run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    let r = run(&[0x28, 0, 0, 0, 0, 4, 0, 0, 5, 0], &[]);
+    assert_eq!(&r.data_in[..512], &gbytes[4 * 512..5 * 512]);
+    assert_eq!(&r.data_in[512..2048], &[7u8; 1536][..]);
+    // UNMAP LBAs 16..48 (whole 4 KiB chunks): zeroes and deallocated.
+    let mut p = vec![0, 22, 0, 16, 0, 0, 0, 0];
+    p.extend_from_slice(&16u64.to_be_bytes());
+    p.extend_from_slice(&32u32.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    run(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p);
+    let r = run(&[0x28, 0, 0, 0, 0, 16, 0, 0, 32, 0], &[]);
+    assert!(r.data_in.iter().all(|&x| x == 0));
+    c = [0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 24, 0, 0];
+    let st = run(&c, &[]);
+    assert_eq!(&st.data_in[16..20], &32u32.to_be_bytes());
+    assert_eq!(st.data_in[20], 1, "deallocated");
+    drop(lu);
+    // SYNCHRONIZE CACHE made the write durable; the unmap was not flushed.
+    Arc::try_unwrap(ov).ok().unwrap().simulate_crash();
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    let mut b = vec![0u8; 1536];
+    o.read_at(&mut b, 5 * 512).unwrap();
+    assert_eq!(b, vec![7u8; 1536]);
+}
