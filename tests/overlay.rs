@@ -191,7 +191,7 @@ fn simulated_crash_keeps_flushed_data() {
     o.write_at(&pattern(4096, 3), 16 * 1024, false).unwrap();
     o.discard(64 * 1024, 16 * 1024).unwrap();
     assert!(o.stats().pending_records >= 2);
-    drop(o); // kill: no flush
+    o.simulate_crash(); // kill: no flush
     let report = Overlay::check(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
     let o = Overlay::open(dir.path(), golden.clone()).unwrap();
@@ -274,6 +274,42 @@ fn torn_or_corrupt_journal_opens_as_a_prefix() {
 }
 
 #[test]
+fn compaction_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, mut model) = golden_mem(128 * 1024, 512);
+    let o = Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    let g0 = o.stats().generation;
+    for i in 0..10usize {
+        o.write_at(
+            &pattern(512, i as u64),
+            (i * 9000 / 512 * 512) as u64,
+            false,
+        )
+        .unwrap();
+        model[i * 9000 / 512 * 512..][..512].copy_from_slice(&pattern(512, i as u64));
+        o.flush().unwrap();
+    }
+    o.discard(100 * 1024, 8192).unwrap();
+    model[100 * 1024..100 * 1024 + 8192].fill(0);
+    assert!(o.stats().journal_bytes > 32);
+    o.compact_now().unwrap();
+    let st = o.stats();
+    assert_eq!(
+        (st.journal_bytes, st.generation, st.pending_records),
+        (32, g0 + 1, 0)
+    );
+    // Records after a compaction go to the new journal.
+    o.write_at(&[3u8; 512], 120 * 1024, false).unwrap();
+    model[120 * 1024..120 * 1024 + 512].fill(3);
+    o.flush().unwrap();
+    o.simulate_crash();
+    let rep = Overlay::check(dir.path()).unwrap();
+    assert!(rep.is_clean() && rep.journal_records == 1, "{rep:?}");
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    assert_eq!(read_all(&o), model);
+}
+
+#[test]
 fn check_reports_damage() {
     let dir = tempfile::tempdir().unwrap();
     let (golden, _) = golden_mem(64 * 1024, 512);
@@ -324,8 +360,19 @@ fn reset_goes_back_to_golden() {
     );
     // Still usable after reset, and the reset itself is durable.
     o.write_at(&[9u8; 4096], 0, false).unwrap();
+    o.simulate_crash();
+    let o = Overlay::open(dir.path(), golden.clone()).unwrap();
+    assert_eq!(read_all(&o), gbytes);
+    // Dropping flushes: an orderly shutdown keeps unflushed writes.
+    o.write_at(&[9u8; 4096], 0, false).unwrap();
     drop(o);
-    let o = Overlay::open(dir.path(), golden).unwrap();
+    let o = Overlay::open_or_create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    assert_eq!(read_all(&o)[..4096], [9u8; 4096]);
+    drop(o);
+    let fresh = dir.path().join("fresh");
+    assert!(!Overlay::exists(&fresh));
+    let o = Overlay::open_or_create(&fresh, golden, opts(4096)).unwrap();
+    assert!(Overlay::exists(&fresh));
     assert_eq!(read_all(&o), gbytes);
     assert!(Overlay::check(dir.path()).unwrap().is_clean());
 }
@@ -562,7 +609,7 @@ fn run_model(bs: u32, chunk: u32, blocks: u64, ops: Vec<Op>) -> Result<(), TestC
                 prop_assert_eq!(read_all(o.as_ref().unwrap()), model.clone());
             }
             Op::Crash => {
-                drop(o.take());
+                o.take().unwrap().simulate_crash();
                 let rep = Overlay::check(dir.path()).unwrap();
                 prop_assert!(rep.is_clean(), "{:?}", rep);
                 let re = Overlay::open(dir.path(), golden.clone()).unwrap();
@@ -602,4 +649,151 @@ proptest! {
     fn model_4096_blocks(ops in proptest::collection::vec(op(70), 1..50)) {
         run_model(4096, 8192, 70, ops)?;
     }
+}
+
+/// A real `kill -9`: a child process (this test binary, re-run) writes and flushes in a loop,
+/// reporting each flushed write on stdout; the parent kills it mid-stream, then reopens the
+/// overlay and checks every reported write survived.
+#[test]
+fn kill_dash_nine_child() {
+    const ENV: &str = "DISKLESS_OVERLAY_CHILD_DIR";
+    const BLOCKS: u64 = 512;
+    let golden_at = |dir: &Path| -> Arc<dyn BlockStore> {
+        Arc::new(FileStore::open(&dir.join("golden.img"), 512, true).unwrap())
+    };
+    if let Ok(dir) = std::env::var(ENV) {
+        // Child: never returns normally; the parent kills it.
+        use std::io::Write;
+        let dir = Path::new(&dir);
+        let o = Overlay::open(&dir.join("ov"), golden_at(dir)).unwrap();
+        let mut out = std::io::stdout();
+        for i in 0u64.. {
+            let blk = i % BLOCKS;
+            o.write_at(&pattern(512, i), blk * 512, false).unwrap();
+            if i % 3 == 0 {
+                o.discard(((i * 7) % BLOCKS) / 8 * 4096, 4096).unwrap();
+            }
+            o.flush().unwrap();
+            writeln!(out, "{i}").unwrap();
+            out.flush().unwrap();
+            // Unflushed noise that may or may not survive.
+            o.write_at(&[0xEE; 512], ((i * 13) % BLOCKS) * 512, false)
+                .unwrap();
+        }
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("golden.img"),
+        pattern(BLOCKS as usize * 512, 1),
+    )
+    .unwrap();
+    Overlay::create(&dir.path().join("ov"), golden_at(dir.path()), opts(4096))
+        .unwrap()
+        .close()
+        .unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "kill_dash_nine_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut last = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Ok(n) = line.trim().parse::<u64>() {
+            last = Some(n);
+            if n >= 700 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let last = last.expect("child reported nothing");
+    assert!(Overlay::check(&dir.path().join("ov")).unwrap().is_clean());
+    let o = Overlay::open(&dir.path().join("ov"), golden_at(dir.path())).unwrap();
+    // For each block, the last write reported flushed must be there unless a later write
+    // (flushed or not, or a discard) may have replaced it.
+    for blk in 0..BLOCKS {
+        let Some(i) = (0..=last).rev().find(|i| i % BLOCKS == blk) else {
+            continue;
+        };
+        let later_noise = (i..=last + 1).any(|j| (j * 13) % BLOCKS == blk);
+        let later_discard = (i..=last + 1).any(|j| j % 3 == 0 && ((j * 7) % BLOCKS) / 8 == blk / 8);
+        let mut b = [0u8; 512];
+        o.read_at(&mut b, blk * 512).unwrap();
+        if !later_noise && !later_discard {
+            assert_eq!(b.to_vec(), pattern(512, i), "block {blk}, write {i} lost");
+        }
+    }
+}
+
+/// The overlay behind the SCSI layer: writes, UNMAP reading back zeroes, GET LBA STATUS,
+/// and SYNCHRONIZE CACHE making writes survive a crash.
+#[test]
+fn serves_as_a_logical_unit() {
+    use diskless::scsi::{status, LogicalUnit, LuIdentity, Nexus};
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, gbytes) = golden_mem(256 * 512, 512);
+    let ov = Arc::new(Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap());
+    let lu = LogicalUnit::new(
+        ov.clone(),
+        LuIdentity {
+            vendor: "DISKLESS".into(),
+            product: "OVERLAY".into(),
+            revision: "0001".into(),
+            serial: "OV1".into(),
+            naa: [0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+        },
+    );
+    let n = Nexus {
+        id: 1,
+        initiator_port: "iqn.test:c1,i,0x000000000001".into(),
+        initiator_name: "iqn.test:c1".into(),
+        relative_port: 1,
+    };
+    let run = |c: &[u8], d: &[u8]| {
+        let mut c = c.to_vec();
+        c.resize(16, 0);
+        let _ = lu.transfer(&c);
+        let r = lu.execute(&n, &c, d);
+        assert_eq!(r.status, status::GOOD, "{r:?}");
+        r
+    };
+    // Until the first UNIT ATTENTION is consumed.
+    let mut c = [0u8; 16];
+    let _ = lu.execute(&n, &c, &[]);
+    // WRITE(10) 3 blocks at LBA 5, then SYNCHRONIZE CACHE(10).
+    run(&[0x2a, 0, 0, 0, 0, 5, 0, 0, 3, 0], &[7u8; 1536]);
+    run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    let r = run(&[0x28, 0, 0, 0, 0, 4, 0, 0, 5, 0], &[]);
+    assert_eq!(&r.data_in[..512], &gbytes[4 * 512..5 * 512]);
+    assert_eq!(&r.data_in[512..2048], &[7u8; 1536][..]);
+    // UNMAP LBAs 16..48 (whole 4 KiB chunks): zeroes and deallocated.
+    let mut p = vec![0, 22, 0, 16, 0, 0, 0, 0];
+    p.extend_from_slice(&16u64.to_be_bytes());
+    p.extend_from_slice(&32u32.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    run(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p);
+    let r = run(&[0x28, 0, 0, 0, 0, 16, 0, 0, 32, 0], &[]);
+    assert!(r.data_in.iter().all(|&x| x == 0));
+    c = [0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 24, 0, 0];
+    let st = run(&c, &[]);
+    assert_eq!(&st.data_in[16..20], &32u32.to_be_bytes());
+    assert_eq!(st.data_in[20], 1, "deallocated");
+    drop(lu);
+    // SYNCHRONIZE CACHE made the write durable; the unmap was not flushed.
+    Arc::try_unwrap(ov).ok().unwrap().simulate_crash();
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    let mut b = vec![0u8; 1536];
+    o.read_at(&mut b, 5 * 512).unwrap();
+    assert_eq!(b, vec![7u8; 1536]);
 }

@@ -161,8 +161,8 @@ struct Durable {
 
 /// A golden image seen through a per-client copy-on-write overlay. See the module docs.
 ///
-/// Dropping an `Overlay` does NOT flush (that is what a crash looks like); call
-/// [`Overlay::close`] or `flush` for an orderly shutdown.
+/// Dropping an `Overlay` flushes (best effort, errors are logged); [`Overlay::close`] flushes
+/// and reports errors; [`Overlay::simulate_crash`] drops without flushing.
 pub struct Overlay {
     dir: PathBuf,
     golden: Arc<dyn BlockStore>,
@@ -180,6 +180,8 @@ pub struct Overlay {
     live: RwLock<Live>,
     durable: Mutex<Durable>,
     punch_hole: AtomicBool,
+    /// Cleared by `simulate_crash`: Drop then skips its flush.
+    flush_on_drop: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OverlayError> {
@@ -370,6 +372,7 @@ impl Overlay {
                 generation: meta.generation,
             }),
             punch_hole: AtomicBool::new(true),
+            flush_on_drop: AtomicBool::new(true),
         };
         // Start from a clean snapshot and an empty journal: drops any torn tail so new
         // records are never appended after garbage.
@@ -380,9 +383,45 @@ impl Overlay {
         Ok(ov)
     }
 
-    /// Flush, then drop: the orderly shutdown.
+    /// Open the overlay in `dir` if there is one (checking `options.golden_id` when set),
+    /// else create it.
+    pub fn open_or_create(
+        dir: &Path,
+        golden: Arc<dyn BlockStore>,
+        options: OverlayOptions,
+    ) -> Result<Overlay, OverlayError> {
+        if Self::exists(dir) {
+            Self::open_with_id(dir, golden, options.golden_id.as_deref())
+        } else {
+            Self::create(dir, golden, options)
+        }
+    }
+
+    /// Whether `dir` holds an overlay (its snapshot file exists).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(META_FILE).exists()
+    }
+
+    /// Flush, then drop: the orderly shutdown, reporting any error.
     pub fn close(self) -> Result<(), OverlayError> {
-        self.flush_inner()
+        let res = self.flush_inner();
+        self.flush_on_drop.store(false, Ordering::Relaxed);
+        res
+    }
+
+    /// Flush, then fold the journal into a new snapshot and empty it (done on its own at open
+    /// and when the journal passes 8 MiB).
+    pub fn compact_now(&self) -> Result<(), OverlayError> {
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        self.flush_inner()?;
+        let mut d = lock(&self.durable)?;
+        self.compact(&mut d)
+    }
+
+    /// Drop without flushing, as a killed server would (for tests and fault drills): state
+    /// changes not yet flushed are lost, which recovery must cope with.
+    pub fn simulate_crash(self) {
+        self.flush_on_drop.store(false, Ordering::Relaxed);
     }
 
     /// The overlay directory.
@@ -743,6 +782,10 @@ impl Overlay {
             self.fill(state_of(ce - 1), end, last_end)?;
         }
         self.data.write_all_at(data, offset)?;
+        if runs.iter().all(|r| r.2 == ChunkState::Overlay) {
+            // Rewrite in place: no state change, nothing to journal.
+            return Ok(());
+        }
         let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
         for &(s, e, st) in &runs {
             if st != ChunkState::Overlay {
@@ -793,6 +836,16 @@ impl Overlay {
         if r != 0 {
             // Only space is lost: zero chunks never read the data file.
             self.punch_hole.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if self.flush_on_drop.load(Ordering::Relaxed) {
+            if let Err(e) = self.flush_inner() {
+                tracing::warn!(dir = %self.dir.display(), "overlay flush on close failed: {e}");
+            }
         }
     }
 }

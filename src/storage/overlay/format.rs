@@ -335,6 +335,22 @@ mod tests {
         // Torn tail: only the first record applies.
         let r = replay(&m, &j[..j.len() - 1]);
         assert_eq!((r.records, r.ignored_bytes), (1, 31));
+        // A well-formed record outside the device is reported, not applied.
+        let mut bad = journal_header(7).to_vec();
+        let far = Rec {
+            start: 250,
+            count: 10,
+            state: ChunkState::Zero,
+        };
+        encode_record(42, &far, &mut bad);
+        let r = replay(&m, &bad);
+        assert_eq!((r.records, r.problems.len()), (0, 1));
+        // Wrong sequence number: stops there (a record left over from before a compaction).
+        let r = replay(
+            &m,
+            &j[..32].iter().chain(&j[64..]).copied().collect::<Vec<_>>(),
+        );
+        assert_eq!((r.records, r.ignored_bytes), (0, 32));
         // Wrong generation: nothing applies.
         let mut other = journal_header(6).to_vec();
         other.extend_from_slice(&j[32..]);
