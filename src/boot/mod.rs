@@ -398,10 +398,26 @@ impl BootTarget {
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
+        if let Some(o) = &client.overlay {
+            // A server restart in the middle of a boot must not look like a reboot: the
+            // overlay's last write stands in for the session that ended with the old process.
+            lock(&client.state).last_end = last_write(o.dir());
+        }
         let client = Arc::new(client);
         // Two logins racing: keep whichever got in first.
         Ok(self.clients.entry(key).or_insert(client).clone())
     }
+}
+
+/// When the overlay in `dir` was last written, as an `Instant` (None if unknown or older
+/// than this machine's monotonic clock reaches).
+fn last_write(dir: &Path) -> Option<Instant> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()?;
+    let age = std::time::SystemTime::now().duration_since(newest).unwrap_or_default();
+    Instant::now().checked_sub(age)
 }
 
 /// Open (or create) the overlay of a client. A volatile overlay that cannot be opened (made
