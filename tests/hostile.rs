@@ -25,8 +25,9 @@ const TARGET: &str = "iqn.2026-11.test:hostile";
 /// Visible to and usable by VIP only.
 const HIDDEN: &str = "iqn.2026-11.test:hidden";
 const VIP: &str = "iqn.2026-11.test:vip";
-/// 16 MiB image: 32768 blocks of 512 bytes, enough for a maximum-length (8 MiB) transfer.
-const BLOCKS: u32 = 32768;
+/// 64 MiB sparse image: 131072 blocks of 512 bytes, room for a maximum-length transfer (the
+/// Block Limits page says 32 MiB) and for one more block.
+const BLOCKS: u32 = 131072;
 
 struct Fx {
     _dir: tempfile::TempDir,
@@ -822,23 +823,25 @@ fn capacity_edges_and_transfer_lengths() {
     let r = c.run(&[0x12, 1, 0xb0, 0, 64, 0], 64, None);
     assert_eq!(r.status, 0);
     let max = u32::from_be_bytes([r.data[8], r.data[9], r.data[10], r.data[11]]);
-    assert!(max > 0 && max <= BLOCKS / 2, "max transfer {max}");
-    let max16 = u16::try_from(max).unwrap();
-    let data = c.read10(0, max16);
-    assert_eq!(data.len(), max as usize * 512);
-    assert_eq!(data[..fx.head.len()], fx.head[..]);
+    assert!(max > 0 && max < BLOCKS, "max transfer {max}");
+    let data = c.run(&rw16_cdb(0x88, 0, max), max * 512, None);
+    assert_eq!(data.status, 0);
+    assert_eq!(data.data.len(), max as usize * 512);
+    assert_eq!(data.data[..fx.head.len()], fx.head[..]);
     let pattern = random_bytes(max as usize * 512, 99);
     let lba = BLOCKS - max;
-    c.write10(lba, &pattern);
-    assert!(
-        c.read10(lba, max16) == pattern,
-        "max-length write did not read back"
+    let r = c.run(
+        &rw16_cdb(0x8a, u64::from(lba), max),
+        max * 512,
+        Some(&pattern),
     );
-    if let Some(over) = max16.checked_add(1) {
-        let r = c.run(&read10_cdb(0, over), u32::from(over) * 512, None);
-        assert_eq!(r.status, 2);
-        assert_eq!(r.sense_triplet().map(|s| s.0), Some(5));
-    }
+    assert_eq!(r.status, 0, "max-length WRITE(16): {r:?}");
+    let back = c.run(&rw16_cdb(0x88, u64::from(lba), max), max * 512, None);
+    assert!(back.data == pattern, "max-length write did not read back");
+    // One block more than the limit: ILLEGAL REQUEST, INVALID FIELD IN CDB (SBC-3 §6.3).
+    let r = c.run(&rw16_cdb(0x88, 0, max + 1), (max + 1) * 512, None);
+    assert_eq!(r.status, 2);
+    assert_eq!(r.sense_triplet(), Some((5, 0x24, 0)));
     fx.healthy();
 }
 
@@ -966,4 +969,33 @@ fn max_sessions_refuses_with_out_of_resources() {
             Err(st) => panic!("login after a slot was freed: {st:02x?}"),
         }
     }
+}
+
+#[test]
+fn explore_unread_reads() {
+    let fx = fixture("");
+    let base = fx.srv.rss_kib();
+    let mut c = fx.login();
+    for _ in 0..60 {
+        let cmd = c.command(&read10_cdb(0, 16384), 16384 * 512, true, false);
+        c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    }
+    thread::sleep(Duration::from_secs(3));
+    eprintln!("RSS grew by {} KiB", fx.srv.rss_kib() - base);
+    // pending writes
+    let mut w = fx.login();
+    for i in 0..500u32 {
+        let cmd = w.command(&write10_cdb(i, 16384), 16384 * 512, false, true);
+        w.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    }
+    thread::sleep(Duration::from_secs(2));
+    let vm = std::fs::read_to_string(format!("/proc/{}/status", fx.srv.pid())).unwrap();
+    eprintln!(
+        "{}",
+        vm.lines()
+            .filter(|l| l.starts_with("Vm"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    fx.healthy();
 }

@@ -712,6 +712,15 @@ pub fn write10_cdb(lba: u32, blocks: u16) -> [u8; 10] {
     c
 }
 
+/// READ(16) (0x88) / WRITE(16) (0x8a) CDB.
+pub fn rw16_cdb(op: u8, lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = op;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
 /// A 48-byte BHS with `opcode` in byte 0 and the given DataSegmentLength, ITT and CmdSN; the
 /// rest zero. For PDUs the codec must not be trusted to build.
 pub fn raw_bhs(opcode: u8, flags: u8, dsl: u32, itt: u32, cmd_sn: u32) -> [u8; BHS_LEN] {
