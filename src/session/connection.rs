@@ -271,7 +271,15 @@ struct PendingWrite {
 struct Running {
     lun: u64,
     aborted: bool,
+    /// Bytes it may hold in memory (its EDTL, bounded): counted against [`BACKLOG_LIMIT`].
+    bytes: usize,
 }
+
+/// Stop reading new PDUs while this many bytes of responses are queued for the writer or
+/// held by running commands; resume as the initiator reads. TCP flow control then holds the
+/// initiator back, so one that never reads its responses cannot make us buffer without bound
+/// (RFC 7143 §3.2.2.1 leaves flow control to the target; TCP carries it).
+const BACKLOG_LIMIT: usize = 32 << 20;
 
 /// What a blocking SCSI execution sends back.
 struct Done {
@@ -390,13 +398,17 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                 break if conn.logout.is_some() { End::Logout } else { End::Closed };
             }
             let deadline = shutdown_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400));
+            let congested = conn.congested();
+            let seq = conn.seq.clone();
             tokio::select! {
                 biased;
                 _ = handle.kill.notified() => break End::Closed,
                 Some(done) = done_rx.recv() => {
                     if let Err(e) = conn.on_done(done).await { break End::Error(e); }
                 }
-                r = reader.next(&mut rd, digests, max_data), if !conn.closing => {
+                // Backpressure: the writer made room; look again.
+                _ = seq.drained.notified(), if congested && !conn.closing => {}
+                r = reader.next(&mut rd, digests, max_data), if !conn.closing && !congested => {
                     match r {
                         Ok(pdu) => {
                             last_rx = Instant::now();
@@ -478,17 +490,28 @@ type R = Result<(), String>;
 
 impl Conn {
     async fn send(&self, pdu: Pdu) -> R {
+        self.queue(Out::Pdu(pdu)).await
+    }
+
+    async fn send_all(&self, pdus: Vec<Pdu>) -> R {
+        self.queue(Out::Pdus(pdus)).await
+    }
+
+    async fn queue(&self, out: Out) -> R {
+        self.seq
+            .queued
+            .fetch_add(out.payload_len(), std::sync::atomic::Ordering::AcqRel);
         self.tx
-            .send(Out::Pdu(pdu))
+            .send(out)
             .await
             .map_err(|_| "writer gone".to_string())
     }
 
-    async fn send_all(&self, pdus: Vec<Pdu>) -> R {
-        self.tx
-            .send(Out::Pdus(pdus))
-            .await
-            .map_err(|_| "writer gone".to_string())
+    /// Too much is buffered for this initiator: read no more PDUs until it drains.
+    fn congested(&self) -> bool {
+        let queued = self.seq.queued.load(std::sync::atomic::Ordering::Acquire);
+        let running: usize = self.running.values().map(|r| r.bytes).sum();
+        queued.saturating_add(running) > BACKLOG_LIMIT
     }
 
     async fn flush(&self) -> R {
@@ -856,6 +879,7 @@ impl Conn {
             Running {
                 lun: c.lun,
                 aborted: false,
+                bytes: (c.expected_data_transfer_length as usize).min(BACKLOG_LIMIT),
             },
         );
         let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);
