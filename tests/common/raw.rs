@@ -241,7 +241,7 @@ pub struct Client {
     pub stream: TcpStream,
     /// Digests in force for the full-feature phase (login PDUs never carry digests).
     pub digests: Digests,
-    buf: Vec<u8>,
+    buf: BytesMut,
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     next_itt: u32,
@@ -261,7 +261,7 @@ impl Client {
         Client {
             stream,
             digests: Digests::default(),
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             cmd_sn: 1,
             exp_stat_sn: 0,
             next_itt: 1,
@@ -317,8 +317,8 @@ impl Client {
             if !self.buf.is_empty() {
                 match pdu::frame_length(&self.buf, d, pdu::MAX_WIRE_DATA_SEGMENT) {
                     Ok(Some(n)) => {
-                        let frame: Vec<u8> = self.buf.drain(..n).collect();
-                        let p = pdu::decode(Bytes::from(frame), d).map_err(RecvError::Codec)?;
+                        let frame = self.buf.split_to(n).freeze();
+                        let p = pdu::decode(frame, d).map_err(RecvError::Codec)?;
                         if let Some(sn) = status_sn(&p.bhs) {
                             self.exp_stat_sn = sn.wrapping_add(1);
                         }
@@ -598,6 +598,42 @@ impl Client {
                 other => panic!("unexpected PDU while waiting for task {itt:#x}: {other:?}"),
             }
         }
+    }
+
+    /// Collect the results of several read-type tasks completing in any order.
+    pub fn finish_many(&mut self, itts: &[u32]) -> std::collections::HashMap<u32, ScsiResult> {
+        let mut partial: std::collections::HashMap<u32, ScsiResult> = Default::default();
+        let mut done: std::collections::HashMap<u32, ScsiResult> = Default::default();
+        while done.len() < itts.len() {
+            let p = match self.recv(Duration::from_secs(20)) {
+                Ok(p) => p,
+                Err(e) => panic!("waiting for {} tasks: {e:?}", itts.len() - done.len()),
+            };
+            let itt = p.bhs.itt();
+            assert!(itts.contains(&itt), "unexpected PDU {:?}", p.bhs);
+            let res = partial.entry(itt).or_default();
+            match &p.bhs {
+                Bhs::DataIn(d) => {
+                    let off = d.buffer_offset as usize;
+                    if res.data.len() < off + p.data.len() {
+                        res.data.resize(off + p.data.len(), 0);
+                    }
+                    res.data[off..off + p.data.len()].copy_from_slice(&p.data);
+                    if d.status_present {
+                        res.status = d.status;
+                        res.residual = d.residual_count;
+                        let r = partial.remove(&itt).unwrap_or_default();
+                        done.insert(itt, r);
+                    }
+                }
+                Bhs::ScsiResponse(r) => {
+                    let acc = partial.remove(&itt).unwrap_or_default();
+                    done.insert(itt, scsi_result(acc, r, &p.data));
+                }
+                other => panic!("unexpected PDU {other:?}"),
+            }
+        }
+        done
     }
 
     /// Run a command to completion.
