@@ -523,6 +523,19 @@ impl Conn {
         rx.await.map_err(|_| "writer gone".to_string())
     }
 
+    /// Commands delivered and not completed (they hold a slot of the CmdSN window).
+    fn busy(&self) -> u32 {
+        (self.running.len() + self.writes.len()) as u32
+    }
+
+    /// Before dispatching `pdu`: a SCSI command about to be delivered already takes its slot,
+    /// so responses sent meanwhile do not advertise a slot it may keep.
+    fn sync_window(&mut self, pdu: &Pdu) {
+        let extra = u32::from(matches!(pdu.bhs, Bhs::ScsiCommand(_)));
+        self.window.set_busy(self.busy() + extra);
+        self.sync_seq();
+    }
+
     fn sync_seq(&self) {
         self.seq
             .set(self.window.exp_cmd_sn(), self.window.max_cmd_sn());
@@ -574,14 +587,26 @@ impl Conn {
                 Ok(())
             }
             Admit::Now => {
-                self.sync_seq();
+                if immediate
+                    && matches!(pdu.bhs, Bhs::ScsiCommand(_))
+                    && self.busy() >= self.window.window()
+                {
+                    // Immediate commands bypass the window; they may not overrun it
+                    // (§11.17.1 reason 0x06: too many immediate commands).
+                    return self
+                        .reject(reject_reason::IMMEDIATE_COMMAND_REJECT, &pdu)
+                        .await;
+                }
+                self.sync_window(&pdu);
                 self.dispatch(pdu).await?;
                 // Deliver commands that were waiting for this one (§3.2.2.1: in CmdSN order).
                 while let Some(next) = self.held.remove(&self.window.exp_cmd_sn()) {
                     let _ = self.window.admit(self.window.exp_cmd_sn(), false);
-                    self.sync_seq();
+                    self.sync_window(&next);
                     self.dispatch(next).await?;
                 }
+                self.window.set_busy(self.busy());
+                self.sync_seq();
                 Ok(())
             }
         }
@@ -904,6 +929,8 @@ impl Conn {
             .remove(&d.itt)
             .map(|r| r.aborted)
             .unwrap_or(true);
+        self.window.set_busy(self.busy());
+        self.sync_seq();
         let finished_tmfs = self.tmf_task_finished(d.itt);
         if !aborted {
             self.complete(d.itt, d.lun, d.result, d.edtl, d.write_len, d.r2t_count)
@@ -930,6 +957,9 @@ impl Conn {
         write_len: Option<u32>,
         r2t_count: u32,
     ) -> R {
+        // The task is over: its window slot opens in this very response.
+        self.window.set_busy(self.busy());
+        self.sync_seq();
         let (data, residual) = match write_len {
             Some(n) => (Bytes::new(), Residual::of(n, edtl)),
             None => {
