@@ -1001,3 +1001,63 @@ fn unread_responses_do_not_pile_up() {
     }
     assert_eq!(&c.ping(b"done").1[..], b"done");
 }
+
+#[test]
+fn outstanding_commands_close_the_cmd_window() {
+    let fx = fixture("{cmd_window: 8}");
+    let before = fx.hash();
+    let mut c = fx.login();
+    // 20 WRITEs whose data we hold back: only the 8 the window admits may become tasks
+    // (§4.2.2.1); the rest lie beyond MaxCmdSN and are ignored.
+    let mut itts = Vec::new();
+    for i in 0..20u32 {
+        let cmd = c.command(&write10_cdb(4000 + i, 1), 512, false, true);
+        itts.push(cmd.itt);
+        c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    }
+    let mut r2ts = Vec::new();
+    while let Ok(p) = c.recv(Duration::from_secs(1)) {
+        match p.bhs {
+            Bhs::R2t(r) => r2ts.push(r),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(r2ts.len(), 8, "tasks beyond the window were accepted");
+    let last = r2ts.last().unwrap();
+    assert_eq!(
+        last.max_cmd_sn,
+        last.exp_cmd_sn.wrapping_sub(1),
+        "window must be closed"
+    );
+    // An immediate command may not overrun the closed window (§11.17.1 reason 0x06).
+    let mut imm = c.command(&write10_cdb(5000, 1), 512, false, true);
+    imm.immediate = true;
+    let imm_pdu = Pdu::header_only(Bhs::ScsiCommand(imm));
+    let bytes = encode(&imm_pdu, Digests::default());
+    c.send_raw(&bytes).unwrap();
+    expect_reject(&mut c, 0x06, &bytes);
+    // Completing the writes reopens the window.
+    for r in &r2ts {
+        c.send(&data_out(r.itt, r.ttt, 0, 0, &[0u8; 512], true))
+            .unwrap();
+    }
+    let mut max = 0;
+    for _ in 0..8 {
+        match c.recv(ANSWER) {
+            Ok(Pdu {
+                bhs: Bhs::ScsiResponse(r),
+                ..
+            }) => {
+                assert_eq!(r.status, 0);
+                max = r.max_cmd_sn;
+                c.cmd_sn = r.exp_cmd_sn;
+            }
+            other => panic!("expected a SCSI Response, got {other:?}"),
+        }
+    }
+    assert_eq!(max, c.cmd_sn.wrapping_add(7), "window not reopened");
+    assert_eq!(c.read10(0, 1), fx.head[..512]);
+    drop(c);
+    fx.healthy();
+    assert_eq!(fx.hash(), before);
+}
