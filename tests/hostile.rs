@@ -1061,3 +1061,57 @@ fn outstanding_commands_close_the_cmd_window() {
     fx.healthy();
     assert_eq!(fx.hash(), before);
 }
+
+#[test]
+fn malformed_pdus_rejected_and_session_goes_on() {
+    let fx = fixture("");
+    let mut c = fx.login();
+    // A SCSI Command with an AHS of an unknown type (§11.2.2): the header is whole and its
+    // length known, so the target rejects it and keeps the connection.
+    let cmd = c.command(&read10_cdb(0, 1), 512, true, false);
+    let mut bytes = encode(&Pdu::header_only(Bhs::ScsiCommand(cmd)), Digests::default());
+    bytes[4] = 2; // TotalAHSLength: 2 words
+    bytes.splice(BHS_LEN..BHS_LEN, [0u8, 5, 0x7f, 0, 1, 2, 3, 4]);
+    c.send_raw(&bytes).unwrap();
+    match c.recv(ANSWER) {
+        Ok(Pdu {
+            bhs: Bhs::Reject(r),
+            data,
+        }) => {
+            assert!(matches!(r.reason, 0x04 | 0x09), "reason {:#04x}", r.reason);
+            assert_eq!(&data[..], &bytes[..BHS_LEN]);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    // §7.3: the CmdSN of a rejected command is NOT considered received: a command with the
+    // next CmdSN waits in the gap until the initiator plugs it with the same CmdSN.
+    let gap = c.cmd_sn.wrapping_sub(1);
+    let next = c.command(&read10_cdb(2, 1), 512, true, false);
+    let next_itt = next.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(next))).unwrap();
+    if let Err(p) = c.silent_for(Duration::from_millis(500)) {
+        panic!("a command behind the CmdSN gap ran: {p:?}");
+    }
+    let mut plug = c.command(&read10_cdb(0, 1), 512, true, false);
+    c.cmd_sn = c.cmd_sn.wrapping_sub(1);
+    plug.cmd_sn = gap;
+    let plug_itt = plug.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(plug))).unwrap();
+    let done = c.finish_many(&[plug_itt, next_itt]);
+    assert_eq!(done[&plug_itt].data, fx.head[..512]);
+    assert_eq!(done[&next_itt].data, fx.head[1024..1536]);
+    // A target-only opcode from the initiator (NOP-In): rejected, connection kept.
+    let nop_in = raw_bhs(0x20, 0x80, 0, NO_TAG, 0);
+    c.send_raw(&nop_in).unwrap();
+    match c.recv(ANSWER) {
+        Ok(Pdu {
+            bhs: Bhs::Reject(r),
+            data,
+        }) => {
+            assert!(matches!(r.reason, 0x04 | 0x05), "reason {:#04x}", r.reason);
+            assert_eq!(&data[..], &nop_in[..]);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    assert_eq!(c.read10(1, 1), fx.head[512..1024]);
+}
