@@ -28,25 +28,49 @@ pub enum Admit {
 pub struct CmdWindow {
     exp_cmd_sn: u32,
     window: u32,
+    /// The MaxCmdSN advertised so far; it never goes back (§4.2.2.1).
+    max_cmd_sn: u32,
 }
 
 impl CmdWindow {
     /// `initial` is the CmdSN of the leading Login Request (§11.12.8: the first non-immediate
     /// command after login carries it).
     pub fn new(initial: u32, window: u32) -> Self {
+        let window = window.max(1);
         CmdWindow {
             exp_cmd_sn: initial,
-            window: window.max(1),
+            window,
+            max_cmd_sn: initial.wrapping_add(window - 1),
         }
+    }
+
+    /// The configured window size.
+    pub fn window(&self) -> u32 {
+        self.window
     }
 
     pub fn exp_cmd_sn(&self) -> u32 {
         self.exp_cmd_sn
     }
 
-    /// MaxCmdSN we advertise: ExpCmdSN + window - 1.
+    /// MaxCmdSN we advertise: at most ExpCmdSN + window - 1, less the commands still
+    /// outstanding (see [`CmdWindow::set_busy`]).
     pub fn max_cmd_sn(&self) -> u32 {
-        self.exp_cmd_sn.wrapping_add(self.window - 1)
+        self.max_cmd_sn
+    }
+
+    /// `busy` commands have been delivered and not yet completed. The window counts them, so
+    /// an initiator can never have more than `window` commands in the target (§4.2.2.1: the
+    /// target's queuing capacity; MaxCmdSN = ExpCmdSN - 1 closes the window). MaxCmdSN only
+    /// moves forward: a smaller value would be ignored by the initiator anyway.
+    pub fn set_busy(&mut self, busy: u32) {
+        let target = self
+            .exp_cmd_sn
+            .wrapping_add(self.window - busy.min(self.window))
+            .wrapping_sub(1);
+        if sn_lt(self.max_cmd_sn, target) {
+            self.max_cmd_sn = target;
+        }
     }
 
     /// Decide about a command with `cmd_sn`; advances ExpCmdSN when it is delivered in order.
@@ -55,10 +79,13 @@ impl CmdWindow {
             // §3.2.2.1: immediate commands are not ordered and do not advance ExpCmdSN.
             return Admit::Now;
         }
-        if cmd_sn == self.exp_cmd_sn {
+        if sn_lt(self.max_cmd_sn, cmd_sn) {
+            // Beyond MaxCmdSN, including ExpCmdSN itself while the window is closed.
+            Admit::Ignore
+        } else if cmd_sn == self.exp_cmd_sn {
             self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
             Admit::Now
-        } else if sn_lt(self.exp_cmd_sn, cmd_sn) && sn_le(cmd_sn, self.max_cmd_sn()) {
+        } else if sn_lt(self.exp_cmd_sn, cmd_sn) && sn_le(cmd_sn, self.max_cmd_sn) {
             Admit::Hold
         } else {
             Admit::Ignore
@@ -88,6 +115,24 @@ mod tests {
         assert_eq!(w.exp_cmd_sn(), 11);
         assert_eq!(w.admit(99, true), Admit::Now); // immediate
         assert_eq!(w.exp_cmd_sn(), 11);
+    }
+
+    #[test]
+    fn outstanding_commands_close_the_window() {
+        let mut w = CmdWindow::new(10, 3);
+        assert_eq!(w.admit(10, false), Admit::Now);
+        w.set_busy(1);
+        assert_eq!(w.max_cmd_sn(), 12);
+        assert_eq!(w.admit(11, false), Admit::Now);
+        assert_eq!(w.admit(12, false), Admit::Now);
+        w.set_busy(3);
+        assert_eq!(w.max_cmd_sn(), 12); // closed: ExpCmdSN - 1
+        assert_eq!(w.admit(13, false), Admit::Ignore);
+        w.set_busy(1);
+        assert_eq!(w.max_cmd_sn(), 14);
+        w.set_busy(3); // never back
+        assert_eq!(w.max_cmd_sn(), 14);
+        assert_eq!(w.admit(13, false), Admit::Now);
     }
 
     #[test]

@@ -307,7 +307,15 @@ struct PendingWrite {
 struct Running {
     lun: u64,
     aborted: bool,
+    /// Bytes it may hold in memory (its EDTL, bounded): counted against [`BACKLOG_LIMIT`].
+    bytes: usize,
 }
+
+/// Stop reading new PDUs while this many bytes of responses are queued for the writer or
+/// held by running commands; resume as the initiator reads. TCP flow control then holds the
+/// initiator back, so one that never reads its responses cannot make us buffer without bound
+/// (RFC 7143 §3.2.2.1 leaves flow control to the target; TCP carries it).
+const BACKLOG_LIMIT: usize = 32 << 20;
 
 /// What a blocking SCSI execution sends back.
 struct Done {
@@ -427,13 +435,17 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                 break if conn.logout.is_some() { End::Logout } else { End::Closed };
             }
             let deadline = shutdown_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400));
+            let congested = conn.congested();
+            let seq = conn.seq.clone();
             tokio::select! {
                 biased;
                 _ = handle.kill.notified() => break End::Closed,
                 Some(done) = done_rx.recv() => {
                     if let Err(e) = conn.on_done(done).await { break End::Error(e); }
                 }
-                r = reader.next(&mut rd, digests, max_data), if !conn.closing => {
+                // Backpressure: the writer made room; look again.
+                _ = seq.drained.notified(), if congested && !conn.closing => {}
+                r = reader.next(&mut rd, digests, max_data), if !conn.closing && !congested => {
                     match r {
                         Ok(pdu) => {
                             last_rx = Instant::now();
@@ -518,17 +530,28 @@ type R = Result<(), String>;
 
 impl Conn {
     async fn send(&self, pdu: Pdu) -> R {
+        self.queue(Out::Pdu(pdu)).await
+    }
+
+    async fn send_all(&self, pdus: Vec<Pdu>) -> R {
+        self.queue(Out::Pdus(pdus)).await
+    }
+
+    async fn queue(&self, out: Out) -> R {
+        self.seq
+            .queued
+            .fetch_add(out.payload_len(), std::sync::atomic::Ordering::AcqRel);
         self.tx
-            .send(Out::Pdu(pdu))
+            .send(out)
             .await
             .map_err(|_| "writer gone".to_string())
     }
 
-    async fn send_all(&self, pdus: Vec<Pdu>) -> R {
-        self.tx
-            .send(Out::Pdus(pdus))
-            .await
-            .map_err(|_| "writer gone".to_string())
+    /// Too much is buffered for this initiator: read no more PDUs until it drains.
+    fn congested(&self) -> bool {
+        let queued = self.seq.queued.load(std::sync::atomic::Ordering::Acquire);
+        let running: usize = self.running.values().map(|r| r.bytes).sum();
+        queued.saturating_add(running) > BACKLOG_LIMIT
     }
 
     async fn flush(&self) -> R {
@@ -538,6 +561,19 @@ impl Conn {
             .await
             .map_err(|_| "writer gone".to_string())?;
         rx.await.map_err(|_| "writer gone".to_string())
+    }
+
+    /// Commands delivered and not completed (they hold a slot of the CmdSN window).
+    fn busy(&self) -> u32 {
+        (self.running.len() + self.writes.len()) as u32
+    }
+
+    /// Before dispatching `pdu`: a SCSI command about to be delivered already takes its slot,
+    /// so responses sent meanwhile do not advertise a slot it may keep.
+    fn sync_window(&mut self, pdu: &Pdu) {
+        let extra = u32::from(matches!(pdu.bhs, Bhs::ScsiCommand(_)));
+        self.window.set_busy(self.busy() + extra);
+        self.sync_seq();
     }
 
     fn sync_seq(&self) {
@@ -591,14 +627,26 @@ impl Conn {
                 Ok(())
             }
             Admit::Now => {
-                self.sync_seq();
+                if immediate
+                    && matches!(pdu.bhs, Bhs::ScsiCommand(_))
+                    && self.busy() >= self.window.window()
+                {
+                    // Immediate commands bypass the window; they may not overrun it
+                    // (§11.17.1 reason 0x06: too many immediate commands).
+                    return self
+                        .reject(reject_reason::IMMEDIATE_COMMAND_REJECT, &pdu)
+                        .await;
+                }
+                self.sync_window(&pdu);
                 self.dispatch(pdu).await?;
                 // Deliver commands that were waiting for this one (§3.2.2.1: in CmdSN order).
                 while let Some(next) = self.held.remove(&self.window.exp_cmd_sn()) {
                     let _ = self.window.admit(self.window.exp_cmd_sn(), false);
-                    self.sync_seq();
+                    self.sync_window(&next);
                     self.dispatch(next).await?;
                 }
+                self.window.set_busy(self.busy());
+                self.sync_seq();
                 Ok(())
             }
         }
@@ -896,6 +944,7 @@ impl Conn {
             Running {
                 lun: c.lun,
                 aborted: false,
+                bytes: (c.expected_data_transfer_length as usize).min(BACKLOG_LIMIT),
             },
         );
         let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);
@@ -920,6 +969,8 @@ impl Conn {
             .remove(&d.itt)
             .map(|r| r.aborted)
             .unwrap_or(true);
+        self.window.set_busy(self.busy());
+        self.sync_seq();
         let finished_tmfs = self.tmf_task_finished(d.itt);
         if !aborted {
             self.complete(d.itt, d.lun, d.result, d.edtl, d.write_len, d.r2t_count)
@@ -946,6 +997,9 @@ impl Conn {
         write_len: Option<u32>,
         r2t_count: u32,
     ) -> R {
+        // The task is over: its window slot opens in this very response.
+        self.window.set_busy(self.busy());
+        self.sync_seq();
         let (data, residual) = match write_len {
             Some(n) => (Bytes::new(), Residual::of(n, edtl)),
             None => {

@@ -5,7 +5,7 @@
 use crate::pdu::{self, Bhs, Digests, Pdu, PduError};
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -101,11 +101,16 @@ impl FrameReader {
 }
 
 /// Sequence numbers shared by the connection's reader (which admits commands) and its writer
-/// (which stamps every PDU).
+/// (which stamps every PDU), and the payload bytes queued for the writer (backpressure: an
+/// initiator that does not read its responses must not make us buffer without bound).
 #[derive(Debug, Default)]
 pub struct SeqState {
     pub exp_cmd_sn: AtomicU32,
     pub max_cmd_sn: AtomicU32,
+    /// Data-segment bytes handed to the writer and not yet taken off its queue.
+    pub queued: AtomicUsize,
+    /// Signalled whenever the writer takes work off its queue.
+    pub drained: tokio::sync::Notify,
 }
 
 impl SeqState {
@@ -122,6 +127,17 @@ pub enum Out {
     Pdus(Vec<Pdu>),
     /// Flush, then report through the channel (e.g. before closing after a Logout Response).
     Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Out {
+    /// Data-segment bytes this message carries (what [`SeqState::queued`] counts).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Out::Pdu(p) => p.data.len(),
+            Out::Pdus(ps) => ps.iter().map(|p| p.data.len()).sum(),
+            Out::Flush(_) => 0,
+        }
+    }
 }
 
 /// Stamp StatSN/ExpCmdSN/MaxCmdSN (RFC 7143 §4.2.2.2, §11): responses take the next StatSN;
@@ -175,6 +191,9 @@ pub async fn writer<W: AsyncWrite + Unpin>(
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
+            // Off the queue: at most this one message (and the batch) is held here.
+            seq.queued.fetch_sub(msg.payload_len(), Ordering::AcqRel);
+            seq.drained.notify_one();
             match msg {
                 Out::Pdu(p) => put(&mut w, &mut batch, p, digests, &seq, &mut stat_sn).await?,
                 Out::Pdus(ps) => {
