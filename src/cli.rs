@@ -123,7 +123,9 @@ fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
         "persistent" => Ok(Persistent),
         "readonly" => Ok(Readonly),
         "direct" => Ok(Direct),
-        _ => Err(format!("overlay mode must be volatile, persistent, readonly or direct, not {s:?}")),
+        _ => Err(format!(
+            "overlay mode must be volatile, persistent, readonly or direct, not {s:?}"
+        )),
     }
 }
 
@@ -215,11 +217,23 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::Clients(ctl) => control(&ctl, "clients", None),
         Command::Sessions(ctl) => control(&ctl, "sessions", None),
         Command::Reload(ctl) => control(&ctl, "reload", None),
-        Command::Client(ClientCommand::Show { initiator, ctl }) => control(&ctl, &format!("show {initiator}"), Some(&initiator)),
-        Command::Client(ClientCommand::Reset { initiator, ctl }) => control(&ctl, &format!("reset {initiator}"), Some(&initiator)),
-        Command::Client(ClientCommand::Commit { initiator, path, ctl }) => {
+        Command::Client(ClientCommand::Show { initiator, ctl }) => {
+            control(&ctl, &format!("show {initiator}"), Some(&initiator))
+        }
+        Command::Client(ClientCommand::Reset { initiator, ctl }) => {
+            control(&ctl, &format!("reset {initiator}"), Some(&initiator))
+        }
+        Command::Client(ClientCommand::Commit {
+            initiator,
+            path,
+            ctl,
+        }) => {
             let abs = std::path::absolute(&path).map_err(|e| CliError::Io(e.to_string()))?;
-            control(&ctl, &format!("commit {initiator} {}", abs.display()), Some(&initiator))
+            control(
+                &ctl,
+                &format!("commit {initiator} {}", abs.display()),
+                Some(&initiator),
+            )
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
@@ -264,7 +278,10 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
             };
             // Offline: open the registry (images read-only) and act on the overlay directly;
             // the overlay's lock refuses this while a server holds it.
-            let server = Server::new(Arc::new(Registry::from_config(&config)?), config.settings.to_settings());
+            let server = Server::new(
+                Arc::new(Registry::from_config(&config)?),
+                config.settings.to_settings(),
+            );
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -298,12 +315,22 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
                 .unwrap_or_else(|| registry::quick_target_name(image));
             match args.overlay {
                 Some(mode) => {
-                    let mut c = Config::quick_boot(image, &name, mode, args.block_size.unwrap_or(512));
-                    c.state_dir = Some(args.state_dir.clone().unwrap_or_else(|| PathBuf::from("state")));
+                    let mut c =
+                        Config::quick_boot(image, &name, mode, args.block_size.unwrap_or(512));
+                    c.state_dir = Some(
+                        args.state_dir
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("state")),
+                    );
                     c.validate()?;
                     c
                 }
-                None => registry::quick_config(image, &name, args.read_only, args.block_size.unwrap_or(512))?,
+                None => registry::quick_config(
+                    image,
+                    &name,
+                    args.read_only,
+                    args.block_size.unwrap_or(512),
+                )?,
             }
         }
         None => Config::load(&args.config)?,

@@ -703,13 +703,32 @@ impl Config {
         let mut c = Config::quick(image, target, true, block_size);
         let name = image
             .file_stem()
-            .map(|s| s.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).collect::<String>())
+            .map(|s| {
+                s.to_string_lossy()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+            })
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "image".into());
-        c.images = vec![ImageConfig { name: name.clone(), path: image.to_path_buf(), block_size, create_size: None }];
+        c.images = vec![ImageConfig {
+            name: name.clone(),
+            path: image.to_path_buf(),
+            block_size,
+            create_size: None,
+        }];
         if let Some(t) = c.targets.first_mut() {
             t.luns.clear();
-            t.boot = Some(BootConfig { bindings: Vec::new(), default: Some(DefaultBindingConfig { image: name, mode }) });
+            t.boot = Some(BootConfig {
+                bindings: Vec::new(),
+                default: Some(DefaultBindingConfig { image: name, mode }),
+            });
         }
         c
     }

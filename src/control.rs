@@ -34,7 +34,10 @@ pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
     let targets = new.targets().count();
     server.set_registry(Arc::new(new));
     info!(config = %config_path.display(), targets, "configuration reloaded");
-    Ok(format!("reloaded {} ({targets} targets)\n", config_path.display()))
+    Ok(format!(
+        "reloaded {} ({targets} targets)\n",
+        config_path.display()
+    ))
 }
 
 /// Serve the control socket until the task is aborted.
@@ -53,7 +56,9 @@ pub async fn serve(path: PathBuf, server: Arc<Server>, config_path: Option<PathB
     }
     info!(socket = %path.display(), "control socket ready");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let server = server.clone();
         let config_path = config_path.clone();
         tokio::spawn(async move {
@@ -75,7 +80,10 @@ pub async fn serve(path: PathBuf, server: Arc<Server>, config_path: Option<PathB
 
 use tokio::io::AsyncReadExt as _;
 
-fn find_client(registry: &Registry, initiator: &str) -> Result<(Arc<BootTarget>, Arc<Client>), String> {
+fn find_client(
+    registry: &Registry,
+    initiator: &str,
+) -> Result<(Arc<BootTarget>, Arc<Client>), String> {
     for boot in registry.boot_targets() {
         if let Some(c) = boot.client(initiator) {
             return Ok((boot, c));
@@ -95,8 +103,15 @@ fn find_client(registry: &Registry, initiator: &str) -> Result<(Arc<BootTarget>,
 pub fn format_clients(infos: &[ClientInfo]) -> String {
     let mut out = String::from("TARGET\tINITIATOR\tIMAGE\tMODE\tSESSIONS\tBOOTS\tWRITTEN\n");
     for c in infos {
-        let written = c.overlay.as_ref().map_or("-".to_string(), |s| s.bytes_written.to_string());
-        let _ = writeln!(out, "{}\t{}\t{}\t{}\t{}\t{}\t{}", c.target, c.initiator, c.image, c.mode, c.sessions, c.boots, written);
+        let written = c
+            .overlay
+            .as_ref()
+            .map_or("-".to_string(), |s| s.bytes_written.to_string());
+        let _ = writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            c.target, c.initiator, c.image, c.mode, c.sessions, c.boots, written
+        );
     }
     out
 }
@@ -129,8 +144,12 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
     let registry = server.registry();
     match cmd {
         "clients" => {
-            let infos: Vec<ClientInfo> =
-                registry.boot_targets().iter().flat_map(|b| b.clients()).map(|c| c.info()).collect();
+            let infos: Vec<ClientInfo> = registry
+                .boot_targets()
+                .iter()
+                .flat_map(|b| b.clients())
+                .map(|c| c.info())
+                .collect();
             Ok(format_clients(&infos))
         }
         "sessions" => {

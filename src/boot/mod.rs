@@ -416,7 +416,9 @@ fn last_write(dir: &Path) -> Option<Instant> {
         .ok()?
         .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
         .max()?;
-    let age = std::time::SystemTime::now().duration_since(newest).unwrap_or_default();
+    let age = std::time::SystemTime::now()
+        .duration_since(newest)
+        .unwrap_or_default();
     Instant::now().checked_sub(age)
 }
 

@@ -125,6 +125,8 @@ impl Target {
 pub struct Config {
     pub targets: Vec<Target>,
     pub discovery_chap: Option<Chap>,
+    /// A whole configuration written as is (boot targets and the like).
+    pub raw: Option<String>,
 }
 
 /// YAML double-quoted scalar (paths and secrets may hold characters YAML treats specially).
@@ -137,6 +139,15 @@ impl Config {
         Config {
             targets,
             discovery_chap: None,
+            raw: None,
+        }
+    }
+    /// A configuration given as YAML text (its portals are overridden by `--listen`).
+    pub fn yaml(text: &str) -> Self {
+        Config {
+            targets: Vec::new(),
+            discovery_chap: None,
+            raw: Some(text.to_string()),
         }
     }
     pub fn discovery_chap(mut self, chap: Chap) -> Self {
@@ -146,6 +157,9 @@ impl Config {
 
     /// The config in the planned targets.yaml format.
     pub fn to_yaml(&self) -> String {
+        if let Some(raw) = &self.raw {
+            return raw.clone();
+        }
         let mut y = String::from("portals: [\"127.0.0.1:0\"]\ntargets:\n");
         for t in &self.targets {
             let inits: Vec<String> = t.initiators.iter().map(|i| q(i)).collect();
@@ -321,6 +335,14 @@ impl Server {
     }
 
     /// Stop with SIGTERM and wait (the server must flush and exit on its own within 10 s).
+    /// SIGKILL: the crash of the server process, nothing flushed or closed.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         signal(&child, libc::SIGTERM);
