@@ -133,7 +133,8 @@ chmod 755 "$R/init" "$R/bin/busybox"
 # .modinfo strings, so no depmod/kmod is needed) before the module itself.
 declare -A MODFILE=() LOADED=()
 while IFS= read -r f; do
-	n=$(basename "$f" .ko)
+	n=${f##*/}
+	n=${n%.ko}
 	MODFILE[${n//-/_}]=$f
 done < <(find "$MODDIR/kernel" -name '*.ko' | sort)
 ORDER=()
@@ -141,14 +142,18 @@ add_module() {
 	local m=${1//-/_} dep deps
 	[[ -n ${LOADED[$m]:-} ]] && return 0
 	LOADED[$m]=1
-	[[ -n ${MODFILE[$m]:-} ]] || die "module $m not found in $KPKG"
+	if [[ -z ${MODFILE[$m]:-} ]]; then
+		# Built into the kernel: nothing to load.
+		grep -q "/${m}.ko\$" "$MODDIR/modules.builtin" 2>/dev/null && return 0
+		die "module $m not found in $KPKG"
+	fi
 	deps=$(tr '\0' '\n' <"${MODFILE[$m]}" | grep -a -m1 '^depends=' | cut -d= -f2 || true)
 	for dep in ${deps//,/ }; do add_module "$dep"; done
 	ORDER+=("$m")
 }
 # crc32c_generic first: libcrc32c asks the crypto API for "crc32c" at load time (needed even
 # without digests). virtio_pci + virtio_net: the guest NIC; e1000 for runs with that NIC.
-for m in crc32c_generic virtio_pci virtio_net e1000 scsi_mod sd_mod scsi_transport_iscsi libiscsi \
+for m in crc32c_generic crct10dif_generic virtio_pci virtio_net e1000 scsi_mod sd_mod scsi_transport_iscsi libiscsi \
 	libiscsi_tcp iscsi_tcp iscsi_boot_sysfs iscsi_ibft; do
 	add_module "$m"
 done
@@ -239,8 +244,13 @@ assemble() { # assemble DISK FAT
 	marker_block | dd of="$1" bs=512 seek=$((SECTORS - 2048)) conv=notrunc status=none
 }
 
+partition() { # partition DISK < sfdisk-script (sfdisk works on the image file itself)
+	local out
+	out=$(sfdisk --no-reread --no-tell-kernel "$1" 2>&1) || die "sfdisk $1 failed: $out"
+}
+
 assemble "$WORK/bios.img" "$WORK/bios.fat"
-sfdisk --quiet --no-reread --no-tell-kernel "$WORK/bios.img" >/dev/null <<EOF
+partition "$WORK/bios.img" <<EOF
 label: dos
 label-id: 0x4449534b
 start=$PSTART, size=$PSIZE, type=6, bootable
@@ -249,7 +259,7 @@ EOF
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$WORK/bios.img" bs=440 count=1 conv=notrunc status=none
 
 assemble "$WORK/uefi.img" "$WORK/uefi.fat"
-sfdisk --quiet --no-reread --no-tell-kernel "$WORK/uefi.img" >/dev/null <<EOF
+partition "$WORK/uefi.img" <<EOF
 label: gpt
 label-id: 4449534B-4C45-5353-0000-000000000001
 start=$PSTART, size=$PSIZE, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=4449534B-4C45-5353-0000-0000000000E5, name="ESP"
