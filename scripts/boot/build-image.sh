@@ -61,8 +61,15 @@ need truncate coreutils
 
 # ---- inputs ---------------------------------------------------------------------------------
 candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2; exit}'; }
-KPKG=${DISKLESS_BOOT_KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}
-[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64 (run 'apt-get update' first)"
+kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+KPKG=${DISKLESS_BOOT_KERNEL_PKG:-$(kernel_pkg)}
+if [[ -z $KPKG && $(id -u) -eq 0 ]]; then
+	# Containers often ship without apt lists: fetch them once (as root only).
+	log "no apt package lists: running apt-get update"
+	apt-get update -q >&2 || die "apt-get update failed"
+	KPKG=$(kernel_pkg)
+fi
+[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64 (run 'apt-get update' as root first)"
 # iscsistart's shared libraries come from their Debian packages too, not from the host.
 PKGS=("$KPKG" busybox-static open-iscsi libopeniscsiusr systemd-boot-efi libc6 libssl3 libkmod2 libzstd1 liblzma5)
 INPUTS=""
@@ -279,5 +286,9 @@ touch "$IMGDIR.tmp.$$/done"
 rm -rf "$IMGDIR"
 mv "$IMGDIR.tmp.$$" "$IMGDIR" 2>/dev/null || [[ -f $IMGDIR/done ]] || die "cannot store $IMGDIR"
 rm -rf "$IMGDIR.tmp.$$"
+# Keep only the current images (each set is ~20 MB on disk); the .debs stay cached.
+for d in "$CACHE"/images/*/; do
+	[[ ${d%/} == "$IMGDIR" || ${d%/} == *.tmp.* ]] || rm -rf "${d%/}"
+done
 log "built $(sed -n 1p "$WORK/inputs.txt") with $KVER ($(du -k "$WORK/initrd.gz" | cut -f1) KiB initrd)"
 publish
