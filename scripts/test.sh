@@ -4,7 +4,8 @@
 #   scripts/test.sh [--quick]
 #
 # As root it first installs the real iSCSI clients the tests drive (libiscsi-bin, qemu-img with
-# the iSCSI block driver, tcpdump) when they are missing. Then it checks that every required
+# the iSCSI block driver, tcpdump) and what the network-boot tests need (QEMU, iPXE ROMs, OVMF,
+# and the image builder's syslinux/mtools/dosfstools/fdisk/cpio) when they are missing. Then it checks that every required
 # tool is present and fails loudly if one is not: no test is ever skipped silently. Then:
 #   1. cargo build
 #   2. cargo test  (unit tests and tests/clients.rs, which drive the real clients)
@@ -38,6 +39,28 @@ fi
 
 CLIENT_TOOLS=(iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 qemu-img tcpdump)
 OTHER_TOOLS=(cargo timeout stdbuf cmp truncate mktemp)
+# tests/boot.rs (QEMU network boots) and scripts/boot/build-image.sh: "tool-or-file package".
+BOOT_NEEDS=(
+	"qemu-system-x86_64 qemu-system-x86"
+	"/usr/lib/ipxe/qemu/pxe-virtio.rom ipxe-qemu"
+	"/usr/lib/ipxe/qemu/efi-virtio.rom ipxe-qemu"
+	"/usr/share/OVMF/OVMF_CODE_4M.fd ovmf"
+	"syslinux syslinux"
+	"/usr/lib/syslinux/mbr/mbr.bin syslinux-common"
+	"mcopy mtools"
+	"mkfs.fat dosfstools"
+	"sfdisk fdisk"
+	"cpio cpio"
+	"dpkg-deb dpkg"
+)
+boot_missing() { # prints the packages of missing boot tools/files, one per line
+	local e what pkg
+	for e in "${BOOT_NEEDS[@]}"; do
+		read -r what pkg <<<"$e"
+		if [[ $what == /* ]]; then [[ -e $what ]] && continue; else command -v "$what" >/dev/null 2>&1 && continue; fi
+		echo "$pkg"
+	done
+}
 
 # ---- 1. install what is missing (root only) ----------------------------------------------------
 missing_pkgs() {
@@ -47,6 +70,7 @@ missing_pkgs() {
 	done
 	dl_qemu_has_iscsi || p+=(qemu)
 	command -v tcpdump >/dev/null 2>&1 || p+=(tcpdump)
+	p+=($(boot_missing | sort -u))
 	echo "${p[*]}"
 }
 
@@ -75,6 +99,8 @@ fi
 # ---- 2. every tool must be there ---------------------------------------------------------------
 dl_require "${CLIENT_TOOLS[@]}" "${OTHER_TOOLS[@]}"
 dl_qemu_has_iscsi || dl_die "qemu-img has no iSCSI support (install qemu-utils/bookworm and qemu-block-extra as root)"
+BOOT_MISSING=$(boot_missing | sort -u | tr '\n' ' ')
+[[ -z $BOOT_MISSING ]] || dl_die "network-boot tests need the Debian packages: $BOOT_MISSING(run scripts/test.sh as root to install them)"
 if [[ $(id -u) -ne 0 ]]; then
 	dl_log "warning: not root; tests that capture packets with tcpdump will fail"
 fi
