@@ -554,7 +554,19 @@ impl Conn {
         .await
     }
 
-    async fn reject(&self, reason: u8, pdu: &Pdu) -> R {
+    /// §7.3: a rejected non-immediate command is not considered received (a CmdSN gap the
+    /// initiator plugs by resending with the same CmdSN).
+    fn retract(&mut self, cmd_sn: u32, immediate: bool) {
+        if !immediate {
+            self.window.retract(cmd_sn);
+            self.sync_seq();
+        }
+    }
+
+    async fn reject(&mut self, reason: u8, pdu: &Pdu) -> R {
+        if let Some(sn) = pdu.bhs.cmd_sn() {
+            self.retract(sn, pdu.bhs.immediate());
+        }
         let header = pdu::encode_header(&pdu.bhs, pdu.data.len() as u32, Digests::default());
         let mut bhs = [0u8; BHS_LEN];
         bhs.copy_from_slice(&header[..BHS_LEN]);
@@ -714,6 +726,7 @@ impl Conn {
         };
         if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
             // §11.3: ITTs are unique among outstanding tasks.
+            self.retract(c.cmd_sn, c.immediate);
             return self
                 .reject_raw(
                     reject_reason::INVALID_PDU_FIELD,
@@ -748,6 +761,7 @@ impl Conn {
                     Ok(w) => w,
                     Err(e) => {
                         debug!(error = %e, "bad immediate data");
+                        self.retract(c.cmd_sn, c.immediate);
                         return self
                             .reject_raw(
                                 reject_reason::PROTOCOL_ERROR,
