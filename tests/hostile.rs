@@ -1100,6 +1100,24 @@ fn malformed_pdus_rejected_and_session_goes_on() {
     let done = c.finish_many(&[plug_itt, next_itt]);
     assert_eq!(done[&plug_itt].data, fx.head[..512]);
     assert_eq!(done[&next_itt].data, fx.head[1024..1536]);
+    // A command reusing the ITT of an outstanding task (§11.3: ITTs are unique): Reject 0x09,
+    // and again a gap (§7.3) the initiator plugs with the same CmdSN.
+    let (itt, ttt, _) = write_until_r2t(&mut c, 3000, 1);
+    let mut dup = c.command(&read10_cdb(0, 1), 512, true, false);
+    dup.itt = itt;
+    let dup_sn = dup.cmd_sn;
+    let bytes = encode(&Pdu::header_only(Bhs::ScsiCommand(dup)), Digests::default());
+    c.send_raw(&bytes).unwrap();
+    expect_reject(&mut c, 0x09, &bytes);
+    let mut plug = c.command(&read10_cdb(3, 1), 512, true, false);
+    c.cmd_sn = c.cmd_sn.wrapping_sub(1);
+    plug.cmd_sn = dup_sn;
+    let plug_itt = plug.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(plug))).unwrap();
+    assert_eq!(c.finish(plug_itt, &[]).data, fx.head[1536..2048]);
+    c.send(&data_out(itt, ttt, 0, 0, &[0u8; 512], true))
+        .unwrap();
+    assert_eq!(c.finish(itt, &[]).status, 0);
     // A target-only opcode from the initiator (NOP-In): rejected, connection kept.
     let nop_in = raw_bhs(0x20, 0x80, 0, NO_TAG, 0);
     c.send_raw(&nop_in).unwrap();
