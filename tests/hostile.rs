@@ -425,6 +425,47 @@ fn bad_data_digest_rejected() {
         before,
         "a Data-Out with a bad digest was written"
     );
+
+    // A SCSI Command whose immediate data fails its digest: Reject 0x02, the command is
+    // discarded and its CmdSN is a gap (§7.3); resending the same PDU completes it.
+    let mut c = fx.client();
+    c.login_with(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", TARGET),
+        ("DataDigest", "CRC32C"),
+        ("ImmediateData", "Yes"),
+    ])
+    .unwrap();
+    assert!(c.digests.data);
+    let payload = random_bytes(512, 3);
+    let cmd = c.command(&write10_cdb(6000, 1), 512, false, true);
+    let itt = cmd.itt;
+    let good = encode(
+        &Pdu {
+            bhs: Bhs::ScsiCommand(cmd),
+            data: Bytes::from(payload.clone()),
+        },
+        c.digests,
+    );
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 0x01;
+    c.send_raw(&bad).unwrap();
+    expect_reject(&mut c, 0x02, &bad);
+    assert_eq!(&c.ping(b"x").1[..], b"x");
+    // A command behind the gap waits ...
+    let read = c.command(&read10_cdb(0, 1), 512, true, false);
+    let read_itt = read.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(read))).unwrap();
+    if let Err(p) = c.silent_for(Duration::from_millis(500)) {
+        panic!("a command behind the CmdSN gap ran: {p:?}");
+    }
+    // ... until the initiator resends the rejected command.
+    c.send_raw(&good).unwrap();
+    let done = c.finish_many(&[itt, read_itt]);
+    assert_eq!(done[&itt].status, 0);
+    assert_eq!(done[&read_itt].data, fx.head[..512]);
+    assert_eq!(c.read10(6000, 1), payload);
 }
 
 // ---------------------------------------------------------------------------------------------
