@@ -575,6 +575,40 @@ fn login_key_errors() {
     big.extend_from_slice(b"X-huge=");
     assert_eq!(flood_continuation(&fx, &big, b"v", 100 * 1024).0, 2);
     assert_eq!(flood_continuation(&fx, &first, b"X-k=1\0", 1 << 20).0, 2);
+    // A connection for an existing session (TSIH != 0): MaxConnections is 1, so 0x0206 too
+    // many connections; for a TSIH nobody holds, 0x020A session does not exist.
+    let live = fx.login();
+    let mut add = fx.client();
+    add.isid = live.isid;
+    add.tsih = live.tsih;
+    assert_eq!(add.login(INITIATOR, TARGET), Err((2, 0x06)));
+    let mut ghost = fx.client();
+    ghost.tsih = live.tsih.wrapping_add(1000);
+    assert_eq!(ghost.login(INITIATOR, TARGET), Err((2, 0x0a)));
+    // Version-min above ours (0x00): 0x0205 unsupported version.
+    let mut v = fx.client();
+    let bytes = encode(
+        &Pdu {
+            bhs: Bhs::LoginRequest(diskless::pdu::LoginRequest {
+                transit: true,
+                csg: 1,
+                nsg: 3,
+                version_max: 2,
+                version_min: 1,
+                isid: fresh_isid(),
+                itt: 1,
+                ..Default::default()
+            }),
+            data: Bytes::from(keys_text(&[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+            ])),
+        },
+        Digests::default(),
+    );
+    v.send_raw(&bytes).unwrap();
+    let (r, _) = v.login_response(ANSWER);
+    assert_eq!((r.status_class, r.status_detail), (2, 0x05));
     let grown = fx.srv.rss_kib().saturating_sub(base);
     assert!(grown < 8 * 1024, "server RSS grew by {grown} KiB");
     fx.healthy();
