@@ -32,6 +32,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 const LOGIN_MAX_DATA: u32 = 8192;
 /// How long a Logout or shutdown waits for commands still running.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a closing connection lets its writer deliver what is queued.
+const WRITER_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let local = match stream.local_addr() {
@@ -471,7 +473,14 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let cold = conn.cold_reset;
         let target = conn.params.target_name.clone();
         drop(conn);
-        let _ = writer.await;
+        // What the writer still holds is for a peer that is gone or does not read (session
+        // reinstatement §6.3.5, NOP timeout, protocol error; a Logout Response was flushed
+        // already). Waiting on it without bound would keep this task, its buffers and the
+        // socket alive, and hold up a reinstating login.
+        let mut writer = writer;
+        if tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
+            writer.abort();
+        }
         handle.closed.send_replace(true);
         if cold {
             // §11.5.1 TARGET COLD RESET: every session of the target goes.
