@@ -1208,3 +1208,79 @@ fn malformed_pdus_rejected_and_session_goes_on() {
     }
     assert_eq!(c.read10(1, 1), fx.head[512..1024]);
 }
+
+/// Send `n` READs of 4 MiB and read nothing: the target's writer is stuck on a full socket.
+fn stall_writer(c: &mut Client, n: usize) {
+    for _ in 0..n {
+        let cmd = c.command(&read10_cdb(0, 8192), 8192 * 512, true, false);
+        c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    }
+    thread::sleep(Duration::from_millis(1500));
+}
+
+/// Read raw bytes until EOF/reset; how many arrived (None if still open after `limit`).
+fn drain_until_closed(c: &mut Client, limit: Duration) -> Option<usize> {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        c.stream.set_read_timeout(Some(left)).unwrap();
+        match c.stream.read(&mut buf) {
+            Ok(0) => return Some(total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return None,
+            Err(_) => return Some(total),
+        }
+    }
+}
+
+#[test]
+fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
+    let fx = fixture("");
+    let mut old = fx.login();
+    stall_writer(&mut old, 40);
+    // Same InitiatorName + ISID: the old session is closed (§6.3.5) without waiting for its
+    // 160 MiB of responses to be read.
+    let t = Instant::now();
+    let mut new = fx.client();
+    new.isid = old.isid;
+    new.login(INITIATOR, TARGET).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "reinstatement took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(new.read10(0, 1), fx.head[..512]);
+    // What was queued for the old connection is dropped, not delivered.
+    let got = drain_until_closed(&mut old, Duration::from_secs(20)).expect("old connection open");
+    assert!(
+        got < 16 << 20,
+        "{got} bytes still delivered to a closed session"
+    );
+}
+
+#[test]
+fn nop_timeout_drops_a_peer_that_does_not_read() {
+    let fx = fixture("{nop_in_interval_secs: 1, nop_in_timeout_secs: 2}");
+    let mut c = fx.login();
+    stall_writer(&mut c, 40);
+    // Wait for the drop (ping at 1 s idle, unanswered for 2 s), then for the writer's grace.
+    let t = Instant::now();
+    while !fx.srv.stderr().contains("NOP-In ping not answered") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no NOP timeout");
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(2));
+    let got = drain_until_closed(&mut c, Duration::from_secs(20)).expect("connection still open");
+    assert!(
+        got < 16 << 20,
+        "{got} bytes delivered after the connection was dropped"
+    );
+    fx.healthy();
+}
