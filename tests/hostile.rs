@@ -425,6 +425,47 @@ fn bad_data_digest_rejected() {
         before,
         "a Data-Out with a bad digest was written"
     );
+
+    // A SCSI Command whose immediate data fails its digest: Reject 0x02, the command is
+    // discarded and its CmdSN is a gap (§7.3); resending the same PDU completes it.
+    let mut c = fx.client();
+    c.login_with(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", TARGET),
+        ("DataDigest", "CRC32C"),
+        ("ImmediateData", "Yes"),
+    ])
+    .unwrap();
+    assert!(c.digests.data);
+    let payload = random_bytes(512, 3);
+    let cmd = c.command(&write10_cdb(6000, 1), 512, false, true);
+    let itt = cmd.itt;
+    let good = encode(
+        &Pdu {
+            bhs: Bhs::ScsiCommand(cmd),
+            data: Bytes::from(payload.clone()),
+        },
+        c.digests,
+    );
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 0x01;
+    c.send_raw(&bad).unwrap();
+    expect_reject(&mut c, 0x02, &bad);
+    assert_eq!(&c.ping(b"x").1[..], b"x");
+    // A command behind the gap waits ...
+    let read = c.command(&read10_cdb(0, 1), 512, true, false);
+    let read_itt = read.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(read))).unwrap();
+    if let Err(p) = c.silent_for(Duration::from_millis(500)) {
+        panic!("a command behind the CmdSN gap ran: {p:?}");
+    }
+    // ... until the initiator resends the rejected command.
+    c.send_raw(&good).unwrap();
+    let done = c.finish_many(&[itt, read_itt]);
+    assert_eq!(done[&itt].status, 0);
+    assert_eq!(done[&read_itt].data, fx.head[..512]);
+    assert_eq!(c.read10(6000, 1), payload);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -534,6 +575,40 @@ fn login_key_errors() {
     big.extend_from_slice(b"X-huge=");
     assert_eq!(flood_continuation(&fx, &big, b"v", 100 * 1024).0, 2);
     assert_eq!(flood_continuation(&fx, &first, b"X-k=1\0", 1 << 20).0, 2);
+    // A connection for an existing session (TSIH != 0): MaxConnections is 1, so 0x0206 too
+    // many connections; for a TSIH nobody holds, 0x020A session does not exist.
+    let live = fx.login();
+    let mut add = fx.client();
+    add.isid = live.isid;
+    add.tsih = live.tsih;
+    assert_eq!(add.login(INITIATOR, TARGET), Err((2, 0x06)));
+    let mut ghost = fx.client();
+    ghost.tsih = live.tsih.wrapping_add(1000);
+    assert_eq!(ghost.login(INITIATOR, TARGET), Err((2, 0x0a)));
+    // Version-min above ours (0x00): 0x0205 unsupported version.
+    let mut v = fx.client();
+    let bytes = encode(
+        &Pdu {
+            bhs: Bhs::LoginRequest(diskless::pdu::LoginRequest {
+                transit: true,
+                csg: 1,
+                nsg: 3,
+                version_max: 2,
+                version_min: 1,
+                isid: fresh_isid(),
+                itt: 1,
+                ..Default::default()
+            }),
+            data: Bytes::from(keys_text(&[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+            ])),
+        },
+        Digests::default(),
+    );
+    v.send_raw(&bytes).unwrap();
+    let (r, _) = v.login_response(ANSWER);
+    assert_eq!((r.status_class, r.status_detail), (2, 0x05));
     let grown = fx.srv.rss_kib().saturating_sub(base);
     assert!(grown < 8 * 1024, "server RSS grew by {grown} KiB");
     fx.healthy();
@@ -1100,6 +1175,24 @@ fn malformed_pdus_rejected_and_session_goes_on() {
     let done = c.finish_many(&[plug_itt, next_itt]);
     assert_eq!(done[&plug_itt].data, fx.head[..512]);
     assert_eq!(done[&next_itt].data, fx.head[1024..1536]);
+    // A command reusing the ITT of an outstanding task (§11.3: ITTs are unique): Reject 0x09,
+    // and again a gap (§7.3) the initiator plugs with the same CmdSN.
+    let (itt, ttt, _) = write_until_r2t(&mut c, 3000, 1);
+    let mut dup = c.command(&read10_cdb(0, 1), 512, true, false);
+    dup.itt = itt;
+    let dup_sn = dup.cmd_sn;
+    let bytes = encode(&Pdu::header_only(Bhs::ScsiCommand(dup)), Digests::default());
+    c.send_raw(&bytes).unwrap();
+    expect_reject(&mut c, 0x09, &bytes);
+    let mut plug = c.command(&read10_cdb(3, 1), 512, true, false);
+    c.cmd_sn = c.cmd_sn.wrapping_sub(1);
+    plug.cmd_sn = dup_sn;
+    let plug_itt = plug.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(plug))).unwrap();
+    assert_eq!(c.finish(plug_itt, &[]).data, fx.head[1536..2048]);
+    c.send(&data_out(itt, ttt, 0, 0, &[0u8; 512], true))
+        .unwrap();
+    assert_eq!(c.finish(itt, &[]).status, 0);
     // A target-only opcode from the initiator (NOP-In): rejected, connection kept.
     let nop_in = raw_bhs(0x20, 0x80, 0, NO_TAG, 0);
     c.send_raw(&nop_in).unwrap();
@@ -1114,4 +1207,80 @@ fn malformed_pdus_rejected_and_session_goes_on() {
         other => panic!("expected a Reject, got {other:?}"),
     }
     assert_eq!(c.read10(1, 1), fx.head[512..1024]);
+}
+
+/// Send `n` READs of 4 MiB and read nothing: the target's writer is stuck on a full socket.
+fn stall_writer(c: &mut Client, n: usize) {
+    for _ in 0..n {
+        let cmd = c.command(&read10_cdb(0, 8192), 8192 * 512, true, false);
+        c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    }
+    thread::sleep(Duration::from_millis(1500));
+}
+
+/// Read raw bytes until EOF/reset; how many arrived (None if still open after `limit`).
+fn drain_until_closed(c: &mut Client, limit: Duration) -> Option<usize> {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        c.stream.set_read_timeout(Some(left)).unwrap();
+        match c.stream.read(&mut buf) {
+            Ok(0) => return Some(total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return None,
+            Err(_) => return Some(total),
+        }
+    }
+}
+
+#[test]
+fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
+    let fx = fixture("");
+    let mut old = fx.login();
+    stall_writer(&mut old, 40);
+    // Same InitiatorName + ISID: the old session is closed (§6.3.5) without waiting for its
+    // 160 MiB of responses to be read.
+    let t = Instant::now();
+    let mut new = fx.client();
+    new.isid = old.isid;
+    new.login(INITIATOR, TARGET).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "reinstatement took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(new.read10(0, 1), fx.head[..512]);
+    // What was queued for the old connection is dropped, not delivered.
+    let got = drain_until_closed(&mut old, Duration::from_secs(20)).expect("old connection open");
+    assert!(
+        got < 16 << 20,
+        "{got} bytes still delivered to a closed session"
+    );
+}
+
+#[test]
+fn nop_timeout_drops_a_peer_that_does_not_read() {
+    let fx = fixture("{nop_in_interval_secs: 1, nop_in_timeout_secs: 2}");
+    let mut c = fx.login();
+    stall_writer(&mut c, 40);
+    // Wait for the drop (ping at 1 s idle, unanswered for 2 s), then for the writer's grace.
+    let t = Instant::now();
+    while !fx.srv.stderr().contains("NOP-In ping not answered") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no NOP timeout");
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(2));
+    let got = drain_until_closed(&mut c, Duration::from_secs(20)).expect("connection still open");
+    assert!(
+        got < 16 << 20,
+        "{got} bytes delivered after the connection was dropped"
+    );
+    fx.healthy();
 }

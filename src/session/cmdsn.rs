@@ -73,6 +73,15 @@ impl CmdWindow {
         }
     }
 
+    /// The command with `cmd_sn`, just delivered, was rejected: §7.3 says its CmdSN MUST NOT
+    /// be considered received, so ExpCmdSN goes back to it and the initiator plugs the gap by
+    /// sending a command with that CmdSN again.
+    pub fn retract(&mut self, cmd_sn: u32) {
+        if self.exp_cmd_sn.wrapping_sub(1) == cmd_sn {
+            self.exp_cmd_sn = cmd_sn;
+        }
+    }
+
     /// Decide about a command with `cmd_sn`; advances ExpCmdSN when it is delivered in order.
     pub fn admit(&mut self, cmd_sn: u32, immediate: bool) -> Admit {
         if immediate {
@@ -133,6 +142,18 @@ mod tests {
         w.set_busy(3); // never back
         assert_eq!(w.max_cmd_sn(), 14);
         assert_eq!(w.admit(13, false), Admit::Now);
+    }
+
+    #[test]
+    fn rejected_command_leaves_a_gap() {
+        let mut w = CmdWindow::new(5, 8);
+        assert_eq!(w.admit(5, false), Admit::Now);
+        w.retract(5);
+        assert_eq!(w.exp_cmd_sn(), 5);
+        assert_eq!(w.admit(6, false), Admit::Hold);
+        assert_eq!(w.admit(5, false), Admit::Now);
+        w.retract(3); // not the last delivered one: no effect
+        assert_eq!(w.exp_cmd_sn(), 6);
     }
 
     #[test]

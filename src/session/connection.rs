@@ -33,6 +33,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 const LOGIN_MAX_DATA: u32 = 8192;
 /// How long a Logout or shutdown waits for commands still running.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a closing connection lets its writer deliver what is queued.
+const WRITER_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let local = match stream.local_addr() {
@@ -511,7 +513,14 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let cold = conn.cold_reset;
         let target = conn.params.target_name.clone();
         drop(conn);
-        let _ = writer.await;
+        // What the writer still holds is for a peer that is gone or does not read (session
+        // reinstatement §6.3.5, NOP timeout, protocol error; a Logout Response was flushed
+        // already). Waiting on it without bound would keep this task, its buffers and the
+        // socket alive, and hold up a reinstating login.
+        let mut writer = writer;
+        if tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
+            writer.abort();
+        }
         handle.closed.send_replace(true);
         if cold {
             // §11.5.1 TARGET COLD RESET: every session of the target goes.
@@ -594,7 +603,19 @@ impl Conn {
         .await
     }
 
-    async fn reject(&self, reason: u8, pdu: &Pdu) -> R {
+    /// §7.3: a rejected non-immediate command is not considered received (a CmdSN gap the
+    /// initiator plugs by resending with the same CmdSN).
+    fn retract(&mut self, cmd_sn: u32, immediate: bool) {
+        if !immediate {
+            self.window.retract(cmd_sn);
+            self.sync_seq();
+        }
+    }
+
+    async fn reject(&mut self, reason: u8, pdu: &Pdu) -> R {
+        if let Some(sn) = pdu.bhs.cmd_sn() {
+            self.retract(sn, pdu.bhs.immediate());
+        }
         let header = pdu::encode_header(&pdu.bhs, pdu.data.len() as u32, Digests::default());
         let mut bhs = [0u8; BHS_LEN];
         bhs.copy_from_slice(&header[..BHS_LEN]);
@@ -754,6 +775,7 @@ impl Conn {
         };
         if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
             // §11.3: ITTs are unique among outstanding tasks.
+            self.retract(c.cmd_sn, c.immediate);
             return self
                 .reject_raw(
                     reject_reason::INVALID_PDU_FIELD,
@@ -788,6 +810,7 @@ impl Conn {
                     Ok(w) => w,
                     Err(e) => {
                         debug!(error = %e, "bad immediate data");
+                        self.retract(c.cmd_sn, c.immediate);
                         return self
                             .reject_raw(
                                 reject_reason::PROTOCOL_ERROR,
