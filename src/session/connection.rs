@@ -305,6 +305,22 @@ struct PendingWrite {
     collector: WriteCollector,
 }
 
+/// Largest read served on the event loop (bigger ones copy long enough to deserve a thread).
+const INLINE_READ_MAX: u32 = 256 * 1024;
+
+/// Commands that are idempotent reads or touch no storage, cheap enough to run inline.
+fn runs_inline(cdb: &[u8], edtl: u32) -> bool {
+    match cdb.first() {
+        // READ(6/10/12/16)
+        Some(0x08 | 0x28 | 0xa8 | 0x88) => edtl <= INLINE_READ_MAX,
+        // TEST UNIT READY, REQUEST SENSE, INQUIRY, MODE SENSE(6/10), READ CAPACITY(10),
+        // READ CAPACITY(16) / SERVICE ACTION IN(16), REPORT LUNS, REPORT SUPPORTED OPCODES
+        Some(0x00 | 0x03 | 0x12 | 0x1a | 0x5a | 0x25 | 0xa0 | 0xa3) => true,
+        Some(0x9e) => cdb.get(1).is_some_and(|sa| sa & 0x1f == 0x10),
+        _ => false,
+    }
+}
+
 /// A command running on the blocking pool.
 struct Running {
     lun: u64,
@@ -972,6 +988,25 @@ impl Conn {
         );
         let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);
         let cdb = c.cdb;
+        if runs_inline(&cdb, edtl) {
+            // Hot reads and commands without I/O run right here: no thread hop, which is most
+            // of a 4 KiB read's latency. A read that would wait for the disk falls through to
+            // the blocking pool (storage::try_nonblocking).
+            if let Some(result) =
+                crate::storage::try_nonblocking(|| luns.execute(&nexus, lun, &cdb, &data))
+            {
+                return self
+                    .on_done(Done {
+                        itt,
+                        lun,
+                        result,
+                        edtl,
+                        write_len,
+                        r2t_count,
+                    })
+                    .await;
+            }
+        }
         tokio::task::spawn_blocking(move || {
             let result = luns.execute(&nexus, lun, &cdb, &data);
             let _ = done.send(Done {

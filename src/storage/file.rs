@@ -143,6 +143,38 @@ impl FileStore {
     }
 }
 
+impl FileStore {
+    /// A read that never waits for the disk (RWF_NOWAIT, Linux 4.14+): EAGAIN means the data
+    /// is not in the page cache; the caller retries on a thread that may block.
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| StorageError::OutOfRange { offset, len: buf.len() as u64 })?;
+            // SAFETY: one iovec over a live, exclusively borrowed buffer of iov_len bytes.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                        super::note_would_block();
+                        return Err(StorageError::Io(io::Error::new(io::ErrorKind::WouldBlock, e)));
+                    }
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(e.into()),
+                }
+            }
+            if n == 0 {
+                return Err(StorageError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+}
+
 impl BlockStore for FileStore {
     fn block_size(&self) -> u32 {
         self.block_size
@@ -158,6 +190,9 @@ impl BlockStore for FileStore {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
         self.check(offset, buf.len() as u64)?;
+        if super::nowait() {
+            return self.read_nowait(buf, offset);
+        }
         self.file.read_exact_at(buf, offset)?;
         Ok(())
     }

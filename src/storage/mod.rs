@@ -23,6 +23,40 @@ pub enum StorageError {
     Unsupported(&'static str),
 }
 
+thread_local! {
+    /// Set while [`try_nonblocking`] runs on this thread.
+    static NOWAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set when a read under [`try_nonblocking`] would have waited for the disk.
+    static WOULD_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` (idempotent reads only) asking file reads not to wait for the disk
+/// (`preadv2(RWF_NOWAIT)`: served from the page cache or not at all). Returns None if any
+/// read would have blocked: the caller then runs `f` again on a thread that may block. This
+/// lets hot reads (a golden image every client boots from) run on the event loop without a
+/// thread hop, while cold ones never stall it.
+pub fn try_nonblocking<R>(f: impl FnOnce() -> R) -> Option<R> {
+    NOWAIT.with(|n| n.set(true));
+    WOULD_BLOCK.with(|w| w.set(false));
+    let r = f();
+    NOWAIT.with(|n| n.set(false));
+    if WOULD_BLOCK.with(|w| w.replace(false)) {
+        None
+    } else {
+        Some(r)
+    }
+}
+
+/// Whether reads on this thread must not block (inside [`try_nonblocking`]).
+pub(crate) fn nowait() -> bool {
+    NOWAIT.with(|n| n.get())
+}
+
+/// Record that a read could not be served without blocking.
+pub(crate) fn note_would_block() {
+    WOULD_BLOCK.with(|w| w.set(true));
+}
+
 /// A block device. Must be safe to call from many threads at once (positional I/O).
 pub trait BlockStore: Send + Sync + 'static {
     /// Logical block size in bytes (512 or 4096).
