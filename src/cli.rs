@@ -454,7 +454,9 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             println!("diskless: boot scripts on http://{addr}/boot.ipxe");
             aux.spawn(crate::boot::http::serve(l, server.clone()));
         }
-        if std::fs::create_dir_all(&state_dir).is_ok() {
+        // Plain quick mode (one image, no overlays) has no state to keep or operate on.
+        let wants_state = args.image.is_none() || args.overlay.is_some();
+        if wants_state && std::fs::create_dir_all(&state_dir).is_ok() {
             let config_path = args.image.is_none().then(|| args.config.clone());
             aux.spawn(crate::control::serve(state_dir.join(crate::control::SOCKET), server.clone(), config_path.clone()));
             if let Some(path) = config_path {
