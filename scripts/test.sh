@@ -70,7 +70,9 @@ missing_pkgs() {
 	done
 	dl_qemu_has_iscsi || p+=(qemu)
 	command -v tcpdump >/dev/null 2>&1 || p+=(tcpdump)
-	p+=($(boot_missing | sort -u))
+	local b
+	mapfile -t b < <(boot_missing | sort -u)
+	p+=("${b[@]}")
 	echo "${p[*]}"
 }
 

@@ -172,16 +172,15 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// One guest boot against `server`; returns the cleaned serial log. Panics with the serial
-/// tail and the server's log unless the hand-off wrote and read back its marker.
-fn boot(
+/// Run one guest boot against `server`: (run-qemu.sh succeeded, its output, cleaned serial log).
+fn run_boot(
     server: &Server,
     dir: &Path,
     mode: &str,
     target: &str,
     initiator: &str,
     pcap: Option<&Path>,
-) -> String {
+) -> (bool, String, String) {
     let log = dir.join(format!("serial-{mode}-{}.log", initiator.replace(':', "_")));
     let mut cmd = Command::new("bash");
     cmd.arg(repo().join("scripts/boot/run-qemu.sh"))
@@ -194,9 +193,23 @@ fn boot(
     if let Some(p) = pcap {
         cmd.arg("--pcap").arg(p);
     }
-    let started = Instant::now();
     let (ok, out) = run_limited(&mut cmd, Duration::from_secs(BOOT_TIMEOUT_SECS + 30));
     let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
+    (ok, out, serial)
+}
+
+/// One guest boot against `server`; returns the cleaned serial log. Panics with the serial
+/// tail and the server's log unless the hand-off wrote and read back its marker.
+fn boot(
+    server: &Server,
+    dir: &Path,
+    mode: &str,
+    target: &str,
+    initiator: &str,
+    pcap: Option<&Path>,
+) -> String {
+    let started = Instant::now();
+    let (ok, out, serial) = run_boot(server, dir, mode, target, initiator, pcap);
     let report = || {
         format!(
             "{mode} boot of {initiator} after {:?}:\n--- run-qemu.sh ---\n{out}\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
@@ -303,4 +316,38 @@ fn uefi_ipxe_sanboot_and_ibft_handoff() {
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
     assert_eq!(marker_in_image(&img), format!("DISKLESS-WRITE {initiator}"));
+}
+
+/// A sanboot of a target the server does not have must fail in iPXE (login rejected,
+/// "Could not open SAN device") and the runner must report it quickly, not time out.
+#[test]
+fn bios_sanboot_of_unknown_target_fails_fast() {
+    require_boot_tools("bios");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _img) = serve_copy(dir.path(), "bios.img", "iqn.2026-11.test:boot-neg");
+    let started = Instant::now();
+    let (ok, out, serial) = run_boot(
+        &server,
+        dir.path(),
+        "bios",
+        "iqn.2026-11.test:no-such-target",
+        "iqn.2026-11.test:neg",
+        None,
+    );
+    assert!(!ok, "boot of an unknown target succeeded?\n{out}\n{serial}");
+    assert!(
+        serial.contains("SANBOOT-FAILED"),
+        "iPXE did not report the failed sanboot:\n{out}\n{}",
+        tail(&serial, 30)
+    );
+    assert!(
+        !serial.contains("DISKLESS-STAGE1"),
+        "booted anyway:\n{serial}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(BOOT_TIMEOUT_SECS),
+        "the runner waited for its timeout instead of stopping on SANBOOT-FAILED"
+    );
+    let status = server.stop();
+    assert!(status.success(), "diskless exited {status:?}");
 }

@@ -100,6 +100,18 @@ if [[ -f $IMGDIR/done ]]; then
 	exit 0
 fi
 
+# One builder at a time per cache (parallel test binaries, several checkouts sharing a cache):
+# the others wait, then find the images built.
+mkdir -p "$CACHE"
+if command -v flock >/dev/null 2>&1; then
+	exec 9>"$CACHE/.lock"
+	flock 9
+	if [[ -f $IMGDIR/done ]]; then
+		publish
+		exit 0
+	fi
+fi
+
 # ---- download (cached) ----------------------------------------------------------------------
 DEBS=$CACHE/debs
 mkdir -p "$DEBS"

@@ -47,8 +47,14 @@ for f in /sys/firmware/ibft/initiator/initiator-name /sys/firmware/ibft/target0/
 done
 
 # The NIC must be there before iscsistart -N configures it from the iBFT.
+has_nic() {
+	for n in /sys/class/net/*; do
+		[ "${n##*/}" != lo ] && [ -e "$n" ] && return 0
+	done
+	return 1
+}
 i=0
-while ! ls /sys/class/net | grep -qv '^lo$'; do
+while ! has_nic; do
 	i=$((i + 1))
 	[ $i -gt 100 ] && fail "no network interface"
 	sleep 0.1
@@ -87,6 +93,7 @@ ro=$(readblk $RO_LBA) || fail "read LBA $RO_LBA"
 echo "DISKLESS-HANDOFF-READ-OK sectors=$SECTORS"
 
 VALUE=
+# shellcheck disable=SC2013 # the command line is one line of words
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in diskless.marker=*) VALUE=${arg#diskless.marker=} ;; esac
 done

@@ -69,6 +69,7 @@ need "$ROM" ipxe-qemu
 
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/diskless-qemu.XXXXXX")
 QPID=""
+# shellcheck disable=SC2317 # called from the EXIT trap
 cleanup() {
 	[[ -n $QPID ]] && kill "$QPID" 2>/dev/null && wait "$QPID" 2>/dev/null
 	rm -rf "$RUN"
@@ -94,6 +95,7 @@ ARGS=(-accel tcg -m "$MEM" -smp 1 -nodefaults -no-user-config
 if [[ $MODE == bios ]]; then
 	# SeaBIOS writes its text console to COM1 (port 0x3f8) when etc/sercon-port says so.
 	printf '\xf8\x03' >"$RUN/sercon"
+	# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 	ARGS+=(-fw_cfg "name=etc/sercon-port,file=$RUN/sercon" -boot order=n,strict=on)
 else
 	cp "$OVMF_VARS" "$RUN/vars.fd"
