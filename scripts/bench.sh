@@ -210,7 +210,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 python3 "$ROOT/scripts/bench/report.py" --dir "$W" --loopback-bps "$LOOP_BPS" \
-	--clk-tck "$(getconf CLK_TCK)" --rounds "$ROUNDS" --runtime "$RUNTIME" \
+	--clk-tck "$(getconf CLK_TCK)" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" \
 	--jobs "$(printf '%s\n' "${JOBS[@]}" | cut -d'|' -f1 | tr '\n' ' ')" >"$OUT_DIR/results.md"
 cat "$OUT_DIR/results.md"
 dl_log "table written to $OUT_DIR/results.md"

@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--clk-tck", type=float, default=100.0)
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--runtime", type=float, default=0.0)
-    ap.add_argument("--ramp", type=float, default=None)
+    ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--jobs", default="")
     a = ap.parse_args()
 
@@ -98,6 +98,10 @@ def main():
                 continue
             m = {k: median([f[k] for f in figs]) for k in ("iops", "bps", "p50", "p99", "client_cpu")}
             m["cpu_secs"] = median(cpu) if cpu else float("nan")
+            # CPU per IO, assuming the ramp ran at the measured rate (fio excludes it).
+            wall = a.runtime + a.ramp
+            m["cpu_us_per_io"] = (m["cpu_secs"] * 1e6 / (m["iops"] * wall)
+                                  if wall and m["iops"] else float("nan"))
             per[t] = m
         if per:
             rows.append((job, per))
@@ -108,8 +112,8 @@ def main():
                f"Loopback TCP ceiling (iperf3, one stream): "
                + (f"{loop / 2**20:,.0f} MiB/s." if loop else "not measured."))
     out.append("")
-    out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | diskless/tgt IOPS | share of loopback |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | server CPU µs/IO | diskless/tgt IOPS | share of loopback |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for job, per in rows:
         d, t = per.get("diskless"), per.get("tgt")
         ratio = (d["iops"] / t["iops"]) if d and t and t["iops"] else float("nan")
@@ -122,13 +126,14 @@ def main():
                 share = f"{100.0 * m['bps'] / loop:.0f} %"
             out.append(
                 f"| {job} | {name} | {fmt_int(m['iops'])} | {fmt_f(m['bps'] / 2**20)} | "
-                f"{fmt_f(m['p50'], 0)} | {fmt_f(m['p99'], 0)} | {fmt_f(m['cpu_secs'])} | "
+                f"{fmt_f(m['p50'], 0)} | {fmt_f(m['p99'], 0)} | {fmt_f(m['cpu_secs'])} | {fmt_f(m['cpu_us_per_io'])} | "
                 + (f"**{ratio:.2f}**" if name == "diskless" and ratio == ratio else "")
                 + f" | {share} |")
     out.append("")
     out.append("Latency is fio's completion latency (clat) of reads, or of writes for write-only "
                "jobs. Server CPU s = user+system CPU time of the server process (all threads) "
-               "during the job, ramp included.")
+               "during the job, ramp included; \"µs/IO\" divides it by IOPS x (runtime + ramp). "
+               "CPU per IO is less sensitive to the machine's other load than IOPS.")
     print("\n".join(out))
     return 0
 
