@@ -114,15 +114,20 @@ for target in diskless tgt; do
 	if [[ $target == diskless ]]; then url=$DL_URL pid=$DL_PID; else url=$TGT_URL pid=$TGT_PID; fi
 	dl_log "$target: plain run with per-thread CPU"
 	thread_ticks "$pid" >"$OUT/$target.threads0"
+	awk '{print $14 + $15}' "/proc/$pid/stat" >"$OUT/$target.proc0"
 	fio_run "$url" "$OUT/$target.plain.json"
 	thread_ticks "$pid" >"$OUT/$target.threads1"
+	awk '{print $14 + $15}' "/proc/$pid/stat" >"$OUT/$target.proc1"
 	dl_log "$target: perf record"
 	perf record -e cpu-clock -F 1999 -p "$pid" -o "$OUT/$target.perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
 	perf_pid=$!
+	perf stat -e task-clock,context-switches,cpu-migrations -p "$pid" -x, -o "$OUT/$target.perf.stat" -- sleep "$SECS" >/dev/null 2>&1 &
+	stat_pid=$!
 	fio_run "$url" "$OUT/$target.perf.json"
 	wait "$perf_pid" || true
+	wait "$stat_pid" || true
 	perf report -i "$OUT/$target.perf.data" --stdio --no-children --sort symbol 2>/dev/null |
-		grep -E '^ +[0-9]' | head -n 30 >"$OUT/$target.perf.top" || true
+		grep -E '^ +[0-9]' | sed 's/[ -]*$//' | head -n 30 >"$OUT/$target.perf.top" || true
 	perf report -i "$OUT/$target.perf.data" --stdio --no-children --sort comm 2>/dev/null |
 		grep -E '^ +[0-9]' | head -n 10 >"$OUT/$target.perf.comm" || true
 	dl_log "$target: strace -c"
@@ -152,6 +157,9 @@ for t in ("diskless", "tgt"):
         return d
     a, b = load(f"{out}/{t}.threads0"), load(f"{out}/{t}.threads1")
     wall = secs + 1
+    total = (int(open(f"{out}/{t}.proc1").read()) - int(open(f"{out}/{t}.proc0").read())) / tck
+    print(f"whole process: {total:.2f} s CPU, {total * 1e6 / (iops * wall):.1f} µs per IO "
+          "(threads that exited during the run count here only)\n")
     print("CPU by thread name (plain run, ramp included):\n")
     print("| threads | CPU s | CPU µs per IO |\n|---|---:|---:|")
     for k in sorted(b, key=lambda k: -(b[k] - a.get(k, 0))):
@@ -169,6 +177,16 @@ for t in ("diskless", "tgt"):
             calls = int(f[3])
             if calls / max(sios, 1) >= 0.05:
                 print(f"| {f[-1]} | {calls:,} | {calls / sios:.2f} |")
+    piops, _ = ios(f"{out}/{t}.perf.json")
+    pios = piops * wall
+    print(f"\nperf stat during the profiled run ({piops:,.0f} IOPS):\n")
+    print("| event | count | per IO |\n|---|---:|---:|")
+    for line in open(f"{out}/{t}.perf.stat"):
+        f = line.strip().split(",")
+        if len(f) >= 3 and f[0].replace(".", "").isdigit():
+            v = float(f[0])
+            unit = " (ms)" if f[1] == "msec" else ""
+            print(f"| {f[2]}{unit} | {v:,.0f} | {v / pios:.3f} |")
     print("\ntop symbols (perf, cpu-clock, self time):\n\n```")
     print(open(f"{out}/{t}.perf.top").read().rstrip())
     print("```\n")
