@@ -153,22 +153,27 @@ TGT_URL="iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1"
 dl_log "diskless pid $DL_PID on :$DL_PORT, tgtd pid $TGT_PID on :$TGT_PORT, raw results in $W"
 
 # --- loopback ceiling ----------------------------------------------------------------------------
+# One iperf3 stream for 5 s, before and after the fio runs; the higher figure is the ceiling.
 LOOP_BPS=0
-if command -v iperf3 >/dev/null 2>&1; then
-	IP_PORT=$(dl_free_port)
+loopback() { # tag
+	command -v iperf3 >/dev/null 2>&1 || { dl_log "iperf3 not installed (package iperf3): no loopback ceiling"; return 0; }
+	local port bps
+	port=$(dl_free_port)
 	# Not -1 (one test): the readiness probe below is a connection of its own.
-	iperf3 -s -p "$IP_PORT" >/dev/null 2>&1 &
+	iperf3 -s -p "$port" >/dev/null 2>&1 &
 	IPERF_PID=$!
-	dl_wait_port "$IP_PORT" 10 || dl_die "iperf3 server did not start"
+	dl_wait_port "$port" 10 || dl_die "iperf3 server did not start"
 	sleep 0.5
-	timeout 30 iperf3 -c 127.0.0.1 -p "$IP_PORT" -t 5 -J >"$W/iperf3.json" || dl_die "iperf3 client failed"
-	LOOP_BPS=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]))' "$W/iperf3.json")
+	timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 5 -J >"$W/iperf3.$1.json" || dl_die "iperf3 client failed"
+	bps=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]))' "$W/iperf3.$1.json")
 	kill -TERM "$IPERF_PID" 2>/dev/null || true
 	wait "$IPERF_PID" 2>/dev/null || true
 	IPERF_PID=""
-else
-	dl_log "iperf3 not installed (package iperf3): no loopback ceiling"
-fi
+	dl_log "loopback TCP ($1): $((bps / 8 / 1048576)) MiB/s"
+	((bps > LOOP_BPS)) && LOOP_BPS=$bps
+	return 0
+}
+loopback before
 
 # --- fio runs --------------------------------------------------------------------------------------
 # CPU ticks (user+system, all threads) a server used, from /proc/PID/stat.
@@ -208,6 +213,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		for t in $order; do run_one "$r" "$t" "$name" "$opts"; done
 	done
 done
+
+loopback after
 
 python3 "$ROOT/scripts/bench/report.py" --dir "$W" --loopback-bps "$LOOP_BPS" \
 	--clk-tck "$(getconf CLK_TCK)" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" \

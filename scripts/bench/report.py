@@ -84,11 +84,14 @@ def main():
     rows = []
     for job in jobs:
         per = {}
+        by_round = {}
         for t in TARGETS:
             figs, cpu = [], []
             for path in sorted(glob.glob(os.path.join(a.dir, f"{job}.{t}.r*.json"))):
                 f = job_figures(load(path))
                 figs.append(f)
+                rnd = path[:-len(".json")].rsplit(".r", 1)[-1]
+                by_round.setdefault(rnd, {})[t] = f["iops"]
                 ticks_path = path[:-len(".json")] + ".ticks"
                 if os.path.exists(ticks_path) and f["iops"] > 0:
                     with open(ticks_path) as tf:
@@ -103,8 +106,10 @@ def main():
             m["cpu_us_per_io"] = (m["cpu_secs"] * 1e6 / (m["iops"] * wall)
                                   if wall and m["iops"] else float("nan"))
             per[t] = m
+        ratios = sorted(v["diskless"] / v["tgt"] for v in by_round.values()
+                        if v.get("tgt") and "diskless" in v)
         if per:
-            rows.append((job, per))
+            rows.append((job, per, ratios))
 
     loop = a.loopback_bps / 8.0  # bytes/s
     out = []
@@ -114,7 +119,7 @@ def main():
     out.append("")
     out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | server CPU µs/IO | diskless/tgt IOPS | share of loopback |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for job, per in rows:
+    for job, per, ratios in rows:
         d, t = per.get("diskless"), per.get("tgt")
         ratio = (d["iops"] / t["iops"]) if d and t and t["iops"] else float("nan")
         for name in TARGETS:
@@ -128,8 +133,12 @@ def main():
                 f"| {job} | {name} | {fmt_int(m['iops'])} | {fmt_f(m['bps'] / 2**20)} | "
                 f"{fmt_f(m['p50'], 0)} | {fmt_f(m['p99'], 0)} | {fmt_f(m['cpu_secs'])} | {fmt_f(m['cpu_us_per_io'])} | "
                 + (f"**{ratio:.2f}**" if name == "diskless" and ratio == ratio else "")
+                + (f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if name == "diskless" and len(ratios) > 1
+                   else "")
                 + f" | {share} |")
     out.append("")
+    out.append("The ratio is of the median IOPS; in parentheses the lowest and highest ratio of "
+               "one round's pair of runs.")
     out.append("Latency is fio's completion latency (clat) of reads, or of writes for write-only "
                "jobs. Server CPU s = user+system CPU time of the server process (all threads) "
                "during the job, ramp included; \"µs/IO\" divides it by IOPS x (runtime + ramp). "
