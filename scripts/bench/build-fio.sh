@@ -38,11 +38,13 @@ fi
 
 cd "$OUT"
 apt-get source --download-only fio >&2 || dl_die "apt-get source fio failed"
-orig=$(ls fio_*.orig.tar.* 2>/dev/null | head -n1)
-[[ -n $orig ]] || dl_die "no fio orig tarball downloaded in $OUT"
-tar xf "$orig"
-dir=$(ls -d fio-*/ | head -n1)
-dir=${dir%/}
+shopt -s nullglob
+origs=(fio_*.orig.tar.*)
+((${#origs[@]})) || dl_die "no fio orig tarball downloaded in $OUT"
+tar xf "${origs[0]}"
+dirs=(fio-*/)
+((${#dirs[@]})) || dl_die "the fio tarball did not unpack into fio-*/"
+dir=${dirs[0]%/}
 cd "$dir"
 ./configure --enable-libiscsi >configure.log 2>&1 || { tail -n 20 configure.log >&2; dl_die "fio configure failed"; }
 grep -Eq 'iscsi engine[[:space:]]+yes' configure.log ||
