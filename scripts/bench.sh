@@ -3,7 +3,7 @@
 # engine, and print one comparison table (also written to target/bench/results.md).
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--runtime SECS] [--size SIZE] [--bin PATH]
-#                    [--fio PATH] [--jobs "qd1-randread seq-read"] [--keep]
+#                    [--fio PATH] [--jobs "randread-4k-qd1 seqread-1m-qd16"] [--keep]
 #
 # --quick = 1 round of 5 s per job (smoke test). Defaults: 3 rounds, 20 s per job, 1 GiB image.
 # Both targets serve the same image file; jobs alternate between the targets (and the order
