@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Measure diskless side by side with tgt (the reference target) on loopback with fio's libiscsi
+# engine, and print one comparison table (also written to target/bench/results.md).
+#
+#   scripts/bench.sh [--quick] [--rounds N] [--runtime SECS] [--size SIZE] [--bin PATH]
+#                    [--fio PATH] [--jobs "randread-4k-qd1 seqread-1m-qd16"] [--keep]
+#
+# --quick = 1 round of 5 s per job (smoke test). Defaults: 3 rounds, 20 s per job, 1 GiB image.
+# Both targets serve the same image file; jobs alternate between the targets (and the order
+# flips every round) so drift on this shared machine hits both. Needs root the first time (it
+# builds fio with --enable-libiscsi from Debian's fio source package into target/fio-build/).
+set -euo pipefail
+
+DL_NAME=bench.sh
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$(dl_repo_root)
+
+ROUNDS=3
+RUNTIME=20
+RAMP=2
+SIZE=1G
+BIN=""
+FIO=""
+ONLY_JOBS=""
+KEEP=0
+INITIATOR=iqn.2026-11.test:bench-fio
+OUT_DIR=$ROOT/target/bench
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while (($#)); do
+	case "$1" in
+	--quick) ROUNDS=1; RUNTIME=5; RAMP=1 ;;
+	--rounds) ROUNDS=${2:?}; shift ;;
+	--runtime) RUNTIME=${2:?}; shift ;;
+	--size) SIZE=${2:?}; shift ;;
+	--bin) BIN=${2:?}; shift ;;
+	--fio) FIO=${2:?}; shift ;;
+	--jobs) ONLY_JOBS=${2:?}; shift ;;
+	--keep) KEEP=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) usage >&2; exit 2 ;;
+	esac
+	shift
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || dl_die "--rounds must be a positive integer"
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || dl_die "--runtime must be a positive integer (seconds)"
+
+dl_require tgtd tgtadm python3 truncate mktemp timeout
+
+# Job table: name, fio options. Latency columns report reads for read and mixed jobs, writes
+# for write jobs (see scripts/bench/report.py).
+JOBS=(
+	"randread-4k-qd1|--rw=randread --bs=4k --iodepth=1"
+	"randread-4k-qd32|--rw=randread --bs=4k --iodepth=32"
+	"randwrite-4k-qd32|--rw=randwrite --bs=4k --iodepth=32"
+	"seqread-1m-qd16|--rw=read --bs=1m --iodepth=16"
+	"seqwrite-1m-qd16|--rw=write --bs=1m --iodepth=16"
+	"randrw70-4k-qd32|--rw=randrw --rwmixread=70 --bs=4k --iodepth=32"
+)
+
+# --- tools -------------------------------------------------------------------------------------
+if [[ -z $FIO ]]; then
+	FIO=$("$ROOT/scripts/bench/build-fio.sh" "$ROOT/target/fio-build") || dl_die "could not build fio with libiscsi"
+fi
+"$FIO" --enghelp 2>/dev/null | grep -qw libiscsi || dl_die "$FIO has no libiscsi engine"
+if [[ -z $BIN ]]; then
+	dl_log "building diskless (release)"
+	(cd "$ROOT" && cargo build --release --quiet) || dl_die "cargo build --release failed"
+	BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/diskless
+fi
+[[ -x $BIN ]] || dl_die "diskless binary not found at $BIN"
+
+mkdir -p "$OUT_DIR"
+W=$(mktemp -d "$OUT_DIR/run.XXXXXX")
+IMG=$OUT_DIR/bench.img # kept between runs: filling it takes a while
+DL_PID=""
+TGT_PID=""
+TGT_CTL=""
+IPERF_PID=""
+cleanup() {
+	if [[ -n $IPERF_PID ]]; then kill -TERM "$IPERF_PID" 2>/dev/null || true; fi
+	if [[ -n $TGT_CTL ]] && [[ -n $TGT_PID ]] && kill -0 "$TGT_PID" 2>/dev/null; then
+		# tgtd ignores SIGTERM while it has targets; ask it to shut down instead.
+		tgtadm -C "$TGT_CTL" --lld iscsi --mode target --op delete --force --tid 1 >/dev/null 2>&1 || true
+		tgtadm -C "$TGT_CTL" --mode system --op delete >/dev/null 2>&1 || true
+	fi
+	local p
+	for p in $DL_PID $TGT_PID; do
+		kill -0 "$p" 2>/dev/null || continue
+		kill -TERM "$p" 2>/dev/null || true
+		for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$p" 2>/dev/null || true
+	done
+	if [[ -n $TGT_CTL ]]; then rm -f "/var/run/tgtd/socket.$TGT_CTL" "/var/run/tgtd/socket.$TGT_CTL.lock"; fi
+	if ((KEEP)); then dl_log "kept raw results in $W"; else rm -rf "$W"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP PIPE
+
+# --- image: non-zero data so reads move real bytes ---------------------------------------------
+want=$(numfmt --from=iec "$SIZE")
+if [[ ! -f $IMG ]] || [[ $(stat -c %s "$IMG") -ne $want ]]; then
+	dl_log "creating $SIZE image $IMG"
+	python3 - "$IMG" "$want" <<'PY'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+block = os.urandom(1 << 20)
+with open(path + ".tmp", "wb") as f:
+    left = size
+    while left:
+        n = min(left, len(block))
+        f.write(block[:n])
+        left -= n
+        block = block[1:] + block[:1]  # avoid identical 1 MiB blocks
+os.replace(path + ".tmp", path)
+PY
+fi
+# Warm the page cache so the first job does not measure the disk.
+cat "$IMG" >/dev/null
+
+# --- servers -------------------------------------------------------------------------------------
+: >"$W/diskless.out"
+"$BIN" --log warn serve --image "$IMG" --listen 127.0.0.1:0 >"$W/diskless.out" 2>"$W/diskless.err" &
+DL_PID=$!
+DL_PORT=""
+for ((i = 0; i < 300; i++)); do
+	DL_PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/diskless.out" | head -n1 || true)
+	[[ -n $DL_PORT ]] && break
+	kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/diskless.err" >&2; dl_die "diskless exited during startup"; }
+	sleep 0.1
+done
+[[ -n $DL_PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
+DL_IQN="iqn.2026-11.org.diskless:$(basename "${IMG%.*}")"
+DL_URL="iscsi://127.0.0.1:$DL_PORT/$DL_IQN/0"
+
+TGT_PORT=$(dl_free_port)
+for ((i = 0; i < 100; i++)); do
+	TGT_CTL=$((1000 + RANDOM % 8000))
+	[[ -e /var/run/tgtd/socket.$TGT_CTL ]] || break
+done
+tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$TGT_PORT" >"$W/tgt.out" 2>"$W/tgt.err" &
+TGT_PID=$!
+dl_wait_port "$TGT_PORT" 20 || dl_die "tgtd did not listen on 127.0.0.1:$TGT_PORT"
+TGT_IQN=iqn.2026-11.test:bench-tgt
+A=(tgtadm -C "$TGT_CTL" --lld iscsi)
+"${A[@]}" --op new --mode target --tid 1 -T "$TGT_IQN"
+# Default backing store (rdwr: pread/pwrite from a thread pool). tgt's LUN 0 is its controller.
+"${A[@]}" --op new --mode logicalunit --tid 1 --lun 1 -b "$IMG"
+"${A[@]}" --op bind --mode target --tid 1 -I ALL
+TGT_URL="iscsi://127.0.0.1:$TGT_PORT/$TGT_IQN/1"
+dl_log "diskless pid $DL_PID on :$DL_PORT, tgtd pid $TGT_PID on :$TGT_PORT, raw results in $W"
+
+# --- loopback ceiling ----------------------------------------------------------------------------
+# One iperf3 stream for 5 s, before and after the fio runs; the higher figure is the ceiling.
+LOOP_BPS=0
+loopback() { # tag
+	command -v iperf3 >/dev/null 2>&1 || { dl_log "iperf3 not installed (package iperf3): no loopback ceiling"; return 0; }
+	local port bps
+	port=$(dl_free_port)
+	# Not -1 (one test): the readiness probe below is a connection of its own.
+	iperf3 -s -p "$port" >/dev/null 2>&1 &
+	IPERF_PID=$!
+	dl_wait_port "$port" 10 || dl_die "iperf3 server did not start"
+	sleep 0.5
+	timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 5 -J >"$W/iperf3.$1.json" || dl_die "iperf3 client failed"
+	bps=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]))' "$W/iperf3.$1.json")
+	kill -TERM "$IPERF_PID" 2>/dev/null || true
+	wait "$IPERF_PID" 2>/dev/null || true
+	IPERF_PID=""
+	dl_log "loopback TCP ($1): $((bps / 8 / 1048576)) MiB/s"
+	((bps > LOOP_BPS)) && LOOP_BPS=$bps
+	return 0
+}
+loopback before
+
+# --- fio runs --------------------------------------------------------------------------------------
+# CPU ticks (user+system, all threads) a server used, from /proc/PID/stat.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run_one() { # round target job-name fio-options
+	local round=$1 target=$2 name=$3 opts=$4 url pid
+	case $target in
+	diskless) url=$DL_URL pid=$DL_PID ;;
+	tgt) url=$TGT_URL pid=$TGT_PID ;;
+	esac
+	kill -0 "$pid" 2>/dev/null || dl_die "$target (pid $pid) is gone"
+	local base="$W/$name.$target.r$round" c0 c1
+	# fio's filename syntax needs the colons escaped.
+	local fname=${url//:/\\:}
+	c0=$(cpu_ticks "$pid")
+	# shellcheck disable=SC2086
+	if ! timeout $((RUNTIME + RAMP + 60)) "$FIO" --name="$name" --ioengine=libiscsi \
+		--initiator="$INITIATOR" --filename="$fname" $opts --time_based \
+		--runtime="$RUNTIME" --ramp_time="$RAMP" --output-format=json --output="$base.json" \
+		>"$base.log" 2>&1; then
+		tail -n 20 "$base.log" >&2
+		dl_die "fio $name against $target failed"
+	fi
+	c1=$(cpu_ticks "$pid")
+	echo "$((c1 - c0))" >"$base.ticks"
+	dl_log "round $round $name $target: $(python3 "$ROOT/scripts/bench/report.py" --one "$base.json")"
+}
+
+for ((r = 1; r <= ROUNDS; r++)); do
+	for j in "${JOBS[@]}"; do
+		name=${j%%|*}
+		opts=${j#*|}
+		if [[ -n $ONLY_JOBS ]] && ! grep -qw -- "$name" <<<"$ONLY_JOBS"; then continue; fi
+		# Alternate the order every round so neither target always runs first.
+		if ((r % 2)); then order="diskless tgt"; else order="tgt diskless"; fi
+		for t in $order; do run_one "$r" "$t" "$name" "$opts"; done
+	done
+done
+
+loopback after
+
+python3 "$ROOT/scripts/bench/report.py" --dir "$W" --loopback-bps "$LOOP_BPS" \
+	--clk-tck "$(getconf CLK_TCK)" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" \
+	--jobs "$(printf '%s\n' "${JOBS[@]}" | cut -d'|' -f1 | tr '\n' ' ')" >"$OUT_DIR/results.md"
+cat "$OUT_DIR/results.md"
+dl_log "table written to $OUT_DIR/results.md"
