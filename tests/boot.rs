@@ -298,12 +298,35 @@ fn bios_ipxe_sanboot_and_ibft_handoff() {
     assert_eq!(marker_in_image(&img), format!("DISKLESS-WRITE {second}"));
 }
 
+/// Serve a copy of `image` as the golden image of a boot target: `bindings` is YAML for
+/// `boot.bindings`, plus a volatile default. Returns the server and the golden copy.
+fn serve_golden(dir: &Path, image: &str, target: &str, bindings: &str) -> (Server, PathBuf) {
+    let golden = dir.join("golden.img");
+    std::fs::copy(images().join(image), &golden).unwrap();
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\nstate_dir: {state}\nsettings: {{reboot_gap_secs: 1}}\n\
+         images:\n  - {{name: base, path: {img}}}\n\
+         targets:\n  - name: {target}\n    boot:\n      bindings:\n{bindings}      default: {{image: base, mode: volatile}}\n",
+        state = dir.join("state").display(),
+        img = golden.display(),
+    );
+    (Server::start(dir, &Config::yaml(&yaml)), golden)
+}
+
+fn file_sha(path: &Path) -> Vec<u8> {
+    use md5::Digest;
+    md5::Md5::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
 #[test]
 fn uefi_ipxe_sanboot_and_ibft_handoff() {
     require_boot_tools("uefi");
     let dir = tempfile::tempdir().unwrap();
     let target = "iqn.2026-11.test:boot-uefi";
-    let (server, img) = serve_copy(dir.path(), "uefi.img", target);
+    // UEFI through a client overlay: iPXE closes its connection at ExitBootServices without a
+    // Logout, Linux logs in again with another ISID; both reach the same client disk.
+    let (server, golden) = serve_golden(dir.path(), "uefi.img", target, "");
+    let before = file_sha(&golden);
     let initiator = format!("iqn.2026-11.test:uefi-{}", std::process::id());
 
     let serial = boot(&server, dir.path(), "uefi", target, &initiator, None);
@@ -315,7 +338,61 @@ fn uefi_ipxe_sanboot_and_ibft_handoff() {
 
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
-    assert_eq!(marker_in_image(&img), format!("DISKLESS-WRITE {initiator}"));
+    assert_eq!(file_sha(&golden), before, "the golden image changed");
+    // The client's disk (published with `client commit`, offline) holds its marker.
+    let published = dir.path().join("published.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["client", "commit", &initiator])
+        .arg(&published)
+        .arg("-c")
+        .arg(dir.path().join("targets.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(marker_in_image(&published), format!("DISKLESS-WRITE {initiator}"));
+}
+
+/// Two BIOS clients boot one golden image at the same time, each through its own overlay
+/// (one volatile, one persistent); each writes its own marker and sees only its own; after a
+/// reboot the volatile client's write is gone and the persistent one's is still there; the
+/// golden image never changes.
+#[test]
+fn bios_two_clients_boot_one_golden_image_through_overlays() {
+    require_boot_tools("bios");
+    let dir = tempfile::tempdir().unwrap();
+    let target = "iqn.2026-11.test:boot-golden";
+    let pid = std::process::id();
+    let vol = format!("iqn.2026-11.test:vol-{pid}");
+    let per = format!("iqn.2026-11.test:per-{pid}");
+    let bindings = format!(
+        "        - {{initiator: \"{vol}\", image: base, mode: volatile}}\n\
+         \x20       - {{initiator: \"{per}\", image: base, mode: persistent}}\n"
+    );
+    let (server, golden) = serve_golden(dir.path(), "bios.img", target, &bindings);
+    let before = file_sha(&golden);
+    let both = |round: &str| -> (String, String) {
+        thread::scope(|s| {
+            let a = s.spawn(|| boot(&server, &dir.path().join(format!("{round}-v")), "bios", target, &vol, None));
+            let b = s.spawn(|| boot(&server, &dir.path().join(format!("{round}-p")), "bios", target, &per, None));
+            (a.join().unwrap(), b.join().unwrap())
+        })
+    };
+    std::fs::create_dir_all(dir.path().join("1-v")).unwrap();
+    std::fs::create_dir_all(dir.path().join("1-p")).unwrap();
+    std::fs::create_dir_all(dir.path().join("2-v")).unwrap();
+    std::fs::create_dir_all(dir.path().join("2-p")).unwrap();
+    let (v1, p1) = both("1");
+    // Each client starts from the golden image: neither sees the other's marker.
+    assert_eq!(previous(&v1).as_deref(), Some("none"), "{v1}");
+    assert_eq!(previous(&p1).as_deref(), Some("none"), "{p1}");
+    // Both reboot (the firmware logs in again after the reboot gap).
+    thread::sleep(Duration::from_secs(2));
+    let (v2, p2) = both("2");
+    assert_eq!(previous(&v2).as_deref(), Some("none"), "volatile write survived a reboot: {v2}");
+    assert_eq!(previous(&p2), Some(per.clone()), "persistent write lost: {p2}");
+    let status = server.stop();
+    assert!(status.success(), "diskless exited {status:?}");
+    assert_eq!(file_sha(&golden), before, "the golden image changed");
 }
 
 /// A sanboot of a target the server does not have must fail in iPXE (login rejected,
