@@ -29,10 +29,15 @@ pub struct FrameReader {
     skip: usize,
 }
 
+/// Receive buffer of a connection waiting for its next PDU.
+const IDLE_BUFFER: usize = 4 * 1024;
+/// Receive buffer while a PDU is arriving.
+const BUSY_BUFFER: usize = 64 * 1024;
+
 impl Default for FrameReader {
     fn default() -> Self {
         FrameReader {
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::new(),
             skip: 0,
         }
     }
@@ -62,8 +67,14 @@ impl FrameReader {
                     Err(error) => return Err(self.recoverable(error, usize::MAX)),
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
+            // An idle connection holds a small buffer (1000 idle boot clients must cost little
+            // memory); a busy one, with a partial PDU or data streaming in, a large one.
+            if self.buf.is_empty() && self.buf.capacity() > IDLE_BUFFER {
+                self.buf = BytesMut::new();
+            }
+            let want = if self.buf.is_empty() { IDLE_BUFFER } else { BUSY_BUFFER };
+            if self.buf.capacity() - self.buf.len() < want / 4 {
+                self.buf.reserve(want);
             }
             if rd.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Eof);
@@ -187,7 +198,7 @@ pub async fn writer<W: AsyncWrite + Unpin>(
     seq: Arc<SeqState>,
     mut stat_sn: u32,
 ) -> std::io::Result<()> {
-    let mut batch = BytesMut::with_capacity(BATCH_LIMIT + COPY_LIMIT);
+    let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -215,6 +226,10 @@ pub async fn writer<W: AsyncWrite + Unpin>(
         if !batch.is_empty() {
             w.write_all(&batch).await?;
             batch.clear();
+        }
+        // Give a burst's buffer back while the connection idles.
+        if batch.capacity() > 4 * COPY_LIMIT {
+            batch = BytesMut::new();
         }
     }
     w.flush().await?;
