@@ -408,6 +408,11 @@ pub struct TargetConfig {
     /// Initiator name globs allowed to see and log in to this target.
     #[serde(default = "default_initiators")]
     pub initiators: Vec<String>,
+    /// Source addresses (IPs or CIDR networks) logins to this target may come from, per
+    /// initiator name glob: `{"iqn.2026-11.lab:pc-01": ["10.0.0.21"], "*": ["10.0.0.0/24"]}`.
+    /// An initiator matching no entry may log in from anywhere. Absent: no address check.
+    #[serde(default)]
+    pub sources: std::collections::BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub chap: Option<ChapConfig>,
     #[serde(default)]
@@ -599,6 +604,14 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Parse a source address: an IP ("10.0.0.5") or a network ("10.0.0.0/24", "fd00::/64").
+pub fn parse_source(s: &str) -> Result<ipnet::IpNet, String> {
+    let t = s.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("bad source address {s:?}: expected an IP or a CIDR network"))
+}
+
 /// Parse a MAC address ("52:54:00:12:34:56" or with '-'), lowercase hex with ':'.
 pub fn parse_mac(s: &str) -> Result<String, String> {
     let parts: Vec<&str> = s.trim().split([':', '-']).collect();
@@ -676,6 +689,7 @@ impl Config {
                 name: target.to_string(),
                 alias: None,
                 initiators: default_initiators(),
+                sources: Default::default(),
                 chap: None,
                 luns: vec![LunConfig {
                     lun: 0,
@@ -808,6 +822,15 @@ impl Config {
             }
             build_acl(&t.initiators)
                 .map_err(|m| ConfigError::invalid(file, format!("{tpath}.initiators"), m))?;
+            for (glob, nets) in &t.sources {
+                build_acl(std::slice::from_ref(glob))
+                    .map_err(|m| ConfigError::invalid(file, format!("{tpath}.sources"), m))?;
+                for n in nets {
+                    parse_source(n).map_err(|m| {
+                        ConfigError::invalid(file, format!("{tpath}.sources[{glob:?}]"), m)
+                    })?;
+                }
+            }
             if let Some(chap) = &t.chap {
                 chap.validate(file, &format!("{tpath}.chap"))?;
             }

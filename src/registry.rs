@@ -53,6 +53,8 @@ pub struct TargetPlan {
     /// The initiator globs as written.
     pub initiators: Vec<String>,
     pub acl: globset::GlobSet,
+    /// Source address rules: (initiator glob, allowed networks), first match decides.
+    pub sources: Vec<(globset::GlobMatcher, Vec<ipnet::IpNet>)>,
     pub chap: Option<ChapCredentials>,
     pub luns: Vec<LunPlan>,
 }
@@ -61,6 +63,15 @@ impl TargetPlan {
     /// Whether `initiator` may see and log in to this target.
     pub fn allows(&self, initiator: &str) -> bool {
         self.acl.is_match(initiator)
+    }
+
+    /// Whether `initiator` may log in from `peer` (the `sources` rules; none = anywhere).
+    pub fn source_allowed(&self, initiator: &str, peer: IpAddr) -> bool {
+        let peer = canonical(peer);
+        match self.sources.iter().find(|(g, _)| g.is_match(initiator)) {
+            Some((_, nets)) => nets.iter().any(|n| n.contains(&peer)),
+            None => true,
+        }
     }
 
     fn policy(&self) -> AuthPolicy {
@@ -154,11 +165,30 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
                 identity: lu_identity(&t.name, lun, l.serial.as_deref()),
             });
         }
+        let mut sources = Vec::new();
+        for (glob, nets) in &t.sources {
+            let m = globset::GlobBuilder::new(glob)
+                .case_insensitive(true)
+                .build()
+                .map_err(|e| {
+                    ConfigError::invalid(file, format!("targets[{ti}].sources"), e.to_string())
+                })?
+                .compile_matcher();
+            let nets = nets
+                .iter()
+                .map(|n| crate::config::parse_source(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| ConfigError::invalid(file, format!("targets[{ti}].sources"), m))?;
+            sources.push((m, nets));
+        }
+        // Exact names before globs, so a per-machine rule wins over a "*" rule.
+        sources.sort_by_key(|(m, _)| m.glob().glob().contains(['*', '?', '[', '{']));
         targets.push(TargetPlan {
             name: t.name.clone(),
             alias: t.alias.clone(),
             initiators: t.initiators.clone(),
             acl,
+            sources,
             chap: t.chap.as_ref().map(|c| c.credentials()),
             luns,
         });
@@ -499,6 +529,11 @@ impl Directory for Registry {
 
     fn target_alias(&self, target: &str) -> Option<String> {
         self.find(target).and_then(|t| t.plan.alias.clone())
+    }
+
+    fn source_allowed(&self, initiator: &str, target: &str, peer: IpAddr) -> bool {
+        self.find(target)
+            .is_none_or(|t| t.plan.source_allowed(initiator, peer))
     }
 
     fn portal_group_tag(&self, _local: SocketAddr) -> u16 {

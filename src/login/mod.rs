@@ -76,6 +76,12 @@ pub trait Directory: Send + Sync {
         let _ = target;
         None
     }
+    /// Whether `initiator` may log in to `target` from the address `peer` (source address
+    /// binding; checked by the session layer once the login is authenticated).
+    fn source_allowed(&self, initiator: &str, target: &str, peer: std::net::IpAddr) -> bool {
+        let _ = (initiator, target, peer);
+        true
+    }
     /// Target portal group tag of the portal `local` (TargetPortalGroupTag key, §13.9).
     fn portal_group_tag(&self, local: SocketAddr) -> u16 {
         let _ = local;
@@ -114,4 +120,27 @@ pub mod status {
     pub const TARGET_ERROR: (u8, u8) = (0x03, 0x00);
     pub const SERVICE_UNAVAILABLE: (u8, u8) = (0x03, 0x01);
     pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
+
+    /// What a status means, for logs.
+    pub fn describe(st: (u8, u8)) -> &'static str {
+        match st {
+            SUCCESS => "success",
+            AUTH_FAILURE => "authentication failure",
+            AUTHORIZATION_FAILURE => "authorization failure",
+            NOT_FOUND => "target not found",
+            TARGET_REMOVED => "target removed",
+            UNSUPPORTED_VERSION => "unsupported version",
+            TOO_MANY_CONNECTIONS => "too many connections",
+            MISSING_PARAMETER => "missing parameter",
+            CANT_INCLUDE_IN_SESSION => "cannot include in session",
+            SESSION_TYPE_UNSUPPORTED => "session type not supported",
+            SESSION_DOES_NOT_EXIST => "session does not exist",
+            INVALID_DURING_LOGIN => "invalid request during login",
+            TARGET_ERROR => "target error",
+            SERVICE_UNAVAILABLE => "service unavailable",
+            OUT_OF_RESOURCES => "out of resources",
+            (0x02, _) => "initiator error",
+            _ => "target error",
+        }
+    }
 }

@@ -45,7 +45,7 @@ pub(super) async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr
     let _ = stream.set_nodelay(true);
     let span = info_span!("conn", %peer);
     async move {
-        match login(&server, stream, local).await {
+        match login(&server, stream, local, peer).await {
             Ok(Some(ready)) => full_feature(server, ready).await,
             Ok(None) => {}
             Err(e) => debug!(error = %e, "connection ended during login"),
@@ -106,6 +106,7 @@ async fn login(
     server: &Arc<Server>,
     mut stream: TcpStream,
     local: SocketAddr,
+    peer: SocketAddr,
 ) -> std::io::Result<Option<Ready>> {
     let settings = server.settings();
     let registry = server.registry();
@@ -116,6 +117,7 @@ async fn login(
     let mut window = CmdWindow::new(0, settings.cmd_window);
     let deadline = Instant::now() + settings.login_timeout;
     let mut first = true;
+    let mut who = super::LoginNames::default();
     loop {
         let pdu = match tokio::time::timeout_at(
             deadline,
@@ -164,17 +166,23 @@ async fn login(
             window = CmdWindow::new(req.cmd_sn, settings.cmd_window);
             first = false;
         }
+        // Names for the failure log (the machine validates them; this only reads).
+        for kv in pdu.data.split(|&b| b == 0) {
+            if let Some(v) = kv.strip_prefix(b"InitiatorName=") {
+                who.initiator = String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+            } else if let Some(v) = kv.strip_prefix(b"TargetName=") {
+                who.target = String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+            }
+        }
         match machine.step(req, &pdu.data) {
             LoginOutcome::Continue(resp) => {
                 send_login(&mut stream, resp, &mut stat_sn, &window).await?
             }
             LoginOutcome::Failed(resp) => {
                 if let Bhs::LoginResponse(r) = &resp.bhs {
-                    info!(
-                        class = r.status_class,
-                        detail = r.status_detail,
-                        "login refused"
-                    );
+                    server
+                        .login_failed(peer, &who, (r.status_class, r.status_detail))
+                        .await;
                 }
                 send_login(&mut stream, resp, &mut stat_sn, &window).await?;
                 return Ok(None);
@@ -184,6 +192,21 @@ async fn login(
                 let itt = req.itt;
                 let fail = |st| login_failure(itt, done.isid, st);
                 let params = done.params;
+                // Source address binding (docs/security.md): authenticated, but not from here.
+                if !registry.source_allowed(&params.initiator_name, &params.target_name, peer.ip())
+                {
+                    server
+                        .login_failed(peer, &who, status::AUTHORIZATION_FAILURE)
+                        .await;
+                    send_login(
+                        &mut stream,
+                        fail(status::AUTHORIZATION_FAILURE),
+                        &mut stat_sn,
+                        &window,
+                    )
+                    .await?;
+                    return Ok(None);
+                }
                 if done.tsih != 0 {
                     // Adding a connection to a session: we negotiate MaxConnections=1 (§13.2).
                     let st = if server.sessions().get(done.tsih).is_some() {

@@ -72,7 +72,11 @@ impl FrameReader {
             if self.buf.is_empty() && self.buf.capacity() > IDLE_BUFFER {
                 self.buf = BytesMut::new();
             }
-            let want = if self.buf.is_empty() { IDLE_BUFFER } else { BUSY_BUFFER };
+            let want = if self.buf.is_empty() {
+                IDLE_BUFFER
+            } else {
+                BUSY_BUFFER
+            };
             if self.buf.capacity() - self.buf.len() < want / 4 {
                 self.buf.reserve(want);
             }

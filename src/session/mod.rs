@@ -58,8 +58,27 @@ impl Default for Settings {
     }
 }
 
+/// The names a failed login gave, for its log line.
+#[derive(Debug, Default)]
+pub(crate) struct LoginNames {
+    pub initiator: String,
+    pub target: String,
+}
+
+/// Failed logins from one address in the current minute.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    since: std::time::Instant,
+    count: u32,
+}
+
+/// After this many failed logins from one address in a minute, each further failure is
+/// answered a second late (slows CHAP guessing) and only every tenth is logged.
+const FAILURES_BEFORE_THROTTLE: u32 = 10;
+
 /// The iSCSI server: accepts connections on the listeners and runs sessions.
 pub struct Server {
+    failures: dashmap::DashMap<std::net::IpAddr, Failures>,
     registry: RwLock<Arc<Registry>>,
     settings: Settings,
     sessions: SessionTable,
@@ -69,6 +88,7 @@ pub struct Server {
 impl Server {
     pub fn new(registry: Arc<Registry>, settings: Settings) -> Arc<Self> {
         Arc::new(Server {
+            failures: dashmap::DashMap::new(),
             registry: RwLock::new(registry),
             settings,
             sessions: SessionTable::default(),
@@ -142,6 +162,50 @@ impl Server {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+    }
+
+    /// Log a failed login with its reason (never a secret) and throttle an address that fails
+    /// often: past FAILURES_BEFORE_THROTTLE failures a minute, the answer waits a second and
+    /// only every tenth failure is logged.
+    pub(crate) async fn login_failed(
+        &self,
+        peer: std::net::SocketAddr,
+        who: &LoginNames,
+        st: (u8, u8),
+    ) {
+        let now = std::time::Instant::now();
+        let count = {
+            let mut e = self.failures.entry(peer.ip()).or_insert(Failures {
+                since: now,
+                count: 0,
+            });
+            if now.duration_since(e.since) > Duration::from_secs(60) {
+                *e = Failures {
+                    since: now,
+                    count: 0,
+                };
+            }
+            e.count += 1;
+            e.count
+        };
+        if self.failures.len() > 10_000 {
+            self.failures
+                .retain(|_, f| now.duration_since(f.since) <= Duration::from_secs(60));
+        }
+        if count <= FAILURES_BEFORE_THROTTLE || count % 10 == 0 {
+            warn!(
+                %peer,
+                initiator = %who.initiator,
+                target = %who.target,
+                status = format!("{:02x}{:02x}", st.0, st.1),
+                reason = crate::login::status::describe(st),
+                failures_this_minute = count,
+                "login refused"
+            );
+        }
+        if count > FAILURES_BEFORE_THROTTLE {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
