@@ -71,11 +71,14 @@ struct Ready {
     local: SocketAddr,
 }
 
+/// Writes are bounded by the login deadline too: a peer that does not read its Login
+/// Responses must not keep the login (and its socket) past the login timeout.
 async fn send_login(
     stream: &mut TcpStream,
     mut pdu: Pdu,
     stat_sn: &mut u32,
     window: &CmdWindow,
+    deadline: Instant,
 ) -> std::io::Result<()> {
     io::stamp(
         &mut pdu.bhs,
@@ -83,9 +86,14 @@ async fn send_login(
         window.exp_cmd_sn(),
         window.max_cmd_sn(),
     );
-    stream
-        .write_all(&io::encode_one(&pdu, Digests::default()))
-        .await
+    let bytes = io::encode_one(&pdu, Digests::default());
+    match tokio::time::timeout_at(deadline, stream.write_all(&bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "login timed out while writing",
+        )),
+    }
 }
 
 fn login_failure(itt: u32, isid: [u8; 6], (class, detail): (u8, u8)) -> Pdu {
@@ -141,6 +149,7 @@ async fn login(
                     login_failure(itt, [0; 6], status::INITIATOR_ERROR),
                     &mut stat_sn,
                     &window,
+                    deadline,
                 )
                 .await?;
                 return Ok(None);
@@ -155,6 +164,7 @@ async fn login(
                 login_failure(0, [0; 6], status::INVALID_DURING_LOGIN),
                 &mut stat_sn,
                 &window,
+                deadline,
             )
             .await?;
             return Ok(None);
@@ -166,7 +176,7 @@ async fn login(
         }
         match machine.step(req, &pdu.data) {
             LoginOutcome::Continue(resp) => {
-                send_login(&mut stream, resp, &mut stat_sn, &window).await?
+                send_login(&mut stream, resp, &mut stat_sn, &window, deadline).await?
             }
             LoginOutcome::Failed(resp) => {
                 if let Bhs::LoginResponse(r) = &resp.bhs {
@@ -176,7 +186,7 @@ async fn login(
                         "login refused"
                     );
                 }
-                send_login(&mut stream, resp, &mut stat_sn, &window).await?;
+                send_login(&mut stream, resp, &mut stat_sn, &window, deadline).await?;
                 return Ok(None);
             }
             LoginOutcome::Complete(done) => {
@@ -191,7 +201,7 @@ async fn login(
                     } else {
                         status::SESSION_DOES_NOT_EXIST
                     };
-                    send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                    send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline).await?;
                     return Ok(None);
                 }
                 // Session reinstatement (§6.3.5): same InitiatorName + ISID with TSIH 0 closes
@@ -226,7 +236,8 @@ async fn login(
                                     AttachError::DirectBusy { .. } => status::SERVICE_UNAVAILABLE,
                                     AttachError::Storage(_) => status::TARGET_ERROR,
                                 };
-                                send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                                send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline)
+                                    .await?;
                                 return Ok(None);
                             }
                         },
@@ -238,6 +249,7 @@ async fn login(
                                     fail(status::NOT_FOUND),
                                     &mut stat_sn,
                                     &window,
+                                    deadline,
                                 )
                                 .await?;
                                 return Ok(None);
@@ -252,6 +264,7 @@ async fn login(
                         fail(status::OUT_OF_RESOURCES),
                         &mut stat_sn,
                         &window,
+                        deadline,
                     )
                     .await?;
                     return Ok(None);
@@ -268,7 +281,16 @@ async fn login(
                 if let Bhs::LoginResponse(r) = &mut response.bhs {
                     r.tsih = handle.tsih;
                 }
-                send_login(&mut stream, response, &mut stat_sn, &window).await?;
+                if let Err(e) =
+                    send_login(&mut stream, response, &mut stat_sn, &window, deadline).await
+                {
+                    // The session never started: it must not stay in the table.
+                    server.sessions().remove(handle.tsih);
+                    if let Some(c) = &client {
+                        c.session_ended();
+                    }
+                    return Err(e);
+                }
                 let nexus = Nexus {
                     id: handle.nexus_id,
                     initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
