@@ -1284,3 +1284,59 @@ fn nop_timeout_drops_a_peer_that_does_not_read() {
     );
     fx.healthy();
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn login_flood_without_reading_is_cut_at_the_login_timeout() {
+    let fx = fixture("{login_timeout_secs: 2}");
+    let pid = fx.srv.pid();
+    let base = fd_count(pid);
+    let mut c = fx.client();
+    // C=1 Login Requests without text: each one is acknowledged (§11.12.2), and we never read
+    // the acknowledgements, so the target's writes block on a full socket.
+    c.login_request(
+        1,
+        0,
+        false,
+        true,
+        keys_text(&[("InitiatorName", INITIATOR)]),
+    )
+    .unwrap();
+    let one = encode(
+        &Pdu::header_only(Bhs::LoginRequest(diskless::pdu::LoginRequest {
+            cont: true,
+            csg: 1,
+            isid: c.isid,
+            itt: 0x4c4f_4749,
+            ..Default::default()
+        })),
+        Digests::default(),
+    );
+    let batch = one.repeat(20_000);
+    let mut w = c.stream.try_clone().unwrap();
+    let flood = thread::spawn(move || {
+        for _ in 0..100 {
+            if w.write_all(&batch).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert!(fd_count(pid) > base, "connection not open");
+    let t = Instant::now();
+    while fd_count(pid) > base {
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "login outlived its timeout while blocked writing"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(c);
+    let _ = flood.join();
+    fx.healthy();
+}
