@@ -1350,3 +1350,47 @@ fn login_flood_without_reading_is_cut_at_the_login_timeout() {
     let _ = flood.join();
     fx.healthy();
 }
+
+#[test]
+fn concurrent_clients_and_reinstatement_storm() {
+    let fx = fixture("");
+    let port = fx.srv.port;
+    let head = fx.head.clone();
+    let isid = fresh_isid();
+    let mut threads = Vec::new();
+    // Well-behaved readers with their own ISIDs ...
+    for t in 0..16u32 {
+        let head = head.clone();
+        threads.push(thread::spawn(move || {
+            let mut c = Client::connect(port);
+            c.login(INITIATOR, TARGET).unwrap();
+            for i in 0..20u32 {
+                let lba = (t * 7 + i * 13) % 128;
+                let at = lba as usize * 512;
+                assert_eq!(c.read10(lba, 1), head[at..at + 512]);
+            }
+        }));
+    }
+    // ... while others keep reinstating one ISID: each login closes the previous holder.
+    for _ in 0..6 {
+        threads.push(thread::spawn(move || {
+            for _ in 0..5 {
+                let mut c = Client::connect(port);
+                c.isid = isid;
+                let t = Instant::now();
+                // Refused or cut while another login reinstates the same ISID: both fine.
+                let _ = c.login(INITIATOR, TARGET);
+                assert!(t.elapsed() < Duration::from_secs(8), "login hung");
+                let _ = c.recv(Duration::from_millis(50));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut last = fx.client();
+    last.isid = isid;
+    last.login(INITIATOR, TARGET).unwrap();
+    assert_eq!(last.read10(0, 1), fx.head[..512]);
+    fx.healthy();
+}
