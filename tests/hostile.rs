@@ -1394,3 +1394,37 @@ fn concurrent_clients_and_reinstatement_storm() {
     assert_eq!(last.read10(0, 1), fx.head[..512]);
     fx.healthy();
 }
+
+#[test]
+fn simultaneous_logins_with_one_isid_leave_one_session() {
+    let fx = fixture("");
+    let port = fx.srv.port;
+    for round in 0..5 {
+        let isid = fresh_isid();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let logins: Vec<_> = (0..2)
+            .map(|_| {
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    let mut c = Client::connect(port);
+                    c.isid = isid;
+                    barrier.wait();
+                    let ok = c.login(INITIATOR, TARGET).is_ok();
+                    (c, ok)
+                })
+            })
+            .collect();
+        let mut clients: Vec<(Client, bool)> =
+            logins.into_iter().map(|t| t.join().unwrap()).collect();
+        // §6.3.5: one I_T nexus per InitiatorName + ISID: at most one of them stays.
+        thread::sleep(Duration::from_millis(300));
+        let mut alive = 0;
+        for (c, ok) in clients.iter_mut() {
+            if *ok && !c.closed_within(Duration::from_millis(100), &mut Vec::new()) {
+                alive += 1;
+            }
+        }
+        assert!(alive <= 1, "round {round}: {alive} sessions with one ISID");
+    }
+    fx.healthy();
+}
