@@ -1428,3 +1428,47 @@ fn simultaneous_logins_with_one_isid_leave_one_session() {
     }
     fx.healthy();
 }
+
+#[test]
+fn random_pdus_never_panic_the_target() {
+    let fx = fixture("{login_timeout_secs: 2}");
+    let writes_before = fx.hash();
+    for seed in 0..24u64 {
+        let mut c = fx.client();
+        let logged_in = seed % 3 != 0 && c.login(INITIATOR, TARGET).is_ok();
+        let noise = random_bytes(48 * 64, seed + 1);
+        for (i, chunk) in noise.chunks(48).enumerate() {
+            let mut bhs = [0u8; BHS_LEN];
+            bhs.copy_from_slice(chunk);
+            // Mostly initiator opcodes, no AHS, short data segments, so that PDUs frame.
+            let ops = [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10, 0x03, 0x1f];
+            bhs[0] = (bhs[0] & 0x40) | ops[i % ops.len()];
+            bhs[4] = 0;
+            bhs[5] = 0;
+            bhs[6] = 0;
+            bhs[7] &= 0x3f;
+            // Only CDBs that cannot change the image (reads, inquiries, capacity, TUR, ...).
+            const HARMLESS: [u8; 10] = [0x00, 0x03, 0x12, 0x1a, 0x25, 0x28, 0x2f, 0x5a, 0x88, 0xa0];
+            bhs[32] = HARMLESS[usize::from(bhs[32]) % HARMLESS.len()];
+            let dsl = usize::from(bhs[7]);
+            let mut pdu = bhs.to_vec();
+            pdu.extend_from_slice(&random_bytes(dsl, seed * 1000 + i as u64));
+            pdu.resize(pdu.len().div_ceil(4) * 4, 0);
+            if c.send_raw(&pdu).is_err() {
+                break;
+            }
+        }
+        // Whatever the target answered, it must still be there.
+        let _ = c.closed_within(
+            Duration::from_millis(if logged_in { 150 } else { 50 }),
+            &mut Vec::new(),
+        );
+    }
+    let stderr = fx.srv.stderr();
+    assert!(
+        !stderr.contains("panicked"),
+        "the target panicked:\n{stderr}"
+    );
+    fx.healthy();
+    assert_eq!(fx.hash(), writes_before);
+}
