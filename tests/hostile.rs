@@ -1472,3 +1472,72 @@ fn random_pdus_never_panic_the_target() {
     fx.healthy();
     assert_eq!(fx.hash(), writes_before);
 }
+
+#[test]
+fn unsolicited_data_beyond_first_burst() {
+    let fx = fixture("");
+    let before = fx.hash();
+    let mut c = fx.client();
+    c.login_with(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", TARGET),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("FirstBurstLength", "65536"),
+        ("MaxRecvDataSegmentLength", "65536"),
+    ])
+    .unwrap();
+    assert_eq!(c.answer("InitialR2T"), Some("No"));
+    let first_burst: u32 = c.answer("FirstBurstLength").unwrap().parse().unwrap();
+    let mss = c.max_send.min(first_burst);
+    // WRITE of 256 KiB, F=0: the initiator may send FirstBurstLength unsolicited (§13.14)...
+    let mut cmd = c.command(&write10_cdb(8000, 512), 512 * 512, false, true);
+    cmd.final_ = false;
+    let itt = cmd.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    let mut off = 0;
+    let mut sn = 0;
+    while off < first_burst {
+        let n = mss.min(first_burst - off);
+        c.send(&data_out(
+            itt,
+            NO_TAG,
+            sn,
+            off,
+            &vec![0x77; n as usize],
+            off + n == first_burst,
+        ))
+        .unwrap();
+        off += n;
+        sn += 1;
+    }
+    // ... and not one byte more without an R2T: the task ends with ABORTED COMMAND.
+    c.send(&data_out(itt, NO_TAG, sn, off, &[0x77; 512], true))
+        .unwrap();
+    loop {
+        match c.recv(ANSWER) {
+            Ok(Pdu {
+                bhs: Bhs::R2t(r), ..
+            }) => assert_eq!(r.itt, itt),
+            Ok(Pdu {
+                bhs: Bhs::ScsiResponse(r),
+                data,
+            }) => {
+                assert_eq!(r.itt, itt);
+                assert_eq!(r.status, 2);
+                let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+                let res = ScsiResult {
+                    sense: data[2..2 + n].to_vec(),
+                    ..Default::default()
+                };
+                assert_eq!(res.sense_triplet().map(|t| (t.0, t.1)), Some((0x0b, 0x4b)));
+                break;
+            }
+            other => panic!("expected the task to end, got {other:?}"),
+        }
+    }
+    assert_eq!(&c.ping(b"ok").1[..], b"ok");
+    drop(c);
+    fx.healthy();
+    assert_eq!(fx.hash(), before, "an aborted write reached the image");
+}
