@@ -1541,3 +1541,26 @@ fn unsolicited_data_beyond_first_burst() {
     fx.healthy();
     assert_eq!(fx.hash(), before, "an aborted write reached the image");
 }
+
+#[test]
+fn shutdown_is_not_held_up_by_hostile_peers() {
+    let mut fx = fixture("");
+    let mut stalled = fx.login();
+    stall_writer(&mut stalled, 12);
+    let mut half = fx.client();
+    half.send_raw(&raw_bhs(0x43, 0x87, 1000, 1, 1)).unwrap();
+    let mut pending = fx.login();
+    let _ = write_until_r2t(&mut pending, 9000, 4);
+    let t = Instant::now();
+    let status = fx.srv.terminate(Duration::from_secs(12));
+    assert!(
+        status.is_some(),
+        "server still running {:?} after SIGTERM",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        t.elapsed()
+    );
+}
