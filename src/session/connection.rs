@@ -356,6 +356,11 @@ struct Running {
 /// initiator back, so one that never reads its responses cannot make us buffer without bound
 /// (RFC 7143 §3.2.2.1 leaves flow control to the target; TCP carries it).
 const BACKLOG_LIMIT: usize = 32 << 20;
+/// Messages the writer queue holds; reading stops once more than [`QUEUE_LIMIT`] wait, so
+/// that the responses of commands already running still fit and a send never blocks the
+/// loop (which must keep seeing reinstatement, NOP timeouts and shutdown).
+const QUEUE_CAPACITY: usize = 256;
+const QUEUE_LIMIT: usize = 64;
 
 /// What a blocking SCSI execution sends back.
 struct Done {
@@ -439,7 +444,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let (mut rd, wr) = stream.into_split();
         let seq = Arc::new(SeqState::default());
         seq.set(window.exp_cmd_sn(), window.max_cmd_sn());
-        let (tx, rx) = mpsc::channel::<Out>(256);
+        let (tx, rx) = mpsc::channel::<Out>(QUEUE_CAPACITY);
         let writer = tokio::spawn(io::writer(wr, rx, digests, seq.clone(), stat_sn));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let directory: Arc<dyn Directory> = server.registry();
@@ -599,6 +604,7 @@ impl Conn {
         let queued = self.seq.queued.load(std::sync::atomic::Ordering::Acquire);
         let running: usize = self.running.values().map(|r| r.bytes).sum();
         queued.saturating_add(running) > BACKLOG_LIMIT
+            || self.tx.max_capacity() - self.tx.capacity() > QUEUE_LIMIT
     }
 
     async fn flush(&self) -> R {
