@@ -1564,3 +1564,42 @@ fn shutdown_is_not_held_up_by_hostile_peers() {
         t.elapsed()
     );
 }
+
+#[test]
+fn ping_flood_without_reading_does_not_wedge_the_session() {
+    let fx = fixture("");
+    let mut old = fx.login();
+    // 300k immediate NOP-Outs, each answered by a NOP-In we never read (about 14 MiB each way).
+    let mut flood = Vec::new();
+    for _ in 0..300_000 {
+        let p = old.nop_out(b"");
+        flood.extend_from_slice(&encode(&p, Digests::default()));
+    }
+    let mut w = old.stream.try_clone().unwrap();
+    let pump = thread::spawn(move || {
+        let _ = w.write_all(&flood);
+    });
+    thread::sleep(Duration::from_millis(1500));
+    // The wedged session must still notice that it is being reinstated (§6.3.5).
+    let t = Instant::now();
+    let mut new = fx.client();
+    new.isid = old.isid;
+    new.login(INITIATOR, TARGET).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "reinstatement took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(new.read10(0, 1), fx.head[..512]);
+    let me = old.stream.local_addr().unwrap().port();
+    let t = Instant::now();
+    while target_socket_open(fx.srv.port, me) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "old connection kept open"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(old);
+    let _ = pump.join();
+}
