@@ -899,10 +899,6 @@ fn capacity_edges_and_transfer_lengths() {
     assert_eq!(r.status, 0);
     let max = u32::from_be_bytes([r.data[8], r.data[9], r.data[10], r.data[11]]);
     assert!(max > 0 && max < BLOCKS, "max transfer {max}");
-    let data = c.run(&rw16_cdb(0x88, 0, max), max * 512, None);
-    assert_eq!(data.status, 0);
-    assert_eq!(data.data.len(), max as usize * 512);
-    assert_eq!(data.data[..fx.head.len()], fx.head[..]);
     let pattern = random_bytes(max as usize * 512, 99);
     let lba = BLOCKS - max;
     let r = c.run(
@@ -912,6 +908,8 @@ fn capacity_edges_and_transfer_lengths() {
     );
     assert_eq!(r.status, 0, "max-length WRITE(16): {r:?}");
     let back = c.run(&rw16_cdb(0x88, u64::from(lba), max), max * 512, None);
+    assert_eq!(back.status, 0);
+    assert_eq!(back.data.len(), max as usize * 512);
     assert!(back.data == pattern, "max-length write did not read back");
     // One block more than the limit: ILLEGAL REQUEST, INVALID FIELD IN CDB (SBC-3 §6.3).
     let r = c.run(&rw16_cdb(0x88, 0, max + 1), (max + 1) * 512, None);
@@ -1244,9 +1242,9 @@ fn drain_until_closed(c: &mut Client, limit: Duration) -> Option<usize> {
 fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
     let fx = fixture("");
     let mut old = fx.login();
-    stall_writer(&mut old, 40);
+    stall_writer(&mut old, 12);
     // Same InitiatorName + ISID: the old session is closed (§6.3.5) without waiting for its
-    // 160 MiB of responses to be read.
+    // 48 MiB of responses to be read.
     let t = Instant::now();
     let mut new = fx.client();
     new.isid = old.isid;
@@ -1269,7 +1267,7 @@ fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
 fn nop_timeout_drops_a_peer_that_does_not_read() {
     let fx = fixture("{nop_in_interval_secs: 1, nop_in_timeout_secs: 2}");
     let mut c = fx.login();
-    stall_writer(&mut c, 40);
+    stall_writer(&mut c, 12);
     // Wait for the drop (ping at 1 s idle, unanswered for 2 s), then for the writer's grace.
     let t = Instant::now();
     while !fx.srv.stderr().contains("NOP-In ping not answered") {
@@ -1283,4 +1281,325 @@ fn nop_timeout_drops_a_peer_that_does_not_read() {
         "{got} bytes delivered after the connection was dropped"
     );
     fx.healthy();
+}
+
+/// Whether the target still holds an ESTABLISHED socket for our connection (/proc/net/tcp;
+/// `client_port` is the client's local port).
+fn target_socket_open(server_port: u16, client_port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    tcp.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3
+            && port(f[1]) == Some(server_port)
+            && port(f[2]) == Some(client_port)
+            && f[3] == "01"
+    })
+}
+
+#[test]
+fn login_flood_without_reading_is_cut_at_the_login_timeout() {
+    let fx = fixture("{login_timeout_secs: 2}");
+    let mut c = fx.client();
+    let me = c.stream.local_addr().unwrap().port();
+    // C=1 Login Requests without text: each one is acknowledged (§11.12.2), and we never read
+    // the acknowledgements, so the target's writes block on a full socket.
+    c.login_request(
+        1,
+        0,
+        false,
+        true,
+        keys_text(&[("InitiatorName", INITIATOR)]),
+    )
+    .unwrap();
+    let one = encode(
+        &Pdu::header_only(Bhs::LoginRequest(diskless::pdu::LoginRequest {
+            cont: true,
+            csg: 1,
+            isid: c.isid,
+            itt: 0x4c4f_4749,
+            ..Default::default()
+        })),
+        Digests::default(),
+    );
+    let batch = one.repeat(20_000);
+    let mut w = c.stream.try_clone().unwrap();
+    let flood = thread::spawn(move || {
+        for _ in 0..100 {
+            if w.write_all(&batch).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert!(target_socket_open(fx.srv.port, me), "connection not open");
+    let t = Instant::now();
+    while target_socket_open(fx.srv.port, me) {
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "login outlived its timeout while blocked writing"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(c);
+    let _ = flood.join();
+    fx.healthy();
+}
+
+#[test]
+fn concurrent_clients_and_reinstatement_storm() {
+    let fx = fixture("");
+    let port = fx.srv.port;
+    let head = fx.head.clone();
+    let isid = fresh_isid();
+    let mut threads = Vec::new();
+    // Well-behaved readers with their own ISIDs ...
+    for t in 0..16u32 {
+        let head = head.clone();
+        threads.push(thread::spawn(move || {
+            let mut c = Client::connect(port);
+            c.login(INITIATOR, TARGET).unwrap();
+            for i in 0..20u32 {
+                let lba = (t * 7 + i * 13) % 128;
+                let at = lba as usize * 512;
+                assert_eq!(c.read10(lba, 1), head[at..at + 512]);
+            }
+        }));
+    }
+    // ... while others keep reinstating one ISID: each login closes the previous holder.
+    for _ in 0..6 {
+        threads.push(thread::spawn(move || {
+            for _ in 0..5 {
+                let mut c = Client::connect(port);
+                c.isid = isid;
+                let t = Instant::now();
+                // Refused or cut while another login reinstates the same ISID: both fine.
+                let _ = c.login(INITIATOR, TARGET);
+                assert!(t.elapsed() < Duration::from_secs(8), "login hung");
+                let _ = c.recv(Duration::from_millis(50));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut last = fx.client();
+    last.isid = isid;
+    last.login(INITIATOR, TARGET).unwrap();
+    assert_eq!(last.read10(0, 1), fx.head[..512]);
+    fx.healthy();
+}
+
+#[test]
+fn simultaneous_logins_with_one_isid_leave_one_session() {
+    let fx = fixture("");
+    let port = fx.srv.port;
+    for round in 0..5 {
+        let isid = fresh_isid();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let logins: Vec<_> = (0..2)
+            .map(|_| {
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    let mut c = Client::connect(port);
+                    c.isid = isid;
+                    barrier.wait();
+                    let ok = c.login(INITIATOR, TARGET).is_ok();
+                    (c, ok)
+                })
+            })
+            .collect();
+        let mut clients: Vec<(Client, bool)> =
+            logins.into_iter().map(|t| t.join().unwrap()).collect();
+        // §6.3.5: one I_T nexus per InitiatorName + ISID: at most one of them stays.
+        thread::sleep(Duration::from_millis(300));
+        let mut alive = 0;
+        for (c, ok) in clients.iter_mut() {
+            if *ok && !c.closed_within(Duration::from_millis(100), &mut Vec::new()) {
+                alive += 1;
+            }
+        }
+        assert!(alive <= 1, "round {round}: {alive} sessions with one ISID");
+    }
+    fx.healthy();
+}
+
+#[test]
+fn random_pdus_never_panic_the_target() {
+    let fx = fixture("{login_timeout_secs: 2}");
+    let writes_before = fx.hash();
+    for seed in 0..24u64 {
+        let mut c = fx.client();
+        let logged_in = seed % 3 != 0 && c.login(INITIATOR, TARGET).is_ok();
+        let noise = random_bytes(48 * 64, seed + 1);
+        for (i, chunk) in noise.chunks(48).enumerate() {
+            let mut bhs = [0u8; BHS_LEN];
+            bhs.copy_from_slice(chunk);
+            // Mostly initiator opcodes, no AHS, short data segments, so that PDUs frame.
+            let ops = [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10, 0x03, 0x1f];
+            bhs[0] = (bhs[0] & 0x40) | ops[i % ops.len()];
+            bhs[4] = 0;
+            bhs[5] = 0;
+            bhs[6] = 0;
+            bhs[7] &= 0x3f;
+            // Only CDBs that cannot change the image (reads, inquiries, capacity, TUR, ...).
+            const HARMLESS: [u8; 10] = [0x00, 0x03, 0x12, 0x1a, 0x25, 0x28, 0x2f, 0x5a, 0x88, 0xa0];
+            bhs[32] = HARMLESS[usize::from(bhs[32]) % HARMLESS.len()];
+            let dsl = usize::from(bhs[7]);
+            let mut pdu = bhs.to_vec();
+            pdu.extend_from_slice(&random_bytes(dsl, seed * 1000 + i as u64));
+            pdu.resize(pdu.len().div_ceil(4) * 4, 0);
+            if c.send_raw(&pdu).is_err() {
+                break;
+            }
+        }
+        // Whatever the target answered, it must still be there.
+        let _ = c.closed_within(
+            Duration::from_millis(if logged_in { 150 } else { 50 }),
+            &mut Vec::new(),
+        );
+    }
+    let stderr = fx.srv.stderr();
+    assert!(
+        !stderr.contains("panicked"),
+        "the target panicked:\n{stderr}"
+    );
+    fx.healthy();
+    assert_eq!(fx.hash(), writes_before);
+}
+
+#[test]
+fn unsolicited_data_beyond_first_burst() {
+    let fx = fixture("");
+    let before = fx.hash();
+    let mut c = fx.client();
+    c.login_with(&[
+        ("InitiatorName", INITIATOR),
+        ("TargetName", TARGET),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("FirstBurstLength", "65536"),
+        ("MaxRecvDataSegmentLength", "65536"),
+    ])
+    .unwrap();
+    assert_eq!(c.answer("InitialR2T"), Some("No"));
+    let first_burst: u32 = c.answer("FirstBurstLength").unwrap().parse().unwrap();
+    let mss = c.max_send.min(first_burst);
+    // WRITE of 256 KiB, F=0: the initiator may send FirstBurstLength unsolicited (§13.14)...
+    let mut cmd = c.command(&write10_cdb(8000, 512), 512 * 512, false, true);
+    cmd.final_ = false;
+    let itt = cmd.itt;
+    c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
+    let mut off = 0;
+    let mut sn = 0;
+    while off < first_burst {
+        let n = mss.min(first_burst - off);
+        c.send(&data_out(
+            itt,
+            NO_TAG,
+            sn,
+            off,
+            &vec![0x77; n as usize],
+            off + n == first_burst,
+        ))
+        .unwrap();
+        off += n;
+        sn += 1;
+    }
+    // ... and not one byte more without an R2T: the task ends with ABORTED COMMAND.
+    c.send(&data_out(itt, NO_TAG, sn, off, &[0x77; 512], true))
+        .unwrap();
+    loop {
+        match c.recv(ANSWER) {
+            Ok(Pdu {
+                bhs: Bhs::R2t(r), ..
+            }) => assert_eq!(r.itt, itt),
+            Ok(Pdu {
+                bhs: Bhs::ScsiResponse(r),
+                data,
+            }) => {
+                assert_eq!(r.itt, itt);
+                assert_eq!(r.status, 2);
+                let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+                let res = ScsiResult {
+                    sense: data[2..2 + n].to_vec(),
+                    ..Default::default()
+                };
+                assert_eq!(res.sense_triplet().map(|t| (t.0, t.1)), Some((0x0b, 0x4b)));
+                break;
+            }
+            other => panic!("expected the task to end, got {other:?}"),
+        }
+    }
+    assert_eq!(&c.ping(b"ok").1[..], b"ok");
+    drop(c);
+    fx.healthy();
+    assert_eq!(fx.hash(), before, "an aborted write reached the image");
+}
+
+#[test]
+fn shutdown_is_not_held_up_by_hostile_peers() {
+    let mut fx = fixture("");
+    let mut stalled = fx.login();
+    stall_writer(&mut stalled, 12);
+    let mut half = fx.client();
+    half.send_raw(&raw_bhs(0x43, 0x87, 1000, 1, 1)).unwrap();
+    let mut pending = fx.login();
+    let _ = write_until_r2t(&mut pending, 9000, 4);
+    let t = Instant::now();
+    let status = fx.srv.terminate(Duration::from_secs(12));
+    assert!(
+        status.is_some(),
+        "server still running {:?} after SIGTERM",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn ping_flood_without_reading_does_not_wedge_the_session() {
+    let fx = fixture("");
+    let mut old = fx.login();
+    // 300k immediate NOP-Outs, each answered by a NOP-In we never read (about 14 MiB each way).
+    let mut flood = Vec::new();
+    for _ in 0..300_000 {
+        let p = old.nop_out(b"");
+        flood.extend_from_slice(&encode(&p, Digests::default()));
+    }
+    let mut w = old.stream.try_clone().unwrap();
+    let pump = thread::spawn(move || {
+        let _ = w.write_all(&flood);
+    });
+    thread::sleep(Duration::from_millis(1500));
+    // The wedged session must still notice that it is being reinstated (§6.3.5).
+    let t = Instant::now();
+    let mut new = fx.client();
+    new.isid = old.isid;
+    new.login(INITIATOR, TARGET).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "reinstatement took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(new.read10(0, 1), fx.head[..512]);
+    let me = old.stream.local_addr().unwrap().port();
+    let t = Instant::now();
+    while target_socket_open(fx.srv.port, me) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "old connection kept open"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(old);
+    let _ = pump.join();
 }

@@ -71,11 +71,14 @@ struct Ready {
     local: SocketAddr,
 }
 
+/// Writes are bounded by the login deadline too: a peer that does not read its Login
+/// Responses must not keep the login (and its socket) past the login timeout.
 async fn send_login(
     stream: &mut TcpStream,
     mut pdu: Pdu,
     stat_sn: &mut u32,
     window: &CmdWindow,
+    deadline: Instant,
 ) -> std::io::Result<()> {
     io::stamp(
         &mut pdu.bhs,
@@ -83,9 +86,14 @@ async fn send_login(
         window.exp_cmd_sn(),
         window.max_cmd_sn(),
     );
-    stream
-        .write_all(&io::encode_one(&pdu, Digests::default()))
-        .await
+    let bytes = io::encode_one(&pdu, Digests::default());
+    match tokio::time::timeout_at(deadline, stream.write_all(&bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "login timed out while writing",
+        )),
+    }
 }
 
 fn login_failure(itt: u32, isid: [u8; 6], (class, detail): (u8, u8)) -> Pdu {
@@ -143,6 +151,7 @@ async fn login(
                     login_failure(itt, [0; 6], status::INITIATOR_ERROR),
                     &mut stat_sn,
                     &window,
+                    deadline,
                 )
                 .await?;
                 return Ok(None);
@@ -157,6 +166,7 @@ async fn login(
                 login_failure(0, [0; 6], status::INVALID_DURING_LOGIN),
                 &mut stat_sn,
                 &window,
+                deadline,
             )
             .await?;
             return Ok(None);
@@ -176,7 +186,7 @@ async fn login(
         }
         match machine.step(req, &pdu.data) {
             LoginOutcome::Continue(resp) => {
-                send_login(&mut stream, resp, &mut stat_sn, &window).await?
+                send_login(&mut stream, resp, &mut stat_sn, &window, deadline).await?
             }
             LoginOutcome::Failed(resp) => {
                 if let Bhs::LoginResponse(r) = &resp.bhs {
@@ -184,7 +194,7 @@ async fn login(
                         .login_failed(peer, &who, (r.status_class, r.status_detail))
                         .await;
                 }
-                send_login(&mut stream, resp, &mut stat_sn, &window).await?;
+                send_login(&mut stream, resp, &mut stat_sn, &window, deadline).await?;
                 return Ok(None);
             }
             LoginOutcome::Complete(done) => {
@@ -214,7 +224,7 @@ async fn login(
                     } else {
                         status::SESSION_DOES_NOT_EXIST
                     };
-                    send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                    send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline).await?;
                     return Ok(None);
                 }
                 // Session reinstatement (§6.3.5): same InitiatorName + ISID with TSIH 0 closes
@@ -249,7 +259,8 @@ async fn login(
                                     AttachError::DirectBusy { .. } => status::SERVICE_UNAVAILABLE,
                                     AttachError::Storage(_) => status::TARGET_ERROR,
                                 };
-                                send_login(&mut stream, fail(st), &mut stat_sn, &window).await?;
+                                send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline)
+                                    .await?;
                                 return Ok(None);
                             }
                         },
@@ -261,6 +272,7 @@ async fn login(
                                     fail(status::NOT_FOUND),
                                     &mut stat_sn,
                                     &window,
+                                    deadline,
                                 )
                                 .await?;
                                 return Ok(None);
@@ -275,6 +287,7 @@ async fn login(
                         fail(status::OUT_OF_RESOURCES),
                         &mut stat_sn,
                         &window,
+                        deadline,
                     )
                     .await?;
                     return Ok(None);
@@ -291,7 +304,16 @@ async fn login(
                 if let Bhs::LoginResponse(r) = &mut response.bhs {
                     r.tsih = handle.tsih;
                 }
-                send_login(&mut stream, response, &mut stat_sn, &window).await?;
+                if let Err(e) =
+                    send_login(&mut stream, response, &mut stat_sn, &window, deadline).await
+                {
+                    // The session never started: it must not stay in the table.
+                    server.sessions().remove(handle.tsih);
+                    if let Some(c) = &client {
+                        c.session_ended();
+                    }
+                    return Err(e);
+                }
                 let nexus = Nexus {
                     id: handle.nexus_id,
                     initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
@@ -357,6 +379,11 @@ struct Running {
 /// initiator back, so one that never reads its responses cannot make us buffer without bound
 /// (RFC 7143 §3.2.2.1 leaves flow control to the target; TCP carries it).
 const BACKLOG_LIMIT: usize = 32 << 20;
+/// Messages the writer queue holds; reading stops once more than [`QUEUE_LIMIT`] wait, so
+/// that the responses of commands already running still fit and a send never blocks the
+/// loop (which must keep seeing reinstatement, NOP timeouts and shutdown).
+const QUEUE_CAPACITY: usize = 256;
+const QUEUE_LIMIT: usize = 64;
 
 /// What a blocking SCSI execution sends back.
 struct Done {
@@ -440,7 +467,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let (mut rd, wr) = stream.into_split();
         let seq = Arc::new(SeqState::default());
         seq.set(window.exp_cmd_sn(), window.max_cmd_sn());
-        let (tx, rx) = mpsc::channel::<Out>(256);
+        let (tx, rx) = mpsc::channel::<Out>(QUEUE_CAPACITY);
         let writer = tokio::spawn(io::writer(wr, rx, digests, seq.clone(), stat_sn));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let directory: Arc<dyn Directory> = server.registry();
@@ -600,6 +627,7 @@ impl Conn {
         let queued = self.seq.queued.load(std::sync::atomic::Ordering::Acquire);
         let running: usize = self.running.values().map(|r| r.bytes).sum();
         queued.saturating_add(running) > BACKLOG_LIMIT
+            || self.tx.max_capacity() - self.tx.capacity() > QUEUE_LIMIT
     }
 
     async fn flush(&self) -> R {

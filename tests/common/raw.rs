@@ -117,6 +117,24 @@ impl RawServer {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGTERM, then wait up to `limit` for the exit; None if still running.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -775,11 +793,13 @@ pub fn digest(bytes: &[u8]) -> [u8; 4] {
     crc32c::crc32c(bytes).to_le_bytes()
 }
 
-/// Hash of a file's bytes (to prove an image did not change).
+/// Hash of a file's bytes (to prove an image did not change): CRC32C of each MiB, folded.
 pub fn file_hash(path: &Path) -> u64 {
-    use std::hash::{Hash, Hasher};
     let bytes = std::fs::read(path).unwrap();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    bytes
+        .chunks(1 << 20)
+        .enumerate()
+        .fold(bytes.len() as u64, |h, (i, c)| {
+            h.rotate_left(7) ^ (u64::from(crc32c::crc32c(c)) << (i % 32))
+        })
 }
