@@ -213,6 +213,7 @@ async fn login(
                         fail(status::AUTHORIZATION_FAILURE),
                         &mut stat_sn,
                         &window,
+                        deadline,
                     )
                     .await?;
                     return Ok(None);
