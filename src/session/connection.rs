@@ -301,6 +301,17 @@ async fn login(
                     done.isid,
                     &params.target_name,
                 );
+                // Two logins with one ISID racing past the reinstatement check above: the
+                // newest session wins, any older twin is told to close (§6.3.5).
+                for twin in server.sessions().all() {
+                    if twin.nexus_id < handle.nexus_id
+                        && twin.isid == done.isid
+                        && twin.initiator.eq_ignore_ascii_case(&params.initiator_name)
+                        && twin.target.eq_ignore_ascii_case(&params.target_name)
+                    {
+                        twin.kill.notify_one();
+                    }
+                }
                 let mut response = done.response;
                 if let Bhs::LoginResponse(r) = &mut response.bhs {
                     r.tsih = handle.tsih;
