@@ -212,6 +212,12 @@ pub struct SettingsConfig {
     /// A volatile client counts as rebooted when its firmware logs in after it had no
     /// session for at least this long (docs/overlays.md).
     pub reboot_gap_secs: u64,
+    /// Open TCP connections at most.
+    pub max_connections: usize,
+    /// Bytes one connection may hold before its PDUs are no longer read.
+    pub max_buffered_bytes: ByteSize,
+    /// Close a logged-in connection silent for this long (0 = never).
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for SettingsConfig {
@@ -232,6 +238,9 @@ impl Default for SettingsConfig {
             header_digest: p.allow_header_digest,
             data_digest: p.allow_data_digest,
             reboot_gap_secs: s.reboot_gap.as_secs(),
+            max_connections: s.max_connections,
+            max_buffered_bytes: ByteSize(s.max_buffered_bytes as u64),
+            idle_timeout_secs: s.idle_timeout.map_or(0, |d| d.as_secs()),
         }
     }
 }
@@ -257,6 +266,9 @@ impl SettingsConfig {
             max_sessions: self.max_sessions,
             cmd_window: self.cmd_window,
             reboot_gap: Duration::from_secs(self.reboot_gap_secs),
+            max_connections: self.max_connections,
+            max_buffered_bytes: usize::try_from(self.max_buffered_bytes.0).unwrap_or(usize::MAX),
+            idle_timeout: secs(self.idle_timeout_secs),
         }
     }
 
@@ -294,6 +306,12 @@ impl SettingsConfig {
         }
         if self.max_sessions == 0 {
             return Err(bad("max_sessions", "must be at least 1".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(bad("max_connections", "must be at least 1".into()));
+        }
+        if self.max_buffered_bytes.0 < 1 << 20 {
+            return Err(bad("max_buffered_bytes", "must be at least 1MiB".into()));
         }
         // CmdSN uses serial number arithmetic (§4.2.2.1, RFC 1982): the window must stay far
         // below 2^31.

@@ -382,15 +382,11 @@ fn runs_inline(cdb: &[u8], edtl: u32) -> bool {
 struct Running {
     lun: u64,
     aborted: bool,
-    /// Bytes it may hold in memory (its EDTL, bounded): counted against [`BACKLOG_LIMIT`].
+    /// Bytes it may hold in memory (its EDTL, bounded): counted against the connection's
+    /// `max_buffered_bytes`.
     bytes: usize,
 }
 
-/// Stop reading new PDUs while this many bytes of responses are queued for the writer or
-/// held by running commands; resume as the initiator reads. TCP flow control then holds the
-/// initiator back, so one that never reads its responses cannot make us buffer without bound
-/// (RFC 7143 §3.2.2.1 leaves flow control to the target; TCP carries it).
-const BACKLOG_LIMIT: usize = 32 << 20;
 /// Messages the writer queue holds; reading stops once more than [`QUEUE_LIMIT`] wait, so
 /// that the responses of commands already running still fit and a send never blocks the
 /// loop (which must keep seeing reinstatement, NOP timeouts and shutdown).
@@ -438,6 +434,8 @@ struct Conn {
     logout: Option<LogoutRequest>,
     closing: bool,
     cold_reset: bool,
+    /// settings.max_buffered_bytes.
+    max_buffered: usize,
 }
 
 /// Why the full-feature loop ended.
@@ -503,9 +501,15 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             logout: None,
             closing: false,
             cold_reset: false,
+            max_buffered: server.settings().max_buffered_bytes.max(1 << 20),
         };
         let settings = server.settings().clone();
-        let tick_every = settings.nop_in_interval.unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(3600));
+        let tick_every = [settings.nop_in_interval, settings.idle_timeout.map(|d| d / 4)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(3600))
+            .min(Duration::from_secs(3600));
         let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every.max(Duration::from_millis(100)));
         let mut last_rx = Instant::now();
         let mut shutdown = server.shutdown_signal();
@@ -634,11 +638,15 @@ impl Conn {
             .map_err(|_| "writer gone".to_string())
     }
 
-    /// Too much is buffered for this initiator: read no more PDUs until it drains.
+    /// Too much is buffered for this initiator (settings.max_buffered_bytes of queued
+    /// responses and running commands' data, or a long writer queue): read no more PDUs until
+    /// it drains. TCP flow control then holds the initiator back, so one that never reads its
+    /// responses cannot make us buffer without bound (RFC 7143 §3.2.2.1 leaves flow control to
+    /// the target; TCP carries it).
     fn congested(&self) -> bool {
         let queued = self.seq.queued.load(std::sync::atomic::Ordering::Acquire);
         let running: usize = self.running.values().map(|r| r.bytes).sum();
-        queued.saturating_add(running) > BACKLOG_LIMIT
+        queued.saturating_add(running) > self.max_buffered
             || self.tx.max_capacity() - self.tx.capacity() > QUEUE_LIMIT
     }
 
@@ -811,6 +819,11 @@ impl Conn {
     }
 
     async fn on_tick(&mut self, settings: &super::Settings, last_rx: Instant) -> Option<String> {
+        if let Some(idle) = settings.idle_timeout {
+            if last_rx.elapsed() >= idle && self.running.is_empty() {
+                return Some("idle timeout".into());
+            }
+        }
         let interval = settings.nop_in_interval?;
         if let Some((_, sent)) = self.ping_outstanding {
             if let Some(timeout) = settings.nop_in_timeout {
@@ -1046,7 +1059,7 @@ impl Conn {
             Running {
                 lun: c.lun,
                 aborted: false,
-                bytes: (c.expected_data_transfer_length as usize).min(BACKLOG_LIMIT),
+                bytes: (c.expected_data_transfer_length as usize).min(self.max_buffered),
             },
         );
         let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);

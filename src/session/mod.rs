@@ -42,6 +42,14 @@ pub struct Settings {
     /// A firmware login after the client had no session this long counts as a reboot
     /// (volatile overlays are discarded then; docs/overlays.md).
     pub reboot_gap: Duration,
+    /// Open TCP connections at most (logged in or not); further ones are closed at once.
+    pub max_connections: usize,
+    /// Bytes one connection may hold (queued responses, data of running commands) before the
+    /// server stops reading its PDUs until they drain.
+    pub max_buffered_bytes: usize,
+    /// Close a logged-in connection that sent nothing for this long (None: never; boot
+    /// firmware sessions are idle for the whole OS lifetime).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -54,6 +62,9 @@ impl Default for Settings {
             max_sessions: 4096,
             cmd_window: 128,
             reboot_gap: Duration::from_secs(15),
+            max_connections: 8192,
+            max_buffered_bytes: 32 << 20,
+            idle_timeout: None,
         }
     }
 }
@@ -79,6 +90,7 @@ const FAILURES_BEFORE_THROTTLE: u32 = 10;
 /// The iSCSI server: accepts connections on the listeners and runs sessions.
 pub struct Server {
     failures: dashmap::DashMap<std::net::IpAddr, Failures>,
+    connections: std::sync::atomic::AtomicUsize,
     registry: RwLock<Arc<Registry>>,
     settings: Settings,
     sessions: SessionTable,
@@ -89,6 +101,7 @@ impl Server {
     pub fn new(registry: Arc<Registry>, settings: Settings) -> Arc<Self> {
         Arc::new(Server {
             failures: dashmap::DashMap::new(),
+            connections: std::sync::atomic::AtomicUsize::new(0),
             registry: RwLock::new(registry),
             settings,
             sessions: SessionTable::default(),
@@ -151,9 +164,18 @@ impl Server {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    use std::sync::atomic::Ordering;
+                    let open = self.connections.fetch_add(1, Ordering::AcqRel);
+                    if open >= self.settings.max_connections {
+                        self.connections.fetch_sub(1, Ordering::AcqRel);
+                        warn!(%peer, max = self.settings.max_connections, "connection limit reached: closing");
+                        drop(stream);
+                        continue;
+                    }
                     let server = self.clone();
                     tokio::spawn(async move {
-                        connection::run(server, stream, peer).await;
+                        connection::run(server.clone(), stream, peer).await;
+                        server.connections.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
                 Err(e) => {
