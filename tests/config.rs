@@ -203,8 +203,11 @@ fn wildcard_portals_report_the_local_address() {
 fn shipped_targets_yaml_is_valid() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("targets.yaml");
     let c = Config::load(&p).unwrap();
-    assert_eq!(c.targets.len(), 1);
+    assert_eq!(c.targets.len(), 2);
     assert_eq!(c.targets[0].name, "iqn.2026-11.org.diskless:demo");
+    assert_eq!(c.targets[1].name, "iqn.2026-11.org.diskless:boot");
+    assert!(c.targets[1].boot.as_ref().is_some_and(|b| b.default.is_some()));
+    assert_eq!(c.images[0].create_size.map(|s| s.0), Some(64 << 20));
     assert_eq!(
         c.targets[0].luns[0].create_size.map(|s| s.0),
         Some(64 << 20)
