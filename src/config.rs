@@ -856,7 +856,7 @@ impl Config {
                 (Some(_), false) => {
                     return Err(ConfigError::invalid(
                         file,
-                        format!("{tpath}"),
+                        tpath.clone(),
                         "a target has either luns or boot, not both",
                     ))
                 }

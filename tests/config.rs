@@ -206,7 +206,10 @@ fn shipped_targets_yaml_is_valid() {
     assert_eq!(c.targets.len(), 2);
     assert_eq!(c.targets[0].name, "iqn.2026-11.org.diskless:demo");
     assert_eq!(c.targets[1].name, "iqn.2026-11.org.diskless:boot");
-    assert!(c.targets[1].boot.as_ref().is_some_and(|b| b.default.is_some()));
+    assert!(c.targets[1]
+        .boot
+        .as_ref()
+        .is_some_and(|b| b.default.is_some()));
     assert_eq!(c.images[0].create_size.map(|s| s.0), Some(64 << 20));
     assert_eq!(
         c.targets[0].luns[0].create_size.map(|s| s.0),

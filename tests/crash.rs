@@ -13,6 +13,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Per client: the writes it saw acknowledged (latest per LBA), and the one in flight.
+type Acked = Arc<Vec<Mutex<Vec<(u32, u8)>>>>;
+type Pending = Arc<Vec<Mutex<Option<(u32, u8)>>>>;
+
 const TARGET: &str = "iqn.2026-11.org.diskless:crash";
 const CLIENTS: usize = 4;
 const ROUNDS: u32 = 12;
@@ -46,12 +50,10 @@ fn kill_9_at_random_moments_loses_no_acknowledged_write() {
     std::fs::write(dir.path().join("golden.img"), &golden).unwrap();
     let cfg = config(dir.path());
     // acked[c] = (lba, fill) of every write client c saw acknowledged, latest per LBA.
-    let acked: Arc<Vec<Mutex<Vec<(u32, u8)>>>> =
-        Arc::new((0..CLIENTS).map(|_| Mutex::new(Vec::new())).collect());
+    let acked: Acked = Arc::new((0..CLIENTS).map(|_| Mutex::new(Vec::new())).collect());
     // The write each client had in flight (not acknowledged) when the server died: it may or
     // may not have landed, so either value is correct for its LBA.
-    let pending: Arc<Vec<Mutex<Option<(u32, u8)>>>> =
-        Arc::new((0..CLIENTS).map(|_| Mutex::new(None)).collect());
+    let pending: Pending = Arc::new((0..CLIENTS).map(|_| Mutex::new(None)).collect());
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     // Client threads die with the connection when the server is killed: keep their panics
     // quiet, the checks below run on the main thread with the default hook back.

@@ -53,7 +53,7 @@ pub fn ipxe_script(initiator: &str, portal: &str, target: &str) -> String {
 
 /// Query parameter `key` from a query string (values are plain: MAC and UUID need no
 /// percent-decoding beyond %3A for ':').
-fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == key && !v.is_empty()).then(|| {
