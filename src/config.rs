@@ -507,6 +507,9 @@ pub struct BindingConfig {
     /// SMBIOS UUID the boot script endpoint knows this client by.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// CHAP credentials of this client (per-client CHAP); override the target's `chap`.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
 }
 
 /// `boot.default:`.
@@ -973,6 +976,9 @@ impl Config {
             }
             if let Some(mac) = &bd.mac {
                 parse_mac(mac).map_err(|m| ConfigError::invalid(file, format!("{bp}.mac"), m))?;
+            }
+            if let Some(chap) = &bd.chap {
+                chap.validate(file, &format!("{bp}.chap"))?;
             }
         }
         if let Some(d) = &b.default {

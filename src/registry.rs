@@ -499,14 +499,18 @@ impl Directory for Registry {
             None => TargetLookup::NotFound,
             Some(t) if !t.plan.allows(initiator) => TargetLookup::NotAuthorized,
             // A boot target serves only initiators some binding (or the default) covers.
-            Some(t)
-                if t.boot
-                    .as_ref()
-                    .is_some_and(|b| b.binding(initiator).is_none()) =>
-            {
-                TargetLookup::NotAuthorized
-            }
-            Some(t) => TargetLookup::Allowed(t.plan.policy()),
+            Some(t) => match &t.boot {
+                // A boot target serves only initiators some binding (or the default) covers;
+                // a binding's own CHAP credentials (per-client CHAP) override the target's.
+                Some(b) => match b.binding(initiator) {
+                    None => TargetLookup::NotAuthorized,
+                    Some(bd) => match &bd.chap {
+                        Some(c) => TargetLookup::Allowed(AuthPolicy::Chap(c.clone())),
+                        None => TargetLookup::Allowed(t.plan.policy()),
+                    },
+                },
+                None => TargetLookup::Allowed(t.plan.policy()),
+            },
         }
     }
 

@@ -474,3 +474,99 @@ fn kill_9_keeps_every_synced_write_of_an_overlay() {
     }
     assert_eq!(sha(&dir.path().join("golden.img")), golden_before);
 }
+
+#[test]
+fn per_client_chap_direct_mode_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = golden(dir.path());
+    let img = dir.path().join("golden.img");
+    let yaml = |extra: &str| {
+        Config::yaml(&format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n  - {{name: base, path: {}}}\n\
+             targets:\n  - name: {TARGET}\n    boot:\n      bindings:\n\
+             \x20       - {{initiator: \"iqn.2026-11.test:chap-1\", image: base, mode: volatile, chap: {{user: pc1, secret: \"pc1-secret-123456\"}}}}\n\
+             \x20       - {{initiator: \"iqn.2026-11.test:admin-*\", image: base, mode: direct}}\n{extra}",
+            dir.path().join("state").display(),
+            img.display()
+        ))
+    };
+    let server = Server::start(dir.path(), &yaml(""));
+    // Per-client CHAP: the right secret logs in, none or a wrong one is refused (0x0201).
+    common::require_tool("iscsi-inq");
+    let good = common::run(
+        "iscsi-inq",
+        &[
+            "-i",
+            "iqn.2026-11.test:chap-1",
+            &server.chap_url(TARGET, 0, "pc1", "pc1-secret-123456"),
+        ],
+    );
+    assert!(good.success(), "{good}");
+    let bad = common::run(
+        "iscsi-inq",
+        &[
+            "-i",
+            "iqn.2026-11.test:chap-1",
+            &server.chap_url(TARGET, 0, "pc1", "wrong-secret-12345"),
+        ],
+    );
+    assert!(!bad.success(), "{bad}");
+    let mut c = Client::connect(server.port);
+    assert_eq!(
+        c.login("iqn.2026-11.test:chap-1", TARGET),
+        Err((2, 1)),
+        "no CHAP must be refused"
+    );
+
+    // Direct mode: the admin writes the golden image itself; a second admin is refused while
+    // the first has a session (status 0x0301, service unavailable).
+    let mut admin = login(&server, "iqn.2026-11.test:admin-1", os_isid(1));
+    admin.write10(60, &block(0x5a));
+    assert_eq!(
+        admin
+            .run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None)
+            .status,
+        0
+    );
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(on_disk[60 * 512..61 * 512], block(0x5a)[..]);
+    assert_eq!(on_disk[..60 * 512], g[..60 * 512]);
+    let mut second = Client::connect(server.port);
+    second.isid = os_isid(2);
+    assert_eq!(
+        second.login("iqn.2026-11.test:admin-2", TARGET),
+        Err((3, 1))
+    );
+
+    // Reload: a new binding appears, the admin's session is not disturbed.
+    let unknown = "iqn.2026-11.test:late";
+    let mut c = Client::connect(server.port);
+    assert_eq!(c.login(unknown, TARGET), Err((2, 2)));
+    std::fs::write(
+        &server.config_path,
+        yaml(&format!(
+            "        - {{initiator: \"{unknown}\", image: base, mode: persistent}}\n"
+        ))
+        .to_yaml(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["reload", "-c"])
+        .arg(&server.config_path)
+        .arg("--control")
+        .arg(dir.path().join("state/control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut late = login(&server, unknown, os_isid(3));
+    assert_eq!(late.read10(60, 1), block(0x5a));
+    assert_eq!(
+        admin.read10(60, 1),
+        block(0x5a),
+        "reload disturbed a live session"
+    );
+}

@@ -67,6 +67,8 @@ pub struct BindingPlan {
     pub mode: OverlayMode,
     pub mac: Option<String>,
     pub uuid: Option<String>,
+    /// Per-client CHAP credentials (override the target's).
+    pub chap: Option<crate::login::ChapCredentials>,
 }
 
 impl BindingPlan {
@@ -494,6 +496,7 @@ pub fn plan_bindings(
                 .as_deref()
                 .map(|m| parse_mac(m).unwrap_or_else(|_| m.to_string())),
             uuid: b.uuid.as_ref().map(|u| u.to_ascii_lowercase()),
+            chap: b.chap.as_ref().map(|c| c.credentials()),
         });
     }
     let default = match &boot.default {
@@ -504,6 +507,7 @@ pub fn plan_bindings(
             mode: d.mode,
             mac: None,
             uuid: None,
+            chap: None,
         }),
         None => None,
     };
