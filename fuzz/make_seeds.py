@@ -218,7 +218,7 @@ write("scsi_cdb", "linux_probe", b"".join([
     cmd(INQ_VPD(0xB1, 64)), cmd(INQ_VPD(0xB2, 64)), cmd(REPORT_LUNS), cmd(TUR), cmd(RC16),
     cmd(MODE_SENSE6(0x3F, 4)), cmd(MODE_SENSE6(0x08, 32)), cmd(RSOC), cmd(READ10(0, 8)), cmd(SYNC10)]))
 write("scsi_cdb", "ipxe_boot", b"".join([cmd(TUR), cmd(RC10), cmd(READ10(64, 1)), cmd(READ10(0, 1)),
-                                         cmd(READ10(1, 127)), cmd(READ10(120, 16))]))
+                                         cmd(READ10(1, 127)), cmd(READ10(112, 16))]))
 write("scsi_cdb", "write_read", b"".join([cmd(WRITE16(8, 2, 1), bytes(range(256)) * 4, exact=True),
                                           cmd(READ10(8, 2)), cmd(WRITE16(126, 4), b"\xaa" * 16, exact=True),
                                           cmd(CAW, b"\0" * 512 + b"\x55" * 512, exact=True)]))

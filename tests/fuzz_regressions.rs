@@ -98,3 +98,19 @@ fn empty_and_tiny_inputs() {
         harness::scsi_cdb(data);
     }
 }
+
+#[test]
+fn scsi_seeds_mostly_succeed() {
+    // Print each seed command's outcome; the boot-path seeds must be all GOOD.
+    for (name, data) in seeds("scsi_cdb") {
+        let mut results = Vec::new();
+        harness::scsi_run(&data, &mut |cdb, r| {
+            let sense = r.sense.as_deref().and_then(harness::sense_triple);
+            eprintln!("{name}: {cdb:02x?} -> {:#x} {sense:x?}", r.status);
+            results.push(r.status);
+        });
+        if name.ends_with("ipxe_boot") || name.ends_with("linux_probe") {
+            assert!(results.iter().all(|&s| s == 0), "{name}: {results:?}");
+        }
+    }
+}

@@ -16,7 +16,7 @@ use diskless::login::{
 };
 use diskless::pdu::{self, Bhs, Digests, LoginRequest, Pdu, TextRequest, BHS_LEN};
 use diskless::scsi::{
-    status, LogicalUnit, LuIdentity, LuOptions, LunTable, Nexus, ResetKind, Transfer,
+    status, LogicalUnit, LuIdentity, LuOptions, LunTable, Nexus, ResetKind, ScsiResult, Transfer,
 };
 use diskless::storage::MemStore;
 use std::collections::BTreeMap;
@@ -548,6 +548,11 @@ pub fn sense_triple(s: &[u8]) -> Option<(u8, u8, u8)> {
 /// within `transfer`'s In(n); a Data-Out of exactly `transfer`'s Out(n) bytes is never refused
 /// as short (05/0E/03).
 pub fn scsi_cdb(data: &[u8]) {
+    scsi_run(data, &mut |_, _| {});
+}
+
+/// [`scsi_cdb`], showing each command's CDB and result to `observe` (for tests of the seeds).
+pub fn scsi_run(data: &[u8], observe: &mut dyn FnMut(&[u8], &ScsiResult)) {
     let table = test_luns();
     let nexuses = [test_nexus(0), test_nexus(1)];
     let mut input = Input::new(data);
@@ -595,17 +600,13 @@ pub fn scsi_cdb(data: &[u8]) {
                 };
                 let r = table.execute(nexus, lun, &cdb, &out_buf);
                 check_result(&cdb, transfer.as_ref().ok(), exact, &r);
+                observe(&cdb, &r);
             }
         }
     }
 }
 
-fn check_result(
-    cdb: &[u8],
-    transfer: Option<&Transfer>,
-    exact: bool,
-    r: &diskless::scsi::ScsiResult,
-) {
+fn check_result(cdb: &[u8], transfer: Option<&Transfer>, exact: bool, r: &ScsiResult) {
     assert_eq!(
         r.status == status::CHECK_CONDITION,
         r.sense.is_some(),
