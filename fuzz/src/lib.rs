@@ -18,7 +18,7 @@ use diskless::pdu::{self, Bhs, Digests, LoginRequest, Pdu, TextRequest, BHS_LEN}
 use diskless::scsi::{
     status, LogicalUnit, LuIdentity, LuOptions, LunTable, Nexus, ResetKind, ScsiResult, Transfer,
 };
-use diskless::storage::MemStore;
+use diskless::storage::{BlockStore, MemStore};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -491,18 +491,24 @@ fn identity(n: u8) -> LuIdentity {
 /// LUN 0: 64 KiB of 512-byte blocks (thin). LUN 1: 64 KiB of 4096-byte blocks, read-only and
 /// removable. LUN 2 does not exist.
 pub fn test_luns() -> LunTable {
+    test_luns_with_stores().0
+}
+
+/// [`test_luns`] and the stores behind LUN 0 and LUN 1, to check data against.
+pub fn test_luns_with_stores() -> (LunTable, [Arc<MemStore>; 2]) {
+    let stores = [
+        Arc::new(MemStore::new(64 * 1024, 512, false)),
+        Arc::new(MemStore::new(64 * 1024, 4096, true)),
+    ];
     let mut luns = BTreeMap::new();
     luns.insert(
         0u16,
-        Arc::new(LogicalUnit::new(
-            Arc::new(MemStore::new(64 * 1024, 512, false)),
-            identity(0),
-        )),
+        Arc::new(LogicalUnit::new(stores[0].clone(), identity(0))),
     );
     luns.insert(
         1u16,
         Arc::new(LogicalUnit::with_options(
-            Arc::new(MemStore::new(64 * 1024, 4096, true)),
+            stores[1].clone(),
             identity(1),
             LuOptions {
                 removable: true,
@@ -511,7 +517,67 @@ pub fn test_luns() -> LunTable {
             },
         )),
     );
-    LunTable::new(luns)
+    (LunTable::new(luns), stores)
+}
+
+/// Big-endian field of `len` bytes at `at`, missing bytes read as zero.
+fn field(cdb: &[u8], at: usize, len: usize) -> u64 {
+    (at..at + len).fold(0, |acc, i| {
+        (acc << 8) | u64::from(cdb.get(i).copied().unwrap_or(0))
+    })
+}
+
+/// For plain READ/WRITE(6/10/12/16) (SBC-3 §5.15-5.18, §5.29-5.32): (is_write, LBA, blocks).
+pub fn plain_rw(cdb: &[u8]) -> Option<(bool, u64, u64)> {
+    let (write, lba, blocks) = match cdb.first()? {
+        0x08 | 0x0a => {
+            let n = field(cdb, 4, 1);
+            (
+                cdb[0] == 0x0a,
+                field(cdb, 1, 3) & 0x1f_ffff,
+                if n == 0 { 256 } else { n },
+            )
+        }
+        0x28 | 0x2a => (cdb[0] == 0x2a, field(cdb, 2, 4), field(cdb, 7, 2)),
+        0xa8 | 0xaa => (cdb[0] == 0xaa, field(cdb, 2, 4), field(cdb, 6, 4)),
+        0x88 | 0x8a => (cdb[0] == 0x8a, field(cdb, 2, 8), field(cdb, 10, 4)),
+        _ => return None,
+    };
+    Some((write, lba, blocks))
+}
+
+/// A GOOD READ returned exactly the stored blocks; a GOOD WRITE stored its Data-Out there.
+fn check_data(store: &MemStore, cdb: &[u8], data_out: &[u8], r: &ScsiResult) {
+    let Some((write, lba, blocks)) = plain_rw(cdb) else {
+        return;
+    };
+    if r.status != status::GOOD {
+        return;
+    }
+    let bs = u64::from(store.block_size());
+    let snap = store.snapshot();
+    let (Some(start), Some(len)) = (lba.checked_mul(bs), blocks.checked_mul(bs)) else {
+        panic!("GOOD for an impossible range {cdb:02x?}");
+    };
+    let stored = usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(start + len).ok())
+        .and_then(|(a, b)| snap.get(a..b));
+    let Some(stored) = stored else {
+        panic!("GOOD beyond the end of the medium {cdb:02x?}");
+    };
+    if write {
+        assert_eq!(
+            data_out.get(..stored.len()),
+            Some(stored),
+            "write not stored {cdb:02x?}"
+        );
+    } else {
+        assert!(
+            &r.data_in[..] == stored,
+            "read returned other data {cdb:02x?}"
+        );
+    }
 }
 
 pub fn test_nexus(i: u8) -> Nexus {
@@ -546,14 +612,15 @@ pub fn sense_triple(s: &[u8]) -> Option<(u8, u8, u8)> {
 ///
 /// Checks: no panic; CHECK CONDITION comes with sense and nothing else does; Data-In stays
 /// within `transfer`'s In(n); a Data-Out of exactly `transfer`'s Out(n) bytes is never refused
-/// as short (05/0E/03).
+/// as short (05/0E/03); a GOOD plain READ returns the stored blocks and a GOOD plain WRITE
+/// stores its Data-Out (checked against the `MemStore` contents).
 pub fn scsi_cdb(data: &[u8]) {
     scsi_run(data, &mut |_, _| {});
 }
 
 /// [`scsi_cdb`], showing each command's CDB and result to `observe` (for tests of the seeds).
 pub fn scsi_run(data: &[u8], observe: &mut dyn FnMut(&[u8], &ScsiResult)) {
-    let table = test_luns();
+    let (table, stores) = test_luns_with_stores();
     let nexuses = [test_nexus(0), test_nexus(1)];
     let mut input = Input::new(data);
     let mut out_buf = Vec::new();
@@ -600,6 +667,10 @@ pub fn scsi_run(data: &[u8], observe: &mut dyn FnMut(&[u8], &ScsiResult)) {
                 };
                 let r = table.execute(nexus, lun, &cdb, &out_buf);
                 check_result(&cdb, transfer.as_ref().ok(), exact, &r);
+                if let Some(store) = pdu::lun_to_index(lun).and_then(|i| stores.get(usize::from(i)))
+                {
+                    check_data(store, &cdb, &out_buf, &r);
+                }
                 observe(&cdb, &r);
             }
         }
