@@ -114,3 +114,16 @@ fn scsi_seeds_mostly_succeed() {
         }
     }
 }
+
+/// scsi_cdb, 2026-11-25 (a harness false positive, kept as a regression of the data check):
+/// WRITE(10) of 16 blocks with no Data-Out at all is GOOD and writes nothing, because a
+/// Data-Out cut short by the transport writes only the whole blocks received (FCP-4 §9.4.2).
+const SCSI_SHORT_WRITE: &[u8] = &[
+    0x80, 0x00, 0x00, 0x00, 0x80, 0x0a, 0x2a, 0x00, 0x00, 0x00, 0x00, 0x70, 0x00, 0x00, 0x10,
+    0x00, 0x00, 0x00,
+];
+
+#[test]
+fn scsi_short_write_data_out() {
+    harness::scsi_cdb(SCSI_SHORT_WRITE);
+}
