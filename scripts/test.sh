@@ -10,6 +10,7 @@
 #   1. cargo build
 #   2. cargo test  (unit tests and tests/clients.rs, which drive the real clients)
 #   3. scripts/conformance.sh  (the whole libiscsi iscsi-test-cu suite; skipped by --quick)
+#   4. scripts/fuzz.sh 60      (every fuzz target for FUZZ_SECS=60 s; skipped by --quick)
 # The last line is "test.sh: N passed, N failed"; the exit status is 0 only when nothing failed.
 set -uo pipefail
 
@@ -161,6 +162,22 @@ else
 	if ((rc != 0 && conf_f == 0)); then
 		FAILED=$((FAILED + 1))
 		dl_log "FAILED: conformance.sh exited $rc"
+	fi
+fi
+
+# ---- 4. a short fuzzing run of every cargo-fuzz target (docs/security.md) --------------------
+if ((QUICK)); then
+	dl_log "--quick: fuzzers not run"
+elif ((BUILD_OK == 0)); then
+	FAILED=$((FAILED + 1))
+	dl_log "FAILED: fuzzers not run because the build failed"
+else
+	step "scripts/fuzz.sh ${FUZZ_SECS:-60}"
+	if timeout -k 10 1800 "$ROOT/scripts/fuzz.sh" "${FUZZ_SECS:-60}"; then
+		PASSED=$((PASSED + 1))
+	else
+		FAILED=$((FAILED + 1))
+		dl_log "FAILED: scripts/fuzz.sh found a crash or could not run"
 	fi
 fi
 
