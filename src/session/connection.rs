@@ -924,18 +924,7 @@ impl Conn {
                 let (itt, lun) = (pw.cmd.itt, pw.cmd.lun);
                 let r2ts = self.solicit(&mut pw.collector, itt, lun);
                 self.writes.insert(itt, pw);
-                if !r2ts.is_empty() {
-                    self.send_all(
-                        r2ts.into_iter()
-                            .map(|r| Pdu {
-                                bhs: Bhs::R2t(r),
-                                data: Bytes::new(),
-                            })
-                            .collect(),
-                    )
-                    .await?;
-                }
-                Ok(())
+                self.send_r2ts(r2ts).await
             }
             _ => {
                 if !c.final_ {
@@ -1005,18 +994,19 @@ impl Conn {
         if let Some(pw) = self.writes.get_mut(&itt) {
             pw.collector = collector;
         }
-        if !r2ts.is_empty() {
-            self.send_all(
-                r2ts.into_iter()
-                    .map(|r| Pdu {
-                        bhs: Bhs::R2t(r),
-                        data: Bytes::new(),
-                    })
-                    .collect(),
-            )
-            .await?;
+        self.send_r2ts(r2ts).await
+    }
+
+    async fn send_r2ts(&self, r2ts: Vec<crate::pdu::R2t>) -> R {
+        if r2ts.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.send_all(
+            r2ts.into_iter()
+                .map(|r| Pdu::header_only(Bhs::R2t(r)))
+                .collect(),
+        )
+        .await
     }
 
     /// R2Ts for the next bursts of a write (§11.8).
