@@ -3,9 +3,11 @@
 //! [`BlockStore`](crate::storage::BlockStore).
 //!
 //! Transport contract: call [`LunTable::transfer`] with the CDB to learn how much Data-Out to
-//! collect (or Data-In to expect), then [`LunTable::execute`] with what arrived. A Data-Out
-//! shorter than the CDB implies is refused with 05/0E/03 INVALID FIELD IN COMMAND INFORMATION
-//! UNIT (nothing is written); the transport truncates longer Data-Out itself. Call
+//! collect (or Data-In to expect), then [`LunTable::execute`] with what arrived. When the
+//! transport's expected length cut a WRITE's Data-Out short (FCP-4 §9.4.2: data beyond the
+//! EDTL is not transferred), the whole blocks received are written and the transport reports
+//! the residual; other commands refuse a short Data-Out with 05/0E/03 INVALID FIELD IN
+//! COMMAND INFORMATION UNIT; the transport truncates longer Data-Out itself. Call
 //! [`LunTable::reset`] for LOGICAL UNIT RESET / TARGET WARM/COLD RESET and
 //! [`LunTable::nexus_lost`] when a session ends so RESERVE(6), PREVENT and unit attentions of
 //! that nexus go away.
