@@ -570,3 +570,31 @@ fn per_client_chap_direct_mode_and_reload() {
         "reload disturbed a live session"
     );
 }
+
+#[test]
+fn quick_bios_reboot_with_stale_sessions_is_a_new_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = golden(dir.path());
+    let server = Server::start(dir.path(), &config(dir.path(), "volatile", ""));
+    let who = "iqn.2026-11.test:quick";
+    let mut os = login(&server, who, os_isid(1));
+    os.write10(70, &block(4));
+    // The machine is reset: its OS connection is never closed, it just goes silent. The
+    // firmware logs in again once that session has been silent for the reboot gap.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut fw = login(&server, who, firmware_isid(0x7777));
+    assert_eq!(
+        fw.read10(70, 1),
+        g[70 * 512..71 * 512],
+        "volatile write survived a reboot"
+    );
+    let mut seen = Vec::new();
+    assert!(
+        os.closed_within(Duration::from_secs(5), &mut seen),
+        "stale session not closed"
+    );
+    // A firmware login beside a live (recently active) session is not a reboot.
+    fw.write10(71, &block(6));
+    let mut fw2 = login(&server, who, firmware_isid(0x7778));
+    assert_eq!(fw2.read10(71, 1), block(6));
+}

@@ -533,6 +533,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                     match r {
                         Ok(pdu) => {
                             last_rx = Instant::now();
+                            handle.touch();
                             if let Err(e) = conn.on_pdu(pdu).await { break End::Error(e); }
                         }
                         Err(ReadError::Eof) => break End::Closed,

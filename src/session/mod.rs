@@ -267,7 +267,33 @@ impl Server {
         isid: &[u8; 6],
     ) -> Result<Arc<Client>, AttachError> {
         let client = boot.attach(initiator)?;
-        if client.is_new_boot(isid, self.settings.reboot_gap) {
+        // A firmware login while the client still has sessions, all silent for the reboot
+        // gap: those are the previous boot's (an OS initiator pings every few seconds, so a
+        // live one is never that silent). Close them; for a volatile client this is a reboot.
+        let gap = self.settings.reboot_gap;
+        let mine: Vec<_> = self
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|s| {
+                s.initiator.eq_ignore_ascii_case(initiator)
+                    && s.target.eq_ignore_ascii_case(&boot.name)
+            })
+            .collect();
+        if is_firmware_isid(isid) && !mine.is_empty() && mine.iter().all(|s| s.silent_for() >= gap)
+        {
+            info!(
+                initiator,
+                sessions = mine.len(),
+                "firmware login beside stale sessions: the client rebooted"
+            );
+            self.close_sessions(initiator, &boot.name, |_| true).await;
+            if client.mode == OverlayMode::Volatile {
+                client.reset().map_err(AttachError::Storage)?;
+            }
+            return Ok(client);
+        }
+        if client.is_new_boot(isid, gap) {
             info!(
                 initiator,
                 "client boots again: discarding its volatile overlay"

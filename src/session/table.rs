@@ -14,13 +14,36 @@ pub struct SessionHandle {
     pub isid: [u8; 6],
     pub target: String,
     pub nexus_id: u64,
+    /// When the session last received a PDU (ms on the process's monotonic clock).
+    pub last_rx_ms: std::sync::atomic::AtomicU64,
     /// Ask the session to close (reinstatement, target cold reset).
     pub kill: Notify,
     /// Becomes true once the session has released everything.
     pub closed: watch::Sender<bool>,
 }
 
+/// Milliseconds since the process started, on a monotonic clock.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 impl SessionHandle {
+    /// Note that a PDU arrived.
+    pub fn touch(&self) {
+        self.last_rx_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the session has been silent.
+    pub fn silent_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            now_ms().saturating_sub(self.last_rx_ms.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Ask the session to close and wait (bounded) until it has.
     pub async fn close(&self, wait: std::time::Duration) {
         self.kill.notify_one();
@@ -82,6 +105,7 @@ impl SessionTable {
                 isid,
                 target: target.to_string(),
                 nexus_id: self.next_nexus.fetch_add(1, Ordering::Relaxed) + 1,
+                last_rx_ms: AtomicU64::new(now_ms()),
                 kill: Notify::new(),
                 closed: watch::Sender::new(false),
             });
