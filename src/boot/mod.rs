@@ -435,12 +435,12 @@ fn open_overlay(
         golden_id: Some(image.id.clone()),
         ..OverlayOptions::default()
     };
-    if dir.join("overlay.meta").exists()
-        || dir
-            .read_dir()
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false)
-    {
+    // No snapshot: at most a create that crashed before its commit point; nothing in it was
+    // ever acknowledged (writes start after the snapshot exists), so start over.
+    if !dir.join("overlay.meta").exists() && dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| AttachError::Storage(e.to_string()))?;
+    }
+    if dir.join("overlay.meta").exists() {
         match Overlay::open_with_id(dir, image.store.clone(), Some(&image.id)) {
             Ok(o) => return Ok(o),
             Err(e) if mode == OverlayMode::Volatile => {

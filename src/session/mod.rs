@@ -262,11 +262,18 @@ impl Server {
     /// client's firmware sessions, orphaned by the hand-off.
     pub async fn attach_client(
         &self,
-        boot: &BootTarget,
+        boot: &Arc<BootTarget>,
         initiator: &str,
         isid: &[u8; 6],
     ) -> Result<Arc<Client>, AttachError> {
-        let client = boot.attach(initiator)?;
+        // Opening or creating an overlay syncs files: keep it off the event loop so a boot
+        // storm of new clients does not stall the sessions already running.
+        let client = {
+            let (boot, who) = (boot.clone(), initiator.to_string());
+            tokio::task::spawn_blocking(move || boot.attach(&who))
+                .await
+                .map_err(|e| AttachError::Storage(e.to_string()))??
+        };
         // A firmware login while the client still has sessions, all silent for the reboot
         // gap: those are the previous boot's (an OS initiator pings every few seconds, so a
         // live one is never that silent). Close them; for a volatile client this is a reboot.
@@ -289,7 +296,7 @@ impl Server {
             );
             self.close_sessions(initiator, &boot.name, |_| true).await;
             if client.mode == OverlayMode::Volatile {
-                client.reset().map_err(AttachError::Storage)?;
+                reset_blocking(&client).await?;
             }
             return Ok(client);
         }
@@ -299,7 +306,7 @@ impl Server {
                 "client boots again: discarding its volatile overlay"
             );
             self.close_sessions(initiator, &boot.name, |_| true).await;
-            client.reset().map_err(AttachError::Storage)?;
+            reset_blocking(&client).await?;
         } else if !is_firmware_isid(isid) {
             self.close_sessions(initiator, &boot.name, is_firmware_isid)
                 .await;
@@ -327,11 +334,15 @@ impl Server {
                 None => None,
             };
             let Some(initiator) = initiator else { continue };
-            if let Ok(client) = boot.attach(&initiator) {
+            let attached = {
+                let (b, who) = (boot.clone(), initiator.clone());
+                tokio::task::spawn_blocking(move || b.attach(&who)).await
+            };
+            if let Ok(Ok(client)) = attached {
                 if client.mode == OverlayMode::Volatile {
                     info!(%initiator, "boot script fetched: client boots again");
                     self.close_sessions(&initiator, &boot.name, |_| true).await;
-                    if let Err(e) = client.reset() {
+                    if let Err(e) = reset_blocking(&client).await {
                         warn!(%initiator, error = %e, "overlay reset failed");
                     }
                 }
@@ -361,12 +372,21 @@ impl Server {
             .client(initiator)
             .ok_or_else(|| format!("no client {initiator} on {target}"))?;
         self.close_sessions(initiator, target, |_| true).await;
-        client.reset()
+        reset_blocking(&client).await.map_err(|e| e.to_string())
     }
 
     fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// `Client::reset` (it syncs files) on the blocking pool.
+async fn reset_blocking(client: &Arc<Client>) -> Result<(), AttachError> {
+    let c = client.clone();
+    tokio::task::spawn_blocking(move || c.reset())
+        .await
+        .map_err(|e| AttachError::Storage(e.to_string()))?
+        .map_err(AttachError::Storage)
 }
 
 impl crate::boot::http::BootScripts for Server {
