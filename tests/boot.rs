@@ -348,8 +348,15 @@ fn uefi_ipxe_sanboot_and_ibft_handoff() {
         .arg(dir.path().join("targets.yaml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(marker_in_image(&published), format!("DISKLESS-WRITE {initiator}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        marker_in_image(&published),
+        format!("DISKLESS-WRITE {initiator}")
+    );
 }
 
 /// Two BIOS clients boot one golden image at the same time, each through its own overlay
@@ -372,8 +379,26 @@ fn bios_two_clients_boot_one_golden_image_through_overlays() {
     let before = file_sha(&golden);
     let both = |round: &str| -> (String, String) {
         thread::scope(|s| {
-            let a = s.spawn(|| boot(&server, &dir.path().join(format!("{round}-v")), "bios", target, &vol, None));
-            let b = s.spawn(|| boot(&server, &dir.path().join(format!("{round}-p")), "bios", target, &per, None));
+            let a = s.spawn(|| {
+                boot(
+                    &server,
+                    &dir.path().join(format!("{round}-v")),
+                    "bios",
+                    target,
+                    &vol,
+                    None,
+                )
+            });
+            let b = s.spawn(|| {
+                boot(
+                    &server,
+                    &dir.path().join(format!("{round}-p")),
+                    "bios",
+                    target,
+                    &per,
+                    None,
+                )
+            });
             (a.join().unwrap(), b.join().unwrap())
         })
     };
@@ -388,8 +413,16 @@ fn bios_two_clients_boot_one_golden_image_through_overlays() {
     // Both reboot (the firmware logs in again after the reboot gap).
     thread::sleep(Duration::from_secs(2));
     let (v2, p2) = both("2");
-    assert_eq!(previous(&v2).as_deref(), Some("none"), "volatile write survived a reboot: {v2}");
-    assert_eq!(previous(&p2), Some(per.clone()), "persistent write lost: {p2}");
+    assert_eq!(
+        previous(&v2).as_deref(),
+        Some("none"),
+        "volatile write survived a reboot: {v2}"
+    );
+    assert_eq!(
+        previous(&p2),
+        Some(per.clone()),
+        "persistent write lost: {p2}"
+    );
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
     assert_eq!(file_sha(&golden), before, "the golden image changed");

@@ -150,17 +150,30 @@ impl FileStore {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
-            let off = libc::off_t::try_from(offset + done as u64)
-                .map_err(|_| StorageError::OutOfRange { offset, len: buf.len() as u64 })?;
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let off = libc::off_t::try_from(offset + done as u64).map_err(|_| {
+                StorageError::OutOfRange {
+                    offset,
+                    len: buf.len() as u64,
+                }
+            })?;
             // SAFETY: one iovec over a live, exclusively borrowed buffer of iov_len bytes.
             let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                    Some(libc::EAGAIN)
+                    | Some(libc::EOPNOTSUPP)
+                    | Some(libc::ENOSYS)
+                    | Some(libc::EINVAL) => {
                         super::note_would_block();
-                        return Err(StorageError::Io(io::Error::new(io::ErrorKind::WouldBlock, e)));
+                        return Err(StorageError::Io(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            e,
+                        )));
                     }
                     Some(libc::EINTR) => continue,
                     _ => return Err(e.into()),
