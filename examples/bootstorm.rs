@@ -9,7 +9,10 @@
 //!     --target iqn.2026-11.org.diskless:boot --idle 1000
 //! ```
 //!
-//! PDUs are built and parsed with the crate's own codec (`diskless::pdu`); no digests.
+//! Each client logs in as iPXE does (security stage with AuthMethod=None, then iPXE's operational
+//! keys), sends TEST UNIT READY until GOOD and READ CAPACITY(10), then the trace's READs; the
+//! latency figures cover the trace's READs only. PDUs are built and parsed with the crate's own
+//! codec (`diskless::pdu`); no digests.
 //! Prints a summary and one `RESULT key=value ...` line for scripts.
 
 use bytes::{Bytes, BytesMut};
@@ -294,12 +297,57 @@ impl Conn {
                 cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
             }
         }
+        let (status, got) = self
+            .exec(lun, cdb, blocks.saturating_mul(block_size), keep)
+            .await?;
+        if status != 0 {
+            return Err(StormError::Status { lba, status });
+        }
+        Ok(got)
+    }
+
+    /// What iPXE does before its first READ: TEST UNIT READY until GOOD (a new I_T nexus
+    /// may first get a CHECK CONDITION with UNIT ATTENTION, SPC-4 §5.14; tgt reports one),
+    /// then READ CAPACITY(10) (SBC-3 §5.15). Returns the block size the target reports.
+    async fn prepare(&mut self, lun: u64) -> Result<u32, StormError> {
+        let mut ready = false;
+        for _ in 0..8 {
+            if self.exec(lun, vec![0u8; 16], 0, None).await?.0 == 0 {
+                ready = true;
+                break;
+            }
+        }
+        if !ready {
+            return Err(StormError::Protocol(
+                "TEST UNIT READY never returned GOOD".into(),
+            ));
+        }
+        let mut cdb = vec![0u8; 16];
+        cdb[0] = 0x25;
+        let mut cap = Vec::new();
+        let (status, _) = self.exec(lun, cdb, 8, Some(&mut cap)).await?;
+        match (status, cap.get(4..8)) {
+            (0, Some(b)) => Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            _ => Err(StormError::Protocol(format!(
+                "READ CAPACITY(10) failed with status {status:#04x}"
+            ))),
+        }
+    }
+
+    /// Run one read-type (or no-data) command: send it, collect its Data-In (into `keep`
+    /// when given) and its status. Returns (SCSI status, data bytes received).
+    async fn exec(
+        &mut self,
+        lun: u64,
+        cdb: Vec<u8>,
+        edtl: u32,
+        keep: Option<&mut Vec<u8>>,
+    ) -> Result<(u8, usize), StormError> {
         let itt = self.itt();
-        let edtl = blocks.saturating_mul(block_size);
         let cmd = Pdu::header_only(Bhs::ScsiCommand(ScsiCommand {
             immediate: false,
             final_: true,
-            read: true,
+            read: edtl > 0,
             write: false,
             attr: pdu::task_attr::SIMPLE,
             lun,
@@ -336,28 +384,22 @@ impl Conn {
                     }
                     // Status collapsed into the last Data-In (§11.7.4).
                     if d.status_present {
-                        if d.status != 0 {
-                            return Err(StormError::Status {
-                                lba,
-                                status: d.status,
-                            });
-                        }
-                        return Ok(got);
+                        return Ok((d.status, got));
                     }
                 }
                 Bhs::ScsiResponse(r) if r.itt == itt => {
-                    if r.status != 0 || r.response != 0 {
-                        return Err(StormError::Status {
-                            lba,
-                            status: r.status,
-                        });
+                    if r.response != 0 {
+                        return Err(StormError::Protocol(format!(
+                            "iSCSI response {:#04x} (target failure)",
+                            r.response
+                        )));
                     }
-                    return Ok(got);
+                    return Ok((r.status, got));
                 }
                 Bhs::NopIn(n) if n.itt == NO_TAG => self.answer_nop(n.ttt, n.lun).await?,
                 other => {
                     return Err(StormError::Protocol(format!(
-                        "unexpected PDU while reading LBA {lba}: {other:?}"
+                        "unexpected PDU while waiting for task {itt:#x}: {other:?}"
                     )))
                 }
             }
@@ -472,13 +514,20 @@ async fn login_client(sh: &Shared, index: usize) -> Result<Conn, StormError> {
 async fn storm_client(sh: Arc<Shared>, index: usize) -> Result<ClientStats, StormError> {
     let t0 = Instant::now();
     let mut c = login_client(&sh, index).await?;
+    let login = t0.elapsed();
     let mut st = ClientStats {
-        login: t0.elapsed(),
+        login,
         latencies_us: Vec::with_capacity(sh.trace.len()),
         ..Default::default()
     };
     let lun = lun_from_index(sh.args.lun);
     let bs = sh.args.block_size;
+    let reported = c.prepare(lun).await?;
+    if reported != bs {
+        return Err(StormError::Protocol(format!(
+            "the LUN has {reported}-byte blocks, the trace assumes {bs}"
+        )));
+    }
     let mut keep = sh.verify.as_ref().map(|_| Vec::new());
     let mut want = Vec::new();
     for &(lba, blocks) in &sh.trace {
