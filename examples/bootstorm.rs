@@ -60,9 +60,13 @@ struct Args {
     #[arg(long)]
     verify: Option<PathBuf>,
     /// Instead of a storm: log in N sessions, print `idle: N sessions logged in`, and hold them
-    /// (answering pings) until SIGTERM/SIGINT.
+    /// (answering pings) until SIGTERM/SIGINT. With `--trace`, each session first replays the
+    /// trace (a client that booted and now sits idle).
     #[arg(long)]
     idle: Option<usize>,
+    /// MaxRecvDataSegmentLength we declare (iPXE declares 8192; Linux 262144).
+    #[arg(long, default_value_t = 8192)]
+    mrdsl: u32,
     /// At most this many logins in flight at once (0 = all at once).
     #[arg(long, default_value_t = 0)]
     login_parallel: usize,
@@ -220,9 +224,10 @@ impl Conn {
     }
 
     /// Log in the way iPXE does: a security stage with AuthMethod=None, then the operational
-    /// stage with iPXE's keys (MaxRecvDataSegmentLength=8192, so a 64 KiB read comes back as
-    /// eight Data-In PDUs, as it does for the firmware).
-    async fn login(&mut self, initiator: &str, target: &str) -> Result<(), StormError> {
+    /// stage with iPXE's keys (by default MaxRecvDataSegmentLength=8192, so a 64 KiB read comes
+    /// back as eight Data-In PDUs, as it does for the firmware).
+    async fn login(&mut self, initiator: &str, target: &str, mrdsl: u32) -> Result<(), StormError> {
+        let mrdsl = mrdsl.to_string();
         self.login_stage(
             0,
             1,
@@ -243,7 +248,7 @@ impl Conn {
                 ("MaxConnections", "1"),
                 ("InitialR2T", "Yes"),
                 ("ImmediateData", "No"),
-                ("MaxRecvDataSegmentLength", "8192"),
+                ("MaxRecvDataSegmentLength", &mrdsl),
                 ("MaxBurstLength", "262144"),
                 ("FirstBurstLength", "65536"),
                 ("DefaultTime2Wait", "0"),
@@ -507,19 +512,26 @@ async fn login_client(sh: &Shared, index: usize) -> Result<Conn, StormError> {
     let timeout = Duration::from_secs(sh.args.timeout_secs);
     let mut c = Conn::connect(&sh.args.portal, index, timeout).await?;
     let name = format!("{}{index}", sh.args.initiator_prefix);
-    c.login(&name, &sh.args.target).await?;
+    c.login(&name, &sh.args.target, sh.args.mrdsl).await?;
     Ok(c)
 }
 
 async fn storm_client(sh: Arc<Shared>, index: usize) -> Result<ClientStats, StormError> {
     let t0 = Instant::now();
     let mut c = login_client(&sh, index).await?;
-    let login = t0.elapsed();
     let mut st = ClientStats {
-        login,
+        login: t0.elapsed(),
         latencies_us: Vec::with_capacity(sh.trace.len()),
         ..Default::default()
     };
+    replay(&sh, &mut c, &mut st).await?;
+    st.done_at = sh.start.elapsed();
+    c.logout().await?;
+    Ok(st)
+}
+
+/// TEST UNIT READY / READ CAPACITY, then every READ of the trace, one at a time.
+async fn replay(sh: &Shared, c: &mut Conn, st: &mut ClientStats) -> Result<(), StormError> {
     let lun = lun_from_index(sh.args.lun);
     let bs = sh.args.block_size;
     let reported = c.prepare(lun).await?;
@@ -544,13 +556,15 @@ async fn storm_client(sh: Arc<Shared>, index: usize) -> Result<ClientStats, Stor
             }
         }
     }
-    st.done_at = sh.start.elapsed();
-    c.logout().await?;
-    Ok(st)
+    Ok(())
 }
 
 async fn idle_client(sh: Arc<Shared>, index: usize) -> Result<Conn, StormError> {
-    login_client(&sh, index).await
+    let mut c = login_client(&sh, index).await?;
+    if !sh.trace.is_empty() {
+        replay(&sh, &mut c, &mut ClientStats::default()).await?;
+    }
+    Ok(c)
 }
 
 /// Hold a logged-in session, answering pings, until the target closes it.
@@ -596,8 +610,13 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> Result<(), String> {
         }
     }
     println!(
-        "idle: {} sessions logged in ({} failed) in {:.2} s",
+        "idle: {} sessions logged in{} ({} failed) in {:.2} s",
         conns.len(),
+        if sh.trace.is_empty() {
+            ""
+        } else {
+            " and replayed the trace"
+        },
         failed,
         sh.start.elapsed().as_secs_f64()
     );
@@ -723,8 +742,8 @@ fn main() {
 fn setup(args: Args) -> Result<(), String> {
     let idle = args.idle;
     let trace = match (&args.trace, idle) {
-        (Some(p), None) => load_trace(p)?,
-        (_, Some(_)) => Vec::new(),
+        (Some(p), _) => load_trace(p)?,
+        (None, Some(_)) => Vec::new(),
         (None, None) => return Err("--trace FILE is required (or --idle N)".into()),
     };
     let verify = match &args.verify {
