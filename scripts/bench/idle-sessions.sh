@@ -3,11 +3,14 @@
 # (examples/bootstorm --idle N), and print the server's RSS before and after and the cost per
 # session. Bar: 1000 idle sessions under 64 MiB of server RSS in total.
 #
-#   scripts/bench/idle-sessions.sh [--sessions 1000] [--mode "boot plain"] [--bin DIR]
+#   scripts/bench/idle-sessions.sh [--sessions 1000] [--mode "boot plain"]
+#                                  [--scenario "login trace"] [--bin DIR]
 #
 # --mode boot: a boot target with a volatile default binding (a client overlay per session, as
-# for diskless boot); plain: `serve --image` (one shared LUN). Both by default, each on a fresh
-# server. --bin DIR: release builds of diskless and examples/bootstorm (default: cargo build).
+# for diskless boot); plain: `serve --image` (one shared LUN). --scenario login: the sessions
+# only log in; trace: each first replays tests/fixtures/boot-trace.txt as iPXE would (8 KiB
+# Data-In PDUs), then idles (clients that booted). Every mode x scenario on a fresh server.
+# --bin DIR: release builds of diskless and examples/bootstorm (default: cargo build).
 set -euo pipefail
 
 DL_NAME=idle-sessions.sh
@@ -17,15 +20,18 @@ ROOT=$(dl_repo_root)
 
 SESSIONS=1000
 MODES="boot plain"
+SCENARIOS="login trace"
+TRACE=$ROOT/tests/fixtures/boot-trace.txt
 BIN_DIR=""
 BAR_KIB=$((64 * 1024))
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
 	--sessions) SESSIONS=${2:?}; shift ;;
 	--mode) MODES=${2:?}; shift ;;
+	--scenario) SCENARIOS=${2:?}; shift ;;
 	--bin) BIN_DIR=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
@@ -69,8 +75,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
+# Random data covering the trace's LBAs (a sparse file would read as zeros just the same, but
+# keep it honest); page-cache warm.
 IMG=$W/golden.img
-truncate -s 64M "$IMG"
+head -c $((64 << 20)) /dev/urandom >"$IMG"
+need=$(awk '!/^#/ && NF == 2 { e = ($1 + $2) * 512; if (e > m) m = e } END { print m + 0 }' "$TRACE")
+((need <= 64 << 20)) || dl_die "the trace reads beyond the 64 MiB image"
 
 kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # Anonymous memory from smaps_rollup: heap, thread stacks, mmapped buffers.
@@ -78,13 +88,20 @@ anon_kib() { awk '$1 == "Anonymous:" {print $2}' "/proc/$1/smaps_rollup" 2>/dev/
 
 ROWS=()
 FAIL=0
-for mode in $MODES; do
+for case_ in $(for m in $MODES; do for s in $SCENARIOS; do echo "$m:$s"; done; done); do
+	mode=${case_%:*}
+	scenario=${case_#*:}
+	case $scenario in
+	login) EXTRA=() ;;
+	trace) EXTRA=(--trace "$TRACE") ;;
+	*) dl_die "--scenario: unknown scenario '$scenario' (login or trace)" ;;
+	esac
 	case $mode in
 	boot)
 		IQN=iqn.2026-11.org.diskless:idle
-		mkdir -p "$W/state-$mode"
-		cat >"$W/$mode.yaml" <<EOF
-state_dir: $W/state-$mode
+		mkdir -p "$W/state-$mode-$scenario"
+		cat >"$W/$mode-$scenario.yaml" <<EOF
+state_dir: $W/state-$mode-$scenario
 images:
   - {name: base, path: $IMG}
 targets:
@@ -93,7 +110,7 @@ targets:
     boot:
       default: {image: base, mode: volatile}
 EOF
-		ARGS=(serve -c "$W/$mode.yaml")
+		ARGS=(serve -c "$W/$mode-$scenario.yaml")
 		;;
 	plain)
 		IQN=iqn.2026-11.org.diskless:golden
@@ -101,13 +118,13 @@ EOF
 		;;
 	*) dl_die "--mode: unknown mode '$mode' (boot or plain)" ;;
 	esac
-	"$BIN" --log warn "${ARGS[@]}" --listen 127.0.0.1:0 >"$W/$mode.out" 2>"$W/$mode.err" &
+	"$BIN" --log warn "${ARGS[@]}" --listen 127.0.0.1:0 >"$W/$mode-$scenario.out" 2>"$W/$mode-$scenario.err" &
 	DL_PID=$!
 	PORT=""
 	for ((i = 0; i < 300; i++)); do
-		PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/$mode.out" | head -n1 || true)
+		PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/$mode-$scenario.out" | head -n1 || true)
 		[[ -n $PORT ]] && break
-		kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/$mode.err" >&2; dl_die "diskless exited during startup"; }
+		kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/$mode-$scenario.err" >&2; dl_die "diskless exited during startup"; }
 		sleep 0.1
 	done
 	[[ -n $PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
@@ -115,16 +132,16 @@ EOF
 	rss0=$(kib "$DL_PID" VmRSS)
 	anon0=$(anon_kib "$DL_PID")
 
-	"$STORM" --portal "127.0.0.1:$PORT" --target "$IQN" --idle "$SESSIONS" \
-		--initiator-prefix "iqn.2026-11.test:idle-$mode-" >"$W/$mode.client" 2>&1 &
+	"$STORM" --portal "127.0.0.1:$PORT" --target "$IQN" --idle "$SESSIONS" "${EXTRA[@]}" \
+		--initiator-prefix "iqn.2026-11.test:idle-$mode-$scenario-" >"$W/$mode-$scenario.client" 2>&1 &
 	CL_PID=$!
-	for ((i = 0; i < 1200; i++)); do
-		grep -qs '^RESULT ' "$W/$mode.client" && break
-		kill -0 "$CL_PID" 2>/dev/null || { cat "$W/$mode.client" >&2; dl_die "bootstorm --idle exited"; }
+	for ((i = 0; i < 6000; i++)); do
+		grep -qs '^RESULT ' "$W/$mode-$scenario.client" && break
+		kill -0 "$CL_PID" 2>/dev/null || { cat "$W/$mode-$scenario.client" >&2; dl_die "bootstorm --idle exited"; }
 		sleep 0.1
 	done
-	res=$(grep '^RESULT ' "$W/$mode.client") || dl_die "no sessions after 120 s"
-	[[ $res == *" failed=0 "* ]] || { cat "$W/$mode.client" >&2; dl_die "some idle logins failed"; }
+	res=$(grep '^RESULT ' "$W/$mode-$scenario.client") || dl_die "no sessions after 600 s"
+	[[ $res == *" failed=0 "* ]] || { cat "$W/$mode-$scenario.client" >&2; dl_die "some idle logins failed"; }
 	# Let the server settle (login tasks finish, allocator caches stay as they are).
 	sleep 3
 	rss1=$(kib "$DL_PID" VmRSS)
@@ -135,15 +152,15 @@ EOF
 	per=$(((rss1 - rss0) * 1024 / SESSIONS))
 	verdict=pass
 	((rss1 < BAR_KIB)) || { verdict=FAIL; FAIL=1; }
-	dl_log "$mode: $SESSIONS sessions, server RSS $rss0 -> $rss1 KiB (peak $hwm1), anonymous $anon0 -> $anon1 KiB, $threads threads, $per bytes per session: $verdict"
-	ROWS+=("| $mode | $SESSIONS | $((rss0 / 1024)).$(((rss0 % 1024) * 10 / 1024)) | $((rss1 / 1024)).$(((rss1 % 1024) * 10 / 1024)) | $((hwm1 / 1024)) | $(((anon1 - anon0) / 1024)) | $((per / 1024)).$(((per % 1024) * 10 / 1024)) | $threads | $((client_rss / 1024)) | $verdict |")
+	dl_log "$mode/$scenario: $SESSIONS sessions, server RSS $rss0 -> $rss1 KiB (peak $hwm1), anonymous $anon0 -> $anon1 KiB, $threads threads, $per bytes per session: $verdict"
+	ROWS+=("| $mode | $scenario | $SESSIONS | $((rss0 / 1024)).$(((rss0 % 1024) * 10 / 1024)) | $((rss1 / 1024)).$(((rss1 % 1024) * 10 / 1024)) | $((hwm1 / 1024)) | $(((anon1 - anon0) / 1024)) | $((per / 1024)).$(((per % 1024) * 10 / 1024)) | $threads | $((client_rss / 1024)) | $verdict |")
 	stop "$CL_PID"
 	CL_PID=""
 	stop "$DL_PID"
 	DL_PID=""
 done
 
-echo "| mode | sessions | server RSS before MiB | server RSS with sessions MiB | peak MiB | anonymous growth MiB | per session KiB | server threads | client RSS MiB | under 64 MiB |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+echo "| mode | scenario | sessions | server RSS before MiB | server RSS with sessions MiB | peak MiB | anonymous growth MiB | per session KiB | server threads | client RSS MiB | under 64 MiB |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 printf '%s\n' "${ROWS[@]}"
 exit "$FAIL"
