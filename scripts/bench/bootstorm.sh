@@ -4,12 +4,14 @@
 # against tgt (one shared LUN), and print one comparison table.
 #
 #   scripts/bench/bootstorm.sh [--clients "8 32 128"] [--rounds N] [--trace FILE]
-#                              [--bin DIR] [--keep]
+#                              [--plain] [--bin DIR] [--keep]
 #   scripts/bench/bootstorm.sh --record-trace PCAP [> tests/fixtures/boot-trace.txt]
 #
 # --bin DIR: a directory with release builds of `diskless` and `examples/bootstorm` (default:
 # cargo build --release into $CARGO_TARGET_DIR). Both servers read a 256 MiB golden image that
 # is in the page cache (warm, not dropped): the storm measures the servers, not the disk.
+# --plain adds a third server: diskless serving the image as a plain shared LUN (`serve
+# --image`, no overlays), to tell the overlay's share from the rest.
 set -euo pipefail
 
 DL_NAME=bootstorm.sh
@@ -22,11 +24,12 @@ ROUNDS=1
 TRACE=$ROOT/tests/fixtures/boot-trace.txt
 BIN_DIR=""
 KEEP=0
+PLAIN=0
 RECORD=""
 OUT_DIR=$ROOT/target/bench
 IMG_SIZE=$((256 << 20))
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
@@ -35,6 +38,7 @@ while (($#)); do
 	--trace) TRACE=${2:?}; shift ;;
 	--bin) BIN_DIR=${2:?}; shift ;;
 	--keep) KEEP=1 ;;
+	--plain) PLAIN=1 ;;
 	--record-trace) RECORD=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
@@ -113,6 +117,7 @@ mkdir -p "$OUT_DIR"
 W=$(mktemp -d "$OUT_DIR/storm.XXXXXX")
 IMG=$OUT_DIR/storm-golden.img # kept between runs
 DL_PID=""
+PL_PID=""
 TGT_PID=""
 TGT_CTL=""
 cleanup() {
@@ -122,7 +127,7 @@ cleanup() {
 		tgtadm -C "$TGT_CTL" --mode system --op delete >/dev/null 2>&1 || true
 	fi
 	local p
-	for p in $DL_PID $TGT_PID; do
+	for p in $DL_PID $PL_PID $TGT_PID; do
 		kill -0 "$p" 2>/dev/null || continue
 		kill -TERM "$p" 2>/dev/null || true
 		for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -161,16 +166,32 @@ targets:
 settings:
   max_sessions: 4096
 EOF
-"$BIN" --log warn serve -c "$W/targets.yaml" --listen 127.0.0.1:0 >"$W/diskless.out" 2>"$W/diskless.err" &
-DL_PID=$!
-DL_PORT=""
-for ((i = 0; i < 300; i++)); do
-	DL_PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/diskless.out" | head -n1 || true)
-	[[ -n $DL_PORT ]] && break
-	kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/diskless.err" >&2; dl_die "diskless exited during startup"; }
-	sleep 0.1
-done
-[[ -n $DL_PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
+# Start diskless with the given arguments; sets STARTED_PID and STARTED_PORT.
+start_diskless() { # tag args...
+	local tag=$1
+	shift
+	"$BIN" --log warn "$@" --listen 127.0.0.1:0 >"$W/$tag.out" 2>"$W/$tag.err" &
+	STARTED_PID=$!
+	STARTED_PORT=""
+	for ((i = 0; i < 300; i++)); do
+		STARTED_PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/$tag.out" | head -n1 || true)
+		[[ -n $STARTED_PORT ]] && return 0
+		kill -0 "$STARTED_PID" 2>/dev/null || { tail -n 20 "$W/$tag.err" >&2; dl_die "$tag exited during startup"; }
+		sleep 0.1
+	done
+	dl_die "$tag did not print 'diskless: listening on'"
+}
+start_diskless diskless serve -c "$W/targets.yaml"
+DL_PID=$STARTED_PID
+DL_PORT=$STARTED_PORT
+TARGETS="diskless tgt"
+if ((PLAIN)); then
+	start_diskless diskless-plain serve --image "$IMG"
+	PL_PID=$STARTED_PID
+	PL_PORT=$STARTED_PORT
+	PL_IQN="iqn.2026-11.org.diskless:$(basename "${IMG%.*}")"
+	TARGETS="diskless tgt diskless-plain"
+fi
 
 TGT_PORT=$(dl_free_port)
 for ((i = 0; i < 100; i++)); do
@@ -202,6 +223,7 @@ run_one() { # round clients target
 	local round=$1 n=$2 target=$3 pid port iqn lun c0 c1 res
 	case $target in
 	diskless) pid=$DL_PID port=$DL_PORT iqn=$DL_IQN lun=0 ;;
+	diskless-plain) pid=$PL_PID port=$PL_PORT iqn=$PL_IQN lun=0 ;;
 	tgt) pid=$TGT_PID port=$TGT_PORT iqn=$TGT_IQN lun=1 ;;
 	esac
 	kill -0 "$pid" 2>/dev/null || dl_die "$target (pid $pid) is gone"
@@ -236,7 +258,7 @@ k=0
 for ((r = 1; r <= ROUNDS; r++)); do
 	for n in $CLIENTS; do
 		# Alternate which target goes first so drift on a shared machine hits both.
-		if ((k % 2)); then order="tgt diskless"; else order="diskless tgt"; fi
+		if ((k % 2)); then order=$(tr ' ' '\n' <<<"$TARGETS" | tac | tr '\n' ' '); else order=$TARGETS; fi
 		k=$((k + 1))
 		for t in $order; do run_one "$r" "$n" "$t"; done
 	done
@@ -256,14 +278,14 @@ print("| clients | target | last done s | p50 µs | p99 µs | MiB read | server 
 print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for n in sorted({k[0] for k in by}):
     d, t = by.get((n, "diskless"), []), by.get((n, "tgt"), [])
-    for name, rs in (("diskless", d), ("tgt", t)):
+    for name, rs in (("diskless", d), ("tgt", t), ("diskless-plain", by.get((n, "diskless-plain"), []))):
         if not rs:
             continue
         ratio_t = ratio_c = ""
-        if name == "diskless" and d and t:
-            ratio_t = f"**{med(d, 'last_done_s') / med(t, 'last_done_s'):.2f}**"
+        if name.startswith("diskless") and rs and t:
+            ratio_t = f"**{med(rs, 'last_done_s') / med(t, 'last_done_s'):.2f}**"
             ct = med(t, "cpu_ticks")
-            ratio_c = f"{med(d, 'cpu_ticks') / ct:.2f}" if ct else "-"
+            ratio_c = f"{med(rs, 'cpu_ticks') / ct:.2f}" if ct else "-"
         print(f"| {n} | {name} | {med(rs, 'last_done_s'):.2f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} "
               f"| {med(rs, 'mib'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {med(rs, 'hwm_kib') / 1024:.1f} | {ratio_t} | {ratio_c} |")
 PY
