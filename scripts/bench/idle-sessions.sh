@@ -4,12 +4,14 @@
 # session. Bar: 1000 idle sessions under 64 MiB of server RSS in total.
 #
 #   scripts/bench/idle-sessions.sh [--sessions 1000] [--mode "boot plain"]
-#                                  [--scenario "login trace"] [--bin DIR]
+#                                  [--scenario "login trace"] [--trace FILE]
+#                                  [--client-args "--mrdsl 262144"] [--bin DIR]
 #
 # --mode boot: a boot target with a volatile default binding (a client overlay per session, as
 # for diskless boot); plain: `serve --image` (one shared LUN). --scenario login: the sessions
 # only log in; trace: each first replays tests/fixtures/boot-trace.txt as iPXE would (8 KiB
 # Data-In PDUs), then idles (clients that booted). Every mode x scenario on a fresh server.
+# --client-args: extra options for examples/bootstorm (e.g. another MaxRecvDataSegmentLength).
 # --bin DIR: release builds of diskless and examples/bootstorm (default: cargo build).
 set -euo pipefail
 
@@ -23,15 +25,18 @@ MODES="boot plain"
 SCENARIOS="login trace"
 TRACE=$ROOT/tests/fixtures/boot-trace.txt
 BIN_DIR=""
+CLIENT_ARGS=""
 BAR_KIB=$((64 * 1024))
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
 	--sessions) SESSIONS=${2:?}; shift ;;
 	--mode) MODES=${2:?}; shift ;;
 	--scenario) SCENARIOS=${2:?}; shift ;;
+	--trace) TRACE=${2:?}; shift ;;
+	--client-args) CLIENT_ARGS=${2:?}; shift ;;
 	--bin) BIN_DIR=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
@@ -132,7 +137,8 @@ EOF
 	rss0=$(kib "$DL_PID" VmRSS)
 	anon0=$(anon_kib "$DL_PID")
 
-	"$STORM" --portal "127.0.0.1:$PORT" --target "$IQN" --idle "$SESSIONS" "${EXTRA[@]}" \
+	# shellcheck disable=SC2086 # CLIENT_ARGS is a list of options
+	"$STORM" --portal "127.0.0.1:$PORT" --target "$IQN" --idle "$SESSIONS" "${EXTRA[@]}" $CLIENT_ARGS \
 		--initiator-prefix "iqn.2026-11.test:idle-$mode-$scenario-" >"$W/$mode-$scenario.client" 2>&1 &
 	CL_PID=$!
 	for ((i = 0; i < 6000; i++)); do
