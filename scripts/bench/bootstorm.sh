@@ -217,7 +217,18 @@ hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 RESULTS=$W/results.tsv
-printf 'round\tclients\ttarget\tlast_done_s\tp50_us\tp99_us\tmib\tcpu_ticks\thwm_kib\trss_before_kib\n' >"$RESULTS"
+printf 'round\tclients\ttarget\tlast_done_s\tp50_us\tp99_us\tmib\tcpu_ticks\thwm_kib\trss_before_kib\tmax_threads\n' >"$RESULTS"
+
+# Highest thread count of PID while the file $2 exists, sampled every 0.2 s, into $3.
+sample_threads() { # pid flag out
+	local max=0 t
+	while [[ -e $2 ]]; do
+		t=$(awk '/^Threads:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0)
+		((t > max)) && max=$t
+		sleep 0.2
+	done
+	echo "$max" >"$3"
+}
 
 run_one() { # round clients target
 	local round=$1 n=$2 target=$3 pid port iqn lun c0 c1 res
@@ -232,6 +243,9 @@ run_one() { # round clients target
 	# Reset VmHWM to the current RSS (proc(5), clear_refs 5) so the peak is this run's.
 	echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || dl_log "cannot reset VmHWM of $target: peak is since start"
 	c0=$(cpu_ticks "$pid")
+	: >"$base.sampling"
+	sample_threads "$pid" "$base.sampling" "$base.threads" &
+	local sampler=$!
 	# Distinct initiator names per run: every run is a first boot of fresh clients.
 	if ! timeout 600 "$STORM" --portal "127.0.0.1:$port" --target "$iqn" --lun "$lun" \
 		--clients "$n" --trace "$TRACE" --initiator-prefix "iqn.2026-11.test:storm-r$round-n$n-$target-" \
@@ -240,6 +254,8 @@ run_one() { # round clients target
 		dl_die "storm of $n clients against $target failed"
 	fi
 	c1=$(cpu_ticks "$pid")
+	rm -f "$base.sampling"
+	wait "$sampler" || true
 	res=$(grep '^RESULT ' "$base.out") || dl_die "no RESULT line from bootstorm ($base.out)"
 	local kv=${res#RESULT }
 	local last p50 p99 mib
@@ -247,8 +263,8 @@ run_one() { # round clients target
 	p50=$(tr ' ' '\n' <<<"$kv" | sed -n 's/^p50_us=//p')
 	p99=$(tr ' ' '\n' <<<"$kv" | sed -n 's/^p99_us=//p')
 	mib=$(tr ' ' '\n' <<<"$kv" | sed -n 's/^mib=//p')
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$n" "$target" "$last" "$p50" "$p99" \
-		"$mib" "$((c1 - c0))" "$(hwm_kib "$pid")" "$rss0" >>"$RESULTS"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$n" "$target" "$last" "$p50" "$p99" \
+		"$mib" "$((c1 - c0))" "$(hwm_kib "$pid")" "$rss0" "$(cat "$base.threads")" >>"$RESULTS"
 	dl_log "round $round, $n clients, $target: last done ${last} s, p50 ${p50} µs, p99 ${p99} µs, $((c1 - c0)) CPU ticks"
 	# Let the server finish closing the sessions before the next run measures it.
 	sleep 1
@@ -274,8 +290,8 @@ for r in rows:
     by.setdefault((int(r["clients"]), r["target"]), []).append(r)
 def med(rs, k):
     return statistics.median(float(r[k]) for r in rs)
-print("| clients | target | last done s | p50 µs | p99 µs | MiB read | server CPU s | server peak RSS MiB | diskless/tgt time | diskless/tgt CPU |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| clients | target | last done s | p50 µs | p99 µs | MiB read | server CPU s | server peak RSS MiB | server threads (max) | diskless/tgt time | diskless/tgt CPU |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for n in sorted({k[0] for k in by}):
     d, t = by.get((n, "diskless"), []), by.get((n, "tgt"), [])
     for name, rs in (("diskless", d), ("tgt", t), ("diskless-plain", by.get((n, "diskless-plain"), []))):
@@ -287,6 +303,6 @@ for n in sorted({k[0] for k in by}):
             ct = med(t, "cpu_ticks")
             ratio_c = f"{med(rs, 'cpu_ticks') / ct:.2f}" if ct else "-"
         print(f"| {n} | {name} | {med(rs, 'last_done_s'):.2f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} "
-              f"| {med(rs, 'mib'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {med(rs, 'hwm_kib') / 1024:.1f} | {ratio_t} | {ratio_c} |")
+              f"| {med(rs, 'mib'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {med(rs, 'hwm_kib') / 1024:.1f} | {med(rs, 'max_threads'):.0f} | {ratio_t} | {ratio_c} |")
 PY
 dl_log "table written to $OUT_DIR/bootstorm.md"
