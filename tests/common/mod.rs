@@ -335,6 +335,24 @@ impl Server {
     }
 
     /// Stop with SIGTERM and wait (the server must flush and exit on its own within 10 s).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM, then wait up to `limit` for the exit (None: still running).
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        signal(child, libc::SIGTERM);
+        wait_timeout(child, limit)
+    }
+
     /// SIGKILL: the crash of the server process, nothing flushed or closed.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {

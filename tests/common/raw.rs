@@ -5,19 +5,16 @@
 //! (timeouts, session limits) and with access to the server's pid (to watch its memory).
 #![allow(dead_code)] // each test uses a different subset
 
-use crate::common::{parse_listening_line, Config};
+use crate::common::{Config, Server};
 use bytes::{Bytes, BytesMut};
 use diskless::pdu::{
     self, Bhs, DataOut, Digests, LoginRequest, LoginResponse, NopIn, NopOut, Pdu, PduError,
     ScsiCommand, ScsiResponse, TextRequest, BHS_LEN,
 };
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 /// Default time to wait for an answer the server must send.
@@ -29,76 +26,31 @@ pub const NO_TAG: u32 = 0xffff_ffff;
 // The server
 // ---------------------------------------------------------------------------------------------
 
-/// A running `diskless serve` with a `settings:` section; killed when dropped.
+/// A running `diskless serve` with a `settings:` section: `common::Server` plus what the
+/// hostile tests watch (pid, memory, liveness).
 pub struct RawServer {
-    child: Child,
+    server: Server,
     pub port: u16,
-    pub stderr_path: PathBuf,
 }
 
 impl RawServer {
     /// Start with `cfg` plus `settings` (a YAML flow mapping such as
-    /// `{login_timeout_secs: 2}`; empty for none) written to `dir`/targets.yaml.
+    /// `{login_timeout_secs: 2}`; empty for none).
     pub fn start(dir: &Path, cfg: &Config, settings: &str) -> RawServer {
         let mut yaml = String::new();
         if !settings.is_empty() {
             yaml.push_str(&format!("settings: {settings}\n"));
         }
         yaml.push_str(&cfg.to_yaml());
-        let config_path = dir.join("targets.yaml");
-        std::fs::write(&config_path, yaml).unwrap();
-        let stderr_path = dir.join("server.stderr");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let bin = std::env::var_os("DISKLESS_TEST_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--listen", "127.0.0.1:0"])
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let mut server = RawServer {
-            child,
-            port: 0,
-            stderr_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(port) = parse_listening_line(&line) {
-                        server.port = port;
-                        return server;
-                    }
-                }
-                Err(_) => panic!(
-                    "server did not start; stderr:\n{}",
-                    std::fs::read_to_string(&server.stderr_path).unwrap_or_default()
-                ),
-            }
+        let server = Server::start(dir, &Config::yaml(&yaml));
+        RawServer {
+            port: server.port,
+            server,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.server.pid()
     }
 
     /// Resident set size of the server in KiB (/proc/PID/status VmRSS).
@@ -114,40 +66,20 @@ impl RawServer {
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.server.alive()
     }
 
-    /// SIGTERM, then wait up to `limit` for the exit; None if still running.
+    /// SIGTERM, then wait up to `limit` for the exit.
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.server.terminate(limit)
     }
 
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.server.stderr()
     }
 
     pub fn connect(&self) -> Client {
         Client::connect(self.port)
-    }
-}
-
-impl Drop for RawServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
