@@ -127,14 +127,8 @@ start_tgt() {
 	# tgtd cannot bind port 0: pick a free one, and a private control port so a tgtd that is
 	# already running on this machine is left alone.
 	PORT=$(dl_free_port)
-	local i
-	for ((i = 0; i < 100; i++)); do
-		TGT_CTL=$((1000 + RANDOM % 8000))
-		[[ -e /var/run/tgtd/socket.$TGT_CTL ]] || break
-	done
-	tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$PORT" >"$W/target.out" 2>"$W/target.err" &
-	TARGET_PID=$!
-	dl_wait_port "$PORT" 20 || dl_die "tgtd did not listen on 127.0.0.1:$PORT"
+	dl_start_tgtd "$PORT" "$W/target"
+	TARGET_PID=$TGT_PID
 	local A=(tgtadm -C "$TGT_CTL" --lld iscsi)
 	# tgt puts a controller at LUN 0; the disk is LUN 1.
 	"${A[@]}" --op new --mode target --tid 1 -T "$RW_IQN"

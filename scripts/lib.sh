@@ -65,3 +65,18 @@ dl_wait_port() {
 	done
 	return 1
 }
+
+# Start tgtd (the reference target) on 127.0.0.1:$1 with a private, unused control port, its
+# output in $2.out / $2.err, and wait until it listens. Sets TGT_CTL (for tgtadm -C) and
+# TGT_PID. A tgtd already running on this machine is left alone.
+dl_start_tgtd() {
+	local port=$1 log=$2 i
+	for ((i = 0; i < 100; i++)); do
+		TGT_CTL=$((1000 + RANDOM % 8000))
+		[[ -e /var/run/tgtd/socket.$TGT_CTL ]] || break
+	done
+	tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$port" >"$log.out" 2>"$log.err" &
+	# shellcheck disable=SC2034 # read by the sourcing script
+	TGT_PID=$!
+	dl_wait_port "$port" 20 || dl_die "tgtd did not listen on 127.0.0.1:$port"
+}

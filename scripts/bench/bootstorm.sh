@@ -194,13 +194,7 @@ if ((PLAIN)); then
 fi
 
 TGT_PORT=$(dl_free_port)
-for ((i = 0; i < 100; i++)); do
-	TGT_CTL=$((1000 + RANDOM % 8000))
-	[[ -e /var/run/tgtd/socket.$TGT_CTL ]] || break
-done
-tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$TGT_PORT" >"$W/tgt.out" 2>"$W/tgt.err" &
-TGT_PID=$!
-dl_wait_port "$TGT_PORT" 20 || dl_die "tgtd did not listen on 127.0.0.1:$TGT_PORT"
+dl_start_tgtd "$TGT_PORT" "$W/tgt"
 TGT_IQN=iqn.2026-11.test:storm-tgt
 A=(tgtadm -C "$TGT_CTL" --lld iscsi)
 "${A[@]}" --op new --mode target --tid 1 -T "$TGT_IQN"

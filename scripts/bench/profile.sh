@@ -78,10 +78,7 @@ done
 [[ -n $DL_PORT ]] || dl_die "diskless did not start"
 DL_URL="iscsi://127.0.0.1:$DL_PORT/iqn.2026-11.org.diskless:$(basename "${IMG%.*}")/0"
 TGT_PORT=$(dl_free_port)
-TGT_CTL=$((1000 + RANDOM % 8000))
-tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$TGT_PORT" >"$OUT/tgt.out" 2>"$OUT/tgt.err" &
-TGT_PID=$!
-dl_wait_port "$TGT_PORT" 20 || dl_die "tgtd did not listen"
+dl_start_tgtd "$TGT_PORT" "$OUT/tgt"
 A=(tgtadm -C "$TGT_CTL" --lld iscsi)
 "${A[@]}" --op new --mode target --tid 1 -T iqn.2026-11.test:bench-tgt
 "${A[@]}" --op new --mode logicalunit --tid 1 --lun 1 -b "$IMG"
