@@ -868,13 +868,11 @@ impl Conn {
         };
         if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
             // §11.3: ITTs are unique among outstanding tasks.
-            self.retract(c.cmd_sn, c.immediate);
-            return self
-                .reject_raw(
-                    reject_reason::INVALID_PDU_FIELD,
-                    &self.header_of_cmd(&c, &data),
-                )
-                .await;
+            let pdu = Pdu {
+                bhs: Bhs::ScsiCommand(c),
+                data,
+            };
+            return self.reject(reject_reason::INVALID_PDU_FIELD, &pdu).await;
         }
         // A new task may reuse the tag of one whose stray Data-Out we were discarding.
         self.absorbing.remove(&c.itt);
@@ -903,13 +901,11 @@ impl Conn {
                     Ok(w) => w,
                     Err(e) => {
                         debug!(error = %e, "bad immediate data");
-                        self.retract(c.cmd_sn, c.immediate);
-                        return self
-                            .reject_raw(
-                                reject_reason::PROTOCOL_ERROR,
-                                &self.header_of_cmd(&c, &data),
-                            )
-                            .await;
+                        let pdu = Pdu {
+                            bhs: Bhs::ScsiCommand(c),
+                            data,
+                        };
+                        return self.reject(reject_reason::PROTOCOL_ERROR, &pdu).await;
                     }
                 };
                 let mut pw = PendingWrite {
@@ -935,17 +931,6 @@ impl Conn {
                 self.execute(c, Bytes::new(), None, 0).await
             }
         }
-    }
-
-    fn header_of_cmd(&self, c: &ScsiCommand, data: &Bytes) -> [u8; BHS_LEN] {
-        let h = pdu::encode_header(
-            &Bhs::ScsiCommand(c.clone()),
-            data.len() as u32,
-            Digests::default(),
-        );
-        let mut bhs = [0u8; BHS_LEN];
-        bhs.copy_from_slice(&h[..BHS_LEN]);
-        bhs
     }
 
     async fn on_data_out(&mut self, pdu: &Pdu, d: DataOut) -> R {
