@@ -26,8 +26,19 @@ dl_pkg_for() {
 	esac
 }
 
-# True when qemu-img was built with the iSCSI block driver (libiscsi).
-dl_qemu_has_iscsi() { command -v qemu-img >/dev/null 2>&1 && qemu-img --help 2>/dev/null | grep -qw iscsi; }
+# True when the qemu-img at $1 (default: the one on PATH) can really open an iSCSI image.
+# Decided by what it does, not by what its --help lists: a qemu-utils without the matching
+# qemu-block-extra lists "iscsi" but answers "Unknown driver 'iscsi'". The probe opens a port
+# nobody listens on (127.0.0.1:1): a working driver fails to *connect*.
+dl_qemu_img_iscsi_works() {
+	local bin=${1:-qemu-img} out
+	command -v "$bin" >/dev/null 2>&1 || return 1
+	out=$(timeout 20 "$bin" info --image-opts \
+		"driver=iscsi,transport=tcp,portal=127.0.0.1:1,target=iqn.2026-11.org.diskless:probe,lun=0" 2>&1)
+	grep -qiE "unknown driver|unable to load module|unknown protocol|not whitelisted" <<<"$out" && return 1
+	grep -qiE "iscsi|connect" <<<"$out"
+}
+dl_qemu_has_iscsi() { dl_qemu_img_iscsi_works qemu-img; }
 
 # Fail unless every named command exists; names the package to install.
 dl_require() {

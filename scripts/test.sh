@@ -31,6 +31,22 @@ for arg in "$@"; do
 	esac
 done
 
+# Each stage prints its wall time; the summary at the end lists them all.
+STAGES=()
+STAGE_NAME=""
+STAGE_T0=0
+RUN_T0=$(date +%s)
+stage_start() {
+	STAGE_NAME=$*
+	STAGE_T0=$(date +%s)
+	printf '\n==== %s ====\n' "$STAGE_NAME"
+}
+stage_end() {
+	local dt=$(($(date +%s) - STAGE_T0))
+	STAGES+=("$(printf '%5d s  %s' "$dt" "$STAGE_NAME")")
+	dl_log "stage '$STAGE_NAME' took ${dt}s"
+}
+
 # sudo resets PATH; find the invoking user's rustup toolchain.
 if ! command -v cargo >/dev/null 2>&1; then
 	for home in "${HOME:-}" "$(getent passwd "${SUDO_USER:-}" 2>/dev/null | cut -d: -f6)"; do
@@ -40,8 +56,14 @@ fi
 
 CLIENT_TOOLS=(iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 qemu-img tcpdump)
 OTHER_TOOLS=(cargo timeout stdbuf cmp truncate mktemp)
-# tests/boot.rs (QEMU network boots) and scripts/boot/build-image.sh: "tool-or-file package".
-BOOT_NEEDS=(
+# Everything else the tests need, as "tool-or-file package" (tests/boot.rs QEMU network boots,
+# scripts/boot/build-image.sh, tests/hostile.rs's load check).
+NEEDS=(
+	"iscsi-test-cu libiscsi-bin"
+	"iscsi-ls libiscsi-bin"
+	"iscsi-inq libiscsi-bin"
+	"iscsi-readcapacity16 libiscsi-bin"
+	"tcpdump tcpdump"
 	"qemu-system-x86_64 qemu-system-x86"
 	"/usr/lib/ipxe/qemu/pxe-virtio.rom ipxe-qemu"
 	"/usr/lib/ipxe/qemu/efi-virtio.rom ipxe-qemu"
@@ -53,57 +75,61 @@ BOOT_NEEDS=(
 	"sfdisk fdisk"
 	"cpio cpio"
 	"dpkg-deb dpkg"
+	"stress-ng stress-ng"
 )
-boot_missing() { # prints the packages of missing boot tools/files, one per line
+missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg
-	for e in "${BOOT_NEEDS[@]}"; do
+	for e in "${NEEDS[@]}"; do
 		read -r what pkg <<<"$e"
 		if [[ $what == /* ]]; then [[ -e $what ]] && continue; else command -v "$what" >/dev/null 2>&1 && continue; fi
 		echo "$pkg"
 	done
 }
 
-# ---- 1. install what is missing (root only) ----------------------------------------------------
-missing_pkgs() {
-	local p=()
-	for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16; do
-		command -v "$t" >/dev/null 2>&1 || { p+=(libiscsi-bin); break; }
-	done
-	dl_qemu_has_iscsi || p+=(qemu)
-	command -v tcpdump >/dev/null 2>&1 || p+=(tcpdump)
-	local b
-	mapfile -t b < <(boot_missing | sort -u)
-	p+=("${b[@]}")
-	echo "${p[*]}"
-}
-
-NEED=$(missing_pkgs)
-if [[ -n $NEED ]]; then
+# ---- 1. install what is missing (root only), in ONE apt-get transaction -------------------------
+# One transaction, so that no package removes another the tests need: a machine may ship a
+# backported qemu-utils (10.x) without its qemu-block-extra, and installing Debian's
+# qemu-system-x86 on its own would conflict with it and remove it. qemu-utils, qemu-block-extra
+# and qemu-system-x86 are therefore always pinned to one version: the candidate of
+# qemu-block-extra (the package that carries the iSCSI driver).
+stage_start "install packages"
+NEED=()
+mapfile -t NEED < <(missing_needs | sort -u)
+QEMU_BROKEN=0
+dl_qemu_has_iscsi || QEMU_BROKEN=1
+if ((${#NEED[@]} || QEMU_BROKEN)); then
 	if [[ $(id -u) -ne 0 ]]; then
-		dl_die "missing: $NEED. Run as root (sudo scripts/test.sh) to install them with apt-get"
+		dl_die "missing: ${NEED[*]}$( ((QEMU_BROKEN)) && echo ' qemu-img with the iSCSI driver'). Run scripts/test.sh as root to install them with apt-get"
 	fi
 	export DEBIAN_FRONTEND=noninteractive
-	dl_log "installing: $NEED"
 	apt-get update || dl_die "apt-get update failed"
-	for p in $NEED; do
-		case "$p" in
-		qemu)
-			# Backported qemu-utils (10.x) lacks the iSCSI block driver; Debian 12's 7.2 with
-			# qemu-block-extra has it (iscsi:// and --image-opts driver=iscsi).
-			apt-get install -y --allow-downgrades --no-install-recommends qemu-utils/bookworm qemu-block-extra ||
-				apt-get install -y --no-install-recommends qemu-utils qemu-block-extra ||
-				dl_log "could not install qemu-utils + qemu-block-extra"
-			;;
-		*) apt-get install -y --no-install-recommends "$p" || dl_log "could not install $p" ;;
-		esac
+	PKGS=()
+	QV=$(apt-cache policy qemu-block-extra | sed -n 's/^ *Candidate: //p')
+	[[ -n $QV && $QV != "(none)" ]] || dl_die "apt has no candidate for qemu-block-extra (check /etc/apt/sources)"
+	for p in "${NEED[@]}"; do
+		[[ $p == qemu-system-x86 ]] || PKGS+=("$p")
 	done
+	# qemu-system-x86 must match qemu-block-extra's version too (it depends on qemu-system-common=).
+	if ((QEMU_BROKEN)) || [[ " ${NEED[*]} " == *" qemu-system-x86 "* ]] ||
+		[[ $(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) != "$QV" ]]; then
+		PKGS+=("qemu-utils=$QV" "qemu-block-extra=$QV" "qemu-system-x86=$QV")
+	fi
+	dl_log "installing (one transaction): ${PKGS[*]}"
+	apt-get install -y --allow-downgrades --no-install-recommends "${PKGS[@]}" ||
+		dl_die "apt-get install failed: ${PKGS[*]}"
 fi
+# A qemu-img stand-in (or a broken one) earlier on PATH must not shadow Debian's working one.
+if ! dl_qemu_has_iscsi && dl_qemu_img_iscsi_works /usr/bin/qemu-img; then
+	dl_log "the qemu-img first on PATH ($(command -v qemu-img)) cannot open iscsi images; using /usr/bin/qemu-img"
+	PATH=/usr/bin:$PATH
+fi
+stage_end
 
-# ---- 2. every tool must be there ---------------------------------------------------------------
+# ---- 2. every tool must be there, checked again after installing ----------------------------------
 dl_require "${CLIENT_TOOLS[@]}" "${OTHER_TOOLS[@]}"
-dl_qemu_has_iscsi || dl_die "qemu-img has no iSCSI support (install qemu-utils/bookworm and qemu-block-extra as root)"
-BOOT_MISSING=$(boot_missing | sort -u | tr '\n' ' ')
-[[ -z $BOOT_MISSING ]] || dl_die "network-boot tests need the Debian packages: $BOOT_MISSING(run scripts/test.sh as root to install them)"
+dl_qemu_has_iscsi || dl_die "qemu-img cannot open iSCSI images (as root this script installs Debian's qemu-utils + qemu-block-extra)"
+STILL_MISSING=$(missing_needs | sort -u | tr '\n' ' ')
+[[ -z $STILL_MISSING ]] || dl_die "the tests need the Debian packages: $STILL_MISSING(run scripts/test.sh as root to install them)"
 if [[ $(id -u) -ne 0 ]]; then
 	dl_log "warning: not root; tests that capture packets with tcpdump will fail"
 fi
@@ -114,18 +140,17 @@ FAILED=0
 LOGDIR=$(mktemp -d /tmp/diskless-test.XXXXXX)
 trap 'rm -rf "$LOGDIR"' EXIT
 
-step() { printf '\n==== %s ====\n' "$*"; }
-
-step "cargo build"
-if cargo build 2>&1; then
+stage_start "cargo build (binary and test binaries)"
+if cargo build 2>&1 && cargo test --no-run 2>&1; then
 	BUILD_OK=1
 else
 	BUILD_OK=0
 	FAILED=$((FAILED + 1))
 	dl_log "FAILED: cargo build"
 fi
+stage_end
 
-step "cargo test"
+stage_start "cargo test"
 timeout -k 10 "$CARGO_TEST_SECS" cargo test --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log"
 rc=${PIPESTATUS[0]}
 # Count individual tests from every "test result:" line (one per test binary and doc tests).
@@ -140,6 +165,7 @@ if ((rc != 0 && tf == 0)); then
 	dl_log "FAILED: cargo test exited $rc (124 = timeout after ${CARGO_TEST_SECS}s)"
 fi
 dl_log "cargo test: $tp passed, $tf failed"
+stage_end
 
 if ((QUICK)); then
 	dl_log "--quick: conformance suite not run"
@@ -147,7 +173,7 @@ elif ((BUILD_OK == 0)); then
 	FAILED=$((FAILED + 1))
 	dl_log "FAILED: conformance not run because the build failed"
 else
-	step "scripts/conformance.sh"
+	stage_start "scripts/conformance.sh"
 	CONFORMANCE_RESULTS="$LOGDIR/conformance.tsv" timeout -k 10 "$CONFORMANCE_SECS" "$ROOT/scripts/conformance.sh" --target-cmd diskless
 	rc=$?
 	if [[ -f $LOGDIR/conformance.tsv ]]; then
@@ -163,6 +189,7 @@ else
 		FAILED=$((FAILED + 1))
 		dl_log "FAILED: conformance.sh exited $rc"
 	fi
+	stage_end
 fi
 
 # ---- 4. a short fuzzing run of every cargo-fuzz target (docs/security.md) --------------------
@@ -172,15 +199,20 @@ elif ((BUILD_OK == 0)); then
 	FAILED=$((FAILED + 1))
 	dl_log "FAILED: fuzzers not run because the build failed"
 else
-	step "scripts/fuzz.sh ${FUZZ_SECS:-60}"
+	stage_start "scripts/fuzz.sh ${FUZZ_SECS:-60}"
 	if timeout -k 10 1800 "$ROOT/scripts/fuzz.sh" "${FUZZ_SECS:-60}"; then
 		PASSED=$((PASSED + 1))
 	else
 		FAILED=$((FAILED + 1))
 		dl_log "FAILED: scripts/fuzz.sh found a crash or could not run"
 	fi
+	stage_end
 fi
 
+echo
+echo "stage times:"
+printf '  %s\n' "${STAGES[@]}"
+printf '  %5d s  total\n' "$(($(date +%s) - RUN_T0))"
 echo
 echo "test.sh: $PASSED passed, $FAILED failed"
 ((FAILED == 0))
