@@ -57,7 +57,7 @@ fi
 CLIENT_TOOLS=(iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 qemu-img tcpdump)
 OTHER_TOOLS=(cargo timeout stdbuf cmp truncate mktemp)
 # Everything else the tests need, as "tool-or-file package" (tests/boot.rs QEMU network boots,
-# scripts/boot/build-image.sh, tests/hostile.rs's load check).
+# scripts/boot/build-image.sh).
 NEEDS=(
 	"iscsi-test-cu libiscsi-bin"
 	"iscsi-ls libiscsi-bin"
@@ -75,7 +75,7 @@ NEEDS=(
 	"sfdisk fdisk"
 	"cpio cpio"
 	"dpkg-deb dpkg"
-	"stress-ng stress-ng"
+	"tgtd tgt"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg

@@ -587,46 +587,55 @@ fn chap_mutual() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The same checks against another target, to validate the harness itself (for example tgt):
-//   DISKLESS_EXTERNAL=127.0.0.1:PORT/IQN/LUN cargo test --test clients external -- --ignored --test-threads=1
-// The LUN is overwritten (one test at a time: they share it).
+// The same checks against tgt, the reference target, to validate the harness itself: what passes
+// against diskless must pass against another target, and a check must catch a known wrong answer.
 // ---------------------------------------------------------------------------------------------
 
-mod external {
+mod reference {
     use super::*;
 
-    fn target() -> (u16, String, u64) {
-        let spec = std::env::var("DISKLESS_EXTERNAL")
-            .expect("set DISKLESS_EXTERNAL=127.0.0.1:PORT/IQN/LUN");
-        let mut parts = spec.splitn(3, '/');
-        let portal = parts.next().unwrap();
-        let iqn = parts.next().expect("IQN").to_string();
-        let lun = parts.next().expect("LUN").parse().unwrap();
-        let port = portal.rsplit(':').next().unwrap().parse().unwrap();
-        (port, iqn, lun)
+    /// tgt (Debian's reference target) with one 64 MiB scratch LUN.
+    fn tgt(dir: &Path) -> (Tgt, String) {
+        let img = dir.join("tgt.img");
+        sparse_image(&img, 64 * MIB);
+        let tgt = Tgt::start(&img, "iqn.2026-11.test:tgt-reference");
+        let url = format!("iscsi://127.0.0.1:{}/{}/1", tgt.port, tgt.iqn);
+        (tgt, url)
     }
 
     #[test]
-    #[ignore = "needs DISKLESS_EXTERNAL"]
-    fn external_qemu_round_trip() {
-        let (port, iqn, lun) = target();
+    fn harness_round_trip_passes_against_tgt() {
         let dir = tempdir();
-        check_qemu_round_trip(
-            dir.path(),
-            &format!("iscsi://127.0.0.1:{port}/{iqn}/{lun}"),
-            11,
-        );
+        let (_tgt, url) = tgt(dir.path());
+        check_qemu_round_trip(dir.path(), &url, 11);
     }
 
+    /// tgt answers HeaderDigest=None to a QEMU that offered only CRC32C (RFC 7143 §6.2 forbids
+    /// an answer that was not offered): the digest check must catch it, or it proves nothing.
     #[test]
-    #[ignore = "needs DISKLESS_EXTERNAL"]
-    fn external_header_digest() {
-        let (port, iqn, lun) = target();
+    fn harness_digest_check_catches_tgts_unoffered_answer() {
         let dir = tempdir();
+        let (tgt, _) = tgt(dir.path());
         let opts = format!(
-            "driver=iscsi,transport=tcp,portal=127.0.0.1:{port},target={iqn},lun={lun},initiator-name=iqn.2026-11.test:qemu,header-digest=crc32c"
+            "driver=iscsi,transport=tcp,portal=127.0.0.1:{},target={},lun=1,initiator-name=iqn.2026-11.test:qemu,header-digest=crc32c",
+            tgt.port, tgt.iqn
         );
-        check_header_digest(dir.path(), port, &opts, 12);
+        let caught =
+            std::panic::catch_unwind(|| check_header_digest(dir.path(), tgt.port, &opts, 12));
+        let msg = match caught {
+            Ok(()) => panic!(
+                "the digest check passed against tgt, which answers a value QEMU did not offer"
+            ),
+            Err(e) => e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        };
+        assert!(
+            msg.contains("target answered HeaderDigest"),
+            "the digest check failed for another reason: {msg}"
+        );
     }
 }
 

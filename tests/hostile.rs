@@ -82,7 +82,7 @@ impl Fx {
         let mut c = self.login();
         assert_eq!(c.read10(0, 1), self.head[..512], "LBA 0 differs");
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(30),
             "a healthy login + READ took {:?}",
             t.elapsed()
         );
@@ -476,9 +476,10 @@ fn refused(fx: &Fx, keys: &[(&str, &str)]) -> (u8, u8) {
     let mut c = fx.client();
     let t = Instant::now();
     let st = c.login_with(keys).expect_err("login must be refused");
-    assert!(t.elapsed() < Duration::from_secs(2), "slow refusal");
+    // Bounds in this file catch hangs: generous, so a loaded machine does not trip them.
+    assert!(t.elapsed() < Duration::from_secs(20), "slow refusal");
     // §6.1 / §11.13.5: after a failed login the target closes the connection.
-    assert!(c.closed_within(Duration::from_secs(3), &mut Vec::new()));
+    assert!(c.closed_within(Duration::from_secs(20), &mut Vec::new()));
     st
 }
 
@@ -504,8 +505,8 @@ fn flood_continuation(fx: &Fx, first: &[u8], filler: &[u8], total: usize) -> (u8
         c.login_request(1, 0, false, true, chunk.to_vec()).unwrap();
         let (r, _) = c.login_response(Duration::from_secs(2));
         if r.status_class != 0 {
-            assert!(t.elapsed() < Duration::from_secs(3));
-            assert!(c.closed_within(Duration::from_secs(3), &mut Vec::new()));
+            assert!(t.elapsed() < Duration::from_secs(20));
+            assert!(c.closed_within(Duration::from_secs(20), &mut Vec::new()));
             return (r.status_class, r.status_detail);
         }
         assert!(
@@ -716,7 +717,7 @@ fn nop_in_ping_unanswered_drops_with_timeout() {
     let t = Instant::now();
     let mut seen = Vec::new();
     let closed = loop {
-        if t.elapsed() > Duration::from_secs(8) {
+        if t.elapsed() > Duration::from_secs(30) {
             break false;
         }
         if let Ok(Pdu {
@@ -940,7 +941,7 @@ fn slowloris_and_silent_connections_time_out() {
                 return t.elapsed();
             }
             assert!(
-                t.elapsed() < Duration::from_secs(10),
+                t.elapsed() < Duration::from_secs(30),
                 "slowloris never cut off"
             );
         }
@@ -1207,13 +1208,14 @@ fn malformed_pdus_rejected_and_session_goes_on() {
     assert_eq!(c.read10(1, 1), fx.head[512..1024]);
 }
 
-/// Send `n` READs of 4 MiB and read nothing: the target's writer is stuck on a full socket.
-fn stall_writer(c: &mut Client, n: usize) {
+/// Send `n` READs of 4 MiB and read nothing, then wait until the target's writer is stuck on
+/// a full socket (its send queue holds at least 1 MiB).
+fn stall_writer(c: &mut Client, server_port: u16, n: usize) {
     for _ in 0..n {
         let cmd = c.command(&read10_cdb(0, 8192), 8192 * 512, true, false);
         c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
     }
-    thread::sleep(Duration::from_millis(1500));
+    wait_target_backlog(c, server_port, 1 << 20);
 }
 
 /// Read raw bytes until EOF/reset; how many arrived (None if still open after `limit`).
@@ -1242,15 +1244,22 @@ fn drain_until_closed(c: &mut Client, limit: Duration) -> Option<usize> {
 fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
     let fx = fixture("");
     let mut old = fx.login();
-    stall_writer(&mut old, 12);
+    stall_writer(&mut old, fx.srv.port, 12);
     // Same InitiatorName + ISID: the old session is closed (§6.3.5) without waiting for its
     // 48 MiB of responses to be read.
     let t = Instant::now();
     let mut new = fx.client();
     new.isid = old.isid;
     new.login(INITIATOR, TARGET).unwrap();
+    // The old session must have closed by itself, not been given up on after the server's
+    // bounded wait (which it logs); the time bound is only a generous sanity check.
     assert!(
-        t.elapsed() < Duration::from_secs(4),
+        !fx.srv.stderr().contains("did not close within"),
+        "the old session did not notice its reinstatement:\n{}",
+        fx.srv.stderr()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
         "reinstatement took {:?}",
         t.elapsed()
     );
@@ -1267,14 +1276,21 @@ fn reinstatement_does_not_wait_for_a_peer_that_does_not_read() {
 fn nop_timeout_drops_a_peer_that_does_not_read() {
     let fx = fixture("{nop_in_interval_secs: 1, nop_in_timeout_secs: 2}");
     let mut c = fx.login();
-    stall_writer(&mut c, 12);
+    stall_writer(&mut c, fx.srv.port, 12);
     // Wait for the drop (ping at 1 s idle, unanswered for 2 s), then for the writer's grace.
     let t = Instant::now();
     while !fx.srv.stderr().contains("NOP-In ping not answered") {
-        assert!(t.elapsed() < Duration::from_secs(10), "no NOP timeout");
+        assert!(t.elapsed() < Duration::from_secs(30), "no NOP timeout");
         thread::sleep(Duration::from_millis(100));
     }
-    thread::sleep(Duration::from_secs(2));
+    // Read nothing until the target has given up its writer (after its grace) and closed its
+    // socket: only what the kernel already held may then still arrive.
+    let me = c.stream.local_addr().unwrap().port();
+    let t = Instant::now();
+    while target_socket_open(fx.srv.port, me) {
+        assert!(t.elapsed() < Duration::from_secs(30), "socket kept open");
+        thread::sleep(Duration::from_millis(50));
+    }
     let got = drain_until_closed(&mut c, Duration::from_secs(20)).expect("connection still open");
     assert!(
         got < 16 << 20,
@@ -1283,9 +1299,9 @@ fn nop_timeout_drops_a_peer_that_does_not_read() {
     fx.healthy();
 }
 
-/// Whether the target still holds an ESTABLISHED socket for our connection (/proc/net/tcp;
-/// `client_port` is the client's local port).
-fn target_socket_open(server_port: u16, client_port: u16) -> bool {
+/// The target's socket for this client connection in /proc/net/tcp (`client_port` is the
+/// client's local port): its TCP state and how many bytes wait unsent in its queue.
+fn target_socket(server_port: u16, client_port: u16) -> Option<(u8, u64)> {
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let port = |field: &str| {
         field
@@ -1293,13 +1309,43 @@ fn target_socket_open(server_port: u16, client_port: u16) -> bool {
             .next()
             .and_then(|p| u16::from_str_radix(p, 16).ok())
     };
-    tcp.lines().skip(1).any(|l| {
+    tcp.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3
-            && port(f[1]) == Some(server_port)
-            && port(f[2]) == Some(client_port)
-            && f[3] == "01"
+        if f.len() > 4 && port(f[1]) == Some(server_port) && port(f[2]) == Some(client_port) {
+            let state = u8::from_str_radix(f[3], 16).ok()?;
+            let tx = f[4]
+                .split(':')
+                .next()
+                .and_then(|q| u64::from_str_radix(q, 16).ok())?;
+            Some((state, tx))
+        } else {
+            None
+        }
     })
+}
+
+/// Whether the target still holds an ESTABLISHED socket for our connection.
+fn target_socket_open(server_port: u16, client_port: u16) -> bool {
+    matches!(target_socket(server_port, client_port), Some((0x01, _)))
+}
+
+/// Wait (generously) until the target has queued at least `bytes` unsent bytes towards this
+/// client: its writer is then blocked on a full socket, whatever the machine's load.
+fn wait_target_backlog(c: &Client, server_port: u16, bytes: u64) {
+    let me = c.stream.local_addr().unwrap().port();
+    let t = Instant::now();
+    loop {
+        if let Some((_, tx)) = target_socket(server_port, me) {
+            if tx >= bytes {
+                return;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the target never queued {bytes} bytes for a client that does not read"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -1336,12 +1382,12 @@ fn login_flood_without_reading_is_cut_at_the_login_timeout() {
             }
         }
     });
-    thread::sleep(Duration::from_millis(500));
-    assert!(target_socket_open(fx.srv.port, me), "connection not open");
+    // The acknowledgements pile up unread: the target's writes are blocked.
+    wait_target_backlog(&c, fx.srv.port, 64 << 10);
     let t = Instant::now();
     while target_socket_open(fx.srv.port, me) {
         assert!(
-            t.elapsed() < Duration::from_secs(8),
+            t.elapsed() < Duration::from_secs(30),
             "login outlived its timeout while blocked writing"
         );
         thread::sleep(Duration::from_millis(100));
@@ -1380,7 +1426,7 @@ fn concurrent_clients_and_reinstatement_storm() {
                 let t = Instant::now();
                 // Refused or cut while another login reinstates the same ISID: both fine.
                 let _ = c.login(INITIATOR, TARGET);
-                assert!(t.elapsed() < Duration::from_secs(8), "login hung");
+                assert!(t.elapsed() < Duration::from_secs(30), "login hung");
                 let _ = c.recv(Duration::from_millis(50));
             }
         }));
@@ -1414,17 +1460,38 @@ fn simultaneous_logins_with_one_isid_leave_one_session() {
                 })
             })
             .collect();
-        let mut clients: Vec<(Client, bool)> =
-            logins.into_iter().map(|t| t.join().unwrap()).collect();
-        // §6.3.5: one I_T nexus per InitiatorName + ISID: at most one of them stays.
-        thread::sleep(Duration::from_millis(300));
-        let mut alive = 0;
-        for (c, ok) in clients.iter_mut() {
-            if *ok && !c.closed_within(Duration::from_millis(100), &mut Vec::new()) {
-                alive += 1;
-            }
+        let clients: Vec<(Client, bool)> = logins.into_iter().map(|t| t.join().unwrap()).collect();
+        // §6.3.5: one I_T nexus per InitiatorName + ISID. The target closes the older twin
+        // before it establishes the newer session, so once both logins have answered, at
+        // most one connection is still open: the loser's close is already on its way. The
+        // wait below is generous (a loaded machine) and ends as soon as it is seen.
+        let mut ok: Vec<Client> = clients
+            .into_iter()
+            .filter_map(|(c, ok)| ok.then_some(c))
+            .collect();
+        if ok.len() == 2 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let loser = 'wait: loop {
+                for (i, c) in ok.iter_mut().enumerate() {
+                    if c.closed_within(Duration::from_millis(50), &mut Vec::new()) {
+                        break 'wait i;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: 2 sessions with one ISID still open after 20 s"
+                );
+            };
+            ok.remove(loser);
         }
-        assert!(alive <= 1, "round {round}: {alive} sessions with one ISID");
+        // The session that stayed is a working one (the newest wins, it is not closed too).
+        if let Some(c) = ok.first_mut() {
+            c.ping(b"still here");
+            assert!(
+                !c.closed_within(Duration::from_millis(200), &mut Vec::new()),
+                "round {round}: the surviving session was closed too"
+            );
+        }
     }
     fx.healthy();
 }
@@ -1546,20 +1613,20 @@ fn unsolicited_data_beyond_first_burst() {
 fn shutdown_is_not_held_up_by_hostile_peers() {
     let mut fx = fixture("");
     let mut stalled = fx.login();
-    stall_writer(&mut stalled, 12);
+    stall_writer(&mut stalled, fx.srv.port, 12);
     let mut half = fx.client();
     half.send_raw(&raw_bhs(0x43, 0x87, 1000, 1, 1)).unwrap();
     let mut pending = fx.login();
     let _ = write_until_r2t(&mut pending, 9000, 4);
     let t = Instant::now();
-    let status = fx.srv.terminate(Duration::from_secs(12));
+    let status = fx.srv.terminate(Duration::from_secs(30));
     assert!(
         status.is_some(),
         "server still running {:?} after SIGTERM",
         t.elapsed()
     );
     assert!(
-        t.elapsed() < Duration::from_secs(10),
+        t.elapsed() < Duration::from_secs(30),
         "exit took {:?}",
         t.elapsed()
     );
@@ -1579,14 +1646,22 @@ fn ping_flood_without_reading_does_not_wedge_the_session() {
     let pump = thread::spawn(move || {
         let _ = w.write_all(&flood);
     });
-    thread::sleep(Duration::from_millis(1500));
+    // Wait until the target's answers pile up unread (its writer is blocked).
+    wait_target_backlog(&old, fx.srv.port, 256 << 10);
     // The wedged session must still notice that it is being reinstated (§6.3.5).
     let t = Instant::now();
     let mut new = fx.client();
     new.isid = old.isid;
     new.login(INITIATOR, TARGET).unwrap();
+    // The old session must have closed by itself, not been given up on after the server's
+    // bounded wait (which it logs); the time bound is only a generous sanity check.
     assert!(
-        t.elapsed() < Duration::from_secs(4),
+        !fx.srv.stderr().contains("did not close within"),
+        "the old session did not notice its reinstatement:\n{}",
+        fx.srv.stderr()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
         "reinstatement took {:?}",
         t.elapsed()
     );
@@ -1595,7 +1670,7 @@ fn ping_flood_without_reading_does_not_wedge_the_session() {
     let t = Instant::now();
     while target_socket_open(fx.srv.port, me) {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(30),
             "old connection kept open"
         );
         thread::sleep(Duration::from_millis(100));

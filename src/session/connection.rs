@@ -296,21 +296,20 @@ async fn login(
                 if let Some(c) = &client {
                     c.session_started();
                 }
-                let handle = server.sessions().insert(
+                let (handle, twins) = server.sessions().insert(
                     &params.initiator_name,
                     done.isid,
                     &params.target_name,
                 );
-                // Two logins with one ISID racing past the reinstatement check above: the
-                // newest session wins, any older twin is told to close (§6.3.5).
-                for twin in server.sessions().all() {
-                    if twin.nexus_id < handle.nexus_id
-                        && twin.isid == done.isid
-                        && twin.initiator.eq_ignore_ascii_case(&params.initiator_name)
-                        && twin.target.eq_ignore_ascii_case(&params.target_name)
-                    {
-                        twin.kill.notify_one();
-                    }
+                // A login that raced past the reinstatement check above: the newest session
+                // wins, and, as in reinstatement, its older twins are closed before it is
+                // established (§6.3.5).
+                for twin in twins {
+                    info!(
+                        tsih = twin.tsih,
+                        "racing login with one ISID: closing the older twin"
+                    );
+                    twin.close(Duration::from_secs(5)).await;
                 }
                 let mut response = done.response;
                 if let Bhs::LoginResponse(r) = &mut response.bhs {
@@ -319,8 +318,10 @@ async fn login(
                 if let Err(e) =
                     send_login(&mut stream, response, &mut stat_sn, &window, deadline).await
                 {
-                    // The session never started: it must not stay in the table.
+                    // The session never started: it must not stay in the table, and a login
+                    // waiting for it to close (a racing twin) need not wait any longer.
                     server.sessions().remove(handle.tsih);
+                    handle.closed.send_replace(true);
                     if let Some(c) = &client {
                         c.session_ended();
                     }

@@ -44,11 +44,22 @@ impl SessionHandle {
         )
     }
 
-    /// Ask the session to close and wait (bounded) until it has.
-    pub async fn close(&self, wait: std::time::Duration) {
+    /// Ask the session to close and wait (bounded) until it has; false if it had not by then
+    /// (logged: a session that ignores its kill signal is a bug worth seeing).
+    pub async fn close(&self, wait: std::time::Duration) -> bool {
         self.kill.notify_one();
         let mut rx = self.closed.subscribe();
-        let _ = tokio::time::timeout(wait, rx.wait_for(|c| *c)).await;
+        let closed = tokio::time::timeout(wait, rx.wait_for(|c| *c))
+            .await
+            .is_ok();
+        if !closed {
+            tracing::warn!(
+                tsih = self.tsih,
+                ?wait,
+                "session did not close within the wait"
+            );
+        }
+        closed
     }
 }
 
@@ -57,6 +68,18 @@ pub struct SessionTable {
     sessions: DashMap<u16, Arc<SessionHandle>>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
+    /// Serialises [`SessionTable::insert`]: allocating the nexus id, entering the session and
+    /// looking for its same-port twins must be one step, or two racing logins with one ISID
+    /// can each miss the other and both stay (§6.3.5 allows one I_T nexus per initiator port).
+    register: std::sync::Mutex<()>,
+}
+
+/// An initiator port is InitiatorName + ISID (RFC 7143 §4.4.1); iSCSI names compare without
+/// regard to case (RFC 3722 folds them to lower case).
+fn same_port(s: &SessionHandle, initiator: &str, isid: &[u8; 6], target: &str) -> bool {
+    s.initiator.eq_ignore_ascii_case(initiator)
+        && &s.isid == isid
+        && s.target.eq_ignore_ascii_case(target)
 }
 
 impl SessionTable {
@@ -81,7 +104,7 @@ impl SessionTable {
     ) -> Option<Arc<SessionHandle>> {
         self.sessions
             .iter()
-            .find(|s| s.initiator == initiator && &s.isid == isid && s.target == target)
+            .find(|s| same_port(s, initiator, isid, target))
             .map(|s| s.clone())
     }
 
@@ -90,7 +113,25 @@ impl SessionTable {
     }
 
     /// Register a new session with a fresh, non-zero TSIH not in use (§11.12.6: 0 is reserved).
-    pub fn insert(&self, initiator: &str, isid: [u8; 6], target: &str) -> Arc<SessionHandle> {
+    /// Also returns the sessions already registered for the same initiator port and target: the
+    /// twins of a login that raced past the reinstatement check, which the caller must close.
+    pub fn insert(
+        &self,
+        initiator: &str,
+        isid: [u8; 6],
+        target: &str,
+    ) -> (Arc<SessionHandle>, Vec<Arc<SessionHandle>>) {
+        // The guard protects no data of its own: a poisoned lock is still a valid lock.
+        let _one_at_a_time = self
+            .register
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let twins: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|s| same_port(s, initiator, &isid, target))
+            .map(|s| s.clone())
+            .collect();
         loop {
             let tsih = self
                 .next_tsih
@@ -113,7 +154,7 @@ impl SessionTable {
                 dashmap::mapref::entry::Entry::Occupied(_) => continue,
                 dashmap::mapref::entry::Entry::Vacant(v) => {
                     v.insert(handle.clone());
-                    return handle;
+                    return (handle, twins);
                 }
             }
         }
@@ -132,12 +173,31 @@ mod tests {
     fn tsih_unique_and_nonzero() {
         let t = SessionTable::default();
         t.next_tsih.store(u16::MAX - 1, Ordering::Relaxed);
-        let a = t.insert("i", [0; 6], "t");
-        let b = t.insert("i", [1; 6], "t");
+        let (a, _) = t.insert("i", [0; 6], "t");
+        let (b, _) = t.insert("i", [1; 6], "t");
         assert_ne!(a.tsih, 0);
         assert_ne!(b.tsih, 0);
         assert_ne!(a.tsih, b.tsih);
         assert_eq!(t.find("i", &[1; 6], "t").map(|s| s.tsih), Some(b.tsih));
         assert!(t.find("i", &[2; 6], "t").is_none());
+        assert_eq!(t.find("I", &[1; 6], "T").map(|s| s.tsih), Some(b.tsih));
+    }
+
+    #[test]
+    fn racing_inserts_of_one_port_always_see_each_other() {
+        // Whatever the interleaving, of N racing registrations of one initiator port every
+        // one but the first sees an older twin, so the newest can close the others.
+        for _ in 0..200 {
+            let t = Arc::new(SessionTable::default());
+            let seen: Vec<_> = (0..4)
+                .map(|_| {
+                    let t = t.clone();
+                    std::thread::spawn(move || t.insert("iqn.x", [7; 6], "iqn.t").1.len())
+                })
+                .collect();
+            let mut counts: Vec<usize> = seen.into_iter().map(|h| h.join().unwrap()).collect();
+            counts.sort_unstable();
+            assert_eq!(counts, vec![0, 1, 2, 3]);
+        }
     }
 }

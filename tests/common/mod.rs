@@ -430,6 +430,7 @@ pub fn package_for(tool: &str) -> &'static str {
         "iscsi-ls" | "iscsi-inq" | "iscsi-readcapacity16" | "iscsi-test-cu" => "libiscsi-bin",
         "qemu-img" => "qemu-utils (Debian 12's 7.2) and qemu-block-extra",
         "tcpdump" => "tcpdump",
+        "tgtd" | "tgtadm" => "tgt",
         "cmp" => "diffutils",
         _ => "?",
     }
@@ -450,18 +451,41 @@ pub fn require_tool(tool: &str) {
             package_for(tool)
         );
     }
-    if tool == "qemu-img" {
-        let out = Command::new("qemu-img").arg("--help").output().unwrap();
-        let help = String::from_utf8_lossy(&out.stdout);
-        if !help
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .any(|w| w == "iscsi")
-        {
-            panic!(
-                "qemu-img has no iSCSI block driver: install qemu-utils/bookworm (7.2) and qemu-block-extra (scripts/test.sh does it as root)"
-            );
-        }
+    if tool == "qemu-img" && !qemu_img_opens_iscsi() {
+        panic!(
+            "qemu-img cannot open iSCSI images (no iSCSI block driver): install Debian's qemu-utils and qemu-block-extra of one version (scripts/test.sh does it as root)"
+        );
     }
+}
+
+/// Whether qemu-img really has a working iSCSI driver, judged by what it does (its --help
+/// lists "iscsi" even when the driver module is missing): opening a portal nobody listens on
+/// fails to connect with the driver, and with "Unknown driver" without it.
+fn qemu_img_opens_iscsi() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(out) = Command::new("qemu-img")
+            .args([
+                "info",
+                "--image-opts",
+                "driver=iscsi,transport=tcp,portal=127.0.0.1:1,target=iqn.2026-11.org.diskless:probe,lun=0",
+            ])
+            .stdin(Stdio::null())
+            .output()
+        else {
+            return false;
+        };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .to_ascii_lowercase();
+        !["unknown driver", "unable to load module", "unknown protocol", "not whitelisted"]
+            .iter()
+            .any(|m| text.contains(m))
+            && (text.contains("iscsi") || text.contains("connect"))
+    })
 }
 
 /// What a client printed and how it exited.
@@ -744,4 +768,120 @@ pub fn text_keys(segments: &[Segment], from_port: u16, key: &str) -> Vec<String>
         }
     }
     found
+}
+
+// ---------------------------------------------------------------------------------------------
+// tgt, the reference target (to check that the harness itself catches a wrong target)
+// ---------------------------------------------------------------------------------------------
+
+/// A private tgtd on a loopback port with one target and one LUN (tgt puts a controller at
+/// LUN 0, the disk is LUN 1), stopped by its PID on drop.
+pub struct Tgt {
+    child: Option<Child>,
+    ctl: u16,
+    pub port: u16,
+    pub iqn: String,
+}
+
+impl Tgt {
+    pub fn start(image: &Path, iqn: &str) -> Tgt {
+        require_tool("tgtd");
+        require_tool("tgtadm");
+        for _ in 0..20 {
+            // tgtd cannot bind port 0: take a port the kernel just handed out, then give it to tgtd.
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            // A private control port, so a tgtd already running here is left alone.
+            let ctl = 1000 + (port % 8000);
+            if Path::new(&format!("/var/run/tgtd/socket.{ctl}")).exists() {
+                continue;
+            }
+            let child = Command::new("tgtd")
+                .args(["-f", "-C", &ctl.to_string(), "--iscsi"])
+                .arg(format!("portal=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut tgt = Tgt {
+                child: Some(child),
+                ctl,
+                port,
+                iqn: iqn.to_string(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Some(c) = tgt.child.as_mut() {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break; // lost the port or the control socket: try another
+                    }
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    tgt.admin(&["--op", "new", "--mode", "target", "--tid", "1", "-T", iqn]);
+                    let img = image.to_string_lossy();
+                    tgt.admin(&[
+                        "--op",
+                        "new",
+                        "--mode",
+                        "logicalunit",
+                        "--tid",
+                        "1",
+                        "--lun",
+                        "1",
+                        "-b",
+                        &img,
+                    ]);
+                    tgt.admin(&[
+                        "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+                    ]);
+                    return tgt;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            tgt.stop();
+        }
+        panic!("tgtd did not start on a loopback port");
+    }
+
+    fn admin(&self, args: &[&str]) {
+        let ctl = self.ctl.to_string();
+        let mut all = vec!["-C", ctl.as_str(), "--lld", "iscsi"];
+        all.extend_from_slice(args);
+        run("tgtadm", &all).ok();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // tgtd ignores SIGTERM while it has targets: delete them, then stop it.
+            let ctl = self.ctl.to_string();
+            for args in [
+                &[
+                    "--lld", "iscsi", "--mode", "target", "--op", "delete", "--force", "--tid", "1",
+                ][..],
+                &["--mode", "system", "--op", "delete"][..],
+            ] {
+                let _ = Command::new("tgtadm")
+                    .arg("-C")
+                    .arg(&ctl)
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
