@@ -6,6 +6,7 @@
 //! hand-off) reach the same [`Client`], so the OS sees every write the firmware phase made.
 
 pub mod http;
+pub mod lifecycle;
 
 use crate::config::{parse_mac, ConfigError, OverlayMode};
 use crate::registry::lu_identity;
@@ -17,14 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// iPXE's ISID: IANA enterprise-number format (T=01b) with enterprise 0x002723 (Fen Systems),
-/// RFC 7143 §11.12.5. A login carrying it comes from boot firmware, not from an OS.
-pub const IPXE_ISID_PREFIX: [u8; 4] = [0x40, 0x00, 0x27, 0x23];
-
-/// Whether a login's ISID is a boot firmware's.
-pub fn is_firmware_isid(isid: &[u8; 6]) -> bool {
-    isid[..4] == IPXE_ISID_PREFIX
-}
+pub use lifecycle::{is_firmware_isid, IPXE_ISID_PREFIX};
 
 /// A golden image, opened read-only once and shared by every client bound to it.
 pub struct GoldenImage {
