@@ -123,8 +123,9 @@ fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
         "persistent" => Ok(Persistent),
         "readonly" => Ok(Readonly),
         "direct" => Ok(Direct),
+        "install" => Ok(Install),
         _ => Err(format!(
-            "overlay mode must be volatile, persistent, readonly or direct, not {s:?}"
+            "overlay mode must be volatile, persistent, readonly, direct or install, not {s:?}"
         )),
     }
 }

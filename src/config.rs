@@ -466,6 +466,52 @@ pub enum OverlayMode {
     Readonly,
     /// Writes go to the golden image itself (image maintenance; one client at a time).
     Direct,
+    /// Installing an OS onto the client disk (Windows Setup reboots several times): kept
+    /// like `persistent` across reboots until `diskless client commit` publishes it.
+    Install,
+}
+
+/// When a client's boot discards a volatile disk (`reset:` of a binding; docs/overlays.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetPolicy {
+    /// The boot model decides from logins, logouts, drops and plausible script fetches.
+    #[default]
+    Auto,
+    /// Only a plausible boot-script fetch starts a boot (logins never discard the disk).
+    OnScript,
+    /// Only `diskless client reset` discards the disk.
+    Manual,
+}
+
+impl fmt::Display for ResetPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResetPolicy::Auto => "auto",
+            ResetPolicy::OnScript => "on_script",
+            ResetPolicy::Manual => "manual",
+        })
+    }
+}
+
+/// An ISID or ISID prefix written as hex bytes, `:`/`-` separated or not
+/// (`40:00:27:23`, `125400123456`): 1 to 6 bytes.
+pub fn parse_isid_prefix(s: &str) -> Result<Vec<u8>, String> {
+    let digits: String = s.chars().filter(|c| !matches!(c, ':' | '-')).collect();
+    if digits.is_empty() || digits.len() % 2 != 0 || digits.len() > 12 {
+        return Err(format!(
+            "firmware_isid {s:?}: 1 to 6 bytes in hex (e.g. \"40:00:27:23\" or \"125400123456\")"
+        ));
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .ok_or_else(|| format!("firmware_isid {s:?}: not hex"))
+        })
+        .collect()
 }
 
 impl fmt::Display for OverlayMode {
@@ -475,6 +521,7 @@ impl fmt::Display for OverlayMode {
             OverlayMode::Persistent => "persistent",
             OverlayMode::Readonly => "readonly",
             OverlayMode::Direct => "direct",
+            OverlayMode::Install => "install",
         })
     }
 }
@@ -510,6 +557,13 @@ pub struct BindingConfig {
     /// CHAP credentials of this client (per-client CHAP); override the target's `chap`.
     #[serde(default)]
     pub chap: Option<ChapConfig>,
+    /// When a boot discards a volatile disk: auto (default), on_script, manual.
+    #[serde(default)]
+    pub reset: ResetPolicy,
+    /// The client firmware's ISID, or a prefix of it (an OUI: its first three bytes), in
+    /// hex: logins matching it are the firmware's, all others the OS's.
+    #[serde(default)]
+    pub firmware_isid: Option<String>,
 }
 
 /// `boot.default:`.
@@ -518,6 +572,9 @@ pub struct BindingConfig {
 pub struct DefaultBindingConfig {
     pub image: String,
     pub mode: OverlayMode,
+    /// As in a binding.
+    #[serde(default)]
+    pub reset: ResetPolicy,
 }
 
 /// `boot_http:`.
@@ -762,7 +819,11 @@ impl Config {
             t.luns.clear();
             t.boot = Some(BootConfig {
                 bindings: Vec::new(),
-                default: Some(DefaultBindingConfig { image: name, mode }),
+                default: Some(DefaultBindingConfig {
+                    image: name,
+                    mode,
+                    reset: ResetPolicy::Auto,
+                }),
             });
         }
         c
@@ -979,6 +1040,10 @@ impl Config {
             }
             if let Some(chap) = &bd.chap {
                 chap.validate(file, &format!("{bp}.chap"))?;
+            }
+            if let Some(f) = &bd.firmware_isid {
+                parse_isid_prefix(f)
+                    .map_err(|m| ConfigError::invalid(file, format!("{bp}.firmware_isid"), m))?;
             }
         }
         if let Some(d) = &b.default {

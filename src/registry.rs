@@ -312,6 +312,7 @@ impl Registry {
                     bindings,
                     default,
                     registry.state_dir.clone(),
+                    registry.settings.reboot_gap,
                 )));
             }
         }

@@ -91,28 +91,7 @@ pub fn is_firmware_isid(isid: &Isid) -> bool {
     fingerprint(isid, None) == Fingerprint::Ipxe
 }
 
-/// Per-binding operator control (`reset:` in a binding).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ResetPolicy {
-    /// The model decides from logins, logouts, drops and plausible script fetches.
-    #[default]
-    Auto,
-    /// Only a plausible boot-script fetch starts a boot (logins never do).
-    OnScript,
-    /// Only `diskless client reset` discards the disk.
-    Manual,
-}
-
-impl fmt::Display for ResetPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ResetPolicy::Auto => "auto",
-            ResetPolicy::OnScript => "on_script",
-            ResetPolicy::Manual => "manual",
-        })
-    }
-}
+pub use crate::config::ResetPolicy;
 
 /// What the model needs to know about a client's binding.
 #[derive(Debug, Clone, Default)]

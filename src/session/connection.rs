@@ -7,6 +7,7 @@ use super::io::{self, FrameReader, Out, ReadError, SeqState};
 use super::table::SessionHandle;
 use super::task::{Completion, DataOutError, Residual, WriteCollector, NO_TTT};
 use super::Server;
+use crate::boot::lifecycle::End as ClientEnd;
 use crate::boot::{AttachError, Client};
 use crate::login::{
     status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
@@ -62,7 +63,7 @@ struct Ready {
     params: SessionParams,
     handle: Arc<SessionHandle>,
     /// The client disk of a boot target's session.
-    client: Option<Arc<Client>>,
+    client: Option<(Arc<Client>, u64)>,
     luns: Option<Arc<LunTable>>,
     nexus: Nexus,
     window: CmdWindow,
@@ -245,12 +246,12 @@ async fn login(
                     SessionType::Discovery => None,
                     SessionType::Normal => match registry.boot_target(&params.target_name) {
                         Some(boot) => match server
-                            .attach_client(&boot, &params.initiator_name, &done.isid)
+                            .attach_client(&boot, &params.initiator_name, &done.isid, peer.ip())
                             .await
                         {
-                            Ok(c) => {
+                            Ok((c, session)) => {
                                 let l = c.luns();
-                                client = Some(c);
+                                client = Some((c, session));
                                 Some(l)
                             }
                             Err(e) => {
@@ -283,6 +284,9 @@ async fn login(
                 };
                 if server.sessions().len() >= settings.max_sessions {
                     warn!(max = settings.max_sessions, "session limit reached");
+                    if let Some((c, s)) = &client {
+                        super::ended_blocking(c, *s, ClientEnd::Dropped).await;
+                    }
                     send_login(
                         &mut stream,
                         fail(status::OUT_OF_RESOURCES),
@@ -292,9 +296,6 @@ async fn login(
                     )
                     .await?;
                     return Ok(None);
-                }
-                if let Some(c) = &client {
-                    c.session_started();
                 }
                 let handle = server.sessions().insert(
                     &params.initiator_name,
@@ -321,8 +322,8 @@ async fn login(
                 {
                     // The session never started: it must not stay in the table.
                     server.sessions().remove(handle.tsih);
-                    if let Some(c) = &client {
-                        c.session_ended();
+                    if let Some((c, s)) = &client {
+                        super::ended_blocking(c, *s, ClientEnd::Dropped).await;
                     }
                     return Err(e);
                 }
@@ -590,8 +591,15 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             luns.nexus_lost(&conn.nexus);
         }
         server.sessions().remove(handle.tsih);
-        if let Some(c) = &client {
-            c.session_ended();
+        if let Some((c, s)) = &client {
+            // A logout the server asked for at shutdown, or a connection it closed then,
+            // is not the client's doing: it will log in again.
+            let how = match &end {
+                _ if server.is_stopping() => ClientEnd::ServerStop,
+                End::Logout => ClientEnd::Logout,
+                _ => ClientEnd::Dropped,
+            };
+            super::ended_blocking(c, *s, how).await;
         }
         let cold = conn.cold_reset;
         let target = conn.params.target_name.clone();
