@@ -209,8 +209,8 @@ pub struct SettingsConfig {
     pub initial_r2t: bool,
     pub header_digest: bool,
     pub data_digest: bool,
-    /// A volatile client counts as rebooted when its firmware logs in after it had no
-    /// session for at least this long (docs/overlays.md).
+    /// Tie-breaker of the client lifecycle, for ambiguous evidence only: an unknown ISID
+    /// after nothing of the client was live this long starts a new boot (docs/overlays.md).
     pub reboot_gap_secs: u64,
     /// Open TCP connections at most.
     pub max_connections: usize,
@@ -1356,5 +1356,64 @@ targets:
             "{d}"
         );
         assert_eq!(c.credentials().mutual.map(|m| m.0), Some("m".to_string()));
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_keys {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "t.yaml", Path::new("/nonexistent-dir"))
+    }
+
+    fn boot(binding: &str) -> String {
+        format!(
+            "images:\n  - {{name: base, path: base.img, create_size: 1MiB}}\n\
+             targets:\n  - name: iqn.2026-11.org.diskless:boot\n    boot:\n      bindings:\n\
+             \x20       - {binding}\n"
+        )
+    }
+
+    #[test]
+    fn reset_policy_firmware_isid_and_install_mode() {
+        let c = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: install, reset: on_script, \
+             firmware_isid: \"12:54:00\"}",
+        ))
+        .unwrap();
+        let b = &c.targets[0].boot.as_ref().unwrap().bindings[0];
+        assert_eq!(b.mode, OverlayMode::Install);
+        assert_eq!(b.reset, ResetPolicy::OnScript);
+        assert_eq!(
+            parse_isid_prefix(b.firmware_isid.as_deref().unwrap()),
+            Ok(vec![0x12, 0x54, 0x00])
+        );
+        let c = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.targets[0].boot.as_ref().unwrap().bindings[0].reset,
+            ResetPolicy::Auto
+        );
+        assert_eq!(parse_isid_prefix("400027230001").unwrap().len(), 6);
+        for bad in ["", "4", "40:00:27:23:00:01:02", "zz"] {
+            assert!(parse_isid_prefix(bad).is_err(), "{bad}");
+        }
+        let e = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile, firmware_isid: \"xyz\"}",
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("firmware_isid"), "{e}");
+        let e = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile, reset: sometimes}",
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("reset") || e.contains("sometimes"), "{e}");
     }
 }

@@ -315,7 +315,10 @@ fn boot_script_endpoint_names_the_client_and_a_fetch_is_never_destructive() {
     let mut os = login(&server, who, os_isid(1));
     drop(fw);
     os.write10(40, &block(3));
-    assert_eq!(os.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
+    assert_eq!(
+        os.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status,
+        0
+    );
     // Anyone fetches the client's script while its OS runs: the script, and nothing else.
     let reply = fetch();
     assert!(
@@ -334,7 +337,11 @@ fn boot_script_endpoint_names_the_client_and_a_fetch_is_never_destructive() {
         )),
         "{reply}"
     );
-    assert_eq!(os.read10(40, 1), block(3), "a script fetch discarded a running disk");
+    assert_eq!(
+        os.read10(40, 1),
+        block(3),
+        "a script fetch discarded a running disk"
+    );
     // The machine is powered off (the OS session ends); at power-on iPXE fetches its script
     // from the client's address, then logs in: a new boot on the golden image.
     drop(os);

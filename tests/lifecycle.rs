@@ -188,7 +188,9 @@ impl Case {
             });
             match attempt {
                 Ok(s) => break s.into_std().unwrap(),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => panic!("boot script endpoint not reachable: {e}"),
             }
         };
@@ -204,7 +206,10 @@ impl Case {
         .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        assert!(out.contains(&format!("set initiator-iqn {MAC_WHO}")), "{out}");
+        assert!(
+            out.contains(&format!("set initiator-iqn {MAC_WHO}")),
+            "{out}"
+        );
         out
     }
 }
@@ -267,7 +272,11 @@ fn ipxe_bios_reset_after_the_gap_is_a_new_boot() {
     let mut fw = case.login(who, ipxe(1));
     fw.write10(10, &block(1));
     let mut os = case.login(who, open_iscsi(1));
-    assert_eq!(os.read10(10, 1), block(1), "the OS lost the firmware's write");
+    assert_eq!(
+        os.read10(10, 1),
+        block(1),
+        "the OS lost the firmware's write"
+    );
     assert_closed(&mut fw, "the firmware's orphan session");
     os.write10(11, &block(2));
     sync(&mut os);
@@ -325,7 +334,10 @@ fn uefi_iscsidxe_hard_reset_with_the_os_session_open() {
     sync(&mut os);
     // Hard reset: the OS session stays open and silent, the firmware is back at once.
     let mut fw = case.login(MAC_WHO, uefi(MAC));
-    assert_eq!(fw.read10(30, 2), [case.golden_block(30), case.golden_block(31)].concat());
+    assert_eq!(
+        fw.read10(30, 2),
+        [case.golden_block(30), case.golden_block(31)].concat()
+    );
     assert_closed(&mut os, "the previous boot's OS session");
 }
 
@@ -506,7 +518,11 @@ fn a_foreign_script_fetch_while_the_client_runs_changes_nothing() {
     case.fetch_script_from("127.0.0.2");
     case.fetch_script_from("127.0.0.1");
     os.ping(b"still here");
-    assert_eq!(os.read10(120, 1), block(13), "a script fetch discarded the disk");
+    assert_eq!(
+        os.read10(120, 1),
+        block(13),
+        "a script fetch discarded the disk"
+    );
     // During a blip, a fetch from another address is ignored too; the OS comes back.
     drop_connection(os);
     case.wait_sessions_gone(MAC_WHO);
@@ -551,4 +567,52 @@ fn two_clients_never_see_each_others_writes() {
     fa.write10(131, &block(0xa1));
     assert_eq!(ob.read10(131, 1), case.golden_block(131));
     assert_eq!(case.counts(b), (1, 0));
+}
+
+#[test]
+fn install_mode_keeps_setup_reboots_until_commit() {
+    let case = Case::new(30, "install");
+    let who = "iqn.2026-11.test:win-install";
+    // Windows Setup: WinPE (Microsoft's initiator) writes, the machine reboots several times
+    // through the firmware; nothing is discarded.
+    for boot in 0..3u8 {
+        let fw = case.login(who, ipxe(1));
+        let mut os = case.login(who, windows(1));
+        drop(fw);
+        for earlier in 0..boot {
+            assert_eq!(
+                os.read10(140 + u32::from(earlier), 1),
+                block(0x50 + earlier),
+                "install mode lost Setup's work at reboot {boot}"
+            );
+        }
+        os.write10(140 + u32::from(boot), &block(0x50 + boot));
+        sync(&mut os);
+        logout(os);
+        case.wait_sessions_gone(who);
+    }
+    assert_eq!(case.counts(who), (3, 0));
+    assert!(case.ctl(&["clients"]).contains("install"));
+    // The installed disk is published as a new golden image.
+    let published = case.dir.path().join("installed.img");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["client", "commit", who])
+        .arg(&published)
+        .arg("--control")
+        .arg(case.control())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = std::fs::read(&published).unwrap();
+    assert_eq!(
+        img[140 * 512..143 * 512],
+        [block(0x50), block(0x51), block(0x52)].concat()[..]
+    );
+    assert!(case
+        .ctl(&["client", "show", who])
+        .contains("committed: yes"));
 }

@@ -106,7 +106,10 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
                     } else {
                         let mac = query_param(&query, "mac");
                         let uuid = query_param(&query, "uuid");
-                        match scripts.script(mac.as_deref(), uuid.as_deref(), local, peer).await {
+                        match scripts
+                            .script(mac.as_deref(), uuid.as_deref(), local, peer)
+                            .await
+                        {
                             Some(s) => {
                                 info!(%peer, mac = ?mac, uuid = ?uuid, "boot script served");
                                 respond(StatusCode::OK, s)

@@ -179,31 +179,67 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     /// First login of a boot from a state with no boot known.
-    FirstBoot { isid: Isid, role: Role },
+    FirstBoot {
+        isid: Isid,
+        role: Role,
+    },
     /// A firmware login after the OS phase began: the machine was reset or powered on again.
-    FirmwareAfterOs { isid: Isid, phase: Phase },
+    FirmwareAfterOs {
+        isid: Isid,
+        phase: Phase,
+    },
     /// A re-login with an ISID the OS already used in this boot.
-    OsReturns { isid: Isid },
+    OsReturns {
+        isid: Isid,
+    },
     /// Firmware login during the firmware phase beside its live sessions, or right after
     /// one ended (iPXE reconnects at once, with a new ISID), or after a server restart.
-    FirmwareSameBoot { isid: Isid, why: &'static str },
+    FirmwareSameBoot {
+        isid: Isid,
+        why: &'static str,
+    },
     /// The OS's first login after the firmware phase (the iBFT hand-off).
-    HandOff { isid: Isid },
+    HandOff {
+        isid: Isid,
+    },
     /// Another OS session in the same boot.
-    OsMoreSessions { isid: Isid },
+    OsMoreSessions {
+        isid: Isid,
+    },
     /// A plausible boot-script fetch was followed by this login.
-    AfterScript { isid: Isid },
+    AfterScript {
+        isid: Isid,
+    },
     /// Ambiguous: kept.
-    Ambiguous { isid: Isid, why: &'static str },
+    Ambiguous {
+        isid: Isid,
+        why: &'static str,
+    },
     /// Ambiguous, but nothing of the client was live for the reboot gap: a new boot.
-    GapTieBreak { isid: Isid, idle_ms: u64 },
+    GapTieBreak {
+        isid: Isid,
+        idle_ms: u64,
+    },
     /// Script fetch taken as the start of a boot (`reset: on_script`) or as evidence.
-    Script { from: IpAddr, why: &'static str },
+    Script {
+        from: IpAddr,
+        why: &'static str,
+    },
     /// Script fetch ignored.
-    ScriptIgnored { from: IpAddr, why: &'static str },
+    ScriptIgnored {
+        from: IpAddr,
+        why: &'static str,
+    },
     Operator,
-    SessionEnded { how: End, role: Role },
-    ServerRestarted { interrupted: bool },
+    SessionEnded {
+        how: End,
+        role: Role,
+    },
+    /// The end of a session a decision had already closed (not recorded in the history).
+    StaleSessionEnded,
+    ServerRestarted {
+        interrupted: bool,
+    },
     Committed,
 }
 
@@ -218,7 +254,11 @@ impl fmt::Display for Reason {
                 f,
                 "first login of a boot (no boot in progress), ISID {} taken as the {}",
                 hex(isid),
-                if *role == Role::Firmware { "firmware's" } else { "OS's" }
+                if *role == Role::Firmware {
+                    "firmware's"
+                } else {
+                    "OS's"
+                }
             ),
             Reason::FirmwareAfterOs { isid, phase } => write!(
                 f,
@@ -263,7 +303,11 @@ impl fmt::Display for Reason {
             Reason::SessionEnded { how, role } => write!(
                 f,
                 "{} session {}",
-                if *role == Role::Firmware { "firmware" } else { "OS" },
+                if *role == Role::Firmware {
+                    "firmware"
+                } else {
+                    "OS"
+                },
                 match how {
                     End::Logout => "logged out",
                     End::Dropped => "dropped without logout",
@@ -276,6 +320,7 @@ impl fmt::Display for Reason {
                 "server restarted"
             }),
             Reason::Committed => f.write_str("disk committed to a new image"),
+            Reason::StaleSessionEnded => f.write_str("a closed session's end"),
         }
     }
 }
@@ -478,7 +523,9 @@ impl Lifecycle {
     /// Feed one event at time `now`; the decision is also appended to the history.
     pub fn apply(&mut self, policy: &Policy, event: Event, now: u64) -> Decision {
         let d = self.decide(policy, event, now);
-        self.record(now, &d);
+        if d.reason != Reason::StaleSessionEnded {
+            self.record(now, &d);
+        }
         self.state.live_sessions = self.live.len() as u32;
         d
     }
@@ -519,10 +566,7 @@ impl Lifecycle {
             Event::SessionEnd { session, how } => {
                 let Some(pos) = self.live.iter().position(|l| l.session == session) else {
                     // Already closed by a decision (previous boot, reaped orphan).
-                    return Decision::keep(Reason::SessionEnded {
-                        how,
-                        role: Role::Firmware,
-                    });
+                    return Decision::keep(Reason::StaleSessionEnded);
                 };
                 let gone = self.live.remove(pos);
                 self.state.last_activity_ms = now;
@@ -622,7 +666,10 @@ impl Lifecycle {
                         new_boot: true,
                         reset: false,
                         close: Vec::new(),
-                        reason: Reason::FirstBoot { isid, role: Role::Os },
+                        reason: Reason::FirstBoot {
+                            isid,
+                            role: Role::Os,
+                        },
                     };
                     (d, Role::Os)
                 }
@@ -648,7 +695,13 @@ impl Lifecycle {
                 _ if !auto => (self.not_auto(policy, isid), Role::Os),
                 Phase::Os | Phase::OsEnded => match self.idle_ms(now) {
                     Some(idle) if idle >= policy.reboot_gap_ms => (
-                        self.new_boot(policy, Reason::GapTieBreak { isid, idle_ms: idle }),
+                        self.new_boot(
+                            policy,
+                            Reason::GapTieBreak {
+                                isid,
+                                idle_ms: idle,
+                            },
+                        ),
                         fw,
                     ),
                     Some(_) => (
@@ -696,9 +749,13 @@ impl Lifecycle {
             return same("after the server restarted mid-firmware-phase");
         }
         match self.idle_ms(now) {
-            Some(idle) if idle >= policy.reboot_gap_ms => {
-                self.new_boot(policy, Reason::GapTieBreak { isid, idle_ms: idle })
-            }
+            Some(idle) if idle >= policy.reboot_gap_ms => self.new_boot(
+                policy,
+                Reason::GapTieBreak {
+                    isid,
+                    idle_ms: idle,
+                },
+            ),
             _ => same("right after its previous connection (reconnect)"),
         }
     }

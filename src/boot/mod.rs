@@ -10,13 +10,13 @@ pub mod lifecycle;
 pub mod state;
 
 use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
-use lifecycle::{Decision, End, Event, HistoryEntry, Lifecycle, Phase, Policy};
-use std::net::IpAddr;
 use crate::registry::lu_identity;
 use crate::scsi::{LogicalUnit, LuOptions, LunTable};
 use crate::storage::{BlockStore, FileStore, Overlay, OverlayOptions, OverlayStats};
 use dashmap::DashMap;
+use lifecycle::{Decision, End, Event, HistoryEntry, Lifecycle, Phase, Policy};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -634,9 +634,11 @@ pub fn plan_bindings(
             chap: b.chap.as_ref().map(|c| c.credentials()),
             reset: b.reset,
             firmware_isid: match &b.firmware_isid {
-                Some(f) => Some(parse_isid_prefix(f).map_err(|m| {
-                    ConfigError::invalid(file, format!("{bp}.firmware_isid"), m)
-                })?),
+                Some(f) => {
+                    Some(parse_isid_prefix(f).map_err(|m| {
+                        ConfigError::invalid(file, format!("{bp}.firmware_isid"), m)
+                    })?)
+                }
                 None => None,
             },
         });

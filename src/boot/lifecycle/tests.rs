@@ -151,7 +151,10 @@ fn ipxe_bios_boot_reboot_after_the_gap() {
     assert_reset(&d);
     assert_eq!(d.close, vec![open_iscsi(1)], "stale OS session not closed");
     assert_eq!(c.l.state.boots, 2);
-    assert_eq!(c.l.state.resets, 1, "the first boot had a fresh disk already");
+    assert_eq!(
+        c.l.state.resets, 1,
+        "the first boot had a fresh disk already"
+    );
 }
 
 #[test]
@@ -290,7 +293,13 @@ fn idle_os_then_another_session_keeps_the_disk() {
 
 #[test]
 fn foreign_script_fetch_while_the_client_runs_changes_nothing() {
-    for policy in [volatile(), Policy { reset: ResetPolicy::OnScript, ..volatile() }] {
+    for policy in [
+        volatile(),
+        Policy {
+            reset: ResetPolicy::OnScript,
+            ..volatile()
+        },
+    ] {
         let mut c = Sim::new(policy);
         let (_, o) = c.boot(ipxe(1), open_iscsi(1), true);
         // Anyone, even from the client's own address, while its OS session is live.
