@@ -256,6 +256,24 @@ fn assert_closed(c: &mut Client, what: &str) {
     );
 }
 
+/// The server's log without terminal colours.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Wait until `gap` has passed since `since` (the case is about time passing).
 fn wait_past(since: Instant, gap: Duration) {
     while since.elapsed() <= gap {
@@ -293,6 +311,16 @@ fn ipxe_bios_reset_after_the_gap_is_a_new_boot() {
     assert!(show.contains("phase: firmware"), "{show}");
     assert!(show.contains("after the OS phase began"), "{show}");
     assert!(show.contains("hand-off"), "{show}");
+    // Every reset is logged with its evidence.
+    let log = strip_ansi(&case.server().stderr());
+    assert!(
+        log.lines().any(|l| l.contains("client lifecycle")
+            && l.contains("login ISID 400027230002 from 127.0.0.1")
+            && l.contains("verdict=\"reset\"")
+            && l.contains("close=[\"00023d000001\"]")
+            && l.contains("after the OS phase began")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -615,4 +643,31 @@ fn install_mode_keeps_setup_reboots_until_commit() {
     assert!(case
         .ctl(&["client", "show", who])
         .contains("committed: yes"));
+}
+
+#[test]
+fn nic_option_rom_orphan_is_reaped_by_its_learned_isid() {
+    // A BIOS NIC boot ROM nobody fingerprints (an OUI-format ISID of its own, the same every
+    // boot): learned from the first login of the boot.
+    let case = Case::new(30, "volatile");
+    let who = "iqn.2026-11.test:nic-rom";
+    let rom: [u8; 6] = [0x00, 0x15, 0x17, 0x00, 0x00, 0x01];
+    let mut fw = case.login(who, rom);
+    fw.write10(150, &block(0x15));
+    // BIOS hand-off: the ROM's session stays open; the OS's login reaps it.
+    let mut os = case.login(who, open_iscsi(1));
+    assert_eq!(os.read10(150, 1), block(0x15));
+    assert_closed(&mut fw, "the option ROM's orphan session");
+    os.write10(151, &block(0x16));
+    sync(&mut os);
+    // Reset: the ROM is back with its ISID while the OS session is still open.
+    let mut fw = case.login(who, rom);
+    assert_eq!(
+        fw.read10(150, 2),
+        [case.golden_block(150), case.golden_block(151)].concat()
+    );
+    assert_closed(&mut os, "the previous boot's OS session");
+    assert!(case
+        .ctl(&["client", "show", who])
+        .contains("firmware ISIDs: 001517000001"));
 }

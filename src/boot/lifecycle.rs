@@ -175,6 +175,19 @@ pub enum Event {
     Committed,
 }
 
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Login { isid, peer, .. } => write!(f, "login ISID {} from {peer}", hex(isid)),
+            Event::SessionEnd { how, .. } => write!(f, "session end ({how:?})"),
+            Event::ScriptFetch { from } => write!(f, "boot script fetch from {from}"),
+            Event::ServerStart => f.write_str("server start"),
+            Event::OperatorReset => f.write_str("operator reset"),
+            Event::Committed => f.write_str("commit"),
+        }
+    }
+}
+
 /// Why a decision was taken (every reset and every keep has one; `client show` prints it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {

@@ -216,7 +216,7 @@ impl Client {
 
     /// Feed one event to the model, persist the state, log the decision with its evidence.
     fn event(&self, st: &mut ClientState, event: Event, now: u64) -> Decision {
-        let what = format!("{event:?}");
+        let what = event.to_string();
         let d = st.lifecycle.apply(&st.policy, event, now);
         if d.new_boot || d.reset || !d.close.is_empty() {
             tracing::info!(
