@@ -671,3 +671,54 @@ fn nic_option_rom_orphan_is_reaped_by_its_learned_isid() {
         .ctl(&["client", "show", who])
         .contains("firmware ISIDs: 001517000001"));
 }
+
+/// edk2 IScsiDxe's login as seen on the wire (Debian 12's OVMF): its operational keys in its
+/// own fixed order.
+fn iscsidxe_login(case: &Case, who: &str, isid: [u8; 6]) -> Client {
+    let mut c = Client::connect(case.server().port);
+    c.isid = isid;
+    c.login_with(&[
+        ("InitiatorName", who),
+        ("SessionType", "Normal"),
+        ("TargetName", TARGET),
+        ("HeaderDigest", "None"),
+        ("DataDigest", "None"),
+        ("ErrorRecoveryLevel", "0"),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("MaxRecvDataSegmentLength", "65536"),
+        ("MaxBurstLength", "262144"),
+        ("FirstBurstLength", "65536"),
+        ("MaxConnections", "1"),
+        ("DataPDUInOrder", "Yes"),
+        ("DataSequenceInOrder", "Yes"),
+        ("DefaultTime2Wait", "2"),
+        ("DefaultTime2Retain", "20"),
+        ("MaxOutstandingR2T", "1"),
+    ])
+    .unwrap_or_else(|e| panic!("IScsiDxe-style login refused: {e:?}"));
+    c
+}
+
+#[test]
+fn iscsidxe_login_keys_recognise_a_firmware_never_learned() {
+    // The machine booted through iPXE so far; now its own UEFI initiator boots it (a firmware
+    // switch, no MAC in the binding): a never-seen ISID while the OS session is still open.
+    let case = Case::new(30, "volatile");
+    let who = "iqn.2026-11.test:switched";
+    let fw = case.login(who, ipxe(1));
+    let mut os = case.login(who, open_iscsi(1));
+    drop(fw);
+    os.write10(160, &block(0x60));
+    sync(&mut os);
+    // An unknown ISID with an unknown login shape beside the live OS: ambiguous, kept.
+    let mut odd = case.login(who, [0x80, 7, 7, 7, 7, 7]);
+    assert_eq!(odd.read10(160, 1), block(0x60));
+    drop(odd);
+    // IScsiDxe's key sequence says firmware: a new boot.
+    let mut fw = iscsidxe_login(&case, who, uefi([0x52, 0x54, 0x00, 0x77, 0x88, 0x99]));
+    assert_eq!(fw.read10(160, 1), case.golden_block(160));
+    assert_closed(&mut os, "the previous boot's OS session");
+    let show = case.ctl(&["client", "show", who]);
+    assert!(show.contains("ambiguous"), "{show}");
+}

@@ -57,6 +57,82 @@ pub enum Fingerprint {
     Unknown,
 }
 
+/// What the shape of a login (the order of its operational keys) says about the initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyHint {
+    /// edk2 IScsiDxe's fixed operational key sequence.
+    Edk2,
+    /// iPXE's fixed operational key sequence.
+    Ipxe,
+    /// RFC 3720 marker keys (IFMarker/OFMarker), sent by OS initiators such as open-iscsi and
+    /// never by the boot firmwares above: weak evidence of an OS.
+    Rfc3720Os,
+    #[default]
+    Unknown,
+}
+
+/// Operational keys of edk2 IScsiDxe (NetworkPkg/IScsiDxe, stable202211) in the order it sends
+/// them, as seen on the wire from Debian 12's OVMF.
+const EDK2_KEYS: [&str; 14] = [
+    "HeaderDigest",
+    "DataDigest",
+    "ErrorRecoveryLevel",
+    "InitialR2T",
+    "ImmediateData",
+    "MaxRecvDataSegmentLength",
+    "MaxBurstLength",
+    "FirstBurstLength",
+    "MaxConnections",
+    "DataPDUInOrder",
+    "DataSequenceInOrder",
+    "DefaultTime2Wait",
+    "DefaultTime2Retain",
+    "MaxOutstandingR2T",
+];
+
+/// Operational keys of iPXE in the order it sends them (Debian's ipxe-qemu, seen on the wire).
+const IPXE_KEYS: [&str; 14] = [
+    "HeaderDigest",
+    "DataDigest",
+    "MaxConnections",
+    "InitialR2T",
+    "ImmediateData",
+    "MaxRecvDataSegmentLength",
+    "MaxBurstLength",
+    "FirstBurstLength",
+    "DefaultTime2Wait",
+    "DefaultTime2Retain",
+    "MaxOutstandingR2T",
+    "DataPDUInOrder",
+    "DataSequenceInOrder",
+    "ErrorRecoveryLevel",
+];
+
+/// Classify a login by the names of the keys it sent (in order; values are not needed).
+pub fn key_hint(names: &[String]) -> KeyHint {
+    let identity = [
+        "InitiatorName",
+        "InitiatorAlias",
+        "TargetName",
+        "SessionType",
+        "AuthMethod",
+    ];
+    let ops: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !identity.contains(k) && !k.starts_with("CHAP_"))
+        .collect();
+    if ops.iter().any(|k| *k == "IFMarker" || *k == "OFMarker") {
+        KeyHint::Rfc3720Os
+    } else if ops == EDK2_KEYS {
+        KeyHint::Edk2
+    } else if ops == IPXE_KEYS {
+        KeyHint::Ipxe
+    } else {
+        KeyHint::Unknown
+    }
+}
+
 /// Recognise a firmware or OS by its ISID. `mac`: the client's MAC when the binding has one.
 pub fn fingerprint(isid: &Isid, mac: Option<[u8; 6]>) -> Fingerprint {
     if isid[..4] == IPXE_ISID_PREFIX {
@@ -162,6 +238,8 @@ pub enum Event {
         session: u64,
         isid: Isid,
         peer: IpAddr,
+        /// The login's key shape ([`key_hint`]).
+        keys: KeyHint,
     },
     /// A session of this client ended.
     SessionEnd { session: u64, how: End },
@@ -468,7 +546,7 @@ impl Lifecycle {
         self.live.len()
     }
 
-    fn role_of(&self, policy: &Policy, isid: &Isid) -> Option<(Role, &'static str)> {
+    fn role_of(&self, policy: &Policy, isid: &Isid, keys: KeyHint) -> Option<(Role, &'static str)> {
         let st = &self.state;
         if has(&st.os_isids, isid) {
             return Some((Role::Os, "an ISID of this boot's OS"));
@@ -493,7 +571,12 @@ impl Lifecycle {
         if has(&st.past_os_isids, isid) {
             return Some((Role::Os, "an ISID an earlier boot's OS used"));
         }
-        None
+        match keys {
+            KeyHint::Edk2 => Some((Role::Firmware, "IScsiDxe's login key sequence")),
+            KeyHint::Ipxe => Some((Role::Firmware, "iPXE's login key sequence")),
+            KeyHint::Rfc3720Os => Some((Role::Os, "an OS initiator's marker keys")),
+            KeyHint::Unknown => None,
+        }
     }
 
     fn record(&mut self, now: u64, d: &Decision) {
@@ -549,10 +632,11 @@ impl Lifecycle {
                 session,
                 isid,
                 peer,
+                keys,
             } => {
                 // Session reinstatement (§6.3.5): the old session with this ISID is gone.
                 self.live.retain(|l| l.isid != isid);
-                let (mut d, role) = self.login(policy, isid, now);
+                let (mut d, role) = self.login(policy, isid, keys, now);
                 if role == Role::Os {
                     // The hand-off orphans the firmware's sessions: reap them (every firmware,
                     // by the learned ISID, not only iPXE's).
@@ -637,8 +721,8 @@ impl Lifecycle {
     }
 
     /// Decide a login; also returns who the login is taken to be (learned for later).
-    fn login(&mut self, policy: &Policy, isid: Isid, now: u64) -> (Decision, Role) {
-        let role = self.role_of(policy, &isid).map(|r| r.0);
+    fn login(&mut self, policy: &Policy, isid: Isid, keys: KeyHint, now: u64) -> (Decision, Role) {
+        let role = self.role_of(policy, &isid, keys).map(|r| r.0);
         let phase = self.state.phase;
         let script = self
             .state

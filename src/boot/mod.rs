@@ -245,7 +245,7 @@ impl Client {
 
     /// A login of this client completed: the decision (reset, sessions to close) and the
     /// handle of the new session for [`Client::session_ended`].
-    pub fn login(&self, isid: &[u8; 6], peer: IpAddr) -> (Decision, u64) {
+    pub fn login(&self, isid: &[u8; 6], peer: IpAddr, keys: &[String]) -> (Decision, u64) {
         let mut st = lock(&self.state);
         st.next_session += 1;
         let session = st.next_session;
@@ -253,6 +253,7 @@ impl Client {
             session,
             isid: *isid,
             peer: peer.to_canonical(),
+            keys: lifecycle::key_hint(keys),
         };
         let d = self.event(&mut st, ev, now_ms());
         if d.new_boot && self.mode == OverlayMode::Install {

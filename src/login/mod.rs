@@ -8,7 +8,7 @@ pub mod machine;
 pub mod params;
 pub mod text;
 
-pub use machine::{LoginComplete, LoginMachine, LoginOutcome};
+pub use machine::{LoginComplete, LoginKeys, LoginMachine, LoginOutcome};
 pub use params::{OurParams, SessionParams, SessionType};
 pub use text::{TextMachine, TextOutcome};
 

@@ -246,7 +246,13 @@ async fn login(
                     SessionType::Discovery => None,
                     SessionType::Normal => match registry.boot_target(&params.target_name) {
                         Some(boot) => match server
-                            .attach_client(&boot, &params.initiator_name, &done.isid, peer.ip())
+                            .attach_client(
+                                &boot,
+                                &params.initiator_name,
+                                &done.isid,
+                                peer.ip(),
+                                &done.keys.names,
+                            )
                             .await
                         {
                             Ok((c, session)) => {

@@ -267,14 +267,16 @@ impl Server {
         initiator: &str,
         isid: &[u8; 6],
         peer: std::net::IpAddr,
+        keys: &[String],
     ) -> Result<(Arc<Client>, u64), AttachError> {
         // Opening or creating an overlay, and saving the boot state, sync files: keep them
         // off the event loop so a boot storm does not stall the sessions already running.
         let (client, decision, session) = {
             let (boot, who, isid) = (boot.clone(), initiator.to_string(), *isid);
+            let keys = keys.to_vec();
             tokio::task::spawn_blocking(move || {
                 let c = boot.attach(&who)?;
-                let (d, s) = c.login(&isid, peer);
+                let (d, s) = c.login(&isid, peer, &keys);
                 Ok::<_, AttachError>((c, d, s))
             })
             .await

@@ -67,6 +67,7 @@ impl Sim {
                 session: s,
                 isid,
                 peer: peer(),
+                keys: KeyHint::Unknown,
             },
             self.now,
         );
@@ -470,6 +471,7 @@ fn a_reset_decided_before_a_crash_stays_pending() {
             session: 99,
             isid: ipxe(2),
             peer: peer(),
+            keys: KeyHint::Unknown,
         },
         c.now + SEC,
     );
@@ -488,4 +490,56 @@ fn two_clients_are_independent() {
     assert_reset(&a.wait(SEC).login(ipxe(2)).1);
     assert_eq!(b.l.state.phase, Phase::Os);
     assert_eq!(b.l.state.resets, 0);
+}
+
+#[test]
+fn login_key_shapes() {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut edk2 = names(&["InitiatorName", "SessionType", "TargetName", "AuthMethod"]);
+    edk2.extend(names(&EDK2_KEYS));
+    assert_eq!(key_hint(&edk2), KeyHint::Edk2);
+    let mut ipxe = names(&["InitiatorName", "TargetName", "SessionType", "AuthMethod"]);
+    ipxe.extend(names(&IPXE_KEYS));
+    assert_eq!(key_hint(&ipxe), KeyHint::Ipxe);
+    let open_iscsi = names(&[
+        "InitiatorName",
+        "InitiatorAlias",
+        "TargetName",
+        "SessionType",
+        "HeaderDigest",
+        "DataDigest",
+        "DefaultTime2Wait",
+        "DefaultTime2Retain",
+        "IFMarker",
+        "OFMarker",
+        "ErrorRecoveryLevel",
+    ]);
+    assert_eq!(key_hint(&open_iscsi), KeyHint::Rfc3720Os);
+    assert_eq!(
+        key_hint(&names(&["InitiatorName", "HeaderDigest"])),
+        KeyHint::Unknown
+    );
+}
+
+#[test]
+fn edk2_key_shape_recognises_a_firmware_nobody_learned() {
+    // The state was lost mid-life (or predates the model): the client's OS phase is known,
+    // its firmware ISID is not, and no MAC is configured. IScsiDxe's key sequence decides.
+    let mut c = Sim::new(volatile());
+    c.boot(ipxe(1), open_iscsi(1), true);
+    let d = c.l.apply(
+        &c.p,
+        Event::Login {
+            session: 50,
+            isid: UEFI,
+            peer: peer(),
+            keys: KeyHint::Edk2,
+        },
+        c.now + SEC,
+    );
+    assert!(d.reset, "{d:?}");
+    // Without the key shape the same login is ambiguous and keeps the disk.
+    let mut c = Sim::new(volatile());
+    c.boot(ipxe(1), open_iscsi(1), true);
+    assert_keep(&c.wait(SEC).login(UEFI).1);
 }
