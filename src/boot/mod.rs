@@ -540,7 +540,7 @@ impl BootTarget {
         *lock(&client.luns) = fresh;
         {
             let pending = lock(&client.state).lifecycle.state.reset_pending;
-            if pending && client.mode == OverlayMode::Volatile {
+            if pending {
                 // Decided before a crash, not yet applied: no session can have seen the disk
                 // since (the new boot's login was never answered).
                 tracing::info!(initiator = %key, "applying a reset decided before the server stopped");
