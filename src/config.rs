@@ -1,15 +1,12 @@
 //! targets.yaml: the portals, server settings, discovery authentication and targets
 //! (docs/configuration.md documents every key). Parsing is strict: unknown keys are errors,
 //! and every error names the file, the YAML location or the offending field path.
-use crate::login::{ChapCredentials, OurParams};
-use crate::session::Settings;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// How errors name the "file" of a quick-mode configuration.
 pub const QUICK_SOURCE: &str = "--image";
@@ -191,7 +188,8 @@ pub struct Config {
     pub source: String,
 }
 
-/// `settings:`; every key optional. Maps onto [`Settings`] and [`OurParams`].
+/// `settings:`; every key optional. The session layer maps it onto its runtime settings
+/// (`session::Settings::from_config`) and the login layer's offers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SettingsConfig {
@@ -221,57 +219,31 @@ pub struct SettingsConfig {
 }
 
 impl Default for SettingsConfig {
+    /// The defaults of every setting (docs/configuration.md); the session layer's runtime
+    /// settings and the login layer's negotiation offers are built from these.
     fn default() -> Self {
-        let s = Settings::default();
-        let p = &s.params;
         SettingsConfig {
-            login_timeout_secs: s.login_timeout.as_secs(),
-            nop_in_interval_secs: s.nop_in_interval.map_or(0, |d| d.as_secs()),
-            nop_in_timeout_secs: s.nop_in_timeout.map_or(0, |d| d.as_secs()),
-            max_sessions: s.max_sessions,
-            cmd_window: s.cmd_window,
-            max_recv_data_segment_length: p.max_recv_data_segment_length,
-            max_burst_length: p.max_burst_length,
-            first_burst_length: p.first_burst_length,
-            immediate_data: p.immediate_data,
-            initial_r2t: p.initial_r2t,
-            header_digest: p.allow_header_digest,
-            data_digest: p.allow_data_digest,
-            reboot_gap_secs: s.reboot_gap.as_secs(),
-            max_connections: s.max_connections,
-            max_buffered_bytes: ByteSize(s.max_buffered_bytes as u64),
-            idle_timeout_secs: s.idle_timeout.map_or(0, |d| d.as_secs()),
+            login_timeout_secs: 15,
+            nop_in_interval_secs: 30,
+            nop_in_timeout_secs: 0,
+            max_sessions: 4096,
+            cmd_window: 128,
+            max_recv_data_segment_length: 262_144,
+            max_burst_length: 1_048_576,
+            first_burst_length: 262_144,
+            immediate_data: true,
+            initial_r2t: false,
+            header_digest: true,
+            data_digest: true,
+            reboot_gap_secs: 15,
+            max_connections: 8192,
+            max_buffered_bytes: ByteSize(32 << 20),
+            idle_timeout_secs: 0,
         }
     }
 }
 
 impl SettingsConfig {
-    /// The session layer's settings.
-    pub fn to_settings(&self) -> Settings {
-        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
-        Settings {
-            params: OurParams {
-                max_recv_data_segment_length: self.max_recv_data_segment_length,
-                max_burst_length: self.max_burst_length,
-                first_burst_length: self.first_burst_length,
-                immediate_data: self.immediate_data,
-                initial_r2t: self.initial_r2t,
-                allow_header_digest: self.header_digest,
-                allow_data_digest: self.data_digest,
-                ..OurParams::default()
-            },
-            nop_in_interval: secs(self.nop_in_interval_secs),
-            nop_in_timeout: secs(self.nop_in_timeout_secs),
-            login_timeout: Duration::from_secs(self.login_timeout_secs),
-            max_sessions: self.max_sessions,
-            cmd_window: self.cmd_window,
-            reboot_gap: Duration::from_secs(self.reboot_gap_secs),
-            max_connections: self.max_connections,
-            max_buffered_bytes: usize::try_from(self.max_buffered_bytes.0).unwrap_or(usize::MAX),
-            idle_timeout: secs(self.idle_timeout_secs),
-        }
-    }
-
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let bad =
             |key: &str, msg: String| ConfigError::invalid(file, format!("settings.{key}"), msg);
@@ -358,17 +330,6 @@ impl fmt::Debug for ChapConfig {
 }
 
 impl ChapConfig {
-    pub fn credentials(&self) -> ChapCredentials {
-        ChapCredentials {
-            user: self.user.clone(),
-            secret: self.secret.clone(),
-            mutual: match (&self.mutual_user, &self.mutual_secret) {
-                (Some(u), Some(s)) => Some((u.clone(), s.clone())),
-                _ => None,
-            },
-        }
-    }
-
     fn validate(&self, file: &str, path: &str) -> Result<(), ConfigError> {
         let bad = |msg: String| ConfigError::invalid(file, path, msg);
         if self.user.is_empty() {
@@ -1188,12 +1149,9 @@ targets:
     fn defaults_and_settings() {
         let c = parse(ONE).unwrap();
         assert_eq!(c.portal_addrs(), vec!["0.0.0.0:3260".parse().unwrap()]);
-        let s = c.settings.to_settings();
-        let d = Settings::default();
-        assert_eq!(s.params, d.params);
-        assert_eq!(s.nop_in_interval, d.nop_in_interval);
-        assert_eq!(s.nop_in_timeout, None);
-        assert_eq!(s.login_timeout, d.login_timeout);
+        assert_eq!(c.settings.nop_in_interval_secs, 30);
+        assert_eq!(c.settings.nop_in_timeout_secs, 0);
+        assert_eq!(c.settings.login_timeout_secs, 15);
         let l = &c.targets[0].luns[0];
         assert_eq!(
             (l.block_size, l.thin, l.read_only, l.removable),
@@ -1210,12 +1168,12 @@ targets:
              header_digest: false}}\n{ONE}"
         ))
         .unwrap();
-        let s = c.settings.to_settings();
-        assert_eq!(s.nop_in_interval, None);
-        assert_eq!(s.nop_in_timeout, Some(Duration::from_secs(5)));
+        let s = &c.settings;
+        assert_eq!(s.nop_in_interval_secs, 0);
+        assert_eq!(s.nop_in_timeout_secs, 5);
         assert_eq!(s.cmd_window, 32);
-        assert!(!s.params.allow_header_digest);
-        assert!(s.params.allow_data_digest);
+        assert!(!s.header_digest);
+        assert!(s.data_digest);
     }
 
     #[test]
@@ -1355,7 +1313,6 @@ targets:
             !d.contains("topsecret") && !d.contains("other-secret"),
             "{d}"
         );
-        assert_eq!(c.credentials().mutual.map(|m| m.0), Some("m".to_string()));
     }
 }
 

@@ -10,7 +10,7 @@ pub mod lifecycle;
 pub mod state;
 
 use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
-use crate::registry::lu_identity;
+use crate::identity::lu_identity;
 use crate::scsi::{LogicalUnit, LuOptions, LunTable};
 use crate::storage::{BlockStore, FileStore, Overlay, OverlayOptions, OverlayStats};
 use dashmap::DashMap;
@@ -380,7 +380,7 @@ fn dir_name(s: &str) -> String {
     if out.len() > 120 {
         out.truncate(100);
         out.push('-');
-        out.push_str(&crate::registry::default_serial(s, 0));
+        out.push_str(&crate::identity::default_serial(s, 0));
     }
     out
 }
@@ -533,8 +533,8 @@ impl BootTarget {
                 next_session: 0,
             }),
             state_path,
-            serial: crate::registry::default_serial(&who, 0),
-            naa: crate::registry::naa_identifier(&who, 0),
+            serial: crate::identity::default_serial(&who, 0),
+            naa: crate::identity::naa_identifier(&who, 0),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
@@ -632,7 +632,7 @@ pub fn plan_bindings(
                 .as_deref()
                 .map(|m| parse_mac(m).unwrap_or_else(|_| m.to_string())),
             uuid: b.uuid.as_ref().map(|u| u.to_ascii_lowercase()),
-            chap: b.chap.as_ref().map(|c| c.credentials()),
+            chap: b.chap.as_ref().map(crate::login::ChapCredentials::from),
             reset: b.reset,
             firmware_isid: match &b.firmware_isid {
                 Some(f) => {

@@ -23,6 +23,19 @@ pub struct ChapCredentials {
     pub mutual: Option<(String, String)>,
 }
 
+impl From<&crate::config::ChapConfig> for ChapCredentials {
+    fn from(c: &crate::config::ChapConfig) -> Self {
+        ChapCredentials {
+            user: c.user.clone(),
+            secret: c.secret.clone(),
+            mutual: match (&c.mutual_user, &c.mutual_secret) {
+                (Some(u), Some(s)) => Some((u.clone(), s.clone())),
+                _ => None,
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for ChapCredentials {
     // Secrets are never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -52,20 +52,37 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
 }
 
+impl Settings {
+    /// The runtime settings of a `settings:` section (0 = never, for the optional times).
+    pub fn from_config(c: &crate::config::SettingsConfig) -> Settings {
+        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
+        Settings {
+            params: OurParams {
+                max_recv_data_segment_length: c.max_recv_data_segment_length,
+                max_burst_length: c.max_burst_length,
+                first_burst_length: c.first_burst_length,
+                immediate_data: c.immediate_data,
+                initial_r2t: c.initial_r2t,
+                allow_header_digest: c.header_digest,
+                allow_data_digest: c.data_digest,
+                ..OurParams::default()
+            },
+            nop_in_interval: secs(c.nop_in_interval_secs),
+            nop_in_timeout: secs(c.nop_in_timeout_secs),
+            login_timeout: Duration::from_secs(c.login_timeout_secs),
+            max_sessions: c.max_sessions,
+            cmd_window: c.cmd_window,
+            reboot_gap: Duration::from_secs(c.reboot_gap_secs),
+            max_connections: c.max_connections,
+            max_buffered_bytes: usize::try_from(c.max_buffered_bytes.0).unwrap_or(usize::MAX),
+            idle_timeout: secs(c.idle_timeout_secs),
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            params: OurParams::default(),
-            nop_in_interval: Some(Duration::from_secs(30)),
-            nop_in_timeout: None,
-            login_timeout: Duration::from_secs(15),
-            max_sessions: 4096,
-            cmd_window: 128,
-            reboot_gap: Duration::from_secs(15),
-            max_connections: 8192,
-            max_buffered_bytes: 32 << 20,
-            idle_timeout: None,
-        }
+        Settings::from_config(&crate::config::SettingsConfig::default())
     }
 }
 
@@ -404,5 +421,33 @@ impl crate::boot::http::BootScripts for Server {
         peer: std::net::SocketAddr,
     ) -> crate::boot::http::ScriptFuture<'a> {
         Box::pin(self.boot_script(mac, uuid, local, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_from_config() {
+        // The config's defaults are the login layer's own offers.
+        assert_eq!(Settings::default().params, OurParams::default());
+        let d = Settings::default();
+        assert_eq!(d.nop_in_interval, Some(Duration::from_secs(30)));
+        assert_eq!(d.nop_in_timeout, None);
+        assert_eq!(d.idle_timeout, None);
+        let c = crate::config::SettingsConfig {
+            nop_in_interval_secs: 0,
+            nop_in_timeout_secs: 5,
+            cmd_window: 32,
+            header_digest: false,
+            ..Default::default()
+        };
+        let s = Settings::from_config(&c);
+        assert_eq!(s.nop_in_interval, None);
+        assert_eq!(s.nop_in_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.cmd_window, 32);
+        assert!(!s.params.allow_header_digest);
+        assert!(s.params.allow_data_digest);
     }
 }
