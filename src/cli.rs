@@ -123,8 +123,9 @@ fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
         "persistent" => Ok(Persistent),
         "readonly" => Ok(Readonly),
         "direct" => Ok(Direct),
+        "install" => Ok(Install),
         _ => Err(format!(
-            "overlay mode must be volatile, persistent, readonly or direct, not {s:?}"
+            "overlay mode must be volatile, persistent, readonly, direct or install, not {s:?}"
         )),
     }
 }
@@ -280,7 +281,7 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
             // the overlay's lock refuses this while a server holds it.
             let server = Server::new(
                 Arc::new(Registry::from_config(&config)?),
-                config.settings.to_settings(),
+                crate::session::Settings::from_config(&config.settings),
             );
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -433,7 +434,7 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         // Images are opened after binding so that a port in use fails fast; the registry
         // reports the real bound addresses (port 0 resolved) in SendTargets.
         let registry = Registry::from_config(&config)?.with_portals(bound.clone());
-        let settings = registry.settings().clone();
+        let settings = crate::session::Settings::from_config(registry.settings());
         for t in registry.targets() {
             tracing::info!(target = %t.name, luns = t.luns.len(), "serving");
         }
@@ -501,7 +502,7 @@ pub fn write_summary(
     writeln!(out, "{}: OK", config.source)?;
     let portals: Vec<String> = plan.portals.iter().map(|p| p.to_string()).collect();
     writeln!(out, "portals: {}", portals.join(", "))?;
-    let s = &plan.settings;
+    let s = crate::session::Settings::from_config(&plan.settings);
     let p = &s.params;
     writeln!(
         out,

@@ -1,15 +1,12 @@
 //! targets.yaml: the portals, server settings, discovery authentication and targets
 //! (docs/configuration.md documents every key). Parsing is strict: unknown keys are errors,
 //! and every error names the file, the YAML location or the offending field path.
-use crate::login::{ChapCredentials, OurParams};
-use crate::session::Settings;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// How errors name the "file" of a quick-mode configuration.
 pub const QUICK_SOURCE: &str = "--image";
@@ -191,7 +188,8 @@ pub struct Config {
     pub source: String,
 }
 
-/// `settings:`; every key optional. Maps onto [`Settings`] and [`OurParams`].
+/// `settings:`; every key optional. The session layer maps it onto its runtime settings
+/// (`session::Settings::from_config`) and the login layer's offers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SettingsConfig {
@@ -209,8 +207,8 @@ pub struct SettingsConfig {
     pub initial_r2t: bool,
     pub header_digest: bool,
     pub data_digest: bool,
-    /// A volatile client counts as rebooted when its firmware logs in after it had no
-    /// session for at least this long (docs/overlays.md).
+    /// Tie-breaker of the client lifecycle, for ambiguous evidence only: an unknown ISID
+    /// after nothing of the client was live this long starts a new boot (docs/overlays.md).
     pub reboot_gap_secs: u64,
     /// Open TCP connections at most.
     pub max_connections: usize,
@@ -221,57 +219,31 @@ pub struct SettingsConfig {
 }
 
 impl Default for SettingsConfig {
+    /// The defaults of every setting (docs/configuration.md); the session layer's runtime
+    /// settings and the login layer's negotiation offers are built from these.
     fn default() -> Self {
-        let s = Settings::default();
-        let p = &s.params;
         SettingsConfig {
-            login_timeout_secs: s.login_timeout.as_secs(),
-            nop_in_interval_secs: s.nop_in_interval.map_or(0, |d| d.as_secs()),
-            nop_in_timeout_secs: s.nop_in_timeout.map_or(0, |d| d.as_secs()),
-            max_sessions: s.max_sessions,
-            cmd_window: s.cmd_window,
-            max_recv_data_segment_length: p.max_recv_data_segment_length,
-            max_burst_length: p.max_burst_length,
-            first_burst_length: p.first_burst_length,
-            immediate_data: p.immediate_data,
-            initial_r2t: p.initial_r2t,
-            header_digest: p.allow_header_digest,
-            data_digest: p.allow_data_digest,
-            reboot_gap_secs: s.reboot_gap.as_secs(),
-            max_connections: s.max_connections,
-            max_buffered_bytes: ByteSize(s.max_buffered_bytes as u64),
-            idle_timeout_secs: s.idle_timeout.map_or(0, |d| d.as_secs()),
+            login_timeout_secs: 15,
+            nop_in_interval_secs: 30,
+            nop_in_timeout_secs: 0,
+            max_sessions: 4096,
+            cmd_window: 128,
+            max_recv_data_segment_length: 262_144,
+            max_burst_length: 1_048_576,
+            first_burst_length: 262_144,
+            immediate_data: true,
+            initial_r2t: false,
+            header_digest: true,
+            data_digest: true,
+            reboot_gap_secs: 15,
+            max_connections: 8192,
+            max_buffered_bytes: ByteSize(32 << 20),
+            idle_timeout_secs: 0,
         }
     }
 }
 
 impl SettingsConfig {
-    /// The session layer's settings.
-    pub fn to_settings(&self) -> Settings {
-        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
-        Settings {
-            params: OurParams {
-                max_recv_data_segment_length: self.max_recv_data_segment_length,
-                max_burst_length: self.max_burst_length,
-                first_burst_length: self.first_burst_length,
-                immediate_data: self.immediate_data,
-                initial_r2t: self.initial_r2t,
-                allow_header_digest: self.header_digest,
-                allow_data_digest: self.data_digest,
-                ..OurParams::default()
-            },
-            nop_in_interval: secs(self.nop_in_interval_secs),
-            nop_in_timeout: secs(self.nop_in_timeout_secs),
-            login_timeout: Duration::from_secs(self.login_timeout_secs),
-            max_sessions: self.max_sessions,
-            cmd_window: self.cmd_window,
-            reboot_gap: Duration::from_secs(self.reboot_gap_secs),
-            max_connections: self.max_connections,
-            max_buffered_bytes: usize::try_from(self.max_buffered_bytes.0).unwrap_or(usize::MAX),
-            idle_timeout: secs(self.idle_timeout_secs),
-        }
-    }
-
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let bad =
             |key: &str, msg: String| ConfigError::invalid(file, format!("settings.{key}"), msg);
@@ -358,17 +330,6 @@ impl fmt::Debug for ChapConfig {
 }
 
 impl ChapConfig {
-    pub fn credentials(&self) -> ChapCredentials {
-        ChapCredentials {
-            user: self.user.clone(),
-            secret: self.secret.clone(),
-            mutual: match (&self.mutual_user, &self.mutual_secret) {
-                (Some(u), Some(s)) => Some((u.clone(), s.clone())),
-                _ => None,
-            },
-        }
-    }
-
     fn validate(&self, file: &str, path: &str) -> Result<(), ConfigError> {
         let bad = |msg: String| ConfigError::invalid(file, path, msg);
         if self.user.is_empty() {
@@ -466,6 +427,52 @@ pub enum OverlayMode {
     Readonly,
     /// Writes go to the golden image itself (image maintenance; one client at a time).
     Direct,
+    /// Installing an OS onto the client disk (Windows Setup reboots several times): kept
+    /// like `persistent` across reboots until `diskless client commit` publishes it.
+    Install,
+}
+
+/// When a client's boot discards a volatile disk (`reset:` of a binding; docs/overlays.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetPolicy {
+    /// The boot model decides from logins, logouts, drops and plausible script fetches.
+    #[default]
+    Auto,
+    /// Only a plausible boot-script fetch starts a boot (logins never discard the disk).
+    OnScript,
+    /// Only `diskless client reset` discards the disk.
+    Manual,
+}
+
+impl fmt::Display for ResetPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResetPolicy::Auto => "auto",
+            ResetPolicy::OnScript => "on_script",
+            ResetPolicy::Manual => "manual",
+        })
+    }
+}
+
+/// An ISID or ISID prefix written as hex bytes, `:`/`-` separated or not
+/// (`40:00:27:23`, `125400123456`): 1 to 6 bytes.
+pub fn parse_isid_prefix(s: &str) -> Result<Vec<u8>, String> {
+    let digits: String = s.chars().filter(|c| !matches!(c, ':' | '-')).collect();
+    if digits.is_empty() || digits.len() % 2 != 0 || digits.len() > 12 {
+        return Err(format!(
+            "firmware_isid {s:?}: 1 to 6 bytes in hex (e.g. \"40:00:27:23\" or \"125400123456\")"
+        ));
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .ok_or_else(|| format!("firmware_isid {s:?}: not hex"))
+        })
+        .collect()
 }
 
 impl fmt::Display for OverlayMode {
@@ -475,6 +482,7 @@ impl fmt::Display for OverlayMode {
             OverlayMode::Persistent => "persistent",
             OverlayMode::Readonly => "readonly",
             OverlayMode::Direct => "direct",
+            OverlayMode::Install => "install",
         })
     }
 }
@@ -510,6 +518,13 @@ pub struct BindingConfig {
     /// CHAP credentials of this client (per-client CHAP); override the target's `chap`.
     #[serde(default)]
     pub chap: Option<ChapConfig>,
+    /// When a boot discards a volatile disk: auto (default), on_script, manual.
+    #[serde(default)]
+    pub reset: ResetPolicy,
+    /// The client firmware's ISID, or a prefix of it (an OUI: its first three bytes), in
+    /// hex: logins matching it are the firmware's, all others the OS's.
+    #[serde(default)]
+    pub firmware_isid: Option<String>,
 }
 
 /// `boot.default:`.
@@ -518,6 +533,9 @@ pub struct BindingConfig {
 pub struct DefaultBindingConfig {
     pub image: String,
     pub mode: OverlayMode,
+    /// As in a binding.
+    #[serde(default)]
+    pub reset: ResetPolicy,
 }
 
 /// `boot_http:`.
@@ -762,7 +780,11 @@ impl Config {
             t.luns.clear();
             t.boot = Some(BootConfig {
                 bindings: Vec::new(),
-                default: Some(DefaultBindingConfig { image: name, mode }),
+                default: Some(DefaultBindingConfig {
+                    image: name,
+                    mode,
+                    reset: ResetPolicy::Auto,
+                }),
             });
         }
         c
@@ -980,6 +1002,10 @@ impl Config {
             if let Some(chap) = &bd.chap {
                 chap.validate(file, &format!("{bp}.chap"))?;
             }
+            if let Some(f) = &bd.firmware_isid {
+                parse_isid_prefix(f)
+                    .map_err(|m| ConfigError::invalid(file, format!("{bp}.firmware_isid"), m))?;
+            }
         }
         if let Some(d) = &b.default {
             known(&d.image, format!("{path}.default.image"))?;
@@ -1123,12 +1149,9 @@ targets:
     fn defaults_and_settings() {
         let c = parse(ONE).unwrap();
         assert_eq!(c.portal_addrs(), vec!["0.0.0.0:3260".parse().unwrap()]);
-        let s = c.settings.to_settings();
-        let d = Settings::default();
-        assert_eq!(s.params, d.params);
-        assert_eq!(s.nop_in_interval, d.nop_in_interval);
-        assert_eq!(s.nop_in_timeout, None);
-        assert_eq!(s.login_timeout, d.login_timeout);
+        assert_eq!(c.settings.nop_in_interval_secs, 30);
+        assert_eq!(c.settings.nop_in_timeout_secs, 0);
+        assert_eq!(c.settings.login_timeout_secs, 15);
         let l = &c.targets[0].luns[0];
         assert_eq!(
             (l.block_size, l.thin, l.read_only, l.removable),
@@ -1145,12 +1168,12 @@ targets:
              header_digest: false}}\n{ONE}"
         ))
         .unwrap();
-        let s = c.settings.to_settings();
-        assert_eq!(s.nop_in_interval, None);
-        assert_eq!(s.nop_in_timeout, Some(Duration::from_secs(5)));
+        let s = &c.settings;
+        assert_eq!(s.nop_in_interval_secs, 0);
+        assert_eq!(s.nop_in_timeout_secs, 5);
         assert_eq!(s.cmd_window, 32);
-        assert!(!s.params.allow_header_digest);
-        assert!(s.params.allow_data_digest);
+        assert!(!s.header_digest);
+        assert!(s.data_digest);
     }
 
     #[test]
@@ -1290,6 +1313,64 @@ targets:
             !d.contains("topsecret") && !d.contains("other-secret"),
             "{d}"
         );
-        assert_eq!(c.credentials().mutual.map(|m| m.0), Some("m".to_string()));
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_keys {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "t.yaml", Path::new("/nonexistent-dir"))
+    }
+
+    fn boot(binding: &str) -> String {
+        format!(
+            "images:\n  - {{name: base, path: base.img, create_size: 1MiB}}\n\
+             targets:\n  - name: iqn.2026-11.org.diskless:boot\n    boot:\n      bindings:\n\
+             \x20       - {binding}\n"
+        )
+    }
+
+    #[test]
+    fn reset_policy_firmware_isid_and_install_mode() {
+        let c = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: install, reset: on_script, \
+             firmware_isid: \"12:54:00\"}",
+        ))
+        .unwrap();
+        let b = &c.targets[0].boot.as_ref().unwrap().bindings[0];
+        assert_eq!(b.mode, OverlayMode::Install);
+        assert_eq!(b.reset, ResetPolicy::OnScript);
+        assert_eq!(
+            parse_isid_prefix(b.firmware_isid.as_deref().unwrap()),
+            Ok(vec![0x12, 0x54, 0x00])
+        );
+        let c = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.targets[0].boot.as_ref().unwrap().bindings[0].reset,
+            ResetPolicy::Auto
+        );
+        assert_eq!(parse_isid_prefix("400027230001").unwrap().len(), 6);
+        for bad in ["", "4", "40:00:27:23:00:01:02", "zz"] {
+            assert!(parse_isid_prefix(bad).is_err(), "{bad}");
+        }
+        let e = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile, firmware_isid: \"xyz\"}",
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("firmware_isid"), "{e}");
+        let e = parse(&boot(
+            "{initiator: \"iqn.2026-11.test:a\", image: base, mode: volatile, reset: sometimes}",
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("reset") || e.contains("sometimes"), "{e}");
     }
 }

@@ -99,9 +99,11 @@ fn find_client(
     Err(format!("no boot target has a binding for {initiator}"))
 }
 
-/// One line per client: the `clients` listing.
+/// One line per client: the `clients` listing (boots and resets counted separately).
 pub fn format_clients(infos: &[ClientInfo]) -> String {
-    let mut out = String::from("TARGET\tINITIATOR\tIMAGE\tMODE\tSESSIONS\tBOOTS\tWRITTEN\n");
+    let mut out = String::from(
+        "TARGET\tINITIATOR\tIMAGE\tMODE\tRESET\tPHASE\tSESSIONS\tBOOTS\tRESETS\tWRITTEN\n",
+    );
     for c in infos {
         let written = c
             .overlay
@@ -109,22 +111,67 @@ pub fn format_clients(infos: &[ClientInfo]) -> String {
             .map_or("-".to_string(), |s| s.bytes_written.to_string());
         let _ = writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            c.target, c.initiator, c.image, c.mode, c.sessions, c.boots, written
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            c.target,
+            c.initiator,
+            c.image,
+            c.mode,
+            c.reset_policy,
+            c.phase,
+            c.sessions,
+            c.boots,
+            c.resets,
+            written
         );
     }
     out
 }
 
-/// The `show` detail of one client.
+/// UTC time of a millisecond timestamp, `YYYY-MM-DD HH:MM:SS` (no time zone database).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The `show` detail of one client, with its boot history (every reset and keep, and why).
 pub fn format_client(c: &ClientInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "initiator: {}", c.initiator);
     let _ = writeln!(out, "target: {}", c.target);
     let _ = writeln!(out, "image: {}", c.image);
     let _ = writeln!(out, "mode: {}", c.mode);
+    let _ = writeln!(out, "reset: {}", c.reset_policy);
+    let _ = writeln!(out, "phase: {}", c.phase);
     let _ = writeln!(out, "sessions: {}", c.sessions);
     let _ = writeln!(out, "boots: {}", c.boots);
+    let _ = writeln!(out, "resets: {}", c.resets);
+    let _ = writeln!(out, "firmware ISIDs: {}", c.firmware_isids.join(" "));
+    let _ = writeln!(out, "OS ISIDs (this boot): {}", c.os_isids.join(" "));
+    if c.last_activity_ms > 0 {
+        let _ = writeln!(out, "last activity: {} UTC", utc(c.last_activity_ms));
+    }
+    if let Some(r) = &c.last_reset_reason {
+        let _ = writeln!(out, "last reset: {r}");
+    }
+    if c.committed {
+        let _ = writeln!(out, "committed: yes (published since its last boot)");
+    }
     if let Some(d) = &c.overlay_dir {
         let _ = writeln!(out, "overlay: {}", d.display());
     }
@@ -134,6 +181,17 @@ pub fn format_client(c: &ClientInfo) -> String {
         let _ = writeln!(out, "bytes written: {}", s.bytes_written);
         let _ = writeln!(out, "chunks unmapped: {}", s.chunks_zeroed);
         let _ = writeln!(out, "journal bytes: {}", s.journal_bytes);
+    }
+    let _ = writeln!(out, "history (oldest first):");
+    for h in &c.history {
+        let _ = writeln!(
+            out,
+            "  {} UTC  boot {}  {}: {}",
+            utc(h.at_ms),
+            h.boot,
+            h.verdict,
+            h.reason
+        );
     }
     out
 }
@@ -211,4 +269,17 @@ pub fn request(socket: &Path, line: &str) -> std::io::Result<Result<String, Stri
         Some(body) => Ok(body.to_string()),
         None => Err(answer.trim().trim_start_matches("error: ").to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(1_796_083_200_000), "2026-12-01 00:00:00");
+        assert_eq!(
+            super::utc(951_782_400_000 + 3_723_000),
+            "2000-02-29 01:02:03"
+        );
+    }
 }

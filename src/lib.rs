@@ -1,20 +1,21 @@
 //! diskless: an iSCSI target for network boot.
 //!
-//! Layers, bottom-up (see docs/architecture.md):
-//! - [`pdu`]: the PDU codec (pure: bytes in, values out).
-//! - [`login`]: text keys, login and text negotiation, CHAP (pure state machines).
-//! - [`session`]: sessions and connections on tokio (the only layer that touches sockets).
-//! - [`scsi`]: the SCSI block command set, knows nothing of iSCSI.
-//! - [`storage`]: block stores (image files, memory).
-//! - [`config`] and [`registry`]: targets.yaml and the targets built from it.
-//! - [`boot`]: boot emulation: bindings, per-client disks over overlays, the boot script
-//!   endpoint.
-//! - [`cli`]: the command line.
+//! Imports go one way, bottom-up (see docs/architecture.md):
+//! - [`config`]: targets.yaml as plain data (imports nothing of the crate).
+//! - [`pdu`], [`login`], [`scsi`], [`storage`], [`identity`]: the PDU codec, text keys and
+//!   login/CHAP (pure state machines), the SCSI block command set, block stores, LUN identity.
+//! - [`boot`]: boot emulation: bindings, per-client disks over overlays, the client lifecycle
+//!   ([`boot::lifecycle`], pure), the boot script endpoint.
+//! - [`registry`]: the targets built from the configuration (uses `boot`, never the reverse).
+//! - [`session`]: sessions and connections on tokio (the only layer that touches sockets);
+//!   turns `config::SettingsConfig` into its runtime settings.
+//! - [`control`], [`cli`]: the operator socket and the command line.
 
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod login;
 pub mod pdu;
 pub mod registry;

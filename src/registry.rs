@@ -6,27 +6,20 @@
 //! [`Registry::from_plan`] attaches a LUN table to each (opening images, constructing
 //! logical units).
 //!
-//! LUN identity scheme (stable across restarts, unique per target and LUN): h = MD5 of
-//! `"diskless\0" + target name + "\0" + decimal LUN`. The default serial (VPD 0x80) is the
-//! first 8 bytes of h as 16 uppercase hex digits. The NAA identifier (VPD 0x83, SPC-4 Device
-//! Identification page) is h with its first nibble replaced by 6 (IEEE Registered Extended); the
-//! IEEE company ID field is therefore hash bits, not a registered OUI.
+//! LUN identities come from `crate::identity` (re-exported here). Layering: the registry uses
+//! `boot` (client disks of boot targets), never the other way round, and hands the session
+//! layer the `settings:` section as plain data.
 use crate::boot::{BootTarget, GoldenImage};
-use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError};
+use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError, SettingsConfig};
+pub use crate::identity::{default_serial, lu_identity, naa_identifier, revision, PRODUCT, VENDOR};
 use crate::login::{AuthPolicy, ChapCredentials, Directory, TargetEntry, TargetLookup};
 use crate::scsi::{LogicalUnit, LuIdentity, LunTable};
-use crate::session::Settings;
 use crate::storage::{BlockStore, FileStore};
-use md5::{Digest, Md5};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// T10 vendor identification reported in INQUIRY.
-pub const VENDOR: &str = "DISKLESS";
-/// Product identification reported in INQUIRY.
-pub const PRODUCT: &str = "VIRTUAL-DISK";
 /// Target portal group tag of every portal (one portal group, RFC 7143 §13.9).
 pub const PORTAL_GROUP_TAG: u16 = 1;
 
@@ -83,56 +76,9 @@ impl TargetPlan {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub portals: Vec<SocketAddr>,
-    pub settings: Settings,
+    pub settings: SettingsConfig,
     pub discovery_chap: Option<ChapCredentials>,
     pub targets: Vec<TargetPlan>,
-}
-
-fn identity_hash(target: &str, lun: u16) -> [u8; 16] {
-    let mut h = Md5::new();
-    h.update(b"diskless\0");
-    h.update(target.as_bytes());
-    h.update(b"\0");
-    h.update(lun.to_string().as_bytes());
-    h.finalize().into()
-}
-
-/// The default serial: 16 hex digits derived from the target name and LUN.
-pub fn default_serial(target: &str, lun: u16) -> String {
-    identity_hash(target, lun)
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02X}"))
-        .collect()
-}
-
-/// The NAA type 6 identifier of a LUN (16 bytes, first nibble 6).
-pub fn naa_identifier(target: &str, lun: u16) -> [u8; 16] {
-    let mut h = identity_hash(target, lun);
-    h[0] = 0x60 | (h[0] & 0x0f);
-    h
-}
-
-/// The INQUIRY revision: the crate version with the dots removed, at most 4 characters
-/// (T10 PRODUCT REVISION LEVEL is 4 bytes), e.g. "010" for 0.1.0.
-pub fn revision() -> String {
-    env!("CARGO_PKG_VERSION")
-        .chars()
-        .filter(|c| *c != '.')
-        .take(4)
-        .collect()
-}
-
-/// The identity of a LUN: vendor DISKLESS, product VIRTUAL-DISK, serial as configured or
-/// derived, NAA derived.
-pub fn lu_identity(target: &str, lun: u16, serial: Option<&str>) -> LuIdentity {
-    LuIdentity {
-        vendor: VENDOR.to_string(),
-        product: PRODUCT.to_string(),
-        revision: revision(),
-        serial: serial.map_or_else(|| default_serial(target, lun), str::to_string),
-        naa: naa_identifier(target, lun),
-    }
 }
 
 /// Turn a validated config into a plan. Pure: touches no files.
@@ -189,14 +135,14 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
             initiators: t.initiators.clone(),
             acl,
             sources,
-            chap: t.chap.as_ref().map(|c| c.credentials()),
+            chap: t.chap.as_ref().map(ChapCredentials::from),
             luns,
         });
     }
     Ok(Plan {
         portals: config.portal_addrs(),
-        settings: config.settings.to_settings(),
-        discovery_chap: config.discovery.chap.as_ref().map(|c| c.credentials()),
+        settings: config.settings.clone(),
+        discovery_chap: config.discovery.chap.as_ref().map(ChapCredentials::from),
         targets,
     })
 }
@@ -252,7 +198,7 @@ struct Target {
 pub struct Registry {
     targets: Vec<Target>,
     portals: Vec<SocketAddr>,
-    settings: Settings,
+    settings: SettingsConfig,
     discovery_chap: Option<ChapCredentials>,
     state_dir: PathBuf,
     boot_http: Option<crate::config::BootHttpConfig>,
@@ -312,6 +258,7 @@ impl Registry {
                     bindings,
                     default,
                     registry.state_dir.clone(),
+                    std::time::Duration::from_secs(registry.settings.reboot_gap_secs),
                 )));
             }
         }
@@ -408,7 +355,8 @@ impl Registry {
         &self.portals
     }
 
-    pub fn settings(&self) -> &Settings {
+    /// The `settings:` section (the session layer turns it into its runtime settings).
+    pub fn settings(&self) -> &SettingsConfig {
         &self.settings
     }
 

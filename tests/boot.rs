@@ -461,3 +461,260 @@ fn bios_sanboot_of_unknown_target_fails_fast() {
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
 }
+
+/// EFI_GUID as stored: u32, u16, u16 little endian, then 8 bytes.
+fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[..4].copy_from_slice(&a.to_le_bytes());
+    g[4..6].copy_from_slice(&b.to_le_bytes());
+    g[6..8].copy_from_slice(&c.to_le_bytes());
+    g[8..].copy_from_slice(&d);
+    g
+}
+
+/// Append NV+BS variables to a copy of OVMF's variable store (an authenticated variable
+/// store inside a firmware volume; edk2 MdeModulePkg/Include/Guid/VariableFormat.h): each an
+/// AUTHENTICATED_VARIABLE_HEADER (60 bytes, State 0x3F = added), the UTF-16 name with its NUL,
+/// the data, 4-byte aligned.
+fn write_efi_vars(template: &Path, out: &Path, vars: &[(&str, [u8; 16], Vec<u8>)]) {
+    let mut fd = std::fs::read(template).unwrap();
+    let fv_header_len = u16::from_le_bytes([fd[48], fd[49]]) as usize;
+    assert_eq!(
+        &fd[40..44],
+        b"_FVH",
+        "{} is not a firmware volume",
+        template.display()
+    );
+    let auth_guid = guid(
+        0xaaf32c78,
+        0x947b,
+        0x439a,
+        [0xa1, 0x80, 0x2e, 0x14, 0x4e, 0xc3, 0x77, 0x92],
+    );
+    assert_eq!(
+        fd[fv_header_len..fv_header_len + 16],
+        auth_guid,
+        "not an authenticated variable store"
+    );
+    let store_end = fv_header_len
+        + u32::from_le_bytes(
+            fd[fv_header_len + 16..fv_header_len + 20]
+                .try_into()
+                .unwrap(),
+        ) as usize;
+    let align = |n: usize| (n + 3) & !3;
+    let mut at = align(fv_header_len + 28);
+    while u16::from_le_bytes([fd[at], fd[at + 1]]) == 0x55aa {
+        let name = u32::from_le_bytes(fd[at + 36..at + 40].try_into().unwrap()) as usize;
+        let data = u32::from_le_bytes(fd[at + 40..at + 44].try_into().unwrap()) as usize;
+        at = align(at + 60 + name + data);
+    }
+    for (name, vendor, data) in vars {
+        let name16: Vec<u8> = name
+            .encode_utf16()
+            .chain(std::iter::once(0))
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
+        let mut v = Vec::new();
+        v.extend_from_slice(&0x55aau16.to_le_bytes());
+        v.push(0x3f); // VAR_ADDED
+        v.push(0);
+        v.extend_from_slice(&3u32.to_le_bytes()); // NON_VOLATILE | BOOTSERVICE_ACCESS
+        v.extend_from_slice(&[0; 8 + 16 + 4]); // MonotonicCount, TimeStamp, PubKeyIndex
+        v.extend_from_slice(&(name16.len() as u32).to_le_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        v.extend_from_slice(vendor);
+        v.extend_from_slice(&name16);
+        v.extend_from_slice(data);
+        assert!(at + v.len() <= store_end, "variable store full");
+        fd[at..at + v.len()].copy_from_slice(&v);
+        at = align(at + v.len());
+    }
+    std::fs::write(out, fd).unwrap();
+}
+
+/// OVMF variables that make edk2's IScsiDxe log in to `target` at 10.0.2.2:`port` with a
+/// static address, as `initiator`, on the NIC with `mac` (edk2 NetworkPkg/IScsiDxe:
+/// ISCSI_ATTEMPT_CONFIG_NVDATA of IScsiConfig.h and ISCSI_SESSION_CONFIG_NVDATA of IScsiMisc.h,
+/// pack(1), 1049 bytes in edk2-stable202211 as Debian 12 ships it).
+fn iscsidxe_vars(out: &Path, mac: [u8; 6], initiator: &str, target: &str, port: u16) {
+    let name_guid = guid(
+        0x59324945,
+        0xec44,
+        0x4c0d,
+        [0xb1, 0xcd, 0x9d, 0xb1, 0x39, 0xdf, 0x07, 0x0c],
+    );
+    let config_guid = guid(
+        0x4b47d616,
+        0xa8d6,
+        0x4552,
+        [0x9d, 0x44, 0xcc, 0xad, 0x2e, 0x0f, 0x4c, 0xf9],
+    );
+    let put =
+        |a: &mut Vec<u8>, at: usize, bytes: &[u8]| a[at..at + bytes.len()].copy_from_slice(bytes);
+    let mut a = vec![0u8; 1049];
+    a[17] = 1; // AttemptConfigIndex
+    put(&mut a, 26, b"Attempt 1"); // AttemptName[12]
+    let mac_text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    put(&mut a, 38, mac_text.join(":").as_bytes()); // MacString[96]
+    let s = 182; // SessionConfigData
+    put(&mut a, s, &port.to_le_bytes()); // TargetPort
+    a[s + 2] = 1; // Enabled (ISCSI_ENABLED)
+    a[s + 3] = 0; // IpMode: IPv4
+    put(&mut a, s + 4, &[10, 0, 2, 15]); // LocalIp
+    put(&mut a, s + 20, &[255, 255, 255, 0]); // SubnetMask
+    put(&mut a, s + 24, &[10, 0, 2, 2]); // Gateway
+                                         // InitiatorInfoFromDhcp, TargetInfoFromDhcp: 0 (static: no DHCP wait)
+    put(&mut a, s + 42, target.as_bytes()); // TargetName[224]
+    put(&mut a, s + 266, &[10, 0, 2, 2]); // TargetIp
+    a[s + 282] = 24; // PrefixLength
+                     // BootLun[8] at s+283: LUN 0
+    put(&mut a, s + 291, &1000u16.to_le_bytes()); // ConnectTimeout (ms)
+    a[s + 293] = 2; // ConnectRetryCount
+    let mut isid = mac;
+    isid[0] &= 0x3f;
+    put(&mut a, s + 294, &isid); // IsId: the MAC-derived one IScsiDxe itself uses
+                                 // AuthenticationType at 757: 0 = none; AutoConfigureSuccess at 1047
+    a[1048] = 1; // Actived
+    let mut iname = initiator.as_bytes().to_vec();
+    iname.push(0);
+    write_efi_vars(
+        Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        out,
+        &[
+            ("I_NAME", name_guid, iname),
+            (
+                "InitialAttemptOrder",
+                config_guid,
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+            ),
+            ("AttemptOrder", config_guid, vec![1]),
+            ("Attempt 1", name_guid, a),
+        ],
+    );
+}
+
+/// OVMF's own iSCSI initiator (edk2 IScsiDxe, no iPXE anywhere) boots a volatile client disk:
+/// the OS writes its marker, the machine is powered off and on (same NVRAM, same MAC, so
+/// IScsiDxe logs in with the same ISID again), and the second boot no longer sees the marker.
+/// The golden image is unchanged.
+#[test]
+fn uefi_iscsidxe_volatile_disk_is_fresh_at_every_boot() {
+    require_boot_tools("uefi");
+    let dir = tempfile::tempdir().unwrap();
+    let target = "iqn.2026-11.test:boot-dxe";
+    let initiator = format!("iqn.2026-11.test:dxe-{}", std::process::id());
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let bindings = format!(
+        "        - {{initiator: \"{initiator}\", mac: \"52:54:00:12:34:56\", image: base, mode: volatile}}\n"
+    );
+    let (server, golden) = serve_golden(dir.path(), "uefi.img", target, &bindings);
+    let before = file_sha(&golden);
+    let vars = dir.path().join("nvram.fd");
+    iscsidxe_vars(&vars, mac, &initiator, target, server.port);
+    for round in ["1", "2"] {
+        let serial = boot_iscsidxe(&server, &dir.path().join(round), &vars, "52:54:00:12:34:56");
+        assert_eq!(
+            previous(&serial).as_deref(),
+            Some("none"),
+            "boot {round} saw an earlier boot's write: {serial}"
+        );
+    }
+    let show = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["client", "show", &initiator, "--control"])
+        .arg(dir.path().join("state/control.sock"))
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(show.contains("boots: 2"), "{show}");
+    assert!(show.contains("firmware ISIDs: 125400123456"), "{show}");
+    let status = server.stop();
+    assert!(status.success(), "diskless exited {status:?}");
+    assert_eq!(file_sha(&golden), before, "the golden image changed");
+}
+
+/// Power on a UEFI machine whose NVRAM is `vars` (IScsiDxe configured, no iPXE: the virtio NIC
+/// has no option ROM) and wait for the test initramfs's verdict, QEMU killed after
+/// BOOT_TIMEOUT_SECS whatever happens. Returns the cleaned serial log; panics with its tail and
+/// the server's log unless the hand-off wrote and read back its marker.
+fn boot_iscsidxe(server: &Server, dir: &Path, vars: &Path, mac: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.join("serial.log");
+    let started = Instant::now();
+    let mut qemu = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            &BOOT_TIMEOUT_SECS.to_string(),
+            "qemu-system-x86_64",
+        ])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args([
+            "-machine", "q35", "-vga", "none", "-display", "none", "-monitor", "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("-no-reboot")
+        .args([
+            "-drive",
+            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        ])
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .args(["-netdev", "user,id=n0,net=10.0.2.0/24,host=10.0.2.2"])
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=n0,romfile=,mac={mac},bootindex=1"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 (Debian package qemu-system-x86)");
+    let failures = [
+        "DISKLESS-FAIL",
+        "Kernel panic",
+        "No bootable device",
+        "Boot failed",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(BOOT_TIMEOUT_SECS + 10);
+    let (ok, serial) = loop {
+        let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
+        if serial.contains("DISKLESS-HANDOFF-WRITE-OK") {
+            // The guest powers off right after; let it, then stop it regardless.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until && matches!(qemu.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(100));
+            }
+            break (true, serial);
+        }
+        if failures.iter().any(|f| serial.contains(f)) || Instant::now() > deadline {
+            break (false, serial);
+        }
+        if let Ok(Some(_)) = qemu.try_wait() {
+            let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
+            break (serial.contains("DISKLESS-HANDOFF-WRITE-OK"), serial);
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(
+        ok && serial.contains("DISKLESS-HANDOFF-READ-OK"),
+        "IScsiDxe boot failed after {:?}:\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
+        started.elapsed(),
+        tail(&serial, 40),
+        tail(&server.stderr(), 30)
+    );
+    eprintln!("IScsiDxe boot: {:?}", started.elapsed());
+    serial
+}

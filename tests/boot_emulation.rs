@@ -285,7 +285,7 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 #[test]
-fn boot_script_endpoint_names_the_client_and_starts_its_boot() {
+fn boot_script_endpoint_names_the_client_and_a_fetch_is_never_destructive() {
     let dir = tempfile::tempdir().unwrap();
     let g = golden(dir.path());
     let http = free_port();
@@ -297,19 +297,30 @@ fn boot_script_endpoint_names_the_client_and_starts_its_boot() {
     .to_yaml();
     yaml.push_str(&format!("boot_http: {{listen: \"127.0.0.1:{http}\"}}\n"));
     let server = Server::start(dir.path(), &Config::yaml(&yaml));
-    // Writes of an earlier boot.
     let who = "iqn.2026-11.test:lab-07";
-    let mut os = login(&server, who, os_isid(1));
-    os.write10(40, &block(3));
-    // The machine reboots: iPXE fetches its script. That marks the new boot at once.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let reply = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", http)) {
-            Ok(_) => break http_get(http, "/boot.ipxe?mac=52%3A54%3A00%3A00%3A00%3A07&uuid="),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("boot script endpoint not reachable: {e}"),
+    let fetch = || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::TcpStream::connect(("127.0.0.1", http)) {
+                Ok(_) => break http_get(http, "/boot.ipxe?mac=52%3A54%3A00%3A00%3A00%3A07&uuid="),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("boot script endpoint not reachable: {e}"),
+            }
         }
     };
+    // Boot 1: the firmware, then the OS, which writes and syncs.
+    let fw = login(&server, who, firmware_isid(3));
+    let mut os = login(&server, who, os_isid(1));
+    drop(fw);
+    os.write10(40, &block(3));
+    assert_eq!(
+        os.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status,
+        0
+    );
+    // Anyone fetches the client's script while its OS runs: the script, and nothing else.
+    let reply = fetch();
     assert!(
         reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
         "{reply}"
@@ -326,12 +337,33 @@ fn boot_script_endpoint_names_the_client_and_starts_its_boot() {
         )),
         "{reply}"
     );
-    // The stale session was closed and the volatile disk discarded before the firmware logs in.
+    assert_eq!(
+        os.read10(40, 1),
+        block(3),
+        "a script fetch discarded a running disk"
+    );
+    // The machine is powered off (the OS session ends); at power-on iPXE fetches its script
+    // from the client's address, then logs in: a new boot on the golden image.
+    drop(os);
     let mut seen = Vec::new();
-    assert!(os.closed_within(Duration::from_secs(5), &mut seen));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+            .args(["sessions", "--control"])
+            .arg(dir.path().join("state/control.sock"))
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&out.stdout).contains(who) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "OS session never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fetch();
     let mut fw = login(&server, who, firmware_isid(4));
     assert_eq!(fw.read10(40, 1), g[40 * 512..41 * 512]);
-    // Unknown MAC and no default for it... the default binding serves it under a MAC name.
+    assert!(!fw.closed_within(Duration::from_millis(200), &mut seen));
+    // Unknown MAC: the default binding serves it under a name derived from the MAC.
     let reply = http_get(http, "/boot.ipxe?mac=52:54:00:00:00:99");
     assert!(
         reply.contains("set initiator-iqn iqn.2026-11.org.diskless:mac-525400000099"),
@@ -457,10 +489,10 @@ fn kill_9_keeps_every_synced_write_of_an_overlay() {
         .unwrap()
         .flat_map(|t| std::fs::read_dir(t.unwrap().path()).unwrap())
         .flat_map(|c| std::fs::read_dir(c.unwrap().path()).unwrap())
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|e| e.unwrap().path())
+        // Beside the overlay directory: the client's boot state (lifecycle.yaml).
+        .find(|p| p.is_dir())
+        .unwrap();
     let report = diskless::storage::Overlay::check(&overlay_dir).unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
     let server = Server::start(dir.path(), &cfg);

@@ -6,8 +6,9 @@
 //! chain http://SERVER:8080/boot.ipxe?mac=${net0/mac}&uuid=${uuid}
 //! ```
 //!
-//! Fetching the script marks the start of that client's boot (a volatile overlay is
-//! discarded then; docs/overlays.md).
+//! A fetch is never destructive by itself: it is evidence of a starting boot only when it
+//! plausibly comes from that client (its sessions' address, no OS session live), weighed by
+//! the client's lifecycle with its next login (docs/overlays.md).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,13 +24,15 @@ pub type ScriptFuture<'a> =
 
 /// What the endpoint needs from the server.
 pub trait BootScripts: Send + Sync + 'static {
-    /// The script for the client with this MAC and/or UUID, reached on `local`; None: unknown
-    /// client. Also marks the client's boot.
+    /// The script for the client with this MAC and/or UUID, reached on `local` by `peer`;
+    /// None: unknown client. The fetch is boot evidence only when plausible (the client's
+    /// lifecycle weighs it; a fetch by anyone else changes nothing).
     fn script<'a>(
         &'a self,
         mac: Option<&'a str>,
         uuid: Option<&'a str>,
         local: SocketAddr,
+        peer: SocketAddr,
     ) -> ScriptFuture<'a>;
 }
 
@@ -103,7 +106,10 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
                     } else {
                         let mac = query_param(&query, "mac");
                         let uuid = query_param(&query, "uuid");
-                        match scripts.script(mac.as_deref(), uuid.as_deref(), local).await {
+                        match scripts
+                            .script(mac.as_deref(), uuid.as_deref(), local, peer)
+                            .await
+                        {
                             Some(s) => {
                                 info!(%peer, mac = ?mac, uuid = ?uuid, "boot script served");
                                 respond(StatusCode::OK, s)

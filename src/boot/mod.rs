@@ -6,25 +6,22 @@
 //! hand-off) reach the same [`Client`], so the OS sees every write the firmware phase made.
 
 pub mod http;
+pub mod lifecycle;
+pub mod state;
 
-use crate::config::{parse_mac, ConfigError, OverlayMode};
-use crate::registry::lu_identity;
+use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
+use crate::identity::lu_identity;
 use crate::scsi::{LogicalUnit, LuOptions, LunTable};
 use crate::storage::{BlockStore, FileStore, Overlay, OverlayOptions, OverlayStats};
 use dashmap::DashMap;
+use lifecycle::{Decision, End, Event, HistoryEntry, Lifecycle, Phase, Policy};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// iPXE's ISID: IANA enterprise-number format (T=01b) with enterprise 0x002723 (Fen Systems),
-/// RFC 7143 §11.12.5. A login carrying it comes from boot firmware, not from an OS.
-pub const IPXE_ISID_PREFIX: [u8; 4] = [0x40, 0x00, 0x27, 0x23];
-
-/// Whether a login's ISID is a boot firmware's.
-pub fn is_firmware_isid(isid: &[u8; 6]) -> bool {
-    isid[..4] == IPXE_ISID_PREFIX
-}
+pub use lifecycle::{is_firmware_isid, IPXE_ISID_PREFIX};
 
 /// A golden image, opened read-only once and shared by every client bound to it.
 pub struct GoldenImage {
@@ -69,6 +66,9 @@ pub struct BindingPlan {
     pub uuid: Option<String>,
     /// Per-client CHAP credentials (override the target's).
     pub chap: Option<crate::login::ChapCredentials>,
+    pub reset: ResetPolicy,
+    /// Operator-given firmware ISID (prefix).
+    pub firmware_isid: Option<Vec<u8>>,
 }
 
 impl BindingPlan {
@@ -77,6 +77,24 @@ impl BindingPlan {
             (Some(m), _) => m.is_match(initiator),
             (None, Some(mac)) => initiator.eq_ignore_ascii_case(&mac_initiator(mac)),
             (None, None) => false,
+        }
+    }
+
+    /// What the lifecycle model needs of this binding.
+    pub fn policy(&self, reboot_gap: Duration) -> Policy {
+        let mac = self.mac.as_deref().and_then(|m| {
+            let bytes: Vec<u8> = m
+                .split(':')
+                .filter_map(|h| u8::from_str_radix(h, 16).ok())
+                .collect();
+            <[u8; 6]>::try_from(bytes.as_slice()).ok()
+        });
+        Policy {
+            discards: self.mode == OverlayMode::Volatile,
+            reset: self.reset,
+            firmware_isid: self.firmware_isid.clone(),
+            mac,
+            reboot_gap_ms: reboot_gap.as_millis() as u64,
         }
     }
 
@@ -109,15 +127,13 @@ pub enum AttachError {
     Storage(String),
 }
 
-/// Mutable bookkeeping of one client.
-#[derive(Debug, Default)]
+/// Mutable bookkeeping of one client: its lifecycle (durable part in `lifecycle.yaml`).
+#[derive(Debug)]
 struct ClientState {
-    /// Live sessions of this client.
-    sessions: u32,
-    /// When the last session ended (None: never had one since the server started).
-    last_end: Option<Instant>,
-    /// Boots seen (resets of a volatile overlay count one each).
-    boots: u64,
+    lifecycle: Lifecycle,
+    policy: Policy,
+    /// Handles for the model's sessions (never reused within a process).
+    next_session: u64,
 }
 
 /// One client disk: a binding made concrete for one initiator.
@@ -129,25 +145,49 @@ pub struct Client {
     overlay: Option<Arc<Overlay>>,
     luns: Mutex<Arc<LunTable>>,
     state: Mutex<ClientState>,
+    state_path: PathBuf,
     serial: String,
     naa: [u8; 16],
 }
 
-/// What `Client::info` reports (operator commands).
+/// What `Client::info` reports (operator commands, the API).
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub initiator: String,
     pub target: String,
     pub image: String,
     pub mode: OverlayMode,
+    pub reset_policy: ResetPolicy,
     pub sessions: u32,
+    /// Boots seen (every mode), and discards of the disk (volatile mode, operator resets).
     pub boots: u64,
+    pub resets: u64,
+    pub phase: Phase,
+    pub firmware_isids: Vec<String>,
+    pub os_isids: Vec<String>,
+    pub last_activity_ms: u64,
+    pub last_reset_reason: Option<String>,
+    pub committed: bool,
+    /// Oldest first: every reset and every keep with its reason.
+    pub history: Vec<HistoryEntry>,
     pub overlay: Option<OverlayStats>,
     pub overlay_dir: Option<PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wall-clock time for the model (milliseconds since the Unix epoch): durable state is
+/// compared across server restarts, so not a monotonic clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn isid_hex(isid: &[u8; 6]) -> String {
+    isid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Client {
@@ -174,21 +214,77 @@ impl Client {
         lock(&self.luns).clone()
     }
 
-    /// Whether a login with `isid` starts a new boot of this client (volatile mode only):
-    /// a firmware login (iPXE's ISID) when the client has had no session for `gap`, or has
-    /// never had one since the server started. An iPXE reconnect within a boot comes right
-    /// after its previous connection, and the OS's login after the hand-off is not a firmware
-    /// login, so neither hand-off shape ever discards the disk mid-boot.
-    pub fn is_new_boot(&self, isid: &[u8; 6], gap: Duration) -> bool {
-        if self.mode != OverlayMode::Volatile || !is_firmware_isid(isid) {
-            return false;
+    /// Feed one event to the model, persist the state, log the decision with its evidence.
+    fn event(&self, st: &mut ClientState, event: Event, now: u64) -> Decision {
+        let what = event.to_string();
+        let d = st.lifecycle.apply(&st.policy, event, now);
+        if d.new_boot || d.reset || !d.close.is_empty() {
+            tracing::info!(
+                initiator = %self.initiator,
+                target = %self.target,
+                mode = %self.mode,
+                boot = st.lifecycle.state.boots,
+                event = %what,
+                verdict = d.verdict(),
+                close = ?d.close.iter().map(isid_hex).collect::<Vec<_>>(),
+                reason = %d.reason,
+                "client lifecycle"
+            );
+        } else {
+            tracing::debug!(initiator = %self.initiator, event = %what, reason = %d.reason, "client lifecycle");
         }
-        let st = lock(&self.state);
-        st.sessions == 0 && st.last_end.is_none_or(|t| t.elapsed() >= gap)
+        self.persist(st);
+        d
     }
 
-    /// Discard a volatile overlay and start with fresh SCSI state (the caller has closed the
-    /// client's sessions). Persistent/readonly/direct clients are not touched.
+    fn persist(&self, st: &ClientState) {
+        if let Err(e) = state::save(&self.state_path, &st.lifecycle.state) {
+            tracing::error!(initiator = %self.initiator, error = %e, "boot state not saved");
+        }
+    }
+
+    /// A login of this client completed: the decision (reset, sessions to close) and the
+    /// handle of the new session for [`Client::session_ended`].
+    pub fn login(&self, isid: &[u8; 6], peer: IpAddr, keys: &[String]) -> (Decision, u64) {
+        let mut st = lock(&self.state);
+        st.next_session += 1;
+        let session = st.next_session;
+        let ev = Event::Login {
+            session,
+            isid: *isid,
+            peer: peer.to_canonical(),
+            keys: lifecycle::key_hint(keys),
+        };
+        let d = self.event(&mut st, ev, now_ms());
+        if d.new_boot && self.mode == OverlayMode::Install {
+            tracing::warn!(initiator = %self.initiator, boot = st.lifecycle.state.boots,
+                "install mode: the disk is kept across reboots until `diskless client commit`");
+        }
+        (d, session)
+    }
+
+    /// A session from [`Client::login`] ended.
+    pub fn session_ended(&self, session: u64, how: End) {
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::SessionEnd { session, how }, now_ms());
+    }
+
+    /// Someone fetched this client's boot script from `from`.
+    pub fn script_fetched(&self, from: IpAddr) -> Decision {
+        let mut st = lock(&self.state);
+        let from = from.to_canonical();
+        self.event(&mut st, Event::ScriptFetch { from }, now_ms())
+    }
+
+    /// The operator discards the disk (`diskless client reset`); the caller closes the
+    /// sessions named in the decision, then calls [`Client::reset`].
+    pub fn operator_reset(&self) -> Decision {
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::OperatorReset, now_ms())
+    }
+
+    /// Discard the overlay and start with fresh SCSI state (the caller has closed the
+    /// client's sessions). Clients without an overlay only get fresh SCSI state.
     pub fn reset(&self) -> Result<(), String> {
         if let Some(o) = &self.overlay {
             o.reset().map_err(|e| e.to_string())?;
@@ -196,46 +292,55 @@ impl Client {
         let fresh = self.build_luns();
         *lock(&self.luns) = fresh;
         let mut st = lock(&self.state);
-        st.boots += 1;
+        st.lifecycle.reset_done();
+        self.persist(&st);
         Ok(())
     }
 
-    /// A session of this client began / ended.
-    pub fn session_started(&self) {
-        lock(&self.state).sessions += 1;
-    }
-
-    pub fn session_ended(&self) {
-        let mut st = lock(&self.state);
-        st.sessions = st.sessions.saturating_sub(1);
-        st.last_end = Some(Instant::now());
-    }
-
+    /// Live sessions of this client.
     pub fn sessions(&self) -> u32 {
-        lock(&self.state).sessions
+        lock(&self.state).lifecycle.live_sessions() as u32
+    }
+
+    /// Change the binding's policy (configuration reload).
+    pub fn set_policy(&self, policy: Policy) {
+        lock(&self.state).policy = policy;
     }
 
     pub fn info(&self) -> ClientInfo {
         let st = lock(&self.state);
+        let b = &st.lifecycle.state;
         ClientInfo {
             initiator: self.initiator.clone(),
             target: self.target.clone(),
             image: self.image.name.clone(),
             mode: self.mode,
-            sessions: st.sessions,
-            boots: st.boots,
+            reset_policy: st.policy.reset,
+            sessions: st.lifecycle.live_sessions() as u32,
+            boots: b.boots,
+            resets: b.resets,
+            phase: b.phase,
+            firmware_isids: b.firmware_isids.clone(),
+            os_isids: b.os_isids.clone(),
+            last_activity_ms: b.last_activity_ms,
+            last_reset_reason: b.last_reset_reason.clone(),
+            committed: b.committed,
+            history: b.history.iter().cloned().collect(),
             overlay: self.overlay.as_ref().map(|o| o.stats()),
             overlay_dir: self.overlay.as_ref().map(|o| o.dir().to_path_buf()),
         }
     }
 
     /// Write golden image + overlay into a new image file (the "update one client, publish
-    /// it as the new golden image" workflow).
+    /// it as the new golden image" workflow; the end of an `install`).
     pub fn commit_to(&self, path: &Path) -> Result<(), String> {
         match &self.overlay {
             Some(o) => {
                 o.flush().map_err(|e| e.to_string())?;
-                o.commit_to(path).map_err(|e| e.to_string())
+                o.commit_to(path).map_err(|e| e.to_string())?;
+                let mut st = lock(&self.state);
+                self.event(&mut st, Event::Committed, now_ms());
+                Ok(())
             }
             None => Err(format!(
                 "client {} has no overlay ({} mode)",
@@ -251,6 +356,8 @@ pub struct BootTarget {
     pub bindings: Vec<BindingPlan>,
     pub default: Option<BindingPlan>,
     pub state_dir: PathBuf,
+    /// Tie-breaker of the lifecycle model (`settings.reboot_gap_secs`).
+    pub reboot_gap: Duration,
     clients: DashMap<String, Arc<Client>>,
 }
 
@@ -273,7 +380,7 @@ fn dir_name(s: &str) -> String {
     if out.len() > 120 {
         out.truncate(100);
         out.push('-');
-        out.push_str(&crate::registry::default_serial(s, 0));
+        out.push_str(&crate::identity::default_serial(s, 0));
     }
     out
 }
@@ -284,12 +391,14 @@ impl BootTarget {
         bindings: Vec<BindingPlan>,
         default: Option<BindingPlan>,
         state_dir: PathBuf,
+        reboot_gap: Duration,
     ) -> Self {
         BootTarget {
             name: name.to_string(),
             bindings,
             default,
             state_dir,
+            reboot_gap,
             clients: DashMap::new(),
         }
     }
@@ -302,13 +411,17 @@ impl BootTarget {
             .or(self.default.as_ref())
     }
 
-    /// Where the overlay of `initiator` on `image` lives.
-    pub fn overlay_dir(&self, initiator: &str, image: &str) -> PathBuf {
+    /// The directory of `initiator`'s disks and boot state.
+    pub fn client_dir(&self, initiator: &str) -> PathBuf {
         self.state_dir
             .join("clients")
             .join(dir_name(&self.name))
             .join(dir_name(initiator))
-            .join(dir_name(image))
+    }
+
+    /// Where the overlay of `initiator` on `image` lives.
+    pub fn overlay_dir(&self, initiator: &str, image: &str) -> PathBuf {
+        self.client_dir(initiator).join(dir_name(image))
     }
 
     /// Existing client, if any.
@@ -330,6 +443,7 @@ impl BootTarget {
         for c in old.clients() {
             if let Some(b) = self.binding(&c.initiator) {
                 if b.image.id == c.image.id && b.mode == c.mode {
+                    c.set_policy(b.policy(self.reboot_gap));
                     self.clients.insert(c.initiator.to_ascii_lowercase(), c);
                 }
             }
@@ -359,13 +473,32 @@ impl BootTarget {
             }
         }
         let image = binding.image.clone();
+        let mut created = false;
         let overlay = match binding.mode {
-            OverlayMode::Volatile | OverlayMode::Persistent => {
+            OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
                 let dir = self.overlay_dir(&key, &image.name);
-                Some(Arc::new(open_overlay(&dir, &image, binding.mode)?))
+                let (o, new) = open_overlay(&dir, &image, binding.mode)?;
+                created = new;
+                Some(Arc::new(o))
             }
             _ => None,
         };
+        // The durable boot state: a restarted server decides exactly like the running one.
+        let state_path = self.client_dir(&key).join(state::FILE);
+        let saved = match state::load(&state_path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(initiator = %key, error = %e, "boot state unreadable: starting a new one");
+                None
+            }
+        };
+        let fresh_state = saved.is_none();
+        let mut boot_state = saved.unwrap_or_default();
+        if created {
+            // A new overlay is the golden image: the first boot has nothing to discard.
+            boot_state.fresh = true;
+        }
+        let (lifecycle, _) = Lifecycle::load(boot_state, now_ms());
         let direct_store: Option<Arc<dyn BlockStore>> = if binding.mode == OverlayMode::Direct {
             Some(Arc::new(
                 FileStore::open(&image.path, image.block_size, false)
@@ -394,16 +527,30 @@ impl BootTarget {
             image: image_for_client,
             overlay,
             luns: Mutex::new(Arc::new(LunTable::new(BTreeMap::new()))),
-            state: Mutex::new(ClientState::default()),
-            serial: crate::registry::default_serial(&who, 0),
-            naa: crate::registry::naa_identifier(&who, 0),
+            state: Mutex::new(ClientState {
+                lifecycle,
+                policy: binding.policy(self.reboot_gap),
+                next_session: 0,
+            }),
+            state_path,
+            serial: crate::identity::default_serial(&who, 0),
+            naa: crate::identity::naa_identifier(&who, 0),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
-        if let Some(o) = &client.overlay {
-            // A server restart in the middle of a boot must not look like a reboot: the
-            // overlay's last write stands in for the session that ended with the old process.
-            lock(&client.state).last_end = last_write(o.dir());
+        {
+            let pending = lock(&client.state).lifecycle.state.reset_pending;
+            if pending {
+                // Decided before a crash, not yet applied: no session can have seen the disk
+                // since (the new boot's login was never answered).
+                tracing::info!(initiator = %key, "applying a reset decided before the server stopped");
+                client.reset().map_err(AttachError::Storage)?;
+            } else {
+                let st = lock(&client.state);
+                if fresh_state || st.lifecycle.state.interrupted {
+                    client.persist(&st);
+                }
+            }
         }
         let client = Arc::new(client);
         // Two logins racing: keep whichever got in first.
@@ -411,26 +558,14 @@ impl BootTarget {
     }
 }
 
-/// When the overlay in `dir` was last written, as an `Instant` (None if unknown or older
-/// than this machine's monotonic clock reaches).
-fn last_write(dir: &Path) -> Option<Instant> {
-    let newest = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-        .max()?;
-    let age = std::time::SystemTime::now()
-        .duration_since(newest)
-        .unwrap_or_default();
-    Instant::now().checked_sub(age)
-}
-
-/// Open (or create) the overlay of a client. A volatile overlay that cannot be opened (made
-/// for another golden image, damaged) is simply recreated; a persistent one is an error.
+/// Open (or create) the overlay of a client; true when it was created. A volatile overlay
+/// that cannot be opened (made for another golden image, damaged) is simply recreated; a
+/// persistent (or install) one is an error.
 fn open_overlay(
     dir: &Path,
     image: &GoldenImage,
     mode: OverlayMode,
-) -> Result<Overlay, AttachError> {
+) -> Result<(Overlay, bool), AttachError> {
     let opts = || OverlayOptions {
         golden_id: Some(image.id.clone()),
         ..OverlayOptions::default()
@@ -442,7 +577,7 @@ fn open_overlay(
     }
     if dir.join("overlay.meta").exists() {
         match Overlay::open_with_id(dir, image.store.clone(), Some(&image.id)) {
-            Ok(o) => return Ok(o),
+            Ok(o) => return Ok((o, false)),
             Err(e) if mode == OverlayMode::Volatile => {
                 tracing::warn!(dir = %dir.display(), error = %e, "volatile overlay unusable: recreating");
                 std::fs::remove_dir_all(dir).map_err(|e| AttachError::Storage(e.to_string()))?;
@@ -456,6 +591,7 @@ fn open_overlay(
         }
     }
     Overlay::create(dir, image.store.clone(), opts())
+        .map(|o| (o, true))
         .map_err(|e| AttachError::Storage(format!("overlay {}: {e}", dir.display())))
 }
 
@@ -496,7 +632,16 @@ pub fn plan_bindings(
                 .as_deref()
                 .map(|m| parse_mac(m).unwrap_or_else(|_| m.to_string())),
             uuid: b.uuid.as_ref().map(|u| u.to_ascii_lowercase()),
-            chap: b.chap.as_ref().map(|c| c.credentials()),
+            chap: b.chap.as_ref().map(crate::login::ChapCredentials::from),
+            reset: b.reset,
+            firmware_isid: match &b.firmware_isid {
+                Some(f) => {
+                    Some(parse_isid_prefix(f).map_err(|m| {
+                        ConfigError::invalid(file, format!("{bp}.firmware_isid"), m)
+                    })?)
+                }
+                None => None,
+            },
         });
     }
     let default = match &boot.default {
@@ -508,6 +653,8 @@ pub fn plan_bindings(
             mac: None,
             uuid: None,
             chap: None,
+            reset: d.reset,
+            firmware_isid: None,
         }),
         None => None,
     };

@@ -33,7 +33,20 @@ pub struct LoginComplete {
     /// TSIH the initiator sent in its first login request (0 = new session).
     pub tsih: u16,
     pub cid: u16,
+    /// What the initiator's login looked like (for recognising boot firmware).
+    pub keys: LoginKeys,
 }
+
+/// The shape of an initiator's login: the names (never the values) of the keys it sent, in
+/// order. Boot firmwares send fixed key sets in a fixed
+/// order, which tells them apart from OS initiators (crate::boot::lifecycle).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoginKeys {
+    pub names: Vec<String>,
+}
+
+/// At most this many key names are kept per login.
+const MAX_KEY_NAMES: usize = 64;
 
 #[derive(Debug)]
 pub enum LoginOutcome {
@@ -91,6 +104,7 @@ pub struct LoginMachine {
     declared_mrdsl: bool,
     sent_first_response: bool,
     finished: bool,
+    keys: LoginKeys,
 }
 
 impl std::fmt::Debug for LoginMachine {
@@ -118,6 +132,7 @@ impl LoginMachine {
             declared_mrdsl: false,
             sent_first_response: false,
             finished: false,
+            keys: LoginKeys::default(),
         }
     }
 
@@ -222,6 +237,11 @@ impl LoginMachine {
         let first_text = self.identity.is_none();
         if first_text {
             self.identity = Some(self.identify(&pairs, req.csg)?);
+        }
+        for (key, _) in &pairs {
+            if self.keys.names.len() < MAX_KEY_NAMES {
+                self.keys.names.push(key.clone());
+            }
         }
         let Some(id) = self.identity.as_mut() else {
             return Err(failure(status::TARGET_ERROR, "no identity"));
@@ -394,6 +414,7 @@ impl LoginMachine {
             isid,
             tsih,
             cid,
+            keys: std::mem::take(&mut self.keys),
         }))
     }
 

@@ -8,7 +8,7 @@ pub mod machine;
 pub mod params;
 pub mod text;
 
-pub use machine::{LoginComplete, LoginMachine, LoginOutcome};
+pub use machine::{LoginComplete, LoginKeys, LoginMachine, LoginOutcome};
 pub use params::{OurParams, SessionParams, SessionType};
 pub use text::{TextMachine, TextOutcome};
 
@@ -21,6 +21,19 @@ pub struct ChapCredentials {
     pub user: String,
     pub secret: String,
     pub mutual: Option<(String, String)>,
+}
+
+impl From<&crate::config::ChapConfig> for ChapCredentials {
+    fn from(c: &crate::config::ChapConfig) -> Self {
+        ChapCredentials {
+            user: c.user.clone(),
+            secret: c.secret.clone(),
+            mutual: match (&c.mutual_user, &c.mutual_secret) {
+                (Some(u), Some(s)) => Some((u.clone(), s.clone())),
+                _ => None,
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for ChapCredentials {

@@ -7,6 +7,7 @@ use super::io::{self, FrameReader, Out, ReadError, SeqState};
 use super::table::SessionHandle;
 use super::task::{Completion, DataOutError, Residual, WriteCollector, NO_TTT};
 use super::Server;
+use crate::boot::lifecycle::End as ClientEnd;
 use crate::boot::{AttachError, Client};
 use crate::login::{
     status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
@@ -62,7 +63,7 @@ struct Ready {
     params: SessionParams,
     handle: Arc<SessionHandle>,
     /// The client disk of a boot target's session.
-    client: Option<Arc<Client>>,
+    client: Option<(Arc<Client>, u64)>,
     luns: Option<Arc<LunTable>>,
     nexus: Nexus,
     window: CmdWindow,
@@ -245,12 +246,18 @@ async fn login(
                     SessionType::Discovery => None,
                     SessionType::Normal => match registry.boot_target(&params.target_name) {
                         Some(boot) => match server
-                            .attach_client(&boot, &params.initiator_name, &done.isid)
+                            .attach_client(
+                                &boot,
+                                &params.initiator_name,
+                                &done.isid,
+                                peer.ip(),
+                                &done.keys.names,
+                            )
                             .await
                         {
-                            Ok(c) => {
+                            Ok((c, session)) => {
                                 let l = c.luns();
-                                client = Some(c);
+                                client = Some((c, session));
                                 Some(l)
                             }
                             Err(e) => {
@@ -283,6 +290,9 @@ async fn login(
                 };
                 if server.sessions().len() >= settings.max_sessions {
                     warn!(max = settings.max_sessions, "session limit reached");
+                    if let Some((c, s)) = &client {
+                        super::ended_blocking(c, *s, ClientEnd::Dropped).await;
+                    }
                     send_login(
                         &mut stream,
                         fail(status::OUT_OF_RESOURCES),
@@ -292,9 +302,6 @@ async fn login(
                     )
                     .await?;
                     return Ok(None);
-                }
-                if let Some(c) = &client {
-                    c.session_started();
                 }
                 let (handle, twins) = server.sessions().insert(
                     &params.initiator_name,
@@ -322,8 +329,8 @@ async fn login(
                     // waiting for it to close (a racing twin) need not wait any longer.
                     server.sessions().remove(handle.tsih);
                     handle.closed.send_replace(true);
-                    if let Some(c) = &client {
-                        c.session_ended();
+                    if let Some((c, s)) = &client {
+                        super::ended_blocking(c, *s, ClientEnd::Dropped).await;
                     }
                     return Err(e);
                 }
@@ -591,8 +598,15 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             luns.nexus_lost(&conn.nexus);
         }
         server.sessions().remove(handle.tsih);
-        if let Some(c) = &client {
-            c.session_ended();
+        if let Some((c, s)) = &client {
+            // A logout the server asked for at shutdown, or a connection it closed then,
+            // is not the client's doing: it will log in again.
+            let how = match &end {
+                _ if server.is_stopping() => ClientEnd::ServerStop,
+                End::Logout => ClientEnd::Logout,
+                _ => ClientEnd::Dropped,
+            };
+            super::ended_blocking(c, *s, how).await;
         }
         let cold = conn.cold_reset;
         let target = conn.params.target_name.clone();

@@ -13,8 +13,8 @@ pub use io::{FrameReader, ReadError};
 pub use table::{SessionHandle, SessionTable};
 pub use task::{Completion, DataOutError, Residual, WriteCollector};
 
-use crate::boot::{is_firmware_isid, mac_initiator, AttachError, BootTarget, Client};
-use crate::config::OverlayMode;
+use crate::boot::lifecycle::End;
+use crate::boot::{mac_initiator, AttachError, BootTarget, Client};
 use crate::login::OurParams;
 use crate::registry::Registry;
 use std::sync::{Arc, RwLock};
@@ -39,8 +39,8 @@ pub struct Settings {
     pub max_sessions: usize,
     /// CmdSN window per session: MaxCmdSN = ExpCmdSN + cmd_window - 1.
     pub cmd_window: u32,
-    /// A firmware login after the client had no session this long counts as a reboot
-    /// (volatile overlays are discarded then; docs/overlays.md).
+    /// Tie-breaker of the client lifecycle for ambiguous evidence only (an unknown ISID
+    /// after nothing of the client was live this long; docs/overlays.md).
     pub reboot_gap: Duration,
     /// Open TCP connections at most (logged in or not); further ones are closed at once.
     pub max_connections: usize,
@@ -52,20 +52,37 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
 }
 
+impl Settings {
+    /// The runtime settings of a `settings:` section (0 = never, for the optional times).
+    pub fn from_config(c: &crate::config::SettingsConfig) -> Settings {
+        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
+        Settings {
+            params: OurParams {
+                max_recv_data_segment_length: c.max_recv_data_segment_length,
+                max_burst_length: c.max_burst_length,
+                first_burst_length: c.first_burst_length,
+                immediate_data: c.immediate_data,
+                initial_r2t: c.initial_r2t,
+                allow_header_digest: c.header_digest,
+                allow_data_digest: c.data_digest,
+                ..OurParams::default()
+            },
+            nop_in_interval: secs(c.nop_in_interval_secs),
+            nop_in_timeout: secs(c.nop_in_timeout_secs),
+            login_timeout: Duration::from_secs(c.login_timeout_secs),
+            max_sessions: c.max_sessions,
+            cmd_window: c.cmd_window,
+            reboot_gap: Duration::from_secs(c.reboot_gap_secs),
+            max_connections: c.max_connections,
+            max_buffered_bytes: usize::try_from(c.max_buffered_bytes.0).unwrap_or(usize::MAX),
+            idle_timeout: secs(c.idle_timeout_secs),
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            params: OurParams::default(),
-            nop_in_interval: Some(Duration::from_secs(30)),
-            nop_in_timeout: None,
-            login_timeout: Duration::from_secs(15),
-            max_sessions: 4096,
-            cmd_window: 128,
-            reboot_gap: Duration::from_secs(15),
-            max_connections: 8192,
-            max_buffered_bytes: 32 << 20,
-            idle_timeout: None,
-        }
+        Settings::from_config(&crate::config::SettingsConfig::default())
     }
 }
 
@@ -256,70 +273,54 @@ impl Server {
         }
     }
 
-    /// The client disk for a login of `initiator` with `isid` to a boot target, applying the
-    /// boot rules (docs/overlays.md): a firmware login that starts a new boot discards a
-    /// volatile overlay (after closing the client's stale sessions); an OS login closes the
-    /// client's firmware sessions, orphaned by the hand-off.
+    /// The client disk for a login of `initiator` with `isid` from `peer` to a boot target,
+    /// as the client's lifecycle decides (docs/overlays.md): the sessions it names are
+    /// closed (a previous boot's; the firmware's orphans after the hand-off) and a volatile
+    /// disk is discarded when a new boot begins. Returns the client and the session's
+    /// handle for [`Client::session_ended`].
     pub async fn attach_client(
         &self,
         boot: &Arc<BootTarget>,
         initiator: &str,
         isid: &[u8; 6],
-    ) -> Result<Arc<Client>, AttachError> {
-        // Opening or creating an overlay syncs files: keep it off the event loop so a boot
-        // storm of new clients does not stall the sessions already running.
-        let client = {
-            let (boot, who) = (boot.clone(), initiator.to_string());
-            tokio::task::spawn_blocking(move || boot.attach(&who))
-                .await
-                .map_err(|e| AttachError::Storage(e.to_string()))??
-        };
-        // A firmware login while the client still has sessions, all silent for the reboot
-        // gap: those are the previous boot's (an OS initiator pings every few seconds, so a
-        // live one is never that silent). Close them; for a volatile client this is a reboot.
-        let gap = self.settings.reboot_gap;
-        let mine: Vec<_> = self
-            .sessions
-            .all()
-            .into_iter()
-            .filter(|s| {
-                s.initiator.eq_ignore_ascii_case(initiator)
-                    && s.target.eq_ignore_ascii_case(&boot.name)
+        peer: std::net::IpAddr,
+        keys: &[String],
+    ) -> Result<(Arc<Client>, u64), AttachError> {
+        // Opening or creating an overlay, and saving the boot state, sync files: keep them
+        // off the event loop so a boot storm does not stall the sessions already running.
+        let (client, decision, session) = {
+            let (boot, who, isid) = (boot.clone(), initiator.to_string(), *isid);
+            let keys = keys.to_vec();
+            tokio::task::spawn_blocking(move || {
+                let c = boot.attach(&who)?;
+                let (d, s) = c.login(&isid, peer, &keys);
+                Ok::<_, AttachError>((c, d, s))
             })
-            .collect();
-        if is_firmware_isid(isid) && !mine.is_empty() && mine.iter().all(|s| s.silent_for() >= gap)
-        {
-            info!(
-                initiator,
-                sessions = mine.len(),
-                "firmware login beside stale sessions: the client rebooted"
-            );
-            self.close_sessions(initiator, &boot.name, |_| true).await;
-            if client.mode == OverlayMode::Volatile {
-                reset_blocking(&client).await?;
-            }
-            return Ok(client);
-        }
-        if client.is_new_boot(isid, gap) {
-            info!(
-                initiator,
-                "client boots again: discarding its volatile overlay"
-            );
-            self.close_sessions(initiator, &boot.name, |_| true).await;
-            reset_blocking(&client).await?;
-        } else if !is_firmware_isid(isid) {
-            self.close_sessions(initiator, &boot.name, is_firmware_isid)
+            .await
+            .map_err(|e| AttachError::Storage(e.to_string()))??
+        };
+        if !decision.close.is_empty() {
+            self.close_sessions(initiator, &boot.name, |i| decision.close.contains(i))
                 .await;
         }
-        Ok(client)
+        if decision.reset {
+            if let Err(e) = reset_blocking(&client).await {
+                ended_blocking(&client, session, End::Dropped).await;
+                return Err(e);
+            }
+        }
+        Ok((client, session))
     }
 
-    /// The boot script for a client known by MAC or UUID; marks the start of its boot.
+    /// The boot script for a client known by MAC or UUID, fetched by `peer`. The fetch is
+    /// evidence of a boot only when the client's lifecycle finds it plausible; otherwise the
+    /// script is returned and nothing changes.
     pub async fn boot_script(
         &self,
         mac: Option<&str>,
         uuid: Option<&str>,
         local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
     ) -> Option<String> {
         let registry = self.registry();
         for boot in registry.boot_targets() {
@@ -334,14 +335,22 @@ impl Server {
                 None => None,
             };
             let Some(initiator) = initiator else { continue };
-            let attached = {
-                let (b, who) = (boot.clone(), initiator.clone());
-                tokio::task::spawn_blocking(move || b.attach(&who)).await
+            let decided = {
+                let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
+                tokio::task::spawn_blocking(move || {
+                    b.attach(&who).map(|c| {
+                        let d = c.script_fetched(from);
+                        (c, d)
+                    })
+                })
+                .await
             };
-            if let Ok(Ok(client)) = attached {
-                if client.mode == OverlayMode::Volatile {
-                    info!(%initiator, "boot script fetched: client boots again");
-                    self.close_sessions(&initiator, &boot.name, |_| true).await;
+            if let Ok(Ok((client, d))) = decided {
+                if !d.close.is_empty() {
+                    self.close_sessions(&initiator, &boot.name, |i| d.close.contains(i))
+                        .await;
+                }
+                if d.reset {
                     if let Err(e) = reset_blocking(&client).await {
                         warn!(%initiator, error = %e, "overlay reset failed");
                     }
@@ -361,8 +370,7 @@ impl Server {
         None
     }
 
-    /// Discard a client's volatile or persistent overlay now (operator command): its
-    /// sessions are closed first.
+    /// Discard a client's overlay now (operator command): its sessions are closed first.
     pub async fn reset_client(&self, target: &str, initiator: &str) -> Result<(), String> {
         let registry = self.registry();
         let boot = registry
@@ -371,13 +379,28 @@ impl Server {
         let client = boot
             .client(initiator)
             .ok_or_else(|| format!("no client {initiator} on {target}"))?;
+        let c = client.clone();
+        tokio::task::spawn_blocking(move || c.operator_reset())
+            .await
+            .map_err(|e| e.to_string())?;
         self.close_sessions(initiator, target, |_| true).await;
         reset_blocking(&client).await.map_err(|e| e.to_string())
+    }
+
+    /// Whether the server is stopping (sessions ending now end because of it).
+    pub fn is_stopping(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// `Client::session_ended` (it saves the boot state) on the blocking pool.
+pub(crate) async fn ended_blocking(client: &Arc<Client>, session: u64, how: End) {
+    let c = client.clone();
+    let _ = tokio::task::spawn_blocking(move || c.session_ended(session, how)).await;
 }
 
 /// `Client::reset` (it syncs files) on the blocking pool.
@@ -395,7 +418,36 @@ impl crate::boot::http::BootScripts for Server {
         mac: Option<&'a str>,
         uuid: Option<&'a str>,
         local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
     ) -> crate::boot::http::ScriptFuture<'a> {
-        Box::pin(self.boot_script(mac, uuid, local))
+        Box::pin(self.boot_script(mac, uuid, local, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_from_config() {
+        // The config's defaults are the login layer's own offers.
+        assert_eq!(Settings::default().params, OurParams::default());
+        let d = Settings::default();
+        assert_eq!(d.nop_in_interval, Some(Duration::from_secs(30)));
+        assert_eq!(d.nop_in_timeout, None);
+        assert_eq!(d.idle_timeout, None);
+        let c = crate::config::SettingsConfig {
+            nop_in_interval_secs: 0,
+            nop_in_timeout_secs: 5,
+            cmd_window: 32,
+            header_digest: false,
+            ..Default::default()
+        };
+        let s = Settings::from_config(&c);
+        assert_eq!(s.nop_in_interval, None);
+        assert_eq!(s.nop_in_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.cmd_window, 32);
+        assert!(!s.params.allow_header_digest);
+        assert!(s.params.allow_data_digest);
     }
 }

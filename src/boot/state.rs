@@ -1,0 +1,90 @@
+//! The durable boot state of a client ([`BootState`]) in the state directory:
+//! `STATE_DIR/clients/<target>/<initiator>/lifecycle.yaml`, beside the client's overlays.
+//!
+//! Written atomically (temp file, fsync, rename, directory fsync) after every event that
+//! changes it, so a restarted server, even after `kill -9` or a power loss, decides exactly
+//! like the running one did.
+
+use super::lifecycle::BootState;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// File name of the state inside the client's directory.
+pub const FILE: &str = "lifecycle.yaml";
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a boot state: {msg}")]
+    Parse { path: PathBuf, msg: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Read the state of a client; `Ok(None)` when it has none yet.
+pub fn load(path: &Path) -> Result<Option<BootState>, StateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path)(e)),
+    };
+    serde_yaml::from_str(&text)
+        .map(Some)
+        .map_err(|e| StateError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+}
+
+/// Replace the state atomically: `path.tmp`, fsync, rename over `path`, fsync the directory.
+pub fn save(path: &Path, state: &BootState) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let text = serde_yaml::to_string(state).map_err(|e| StateError::Parse {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let tmp = path.with_extension("yaml.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b").join(FILE);
+        assert!(load(&path).unwrap().is_none());
+        let st = BootState {
+            boots: 3,
+            resets: 2,
+            firmware_isids: vec!["400027230001".into()],
+            ..BootState::default()
+        };
+        save(&path, &st).unwrap();
+        assert_eq!(load(&path).unwrap(), Some(st));
+        assert!(!path.with_extension("yaml.tmp").exists());
+        std::fs::write(&path, "boots: [").unwrap();
+        assert!(matches!(load(&path), Err(StateError::Parse { .. })));
+    }
+}
