@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod login;
+pub mod netboot;
 pub mod pdu;
 pub mod registry;
 pub mod scsi;
