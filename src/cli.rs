@@ -114,6 +114,34 @@ pub struct ServeArgs {
     /// Quick mode: where overlays and the control socket live (default: ./state).
     #[arg(long, value_name = "DIR", requires = "image")]
     pub state_dir: Option<PathBuf>,
+    /// Built-in network boot: proxy (proxyDHCP beside the site's DHCP server), dhcp (also
+    /// hand out addresses: needs netboot.pool) or off; replaces netboot.mode. Any client is
+    /// answered unless netboot.clients says otherwise (docs/booting.md).
+    #[arg(long, value_name = "MODE", value_parser = parse_netboot_mode)]
+    pub netboot: Option<crate::config::NetbootMode>,
+    /// Network interface netboot answers on (repeatable); replaces netboot.interfaces.
+    #[arg(
+        long = "netboot-interface",
+        value_name = "IFNAME",
+        requires = "netboot"
+    )]
+    pub netboot_interfaces: Vec<String>,
+    /// Listen address of the boot HTTP endpoint (scripts, /files/); replaces
+    /// boot_http.listen. Default with --netboot: 0.0.0.0:8080.
+    #[arg(long, value_name = "ADDR", value_parser = parse_portal)]
+    pub boot_http: Option<SocketAddr>,
+}
+
+fn parse_netboot_mode(s: &str) -> Result<crate::config::NetbootMode, String> {
+    use crate::config::NetbootMode::*;
+    match s {
+        "proxy" => Ok(Proxy),
+        "dhcp" => Ok(Dhcp),
+        "off" => Ok(Off),
+        _ => Err(format!(
+            "netboot mode must be proxy, dhcp or off, not {s:?}"
+        )),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
@@ -339,6 +367,43 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
         config.portals = args.listen.iter().copied().map(Portal).collect();
         config.validate()?;
     }
+    if let Some(listen) = args.boot_http {
+        match &mut config.boot_http {
+            Some(h) => h.listen = Portal(listen),
+            None => {
+                config.boot_http = Some(crate::config::BootHttpConfig {
+                    listen: Portal(listen),
+                    iscsi_portal: None,
+                })
+            }
+        }
+    }
+    if let Some(mode) = args.netboot {
+        if args.image.is_some() && args.overlay.is_none() && mode != crate::config::NetbootMode::Off
+        {
+            return Err(CliError::Config(ConfigError::invalid(
+                crate::config::QUICK_SOURCE,
+                "--netboot",
+                "network boot serves boot targets: add --overlay volatile (or persistent)",
+            )));
+        }
+        let n = config
+            .netboot
+            .get_or_insert_with(|| crate::config::NetbootConfig::quick(mode));
+        n.mode = mode;
+        if !args.netboot_interfaces.is_empty() {
+            n.interfaces = args.netboot_interfaces.clone();
+        }
+        if config.boot_http.is_none() && mode != crate::config::NetbootMode::Off {
+            config.boot_http = Some(crate::config::BootHttpConfig {
+                listen: Portal(SocketAddr::from(([0, 0, 0, 0], 8080))),
+                iscsi_portal: None,
+            });
+        }
+    }
+    if args.netboot.is_some() || args.boot_http.is_some() {
+        config.validate()?;
+    }
     Ok(config)
 }
 
@@ -449,10 +514,35 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         let state_dir = registry.state_dir().to_path_buf();
         let server = Server::new(Arc::new(registry), settings);
         let mut aux = tokio::task::JoinSet::new();
-        if let Some(l) = http {
-            let addr = l.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
+        let http_addr = match &http {
+            Some(l) => Some(l.local_addr().map_err(|e| CliError::Io(e.to_string()))?),
+            None => None,
+        };
+        // Netboot binds before anything serves, so a taken port 67/69 fails `serve` at once.
+        let netboot = match config.netboot.as_ref().filter(|n| n.mode != crate::config::NetbootMode::Off) {
+            Some(n) => {
+                if n.pool.is_some() {
+                    std::fs::create_dir_all(&state_dir)
+                        .map_err(|e| CliError::Io(format!("state directory {}: {e}", state_dir.display())))?;
+                }
+                let s = crate::netboot::server::settings(n, http_addr, &state_dir).map_err(CliError::Io)?;
+                println!("diskless: {}", crate::netboot::server::describe(&s));
+                Some(crate::netboot::server::bind(s).map_err(|e| CliError::Io(format!("netboot: {e}")))?)
+            }
+            None => None,
+        };
+        let files = match config.netboot.as_ref().filter(|n| n.mode != crate::config::NetbootMode::Off) {
+            Some(n) => Some(Arc::new(crate::netboot::files::FileRoot::new(&n.root).map_err(|e| {
+                CliError::Io(format!("netboot.root {}: {e}", n.root.display()))
+            })?)),
+            None => None,
+        };
+        if let (Some(l), Some(addr)) = (http, http_addr) {
             println!("diskless: boot scripts on http://{addr}/boot.ipxe");
-            aux.spawn(crate::boot::http::serve(l, server.clone()));
+            aux.spawn(crate::boot::http::serve_with_files(l, server.clone(), files));
+        }
+        if let Some(nb) = netboot {
+            nb.spawn(&mut aux);
         }
         // Plain quick mode (one image, no overlays) has no state to keep or operate on.
         let wants_state = args.image.is_none() || args.overlay.is_some();
@@ -537,6 +627,30 @@ pub fn write_summary(
         "discovery authentication: {}",
         auth(plan.discovery_chap.as_ref())
     )?;
+    if let Some(n) = &config.netboot {
+        let clients = match n.client_macs() {
+            None => "any client".to_string(),
+            Some(m) => format!("{} client(s)", m.len()),
+        };
+        let ifs = if n.interfaces.is_empty() {
+            "all interfaces".to_string()
+        } else {
+            n.interfaces.join(", ")
+        };
+        writeln!(
+            out,
+            "netboot: {} on {ifs}, {clients}, files from {} (BIOS {}, UEFI x64 {}, UEFI ARM64 {}){}",
+            n.mode,
+            n.root.display(),
+            n.boot_files.bios,
+            n.boot_files.uefi_x64,
+            n.boot_files.uefi_arm64,
+            match &n.pool {
+                Some(p) => format!(", pool {}-{}/{}", p.start, p.end, p.prefix_len),
+                None => String::new(),
+            }
+        )?;
+    }
     writeln!(out, "targets: {}", plan.targets.len())?;
     for t in &plan.targets {
         match &t.alias {

@@ -8,7 +8,11 @@
 //!
 //! Fetching the script marks the start of that client's boot (a volatile overlay is
 //! discarded then; docs/overlays.md).
+//!
+//! With a file root (netboot), `/files/NAME` serves the root's files (iPXE binaries for UEFI
+//! HTTP Boot, kernels, initrds) with single byte-range requests (RFC 9110 §14).
 
+use crate::netboot::files::{FileError, FileRoot};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -74,8 +78,156 @@ fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// The firmware type a script request names: iPXE's `${platform}` ("pcbios", "efi") or a
+/// DHCP architecture code (`arch=`, RFC 4578 §2.1: 0 is BIOS, the rest UEFI).
+fn firmware(query: &str) -> Option<&'static str> {
+    match query_param(query, "platform").as_deref() {
+        Some("pcbios") => return Some("bios"),
+        Some("efi") => return Some("uefi"),
+        _ => {}
+    }
+    match query_param(query, "arch")?.parse::<u16>().ok()? {
+        0 => Some("bios"),
+        _ => Some("uefi"),
+    }
+}
+
+/// Tell the script which firmware runs it (`${diskless-firmware}`: bios or uefi), right
+/// after the `#!ipxe` line.
+fn with_firmware(script: String, fw: Option<&str>) -> String {
+    match (fw, script.strip_prefix("#!ipxe\n")) {
+        (Some(fw), Some(rest)) => format!("#!ipxe\nset diskless-firmware {fw}\n{rest}"),
+        _ => script,
+    }
+}
+
+/// Largest body served from memory (a range of a file, or a whole file).
+const MAX_FILE_BODY: u64 = 512 << 20;
+
+/// A single byte range of a file of `len` bytes (RFC 9110 §14.1.2): Ok(None) for the whole
+/// file (no or unusable Range header: a server may ignore it), Err for an unsatisfiable one.
+fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            if n == 0 || len == 0 {
+                return Err(());
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (first, last) => {
+            let first: u64 = first.parse().map_err(|_| ())?;
+            let last = if last.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                last.parse::<u64>()
+                    .map_err(|_| ())?
+                    .min(len.saturating_sub(1))
+            };
+            if first >= len || last < first {
+                return Err(());
+            }
+            (first, last)
+        }
+    };
+    Ok(Some((first, last)))
+}
+
+/// GET or HEAD of `/files/NAME`.
+async fn file_response(
+    root: &Arc<FileRoot>,
+    name: &str,
+    range: Option<String>,
+    head: bool,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let root = root.clone();
+    let name = name.to_string();
+    let r = tokio::task::spawn_blocking(move || -> Result<Response<Full<Bytes>>, FileError> {
+        use std::os::unix::fs::FileExt;
+        let (file, len) = root.open(&name)?;
+        let (status, first, last) = match byte_range(range.as_deref(), len) {
+            Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+            Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
+            Err(()) => {
+                let mut r = respond(StatusCode::RANGE_NOT_SATISFIABLE, String::new());
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes */{len}")) {
+                    r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+                }
+                return Ok(r);
+            }
+        };
+        let count = if len == 0 { 0 } else { last - first + 1 };
+        if count > MAX_FILE_BODY {
+            return Ok(respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "file too large for one response; use a range request\n".into(),
+            ));
+        }
+        let mut body = vec![0u8; if head { 0 } else { count as usize }];
+        if !head {
+            file.read_exact_at(&mut body, first)
+                .map_err(|_| FileError::NotFound)?;
+        }
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(
+            hyper::header::ACCEPT_RANGES,
+            hyper::header::HeaderValue::from_static("bytes"),
+        );
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&count.to_string()) {
+            h.insert(hyper::header::CONTENT_LENGTH, v);
+        }
+        if status == StatusCode::PARTIAL_CONTENT {
+            if let Ok(v) =
+                hyper::header::HeaderValue::from_str(&format!("bytes {first}-{last}/{len}"))
+            {
+                h.insert(hyper::header::CONTENT_RANGE, v);
+            }
+        }
+        Ok(r)
+    })
+    .await;
+    match r {
+        Ok(Ok(resp)) => {
+            info!(%peer, status = resp.status().as_u16(), "file served");
+            resp
+        }
+        Ok(Err(FileError::NotFound)) | Err(_) => {
+            respond(StatusCode::NOT_FOUND, "no such file\n".into())
+        }
+        Ok(Err(FileError::Denied(why))) => {
+            warn!(%peer, reason = why, "file request refused");
+            respond(StatusCode::FORBIDDEN, "forbidden\n".into())
+        }
+    }
+}
+
 /// Serve until the listener is dropped (the task is aborted at shutdown).
 pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
+    serve_with_files(listener, scripts, None).await
+}
+
+/// [`serve`], plus `/files/...` from `files` (netboot's root).
+pub async fn serve_with_files(
+    listener: TcpListener,
+    scripts: Arc<dyn BootScripts>,
+    files: Option<Arc<FileRoot>>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -87,13 +239,28 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
         };
         let local = stream.local_addr().unwrap_or(peer);
         let scripts = scripts.clone();
+        let files = files.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let scripts = scripts.clone();
+                let files = files.clone();
                 async move {
                     let path = req.uri().path().to_string();
                     let query = req.uri().query().unwrap_or("").to_string();
-                    let resp = if req.method() != hyper::Method::GET {
+                    let head = req.method() == hyper::Method::HEAD;
+                    let file = files
+                        .as_ref()
+                        .and_then(|f| path.strip_prefix("/files/").map(|n| (f, n)));
+                    let resp = if let (Some((root, name)), true) =
+                        (file, head || req.method() == hyper::Method::GET)
+                    {
+                        let range = req
+                            .headers()
+                            .get(hyper::header::RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        file_response(root, name, range, head, peer).await
+                    } else if req.method() != hyper::Method::GET {
                         respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
                     } else if path != "/boot.ipxe" {
                         respond(
@@ -105,8 +272,9 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
                         let uuid = query_param(&query, "uuid");
                         match scripts.script(mac.as_deref(), uuid.as_deref(), local).await {
                             Some(s) => {
-                                info!(%peer, mac = ?mac, uuid = ?uuid, "boot script served");
-                                respond(StatusCode::OK, s)
+                                let fw = firmware(&query);
+                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?fw, "boot script served");
+                                respond(StatusCode::OK, with_firmware(s, fw))
                             }
                             None => {
                                 info!(%peer, mac = ?mac, uuid = ?uuid, "boot script: unknown client");
@@ -143,5 +311,37 @@ mod tests {
             Some("52:54:00:00:00:01")
         );
         assert_eq!(query_param("mac=52:54:00:00:00:01&uuid=", "uuid"), None);
+    }
+
+    #[test]
+    fn firmware_line() {
+        assert_eq!(firmware("mac=x&platform=pcbios"), Some("bios"));
+        assert_eq!(firmware("platform=efi"), Some("uefi"));
+        assert_eq!(firmware("arch=0"), Some("bios"));
+        assert_eq!(firmware("arch=7"), Some("uefi"));
+        assert_eq!(firmware("platform=&arch=x"), None);
+        let s = ipxe_script("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot");
+        let w = with_firmware(s.clone(), Some("uefi"));
+        assert!(
+            w.starts_with("#!ipxe\nset diskless-firmware uefi\nset initiator-iqn"),
+            "{w}"
+        );
+        assert_eq!(with_firmware(s.clone(), None), s);
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(byte_range(None, 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
+        assert_eq!(byte_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=-1000"), 100), Ok(Some((0, 99))));
+        assert_eq!(byte_range(Some("bytes=50-5000"), 100), Ok(Some((50, 99))));
+        assert_eq!(byte_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(byte_range(Some("items=0-1"), 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=100-"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=9-3"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=x-3"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=-0"), 100), Err(()));
     }
 }

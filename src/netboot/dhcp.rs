@@ -536,8 +536,10 @@ impl Responder {
         if file.len() < 128 {
             r.set_fname_str(&file);
         }
+        // siaddr (next-server) always: iPXE takes a ProxyDHCP answer only when it carries
+        // a next-server and a boot file name, or a PXE menu (its dhcp_has_pxeopts()).
+        r.set_siaddr(self.plan.server_ip);
         if let Some(ip) = siaddr {
-            r.set_siaddr(ip);
             r.opts_mut()
                 .insert(DhcpOption::TFTPServerName(ip.to_string().into_bytes()));
         }
