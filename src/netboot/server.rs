@@ -322,7 +322,8 @@ async fn dhcp_loop(
                 };
                 info!(%src, ?port, kind = ?a.kind, boot = ?a.boot, "dhcp answer");
                 if let Err(e) = sock.send_to(&a.bytes, to).await {
-                    warn!(error = %e, %to, "dhcp send failed");
+                    // Per packet: a flood must not become a flood of warnings.
+                    debug!(error = %e, %to, "dhcp send failed");
                 }
             }
             Err(DhcpError::Malformed(m)) => {
