@@ -127,3 +127,19 @@ const SCSI_SHORT_WRITE: &[u8] = &[
 fn scsi_short_write_data_out() {
     harness::scsi_cdb(SCSI_SHORT_WRITE);
 }
+
+#[test]
+fn dhcp_packet_seeds() {
+    for (name, data) in seeds("dhcp_packet") {
+        eprintln!("{name}");
+        harness::dhcp_packet(&data);
+    }
+}
+
+#[test]
+fn tftp_packet_seeds() {
+    for (name, data) in seeds("tftp_packet") {
+        eprintln!("{name}");
+        harness::tftp_packet(&data);
+    }
+}
