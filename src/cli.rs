@@ -743,6 +743,58 @@ mod tests {
         assert!(parse(&["image", "create", "x.img", "--size", "64MiB"]).is_ok());
         assert!(parse(&["image", "create", "x.img", "--size", "lots"]).is_err());
         assert!(parse(&["check-config", "-c", "a.yaml"]).is_ok());
+        let c = parse(&["serve", "--netboot", "proxy", "--netboot-interface", "eth1"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        assert_eq!(a.netboot, Some(crate::config::NetbootMode::Proxy));
+        assert_eq!(a.netboot_interfaces, vec!["eth1".to_string()]);
+        assert!(parse(&["serve", "--netboot", "maybe"]).is_err());
+        assert!(parse(&["serve", "--netboot-interface", "eth1"]).is_err());
+    }
+
+    #[test]
+    fn quick_netboot_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("g.img");
+        FileStore::create(&img, 1 << 20).unwrap();
+        let root = dir.path().join("ipxe");
+        std::fs::create_dir(&root).unwrap();
+        let i = img.to_str().unwrap();
+        // Without --overlay there is no boot target to netboot.
+        let c = parse(&["serve", "--image", i, "--netboot", "proxy"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        let e = serve_config(&a)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--overlay"), "{e}");
+        let c = parse(&[
+            "serve",
+            "--image",
+            i,
+            "--overlay",
+            "volatile",
+            "--netboot",
+            "off",
+            "--boot-http",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        let config = serve_config(&a).unwrap();
+        assert_eq!(
+            config.netboot.as_ref().map(|n| n.mode),
+            Some(crate::config::NetbootMode::Off)
+        );
+        assert_eq!(
+            config.boot_http.as_ref().map(|h| h.listen.0.to_string()),
+            Some("127.0.0.1:0".to_string())
+        );
     }
 
     #[test]

@@ -1574,6 +1574,55 @@ targets:
     }
 
     #[test]
+    fn netboot_section() {
+        let c = parse(&format!("{ONE}netboot:\n  mode: off\n  clients: any\n")).unwrap();
+        let n = c.netboot.unwrap();
+        assert_eq!(n.mode, NetbootMode::Off);
+        assert_eq!(n.client_macs(), None);
+        assert_eq!(n.boot_files.bios, "undionly.kpxe");
+        assert_eq!(n.ports.dhcp, 67);
+        let c = parse(&format!(
+            "{ONE}netboot:\n  mode: off\n  clients: [\"52-54-00-AA-BB-CC\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.netboot.unwrap().client_macs(),
+            Some(vec!["52:54:00:aa:bb:cc".to_string()])
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display();
+        let http = "boot_http: {listen: \"0.0.0.0:8080\"}\n";
+        let ok = format!("{ONE}{http}netboot:\n  mode: proxy\n  clients: any\n  root: {root}\n");
+        assert!(parse(&ok).is_ok(), "{}", err(&ok));
+        for (yaml, want) in [
+            (format!("{ONE}netboot:\n  clients: any\n"), "missing field `mode`"),
+            (format!("{ONE}netboot:\n  mode: proxy\n"), "missing field `clients`"),
+            (format!("{ONE}netboot:\n  mode: on\n  clients: any\n"), "unknown variant"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: all\n"), "netboot.clients"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: []\n"), "netboot.clients"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: [nope]\n"), "netboot.clients[0]"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  interfaces: [\"a b\"]\n"), "netboot.interfaces[0]"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  boot_files: {{bios: ../x}}\n"), "netboot.boot_files.bios"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  script_url: ftp://x\n"), "netboot.script_url"),
+            (format!("{ONE}netboot:\n  mode: proxy\n  clients: any\n  root: /nonexistent\n"), "netboot.root"),
+            (format!("{ONE}netboot:\n  mode: proxy\n  clients: any\n  root: {root}\n"), "needs boot_http"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n"), "netboot.pool"),
+            (format!("{ok}  pool: {{start: 10.0.0.10, end: 10.0.0.20}}\n"), "mode proxy never"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.30, end: 10.0.0.20}}\n"), "netboot.pool"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.30, end: 10.0.1.20}}\n"), "one /24"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.3, end: 10.0.0.20, lease_secs: 5}}\n"), "lease_secs"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  colour: red\n"), "unknown field `colour`"),
+        ] {
+            let e = err(&yaml);
+            assert!(e.contains(want), "{yaml}\n-> {e}");
+        }
+        let dhcp = format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.10, end: 10.0.0.20, router: 10.0.0.1}}\n");
+        let c = parse(&dhcp).unwrap();
+        let p = c.netboot.unwrap().pool.unwrap();
+        assert_eq!((p.prefix_len, p.lease_secs), (24, 3600));
+    }
+
+    #[test]
     fn chap_debug_hides_secret() {
         let c = ChapConfig {
             user: "u".into(),

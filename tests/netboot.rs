@@ -29,8 +29,8 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use diskless::netboot::{dhcp, tftp};
 use dhcproto::v4::{DhcpOption, MessageType};
+use diskless::netboot::{dhcp, tftp};
 
 /// One guest boot: QEMU is killed after this (inside run-qemu.sh), the runner after +30 s.
 const BOOT_TIMEOUT_SECS: u64 = 150;
@@ -228,7 +228,15 @@ impl Lab {
         ip(&["netns", "add", &ns]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "br0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{SERVER_ADDR}/24"),
+            "dev",
+            "br0",
+        ]);
         ip(&["-n", &ns, "link", "set", "br0", "up"]);
         for t in taps {
             ip(&["-n", &ns, "tuntap", "add", "dev", t, "mode", "tap"]);
@@ -252,7 +260,11 @@ impl Lab {
             let log = dir.join("dnsmasq.log");
             let child = Command::new("ip")
                 .args(["netns", "exec", &r, "dnsmasq", "--no-daemon", "--port=0"])
-                .args(["--conf-file=/dev/null", "--interface=vsite", "--bind-interfaces"])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--interface=vsite",
+                    "--bind-interfaces",
+                ])
                 .arg("--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h")
                 .arg(format!(
                     "--dhcp-leasefile={}",
@@ -415,7 +427,10 @@ fn bios_ipxe_rom_boots_through_proxydhcp() {
     assert!(log.contains("port=Dhcp kind=Offer"), "{log}");
     assert!(log.contains("firmware=Some(\"bios\")"), "{log}");
     let leases = std::fs::read_to_string(dir.path().join("dnsmasq.leases")).unwrap_or_default();
-    assert!(leases.contains("52:54:00:77:00:01"), "dnsmasq leased nothing: {leases}");
+    assert!(
+        leases.contains("52:54:00:77:00:01"),
+        "dnsmasq leased nothing: {leases}"
+    );
 }
 
 fn netboot_yaml(dir: &Path, image: &Path, netboot: &str) -> PathBuf {
@@ -448,7 +463,10 @@ fn uefi_pxe_without_rom_boots_through_proxydhcp_and_tftp() {
     lab.boot("uefi", "tap0", "52:54:00:77:00:02", true);
     let log = lab.server_log();
     assert!(log.contains("boot=Some(\"snponly.efi\")"), "{log}");
-    assert!(log.contains("tftp: read") && log.contains("file=snponly.efi"), "{log}");
+    assert!(
+        log.contains("tftp: read") && log.contains("file=snponly.efi"),
+        "{log}"
+    );
     assert!(log.contains("firmware=Some(\"uefi\")"), "{log}");
 }
 
@@ -688,9 +706,21 @@ fn hostile_dhcp_packets_are_dropped_and_the_server_keeps_serving() {
     // not to us) and of REQUESTs of non-booting clients on 4011.
     for i in 0..3000u32 {
         let mac = [2, 1, (i >> 16) as u8, (i >> 8) as u8, i as u8, 7];
-        let p = dhcp::client_request(MessageType::Discover, mac, dhcp::ClientKind::Pxe, Some(0), &[]);
+        let p = dhcp::client_request(
+            MessageType::Discover,
+            mac,
+            dhcp::ClientKind::Pxe,
+            Some(0),
+            &[],
+        );
         c.send_to(&p, ("127.0.0.1", lo.dhcp)).unwrap();
-        let q = dhcp::client_request(MessageType::Request, mac, dhcp::ClientKind::Plain, None, &[]);
+        let q = dhcp::client_request(
+            MessageType::Request,
+            mac,
+            dhcp::ClientKind::Plain,
+            None,
+            &[],
+        );
         c.send_to(&q, ("127.0.0.1", lo.pxe)).unwrap();
     }
     // Still serving.
@@ -710,7 +740,9 @@ fn hostile_dhcp_packets_are_dropped_and_the_server_keeps_serving() {
     let mut buf = [0u8; 1500];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (n, _) = c.recv_from(&mut buf).expect("no ACK to a request with unknown options");
+        let (n, _) = c
+            .recv_from(&mut buf)
+            .expect("no ACK to a request with unknown options");
         if let Ok(m) = dhcp::decode(&buf[..n]) {
             if m.chaddr() == [2, 0, 0, 0, 0, 10] {
                 assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
@@ -731,7 +763,12 @@ fn hostile_tftp_requests_never_leave_the_root() {
         tftp_get(
             lo.tftp,
             "/sub/kernel",
-            &[("blksize", "1468"), ("tsize", "0"), ("windowsize", "8"), ("timeout", "2")]
+            &[
+                ("blksize", "1468"),
+                ("tsize", "0"),
+                ("windowsize", "8"),
+                ("timeout", "2")
+            ]
         )
         .unwrap(),
         want
@@ -755,7 +792,8 @@ fn hostile_tftp_requests_never_leave_the_root() {
     }
     // Writes, garbage, truncated and oversized requests: an error packet each, or silence.
     let c = udp_client();
-    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let junk: Vec<Vec<u8>> = vec![
         vec![0, 2, b'x', 0, b'o', b'c', b't', b'e', b't', 0],
         vec![0, 1],
@@ -770,7 +808,11 @@ fn hostile_tftp_requests_never_leave_the_root() {
     for p in &junk {
         c.send_to(p, ("127.0.0.1", lo.tftp)).unwrap();
         if let Ok((n, _)) = c.recv_from(&mut buf) {
-            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), tftp::OP_ERROR, "{p:?}");
+            assert_eq!(
+                u16::from_be_bytes([buf[0], buf[1]]),
+                tftp::OP_ERROR,
+                "{p:?}"
+            );
             assert!(!buf[..n].windows(6).any(|w| w == b"SECRET"));
         }
     }
@@ -779,7 +821,10 @@ fn hostile_tftp_requests_never_leave_the_root() {
         c.send_to(&tftp::read_request("missing", &[]), ("127.0.0.1", lo.tftp))
             .unwrap();
     }
-    assert_eq!(tftp_get(lo.tftp, "undionly.kpxe", &[]).unwrap(), b"firmware");
+    assert_eq!(
+        tftp_get(lo.tftp, "undionly.kpxe", &[]).unwrap(),
+        b"firmware"
+    );
     assert!(lo.root.join("sub/kernel").exists());
 }
 
@@ -820,12 +865,18 @@ fn http_files_with_ranges_and_no_traversal() {
     let (st, h, body) = http_get(lo.http, "/files/sub/kernel", Some("bytes=1000-1999"));
     assert_eq!(st, 206);
     assert_eq!(body, want[1000..2000]);
-    assert!(h.contains(&("content-range".into(), "bytes 1000-1999/100000".into())), "{h:?}");
+    assert!(
+        h.contains(&("content-range".into(), "bytes 1000-1999/100000".into())),
+        "{h:?}"
+    );
     let (st, _, body) = http_get(lo.http, "/files/sub/kernel", Some("bytes=-10"));
     assert_eq!((st, body.as_slice()), (206, &want[99_990..]));
     let (st, h, _) = http_get(lo.http, "/files/sub/kernel", Some("bytes=200000-"));
     assert_eq!(st, 416);
-    assert!(h.contains(&("content-range".into(), "bytes */100000".into())), "{h:?}");
+    assert!(
+        h.contains(&("content-range".into(), "bytes */100000".into())),
+        "{h:?}"
+    );
     for path in [
         "/files/../secret",
         "/files/escape",
@@ -839,8 +890,15 @@ fn http_files_with_ranges_and_no_traversal() {
         assert!(!body.windows(6).any(|w| w == b"SECRET"), "{path}");
     }
     // The script tells the firmware type.
-    let (st, _, body) = http_get(lo.http, "/boot.ipxe?mac=52:54:00:00:00:01&platform=efi", None);
+    let (st, _, body) = http_get(
+        lo.http,
+        "/boot.ipxe?mac=52:54:00:00:00:01&platform=efi",
+        None,
+    );
     let text = String::from_utf8_lossy(&body);
     assert_eq!(st, 200, "{text}");
-    assert!(text.starts_with("#!ipxe\nset diskless-firmware uefi\n"), "{text}");
+    assert!(
+        text.starts_with("#!ipxe\nset diskless-firmware uefi\n"),
+        "{text}"
+    );
 }
