@@ -1003,7 +1003,7 @@ mod tests {
             MAC,
             ClientKind::Pxe,
             Some(7),
-            &[uuid.clone()],
+            std::slice::from_ref(&uuid),
         );
         let a = r.handle(&p, Port::Pxe, src, 0).unwrap();
         assert_eq!(a.to, Dest::Unicast(src));

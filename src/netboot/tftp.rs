@@ -474,7 +474,11 @@ mod tests {
         };
         assert_eq!(
             oack.as_slice(),
-            b"\0\x06blksize\08192\0timeout\03\0tsize\020000\0windowsize\064\0"
+            [
+                &b"\0\x06blksize\x008192\x00timeout\x003\x00"[..],
+                b"tsize\x0020000\x00windowsize\x0064\x00"
+            ]
+            .concat()
         );
         assert_eq!(t.blksize(), MAX_BLKSIZE);
         // ACK 0 starts the data: 20000 bytes in 8192-byte blocks is 3 blocks, one window.
