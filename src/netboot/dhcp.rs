@@ -349,6 +349,11 @@ impl Leases {
         (self.start..=self.end).contains(&u32::from(ip))
     }
 
+    /// Never hand out `ip` (our own address, the router's).
+    pub fn reserve(&mut self, ip: Ipv4Addr) {
+        self.declined.insert(u32::from(ip), u64::MAX);
+    }
+
     pub fn get(&self, mac: &[u8; 6]) -> Option<Lease> {
         self.by_mac.get(mac).copied()
     }
@@ -484,7 +489,14 @@ pub struct Responder {
 impl Responder {
     pub fn new(plan: Plan) -> Responder {
         let leases = match (&plan.mode, &plan.pool) {
-            (NetbootMode::Dhcp, Some(p)) => Some(Leases::new(p.start, p.end)),
+            (NetbootMode::Dhcp, Some(p)) => {
+                let mut l = Leases::new(p.start, p.end);
+                l.reserve(plan.server_ip);
+                if let Some(r) = p.router {
+                    l.reserve(r);
+                }
+                Some(l)
+            }
             _ => None,
         };
         Responder { plan, leases }
@@ -702,6 +714,11 @@ impl Responder {
                         Dest::Unicast(SocketAddrV4::new(msg.ciaddr(), 68))
                     };
                     Self::answer(&r, to, MessageType::Ack, boot, true)
+                } else if leases.get(&req.mac).is_none() && server_id.is_none() {
+                    // §4.3.2 INIT-REBOOT: a server with no record of the client stays silent.
+                    Err(DhcpError::Ignored(
+                        "REQUEST from a client we have no lease for",
+                    ))
                 } else {
                     // §4.3.2: the address is wrong for this client: NAK, broadcast.
                     let mut r = self.reply(msg, MessageType::Nak);
@@ -1058,6 +1075,15 @@ mod tests {
         );
         let (m, _) = answer(&mut r, &bad, Port::Dhcp).unwrap();
         assert_eq!(m.opts().msg_type(), Some(MessageType::Nak));
+        // A client we never saw (INIT-REBOOT, no server id): silence, not NAK.
+        let stranger = client_request(
+            MessageType::Request,
+            [2, 0, 0, 0, 0, 3],
+            ClientKind::Plain,
+            None,
+            &[DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 101))],
+        );
+        assert!(r.handle(&stranger, Port::Dhcp, SRC, 1000).is_err());
         // Persisted leases come back; only bound ones are written.
         let text = r.leases.as_ref().unwrap().to_text();
         assert_eq!(text.lines().count(), 2, "{text}");
@@ -1077,6 +1103,11 @@ mod tests {
         // Offers are held for OFFER_HOLD_SECS only.
         assert!(l.offer([3; 6], None, OFFER_HOLD_SECS + 1).is_some());
         assert!(!l.commit([4; 6], Ipv4Addr::new(10, 0, 0, 100), 0, 600));
+        // Our own address is never offered.
+        let mut l = Leases::new(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        l.reserve(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(l.offer([1; 6], None, 0), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(l.offer([2; 6], Some(Ipv4Addr::new(10, 0, 0, 1)), 0), None);
         assert!(!l.commit([1; 6], Ipv4Addr::new(10, 0, 0, 200), 0, 600));
     }
 
