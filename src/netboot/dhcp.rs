@@ -179,7 +179,9 @@ const LENGTH_RULES: [(u8, usize, usize); 8] = [
 ];
 
 /// Walk the options' TLVs (RFC 2132 §2) only to apply [`LENGTH_RULES`]; decoding is
-/// dhcproto's. Overlong options in `file`/`sname` (option 52) are not used, so not checked.
+/// dhcproto's. Like dhcproto, adjacent options with the same code count as one
+/// (concatenation, RFC 3396), so the rule applies to their summed length. Options in
+/// `file`/`sname` (overload, option 52) are not used, so not checked.
 fn precheck(packet: &[u8]) -> Result<(), DhcpError> {
     if packet.len() < MIN_PACKET {
         return Err(DhcpError::Malformed(format!(
@@ -200,12 +202,31 @@ fn precheck(packet: &[u8]) -> Result<(), DhcpError> {
     if packet[236..240] != [99, 130, 83, 99] {
         return Err(DhcpError::Malformed("no DHCP magic cookie".into()));
     }
+    let check = |run: Option<(u8, usize)>| -> Result<(), DhcpError> {
+        if let Some((code, len)) = run {
+            if let Some(&(_, lo, hi)) = LENGTH_RULES.iter().find(|r| r.0 == code) {
+                if len < lo || len > hi {
+                    return Err(DhcpError::Malformed(format!(
+                        "option {code} has length {len}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    };
+    // The current run of one option code and its total length.
+    let mut run: Option<(u8, usize)> = None;
     let mut i = MIN_PACKET;
     while i < packet.len() {
         let code = packet[i];
         match code {
-            0 => i += 1,
-            255 => break,
+            0 | 255 => {
+                check(run.take())?;
+                if code == 255 {
+                    break;
+                }
+                i += 1;
+            }
             _ => {
                 let Some(&len) = packet.get(i + 1) else {
                     return Err(DhcpError::Malformed(format!("option {code} has no length")));
@@ -216,18 +237,18 @@ fn precheck(packet: &[u8]) -> Result<(), DhcpError> {
                         "option {code} overruns the packet"
                     )));
                 }
-                if let Some(&(_, lo, hi)) = LENGTH_RULES.iter().find(|r| r.0 == code) {
-                    if len < lo || len > hi {
-                        return Err(DhcpError::Malformed(format!(
-                            "option {code} has length {len}"
-                        )));
+                run = match run {
+                    Some((c, total)) if c == code => Some((c, total + len)),
+                    prev => {
+                        check(prev)?;
+                        Some((code, len))
                     }
-                }
+                };
                 i += 2 + len;
             }
         }
     }
-    Ok(())
+    check(run)
 }
 
 /// Decode a packet (bounded, checked, then dhcproto).
@@ -1129,13 +1150,28 @@ mod tests {
             r.handle(&bad, Port::Dhcp, SRC, 0),
             Err(DhcpError::Malformed(_))
         ));
-        // An option whose length dhcproto only debug-asserts.
-        let mut bad = good[..good.len() - 1].to_vec();
-        bad.extend_from_slice(&[94, 1, 1, 255]);
-        assert!(matches!(
-            r.handle(&bad, Port::Dhcp, SRC, 0),
-            Err(DhcpError::Malformed(_))
-        ));
+        // An option whose length dhcproto only debug-asserts, alone or concatenated from
+        // two adjacent ones (RFC 3396), or at the end without an END option.
+        for tail in [
+            &[94, 1, 1, 255][..],
+            &[94, 3, 1, 2, 3, 94, 3, 1, 2, 3, 255],
+            &[94, 2, 1, 2],
+            &[80, 1, 0, 255],
+        ] {
+            let mut bad = good[..good.len() - 1].to_vec();
+            bad.extend_from_slice(tail);
+            assert!(
+                matches!(
+                    r.handle(&bad, Port::Dhcp, SRC, 0),
+                    Err(DhcpError::Malformed(_))
+                ),
+                "{tail:?}"
+            );
+        }
+        // Separated by a PAD they are two options.
+        let mut two = good[..good.len() - 1].to_vec();
+        two.extend_from_slice(&[94, 3, 1, 2, 3, 0, 94, 3, 1, 2, 3, 255]);
+        assert!(r.handle(&two, Port::Dhcp, SRC, 0).is_ok());
         // A reply (BOOTREPLY) is not a request.
         let mut bad = good.clone();
         bad[0] = 2;
