@@ -411,6 +411,9 @@ impl Leases {
                 None => Ipv4Addr::from((self.start..=self.end).find(|a| !taken.contains(a))?),
             },
         };
+        // One entry per address: an expired lease or offer of another client on this address
+        // goes (so a flood of made-up MACs cannot grow the table beyond the pool).
+        self.by_mac.retain(|m, l| *m == mac || l.ip != ip);
         let entry = self.by_mac.entry(mac).or_insert(Lease {
             ip,
             expires: 0,
@@ -1123,6 +1126,12 @@ mod tests {
         assert_eq!(l.offer([3; 6], None, 0), None);
         // Offers are held for OFFER_HOLD_SECS only.
         assert!(l.offer([3; 6], None, OFFER_HOLD_SECS + 1).is_some());
+        // A flood of new MACs never grows the table beyond the pool.
+        for i in 0..1000u32 {
+            let mac = [9, 9, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            l.offer(mac, None, 1000 + u64::from(i) * (OFFER_HOLD_SECS + 1));
+        }
+        assert!(l.by_mac.len() <= 2, "{}", l.by_mac.len());
         assert!(!l.commit([4; 6], Ipv4Addr::new(10, 0, 0, 100), 0, 600));
         // Our own address is never offered.
         let mut l = Leases::new(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
