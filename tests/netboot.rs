@@ -545,7 +545,7 @@ fn loopback(dir: &Path) -> Loopback {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("sub")).unwrap();
     // A file with a known pattern, several blocks long.
-    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(root.join("sub/kernel"), &data).unwrap();
     std::fs::write(root.join("undionly.kpxe"), b"firmware").unwrap();
     std::fs::write(dir.join("secret"), b"SECRET-OUTSIDE-ROOT").unwrap();
@@ -757,7 +757,7 @@ fn hostile_dhcp_packets_are_dropped_and_the_server_keeps_serving() {
 fn hostile_tftp_requests_never_leave_the_root() {
     let dir = tempfile::tempdir().unwrap();
     let lo = loopback(dir.path());
-    let want: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let want: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(tftp_get(lo.tftp, "sub/kernel", &[]).unwrap(), want);
     assert_eq!(
         tftp_get(
@@ -858,7 +858,7 @@ fn http_get(port: u16, path: &str, range: Option<&str>) -> (u16, Vec<(String, St
 fn http_files_with_ranges_and_no_traversal() {
     let dir = tempfile::tempdir().unwrap();
     let lo = loopback(dir.path());
-    let want: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let want: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
     let (st, _, body) = http_get(lo.http, "/files/sub/kernel", None);
     assert_eq!((st, body.len()), (200, want.len()));
     assert_eq!(body, want);
@@ -866,15 +866,15 @@ fn http_files_with_ranges_and_no_traversal() {
     assert_eq!(st, 206);
     assert_eq!(body, want[1000..2000]);
     assert!(
-        h.contains(&("content-range".into(), "bytes 1000-1999/100000".into())),
+        h.contains(&("content-range".into(), "bytes 1000-1999/600000".into())),
         "{h:?}"
     );
     let (st, _, body) = http_get(lo.http, "/files/sub/kernel", Some("bytes=-10"));
-    assert_eq!((st, body.as_slice()), (206, &want[99_990..]));
-    let (st, h, _) = http_get(lo.http, "/files/sub/kernel", Some("bytes=200000-"));
+    assert_eq!((st, body.as_slice()), (206, &want[599_990..]));
+    let (st, h, _) = http_get(lo.http, "/files/sub/kernel", Some("bytes=700000-"));
     assert_eq!(st, 416);
     assert!(
-        h.contains(&("content-range".into(), "bytes */100000".into())),
+        h.contains(&("content-range".into(), "bytes */600000".into())),
         "{h:?}"
     );
     for path in [
@@ -889,6 +889,9 @@ fn http_files_with_ranges_and_no_traversal() {
         assert!(st == 403 || st == 404, "{path}: {st}");
         assert!(!body.windows(6).any(|w| w == b"SECRET"), "{path}");
     }
+    // A range across chunk boundaries of the streamed body.
+    let (st, _, body) = http_get(lo.http, "/files/sub/kernel", Some("bytes=200000-599999"));
+    assert_eq!((st, body.as_slice()), (206, &want[200_000..]));
     // The script tells the firmware type.
     let (st, _, body) = http_get(
         lo.http,

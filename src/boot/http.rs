@@ -101,8 +101,73 @@ fn with_firmware(script: String, fw: Option<&str>) -> String {
     }
 }
 
-/// Largest body served from memory (a range of a file, or a whole file).
-const MAX_FILE_BODY: u64 = 512 << 20;
+/// A response body: a small text, or a file streamed in chunks.
+pub type Body = http_body_util::Either<Full<Bytes>, FileBody>;
+
+/// Bytes read per chunk of a file body (a client pulls at its own pace; memory stays
+/// bounded whatever the file's size).
+const FILE_CHUNK: u64 = 256 << 10;
+
+/// A byte range of a file, read chunk by chunk on the blocking pool.
+pub struct FileBody {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    /// Exclusive.
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<std::io::Result<Vec<u8>>>>,
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.reading.is_none() {
+            if this.pos >= this.end {
+                return Poll::Ready(None);
+            }
+            let (file, pos) = (this.file.clone(), this.pos);
+            let n = (this.end - pos).min(FILE_CHUNK) as usize;
+            this.reading = Some(tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut b = vec![0u8; n];
+                file.read_exact_at(&mut b, pos)?;
+                Ok(b)
+            }));
+        }
+        let Some(h) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = match std::pin::Pin::new(h).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        this.reading = None;
+        Poll::Ready(Some(match r {
+            Ok(Ok(b)) => {
+                this.pos += b.len() as u64;
+                Ok(hyper::body::Frame::data(Bytes::from(b)))
+            }
+            // The file shrank under us, or the read failed: the response is cut short.
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e)),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end && self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.end.saturating_sub(self.pos))
+    }
+}
 
 /// A single byte range of a file of `len` bytes (RFC 9110 §14.1.2): Ok(None) for the whole
 /// file (no or unusable Range header: a server may ignore it), Err for an unsatisfiable one.
@@ -149,72 +214,61 @@ async fn file_response(
     range: Option<String>,
     head: bool,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let root = root.clone();
     let name = name.to_string();
-    let r = tokio::task::spawn_blocking(move || -> Result<Response<Full<Bytes>>, FileError> {
-        use std::os::unix::fs::FileExt;
-        let (file, len) = root.open(&name)?;
-        let (status, first, last) = match byte_range(range.as_deref(), len) {
-            Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
-            Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
-            Err(()) => {
-                let mut r = respond(StatusCode::RANGE_NOT_SATISFIABLE, String::new());
-                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes */{len}")) {
-                    r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
-                }
-                return Ok(r);
-            }
-        };
-        let count = if len == 0 { 0 } else { last - first + 1 };
-        if count > MAX_FILE_BODY {
-            return Ok(respond(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "file too large for one response; use a range request\n".into(),
-            ));
-        }
-        let mut body = vec![0u8; if head { 0 } else { count as usize }];
-        if !head {
-            file.read_exact_at(&mut body, first)
-                .map_err(|_| FileError::NotFound)?;
-        }
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        let h = r.headers_mut();
-        h.insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/octet-stream"),
-        );
-        h.insert(
-            hyper::header::ACCEPT_RANGES,
-            hyper::header::HeaderValue::from_static("bytes"),
-        );
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&count.to_string()) {
-            h.insert(hyper::header::CONTENT_LENGTH, v);
-        }
-        if status == StatusCode::PARTIAL_CONTENT {
-            if let Ok(v) =
-                hyper::header::HeaderValue::from_str(&format!("bytes {first}-{last}/{len}"))
-            {
-                h.insert(hyper::header::CONTENT_RANGE, v);
-            }
-        }
-        Ok(r)
-    })
-    .await;
-    match r {
-        Ok(Ok(resp)) => {
-            info!(%peer, status = resp.status().as_u16(), "file served");
-            resp
-        }
+    // Opening resolves symlinks and checks the root: blocking file-system work.
+    let opened = tokio::task::spawn_blocking(move || root.open(&name)).await;
+    let (file, len) = match opened {
+        Ok(Ok(x)) => x,
         Ok(Err(FileError::NotFound)) | Err(_) => {
-            respond(StatusCode::NOT_FOUND, "no such file\n".into())
+            return respond(StatusCode::NOT_FOUND, "no such file\n".into()).map(Body::Left)
         }
         Ok(Err(FileError::Denied(why))) => {
             warn!(%peer, reason = why, "file request refused");
-            respond(StatusCode::FORBIDDEN, "forbidden\n".into())
+            return respond(StatusCode::FORBIDDEN, "forbidden\n".into()).map(Body::Left);
+        }
+    };
+    let (status, first, last) = match byte_range(range.as_deref(), len) {
+        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Err(()) => {
+            let mut r = respond(StatusCode::RANGE_NOT_SATISFIABLE, String::new());
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+            }
+            return r.map(Body::Left);
+        }
+    };
+    let count = if len == 0 { 0 } else { last - first + 1 };
+    let body = FileBody {
+        file: Arc::new(file),
+        pos: first,
+        end: if head { first } else { first + count },
+        reading: None,
+    };
+    let mut r = Response::new(Body::Right(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        hyper::header::ACCEPT_RANGES,
+        hyper::header::HeaderValue::from_static("bytes"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&count.to_string()) {
+        h.insert(hyper::header::CONTENT_LENGTH, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes {first}-{last}/{len}"))
+        {
+            h.insert(hyper::header::CONTENT_RANGE, v);
         }
     }
+    info!(%peer, status = status.as_u16(), bytes = count, "file served");
+    r
 }
 
 /// Serve until the listener is dropped (the task is aborted at shutdown).
@@ -240,6 +294,8 @@ pub async fn serve_with_files(
         let local = stream.local_addr().unwrap_or(peer);
         let scripts = scripts.clone();
         let files = files.clone();
+        // Bounded: scripts are tiny; a file download (kernel, initrd) gets longer.
+        let limit = if files.is_some() { 900 } else { 30 };
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let scripts = scripts.clone();
@@ -261,16 +317,17 @@ pub async fn serve_with_files(
                             .map(str::to_string);
                         file_response(root, name, range, head, peer).await
                     } else if req.method() != hyper::Method::GET {
-                        respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
+                        respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()).map(Body::Left)
                     } else if path != "/boot.ipxe" {
                         respond(
                             StatusCode::NOT_FOUND,
                             "try /boot.ipxe?mac=...&uuid=...\n".into(),
                         )
+                        .map(Body::Left)
                     } else {
                         let mac = query_param(&query, "mac");
                         let uuid = query_param(&query, "uuid");
-                        match scripts.script(mac.as_deref(), uuid.as_deref(), local).await {
+                        let r = match scripts.script(mac.as_deref(), uuid.as_deref(), local).await {
                             Some(s) => {
                                 let fw = firmware(&query);
                                 info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?fw, "boot script served");
@@ -283,15 +340,19 @@ pub async fn serve_with_files(
                                     "#!ipxe\necho diskless: unknown client\nshell\n".into(),
                                 )
                             }
-                        }
+                        };
+                        r.map(Body::Left)
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
-            // Bounded: a client that never finishes its request is dropped.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // A client that never finishes its request headers is dropped.
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(limit), conn).await;
         });
     }
 }
