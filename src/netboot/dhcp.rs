@@ -564,6 +564,16 @@ impl Responder {
         r
     }
 
+    /// Where a reply to a client without an address goes: the relay agent's server port
+    /// when relayed (RFC 2131 §4.1, giaddr), else broadcast.
+    fn broadcast(msg: &Message) -> Dest {
+        if msg.giaddr().is_unspecified() {
+            Dest::Broadcast
+        } else {
+            Dest::Unicast(SocketAddrV4::new(msg.giaddr(), 67))
+        }
+    }
+
     /// Add the boot information; None when this client gets none.
     fn add_boot(&self, msg: &Message, req: &Request, r: &mut Message) -> Option<String> {
         let (file, class, siaddr) = boot_choice(&self.plan, req)?;
@@ -653,7 +663,13 @@ impl Responder {
         let boot = self
             .add_boot(msg, req, &mut r)
             .ok_or(DhcpError::Ignored("no boot file for this client"))?;
-        Self::answer(&r, Dest::Broadcast, MessageType::Offer, Some(boot), false)
+        Self::answer(
+            &r,
+            Self::broadcast(msg),
+            MessageType::Offer,
+            Some(boot),
+            false,
+        )
     }
 
     fn add_lease_options(&self, r: &mut Message, secs: u32) {
@@ -710,7 +726,7 @@ impl Responder {
                 r.set_yiaddr(ip);
                 self.add_lease_options(&mut r, secs);
                 let boot = self.add_boot(msg, req, &mut r);
-                Self::answer(&r, Dest::Broadcast, MessageType::Offer, boot, false)
+                Self::answer(&r, Self::broadcast(msg), MessageType::Offer, boot, false)
             }
             MessageType::Request => {
                 if server_id.is_some_and(|s| s != server_ip) {
@@ -733,7 +749,7 @@ impl Responder {
                     self.add_lease_options(&mut r, secs);
                     let boot = self.add_boot(msg, req, &mut r);
                     let to = if msg.ciaddr().is_unspecified() {
-                        Dest::Broadcast
+                        Self::broadcast(msg)
                     } else {
                         Dest::Unicast(SocketAddrV4::new(msg.ciaddr(), 68))
                     };
@@ -747,7 +763,7 @@ impl Responder {
                     // §4.3.2: the address is wrong for this client: NAK, broadcast.
                     let mut r = self.reply(msg, MessageType::Nak);
                     r.set_flags(Flags::default().set_broadcast());
-                    Self::answer(&r, Dest::Broadcast, MessageType::Nak, None, false)
+                    Self::answer(&r, Self::broadcast(msg), MessageType::Nak, None, false)
                 }
             }
             MessageType::Release => {
@@ -772,7 +788,7 @@ impl Responder {
                 r.set_ciaddr(msg.ciaddr());
                 let boot = self.add_boot(msg, req, &mut r);
                 let to = if msg.ciaddr().is_unspecified() {
-                    Dest::Broadcast
+                    Self::broadcast(msg)
                 } else {
                     Dest::Unicast(SocketAddrV4::new(msg.ciaddr(), 68))
                 };
@@ -1032,6 +1048,22 @@ mod tests {
             &[],
         );
         assert!(r.handle(&p, Port::Dhcp, SRC, 0).is_err());
+    }
+
+    #[test]
+    fn relayed_requests_are_answered_to_the_relay() {
+        let mut r = Responder::new(plan(NetbootMode::Proxy));
+        let mut p = client_request(MessageType::Discover, MAC, ClientKind::Pxe, Some(0), &[]);
+        p[24..28].copy_from_slice(&[10, 9, 0, 1]); // giaddr
+        let a = r.handle(&p, Port::Dhcp, SRC, 0).unwrap();
+        assert_eq!(
+            a.to,
+            Dest::Unicast(SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, 1), 67))
+        );
+        assert_eq!(
+            decode(&a.bytes).unwrap().giaddr(),
+            Ipv4Addr::new(10, 9, 0, 1)
+        );
     }
 
     #[test]

@@ -460,3 +460,56 @@ pub fn describe(s: &Settings) -> String {
         s.plan.script_url
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{NetbootClients, NetbootConfig};
+
+    #[test]
+    fn settings_resolve_address_and_urls() {
+        let state = Path::new("/var/lib/x");
+        let mut c = NetbootConfig::quick(NetbootMode::Proxy);
+        c.server_ip = Some(Ipv4Addr::new(192, 168, 10, 1));
+        c.clients = NetbootClients::Macs(vec!["52:54:00:12:34:56".into()]);
+        let s = settings(&c, Some("0.0.0.0:8080".parse().unwrap()), state).unwrap();
+        assert_eq!(
+            s.plan.script_url,
+            "http://192.168.10.1:8080/boot.ipxe?mac=${netX/mac}&uuid=${uuid}&platform=${platform}"
+        );
+        assert_eq!(
+            s.plan.http_files.as_deref(),
+            Some("http://192.168.10.1:8080/files/")
+        );
+        assert_eq!(s.leases_path, state.join("leases"));
+        assert!(s
+            .plan
+            .clients
+            .as_ref()
+            .is_some_and(|m| m.contains(&[0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+        // The interface's address when none is given.
+        c.server_ip = None;
+        c.interfaces = vec!["lo".into()];
+        let s = settings(&c, Some("0.0.0.0:8080".parse().unwrap()), state).unwrap();
+        assert_eq!(s.plan.server_ip, Ipv4Addr::LOCALHOST);
+        c.interfaces = vec!["no-such-if0".into()];
+        assert!(settings(&c, None, state).is_err());
+        // Without an HTTP endpoint only an explicit script URL will do.
+        c.interfaces.clear();
+        c.server_ip = Some(Ipv4Addr::new(10, 0, 0, 1));
+        assert!(settings(&c, None, state).is_err());
+        c.script_url = Some("tftp://10.0.0.1/boot.ipxe".into());
+        let s = settings(&c, None, state).unwrap();
+        assert_eq!(s.plan.http_files, None);
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leases");
+        write_atomic(&p, "a\n").unwrap();
+        write_atomic(&p, "b\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "b\n");
+        assert!(!dir.path().join("leases.tmp").exists());
+    }
+}
