@@ -10,6 +10,7 @@
 //! 2. OVMF without an iPXE ROM: the firmware's PXE -> TFTP snponly.efi -> iPXE -> script ->
 //!    sanboot -> Linux -> hand-off.
 //! 3. Both again with diskless as the only DHCP server (mode dhcp), leases persisted.
+//! 4. OVMF's UEFI HTTP Boot: the iPXE binary over HTTP from `/files/`, no TFTP.
 //!
 //! Plus hostile input on loopback: malformed, truncated, oversized and flooding DHCP and TFTP
 //! packets, traversal attempts over TFTP and HTTP; the server keeps serving, nothing outside
@@ -340,7 +341,8 @@ impl Lab {
 
     /// Boot one guest on `tap`; panics with the serial tail and the server log unless the
     /// hand-off wrote and read back its marker. Returns the cleaned serial log.
-    fn boot(&self, mode: &str, tap: &str, mac: &str, no_rom: bool) -> String {
+    /// `flags`: extra run-qemu.sh flags (`--no-rom`, `--http-boot`).
+    fn boot(&self, mode: &str, tap: &str, mac: &str, flags: &[&str]) -> String {
         let started = Instant::now();
         let log = self.dir.join(format!("serial-{tap}.log"));
         let mut cmd = Command::new("ip");
@@ -350,10 +352,8 @@ impl Lab {
             .args(["--timeout", &BOOT_TIMEOUT_SECS.to_string()])
             .arg("--log")
             .arg(&log)
-            .env("TMPDIR", &self.dir);
-        if no_rom {
-            cmd.arg("--no-rom");
-        }
+            .env("TMPDIR", &self.dir)
+            .args(flags);
         let (ok, out) = run_limited(&mut cmd, Duration::from_secs(BOOT_TIMEOUT_SECS + 30));
         let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
         let report = || {
@@ -419,7 +419,7 @@ fn bios_ipxe_rom_boots_through_proxydhcp() {
         "--state-dir",
         dir.path().join("state").to_str().unwrap(),
     ]);
-    let serial = lab.boot("bios", "tap0", "52:54:00:77:00:01", false);
+    let serial = lab.boot("bios", "tap0", "52:54:00:77:00:01", &[]);
     // The address came from the site's DHCP server, the boot information from us.
     assert!(serial.contains("net0: 10.77.0.1"), "{}", tail(&serial, 30));
     let log = lab.server_log();
@@ -460,7 +460,7 @@ fn uefi_pxe_without_rom_boots_through_proxydhcp_and_tftp() {
     );
     let mut lab = Lab::new("u", dir.path(), &["tap0"], true);
     lab.diskless(&["serve", "-c", cfg.to_str().unwrap()]);
-    lab.boot("uefi", "tap0", "52:54:00:77:00:02", true);
+    lab.boot("uefi", "tap0", "52:54:00:77:00:02", &["--no-rom"]);
     let log = lab.server_log();
     assert!(log.contains("boot=Some(\"snponly.efi\")"), "{log}");
     assert!(
@@ -468,6 +468,35 @@ fn uefi_pxe_without_rom_boots_through_proxydhcp_and_tftp() {
         "{log}"
     );
     assert!(log.contains("firmware=Some(\"uefi\")"), "{log}");
+}
+
+/// UEFI HTTP Boot (OVMF with its PXE turned off): vendor class HTTPClient gets
+/// `http://SERVER:8080/files/snponly.efi` in the proxy answer; TFTP is off altogether.
+#[test]
+fn uefi_http_boot_loads_ipxe_over_http() {
+    require_lab(true);
+    let dir = tempfile::tempdir().unwrap();
+    let img = golden(dir.path(), "uefi.img");
+    let cfg = netboot_yaml(
+        dir.path(),
+        &img,
+        "netboot:\n  mode: proxy\n  interfaces: [br0]\n  clients: any\n  tftp: false\n",
+    );
+    let mut lab = Lab::new("h", dir.path(), &["tap0"], true);
+    lab.diskless(&["serve", "-c", cfg.to_str().unwrap()]);
+    lab.boot(
+        "uefi",
+        "tap0",
+        "52:54:00:77:00:05",
+        &["--no-rom", "--http-boot"],
+    );
+    let log = lab.server_log();
+    assert!(
+        log.contains("boot=Some(\"http://10.77.0.1:8080/files/snponly.efi\")"),
+        "{log}"
+    );
+    assert!(log.contains("file served"), "{log}");
+    assert!(!log.contains("tftp: read"), "{log}");
 }
 
 /// (iii) diskless is the only DHCP server (mode dhcp): a BIOS and a UEFI client boot at
@@ -498,8 +527,8 @@ fn dhcp_mode_boots_bios_and_uefi_without_another_dhcp_server() {
     let mut lab = Lab::new("d", dir.path(), &["tap0", "tap1"], false);
     lab.diskless(&["serve", "-c", cfg.to_str().unwrap()]);
     thread::scope(|s| {
-        let a = s.spawn(|| lab.boot("bios", "tap0", "52:54:00:77:00:03", false));
-        let b = s.spawn(|| lab.boot("uefi", "tap1", "52:54:00:77:00:04", true));
+        let a = s.spawn(|| lab.boot("bios", "tap0", "52:54:00:77:00:03", &[]));
+        let b = s.spawn(|| lab.boot("uefi", "tap1", "52:54:00:77:00:04", &["--no-rom"]));
         let (a, b) = (a.join(), b.join());
         if let Err(e) = a {
             std::panic::resume_unwind(e);

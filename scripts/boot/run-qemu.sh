@@ -4,12 +4,13 @@
 #   scripts/boot/run-qemu.sh --mode bios|uefi --port PORT --target IQN --initiator IQN
 #                            [--lun 0] [--timeout 240] [--nic virtio|e1000] [--pcap FILE]
 #                            [--mem 512] --log FILE
-#   scripts/boot/run-qemu.sh --mode bios|uefi --tap IFNAME [--mac MAC] [--no-rom] --log FILE
+#   scripts/boot/run-qemu.sh --mode bios|uefi --tap IFNAME [--mac MAC] [--no-rom] [--http-boot] --log FILE
 #
 # With --tap the guest is on a tap device (inside a network namespace, see tests/netboot.rs)
 # and gets everything from the network: DHCP, the boot file and the script come from the
 # servers on that network, so --port/--target/--initiator are not needed. --no-rom gives the
-# NIC no iPXE ROM (UEFI: the firmware's own PXE client boots).
+# NIC no iPXE ROM (UEFI: the firmware's own PXE client boots); --http-boot (UEFI) turns OVMF's
+# PXE off so that its HTTP Boot client runs.
 #
 # The guest reaches the host's 127.0.0.1:PORT as 10.0.2.2:PORT (QEMU user networking). QEMU's
 # built-in TFTP server hands iPXE a script (after its DHCP) that sets the initiator name and
@@ -26,10 +27,11 @@ die() { echo "run-qemu.sh: error: $*" >&2; exit 2; }
 usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 MODE="" PORT="" TARGET="" INITIATOR="" LUN=0 TIMEOUT=240 LOG="" NIC=virtio PCAP="" MEM=512
-TAP="" MAC="" NOROM=0
+TAP="" MAC="" NOROM=0 HTTPBOOT=0
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	--no-rom) NOROM=1; shift; continue ;;
+	--http-boot) HTTPBOOT=1; shift; continue ;;
 	--tap) TAP=${2:-} ;;
 	--mac) MAC=${2:-} ;;
 	--mode) MODE=${2:-} ;;
@@ -119,6 +121,9 @@ if [[ $MODE == bios ]]; then
 	ARGS+=(-fw_cfg "name=etc/sercon-port,file=$RUN/sercon" -boot order=n,strict=on)
 else
 	cp "$OVMF_VARS" "$RUN/vars.fd"
+	# UEFI HTTP Boot only: OVMF's fw_cfg knobs turn its PXE boot options off.
+	((HTTPBOOT)) && ARGS+=(-fw_cfg name=opt/org.tianocore/IPv4PXESupport,string=n
+		-fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=n)
 	ARGS+=(-machine q35
 		-drive "if=pflash,format=raw,readonly=on,file=$OVMF_CODE"
 		-drive "if=pflash,format=raw,file=$RUN/vars.fd")

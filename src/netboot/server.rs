@@ -420,8 +420,12 @@ async fn transfer(
                 }
                 Action::Block { block, offset, len } => {
                     data[..4].copy_from_slice(&tftp::data_header(block));
-                    file.read_at(&mut data[4..4 + len], offset)
-                        .map_err(|e| e.to_string())?;
+                    if let Err(e) = file.read_exact_at(&mut data[4..4 + len], offset) {
+                        // The file shrank or failed under us: tell the client, stop.
+                        let p = tftp::error_packet(tftp::ERR_UNDEFINED, "read error");
+                        let _ = sock.send(&p).await;
+                        return Err(e.to_string());
+                    }
                     let _ = sock.send(&data[..4 + len]).await;
                 }
                 Action::Done => {
