@@ -9,6 +9,8 @@
 //! - [`config`] and [`registry`]: targets.yaml and the targets built from it.
 //! - [`boot`]: boot emulation: bindings, per-client disks over overlays, the boot script
 //!   endpoint.
+//! - [`netboot`]: proxyDHCP/DHCP and TFTP (pure cores, a tokio UDP shell), the file root the
+//!   boot HTTP endpoint also serves.
 //! - [`cli`]: the command line.
 
 pub mod boot;
