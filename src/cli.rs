@@ -853,6 +853,30 @@ mod tests {
     }
 
     #[test]
+    fn summary_shows_netboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "{}{}{}{}{}{}",
+            "boot_http: {listen: \"0.0.0.0:8080\"}\nnetboot:\n  mode: dhcp\n",
+            "  interfaces: [eth1]\n  clients: [\"52:54:00:00:00:01\"]\n",
+            format_args!("  root: {}\n", dir.path().display()),
+            "  pool: {start: 10.0.0.10, end: 10.0.0.20}\n",
+            "targets:\n  - name: iqn.2026-11.org.x:y\n    luns:\n",
+            "      - {lun: 0, image: a.img, create_size: 1MiB}\n",
+        );
+        let c = Config::from_yaml(&yaml, "t.yaml", dir.path()).unwrap();
+        let p = registry::plan(&c).unwrap();
+        let mut out = Vec::new();
+        write_summary(&mut out, &c, &p).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("netboot: dhcp on eth1, 1 client(s)")
+                && s.contains("pool 10.0.0.10-10.0.0.20/24"),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn summary_hides_secrets() {
         let dir = tempfile::tempdir().unwrap();
         let yaml = "discovery:\n  chap: {user: disc, secret: discoverysecret}\ntargets:\n  - name: iqn.2026-11.org.x:y\n    chap: {user: boot, secret: bootsecret123, mutual_user: tgt, mutual_secret: mutualsecret99}\n    luns:\n      - {lun: 0, image: a.img, create_size: 1MiB}\n";
