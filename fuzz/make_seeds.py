@@ -237,4 +237,36 @@ write("scsi_cdb", "reserve6_removable", b"".join([
     cmd(READ10(0, 1), lun=1), cmd(INQ, lun=2), cmd(REPORT_LUNS, lun=2), reset(None, 2)]))
 write("scsi_cdb", "mode_select", b"".join([cmd(MODE_SELECT6, caching_page, exact=True), cmd(MODE_SENSE10),
                                            cmd([0x03, 0, 0, 0, 252, 0])]))
+
+# netboot: DHCP requests as PXE firmware, iPXE and UEFI HTTP Boot send them (RFC 2131 layout,
+# options RFC 2132/4578/3004), one selector byte first (see dhcp_packet); TFTP requests.
+def dhcp(msgtype, mac, opts, ciaddr=b"\0" * 4):
+    hdr = bytes([1, 1, 6, 0]) + struct.pack(">IHH", 0x12345678, 0, 0x8000) + ciaddr + b"\0" * 12
+    hdr += mac + b"\0" * 10 + b"\0" * 192 + bytes([99, 130, 83, 99])
+    body = bytes([53, 1, msgtype])
+    for code, val in opts:
+        body += bytes([code, len(val)]) + val
+    return hdr + body + b"\xff"
+
+MAC = bytes([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+pxe_bios = [(93, b"\0\0"), (60, b"PXEClient:Arch:00000:UNDI:002001"), (97, b"\0" * 17), (94, b"\1\2\1")]
+pxe_efi = [(93, b"\0\7"), (60, b"PXEClient:Arch:00007:UNDI:003016"), (57, b"\5\xc0")]
+ipxe = [(93, b"\0\0"), (60, b"PXEClient:Arch:00000:UNDI:002001"), (77, b"iPXE"), (175, b"\x13\1\1")]
+http = [(93, b"\0\x10"), (60, b"HTTPClient:Arch:00016:UNDI:003001")]
+write("dhcp_packet", "proxy_discover_bios", b"\0" + dhcp(1, MAC, pxe_bios))
+write("dhcp_packet", "proxy_request_4011_efi", b"\2" + dhcp(3, MAC, pxe_efi, bytes([10, 0, 0, 99])))
+write("dhcp_packet", "proxy_discover_ipxe", b"\0" + dhcp(1, MAC, ipxe))
+write("dhcp_packet", "proxy_discover_http", b"\0" + dhcp(1, MAC, http))
+write("dhcp_packet", "dhcp_discover", b"\1" + dhcp(1, MAC, pxe_bios + [(50, bytes([10, 0, 0, 11]))]))
+write("dhcp_packet", "dhcp_request", b"\1" + dhcp(3, MAC, pxe_bios + [(50, bytes([10, 0, 0, 10])), (54, bytes([10, 0, 0, 1]))]))
+write("dhcp_packet", "dhcp_release", b"\1" + dhcp(7, MAC, [], bytes([10, 0, 0, 10])))
+
+def rrq(name, *opts):
+    return b"\0\1" + b"".join(s.encode() + b"\0" for s in (name, "octet") + opts)
+
+ACK = lambda n: b"\0\4" + struct.pack(">H", n)  # noqa: E731
+write("tftp_packet", "lockstep", struct.pack("<HB", 20, 7) + rrq("undionly.kpxe") + b"\xff" + b"\xff".join(ACK(i) for i in range(1, 6)))
+write("tftp_packet", "options_window", struct.pack("<HB", 300, 1) + rrq("/efi/snponly.efi", "tsize", "0", "blksize", "1468", "windowsize", "4", "timeout", "3")
+      + b"\xff" + b"\xff".join(ACK(i) for i in (0, 4, 3, 8, 12, 16, 20, 21)))
+write("tftp_packet", "traversal", struct.pack("<HB", 1, 0) + rrq("../../etc/passwd") + b"\xff" + b"\0\5\0\1oops\0")
 print("seeds written under", os.path.join(HERE, "corpus"))

@@ -76,6 +76,8 @@ NEEDS=(
 	"cpio cpio"
 	"dpkg-deb dpkg"
 	"tgtd tgt"
+	"dnsmasq dnsmasq-base"
+	"/usr/lib/ipxe/snponly.efi ipxe"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg

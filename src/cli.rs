@@ -114,6 +114,34 @@ pub struct ServeArgs {
     /// Quick mode: where overlays and the control socket live (default: ./state).
     #[arg(long, value_name = "DIR", requires = "image")]
     pub state_dir: Option<PathBuf>,
+    /// Built-in network boot: proxy (proxyDHCP beside the site's DHCP server), dhcp (also
+    /// hand out addresses: needs netboot.pool) or off; replaces netboot.mode. Any client is
+    /// answered unless netboot.clients says otherwise (docs/booting.md).
+    #[arg(long, value_name = "MODE", value_parser = parse_netboot_mode)]
+    pub netboot: Option<crate::config::NetbootMode>,
+    /// Network interface netboot answers on (repeatable); replaces netboot.interfaces.
+    #[arg(
+        long = "netboot-interface",
+        value_name = "IFNAME",
+        requires = "netboot"
+    )]
+    pub netboot_interfaces: Vec<String>,
+    /// Listen address of the boot HTTP endpoint (scripts, /files/); replaces
+    /// boot_http.listen. Default with --netboot: 0.0.0.0:8080.
+    #[arg(long, value_name = "ADDR", value_parser = parse_portal)]
+    pub boot_http: Option<SocketAddr>,
+}
+
+fn parse_netboot_mode(s: &str) -> Result<crate::config::NetbootMode, String> {
+    use crate::config::NetbootMode::*;
+    match s {
+        "proxy" => Ok(Proxy),
+        "dhcp" => Ok(Dhcp),
+        "off" => Ok(Off),
+        _ => Err(format!(
+            "netboot mode must be proxy, dhcp or off, not {s:?}"
+        )),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<crate::config::OverlayMode, String> {
@@ -340,6 +368,43 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
         config.portals = args.listen.iter().copied().map(Portal).collect();
         config.validate()?;
     }
+    if let Some(listen) = args.boot_http {
+        match &mut config.boot_http {
+            Some(h) => h.listen = Portal(listen),
+            None => {
+                config.boot_http = Some(crate::config::BootHttpConfig {
+                    listen: Portal(listen),
+                    iscsi_portal: None,
+                })
+            }
+        }
+    }
+    if let Some(mode) = args.netboot {
+        if args.image.is_some() && args.overlay.is_none() && mode != crate::config::NetbootMode::Off
+        {
+            return Err(CliError::Config(ConfigError::invalid(
+                crate::config::QUICK_SOURCE,
+                "--netboot",
+                "network boot serves boot targets: add --overlay volatile (or persistent)",
+            )));
+        }
+        let n = config
+            .netboot
+            .get_or_insert_with(|| crate::config::NetbootConfig::quick(mode));
+        n.mode = mode;
+        if !args.netboot_interfaces.is_empty() {
+            n.interfaces = args.netboot_interfaces.clone();
+        }
+        if config.boot_http.is_none() && mode != crate::config::NetbootMode::Off {
+            config.boot_http = Some(crate::config::BootHttpConfig {
+                listen: Portal(SocketAddr::from(([0, 0, 0, 0], 8080))),
+                iscsi_portal: None,
+            });
+        }
+    }
+    if args.netboot.is_some() || args.boot_http.is_some() {
+        config.validate()?;
+    }
     Ok(config)
 }
 
@@ -450,10 +515,35 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         let state_dir = registry.state_dir().to_path_buf();
         let server = Server::new(Arc::new(registry), settings);
         let mut aux = tokio::task::JoinSet::new();
-        if let Some(l) = http {
-            let addr = l.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
+        let http_addr = match &http {
+            Some(l) => Some(l.local_addr().map_err(|e| CliError::Io(e.to_string()))?),
+            None => None,
+        };
+        // Netboot binds before anything serves, so a taken port 67/69 fails `serve` at once.
+        let netboot = match config.netboot.as_ref().filter(|n| n.mode != crate::config::NetbootMode::Off) {
+            Some(n) => {
+                if n.pool.is_some() {
+                    std::fs::create_dir_all(&state_dir)
+                        .map_err(|e| CliError::Io(format!("state directory {}: {e}", state_dir.display())))?;
+                }
+                let s = crate::netboot::server::settings(n, http_addr, &state_dir).map_err(CliError::Io)?;
+                println!("diskless: {}", crate::netboot::server::describe(&s));
+                Some(crate::netboot::server::bind(s).map_err(|e| CliError::Io(format!("netboot: {e}")))?)
+            }
+            None => None,
+        };
+        let files = match config.netboot.as_ref().filter(|n| n.mode != crate::config::NetbootMode::Off) {
+            Some(n) => Some(Arc::new(crate::netboot::files::FileRoot::new(&n.root).map_err(|e| {
+                CliError::Io(format!("netboot.root {}: {e}", n.root.display()))
+            })?)),
+            None => None,
+        };
+        if let (Some(l), Some(addr)) = (http, http_addr) {
             println!("diskless: boot scripts on http://{addr}/boot.ipxe");
-            aux.spawn(crate::boot::http::serve(l, server.clone()));
+            aux.spawn(crate::boot::http::serve_with_files(l, server.clone(), files));
+        }
+        if let Some(nb) = netboot {
+            nb.spawn(&mut aux);
         }
         // Plain quick mode (one image, no overlays) has no state to keep or operate on.
         let wants_state = args.image.is_none() || args.overlay.is_some();
@@ -538,6 +628,30 @@ pub fn write_summary(
         "discovery authentication: {}",
         auth(plan.discovery_chap.as_ref())
     )?;
+    if let Some(n) = &config.netboot {
+        let clients = match n.client_macs() {
+            None => "any client".to_string(),
+            Some(m) => format!("{} client(s)", m.len()),
+        };
+        let ifs = if n.interfaces.is_empty() {
+            "all interfaces".to_string()
+        } else {
+            n.interfaces.join(", ")
+        };
+        writeln!(
+            out,
+            "netboot: {} on {ifs}, {clients}, files from {} (BIOS {}, UEFI x64 {}, UEFI ARM64 {}){}",
+            n.mode,
+            n.root.display(),
+            n.boot_files.bios,
+            n.boot_files.uefi_x64,
+            n.boot_files.uefi_arm64,
+            match &n.pool {
+                Some(p) => format!(", pool {}-{}/{}", p.start, p.end, p.prefix_len),
+                None => String::new(),
+            }
+        )?;
+    }
     writeln!(out, "targets: {}", plan.targets.len())?;
     for t in &plan.targets {
         match &t.alias {
@@ -630,6 +744,58 @@ mod tests {
         assert!(parse(&["image", "create", "x.img", "--size", "64MiB"]).is_ok());
         assert!(parse(&["image", "create", "x.img", "--size", "lots"]).is_err());
         assert!(parse(&["check-config", "-c", "a.yaml"]).is_ok());
+        let c = parse(&["serve", "--netboot", "proxy", "--netboot-interface", "eth1"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        assert_eq!(a.netboot, Some(crate::config::NetbootMode::Proxy));
+        assert_eq!(a.netboot_interfaces, vec!["eth1".to_string()]);
+        assert!(parse(&["serve", "--netboot", "maybe"]).is_err());
+        assert!(parse(&["serve", "--netboot-interface", "eth1"]).is_err());
+    }
+
+    #[test]
+    fn quick_netboot_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("g.img");
+        FileStore::create(&img, 1 << 20).unwrap();
+        let root = dir.path().join("ipxe");
+        std::fs::create_dir(&root).unwrap();
+        let i = img.to_str().unwrap();
+        // Without --overlay there is no boot target to netboot.
+        let c = parse(&["serve", "--image", i, "--netboot", "proxy"]).unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        let e = serve_config(&a)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--overlay"), "{e}");
+        let c = parse(&[
+            "serve",
+            "--image",
+            i,
+            "--overlay",
+            "volatile",
+            "--netboot",
+            "off",
+            "--boot-http",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let Command::Serve(a) = c.command else {
+            panic!()
+        };
+        let config = serve_config(&a).unwrap();
+        assert_eq!(
+            config.netboot.as_ref().map(|n| n.mode),
+            Some(crate::config::NetbootMode::Off)
+        );
+        assert_eq!(
+            config.boot_http.as_ref().map(|h| h.listen.0.to_string()),
+            Some("127.0.0.1:0".to_string())
+        );
     }
 
     #[test]
@@ -685,6 +851,30 @@ mod tests {
         );
         // A taken port is an I/O error.
         assert!(bind_listeners(&[bound[0]]).await.is_err());
+    }
+
+    #[test]
+    fn summary_shows_netboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "{}{}{}{}{}{}",
+            "boot_http: {listen: \"0.0.0.0:8080\"}\nnetboot:\n  mode: dhcp\n",
+            "  interfaces: [eth1]\n  clients: [\"52:54:00:00:00:01\"]\n",
+            format_args!("  root: {}\n", dir.path().display()),
+            "  pool: {start: 10.0.0.10, end: 10.0.0.20}\n",
+            "targets:\n  - name: iqn.2026-11.org.x:y\n    luns:\n",
+            "      - {lun: 0, image: a.img, create_size: 1MiB}\n",
+        );
+        let c = Config::from_yaml(&yaml, "t.yaml", dir.path()).unwrap();
+        let p = registry::plan(&c).unwrap();
+        let mut out = Vec::new();
+        write_summary(&mut out, &c, &p).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("netboot: dhcp on eth1, 1 client(s)")
+                && s.contains("pool 10.0.0.10-10.0.0.20/24"),
+            "{s}"
+        );
     }
 
     #[test]

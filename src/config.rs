@@ -180,6 +180,9 @@ pub struct Config {
     /// The optional HTTP listener that hands each client its iPXE boot script.
     #[serde(default)]
     pub boot_http: Option<BootHttpConfig>,
+    /// Built-in network boot: proxyDHCP or DHCP, TFTP (docs/booting.md). Off when absent.
+    #[serde(default)]
+    pub netboot: Option<NetbootConfig>,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -550,6 +553,295 @@ pub struct BootHttpConfig {
     pub iscsi_portal: Option<String>,
 }
 
+/// `netboot.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetbootMode {
+    /// Nothing is answered.
+    Off,
+    /// proxyDHCP (PXE 2.1): boot information only, beside the site's DHCP server.
+    Proxy,
+    /// A DHCP server with an address pool (isolated lab networks only).
+    Dhcp,
+}
+
+impl fmt::Display for NetbootMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetbootMode::Off => "off",
+            NetbootMode::Proxy => "proxy",
+            NetbootMode::Dhcp => "dhcp",
+        })
+    }
+}
+
+/// `netboot.clients`: the keyword `any`, or a list of MAC addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum NetbootClients {
+    Keyword(String),
+    Macs(Vec<String>),
+}
+
+/// `netboot.boot_files`: the iPXE binary (a name inside `root`) per client architecture.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootFilesConfig {
+    /// Legacy BIOS PXE (option 93 = 0).
+    pub bios: String,
+    /// UEFI x86-64 (option 93 = 7 or 9; 16 for HTTP boot).
+    pub uefi_x64: String,
+    /// UEFI IA32 (6; 15 for HTTP boot).
+    pub uefi_ia32: String,
+    /// UEFI ARM64 (11; 19 for HTTP boot).
+    pub uefi_arm64: String,
+}
+
+impl Default for BootFilesConfig {
+    fn default() -> Self {
+        BootFilesConfig {
+            bios: "undionly.kpxe".into(),
+            uefi_x64: "snponly.efi".into(),
+            uefi_ia32: "ipxe-ia32.efi".into(),
+            uefi_arm64: "snponly-arm64.efi".into(),
+        }
+    }
+}
+
+/// `netboot.ports`: the well-known ports; only tests change them.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetbootPorts {
+    pub dhcp: u16,
+    pub pxe: u16,
+    pub tftp: u16,
+    /// Where replies to clients go (68; tests use another).
+    pub client: u16,
+}
+
+impl Default for NetbootPorts {
+    fn default() -> Self {
+        NetbootPorts {
+            dhcp: 67,
+            pxe: 4011,
+            tftp: 69,
+            client: 68,
+        }
+    }
+}
+
+/// `netboot.pool` (mode dhcp).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub start: std::net::Ipv4Addr,
+    pub end: std::net::Ipv4Addr,
+    /// Prefix length of the subnet (e.g. 24).
+    #[serde(default = "default_prefix")]
+    pub prefix_len: u8,
+    #[serde(default)]
+    pub router: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u32,
+}
+
+fn default_prefix() -> u8 {
+    24
+}
+fn default_lease_secs() -> u32 {
+    3600
+}
+fn default_netboot_root() -> PathBuf {
+    PathBuf::from("/usr/lib/ipxe")
+}
+
+/// `netboot:` (docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetbootConfig {
+    pub mode: NetbootMode,
+    /// Network interfaces to answer on (each socket is bound to its device); empty: all.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// The address written into answers (boot server, TFTP server, script URL); default: the
+    /// first IPv4 address of the first interface (or of the host).
+    #[serde(default)]
+    pub server_ip: Option<std::net::Ipv4Addr>,
+    /// Which clients get an answer: `any` or a list of MAC addresses.
+    pub clients: NetbootClients,
+    /// Directory served over TFTP and HTTP (`/files/...`): iPXE binaries, kernels, initrds.
+    #[serde(default = "default_netboot_root")]
+    pub root: PathBuf,
+    #[serde(default)]
+    pub boot_files: BootFilesConfig,
+    /// The URL iPXE is sent to; default: the boot_http listener's `/boot.ipxe` with the
+    /// client's MAC, UUID and platform.
+    #[serde(default)]
+    pub script_url: Option<String>,
+    /// Serve TFTP (default yes).
+    #[serde(default = "default_true")]
+    pub tftp: bool,
+    #[serde(default)]
+    pub ports: NetbootPorts,
+    /// Mode dhcp: the address pool; leases are kept in STATE_DIR/leases.
+    #[serde(default)]
+    pub pool: Option<PoolConfig>,
+}
+
+impl NetbootConfig {
+    /// The quick-mode section (`serve --netboot MODE`): any client, the Debian ipxe files.
+    pub fn quick(mode: NetbootMode) -> NetbootConfig {
+        NetbootConfig {
+            mode,
+            interfaces: Vec::new(),
+            server_ip: None,
+            clients: NetbootClients::Keyword("any".into()),
+            root: default_netboot_root(),
+            boot_files: BootFilesConfig::default(),
+            script_url: None,
+            tftp: true,
+            ports: NetbootPorts::default(),
+            pool: None,
+        }
+    }
+
+    /// The accepted MACs (lowercase, ':'), or None for any client.
+    pub fn client_macs(&self) -> Option<Vec<String>> {
+        match &self.clients {
+            NetbootClients::Keyword(_) => None,
+            NetbootClients::Macs(m) => Some(m.iter().filter_map(|m| parse_mac(m).ok()).collect()),
+        }
+    }
+
+    fn validate(&self, file: &str, has_http: bool) -> Result<(), ConfigError> {
+        let bad = |key: &str, msg: String| {
+            ConfigError::invalid(
+                file,
+                if key.is_empty() {
+                    "netboot".to_string()
+                } else {
+                    format!("netboot.{key}")
+                },
+                msg,
+            )
+        };
+        match &self.clients {
+            NetbootClients::Keyword(k) if k == "any" => {}
+            NetbootClients::Keyword(k) => {
+                return Err(bad(
+                    "clients",
+                    format!("{k:?}: expected `any` or a list of MAC addresses"),
+                ))
+            }
+            NetbootClients::Macs(m) => {
+                if m.is_empty() {
+                    return Err(bad(
+                        "clients",
+                        "empty list: no client would get an answer".into(),
+                    ));
+                }
+                for (i, mac) in m.iter().enumerate() {
+                    parse_mac(mac).map_err(|e| bad(&format!("clients[{i}]"), e))?;
+                }
+            }
+        }
+        for (i, ifname) in self.interfaces.iter().enumerate() {
+            // IFNAMSIZ is 16 with the NUL.
+            if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ', '\0']) {
+                return Err(bad(
+                    &format!("interfaces[{i}]"),
+                    format!("{ifname:?} is not an interface name"),
+                ));
+            }
+        }
+        for (key, name) in [
+            ("boot_files.bios", &self.boot_files.bios),
+            ("boot_files.uefi_x64", &self.boot_files.uefi_x64),
+            ("boot_files.uefi_ia32", &self.boot_files.uefi_ia32),
+            ("boot_files.uefi_arm64", &self.boot_files.uefi_arm64),
+        ] {
+            // A DHCP `file` field holds 127 bytes and a NUL.
+            if name.is_empty() || name.len() > 127 || name.contains("..") || !name.is_ascii() {
+                return Err(bad(
+                    key,
+                    format!("{name:?} must be 1-127 ASCII bytes naming a file in root"),
+                ));
+            }
+        }
+        if let Some(u) = &self.script_url {
+            if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("tftp://"))
+                || u.len() > 127
+            {
+                return Err(bad(
+                    "script_url",
+                    format!(
+                        "{u:?} must be an http://, https:// or tftp:// URL of at most 127 bytes"
+                    ),
+                ));
+            }
+        }
+        if self.mode == NetbootMode::Off {
+            return Ok(());
+        }
+        if !self.root.is_dir() {
+            return Err(bad(
+                "root",
+                format!(
+                    "{} is not a directory (install the Debian package ipxe, or name a \
+                     directory holding the iPXE binaries)",
+                    self.root.display()
+                ),
+            ));
+        }
+        if self.script_url.is_none() && !has_http {
+            return Err(bad(
+                "",
+                "needs boot_http (the boot script endpoint iPXE is sent to) or script_url".into(),
+            ));
+        }
+        match (&self.pool, self.mode) {
+            (None, NetbootMode::Dhcp) => {
+                return Err(bad("pool", "mode dhcp needs an address pool".into()))
+            }
+            (Some(_), NetbootMode::Proxy) => {
+                return Err(bad(
+                    "pool",
+                    "mode proxy never hands out addresses; remove pool or use mode dhcp".into(),
+                ))
+            }
+            (Some(p), _) => {
+                if !(8..=30).contains(&p.prefix_len) {
+                    return Err(bad(
+                        "pool.prefix_len",
+                        format!("{} is outside 8..=30", p.prefix_len),
+                    ));
+                }
+                let (s, e) = (u32::from(p.start), u32::from(p.end));
+                let mask = u32::MAX << (32 - u32::from(p.prefix_len));
+                if s > e || s & mask != e & mask {
+                    return Err(bad(
+                        "pool",
+                        format!(
+                            "start {} and end {} must be in order and in one /{} subnet",
+                            p.start, p.end, p.prefix_len
+                        ),
+                    ));
+                }
+                if e - s >= 65_536 {
+                    return Err(bad("pool", "more than 65536 addresses".into()));
+                }
+                if p.lease_secs < 60 {
+                    return Err(bad("pool.lease_secs", "must be at least 60".into()));
+                }
+            }
+            (None, _) => {}
+        }
+        Ok(())
+    }
+}
+
 fn default_block_size() -> u32 {
     512
 }
@@ -745,6 +1037,7 @@ impl Config {
             images: Vec::new(),
             state_dir: None,
             boot_http: None,
+            netboot: None,
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -831,6 +1124,9 @@ impl Config {
         }
         self.settings.validate(file)?;
         self.validate_images()?;
+        if let Some(n) = &self.netboot {
+            n.validate(file, self.boot_http.is_some())?;
+        }
         if let Some(chap) = &self.discovery.chap {
             chap.validate(file, "discovery.chap")?;
         }
@@ -1298,6 +1594,55 @@ targets:
             let _ = parse(&format!("{key}: {val}\n"));
             let _ = parse(&format!("targets:\n  - {key}: {val}\n"));
         }
+    }
+
+    #[test]
+    fn netboot_section() {
+        let c = parse(&format!("{ONE}netboot:\n  mode: off\n  clients: any\n")).unwrap();
+        let n = c.netboot.unwrap();
+        assert_eq!(n.mode, NetbootMode::Off);
+        assert_eq!(n.client_macs(), None);
+        assert_eq!(n.boot_files.bios, "undionly.kpxe");
+        assert_eq!(n.ports.dhcp, 67);
+        let c = parse(&format!(
+            "{ONE}netboot:\n  mode: off\n  clients: [\"52-54-00-AA-BB-CC\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.netboot.unwrap().client_macs(),
+            Some(vec!["52:54:00:aa:bb:cc".to_string()])
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display();
+        let http = "boot_http: {listen: \"0.0.0.0:8080\"}\n";
+        let ok = format!("{ONE}{http}netboot:\n  mode: proxy\n  clients: any\n  root: {root}\n");
+        assert!(parse(&ok).is_ok(), "{}", err(&ok));
+        for (yaml, want) in [
+            (format!("{ONE}netboot:\n  clients: any\n"), "missing field `mode`"),
+            (format!("{ONE}netboot:\n  mode: proxy\n"), "missing field `clients`"),
+            (format!("{ONE}netboot:\n  mode: on\n  clients: any\n"), "unknown variant"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: all\n"), "netboot.clients"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: []\n"), "netboot.clients"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: [nope]\n"), "netboot.clients[0]"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  interfaces: [\"a b\"]\n"), "netboot.interfaces[0]"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  boot_files: {{bios: ../x}}\n"), "netboot.boot_files.bios"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  script_url: ftp://x\n"), "netboot.script_url"),
+            (format!("{ONE}netboot:\n  mode: proxy\n  clients: any\n  root: /nonexistent\n"), "netboot.root"),
+            (format!("{ONE}netboot:\n  mode: proxy\n  clients: any\n  root: {root}\n"), "needs boot_http"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n"), "netboot.pool"),
+            (format!("{ok}  pool: {{start: 10.0.0.10, end: 10.0.0.20}}\n"), "mode proxy never"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.30, end: 10.0.0.20}}\n"), "netboot.pool"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.30, end: 10.0.1.20}}\n"), "one /24"),
+            (format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.3, end: 10.0.0.20, lease_secs: 5}}\n"), "lease_secs"),
+            (format!("{ONE}netboot:\n  mode: off\n  clients: any\n  colour: red\n"), "unknown field `colour`"),
+        ] {
+            let e = err(&yaml);
+            assert!(e.contains(want), "{yaml}\n-> {e}");
+        }
+        let dhcp = format!("{ONE}{http}netboot:\n  mode: dhcp\n  clients: any\n  root: {root}\n  pool: {{start: 10.0.0.10, end: 10.0.0.20, router: 10.0.0.1}}\n");
+        let c = parse(&dhcp).unwrap();
+        let p = c.netboot.unwrap().pool.unwrap();
+        assert_eq!((p.prefix_len, p.lease_secs), (24, 3600));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`registry`]: the targets built from the configuration (uses `boot`, never the reverse).
 //! - [`session`]: sessions and connections on tokio (the only layer that touches sockets);
 //!   turns `config::SettingsConfig` into its runtime settings.
+//! - [`netboot`]: proxyDHCP/DHCP and TFTP (pure cores, a tokio UDP shell), the file root the
+//!   boot HTTP endpoint also serves (imports only `config`).
 //! - [`control`], [`cli`]: the operator socket and the command line.
 
 pub mod boot;
@@ -17,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod identity;
 pub mod login;
+pub mod netboot;
 pub mod pdu;
 pub mod registry;
 pub mod scsi;

@@ -713,3 +713,108 @@ fn check_result(cdb: &[u8], transfer: Option<&Transfer>, exact: bool, r: &ScsiRe
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// netboot: DHCP and TFTP parsers and machines
+// ---------------------------------------------------------------------------------------------
+
+/// `dhcp_packet`: byte 0 picks the mode (bit 0: proxy / dhcp) and the port (bit 1: 67 /
+/// 4011); the rest is one DHCP datagram, answered by the pure responder, then by the same
+/// responder again (leases carried over). Invariants: no panic; an answer decodes again; a
+/// proxy answer never offers an address; a DHCP answer's address is in the pool.
+pub fn dhcp_packet(data: &[u8]) {
+    use diskless::config::{BootFilesConfig, NetbootMode, PoolConfig};
+    use diskless::netboot::dhcp::{decode, Plan, Port, Responder};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    let mut inp = Input::new(data);
+    let sel = inp.u8();
+    let packet = inp.data;
+    let mode = if sel & 1 == 0 {
+        NetbootMode::Proxy
+    } else {
+        NetbootMode::Dhcp
+    };
+    let port = if sel & 2 == 0 { Port::Dhcp } else { Port::Pxe };
+    let (start, end) = (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 13));
+    let mut r = Responder::new(Plan {
+        mode,
+        server_ip: Ipv4Addr::new(10, 0, 0, 1),
+        clients: None,
+        boot_files: BootFilesConfig::default(),
+        script_url: "http://10.0.0.1:8080/boot.ipxe?mac=${netX/mac}".into(),
+        http_files: Some("http://10.0.0.1:8080/files/".into()),
+        tftp: true,
+        pool: (mode == NetbootMode::Dhcp).then_some(PoolConfig {
+            start,
+            end,
+            prefix_len: 24,
+            router: None,
+            dns: vec![],
+            lease_secs: 600,
+        }),
+    });
+    let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 99), 68);
+    for now in [1000, 2000] {
+        if let Ok(a) = r.handle(packet, port, src, now) {
+            if a.bytes.is_empty() {
+                continue;
+            }
+            let m = decode(&a.bytes).expect("our own answer decodes");
+            let y = m.yiaddr();
+            if mode == NetbootMode::Proxy {
+                assert!(y.is_unspecified(), "proxyDHCP offered {y}");
+            } else {
+                assert!(y.is_unspecified() || (start..=end).contains(&y), "{y}");
+            }
+        }
+    }
+    if let Some(l) = &r.leases {
+        let text = l.to_text();
+        let mut again = diskless::netboot::dhcp::Leases::new(start, end);
+        again.load_text(&text);
+        assert_eq!(again.to_text(), text, "leases survive a round trip");
+    }
+}
+
+/// `tftp_packet`: byte 0-1 the file size in blocks of 100 bytes, the rest split at 0xFF
+/// bytes into datagrams: the first is parsed as a request (and its name checked against a
+/// root), the others are fed to a transfer as client packets, every third one followed by a
+/// timeout. Invariants: no panic; blocks stay inside the file; a checked name never climbs.
+pub fn tftp_packet(data: &[u8]) {
+    use diskless::netboot::files::FileRoot;
+    use diskless::netboot::tftp::{parse, Action, Packet, ReadRequest, Transfer};
+    use std::time::{Duration, Instant};
+    let mut inp = Input::new(data);
+    let size = u64::from(inp.u16()) * 100 + u64::from(inp.u8());
+    let mut parts = inp.data.split(|&b| b == 0xFF);
+    let first = parts.next().unwrap_or(&[]);
+    let req = match parse(first) {
+        Ok(Packet::Read(r)) => {
+            if let Ok(p) = FileRoot::check_name(&r.filename) {
+                assert!(!p.is_absolute());
+                assert!(p
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))));
+            }
+            r
+        }
+        _ => ReadRequest::default(),
+    };
+    let t0 = Instant::now();
+    let (mut t, first_actions) = Transfer::start(&req, size, t0);
+    let check = |acts: &[Action]| {
+        for a in acts {
+            if let Action::Block { offset, len, .. } = a {
+                assert!(offset + *len as u64 <= size, "block past the end");
+            }
+        }
+    };
+    check(&first_actions);
+    for (i, p) in parts.enumerate() {
+        let now = t0 + Duration::from_millis(i as u64);
+        check(&t.on_packet(p, now));
+        if i % 3 == 2 {
+            check(&t.on_timeout(now));
+        }
+    }
+}

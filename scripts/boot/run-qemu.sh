@@ -4,6 +4,13 @@
 #   scripts/boot/run-qemu.sh --mode bios|uefi --port PORT --target IQN --initiator IQN
 #                            [--lun 0] [--timeout 240] [--nic virtio|e1000] [--pcap FILE]
 #                            [--mem 512] --log FILE
+#   scripts/boot/run-qemu.sh --mode bios|uefi --tap IFNAME [--mac MAC] [--no-rom] [--http-boot] --log FILE
+#
+# With --tap the guest is on a tap device (inside a network namespace, see tests/netboot.rs)
+# and gets everything from the network: DHCP, the boot file and the script come from the
+# servers on that network, so --port/--target/--initiator are not needed. --no-rom gives the
+# NIC no iPXE ROM (UEFI: the firmware's own PXE client boots); --http-boot (UEFI) turns OVMF's
+# PXE off so that its HTTP Boot client runs.
 #
 # The guest reaches the host's 127.0.0.1:PORT as 10.0.2.2:PORT (QEMU user networking). QEMU's
 # built-in TFTP server hands iPXE a script (after its DHCP) that sets the initiator name and
@@ -17,11 +24,16 @@
 set -uo pipefail
 
 die() { echo "run-qemu.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 MODE="" PORT="" TARGET="" INITIATOR="" LUN=0 TIMEOUT=240 LOG="" NIC=virtio PCAP="" MEM=512
+TAP="" MAC="" NOROM=0 HTTPBOOT=0
 while [[ $# -gt 0 ]]; do
 	case "$1" in
+	--no-rom) NOROM=1; shift; continue ;;
+	--http-boot) HTTPBOOT=1; shift; continue ;;
+	--tap) TAP=${2:-} ;;
+	--mac) MAC=${2:-} ;;
 	--mode) MODE=${2:-} ;;
 	--port) PORT=${2:-} ;;
 	--target) TARGET=${2:-} ;;
@@ -38,8 +50,11 @@ while [[ $# -gt 0 ]]; do
 	shift 2 || die "$1 needs a value"
 done
 [[ $MODE == bios || $MODE == uefi ]] || die "--mode bios|uefi is required"
-[[ $PORT =~ ^[0-9]+$ ]] || die "--port PORT is required"
-[[ -n $TARGET && -n $INITIATOR && -n $LOG ]] || die "--target, --initiator and --log are required"
+if [[ -z $TAP ]]; then
+	[[ $PORT =~ ^[0-9]+$ ]] || die "--port PORT is required"
+	[[ -n $TARGET && -n $INITIATOR ]] || die "--target and --initiator are required"
+fi
+[[ -n $LOG ]] || die "--log is required"
 [[ $TIMEOUT =~ ^[0-9]+$ && $LUN =~ ^[0-9]+$ ]] || die "--timeout and --lun take numbers"
 
 need() { # need TOOL-OR-FILE PACKAGE
@@ -66,6 +81,7 @@ else
 	need $OVMF_VARS ovmf
 fi
 need "$ROM" ipxe-qemu
+((NOROM)) && ROM="" DEV="virtio-net-pci" # OVMF's own VirtioNetDxe and PXE
 
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/diskless-qemu.XXXXXX")
 QPID=""
@@ -87,8 +103,14 @@ sanboot iscsi:10.0.2.2::${PORT}:${LUN}:${TARGET} || goto failed
 echo SANBOOT-FAILED \${errno}
 EOF
 
+if [[ -n $TAP ]]; then
+	NETDEV="tap,id=n0,ifname=$TAP,script=no,downscript=no"
+else
+	NETDEV="user,id=n0,net=10.0.2.0/24,host=10.0.2.2,tftp=$RUN/tftp,bootfile=boot.ipxe"
+fi
+[[ -n $MAC ]] && DEV+=",mac=$MAC"
 ARGS=(-accel tcg -m "$MEM" -smp 1 -nodefaults -no-user-config
-	-netdev "user,id=n0,net=10.0.2.0/24,host=10.0.2.2,tftp=$RUN/tftp,bootfile=boot.ipxe"
+	-netdev "$NETDEV"
 	-device "$DEV,netdev=n0,romfile=$ROM,bootindex=1"
 	-vga none -display none -monitor none -serial "file:$LOG" -no-reboot)
 [[ -n $PCAP ]] && ARGS+=(-object "filter-dump,id=d0,netdev=n0,file=$PCAP")
@@ -99,6 +121,9 @@ if [[ $MODE == bios ]]; then
 	ARGS+=(-fw_cfg "name=etc/sercon-port,file=$RUN/sercon" -boot order=n,strict=on)
 else
 	cp "$OVMF_VARS" "$RUN/vars.fd"
+	# UEFI HTTP Boot only: OVMF's fw_cfg knobs turn its PXE boot options off.
+	((HTTPBOOT)) && ARGS+=(-fw_cfg name=opt/org.tianocore/IPv4PXESupport,string=n
+		-fw_cfg name=opt/org.tianocore/IPv6PXESupport,string=n)
 	ARGS+=(-machine q35
 		-drive "if=pflash,format=raw,readonly=on,file=$OVMF_CODE"
 		-drive "if=pflash,format=raw,file=$RUN/vars.fd")

@@ -9,7 +9,11 @@
 //! A fetch is never destructive by itself: it is evidence of a starting boot only when it
 //! plausibly comes from that client (its sessions' address, no OS session live), weighed by
 //! the client's lifecycle with its next login (docs/overlays.md).
+//!
+//! With a file root (netboot), `/files/NAME` serves the root's files (iPXE binaries for UEFI
+//! HTTP Boot, kernels, initrds) with single byte-range requests (RFC 9110 §14).
 
+use crate::netboot::files::{FileError, FileRoot};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -77,8 +81,210 @@ fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// The firmware type a script request names: iPXE's `${platform}` ("pcbios", "efi") or a
+/// DHCP architecture code (`arch=`, RFC 4578 §2.1: 0 is BIOS, the rest UEFI).
+fn firmware(query: &str) -> Option<&'static str> {
+    match query_param(query, "platform").as_deref() {
+        Some("pcbios") => return Some("bios"),
+        Some("efi") => return Some("uefi"),
+        _ => {}
+    }
+    match query_param(query, "arch")?.parse::<u16>().ok()? {
+        0 => Some("bios"),
+        _ => Some("uefi"),
+    }
+}
+
+/// Tell the script which firmware runs it (`${diskless-firmware}`: bios or uefi), right
+/// after the `#!ipxe` line.
+fn with_firmware(script: String, fw: Option<&str>) -> String {
+    match (fw, script.strip_prefix("#!ipxe\n")) {
+        (Some(fw), Some(rest)) => format!("#!ipxe\nset diskless-firmware {fw}\n{rest}"),
+        _ => script,
+    }
+}
+
+/// A response body: a small text, or a file streamed in chunks.
+pub type Body = http_body_util::Either<Full<Bytes>, FileBody>;
+
+/// Bytes read per chunk of a file body (a client pulls at its own pace; memory stays
+/// bounded whatever the file's size).
+const FILE_CHUNK: u64 = 256 << 10;
+
+/// A byte range of a file, read chunk by chunk on the blocking pool.
+pub struct FileBody {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    /// Exclusive.
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<std::io::Result<Vec<u8>>>>,
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.reading.is_none() {
+            if this.pos >= this.end {
+                return Poll::Ready(None);
+            }
+            let (file, pos) = (this.file.clone(), this.pos);
+            let n = (this.end - pos).min(FILE_CHUNK) as usize;
+            this.reading = Some(tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut b = vec![0u8; n];
+                file.read_exact_at(&mut b, pos)?;
+                Ok(b)
+            }));
+        }
+        let Some(h) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = match std::pin::Pin::new(h).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        this.reading = None;
+        Poll::Ready(Some(match r {
+            Ok(Ok(b)) => {
+                this.pos += b.len() as u64;
+                Ok(hyper::body::Frame::data(Bytes::from(b)))
+            }
+            // The file shrank under us, or the read failed: the response is cut short.
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e)),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end && self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.end.saturating_sub(self.pos))
+    }
+}
+
+/// A single byte range of a file of `len` bytes (RFC 9110 §14.1.2): Ok(None) for the whole
+/// file (no or unusable Range header: a server may ignore it), Err for an unsatisfiable one.
+fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            if n == 0 || len == 0 {
+                return Err(());
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (first, last) => {
+            let first: u64 = first.parse().map_err(|_| ())?;
+            let last = if last.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                last.parse::<u64>()
+                    .map_err(|_| ())?
+                    .min(len.saturating_sub(1))
+            };
+            if first >= len || last < first {
+                return Err(());
+            }
+            (first, last)
+        }
+    };
+    Ok(Some((first, last)))
+}
+
+/// GET or HEAD of `/files/NAME`.
+async fn file_response(
+    root: &Arc<FileRoot>,
+    name: &str,
+    range: Option<String>,
+    head: bool,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let root = root.clone();
+    let name = name.to_string();
+    // Opening resolves symlinks and checks the root: blocking file-system work.
+    let opened = tokio::task::spawn_blocking(move || root.open(&name)).await;
+    let (file, len) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(FileError::NotFound)) | Err(_) => {
+            return respond(StatusCode::NOT_FOUND, "no such file\n".into()).map(Body::Left)
+        }
+        Ok(Err(FileError::Denied(why))) => {
+            warn!(%peer, reason = why, "file request refused");
+            return respond(StatusCode::FORBIDDEN, "forbidden\n".into()).map(Body::Left);
+        }
+    };
+    let (status, first, last) = match byte_range(range.as_deref(), len) {
+        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Err(()) => {
+            let mut r = respond(StatusCode::RANGE_NOT_SATISFIABLE, String::new());
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+            }
+            return r.map(Body::Left);
+        }
+    };
+    let count = if len == 0 { 0 } else { last - first + 1 };
+    let body = FileBody {
+        file: Arc::new(file),
+        pos: first,
+        end: if head { first } else { first + count },
+        reading: None,
+    };
+    let mut r = Response::new(Body::Right(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        hyper::header::ACCEPT_RANGES,
+        hyper::header::HeaderValue::from_static("bytes"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&count.to_string()) {
+        h.insert(hyper::header::CONTENT_LENGTH, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes {first}-{last}/{len}"))
+        {
+            h.insert(hyper::header::CONTENT_RANGE, v);
+        }
+    }
+    info!(%peer, status = status.as_u16(), bytes = count, "file served");
+    r
+}
+
 /// Serve until the listener is dropped (the task is aborted at shutdown).
 pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
+    serve_with_files(listener, scripts, None).await
+}
+
+/// [`serve`], plus `/files/...` from `files` (netboot's root).
+pub async fn serve_with_files(
+    listener: TcpListener,
+    scripts: Arc<dyn BootScripts>,
+    files: Option<Arc<FileRoot>>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -90,29 +296,48 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
         };
         let local = stream.local_addr().unwrap_or(peer);
         let scripts = scripts.clone();
+        let files = files.clone();
+        // Bounded: scripts are tiny; a file download (kernel, initrd) gets longer.
+        let limit = if files.is_some() { 900 } else { 30 };
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let scripts = scripts.clone();
+                let files = files.clone();
                 async move {
                     let path = req.uri().path().to_string();
                     let query = req.uri().query().unwrap_or("").to_string();
-                    let resp = if req.method() != hyper::Method::GET {
-                        respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
+                    let head = req.method() == hyper::Method::HEAD;
+                    let file = files
+                        .as_ref()
+                        .and_then(|f| path.strip_prefix("/files/").map(|n| (f, n)));
+                    let resp = if let (Some((root, name)), true) =
+                        (file, head || req.method() == hyper::Method::GET)
+                    {
+                        let range = req
+                            .headers()
+                            .get(hyper::header::RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        file_response(root, name, range, head, peer).await
+                    } else if req.method() != hyper::Method::GET {
+                        respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()).map(Body::Left)
                     } else if path != "/boot.ipxe" {
                         respond(
                             StatusCode::NOT_FOUND,
                             "try /boot.ipxe?mac=...&uuid=...\n".into(),
                         )
+                        .map(Body::Left)
                     } else {
                         let mac = query_param(&query, "mac");
                         let uuid = query_param(&query, "uuid");
-                        match scripts
+                        let r = match scripts
                             .script(mac.as_deref(), uuid.as_deref(), local, peer)
                             .await
                         {
                             Some(s) => {
-                                info!(%peer, mac = ?mac, uuid = ?uuid, "boot script served");
-                                respond(StatusCode::OK, s)
+                                let fw = firmware(&query);
+                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?fw, "boot script served");
+                                respond(StatusCode::OK, with_firmware(s, fw))
                             }
                             None => {
                                 info!(%peer, mac = ?mac, uuid = ?uuid, "boot script: unknown client");
@@ -121,15 +346,19 @@ pub async fn serve(listener: TcpListener, scripts: Arc<dyn BootScripts>) {
                                     "#!ipxe\necho diskless: unknown client\nshell\n".into(),
                                 )
                             }
-                        }
+                        };
+                        r.map(Body::Left)
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
-            // Bounded: a client that never finishes its request is dropped.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // A client that never finishes its request headers is dropped.
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(limit), conn).await;
         });
     }
 }
@@ -149,5 +378,37 @@ mod tests {
             Some("52:54:00:00:00:01")
         );
         assert_eq!(query_param("mac=52:54:00:00:00:01&uuid=", "uuid"), None);
+    }
+
+    #[test]
+    fn firmware_line() {
+        assert_eq!(firmware("mac=x&platform=pcbios"), Some("bios"));
+        assert_eq!(firmware("platform=efi"), Some("uefi"));
+        assert_eq!(firmware("arch=0"), Some("bios"));
+        assert_eq!(firmware("arch=7"), Some("uefi"));
+        assert_eq!(firmware("platform=&arch=x"), None);
+        let s = ipxe_script("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot");
+        let w = with_firmware(s.clone(), Some("uefi"));
+        assert!(
+            w.starts_with("#!ipxe\nset diskless-firmware uefi\nset initiator-iqn"),
+            "{w}"
+        );
+        assert_eq!(with_firmware(s.clone(), None), s);
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(byte_range(None, 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
+        assert_eq!(byte_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range(Some("bytes=-1000"), 100), Ok(Some((0, 99))));
+        assert_eq!(byte_range(Some("bytes=50-5000"), 100), Ok(Some((50, 99))));
+        assert_eq!(byte_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(byte_range(Some("items=0-1"), 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=100-"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=9-3"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=x-3"), 100), Err(()));
+        assert_eq!(byte_range(Some("bytes=-0"), 100), Err(()));
     }
 }
