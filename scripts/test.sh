@@ -78,6 +78,10 @@ NEEDS=(
 	"tgtd tgt"
 	"dnsmasq dnsmasq-base"
 	"/usr/lib/ipxe/snponly.efi ipxe"
+	"promtool prometheus"
+	"/usr/bin/chromium chromium"
+	"node nodejs"
+	"npm npm"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg
@@ -141,6 +145,15 @@ PASSED=0
 FAILED=0
 LOGDIR=$(mktemp -d /tmp/diskless-test.XXXXXX)
 trap 'rm -rf "$LOGDIR"' EXIT
+
+# The browser test's driver (tests/console.rs runs tests/browser/console.mjs), pinned by
+# tests/browser/package-lock.json.
+stage_start "npm ci (tests/browser)"
+if ! (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund 2>&1); then
+	FAILED=$((FAILED + 1))
+	dl_log "FAILED: npm ci in tests/browser (the console browser test will fail)"
+fi
+stage_end
 
 stage_start "cargo build (binary and test binaries)"
 if cargo build 2>&1 && cargo test --no-run 2>&1; then

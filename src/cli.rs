@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// boot_http.listen. Default with --netboot: 0.0.0.0:8080.
     #[arg(long, value_name = "ADDR", value_parser = parse_portal)]
     pub boot_http: Option<SocketAddr>,
+    /// Serve the operator API, web console and /metrics on this address (replaces
+    /// api.listen; a non-loopback address needs api.token in the configuration).
+    #[arg(long, value_name = "ADDR", value_parser = parse_portal)]
+    pub api: Option<SocketAddr>,
 }
 
 fn parse_netboot_mode(s: &str) -> Result<crate::config::NetbootMode, String> {
@@ -405,6 +409,10 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
     if args.netboot.is_some() || args.boot_http.is_some() {
         config.validate()?;
     }
+    if let Some(addr) = args.api {
+        config.api.get_or_insert_with(Default::default).listen = Portal(addr);
+        config.validate()?;
+    }
     Ok(config)
 }
 
@@ -513,8 +521,38 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             None => None,
         };
         let state_dir = registry.state_dir().to_path_buf();
+        let api_listeners = match &config.api {
+            Some(a) => {
+                let main = tokio::net::TcpListener::bind(a.listen.0)
+                    .await
+                    .map_err(|e| CliError::Io(format!("api.listen {}: {e}", a.listen.0)))?;
+                let metrics = match a.metrics_listen {
+                    Some(m) => Some(tokio::net::TcpListener::bind(m.0).await.map_err(|e| {
+                        CliError::Io(format!("api.metrics_listen {}: {e}", m.0))
+                    })?),
+                    None => None,
+                };
+                Some((main, metrics, a.token_digest()))
+            }
+            None => None,
+        };
         let server = Server::new(Arc::new(registry), settings);
         let mut aux = tokio::task::JoinSet::new();
+        if let Some((main, metrics, token)) = api_listeners {
+            // The audit log lives in the state directory.
+            std::fs::create_dir_all(&state_dir)
+                .map_err(|e| CliError::Io(format!("state_dir {}: {e}", state_dir.display())))?;
+            let config_path = args.image.is_none().then(|| args.config.clone());
+            let api = crate::api::Api::new(server.clone(), config_path, token, state_dir.clone());
+            let addr = main.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
+            println!("diskless: api on http://{addr}/");
+            if let Some(m) = metrics {
+                let maddr = m.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
+                println!("diskless: metrics on http://{maddr}/metrics");
+                aux.spawn(crate::api::serve_metrics(m, api.clone()));
+            }
+            aux.spawn(crate::api::serve(main, api));
+        }
         let http_addr = match &http {
             Some(l) => Some(l.local_addr().map_err(|e| CliError::Io(e.to_string()))?),
             None => None,

@@ -183,6 +183,9 @@ pub struct Config {
     /// Built-in network boot: proxyDHCP or DHCP, TFTP (docs/booting.md). Off when absent.
     #[serde(default)]
     pub netboot: Option<NetbootConfig>,
+    /// The operator's HTTP API, web console and `/metrics` (absent: not served).
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -539,6 +542,125 @@ pub struct DefaultBindingConfig {
     /// As in a binding.
     #[serde(default)]
     pub reset: ResetPolicy,
+}
+
+/// Default address of the operator API: loopback only.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9260";
+/// Shortest admin token accepted (a token is a password typed by nobody: make it long).
+pub const MIN_API_TOKEN: usize = 16;
+
+fn default_api_listen() -> Portal {
+    Portal(SocketAddr::from(([127, 0, 0, 1], 9260)))
+}
+
+/// `api:`: the operator's HTTP API, web console and Prometheus metrics (docs/operations.md).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address; default 127.0.0.1:9260. Any non-loopback address needs a credential.
+    #[serde(default = "default_api_listen")]
+    pub listen: Portal,
+    /// Admin bearer token (at least 16 bytes). Never logged or returned.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The admin token as the hex SHA-256 of it (keeps the token itself out of the file).
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// A separate listener for `/metrics` only, without credential (e.g. 0.0.0.0:9261 for
+    /// Prometheus). `/metrics` is also served on `listen`, behind the credential.
+    #[serde(default)]
+    pub metrics_listen: Option<Portal>,
+}
+
+impl fmt::Debug for ApiConfig {
+    // The credential is never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("credential", &self.has_credential())
+            .field("metrics_listen", &self.metrics_listen)
+            .finish()
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_api_listen(),
+            token: None,
+            token_sha256: None,
+            metrics_listen: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn has_credential(&self) -> bool {
+        self.token.is_some() || self.token_sha256.is_some()
+    }
+
+    /// The SHA-256 of the admin token, if one is configured.
+    pub fn token_digest(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        if let Some(t) = &self.token {
+            return Some(Sha256::digest(t.as_bytes()).into());
+        }
+        let hex = self.token_sha256.as_deref()?;
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if self.token.is_some() && self.token_sha256.is_some() {
+            return Err(ConfigError::invalid(
+                file,
+                "api",
+                "give token or token_sha256, not both",
+            ));
+        }
+        if let Some(t) = &self.token {
+            if t.len() < MIN_API_TOKEN || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "api.token",
+                    format!("the token must be at least {MIN_API_TOKEN} bytes without spaces"),
+                ));
+            }
+        }
+        if let Some(h) = &self.token_sha256 {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "api.token_sha256",
+                    "expected 64 hex digits (sha256sum of the token)",
+                ));
+            }
+        }
+        if !self.listen.0.ip().is_loopback() && !self.has_credential() {
+            return Err(ConfigError::invalid(
+                file,
+                "api.listen",
+                format!(
+                    "{} is not a loopback address: an admin token (api.token or api.token_sha256) is required",
+                    self.listen.0
+                ),
+            ));
+        }
+        if self
+            .metrics_listen
+            .is_some_and(|m| m.0 == self.listen.0 && m.0.port() != 0)
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "api.metrics_listen",
+                "metrics_listen must differ from listen (/metrics is served there already)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `boot_http:`.
@@ -1038,6 +1160,7 @@ impl Config {
             state_dir: None,
             boot_http: None,
             netboot: None,
+            api: None,
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -1123,6 +1246,9 @@ impl Config {
             }
         }
         self.settings.validate(file)?;
+        if let Some(api) = &self.api {
+            api.validate(file)?;
+        }
         self.validate_images()?;
         if let Some(n) = &self.netboot {
             n.validate(file, self.boot_http.is_some())?;
@@ -1717,5 +1843,44 @@ mod lifecycle_keys {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("reset") || e.contains("sometimes"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod api_tests {
+    use super::*;
+
+    fn load(api: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_yaml(&format!("api: {api}\n"), "t.yaml", Path::new("/cfg"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn api_section() {
+        let c = load("{}").unwrap();
+        let a = c.api.unwrap();
+        assert_eq!(a.listen.0.to_string(), DEFAULT_API_LISTEN);
+        assert!(a.token_digest().is_none());
+        // Anything but loopback needs a credential.
+        let e = load("{listen: \"0.0.0.0:9260\"}").unwrap_err().to_string();
+        assert!(e.contains("api.listen") && e.contains("token"), "{e}");
+        assert!(load("{listen: \"0.0.0.0:9260\", token: abcdefghijklmnopq}").is_ok());
+        assert!(load("{token: short}").is_err());
+        assert!(load("{token: \"has a space in it!!\"}").is_err());
+        assert!(load("{token_sha256: abc}").is_err());
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let c = load(&format!("{{listen: \"[::]:1\", token_sha256: {hash}}}")).unwrap();
+        // sha256("test")
+        assert_eq!(c.api.as_ref().unwrap().token_digest().unwrap()[0], 0x9f);
+        assert!(load(&format!(
+            "{{token: abcdefghijklmnopq, token_sha256: {hash}}}"
+        ))
+        .is_err());
+        assert!(load("{listen: \"127.0.0.1:9\", metrics_listen: \"127.0.0.1:9\"}").is_err());
+        assert!(load("{bogus: 1}").is_err());
+        // The credential never appears in a debug print.
+        let c = load("{token: abcdefghijklmnopq}").unwrap();
+        assert!(!format!("{:?}", c.api).contains("abcdefghijklmnopq"));
     }
 }

@@ -229,6 +229,9 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             let who = words.next().ok_or("usage: reset INITIATOR")?;
             let (boot, c) = find_client(&registry, who)?;
             server.reset_client(&boot.name, &c.initiator).await?;
+            server
+                .metrics()
+                .client_reset(&boot.name, &c.initiator, "operator");
             Ok(format!("reset {}\n", c.initiator))
         }
         "commit" => {

@@ -13,12 +13,14 @@
 //!   boot HTTP endpoint also serves (imports only `config`).
 //! - [`control`], [`cli`]: the operator socket and the command line.
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod identity;
 pub mod login;
+pub mod metrics;
 pub mod netboot;
 pub mod pdu;
 pub mod registry;

@@ -13,6 +13,7 @@ use crate::login::{
     status, Directory, LoginMachine, LoginOutcome, SessionParams, SessionType, TextMachine,
     TextOutcome,
 };
+use crate::metrics::{DropReason, IoRecorder};
 use crate::pdu::{
     self, reject_reason, AsyncMessage, Bhs, DataOut, Digests, LoginResponse, LogoutRequest,
     LogoutResponse, NopIn, NopOut, Pdu, Reject, ScsiCommand, TaskMgmtRequest, TaskMgmtResponse,
@@ -70,6 +71,8 @@ struct Ready {
     stat_sn: u32,
     cid: u16,
     local: SocketAddr,
+    /// The session's counting hook (crate::metrics).
+    io: IoRecorder,
 }
 
 /// Writes are bounded by the login deadline too: a peer that does not read its Login
@@ -226,6 +229,9 @@ async fn login(
                     } else {
                         status::SESSION_DOES_NOT_EXIST
                     };
+                    server
+                        .metrics()
+                        .login_failed(peer, &who.initiator, &who.target, st);
                     send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline).await?;
                     return Ok(None);
                 }
@@ -241,6 +247,12 @@ async fn login(
                     old.close(Duration::from_secs(5)).await;
                     server.sessions().remove(old.tsih);
                 }
+                // For the event feed: the client's lifecycle before this login (its phase after
+                // the login then names the event: a new boot, a hand-off, ...).
+                let before = registry
+                    .boot_target(&params.target_name)
+                    .and_then(|b| b.client(&params.initiator_name))
+                    .map(|c| c.info());
                 let mut client = None;
                 let luns = match params.session_type {
                     SessionType::Discovery => None,
@@ -267,6 +279,12 @@ async fn login(
                                     AttachError::DirectBusy { .. } => status::SERVICE_UNAVAILABLE,
                                     AttachError::Storage(_) => status::TARGET_ERROR,
                                 };
+                                server.metrics().login_failed(
+                                    peer,
+                                    &who.initiator,
+                                    &who.target,
+                                    st,
+                                );
                                 send_login(&mut stream, fail(st), &mut stat_sn, &window, deadline)
                                     .await?;
                                 return Ok(None);
@@ -275,6 +293,12 @@ async fn login(
                         None => match registry.luns(&params.target_name) {
                             Some(l) => Some(l),
                             None => {
+                                server.metrics().login_failed(
+                                    peer,
+                                    &who.initiator,
+                                    &who.target,
+                                    status::NOT_FOUND,
+                                );
                                 send_login(
                                     &mut stream,
                                     fail(status::NOT_FOUND),
@@ -293,6 +317,12 @@ async fn login(
                     if let Some((c, s)) = &client {
                         super::ended_blocking(c, *s, ClientEnd::Dropped).await;
                     }
+                    server.metrics().login_failed(
+                        peer,
+                        &who.initiator,
+                        &who.target,
+                        status::OUT_OF_RESOURCES,
+                    );
                     send_login(
                         &mut stream,
                         fail(status::OUT_OF_RESOURCES),
@@ -334,6 +364,31 @@ async fn login(
                     }
                     return Err(e);
                 }
+                // What the operator's event feed calls this login (docs/operations.md).
+                let kind = match &client {
+                    Some((c, _)) => {
+                        use crate::boot::lifecycle::Phase;
+                        let now = c.info();
+                        let (was, boots) = before
+                            .as_ref()
+                            .map_or((Phase::Off, 0), |i| (i.phase, i.boots));
+                        match now.phase {
+                            Phase::Firmware if now.boots > boots => "boot",
+                            Phase::Firmware => "firmware_login",
+                            Phase::Os if was == Phase::Firmware => "handoff",
+                            _ => "os_login",
+                        }
+                    }
+                    None => "login",
+                };
+                let io = server.metrics().session_opened(
+                    handle.tsih,
+                    &params.initiator_name,
+                    &params.target_name,
+                    done.isid,
+                    peer,
+                    kind,
+                );
                 let nexus = Nexus {
                     id: handle.nexus_id,
                     initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
@@ -352,6 +407,7 @@ async fn login(
                     stat_sn,
                     cid: done.cid,
                     local,
+                    io,
                 }));
             }
         }
@@ -390,6 +446,9 @@ fn runs_inline(cdb: &[u8], edtl: u32) -> bool {
 struct Running {
     lun: u64,
     aborted: bool,
+    /// Operation code and delivery time, for the metrics.
+    op: u8,
+    start: Instant,
     /// Bytes it may hold in memory (its EDTL, bounded): counted against the connection's
     /// `max_buffered_bytes`.
     bytes: usize,
@@ -444,13 +503,14 @@ struct Conn {
     cold_reset: bool,
     /// settings.max_buffered_bytes.
     max_buffered: usize,
+    io: IoRecorder,
 }
 
 /// Why the full-feature loop ended.
 enum End {
-    Closed,
+    Closed(DropReason),
     Logout,
-    Error(String),
+    Error(DropReason, String),
 }
 
 async fn full_feature(server: Arc<Server>, ready: Ready) {
@@ -466,6 +526,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         stat_sn,
         cid,
         local,
+        io,
     } = ready;
     let span = info_span!(
         "session",
@@ -510,6 +571,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             closing: false,
             cold_reset: false,
             max_buffered: server.settings().max_buffered_bytes.max(1 << 20),
+            io,
         };
         let settings = server.settings().clone();
         let tick_every = [settings.nop_in_interval, settings.idle_timeout.map(|d| d / 4)]
@@ -524,16 +586,16 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let mut shutdown_deadline: Option<Instant> = None;
         let end = loop {
             if conn.closing && conn.running.is_empty() {
-                break if conn.logout.is_some() { End::Logout } else { End::Closed };
+                break if conn.logout.is_some() { End::Logout } else { End::Closed(DropReason::ServerClosed) };
             }
             let deadline = shutdown_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400));
             let congested = conn.congested();
             let seq = conn.seq.clone();
             tokio::select! {
                 biased;
-                _ = handle.kill.notified() => break End::Closed,
+                _ = handle.kill.notified() => break End::Closed(DropReason::ServerClosed),
                 Some(done) = done_rx.recv() => {
-                    if let Err(e) = conn.on_done(done).await { break End::Error(e); }
+                    if let Err(e) = conn.on_done(done).await { break End::Error(DropReason::IoError, e); }
                 }
                 // Backpressure: the writer made room; look again.
                 _ = seq.drained.notified(), if congested && !conn.closing => {}
@@ -542,10 +604,10 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                         Ok(pdu) => {
                             last_rx = Instant::now();
                             handle.touch();
-                            if let Err(e) = conn.on_pdu(pdu).await { break End::Error(e); }
+                            if let Err(e) = conn.on_pdu(pdu).await { break End::Error(DropReason::IoError, e); }
                         }
-                        Err(ReadError::Eof) => break End::Closed,
-                        Err(ReadError::Io(e)) => break End::Error(e.to_string()),
+                        Err(ReadError::Eof) => break End::Closed(DropReason::PeerClosed),
+                        Err(ReadError::Io(e)) => break End::Error(DropReason::IoError, e.to_string()),
                         Err(ReadError::Pdu { error, skipped }) => {
                             info!(%error, "bad PDU");
                             let reason = match &error {
@@ -560,7 +622,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                             // unframed: with ERL 0 the connection must go (§7.8, §7.1.4).
                             if !skipped {
                                 let _ = conn.flush().await;
-                                break End::Error(error.to_string());
+                                break End::Error(DropReason::ProtocolError, error.to_string());
                             }
                         }
                     }
@@ -572,17 +634,25 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                         shutdown_deadline = Some(Instant::now() + Duration::from_secs(3));
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if shutdown_deadline.is_some() => break End::Closed,
+                _ = tokio::time::sleep_until(deadline), if shutdown_deadline.is_some() => break End::Closed(DropReason::ServerClosed),
                 _ = tick.tick() => {
-                    if let Some(e) = conn.on_tick(&settings, last_rx).await { break End::Error(e); }
+                    if let Some((why, e)) = conn.on_tick(&settings, last_rx).await { break End::Error(why, e); }
                 }
             }
         };
         match &end {
-            End::Closed => info!("connection closed"),
+            End::Closed(_) => info!("connection closed"),
             End::Logout => info!("logged out"),
-            End::Error(e) => info!(error = %e, "connection dropped"),
+            End::Error(_, e) => info!(error = %e, "connection dropped"),
         }
+        let how = match &end {
+            End::Logout => Ok(()),
+            End::Closed(why) | End::Error(why, _) => Err(*why),
+        };
+        if let Err(why) = how {
+            server.metrics().connection_dropped(why);
+        }
+        server.metrics().session_closed(handle.tsih, how);
         // Wait (bounded) for commands still on the blocking pool, so nothing of this nexus
         // lands after it is declared lost.
         let drain_deadline = Instant::now() + DRAIN_WAIT;
@@ -695,6 +765,7 @@ impl Conn {
 
     /// Reject PDU (§11.17) carrying the offending header.
     async fn reject_raw(&self, reason: u8, bhs: &[u8; BHS_LEN]) -> R {
+        self.io.reject(reason);
         self.send(Pdu {
             bhs: Bhs::Reject(Reject {
                 reason,
@@ -834,17 +905,21 @@ impl Conn {
         .await
     }
 
-    async fn on_tick(&mut self, settings: &super::Settings, last_rx: Instant) -> Option<String> {
+    async fn on_tick(
+        &mut self,
+        settings: &super::Settings,
+        last_rx: Instant,
+    ) -> Option<(DropReason, String)> {
         if let Some(idle) = settings.idle_timeout {
             if last_rx.elapsed() >= idle && self.running.is_empty() {
-                return Some("idle timeout".into());
+                return Some((DropReason::IdleTimeout, "idle timeout".into()));
             }
         }
         let interval = settings.nop_in_interval?;
         if let Some((_, sent)) = self.ping_outstanding {
             if let Some(timeout) = settings.nop_in_timeout {
                 if sent.elapsed() >= timeout {
-                    return Some("NOP-In ping not answered".into());
+                    return Some((DropReason::NopTimeout, "NOP-In ping not answered".into()));
                 }
             }
             return None;
@@ -862,7 +937,7 @@ impl Conn {
                 data: Bytes::new(),
             };
             if self.send(ping).await.is_err() {
-                return Some("writer gone".into());
+                return Some((DropReason::IoError, "writer gone".into()));
             }
         }
         None
@@ -1050,6 +1125,8 @@ impl Conn {
             Running {
                 lun: c.lun,
                 aborted: false,
+                op: c.cdb.first().copied().unwrap_or(0),
+                start: Instant::now(),
                 bytes: (c.expected_data_transfer_length as usize).min(self.max_buffered),
             },
         );
@@ -1089,11 +1166,17 @@ impl Conn {
     }
 
     async fn on_done(&mut self, d: Done) -> R {
-        let aborted = self
-            .running
-            .remove(&d.itt)
-            .map(|r| r.aborted)
-            .unwrap_or(true);
+        let run = self.running.remove(&d.itt);
+        let aborted = run.as_ref().map(|r| r.aborted).unwrap_or(true);
+        if let Some(r) = &run {
+            let moved = match (d.result.status == scsi::status::GOOD, d.write_len) {
+                (false, _) => 0,
+                (true, Some(n)) => n.min(d.edtl),
+                (true, None) => (d.result.data_in.len() as u32).min(d.edtl),
+            };
+            self.io
+                .command_done(d.lun, r.op, u64::from(moved), r.start.elapsed());
+        }
         self.window.set_busy(self.busy());
         self.sync_seq();
         let finished_tmfs = self.tmf_task_finished(d.itt);
@@ -1122,6 +1205,9 @@ impl Conn {
         write_len: Option<u32>,
         r2t_count: u32,
     ) -> R {
+        if r.status == scsi::status::CHECK_CONDITION {
+            self.io.scsi_error(r.sense.as_deref());
+        }
         // The task is over: its window slot opens in this very response.
         self.window.set_busy(self.busy());
         self.sync_seq();

@@ -112,6 +112,7 @@ pub struct Server {
     settings: Settings,
     sessions: SessionTable,
     shutdown: watch::Sender<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Server {
@@ -123,7 +124,18 @@ impl Server {
             settings,
             sessions: SessionTable::default(),
             shutdown: watch::Sender::new(false),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         })
+    }
+
+    /// Counters, histograms and the operator's event feed (crate::metrics).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// TCP connections open now (logged in or not).
+    pub fn connections_open(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The registry in force (a reload swaps it; sessions keep the LUNs they logged in to).
@@ -186,6 +198,8 @@ impl Server {
                     if open >= self.settings.max_connections {
                         self.connections.fetch_sub(1, Ordering::AcqRel);
                         warn!(%peer, max = self.settings.max_connections, "connection limit reached: closing");
+                        self.metrics
+                            .connection_dropped(crate::metrics::DropReason::ConnectionLimit);
                         drop(stream);
                         continue;
                     }
@@ -232,6 +246,8 @@ impl Server {
             self.failures
                 .retain(|_, f| now.duration_since(f.since) <= Duration::from_secs(60));
         }
+        self.metrics
+            .login_failed(peer, &who.initiator, &who.target, st);
         if count <= FAILURES_BEFORE_THROTTLE || count % 10 == 0 {
             warn!(
                 %peer,

@@ -219,6 +219,8 @@ pub struct Server {
     pub port: u16,
     pub config_path: PathBuf,
     stderr_path: PathBuf,
+    /// What the server printed before its listening line (e.g. `diskless: api on ...`).
+    pub early_lines: Vec<String>,
 }
 
 impl Server {
@@ -268,6 +270,7 @@ impl Server {
             port: 0,
             config_path,
             stderr_path,
+            early_lines: Vec::new(),
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
@@ -278,6 +281,7 @@ impl Server {
                         server.port = port;
                         return server;
                     }
+                    server.early_lines.push(line);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = server.child.as_mut().and_then(|c| wait_timeout(c, Duration::from_secs(5)));
@@ -295,6 +299,15 @@ impl Server {
                 ),
             }
         }
+    }
+
+    /// The operator API's base URL (`http://127.0.0.1:PORT/`, from `diskless: api on ...`).
+    pub fn api_url(&self) -> String {
+        self.early_lines
+            .iter()
+            .find_map(|l| l.strip_prefix("diskless: api on "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("the server printed no api line: {:?}", self.early_lines))
     }
 
     pub fn portal(&self) -> String {

@@ -1,0 +1,176 @@
+//! Operator actions: reset a client's disk, commit it to a new image, close a session,
+//! reload the configuration. One action at a time per client: a second one while the first
+//! runs gets 409 Conflict and changes nothing.
+
+use super::view::{client, find_client};
+use super::{Api, ApiError};
+use dashmap::DashMap;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Actions in progress, by client (or "reload").
+#[derive(Debug, Default)]
+pub struct Guard(DashMap<String, &'static str>);
+
+/// Holds a client's action slot; released on drop.
+pub struct Slot<'a>(&'a Guard, String);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0 .0.remove(&self.1);
+    }
+}
+
+impl Guard {
+    /// Take `key`'s slot for `what`, or 409 if another action holds it.
+    pub fn take(&self, key: &str, what: &'static str) -> Result<Slot<'_>, ApiError> {
+        use dashmap::mapref::entry::Entry;
+        match self.0.entry(key.to_string()) {
+            Entry::Occupied(o) => Err(ApiError::Conflict(format!(
+                "{} is in progress on {key}; try again when it is done",
+                o.get()
+            ))),
+            Entry::Vacant(v) => {
+                v.insert(what);
+                Ok(Slot(self, key.to_string()))
+            }
+        }
+    }
+}
+
+/// Refuse body fields an action does not know (a typo must not pass as a default).
+fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
+    if let Some(obj) = body.as_object() {
+        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::BadRequest(format!("unknown field {k:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// The client's disk, opened if the server has not seen it since it started.
+async fn open_client(
+    boot: &Arc<crate::boot::BootTarget>,
+    name: &str,
+) -> Result<Arc<crate::boot::Client>, ApiError> {
+    if let Some(c) = boot.client(name) {
+        return Ok(c);
+    }
+    let (b, n) = (boot.clone(), name.to_string());
+    tokio::task::spawn_blocking(move || b.attach(&n))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::boot::AttachError::DirectBusy { .. } => ApiError::Conflict(e.to_string()),
+            crate::boot::AttachError::NoBinding(_) => ApiError::NotFound(e.to_string()),
+            crate::boot::AttachError::Storage(_) => ApiError::Internal(e.to_string()),
+        })
+}
+
+/// `POST /clients/{initiator}/reset`: close the client's sessions and discard its overlay
+/// (as `diskless client reset`).
+pub async fn reset(api: &Api, initiator: &str, body: &Value) -> Result<Value, ApiError> {
+    only_fields(body, &[])?;
+    let (boot, name) = find_client(api, initiator)?;
+    let _slot = api.guard.take(&name, "an action")?;
+    open_client(&boot, &name).await?;
+    api.server
+        .reset_client(&boot.name, &name)
+        .await
+        .map_err(ApiError::Internal)?;
+    api.server
+        .metrics()
+        .client_reset(&boot.name, &name, "operator");
+    Ok(json!({ "result": "reset", "client": client(api, &name)? }))
+}
+
+/// `POST /clients/{initiator}/commit {"file": NAME}`: write golden image + overlay into a
+/// new image file NAME beside the client's golden image (never over an existing file).
+pub async fn commit(api: &Api, initiator: &str, body: &Value) -> Result<Value, ApiError> {
+    only_fields(body, &["file"])?;
+    let file = body
+        .get("file")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::BadRequest("commit needs {\"file\": \"NAME.img\"}".into()))?;
+    if file.is_empty()
+        || file.len() > 255
+        || file.starts_with('.')
+        || file.contains(['/', '\\', '\0'])
+    {
+        return Err(ApiError::BadRequest(format!(
+            "{file:?} is not a plain file name (it is created beside the golden image)"
+        )));
+    }
+    let (boot, name) = find_client(api, initiator)?;
+    let _slot = api.guard.take(&name, "an action")?;
+    let c = open_client(&boot, &name).await?;
+    let dir = c
+        .image
+        .path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
+    let path = dir.join(file);
+    if path.exists() {
+        return Err(ApiError::Conflict(format!(
+            "{} exists already",
+            path.display()
+        )));
+    }
+    if c.mode != crate::config::OverlayMode::Volatile
+        && c.mode != crate::config::OverlayMode::Persistent
+    {
+        return Err(ApiError::Conflict(format!(
+            "client {name} has no overlay ({} mode): nothing to commit",
+            c.mode
+        )));
+    }
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || c.commit_to(&target))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::Internal)?;
+    Ok(json!({ "result": "committed", "path": path.display().to_string() }))
+}
+
+/// `POST /clients/{initiator}/next-boot`: not available. Bindings come from targets.yaml
+/// and the registry has no per-client override yet; the answer says how to do it instead.
+pub fn next_boot(api: &Api, initiator: &str, body: &Value) -> Result<Value, ApiError> {
+    only_fields(body, &["image", "mode"])?;
+    find_client(api, initiator)?;
+    Err(ApiError::NotImplemented(
+        "changing a client's image or mode for its next boot needs a per-client override in \
+         the registry, which does not exist yet: edit the client's binding in targets.yaml and \
+         POST /api/v1/reload (the change applies at its next boot)"
+            .into(),
+    ))
+}
+
+/// `POST /sessions/{tsih}/close`: ask the session to close and wait (bounded) until it has.
+pub async fn close_session(api: &Api, tsih: &str) -> Result<Value, ApiError> {
+    let n: u16 = tsih
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{tsih:?} is not a TSIH (1-65535)")))?;
+    let s = api
+        .server
+        .sessions()
+        .get(n)
+        .ok_or_else(|| ApiError::NotFound(format!("no session {n}")))?;
+    let _slot = api
+        .guard
+        .take(&s.initiator.to_ascii_lowercase(), "an action")?;
+    s.close(Duration::from_secs(5)).await;
+    api.server.sessions().remove(n);
+    Ok(json!({ "result": "closed", "tsih": n, "initiator": s.initiator }))
+}
+
+/// `POST /reload`: re-read targets.yaml (as `diskless reload` / SIGHUP).
+pub fn reload(api: &Api) -> Result<Value, ApiError> {
+    let path = api.config_path.as_deref().ok_or_else(|| {
+        ApiError::Conflict("quick mode has no configuration file to reload".into())
+    })?;
+    let _slot = api.guard.take("reload", "a reload")?;
+    let msg = crate::control::reload(&api.server, path).map_err(ApiError::Unprocessable)?;
+    Ok(json!({ "result": "reloaded", "message": msg.trim() }))
+}

@@ -1,0 +1,104 @@
+// Browser test of the diskless web console in Debian's headless Chromium (playwright-core).
+// Run by tests/console.rs, which starts the server, drives real iSCSI logins and checks the
+// result on the server. Protocol: this script prints "STEP <name>" lines on stdout when it
+// has seen something, and waits for a line on stdin before each next stage.
+//
+// Environment: CONSOLE_URL, CONSOLE_TOKEN, CLIENT (initiator name), SHOTS (screenshot dir).
+import { chromium } from "playwright-core";
+import { createInterface } from "node:readline";
+import { mkdirSync } from "node:fs";
+
+const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, SHOTS } = process.env;
+if (!CONSOLE_URL || !CONSOLE_TOKEN || !CLIENT || !SHOTS) {
+  console.error("console.mjs: CONSOLE_URL, CONSOLE_TOKEN, CLIENT and SHOTS must be set");
+  process.exit(2);
+}
+mkdirSync(SHOTS, { recursive: true });
+const WAIT = 20000;
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function expectLine(want) {
+  const { value, done } = await lines.next();
+  if (done || value.trim() !== want) throw new Error(`expected "${want}" from the test, got ${done ? "EOF" : JSON.stringify(value)}`);
+}
+const step = (name) => console.log("STEP " + name);
+let shot = 0;
+async function snap(page, name) {
+  shot += 1;
+  await page.screenshot({ path: `${SHOTS}/${String(shot).padStart(2, "0")}-${name}.png`, fullPage: true });
+}
+
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+let failed = false;
+try {
+  const page = await browser.newPage({ viewport: { width: 1366, height: 800 } });
+  page.on("pageerror", (e) => { console.error("page error: " + e.message); failed = true; });
+  page.on("console", (m) => { if (m.type() === "error") console.error("console error: " + m.text()); });
+  await page.goto(CONSOLE_URL);
+
+  // The server has a token: the console asks for it.
+  await page.locator("#login-token").waitFor({ state: "visible", timeout: WAIT });
+  await snap(page, "token-prompt");
+  await page.fill("#login-token", CONSOLE_TOKEN);
+  await page.click("#login-ok");
+  const card = page.locator(`.card[data-initiator="${CLIENT}"]`);
+  await card.locator(".state", { hasText: "offline" }).waitFor({ timeout: WAIT });
+  await page.locator("#live.on").waitFor({ timeout: WAIT });
+  await snap(page, "matrix-offline");
+  step("ready");
+
+  // The client's firmware logs in: the matrix shows it live (event stream, no reload).
+  await expectLine("firmware");
+  await page.locator(`.card.firmware[data-initiator="${CLIENT}"]`).waitFor({ timeout: WAIT });
+  await snap(page, "matrix-firmware");
+  step("saw-firmware");
+
+  // Its OS takes over and writes.
+  await expectLine("os");
+  await page.locator(`.card.running[data-initiator="${CLIENT}"]`).waitFor({ timeout: WAIT });
+  await snap(page, "matrix-running");
+  step("saw-running");
+
+  // The client page: details, timeline with the boot and the hand-off.
+  await page.locator(`.card[data-initiator="${CLIENT}"]`).click();
+  await page.locator("#client-state", { hasText: "running" }).waitFor({ timeout: WAIT });
+  await page.locator("#timeline li.boot").first().waitFor({ timeout: WAIT });
+  await page.locator("#timeline li.handoff").first().waitFor({ timeout: WAIT });
+  await snap(page, "client-page");
+
+  // Reset, through the confirmation. Cancel first: nothing happens.
+  await page.click("#action-reset");
+  await page.locator("#confirm[open]").waitFor({ timeout: WAIT });
+  await snap(page, "reset-confirmation");
+  await page.click("#confirm-cancel");
+  await page.locator("#confirm[open]").waitFor({ state: "detached", timeout: WAIT }).catch(() => {});
+  if (await page.locator("#confirm[open]").count()) throw new Error("the confirmation did not close on Cancel");
+  await page.locator("#client-state", { hasText: "running" }).waitFor({ timeout: WAIT });
+  step("cancelled");
+  await expectLine("still-running");
+
+  await page.click("#action-reset");
+  await page.locator("#confirm[open]").waitFor({ timeout: WAIT });
+  await page.click("#confirm-ok");
+  await page.locator("#toast", { hasText: "reset " + CLIENT }).waitFor({ timeout: WAIT });
+  await page.locator("#client-state", { hasText: "offline" }).waitFor({ timeout: WAIT });
+  await snap(page, "after-reset");
+  step("reset");
+
+  await expectLine("checked");
+  await page.click('nav a[data-page="events"]');
+  await page.locator("main[data-page=events] table").waitFor({ timeout: WAIT });
+  await snap(page, "events");
+  await page.click('nav a[data-page="audit"]');
+  await page.locator("main[data-page=audit] td", { hasText: "reset client " + CLIENT }).first().waitFor({ timeout: WAIT });
+  await snap(page, "audit");
+  step("done");
+} catch (e) {
+  console.error("console.mjs: " + (e && e.stack ? e.stack : e));
+  failed = true;
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
