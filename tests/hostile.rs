@@ -1057,7 +1057,20 @@ fn unread_responses_do_not_pile_up() {
         itts.push(cmd.itt);
         c.send(&Pdu::header_only(Bhs::ScsiCommand(cmd))).unwrap();
     }
-    thread::sleep(Duration::from_secs(3));
+    // Once the target's socket holds a backlog its writer is blocked: whatever it buffers
+    // beyond that is in its memory, which is what we measure.
+    wait_target_backlog(&c, fx.srv.port, 256 * 1024);
+    // And the target has read every command we sent (our socket's send queue is empty), so
+    // anything it would pile up for them is piled up now.
+    let me = c.stream.local_addr().unwrap().port();
+    let t = Instant::now();
+    while target_socket(me, fx.srv.port).is_none_or(|(_, tx)| tx > 0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the target stopped reading commands"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let grown = fx.srv.rss_kib().saturating_sub(base);
     assert!(
         grown < 80 * 1024,
