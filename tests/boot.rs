@@ -9,47 +9,21 @@
 //! (QEMU, OVMF, iPXE ROMs, the builder's tools) FAIL the tests with the Debian package to install.
 
 mod common;
+#[path = "common/guest.rs"]
+mod guest;
 
 use common::*;
-use std::io::Read;
+use guest::{clean, images, run_limited, tail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// One guest boot, hard limit inside run-qemu.sh (QEMU is killed after this).
 const BOOT_TIMEOUT_SECS: u64 = 180;
-/// Building the images the first time downloads ~75 MB of .debs and takes a few minutes.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// The builder keeps the last 2 MiB of every image outside any partition: the read-only marker
 /// sits at `sectors - 2048`, the initramfs writes its marker at `sectors - 2047`.
 const WRITE_MARKER_FROM_END: u64 = 2047;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `<target dir>/boot-cache`: downloaded .debs, built images, the saved boot capture.
-fn boot_cache() -> PathBuf {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(&tmp).join("boot-cache")
-}
-
-/// Fail (never skip) when a tool or firmware file is missing, naming its Debian package.
-fn require(what: &str, package: &str) {
-    let found = if what.starts_with('/') {
-        Path::new(what).exists()
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(what).is_file()))
-            .unwrap_or(false)
-    };
-    assert!(
-        found,
-        "'{what}' not found: install the Debian package {package} (scripts/test.sh does it as root)"
-    );
-}
 
 fn require_boot_tools(mode: &str) {
     require("qemu-system-x86_64", "qemu-system-x86");
@@ -74,102 +48,6 @@ fn require_boot_tools(mode: &str) {
     ] {
         require(tool, pkg);
     }
-}
-
-/// Run a command with a hard time limit; returns (success, stdout+stderr).
-fn run_limited(cmd: &mut Command, limit: Duration) -> (bool, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break Some(s);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let text = format!(
-        "{}{}",
-        t_out.join().unwrap_or_default(),
-        t_err.join().unwrap_or_default()
-    );
-    match status {
-        Some(s) => (s.success(), text),
-        None => (false, format!("{text}\n(killed after {limit:?})")),
-    }
-}
-
-/// The directory holding bios.img and uefi.img, built once for all tests of this binary.
-fn images() -> &'static Path {
-    static IMAGES: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = IMAGES.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-images");
-        let (ok, text) = run_limited(
-            Command::new("bash")
-                .arg(repo().join("scripts/boot/build-image.sh"))
-                .arg(&out)
-                .env("DISKLESS_BOOT_CACHE", boot_cache()),
-            BUILD_TIMEOUT,
-        );
-        if ok {
-            Ok(out)
-        } else {
-            Err(text)
-        }
-    });
-    match r {
-        Ok(p) => p,
-        Err(text) => panic!("scripts/boot/build-image.sh failed:\n{text}"),
-    }
-}
-
-/// The serial log without carriage returns and terminal escapes.
-fn clean(log: &str) -> String {
-    let mut s = String::with_capacity(log.len());
-    let mut chars = log.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {}
-            '\x1b' => {
-                // CSI: ESC [ params final-letter
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for d in chars.by_ref() {
-                        if d.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => s.push(c),
-        }
-    }
-    s
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Run one guest boot against `server`: (run-qemu.sh succeeded, its output, cleaned serial log).
@@ -259,7 +137,7 @@ fn marker_in_image(img: &Path) -> String {
 /// Serve a private copy of `image` as LUN 0 of `target` (not removable: a real boot disk).
 fn serve_copy(dir: &Path, image: &str, target: &str) -> (Server, PathBuf) {
     let img = dir.join("disk.img");
-    std::fs::copy(images().join(image), &img).unwrap();
+    std::fs::copy(images("boot-images").join(image), &img).unwrap();
     let mut lun = Lun::new(0, &img);
     lun.removable = false;
     let server = Server::start(dir, &Config::new(vec![Target::new(target, vec![lun])]));
@@ -302,7 +180,7 @@ fn bios_ipxe_sanboot_and_ibft_handoff() {
 /// `boot.bindings`, plus a volatile default. Returns the server and the golden copy.
 fn serve_golden(dir: &Path, image: &str, target: &str, bindings: &str) -> (Server, PathBuf) {
     let golden = dir.join("golden.img");
-    std::fs::copy(images().join(image), &golden).unwrap();
+    std::fs::copy(images("boot-images").join(image), &golden).unwrap();
     let yaml = format!(
         "portals: [\"127.0.0.1:0\"]\nstate_dir: {state}\nsettings: {{reboot_gap_secs: 1}}\n\
          images:\n  - {{name: base, path: {img}}}\n\

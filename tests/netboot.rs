@@ -20,13 +20,15 @@
 //! what to install; nothing is skipped.
 
 mod common;
+#[path = "common/guest.rs"]
+mod guest;
 
 use common::*;
+use guest::{clean, images, run_limited, tail};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,34 +37,7 @@ use diskless::netboot::{dhcp, tftp};
 
 /// One guest boot: QEMU is killed after this (inside run-qemu.sh), the runner after +30 s.
 const BOOT_TIMEOUT_SECS: u64 = 150;
-const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 const SERVER_ADDR: &str = "10.77.0.1";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn boot_cache() -> PathBuf {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(&tmp).join("boot-cache")
-}
-
-/// Fail (never skip) when a tool or file is missing, naming its Debian package.
-fn require(what: &str, package: &str) {
-    let found = if what.starts_with('/') {
-        Path::new(what).exists()
-    } else {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {what}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    assert!(
-        found,
-        "'{what}' not found: install the Debian package {package} (scripts/test.sh does it as root)"
-    );
-}
 
 fn require_lab(uefi: bool) {
     // SAFETY: geteuid has no preconditions.
@@ -94,101 +69,6 @@ fn require_lab(uefi: bool) {
         require("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf");
         require("/usr/share/OVMF/OVMF_VARS_4M.fd", "ovmf");
     }
-}
-
-/// Run a command with a hard time limit; returns (success, stdout+stderr).
-fn run_limited(cmd: &mut Command, limit: Duration) -> (bool, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break Some(s);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let text = format!(
-        "{}{}",
-        t_out.join().unwrap_or_default(),
-        t_err.join().unwrap_or_default()
-    );
-    match status {
-        Some(s) => (s.success(), text),
-        None => (false, format!("{text}\n(killed after {limit:?})")),
-    }
-}
-
-/// bios.img and uefi.img from scripts/boot/build-image.sh, built once per test binary.
-fn images() -> &'static Path {
-    static IMAGES: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = IMAGES.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("netboot-images");
-        let (ok, text) = run_limited(
-            Command::new("bash")
-                .arg(repo().join("scripts/boot/build-image.sh"))
-                .arg(&out)
-                .env("DISKLESS_BOOT_CACHE", boot_cache()),
-            BUILD_TIMEOUT,
-        );
-        if ok {
-            Ok(out)
-        } else {
-            Err(text)
-        }
-    });
-    match r {
-        Ok(p) => p,
-        Err(text) => panic!("scripts/boot/build-image.sh failed:\n{text}"),
-    }
-}
-
-/// The serial log without carriage returns and terminal escapes.
-fn clean(log: &str) -> String {
-    let mut s = String::with_capacity(log.len());
-    let mut chars = log.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {}
-            '\x1b' => {
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for d in chars.by_ref() {
-                        if d.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => s.push(c),
-        }
-    }
-    s
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn ip(args: &[&str]) {
@@ -392,7 +272,7 @@ impl Drop for Lab {
 
 fn golden(dir: &Path, image: &str) -> PathBuf {
     let p = dir.join(image);
-    std::fs::copy(images().join(image), &p).unwrap();
+    std::fs::copy(images("netboot-images").join(image), &p).unwrap();
     p
 }
 

@@ -456,6 +456,31 @@ fn find_in_path(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The repository (for scripts/ and fixtures).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `<target dir>/boot-cache`: downloaded .debs, built images, the saved boot capture.
+pub fn boot_cache() -> PathBuf {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(&tmp).join("boot-cache")
+}
+
+/// Fail (never skip) when a tool or a file (an absolute path) is missing, naming its Debian
+/// package.
+pub fn require(what: &str, package: &str) {
+    let found = if what.starts_with('/') {
+        Path::new(what).exists()
+    } else {
+        find_in_path(what).is_some()
+    };
+    assert!(
+        found,
+        "'{what}' not found: install the Debian package {package} (scripts/test.sh does it as root)"
+    );
+}
+
 /// Fail the test (never skip) when a client tool is missing.
 pub fn require_tool(tool: &str) {
     if find_in_path(tool).is_none() {
