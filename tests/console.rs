@@ -13,7 +13,7 @@ mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
+use common::{repo, Config, Server};
 use http::{seg, Api};
 use raw::Client;
 use std::io::{BufRead, BufReader, Write};
@@ -27,10 +27,6 @@ const PC: &str = "iqn.2026-11.test:console-pc";
 const TOKEN: &str = "console-test-token-0123456789";
 /// The whole browser run must end within this.
 const BROWSER_LIMIT: Duration = Duration::from_secs(180);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn require_browser_tools() {
     let node = Command::new("node").arg("--version").output();
@@ -187,7 +183,7 @@ fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
     browser.expect("cancelled");
     let c = api.get_json(&format!("/api/v1/clients/{}", seg(PC)));
     assert_eq!(c["state"], "running", "{c}");
-    let boots = c["boots"].as_u64().unwrap();
+    let resets = c["resets"].as_u64().unwrap();
     assert_eq!(os.read10(128, 1), vec![0x22u8; 512]);
     browser.say("still-running");
 
@@ -200,7 +196,7 @@ fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
     );
     let c = api.get_json(&format!("/api/v1/clients/{}", seg(PC)));
     assert_eq!(c["state"], "offline", "{c}");
-    assert_eq!(c["boots"].as_u64().unwrap(), boots + 1, "{c}");
+    assert_eq!(c["resets"].as_u64().unwrap(), resets + 1, "{c}");
     let mut again = login(&srv, [0x40, 0x00, 0x27, 0x23, 0, 2]);
     assert_eq!(
         again.read10(128, 1),

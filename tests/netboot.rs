@@ -505,9 +505,21 @@ fn pxe_probe(lo: &Loopback) {
         Some(0),
         &[],
     );
-    c.send_to(&p, ("127.0.0.1", lo.pxe)).unwrap();
+    // UDP: after a flood the server's receive buffer may be full and drop this request, so
+    // it is sent again, as a client would, until an answer comes (a generous bound).
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut buf = [0u8; 1500];
-    let (n, from) = c.recv_from(&mut buf).expect("no answer from port 4011");
+    let t = Instant::now();
+    let (n, from) = loop {
+        c.send_to(&p, ("127.0.0.1", lo.pxe)).unwrap();
+        match c.recv_from(&mut buf) {
+            Ok(got) => break got,
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no answer from port 4011 in 30 s: {e}"
+            ),
+        }
+    };
     assert_eq!(from.port(), lo.pxe, "the answer must come from port 4011");
     let m = dhcp::decode(&buf[..n]).unwrap();
     assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
