@@ -17,7 +17,7 @@ use common::{repo, Config, Server};
 use http::{seg, Api};
 use raw::Client;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
