@@ -207,14 +207,83 @@ pub struct Registry {
 impl Registry {
     /// Open every image (creating missing ones that have `create_size`) and build the targets.
     pub fn from_config(config: &Config) -> Result<Registry, ConfigError> {
+        Registry::from_config_reusing(config, None).map(|(r, _)| r)
+    }
+
+    /// [`Registry::from_config`] for a reload: a plain target whose LUNs are configured
+    /// exactly as in `old` keeps `old`'s LUN table, and an unchanged LUN of a changed target
+    /// keeps its [`LogicalUnit`], so reservations, unit attentions, mode pages and the COMPARE
+    /// AND WRITE lock never fork between sessions from before and after the reload. Also
+    /// returns the names of the plain targets of `old` whose LUNs changed (or that are gone):
+    /// their sessions must be fenced ([`Registry::fence`]).
+    pub fn from_config_reusing(
+        config: &Config,
+        old: Option<&Registry>,
+    ) -> Result<(Registry, Vec<String>), ConfigError> {
         let file = config.source.clone();
-        let mut registry = Registry::from_plan(plan(config)?, |ti, t| {
+        let mut changed = Vec::new();
+        let registry = Registry::from_plan(plan(config)?, |ti, t| {
             if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
-                Ok(Arc::new(LunTable::new(BTreeMap::new())))
-            } else {
-                open_luns(&file, ti, t)
+                return Ok(Arc::new(LunTable::new(BTreeMap::new())));
             }
+            let Some(prev) = old
+                .and_then(|o| o.find(&t.name))
+                .filter(|p| p.boot.is_none())
+            else {
+                return open_luns(&file, ti, t);
+            };
+            if prev.plan.luns == t.luns {
+                return Ok(Arc::clone(&prev.luns));
+            }
+            changed.push(prev.plan.name.clone());
+            let mut map = BTreeMap::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                let same = prev
+                    .plan
+                    .luns
+                    .iter()
+                    .find(|p| *p == l)
+                    .and_then(|p| prev.luns.luns.get(&p.lun));
+                let lu = match same {
+                    Some(lu) => Arc::clone(lu),
+                    None => {
+                        let store = open_store(&file, &format!("targets[{ti}].luns[{li}]"), l)?;
+                        Arc::new(build_lu(Arc::new(store), l))
+                    }
+                };
+                map.insert(l.lun, lu);
+            }
+            Ok(Arc::new(LunTable::new(map)))
         })?;
+        if let Some(old) = old {
+            for t in old.targets.iter().filter(|t| t.boot.is_none()) {
+                let kept = config
+                    .targets
+                    .iter()
+                    .any(|c| c.boot.is_none() && c.name.eq_ignore_ascii_case(&t.plan.name));
+                if !kept {
+                    changed.push(t.plan.name.clone());
+                }
+            }
+        }
+        registry.finish_boot(config, &file).map(|r| (r, changed))
+    }
+
+    /// Fence the sessions of a target whose LUNs a reload changed: every logical unit they
+    /// may still address gets a unit attention (SPC-4 §6.33: REPORTED LUNS DATA HAS CHANGED,
+    /// 3F/0E) before the sessions are asked to log out, so they log in again to the new
+    /// LUN table instead of living beside it.
+    pub fn fence(&self, target: &str) {
+        if let Some(t) = self.find(target).filter(|t| t.boot.is_none()) {
+            for lu in t.luns.luns.values() {
+                lu.unit_attention_all(0x3f, 0x0e);
+            }
+        }
+    }
+
+    /// Attach the boot targets' client disks (golden images opened once).
+    fn finish_boot(self, config: &Config, file: &str) -> Result<Registry, ConfigError> {
+        let mut registry = self;
         registry.state_dir = config.state_path();
         registry.boot_http = config.boot_http.clone();
         if config.targets.iter().all(|t| t.boot.is_none()) {
@@ -236,7 +305,7 @@ impl Registry {
             };
             if as_lun.create_size.is_some() && !path.exists() {
                 open_store(
-                    &file,
+                    file,
                     &format!("images[{i}]"),
                     &LunPlan {
                         read_only: false,
@@ -245,13 +314,13 @@ impl Registry {
                 )?;
             }
             let golden = GoldenImage::open(&im.name, &path, im.block_size)
-                .map_err(|m| ConfigError::invalid(&file, format!("images[{i}]"), m))?;
+                .map_err(|m| ConfigError::invalid(file, format!("images[{i}]"), m))?;
             images.insert(im.name.clone(), Arc::new(golden));
         }
         for (ti, tc) in config.targets.iter().enumerate() {
             let Some(boot) = &tc.boot else { continue };
             let (bindings, default) =
-                crate::boot::plan_bindings(&file, &format!("targets[{ti}].boot"), boot, &images)?;
+                crate::boot::plan_bindings(file, &format!("targets[{ti}].boot"), boot, &images)?;
             if let Some(t) = registry.targets.get_mut(ti) {
                 t.boot = Some(Arc::new(BootTarget::new(
                     &tc.name,

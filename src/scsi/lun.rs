@@ -868,6 +868,13 @@ impl LogicalUnit {
         self.ua_others(&mut st, None, asc, ascq);
     }
 
+    /// Queue a unit attention for every nexus that has used this LU (SAM-5 §5.14), for
+    /// events outside any command such as a configuration reload.
+    pub fn unit_attention_all(&self, asc: u8, ascq: u8) {
+        let mut st = self.lock();
+        self.ua_others(&mut st, None, asc, ascq);
+    }
+
     /// The I_T nexus is gone (session closed or reinstated): release RESERVE(6)
     /// reservations and forget its unit attentions. Persistent reservations survive.
     pub fn nexus_lost(&self, nexus: &Nexus) {
