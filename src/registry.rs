@@ -166,23 +166,47 @@ pub fn open_store(file: &str, path: &str, lun: &LunPlan) -> Result<FileStore, Co
 }
 
 /// Construct the logical unit of a LUN (the one place that calls into the SCSI layer).
-fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan) -> LogicalUnit {
+/// Persistent reservations with APTPL = 1 of the LU with this NAA identifier live in
+/// `STATE_DIR/pr/<NAA id in hex>.pr` (the identifier is stable across restarts and reloads).
+pub fn pr_file(state_dir: &Path, identity: &LuIdentity) -> PathBuf {
+    let hex: String = identity.naa.iter().map(|b| format!("{b:02x}")).collect();
+    state_dir.join("pr").join(format!("{hex}.pr"))
+}
+
+fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> LogicalUnit {
     // Largest single transfer: 32 MiB whatever the block size (bounds one command's buffer;
     // UEFI reads up to 8 MiB at once, libiscsi's WRITE SAME tests write 65536 blocks).
     let opts = crate::scsi::LuOptions {
         removable: lun.removable,
         max_transfer_blocks: (32 << 20) / lun.block_size.max(512),
+        pr_file: Some(pr_file(state_dir, &lun.identity)),
         ..Default::default()
     };
-    LogicalUnit::with_options(store, lun.identity.clone(), opts)
+    let lu = LogicalUnit::with_options(store, lun.identity.clone(), opts);
+    match lu.restore_pr() {
+        Ok(true) => {
+            tracing::info!(image = %lun.image.display(), lun = lun.lun, "persistent reservations restored (APTPL)")
+        }
+        Ok(false) => {}
+        // Starting without them beats not serving the disk; the operator must know.
+        Err(e) => {
+            tracing::error!(image = %lun.image.display(), lun = lun.lun, error = %e, "persistent reservations NOT restored")
+        }
+    }
+    lu
 }
 
 /// Open every image of `target` and build its LUN table.
-pub fn open_luns(file: &str, ti: usize, target: &TargetPlan) -> Result<Arc<LunTable>, ConfigError> {
+pub fn open_luns(
+    file: &str,
+    ti: usize,
+    target: &TargetPlan,
+    state_dir: &Path,
+) -> Result<Arc<LunTable>, ConfigError> {
     let mut map = BTreeMap::new();
     for (li, l) in target.luns.iter().enumerate() {
         let store = open_store(file, &format!("targets[{ti}].luns[{li}]"), l)?;
-        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l)));
+        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l, state_dir)));
     }
     Ok(Arc::new(LunTable::new(map)))
 }
@@ -221,6 +245,7 @@ impl Registry {
         old: Option<&Registry>,
     ) -> Result<(Registry, Vec<String>), ConfigError> {
         let file = config.source.clone();
+        let state_dir = config.state_path();
         let mut changed = Vec::new();
         let registry = Registry::from_plan(plan(config)?, |ti, t| {
             if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
@@ -230,7 +255,7 @@ impl Registry {
                 .and_then(|o| o.find(&t.name))
                 .filter(|p| p.boot.is_none())
             else {
-                return open_luns(&file, ti, t);
+                return open_luns(&file, ti, t, &state_dir);
             };
             if prev.plan.luns == t.luns {
                 return Ok(Arc::clone(&prev.luns));
@@ -248,7 +273,7 @@ impl Registry {
                     Some(lu) => Arc::clone(lu),
                     None => {
                         let store = open_store(&file, &format!("targets[{ti}].luns[{li}]"), l)?;
-                        Arc::new(build_lu(Arc::new(store), l))
+                        Arc::new(build_lu(Arc::new(store), l, &state_dir))
                     }
                 };
                 map.insert(l.lun, lu);

@@ -3,7 +3,8 @@
 //!
 //! - a configuration reload keeps an unchanged LUN as the same logical unit (a reservation
 //!   taken before the reload is seen by a session that logs in after it), and fences the
-//!   sessions of a target whose LUNs changed (unit attention, then a logout request).
+//!   sessions of a target whose LUNs changed (unit attention, then a logout request);
+//! - registrations and the reservation made with APTPL = 1 survive `kill -9` and a restart.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -21,10 +22,17 @@ const NODE_B: &str = "iqn.2026-11.test:node-b";
 /// PERSISTENT RESERVE OUT service actions and types (SPC-4 §6.16).
 const REGISTER: u8 = 0x00;
 const RESERVE: u8 = 0x01;
+const REGISTER_AND_IGNORE: u8 = 0x06;
 const WRITE_EXCLUSIVE: u8 = 0x01;
 
 fn session(port: u16, initiator: &str) -> Client {
+    session_isid(port, initiator, fresh_isid())
+}
+
+/// A session of a given initiator port (InitiatorName + ISID: the PR identity).
+fn session_isid(port: u16, initiator: &str, isid: [u8; 6]) -> Client {
     let mut c = Client::connect(port);
+    c.isid = isid;
     c.login(initiator, TARGET).expect("login");
     // Clear the power-on unit attention.
     let _ = c.run(&[0, 0, 0, 0, 0, 0], 0, None);
@@ -146,4 +154,59 @@ fn reload_keeps_unchanged_luns_and_fences_changed_targets() {
     );
     let luns = b2.run(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256, None);
     assert_eq!(u32::from_be_bytes(luns.data[0..4].try_into().unwrap()), 16);
+}
+
+/// PERSISTENT RESERVE IN, READ KEYS.
+fn keys(c: &mut Client) -> Vec<u64> {
+    let r = c.run(&[0x5e, 0, 0, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "READ KEYS: {r:?}");
+    r.data[8..]
+        .chunks_exact(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn aptpl_reservations_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let isid_a = fresh_isid();
+    let mut a = session_isid(server.port, NODE_A, isid_a);
+    let mut b = session(server.port, NODE_B);
+    let caps = a.run(&[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], 8, None);
+    assert_eq!(caps.data[2] & 1, 1, "PTPL_C: {caps:?}");
+    assert_eq!(caps.data[3] & 1, 0, "PTPL_A before any APTPL registration");
+    assert_eq!(prout(&mut a, REGISTER, 0, 0, 0xa, true).status, 0);
+    assert_eq!(
+        prout(&mut b, REGISTER_AND_IGNORE, 0, 0, 0xb, true).status,
+        0
+    );
+    assert_eq!(
+        prout(&mut a, RESERVE, WRITE_EXCLUSIVE, 0xa, 0, false).status,
+        0
+    );
+    let caps = a.run(&[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], 8, None);
+    assert_eq!(caps.data[3] & 1, 1, "PTPL_A after an APTPL registration");
+    let saved = std::fs::read_dir(d.join("state/pr")).unwrap().count();
+    assert_eq!(saved, 1, "one reservation file for the LUN");
+    drop((a, b));
+    server.kill9();
+
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut b = session(server.port, NODE_B);
+    let mut k = keys(&mut b);
+    k.sort_unstable();
+    assert_eq!(k, vec![0xa, 0xb], "registrations after kill -9 and restart");
+    assert_eq!(reservation(&mut b), Some((0xa, WRITE_EXCLUSIVE)));
+    // B registered through another I_T nexus: it is not a registrant of this one.
+    let w = b.run(&write10_cdb(0, 1), 512, Some(&[0u8; 512]));
+    assert_eq!(w.status, 0x18, "WRITE beside the restored holder: {w:?}");
+    // The holder's own initiator port writes.
+    let mut a = session_isid(server.port, NODE_A, isid_a);
+    a.write10(0, &[0x22; 512]);
+    // APTPL = 0 on a later REGISTER: the state is no longer kept.
+    assert_eq!(prout(&mut a, REGISTER, 0, 0xa, 0xa, false).status, 0);
+    assert_eq!(std::fs::read_dir(d.join("state/pr")).unwrap().count(), 0);
 }
