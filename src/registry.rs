@@ -31,6 +31,8 @@ pub struct LunPlan {
     pub image: PathBuf,
     pub read_only: bool,
     pub block_size: u32,
+    /// Reported physical block size (512e: 4096 over 512), at least `block_size`.
+    pub physical_block_size: u32,
     pub thin: bool,
     pub removable: bool,
     /// Create a sparse image of this size if `image` is missing.
@@ -105,6 +107,7 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
                 image: config.image_path(&l.image),
                 read_only: l.read_only,
                 block_size: l.block_size,
+                physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
                 thin: l.thin,
                 removable: l.removable,
                 create_size: l.create_size.map(|s| s.0),
@@ -179,6 +182,10 @@ fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> Logi
     let opts = crate::scsi::LuOptions {
         removable: lun.removable,
         max_transfer_blocks: (32 << 20) / lun.block_size.max(512),
+        physical_block_exponent: crate::scsi::physical_exponent(
+            lun.block_size,
+            lun.physical_block_size,
+        ),
         pr_file: Some(pr_file(state_dir, &lun.identity)),
         ..Default::default()
     };
@@ -323,6 +330,7 @@ impl Registry {
                 image: path.clone(),
                 read_only: true,
                 block_size: im.block_size,
+                physical_block_size: im.physical_block_size.unwrap_or(im.block_size),
                 thin: true,
                 removable: false,
                 create_size: im.create_size.map(|s| s.0),
@@ -338,8 +346,9 @@ impl Registry {
                     },
                 )?;
             }
-            let golden = GoldenImage::open(&im.name, &path, im.block_size)
+            let mut golden = GoldenImage::open(&im.name, &path, im.block_size)
                 .map_err(|m| ConfigError::invalid(file, format!("images[{i}]"), m))?;
+            golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
             images.insert(im.name.clone(), Arc::new(golden));
         }
         for (ti, tc) in config.targets.iter().enumerate() {

@@ -4,7 +4,9 @@
 //! - a configuration reload keeps an unchanged LUN as the same logical unit (a reservation
 //!   taken before the reload is seen by a session that logs in after it), and fences the
 //!   sessions of a target whose LUNs changed (unit attention, then a logout request);
-//! - registrations and the reservation made with APTPL = 1 survive `kill -9` and a restart.
+//! - registrations and the reservation made with APTPL = 1 survive `kill -9` and a restart;
+//! - a 512e LUN (`physical_block_size: 4096` over 512-byte blocks) reports it in READ
+//!   CAPACITY(16) and the Block Limits VPD page, with a 1 MiB optimal transfer.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -209,4 +211,69 @@ fn aptpl_reservations_survive_kill_9() {
     // APTPL = 0 on a later REGISTER: the state is no longer kept.
     assert_eq!(prout(&mut a, REGISTER, 0, 0xa, 0xa, false).status, 0);
     assert_eq!(std::fs::read_dir(d.join("state/pr")).unwrap().count(), 0);
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+#[test]
+fn physical_block_size_512e() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("e.img"), 8 << 20);
+    sparse_image(&d.join("n.img"), 8 << 20);
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\ntargets:\n  - name: {TARGET}\n    luns:\n      \
+         - {{lun: 0, image: {e}, physical_block_size: 4096}}\n      \
+         - {{lun: 1, image: {n}, block_size: 4096}}\n",
+        e = d.join("e.img").display(),
+        n = d.join("n.img").display()
+    );
+    let server = common::Server::start(d, &Config::yaml(&yaml));
+    let mut c = session(server.port, NODE_A);
+    for (lun, block, exponent, per_physical, optimal) in
+        [(0u64, 512, 3, 8, 2048), (1, 4096, 0, 1, 256)]
+    {
+        let mut cmd = c.command(
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            32,
+            true,
+            false,
+        );
+        cmd.lun = diskless::pdu::lun_from_index(lun as u16);
+        let itt = cmd.itt;
+        c.send(&diskless::pdu::Pdu::header_only(Bhs::ScsiCommand(cmd)))
+            .unwrap();
+        let r = c.finish(itt, &[]);
+        assert_eq!(r.status, 0, "READ CAPACITY(16) LUN {lun}: {r:?}");
+        assert_eq!(be32(&r.data[8..]), block, "LUN {lun} block size");
+        assert_eq!(r.data[13] & 0x0f, exponent, "LUN {lun} LBPPBE");
+        assert_eq!(r.data[14] & 0x3f, 0, "LUN {lun} lowest aligned LBA");
+
+        let mut cmd = c.command(&[0x12, 1, 0xb0, 0, 64, 0], 64, true, false);
+        cmd.lun = diskless::pdu::lun_from_index(lun as u16);
+        let itt = cmd.itt;
+        c.send(&diskless::pdu::Pdu::header_only(Bhs::ScsiCommand(cmd)))
+            .unwrap();
+        let r = c.finish(itt, &[]);
+        assert_eq!(r.status, 0, "Block Limits LUN {lun}: {r:?}");
+        let granularity = u16::from_be_bytes([r.data[6], r.data[7]]);
+        assert_eq!(
+            u32::from(granularity),
+            per_physical,
+            "LUN {lun} transfer granularity"
+        );
+        assert_eq!(
+            be32(&r.data[12..]),
+            optimal,
+            "LUN {lun} optimal transfer (1 MiB)"
+        );
+        assert!(be32(&r.data[12..]) < 65535);
+        assert_eq!(
+            be32(&r.data[28..]),
+            per_physical,
+            "LUN {lun} unmap granularity"
+        );
+    }
 }

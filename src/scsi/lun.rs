@@ -64,6 +64,17 @@ impl Default for LuOptions {
     }
 }
 
+/// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2): log2(physical / logical),
+/// 0 when they are equal (or the configuration, validated before, is off).
+pub fn physical_exponent(block_size: u32, physical_block_size: u32) -> u8 {
+    let ratio = physical_block_size / block_size.max(1);
+    if ratio.is_power_of_two() {
+        (ratio.trailing_zeros() as u8).min(15)
+    } else {
+        0
+    }
+}
+
 /// MAXIMUM COMPARE AND WRITE LENGTH (VPD 0xB0); the NUMBER OF LOGICAL BLOCKS field is one byte.
 pub(super) const MAX_CAW_BLOCKS: u32 = 255;
 
