@@ -416,6 +416,9 @@ pub struct ImageConfig {
     pub path: PathBuf,
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Physical block size reported to clients (512e: 4096 over 512-byte logical blocks).
+    #[serde(default)]
+    pub physical_block_size: Option<u32>,
     /// Create a sparse image of this size if missing (demo use).
     #[serde(default)]
     pub create_size: Option<ByteSize>,
@@ -983,6 +986,10 @@ pub struct LunConfig {
     pub read_only: bool,
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Physical block size reported to clients (512e: 4096 over 512-byte logical blocks);
+    /// default: `block_size`.
+    #[serde(default)]
+    pub physical_block_size: Option<u32>,
     #[serde(default = "default_true")]
     pub thin: bool,
     #[serde(default)]
@@ -1149,6 +1156,7 @@ impl Config {
                     image: image.to_path_buf(),
                     read_only,
                     block_size,
+                    physical_block_size: None,
                     thin: true,
                     removable: false,
                     serial: None,
@@ -1190,6 +1198,7 @@ impl Config {
             name: name.clone(),
             path: image.to_path_buf(),
             block_size,
+            physical_block_size: None,
             create_size: None,
         }];
         if let Some(t) = c.targets.first_mut() {
@@ -1358,6 +1367,7 @@ impl Config {
                 image: im.path.clone(),
                 read_only: true,
                 block_size: im.block_size,
+                physical_block_size: im.physical_block_size,
                 thin: true,
                 removable: false,
                 serial: None,
@@ -1446,6 +1456,16 @@ impl Config {
                 "block_size {} is not 512 or 4096",
                 l.block_size
             )));
+        }
+        if let Some(p) = l.physical_block_size {
+            // READ CAPACITY(16) reports it as a power-of-two exponent of logical blocks
+            // (LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT, SBC-3 §5.16.2, 4 bits).
+            if !p.is_power_of_two() || p < l.block_size || p / l.block_size > 1 << 15 {
+                return Err(bad(format!(
+                    "physical_block_size {p} must be a power of two, at least block_size {} (4096 over 512 for 512e)",
+                    l.block_size
+                )));
+            }
         }
         if let Some(s) = &l.serial {
             // The Unit Serial Number VPD page (0x80) holds printable ASCII (SPC-4).
@@ -1635,6 +1655,16 @@ targets:
             "create_size: 64MiB\n        block_size: 1024",
         ));
         assert!(e.contains("block_size 1024"), "{e}");
+        let e = err(&ONE.replace(
+            "create_size: 64MiB",
+            "create_size: 64MiB\n        physical_block_size: 3000",
+        ));
+        assert!(e.contains("physical_block_size 3000"), "{e}");
+        let e = err(&ONE.replace(
+            "create_size: 64MiB",
+            "create_size: 64MiB\n        block_size: 4096\n        physical_block_size: 512",
+        ));
+        assert!(e.contains("physical_block_size 512"), "{e}");
         let e = err(&ONE.replace("64MiB", "64XiB"));
         assert!(e.contains("bad size"), "{e}");
         let e = err(&ONE.replace("        create_size: 64MiB\n", ""));

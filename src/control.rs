@@ -21,18 +21,31 @@ pub const SOCKET: &str = "control.sock";
 /// Longest request line accepted.
 const MAX_LINE: usize = 4096;
 
-/// Re-read the configuration and swap the registry: new sessions see the new targets;
-/// sessions in progress keep what they logged in to, and client disks whose binding did not
-/// change are carried over with their open overlays.
+/// Re-read the configuration and swap the registry: new sessions see the new targets; a
+/// plain LUN whose configuration did not change stays the same logical unit (reservations and
+/// unit attentions carry over), sessions of a target whose LUNs changed are fenced (unit
+/// attention, then asked to log out), and client disks whose binding did not change are
+/// carried over with their open overlays.
 pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let old = server.registry();
-    let new = Registry::from_config(&config)
-        .map_err(|e| e.to_string())?
-        .with_portals(old.portals().to_vec());
+    let (new, changed) =
+        Registry::from_config_reusing(&config, Some(&old)).map_err(|e| e.to_string())?;
+    let new = new.with_portals(old.portals().to_vec());
     new.adopt_clients(&old);
     let targets = new.targets().count();
     server.set_registry(Arc::new(new));
+    // A target whose LUNs changed: its sessions from before must not live beside the new
+    // logical units (a cluster node would miss the reservation): unit attention, then logout.
+    for target in &changed {
+        old.fence(target);
+        for s in server.sessions().all() {
+            if s.target.eq_ignore_ascii_case(target) {
+                info!(tsih = s.tsih, target = %target, "LUNs changed by reload: asking the session to log out");
+                s.request_logout();
+            }
+        }
+    }
     info!(config = %config_path.display(), targets, "configuration reloaded");
     Ok(format!(
         "reloaded {} ({targets} targets)\n",

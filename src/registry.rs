@@ -31,6 +31,8 @@ pub struct LunPlan {
     pub image: PathBuf,
     pub read_only: bool,
     pub block_size: u32,
+    /// Reported physical block size (512e: 4096 over 512), at least `block_size`.
+    pub physical_block_size: u32,
     pub thin: bool,
     pub removable: bool,
     /// Create a sparse image of this size if `image` is missing.
@@ -105,6 +107,7 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
                 image: config.image_path(&l.image),
                 read_only: l.read_only,
                 block_size: l.block_size,
+                physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
                 thin: l.thin,
                 removable: l.removable,
                 create_size: l.create_size.map(|s| s.0),
@@ -166,23 +169,51 @@ pub fn open_store(file: &str, path: &str, lun: &LunPlan) -> Result<FileStore, Co
 }
 
 /// Construct the logical unit of a LUN (the one place that calls into the SCSI layer).
-fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan) -> LogicalUnit {
+/// Persistent reservations with APTPL = 1 of the LU with this NAA identifier live in
+/// `STATE_DIR/pr/<NAA id in hex>.pr` (the identifier is stable across restarts and reloads).
+pub fn pr_file(state_dir: &Path, identity: &LuIdentity) -> PathBuf {
+    let hex: String = identity.naa.iter().map(|b| format!("{b:02x}")).collect();
+    state_dir.join("pr").join(format!("{hex}.pr"))
+}
+
+fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> LogicalUnit {
     // Largest single transfer: 32 MiB whatever the block size (bounds one command's buffer;
     // UEFI reads up to 8 MiB at once, libiscsi's WRITE SAME tests write 65536 blocks).
     let opts = crate::scsi::LuOptions {
         removable: lun.removable,
         max_transfer_blocks: (32 << 20) / lun.block_size.max(512),
+        physical_block_exponent: crate::scsi::physical_exponent(
+            lun.block_size,
+            lun.physical_block_size,
+        ),
+        pr_file: Some(pr_file(state_dir, &lun.identity)),
         ..Default::default()
     };
-    LogicalUnit::with_options(store, lun.identity.clone(), opts)
+    let lu = LogicalUnit::with_options(store, lun.identity.clone(), opts);
+    match lu.restore_pr() {
+        Ok(true) => {
+            tracing::info!(image = %lun.image.display(), lun = lun.lun, "persistent reservations restored (APTPL)")
+        }
+        Ok(false) => {}
+        // Starting without them beats not serving the disk; the operator must know.
+        Err(e) => {
+            tracing::error!(image = %lun.image.display(), lun = lun.lun, error = %e, "persistent reservations NOT restored")
+        }
+    }
+    lu
 }
 
 /// Open every image of `target` and build its LUN table.
-pub fn open_luns(file: &str, ti: usize, target: &TargetPlan) -> Result<Arc<LunTable>, ConfigError> {
+pub fn open_luns(
+    file: &str,
+    ti: usize,
+    target: &TargetPlan,
+    state_dir: &Path,
+) -> Result<Arc<LunTable>, ConfigError> {
     let mut map = BTreeMap::new();
     for (li, l) in target.luns.iter().enumerate() {
         let store = open_store(file, &format!("targets[{ti}].luns[{li}]"), l)?;
-        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l)));
+        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l, state_dir)));
     }
     Ok(Arc::new(LunTable::new(map)))
 }
@@ -207,14 +238,84 @@ pub struct Registry {
 impl Registry {
     /// Open every image (creating missing ones that have `create_size`) and build the targets.
     pub fn from_config(config: &Config) -> Result<Registry, ConfigError> {
+        Registry::from_config_reusing(config, None).map(|(r, _)| r)
+    }
+
+    /// [`Registry::from_config`] for a reload: a plain target whose LUNs are configured
+    /// exactly as in `old` keeps `old`'s LUN table, and an unchanged LUN of a changed target
+    /// keeps its [`LogicalUnit`], so reservations, unit attentions, mode pages and the COMPARE
+    /// AND WRITE lock never fork between sessions from before and after the reload. Also
+    /// returns the names of the plain targets of `old` whose LUNs changed (or that are gone):
+    /// their sessions must be fenced ([`Registry::fence`]).
+    pub fn from_config_reusing(
+        config: &Config,
+        old: Option<&Registry>,
+    ) -> Result<(Registry, Vec<String>), ConfigError> {
         let file = config.source.clone();
-        let mut registry = Registry::from_plan(plan(config)?, |ti, t| {
+        let state_dir = config.state_path();
+        let mut changed = Vec::new();
+        let registry = Registry::from_plan(plan(config)?, |ti, t| {
             if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
-                Ok(Arc::new(LunTable::new(BTreeMap::new())))
-            } else {
-                open_luns(&file, ti, t)
+                return Ok(Arc::new(LunTable::new(BTreeMap::new())));
             }
+            let Some(prev) = old
+                .and_then(|o| o.find(&t.name))
+                .filter(|p| p.boot.is_none())
+            else {
+                return open_luns(&file, ti, t, &state_dir);
+            };
+            if prev.plan.luns == t.luns {
+                return Ok(Arc::clone(&prev.luns));
+            }
+            changed.push(prev.plan.name.clone());
+            let mut map = BTreeMap::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                let same = prev
+                    .plan
+                    .luns
+                    .iter()
+                    .find(|p| *p == l)
+                    .and_then(|p| prev.luns.luns.get(&p.lun));
+                let lu = match same {
+                    Some(lu) => Arc::clone(lu),
+                    None => {
+                        let store = open_store(&file, &format!("targets[{ti}].luns[{li}]"), l)?;
+                        Arc::new(build_lu(Arc::new(store), l, &state_dir))
+                    }
+                };
+                map.insert(l.lun, lu);
+            }
+            Ok(Arc::new(LunTable::new(map)))
         })?;
+        if let Some(old) = old {
+            for t in old.targets.iter().filter(|t| t.boot.is_none()) {
+                let kept = config
+                    .targets
+                    .iter()
+                    .any(|c| c.boot.is_none() && c.name.eq_ignore_ascii_case(&t.plan.name));
+                if !kept {
+                    changed.push(t.plan.name.clone());
+                }
+            }
+        }
+        registry.finish_boot(config, &file).map(|r| (r, changed))
+    }
+
+    /// Fence the sessions of a target whose LUNs a reload changed: every logical unit they
+    /// may still address gets a unit attention (SPC-4 §6.33: REPORTED LUNS DATA HAS CHANGED,
+    /// 3F/0E) before the sessions are asked to log out, so they log in again to the new
+    /// LUN table instead of living beside it.
+    pub fn fence(&self, target: &str) {
+        if let Some(t) = self.find(target).filter(|t| t.boot.is_none()) {
+            for lu in t.luns.luns.values() {
+                lu.unit_attention_all(0x3f, 0x0e);
+            }
+        }
+    }
+
+    /// Attach the boot targets' client disks (golden images opened once).
+    fn finish_boot(self, config: &Config, file: &str) -> Result<Registry, ConfigError> {
+        let mut registry = self;
         registry.state_dir = config.state_path();
         registry.boot_http = config.boot_http.clone();
         if config.targets.iter().all(|t| t.boot.is_none()) {
@@ -229,6 +330,7 @@ impl Registry {
                 image: path.clone(),
                 read_only: true,
                 block_size: im.block_size,
+                physical_block_size: im.physical_block_size.unwrap_or(im.block_size),
                 thin: true,
                 removable: false,
                 create_size: im.create_size.map(|s| s.0),
@@ -236,7 +338,7 @@ impl Registry {
             };
             if as_lun.create_size.is_some() && !path.exists() {
                 open_store(
-                    &file,
+                    file,
                     &format!("images[{i}]"),
                     &LunPlan {
                         read_only: false,
@@ -244,14 +346,15 @@ impl Registry {
                     },
                 )?;
             }
-            let golden = GoldenImage::open(&im.name, &path, im.block_size)
-                .map_err(|m| ConfigError::invalid(&file, format!("images[{i}]"), m))?;
+            let mut golden = GoldenImage::open(&im.name, &path, im.block_size)
+                .map_err(|m| ConfigError::invalid(file, format!("images[{i}]"), m))?;
+            golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
             images.insert(im.name.clone(), Arc::new(golden));
         }
         for (ti, tc) in config.targets.iter().enumerate() {
             let Some(boot) = &tc.boot else { continue };
             let (bindings, default) =
-                crate::boot::plan_bindings(&file, &format!("targets[{ti}].boot"), boot, &images)?;
+                crate::boot::plan_bindings(file, &format!("targets[{ti}].boot"), boot, &images)?;
             if let Some(t) = registry.targets.get_mut(ti) {
                 t.boot = Some(Arc::new(BootTarget::new(
                     &tc.name,

@@ -28,6 +28,8 @@ pub struct GoldenImage {
     pub name: String,
     pub path: PathBuf,
     pub block_size: u32,
+    /// Reported physical block size (512e: 4096 over 512-byte blocks).
+    pub physical_block_size: u32,
     pub store: Arc<dyn BlockStore>,
     /// Identity recorded in each overlay (path, length, mtime): an overlay is never opened
     /// on top of a different image.
@@ -48,6 +50,7 @@ impl GoldenImage {
             name: name.to_string(),
             path: path.to_path_buf(),
             block_size,
+            physical_block_size: block_size,
             store: Arc::new(store),
             id: format!("{}|{}|{}", path.display(), meta.len(), mtime),
         })
@@ -203,6 +206,10 @@ impl Client {
         };
         let opts = LuOptions {
             max_transfer_blocks: (32 << 20) / self.image.block_size.max(512),
+            physical_block_exponent: crate::scsi::physical_exponent(
+                self.image.block_size,
+                self.image.physical_block_size,
+            ),
             ..Default::default()
         };
         let lu = LogicalUnit::with_options(store, identity, opts);
@@ -512,6 +519,7 @@ impl BootTarget {
                 name: image.name.clone(),
                 path: image.path.clone(),
                 block_size: image.block_size,
+                physical_block_size: image.physical_block_size,
                 store,
                 id: image.id.clone(),
             }),

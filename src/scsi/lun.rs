@@ -21,6 +21,15 @@ pub struct LuIdentity {
     pub naa: [u8; 16],
 }
 
+/// Persistent reservations saved with APTPL = 1 that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum PrRestoreError {
+    #[error("reading the reservation file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("reservation file: {0}")]
+    Malformed(#[from] super::pr::PrFileError),
+}
+
 /// Behaviour knobs of a LU beyond what the store says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LuOptions {
@@ -36,6 +45,9 @@ pub struct LuOptions {
     /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT for READ CAPACITY(16) (0..=15), e.g. 3 for
     /// 512-byte blocks on 4 KiB pages. Only a hint to initiators.
     pub physical_block_exponent: u8,
+    /// Where persistent reservations with APTPL = 1 are kept (SPC-4 §5.13.4); None: APTPL
+    /// is refused and PTPL_C is 0.
+    pub pr_file: Option<std::path::PathBuf>,
 }
 
 impl Default for LuOptions {
@@ -47,7 +59,19 @@ impl Default for LuOptions {
             max_unmap_blocks: 1 << 20,
             max_unmap_descriptors: 256,
             physical_block_exponent: 0,
+            pr_file: None,
         }
+    }
+}
+
+/// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2): log2(physical / logical),
+/// 0 when they are equal (or the configuration, validated before, is off).
+pub fn physical_exponent(block_size: u32, physical_block_size: u32) -> u8 {
+    let ratio = physical_block_size / block_size.max(1);
+    if ratio.is_power_of_two() {
+        (ratio.trailing_zeros() as u8).min(15)
+    } else {
+        0
     }
 }
 
@@ -176,13 +200,56 @@ impl LogicalUnit {
     }
 
     pub fn with_options(store: Arc<dyn BlockStore>, identity: LuIdentity, opts: LuOptions) -> Self {
+        let mut state = State::default();
+        state.pr.ptpl_capable = opts.pr_file.is_some();
         LogicalUnit {
             store,
             identity,
             opts,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             io: RwLock::new(()),
         }
+    }
+
+    /// Restore persistent reservations saved with APTPL = 1 (SPC-4 §5.13.4). Ok(false) when
+    /// there is nothing to restore. The file is only read: a full state filesystem does not
+    /// keep the LU from starting.
+    pub fn restore_pr(&self) -> Result<bool, PrRestoreError> {
+        let Some(path) = &self.opts.pr_file else {
+            return Ok(false);
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(PrRestoreError::Io(e)),
+        };
+        let pr = PrState::decode(&text)?;
+        self.lock().pr = pr;
+        Ok(true)
+    }
+
+    /// Save (APTPL = 1) or forget (APTPL = 0) the persistent reservation state, atomically:
+    /// a temporary file, fsync, rename over the old one, fsync of the directory.
+    fn persist_pr(&self, pr: &PrState) -> std::io::Result<()> {
+        let Some(path) = &self.opts.pr_file else {
+            return Ok(());
+        };
+        if !pr.aptpl() {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        use std::io::Write as _;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("pr.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(pr.encode().as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     }
 
     pub fn options(&self) -> &LuOptions {
@@ -426,8 +493,18 @@ impl LogicalUnit {
 
     fn pr_out(&self, who: &PortId, cdb: &[u8], data: &[u8]) -> Out {
         let mut st = self.lock();
+        let before = st.pr.clone();
         match st.pr.out(who, cdb, data) {
             Ok(uas) => {
+                if before.aptpl() || st.pr.aptpl() {
+                    if let Err(e) = self.persist_pr(&st.pr) {
+                        // A change that would not survive a restart is not made: the
+                        // initiator retries an ABORTED COMMAND (0B/44/00).
+                        tracing::error!(error = %e, "cannot save persistent reservations (APTPL)");
+                        st.pr = before;
+                        return Err(INTERNAL_FAILURE.into());
+                    }
+                }
                 let targets: Vec<(u64, u8, u8)> = uas
                     .iter()
                     .flat_map(|(p, asc, ascq)| {
@@ -865,6 +942,13 @@ impl LogicalUnit {
         if kind == ResetKind::TargetCold {
             st.mode = ModeState::default();
         }
+        self.ua_others(&mut st, None, asc, ascq);
+    }
+
+    /// Queue a unit attention for every nexus that has used this LU (SAM-5 §5.14), for
+    /// events outside any command such as a configuration reload.
+    pub fn unit_attention_all(&self, asc: u8, ascq: u8) {
+        let mut st = self.lock();
         self.ua_others(&mut st, None, asc, ascq);
     }
 

@@ -84,6 +84,6 @@ mod spc;
 mod table;
 mod xcopy;
 
-pub use lun::{LogicalUnit, LuIdentity, LuOptions};
+pub use lun::{physical_exponent, LogicalUnit, LuIdentity, LuOptions, PrRestoreError};
 pub use sense::Sense;
 pub use table::LunTable;

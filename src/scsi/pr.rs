@@ -54,12 +54,27 @@ impl From<Sense> for PrError {
 /// Unit attentions PR OUT wants established: (who, asc, ascq).
 pub type PrUas = Vec<(PortId, u8, u8)>;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PrState {
     generation: u32,
     regs: Vec<Registration>,
     res: Option<Reservation>,
+    /// The APTPL bit of the last REGISTER (SPC-4 §5.13.4 / r37 §5.9.4): keep registrations
+    /// and the reservation through a power loss.
+    aptpl: bool,
+    /// Whether the LU can persist them (PTPL_C in REPORT CAPABILITIES).
+    pub(super) ptpl_capable: bool,
 }
+
+/// A persistent reservation file that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum PrFileError {
+    #[error("line {line}: {why}")]
+    Malformed { line: usize, why: &'static str },
+}
+
+/// First line of a persisted state file (format version 1).
+const PR_FILE_MAGIC: &str = "diskless-pr 1";
 
 fn all_registrants(kind: u8) -> bool {
     kind == ty::WE_AR || kind == ty::EA_AR
@@ -107,6 +122,93 @@ impl PrState {
         }
     }
 
+    /// Whether the state must survive a power loss (the last REGISTER had APTPL = 1).
+    pub fn aptpl(&self) -> bool {
+        self.aptpl
+    }
+
+    /// The state as a small text file: generation, then one line per registration and the
+    /// reservation. Initiator port names (iSCSI names, "," and hex) hold no spaces.
+    pub fn encode(&self) -> String {
+        let mut t = format!("{PR_FILE_MAGIC}\ngeneration {}\n", self.generation);
+        for r in &self.regs {
+            t.push_str(&format!(
+                "reg {:016x} {} {}\n",
+                r.key, r.who.relative_port, r.who.initiator_port
+            ));
+        }
+        if let Some(r) = &self.res {
+            t.push_str(&format!(
+                "res {} {} {}\n",
+                r.kind, r.holder.relative_port, r.holder.initiator_port
+            ));
+        }
+        t
+    }
+
+    /// Read back what [`PrState::encode`] wrote (APTPL set: it was persisted because of it).
+    pub fn decode(text: &str) -> Result<PrState, PrFileError> {
+        let bad = |line: usize, why| PrFileError::Malformed { line, why };
+        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
+        match lines.next() {
+            Some((_, l)) if l == PR_FILE_MAGIC => {}
+            _ => return Err(bad(1, "not a diskless persistent reservation file")),
+        }
+        let mut st = PrState {
+            aptpl: true,
+            ptpl_capable: true,
+            ..PrState::default()
+        };
+        for (n, line) in lines {
+            let mut f = line.splitn(4, ' ');
+            let (tag, a, b, c) = (f.next(), f.next(), f.next(), f.next());
+            let port = |b: Option<&str>, c: Option<&str>| -> Result<PortId, PrFileError> {
+                let relative_port = b
+                    .and_then(|b| b.parse().ok())
+                    .ok_or(bad(n, "bad relative port"))?;
+                let initiator_port = c
+                    .filter(|c| !c.is_empty())
+                    .ok_or(bad(n, "missing initiator port"))?;
+                Ok(PortId {
+                    initiator_port: initiator_port.to_string(),
+                    relative_port,
+                })
+            };
+            match tag {
+                Some("generation") => {
+                    st.generation = a
+                        .and_then(|a| a.parse().ok())
+                        .ok_or(bad(n, "bad generation"))?;
+                }
+                Some("reg") => {
+                    if st.regs.len() >= MAX_REGISTRATIONS {
+                        return Err(bad(n, "too many registrations"));
+                    }
+                    let key = a
+                        .and_then(|a| u64::from_str_radix(a, 16).ok())
+                        .ok_or(bad(n, "bad key"))?;
+                    st.regs.push(Registration {
+                        who: port(b, c)?,
+                        key,
+                    });
+                }
+                Some("res") => {
+                    let kind = a
+                        .and_then(|a| a.parse().ok())
+                        .filter(|k| matches!(k, 1 | 3 | 5 | 6 | 7 | 8))
+                        .ok_or(bad(n, "bad reservation type"))?;
+                    st.res = Some(Reservation {
+                        holder: port(b, c)?,
+                        kind,
+                    });
+                }
+                Some("") | None => {}
+                Some(_) => return Err(bad(n, "unknown line")),
+            }
+        }
+        Ok(st)
+    }
+
     /// PERSISTENT RESERVE IN (SPC-4 §6.13). Returns the full parameter data.
     pub fn read(&self, sa: u8) -> Result<Vec<u8>, Sense> {
         let mut v = Vec::new();
@@ -132,10 +234,13 @@ impl PrState {
                 }
             },
             2 => {
-                // REPORT CAPABILITIES (SPC-4 §6.13.4): ATP_C (one port: ALL_TG_PT is
-                // harmless), TMV with every type, no PTPL.
+                // REPORT CAPABILITIES (SPC-4 §6.13.4): ATP_C (ALL_TG_PT is harmless),
+                // PTPL_C when the LU can persist, TMV with every type, PTPL_A = the last
+                // APTPL bit.
                 v.clear();
-                v.extend_from_slice(&[0, 8, 0x04, 0x80, 0xea, 0x01, 0, 0]);
+                let ptpl_c = u8::from(self.ptpl_capable);
+                let ptpl_a = u8::from(self.ptpl_capable && self.aptpl);
+                v.extend_from_slice(&[0, 8, 0x04 | ptpl_c, 0x80 | ptpl_a, 0xea, 0x01, 0, 0]);
             }
             3 => {
                 let mut d = Vec::new();
@@ -181,8 +286,9 @@ impl PrState {
             // SPEC_I_PT is not supported.
             return Err(Sense::invalid_param_field(20, Some(3)).into());
         }
-        if flags & 0x01 != 0 {
-            // APTPL: we do not persist through power loss (PTPL_C = 0).
+        let aptpl = flags & 0x01 != 0;
+        if aptpl && !self.ptpl_capable {
+            // APTPL without a place to persist to (PTPL_C = 0, SPC-4 §6.16.3).
             return Err(Sense::invalid_param_field(20, Some(0)).into());
         }
         let mine = self.key_of(who);
@@ -226,6 +332,9 @@ impl PrState {
                     }
                     self.generation = self.generation.wrapping_add(1);
                 }
+                // Only REGISTER-type service actions carry a meaningful APTPL bit (SPC-4
+                // §6.16.3); the last one wins.
+                self.aptpl = aptpl;
             }
             1 => {
                 if mine != Some(key) {
@@ -428,6 +537,34 @@ mod tests {
         s.out(&b, &cdb(4, ty::EA), &param(2, 1)).ok().unwrap();
         assert_eq!(s.generation, g + 1);
         assert_eq!(s.regs.len(), 1);
+    }
+
+    #[test]
+    fn aptpl_needs_capability_and_round_trips() {
+        let (a, b) = (p("iqn.a,i,0x1"), p("iqn.b,i,0x2"));
+        let mut aptpl = param(0, 7);
+        aptpl[20] = 1;
+        let mut s = PrState::default();
+        assert!(matches!(
+            s.out(&a, &cdb(0, 0), &aptpl),
+            Err(PrError::Check(_))
+        ));
+        assert_eq!(s.read(2).unwrap()[2] & 1, 0, "PTPL_C without a state file");
+        s.ptpl_capable = true;
+        s.out(&a, &cdb(0, 0), &aptpl).unwrap();
+        s.out(&b, &cdb(6, 0), &aptpl).unwrap();
+        s.out(&a, &cdb(1, ty::WE_RO), &param(7, 0)).unwrap();
+        let caps = s.read(2).unwrap();
+        assert_eq!((caps[2] & 1, caps[3] & 1), (1, 1), "PTPL_C and PTPL_A");
+        let back = PrState::decode(&s.encode()).unwrap();
+        assert_eq!(back.encode(), s.encode());
+        assert!(back.aptpl() && back.is_holder(&a) && !back.allows(&p("c"), Access::Write));
+        assert_eq!(back.read(3).unwrap(), s.read(3).unwrap());
+        // A REGISTER with APTPL = 0 turns persistence off again.
+        s.out(&b, &cdb(6, 0), &param(0, 8)).unwrap();
+        assert!(!s.aptpl());
+        assert!(PrState::decode("nonsense\n").is_err());
+        assert!(PrState::decode("diskless-pr 1\nres 2 1 x\n").is_err());
     }
 
     #[test]

@@ -87,14 +87,22 @@ impl LogicalUnit {
                 // Block limits (SBC-3 §6.5.3).
                 body.resize(0x3c, 0);
                 let thin = self.thin();
+                // Granularities follow the physical block (512e: 8 logical blocks).
+                let per_physical = 1u32 << (self.opts.physical_block_exponent & 0x0f);
                 body[1] = MAX_CAW_BLOCKS as u8;
-                body[2..4].copy_from_slice(&1u16.to_be_bytes());
+                body[2..4].copy_from_slice(&(per_physical.min(0xffff) as u16).to_be_bytes());
                 body[4..8].copy_from_slice(&self.opts.max_transfer_blocks.to_be_bytes());
-                body[8..12].copy_from_slice(&self.opts.max_transfer_blocks.to_be_bytes());
+                // OPTIMAL TRANSFER LENGTH: 1 MiB, what the data path streams best, and below
+                // the 65535 blocks Linux takes at most (it warns "Optimal transfer size ... >
+                // dev_max" and ignores larger values).
+                let optimal = ((1u32 << 20) / self.block_size().max(1) as u32)
+                    .max(per_physical)
+                    .min(self.opts.max_transfer_blocks);
+                body[8..12].copy_from_slice(&optimal.to_be_bytes());
                 if thin {
                     body[16..20].copy_from_slice(&self.opts.max_unmap_blocks.to_be_bytes());
                     body[20..24].copy_from_slice(&self.opts.max_unmap_descriptors.to_be_bytes());
-                    body[24..28].copy_from_slice(&1u32.to_be_bytes());
+                    body[24..28].copy_from_slice(&per_physical.to_be_bytes());
                 }
                 body[32..40]
                     .copy_from_slice(&u64::from(self.opts.max_write_same_blocks).to_be_bytes());

@@ -37,6 +37,8 @@ const LOGIN_MAX_DATA: u32 = 8192;
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// How long a closing connection lets its writer deliver what is queued.
 const WRITER_GRACE: Duration = Duration::from_secs(1);
+/// How long an initiator asked to log out (reload fencing) has before the target closes it.
+const LOGOUT_GRACE: Duration = Duration::from_secs(3);
 
 pub(super) async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let local = match stream.local_addr() {
@@ -633,6 +635,11 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
                         let _ = conn.send(Pdu { bhs: Bhs::AsyncMessage(AsyncMessage { lun: 0, async_event: 1, parameter3: 1, ..Default::default() }), data: Bytes::new() }).await;
                         shutdown_deadline = Some(Instant::now() + Duration::from_secs(3));
                     }
+                }
+                _ = handle.logout.notified(), if shutdown_deadline.is_none() => {
+                    // §11.9.1 AsyncEvent 1, Parameter3: seconds the initiator has to log out.
+                    let _ = conn.send(Pdu { bhs: Bhs::AsyncMessage(AsyncMessage { lun: 0, async_event: 1, parameter3: LOGOUT_GRACE.as_secs() as u16, ..Default::default() }), data: Bytes::new() }).await;
+                    shutdown_deadline = Some(Instant::now() + LOGOUT_GRACE);
                 }
                 _ = tokio::time::sleep_until(deadline), if shutdown_deadline.is_some() => break End::Closed(DropReason::ServerClosed),
                 _ = tick.tick() => {

@@ -18,6 +18,9 @@ pub struct SessionHandle {
     pub last_rx_ms: std::sync::atomic::AtomicU64,
     /// Ask the session to close (reinstatement, target cold reset).
     pub kill: Notify,
+    /// Ask the session to log out (RFC 7143 §11.9.1 AsyncEvent 1) and close it if the
+    /// initiator has not within a few seconds (a reload fencing a changed LUN).
+    pub logout: Notify,
     /// Becomes true once the session has released everything.
     pub closed: watch::Sender<bool>,
 }
@@ -42,6 +45,12 @@ impl SessionHandle {
         std::time::Duration::from_millis(
             now_ms().saturating_sub(self.last_rx_ms.load(Ordering::Relaxed)),
         )
+    }
+
+    /// Ask the initiator to log out (it logs in again, to what the registry then holds);
+    /// does not wait.
+    pub fn request_logout(&self) {
+        self.logout.notify_one();
     }
 
     /// Ask the session to close and wait (bounded) until it has; false if it had not by then
@@ -148,6 +157,7 @@ impl SessionTable {
                 nexus_id: self.next_nexus.fetch_add(1, Ordering::Relaxed) + 1,
                 last_rx_ms: AtomicU64::new(now_ms()),
                 kill: Notify::new(),
+                logout: Notify::new(),
                 closed: watch::Sender::new(false),
             });
             match self.sessions.entry(tsih) {

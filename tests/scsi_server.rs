@@ -1,0 +1,279 @@
+//! SCSI fidelity against the live server (issue 15): what Windows failover clusters, MPIO and
+//! the Microsoft initiator rely on, checked over raw iSCSI sessions.
+//!
+//! - a configuration reload keeps an unchanged LUN as the same logical unit (a reservation
+//!   taken before the reload is seen by a session that logs in after it), and fences the
+//!   sessions of a target whose LUNs changed (unit attention, then a logout request);
+//! - registrations and the reservation made with APTPL = 1 survive `kill -9` and a restart;
+//! - a 512e LUN (`physical_block_size: 4096` over 512-byte blocks) reports it in READ
+//!   CAPACITY(16) and the Block Limits VPD page, with a 1 MiB optimal transfer.
+
+mod common;
+#[path = "common/raw.rs"]
+mod raw;
+
+use common::{sparse_image, Config, Lun, Target};
+use diskless::pdu::Bhs;
+use raw::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "iqn.2026-11.test:scsi";
+const NODE_A: &str = "iqn.2026-11.test:node-a";
+const NODE_B: &str = "iqn.2026-11.test:node-b";
+/// PERSISTENT RESERVE OUT service actions and types (SPC-4 §6.16).
+const REGISTER: u8 = 0x00;
+const RESERVE: u8 = 0x01;
+const REGISTER_AND_IGNORE: u8 = 0x06;
+const WRITE_EXCLUSIVE: u8 = 0x01;
+
+fn session(port: u16, initiator: &str) -> Client {
+    session_isid(port, initiator, fresh_isid())
+}
+
+/// A session of a given initiator port (InitiatorName + ISID: the PR identity).
+fn session_isid(port: u16, initiator: &str, isid: [u8; 6]) -> Client {
+    let mut c = Client::connect(port);
+    c.isid = isid;
+    c.login(initiator, TARGET).expect("login");
+    // Clear the power-on unit attention.
+    let _ = c.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    c
+}
+
+/// PERSISTENT RESERVE OUT with a basic 24-byte parameter list.
+fn prout(c: &mut Client, sa: u8, kind: u8, key: u64, sa_key: u64, aptpl: bool) -> ScsiResult {
+    let cdb = [0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0];
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p[20] = u8::from(aptpl);
+    c.run(&cdb, 24, Some(&p))
+}
+
+/// PERSISTENT RESERVE IN, READ RESERVATION: (holder's key, type) if reserved.
+fn reservation(c: &mut Client) -> Option<(u64, u8)> {
+    let r = c.run(&[0x5e, 1, 0, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "READ RESERVATION: {r:?}");
+    let len = u32::from_be_bytes(r.data[4..8].try_into().unwrap());
+    (len >= 16).then(|| {
+        (
+            u64::from_be_bytes(r.data[8..16].try_into().unwrap()),
+            r.data[21] & 0x0f,
+        )
+    })
+}
+
+fn config(dir: &Path, luns: &[u64]) -> Config {
+    Config::new(vec![Target::new(
+        TARGET,
+        luns.iter()
+            .map(|&n| Lun::new(n, &dir.join(format!("lun{n}.img"))))
+            .collect(),
+    )])
+}
+
+fn reload(server: &common::Server, dir: &Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["reload", "-c"])
+        .arg(&server.config_path)
+        .arg("--control")
+        .arg(dir.join("state/control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Wait for an Async Message asking for a logout (RFC 7143 §11.9.1 AsyncEvent 1).
+fn wait_logout_request(c: &mut Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no logout request: {seen:?}");
+        match c.recv(left) {
+            Ok(p) => match &p.bhs {
+                Bhs::AsyncMessage(m) if m.async_event == 1 => return,
+                _ => seen.push(p),
+            },
+            Err(e) => panic!("session failed before the logout request: {e:?} after {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn reload_keeps_unchanged_luns_and_fences_changed_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for n in 0..2 {
+        sparse_image(&d.join(format!("lun{n}.img")), 8 << 20);
+    }
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut a = session(server.port, NODE_A);
+    assert_eq!(prout(&mut a, REGISTER, 0, 0, 0xa, false).status, 0);
+    assert_eq!(
+        prout(&mut a, RESERVE, WRITE_EXCLUSIVE, 0xa, 0, false).status,
+        0
+    );
+
+    // 1. The same configuration again: nothing changes for anyone.
+    reload(&server, d);
+    let mut b = session(server.port, NODE_B);
+    assert_eq!(
+        reservation(&mut b),
+        Some((0xa, WRITE_EXCLUSIVE)),
+        "a session from after the reload must see the reservation taken before it"
+    );
+    let w = b.run(&write10_cdb(0, 1), 512, Some(&[0u8; 512]));
+    assert_eq!(w.status, 0x18, "WRITE beside the holder: {w:?}");
+    a.write10(0, &[0x11; 512]);
+
+    // 2. A LUN is added: the target's sessions are fenced (unit attention REPORTED LUNS DATA
+    // HAS CHANGED, then an Async Message asking for a logout), LUN 0 stays the same object.
+    std::fs::write(&server.config_path, config(d, &[0, 1]).to_yaml()).unwrap();
+    reload(&server, d);
+    wait_logout_request(&mut a);
+    wait_logout_request(&mut b);
+    let tur = b.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(tur.sense_triplet(), Some((6, 0x3f, 0x0e)), "{tur:?}");
+    let mut rest = Vec::new();
+    assert!(
+        b.closed_within(Duration::from_secs(15), &mut rest),
+        "a fenced session that does not log out must be closed"
+    );
+    let mut a2 = session(server.port, NODE_A);
+    let mut b2 = session(server.port, NODE_B);
+    assert_eq!(reservation(&mut b2), Some((0xa, WRITE_EXCLUSIVE)));
+    assert_eq!(a2.read10(0, 1), vec![0x11; 512]);
+    let w = b2.run(&write10_cdb(0, 1), 512, Some(&[0u8; 512]));
+    assert_eq!(
+        w.status, 0x18,
+        "WRITE beside the holder after the fence: {w:?}"
+    );
+    let luns = b2.run(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256, None);
+    assert_eq!(u32::from_be_bytes(luns.data[0..4].try_into().unwrap()), 16);
+}
+
+/// PERSISTENT RESERVE IN, READ KEYS.
+fn keys(c: &mut Client) -> Vec<u64> {
+    let r = c.run(&[0x5e, 0, 0, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "READ KEYS: {r:?}");
+    r.data[8..]
+        .chunks_exact(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn aptpl_reservations_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let isid_a = fresh_isid();
+    let mut a = session_isid(server.port, NODE_A, isid_a);
+    let mut b = session(server.port, NODE_B);
+    let caps = a.run(&[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], 8, None);
+    assert_eq!(caps.data[2] & 1, 1, "PTPL_C: {caps:?}");
+    assert_eq!(caps.data[3] & 1, 0, "PTPL_A before any APTPL registration");
+    assert_eq!(prout(&mut a, REGISTER, 0, 0, 0xa, true).status, 0);
+    assert_eq!(
+        prout(&mut b, REGISTER_AND_IGNORE, 0, 0, 0xb, true).status,
+        0
+    );
+    assert_eq!(
+        prout(&mut a, RESERVE, WRITE_EXCLUSIVE, 0xa, 0, false).status,
+        0
+    );
+    let caps = a.run(&[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], 8, None);
+    assert_eq!(caps.data[3] & 1, 1, "PTPL_A after an APTPL registration");
+    let saved = std::fs::read_dir(d.join("state/pr")).unwrap().count();
+    assert_eq!(saved, 1, "one reservation file for the LUN");
+    drop((a, b));
+    server.kill9();
+
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut b = session(server.port, NODE_B);
+    let mut k = keys(&mut b);
+    k.sort_unstable();
+    assert_eq!(k, vec![0xa, 0xb], "registrations after kill -9 and restart");
+    assert_eq!(reservation(&mut b), Some((0xa, WRITE_EXCLUSIVE)));
+    // B registered through another I_T nexus: it is not a registrant of this one.
+    let w = b.run(&write10_cdb(0, 1), 512, Some(&[0u8; 512]));
+    assert_eq!(w.status, 0x18, "WRITE beside the restored holder: {w:?}");
+    // The holder's own initiator port writes.
+    let mut a = session_isid(server.port, NODE_A, isid_a);
+    a.write10(0, &[0x22; 512]);
+    // APTPL = 0 on a later REGISTER: the state is no longer kept.
+    assert_eq!(prout(&mut a, REGISTER, 0, 0xa, 0xa, false).status, 0);
+    assert_eq!(std::fs::read_dir(d.join("state/pr")).unwrap().count(), 0);
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+#[test]
+fn physical_block_size_512e() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("e.img"), 8 << 20);
+    sparse_image(&d.join("n.img"), 8 << 20);
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\ntargets:\n  - name: {TARGET}\n    luns:\n      \
+         - {{lun: 0, image: {e}, physical_block_size: 4096}}\n      \
+         - {{lun: 1, image: {n}, block_size: 4096}}\n",
+        e = d.join("e.img").display(),
+        n = d.join("n.img").display()
+    );
+    let server = common::Server::start(d, &Config::yaml(&yaml));
+    let mut c = session(server.port, NODE_A);
+    for (lun, block, exponent, per_physical, optimal) in
+        [(0u64, 512, 3, 8, 2048), (1, 4096, 0, 1, 256)]
+    {
+        let mut cmd = c.command(
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            32,
+            true,
+            false,
+        );
+        cmd.lun = diskless::pdu::lun_from_index(lun as u16);
+        let itt = cmd.itt;
+        c.send(&diskless::pdu::Pdu::header_only(Bhs::ScsiCommand(cmd)))
+            .unwrap();
+        let r = c.finish(itt, &[]);
+        assert_eq!(r.status, 0, "READ CAPACITY(16) LUN {lun}: {r:?}");
+        assert_eq!(be32(&r.data[8..]), block, "LUN {lun} block size");
+        assert_eq!(r.data[13] & 0x0f, exponent, "LUN {lun} LBPPBE");
+        assert_eq!(r.data[14] & 0x3f, 0, "LUN {lun} lowest aligned LBA");
+
+        let mut cmd = c.command(&[0x12, 1, 0xb0, 0, 64, 0], 64, true, false);
+        cmd.lun = diskless::pdu::lun_from_index(lun as u16);
+        let itt = cmd.itt;
+        c.send(&diskless::pdu::Pdu::header_only(Bhs::ScsiCommand(cmd)))
+            .unwrap();
+        let r = c.finish(itt, &[]);
+        assert_eq!(r.status, 0, "Block Limits LUN {lun}: {r:?}");
+        let granularity = u16::from_be_bytes([r.data[6], r.data[7]]);
+        assert_eq!(
+            u32::from(granularity),
+            per_physical,
+            "LUN {lun} transfer granularity"
+        );
+        assert_eq!(
+            be32(&r.data[12..]),
+            optimal,
+            "LUN {lun} optimal transfer (1 MiB)"
+        );
+        assert!(be32(&r.data[12..]) < 65535);
+        assert_eq!(
+            be32(&r.data[28..]),
+            per_physical,
+            "LUN {lun} unmap granularity"
+        );
+    }
+}
