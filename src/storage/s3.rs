@@ -184,17 +184,18 @@ impl S3Connection {
             .with_region(&self.region)
             .with_access_key_id(&self.access_key_id)
             .with_secret_access_key(&self.secret_access_key)
-            .with_allow_http(self.endpoint.starts_with("http://"))
             .with_virtual_hosted_style_request(false)
             .with_retry(object_store::RetryConfig {
                 max_retries: 0,
                 ..Default::default()
             })
+            // Client options first: they carry allow_http, which is set after them.
             .with_client_options(
                 object_store::ClientOptions::new()
                     .with_timeout(timeout)
                     .with_connect_timeout(timeout.min(Duration::from_secs(5))),
-            );
+            )
+            .with_allow_http(self.endpoint.starts_with("http://"));
         if let Some(t) = &self.session_token {
             b = b.with_token(t);
         }

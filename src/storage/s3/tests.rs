@@ -362,3 +362,28 @@ fn hostile_manifests_are_refused() {
     assert!(Manifest::parse("m", b"{").is_err());
     assert!(Manifest::parse("m", b"{\"format\":1,\"extra\":1}").is_err());
 }
+
+/// `S3Connection::connect` accepts plain http endpoints (a local radosgw): the request gets as
+/// far as connecting (nobody listens on port 1), not refused as a bad scheme.
+#[test]
+fn plain_http_endpoints_are_allowed() {
+    let c = S3Connection {
+        endpoint: "http://127.0.0.1:1".into(),
+        bucket: "golden".into(),
+        region: "us-east-1".into(),
+        access_key_id: "A".into(),
+        secret_access_key: "B".into(),
+        session_token: None,
+    };
+    assert!(!format!("{c:?}").contains('B'), "no secret in Debug");
+    let s = c.connect(Duration::from_secs(5)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = rt.block_on(s.head(&ObjPath::from("x"))).unwrap_err();
+    let mut chain = String::new();
+    let mut src: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(x) = src {
+        chain.push_str(&format!("{x:?}\n"));
+        src = x.source();
+    }
+    assert!(!chain.contains("BadScheme"), "{chain}");
+}
