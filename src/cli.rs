@@ -789,6 +789,30 @@ pub fn write_summary(
             )?;
         }
     }
+    if !config.images.is_empty() {
+        writeln!(out, "images: {}", config.images.len())?;
+    }
+    for im in &config.images {
+        match &im.s3 {
+            // Where the version lives and where the credentials come from, never the keys.
+            Some(s3) => writeln!(
+                out,
+                "  {}: s3 {} bucket {} key {}/{}/{} (credentials from {}), cache {} memory + {} disk",
+                im.name,
+                s3.endpoint,
+                s3.bucket,
+                s3.prefix.trim_matches('/'),
+                s3.image.as_deref().unwrap_or(&im.name),
+                s3.version,
+                s3.credentials_file
+                    .as_ref()
+                    .map_or("the environment".to_string(), |f| f.display().to_string()),
+                config.chunk_cache.memory,
+                config.chunk_cache.disk
+            )?,
+            None => writeln!(out, "  {}: {}", im.name, config.image_path(&im.path).display())?,
+        }
+    }
     Ok(())
 }
 
