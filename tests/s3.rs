@@ -209,6 +209,25 @@ impl Ceph {
         ceph
     }
 
+    /// Stop the gateway (by the PID we started), leaving the cluster up.
+    fn stop_rgw(&mut self) {
+        if let Some(i) = self.daemons.iter().position(|(n, _)| *n == "rgw") {
+            let (_, mut c) = self.daemons.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn start_rgw(&mut self) {
+        self.spawn("rgw", "radosgw", &["-n", "client.rgw.a", "-f"]);
+        let port = self.rgw_port;
+        wait_for(Duration::from_secs(90), "radosgw listening again", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(drop)
+        });
+    }
+
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.rgw_port)
     }
@@ -295,7 +314,7 @@ fn metric(api: &Api, name: &str) -> Option<f64> {
 
 #[test]
 fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
-    let ceph = Ceph::start();
+    let mut ceph = Ceph::start();
     ceph.create_bucket("golden");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -319,7 +338,12 @@ fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
             "1MiB",
         ])
     };
+    let t = std::time::Instant::now();
     let out = push("golden").ok();
+    eprintln!(
+        "figure: push of 8 MiB (7 chunks of 1 MiB) took {:?}",
+        t.elapsed()
+    );
     assert!(out.stdout.contains("7 stored"), "{out}");
     // Versions are immutable: a second push of v1 is refused.
     let again = push("golden").failed();
@@ -358,6 +382,7 @@ fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
 
     // A cold storm: 20 raw initiators read the whole disk at once, 64 KiB per command.
     let port = server.port;
+    let t = std::time::Instant::now();
     let clients: Vec<_> = (0..20u16)
         .map(|i| {
             std::thread::spawn(move || {
@@ -377,6 +402,10 @@ fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
         let seen = t.join().unwrap_or_else(|_| panic!("client {i} failed"));
         assert!(seen == data, "client {i} read different bytes");
     }
+    eprintln!(
+        "figure: cold storm, 20 clients x 8 MiB (160 MiB served) took {:?}",
+        t.elapsed()
+    );
     assert_eq!(
         metric(&api, fetches),
         Some(7.0),
@@ -425,7 +454,35 @@ fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
     let bad_version = "diskless_s3_checksum_errors_total{version=\"golden/diskless/broken/v1\"}";
     assert!(metric(&api, bad_version).unwrap_or(0.0) >= 1.0);
     assert!(server.stderr().contains("checksum mismatch"), "logged");
-    drop(c);
+
+    // The store unreachable: cached chunks still serve; an uncached one fails after its
+    // retries with MEDIUM ERROR (nothing cached); once the store is back it serves.
+    ceph.stop_rgw();
+    let mut g = Client::connect(server.port);
+    g.login("iqn.2026-12.test:during-outage", TARGET).unwrap();
+    assert!(
+        g.read10(0, 128) == data[..64 << 10],
+        "cached chunks serve during the outage"
+    );
+    let lba6 = (6 * MIB / 512) as u32;
+    let t = std::time::Instant::now();
+    let r = c.run(&raw::read10_cdb(lba6, 8), 4096, None);
+    assert_eq!(
+        r.status, 2,
+        "CHECK CONDITION expected while S3 is down: {r:?}"
+    );
+    assert_eq!(
+        r.sense.get(2).map(|k| k & 0x0f),
+        Some(3),
+        "MEDIUM ERROR: {r:?}"
+    );
+    eprintln!(
+        "figure: uncached read with the store down failed after {:?}",
+        t.elapsed()
+    );
+    ceph.start_rgw();
+    assert_eq!(c.read10(lba6, 8), data[6 * MIB..6 * MIB + 4096]);
+    drop((c, g));
     server.stop();
     drop(ceph);
 }
