@@ -488,26 +488,42 @@ impl S3Store {
             };
         }
         let result = self.lead(&key);
-        *lock(&flight.done) = Some(result.as_ref().map(Bytes::clone).map_err(|e| e.to_string()));
+        *lock(&flight.done) = Some(
+            result
+                .as_ref()
+                .map(|(b, _)| b.clone())
+                .map_err(|e| e.to_string()),
+        );
         flight.cv.notify_all();
         lock(&self.inflight).remove(&index);
-        result.map_err(|e| {
-            self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-            read_error(e.to_string())
-        })
+        match result {
+            Ok((b, fetched)) => {
+                // Waiters already have the chunk (and later readers find it in memory): the
+                // disk copy is written after they are released.
+                if fetched {
+                    self.cache.put_disk(&key, &b);
+                }
+                Ok(b)
+            }
+            Err(e) => {
+                self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                Err(read_error(e.to_string()))
+            }
+        }
     }
 
     /// The leader's work: memory again (a previous leader may just have finished), disk
     /// (verified), then the object store.
-    fn lead(&self, key: &ChunkKey) -> Result<Bytes, S3Error> {
+    /// Returns the chunk and whether it came from the object store.
+    fn lead(&self, key: &ChunkKey) -> Result<(Bytes, bool), S3Error> {
         if let Some(b) = self.cache.get_memory(key) {
-            return Ok(b);
+            return Ok((b, false));
         }
         if let Some(b) = self.cache.get_disk(key) {
             match self.verify(key.1, &b) {
                 Ok(()) => {
                     self.cache.put_memory(key, &b);
-                    return Ok(b);
+                    return Ok((b, false));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "chunk cache copy corrupt; fetching again");
@@ -517,8 +533,8 @@ impl S3Store {
         }
         self.cache.note_miss();
         let b = self.fetch(key.1)?;
-        self.cache.put(key, &b);
-        Ok(b)
+        self.cache.put_memory(key, &b);
+        Ok((b, true))
     }
 }
 

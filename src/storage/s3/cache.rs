@@ -204,6 +204,11 @@ impl ChunkCache {
     /// Store in both tiers. A disk failure is logged and costs only the disk copy.
     pub fn put(&self, key: &ChunkKey, data: &Bytes) {
         self.put_memory(key, data);
+        self.put_disk(key, data);
+    }
+
+    /// Store in the disk tier only (written to a temporary file, then renamed).
+    pub fn put_disk(&self, key: &ChunkKey, data: &Bytes) {
         let Some(d) = &self.disk else { return };
         let len = data.len() as u64;
         if len > d.limit {
