@@ -21,9 +21,8 @@ use bytes::Bytes;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The manifest format this code reads and writes.
@@ -321,17 +320,6 @@ async fn get_with_retry(
     }
 }
 
-/// One fetch in progress; waiters block on the condvar until the leader fills `done`.
-#[derive(Default)]
-struct Flight {
-    done: Mutex<Option<Result<Bytes, String>>>,
-    cv: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The read-only block store over one image version.
 pub struct S3Store {
     rt: OwnedRuntime,
@@ -341,7 +329,6 @@ pub struct S3Store {
     key: Arc<str>,
     cache: Arc<ChunkCache>,
     policy: RetryPolicy,
-    inflight: Mutex<HashMap<u64, Arc<Flight>>>,
     counters: FetchCounters,
 }
 
@@ -380,7 +367,6 @@ impl S3Store {
             key: Arc::from(key),
             cache,
             policy,
-            inflight: Mutex::new(HashMap::new()),
             counters,
         })
     }
@@ -465,37 +451,16 @@ impl S3Store {
         if let Some(b) = self.cache.get_memory(&key) {
             return Ok(b);
         }
-        let (flight, leader) = {
-            let mut map = lock(&self.inflight);
-            match map.get(&index) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    map.insert(index, f.clone());
-                    (f, true)
-                }
-            }
-        };
+        let (flight, leader) = self.cache.board(&key);
         if !leader {
-            let mut done = lock(&flight.done);
-            while done.is_none() {
-                done = flight.cv.wait(done).unwrap_or_else(|p| p.into_inner());
-            }
-            return match done.as_ref() {
-                Some(Ok(b)) => Ok(b.clone()),
-                Some(Err(m)) => Err(read_error(m.clone())),
-                None => Err(read_error("no result".into())),
-            };
+            return flight.wait().map_err(read_error);
         }
         let result = self.lead(&key);
-        *lock(&flight.done) = Some(
-            result
-                .as_ref()
-                .map(|(b, _)| b.clone())
-                .map_err(|e| e.to_string()),
-        );
-        flight.cv.notify_all();
-        lock(&self.inflight).remove(&index);
+        let shared = result
+            .as_ref()
+            .map(|(b, _)| b.clone())
+            .map_err(|e| e.to_string());
+        self.cache.land(&key, &flight, shared);
         match result {
             Ok((b, fetched)) => {
                 // Waiters already have the chunk (and later readers find it in memory): the

@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Which chunk: the image's key (`bucket/prefix/image/version`) and its index.
-pub type ChunkKey = (std::sync::Arc<str>, u64);
+pub type ChunkKey = (Arc<str>, u64);
 
 /// Counters the tests and `/metrics` read.
 #[derive(Debug, Default)]
@@ -94,8 +94,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// One fetch in progress; waiters block on the condvar until the leader fills `done`.
+#[derive(Default)]
+pub struct Flight {
+    done: Mutex<Option<Result<Bytes, String>>>,
+    cv: std::sync::Condvar,
+}
+
+impl Flight {
+    /// Wait for the leader's result (an error as its message).
+    pub fn wait(&self) -> Result<Bytes, String> {
+        let mut done = lock(&self.done);
+        loop {
+            if let Some(r) = done.as_ref() {
+                return r.clone();
+            }
+            done = self.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// The cache. `memory_limit` 0 turns the memory tier off; `disk` None turns the disk tier off.
+/// It also holds the node's fetches in progress (single flight per chunk, whichever store
+/// object asks: two configuration generations during a reload share them).
 pub struct ChunkCache {
+    inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
     memory: Mutex<Lru<Bytes>>,
     memory_limit: u64,
     disk: Option<DiskTier>,
@@ -150,11 +173,33 @@ impl ChunkCache {
             None => None,
         };
         Ok(ChunkCache {
+            inflight: Mutex::new(HashMap::new()),
             memory: Mutex::new(Lru::default()),
             memory_limit,
             disk,
             counters: CacheCounters::default(),
         })
+    }
+
+    /// Join the fetch of `key` in progress, or start one: (the flight, whether the caller
+    /// leads it). A leader must call [`ChunkCache::land`] whatever happens.
+    pub fn board(&self, key: &ChunkKey) -> (Arc<Flight>, bool) {
+        let mut map = lock(&self.inflight);
+        match map.get(key) {
+            Some(f) => (f.clone(), false),
+            None => {
+                let f = Arc::new(Flight::default());
+                map.insert(key.clone(), f.clone());
+                (f, true)
+            }
+        }
+    }
+
+    /// The leader's result: wake the waiters and end the flight.
+    pub fn land(&self, key: &ChunkKey, flight: &Flight, result: Result<Bytes, String>) {
+        *lock(&flight.done) = Some(result);
+        flight.cv.notify_all();
+        lock(&self.inflight).remove(key);
     }
 
     /// The memory tier only (never blocks on the disk).
@@ -262,7 +307,6 @@ impl ChunkCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn key(i: u64) -> ChunkKey {
         (Arc::from("img"), i)

@@ -387,3 +387,29 @@ fn plain_http_endpoints_are_allowed() {
     }
     assert!(!chain.contains("BadScheme"), "{chain}");
 }
+
+/// Two store objects of one version (a reload's old and new configuration) share the node's
+/// flights and cache: a storm across both still fetches each chunk once.
+#[test]
+fn two_generations_of_one_version_share_flights_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = Arc::new(Faulty::default());
+    let data = pushed(&remote, dir.path());
+    remote.delay_ms.store(100, Ordering::SeqCst);
+    let cache = Arc::new(ChunkCache::new(16 << 20, None).unwrap());
+    let old = Arc::new(open(&remote, cache.clone()));
+    let new = Arc::new(open(&remote, cache));
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let s = if i % 2 == 0 { old.clone() } else { new.clone() };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 2 * CS as usize];
+                s.read_at(&mut buf, 0).map(|()| buf)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap().unwrap(), data[..2 * CS as usize]);
+    }
+    assert_eq!(remote.chunk_gets.load(Ordering::SeqCst), 2);
+}
