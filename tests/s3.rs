@@ -83,11 +83,11 @@ impl Ceph {
 
     fn start() -> Ceph {
         for (tool, pkg) in [
-            ("monmaptool", "ceph-common / ceph-base"),
+            ("monmaptool", "ceph-base (a dependency of ceph-mon)"),
             ("ceph-mon", "ceph-mon"),
             ("ceph-osd", "ceph-osd"),
             ("radosgw", "radosgw"),
-            ("radosgw-admin", "radosgw / ceph-common"),
+            ("radosgw-admin", "ceph-common"),
             ("ceph", "ceph-common"),
             ("curl", "curl"),
         ] {
