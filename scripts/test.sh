@@ -82,6 +82,10 @@ NEEDS=(
 	"/usr/bin/chromium chromium"
 	"node nodejs"
 	"npm npm"
+	"ceph-mon ceph-mon"
+	"ceph-osd ceph-osd"
+	"radosgw radosgw"
+	"ceph ceph-common"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg

@@ -1,4 +1,4 @@
-//! Command line (clap): `serve`, `image create`, `check-config`.
+//! Command line (clap): `serve`, `image create`, `image push`, `check-config`.
 //!
 //! Exit codes: 0 success, 1 I/O error (binding, creating an image, serving), 2 bad
 //! configuration or usage.
@@ -171,6 +171,20 @@ pub enum ImageCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Upload a raw image as a new immutable version to the object store that an `images:`
+    /// entry with `s3:` names (its endpoint, bucket, prefix, image and version).
+    Push {
+        /// The raw image file.
+        file: PathBuf,
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+        /// The `images:` entry (by name).
+        #[arg(long, value_name = "NAME")]
+        image: String,
+        /// Chunk size (power of two, 64KiB..64MiB).
+        #[arg(long, value_parser = parse_size, default_value = "4MiB")]
+        chunk_size: u64,
+    },
 }
 
 fn parse_portal(s: &str) -> Result<SocketAddr, String> {
@@ -247,6 +261,12 @@ pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(args) => serve(args),
         Command::Image(ImageCommand::Create { path, size }) => image_create(&path, size),
+        Command::Image(ImageCommand::Push {
+            file,
+            config,
+            image,
+            chunk_size,
+        }) => image_push(&file, &config, &image, chunk_size),
         Command::Clients(ctl) => control(&ctl, "clients", None),
         Command::Sessions(ctl) => control(&ctl, "sessions", None),
         Command::Reload(ctl) => control(&ctl, "reload", None),
@@ -326,6 +346,51 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
             Ok(())
         }
     }
+}
+
+fn image_push(file: &Path, config: &Path, image: &str, chunk_size: u64) -> Result<(), CliError> {
+    let c = Config::load(config)?;
+    let Some((i, im)) = c.images.iter().enumerate().find(|(_, i)| i.name == image) else {
+        return Err(
+            ConfigError::invalid(&c.source, "images", format!("no image named {image:?}")).into(),
+        );
+    };
+    let Some(s3) = &im.s3 else {
+        return Err(
+            ConfigError::invalid(&c.source, format!("images[{i}]"), "has no s3: section").into(),
+        );
+    };
+    let at = format!("images[{i}].s3");
+    let (store, location, policy) =
+        registry::s3_target(&c, image, s3).map_err(|m| ConfigError::invalid(&c.source, at, m))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let (_, r) = rt
+        .block_on(crate::storage::s3::push(
+            store,
+            &location,
+            file,
+            chunk_size,
+            im.block_size,
+            policy,
+        ))
+        .map_err(|e| CliError::Io(format!("image push: {e}")))?;
+    println!(
+        "diskless: pushed {} to {}/{} ({}, {} chunks of {}, {} stored, {} uploaded in {:.1} s)",
+        file.display(),
+        s3.bucket,
+        location.manifest(),
+        ByteSize(r.size),
+        r.chunks,
+        ByteSize(chunk_size),
+        r.uploaded,
+        ByteSize(r.bytes_uploaded),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn image_create(path: &Path, size: u64) -> Result<(), CliError> {
@@ -722,6 +787,30 @@ pub fn write_summary(
                 if l.removable { ", removable" } else { "" },
                 l.identity.serial
             )?;
+        }
+    }
+    if !config.images.is_empty() {
+        writeln!(out, "images: {}", config.images.len())?;
+    }
+    for im in &config.images {
+        match &im.s3 {
+            // Where the version lives and where the credentials come from, never the keys.
+            Some(s3) => writeln!(
+                out,
+                "  {}: s3 {} bucket {} key {}/{}/{} (credentials from {}), cache {} memory + {} disk",
+                im.name,
+                s3.endpoint,
+                s3.bucket,
+                s3.prefix.trim_matches('/'),
+                s3.image.as_deref().unwrap_or(&im.name),
+                s3.version,
+                s3.credentials_file
+                    .as_ref()
+                    .map_or("the environment".to_string(), |f| f.display().to_string()),
+                config.chunk_cache.memory,
+                config.chunk_cache.disk
+            )?,
+            None => writeln!(out, "  {}: {}", im.name, config.image_path(&im.path).display())?,
         }
     }
     Ok(())

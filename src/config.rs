@@ -186,6 +186,9 @@ pub struct Config {
     /// The operator's HTTP API, web console and `/metrics` (absent: not served).
     #[serde(default)]
     pub api: Option<ApiConfig>,
+    /// The chunk cache for images served from object stores (`images[].s3`).
+    #[serde(default)]
+    pub chunk_cache: ChunkCacheConfig,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -413,7 +416,12 @@ pub struct TargetConfig {
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
     pub name: String,
+    /// The raw image file; empty when the image is in an object store (`s3:`).
+    #[serde(default)]
     pub path: PathBuf,
+    /// Serve the image from an S3-compatible object store instead of a file.
+    #[serde(default)]
+    pub s3: Option<S3ImageConfig>,
     #[serde(default = "default_block_size")]
     pub block_size: u32,
     /// Physical block size reported to clients (512e: 4096 over 512-byte logical blocks).
@@ -422,6 +430,190 @@ pub struct ImageConfig {
     /// Create a sparse image of this size if missing (demo use).
     #[serde(default)]
     pub create_size: Option<ByteSize>,
+}
+
+/// `images[].s3`: one immutable image version in an S3-compatible object store, read through
+/// the node's chunk cache (docs/scale-out.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3ImageConfig {
+    /// `https://host[:port]` (or `http://` for a store on a trusted network).
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// The image's name in the bucket (default: the entry's `name`).
+    #[serde(default)]
+    pub image: Option<String>,
+    pub version: String,
+    /// A file of `access_key_id = ...`, `secret_access_key = ...` (and optionally
+    /// `session_token = ...`) lines; default: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`
+    /// from the environment. The keys are never logged or printed.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Time allowed for one request, in seconds.
+    #[serde(default = "default_s3_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts after a failed one (exponential backoff from 100 ms).
+    #[serde(default = "default_s3_retries")]
+    pub retries: u32,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+fn default_s3_timeout() -> u64 {
+    10
+}
+fn default_s3_retries() -> u32 {
+    4
+}
+
+/// S3 credentials (from a file or the environment). Debug never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("S3Credentials(<redacted>)")
+    }
+}
+
+impl S3ImageConfig {
+    /// Read the credentials: from `credentials_file` (resolved by `resolve`) or the
+    /// environment. Errors name the file or variable, never a secret.
+    pub fn credentials(&self, resolve: impl Fn(&Path) -> PathBuf) -> Result<S3Credentials, String> {
+        let Some(file) = &self.credentials_file else {
+            let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            return match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+                (Some(a), Some(s)) => Ok(S3Credentials {
+                    access_key_id: a,
+                    secret_access_key: s,
+                    session_token: var("AWS_SESSION_TOKEN"),
+                }),
+                _ => Err("no credentials_file and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not both set".into()),
+            };
+        };
+        let path = resolve(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("credentials_file {}: {e}", path.display()))?;
+        let (mut a, mut s, mut t) = (None, None, None);
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(format!(
+                    "credentials_file {} line {}: expected key = value",
+                    path.display(),
+                    n + 1
+                ));
+            };
+            let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            match k.trim() {
+                "access_key_id" | "aws_access_key_id" => a = v,
+                "secret_access_key" | "aws_secret_access_key" => s = v,
+                "session_token" | "aws_session_token" => t = v,
+                other => {
+                    return Err(format!(
+                        "credentials_file {} line {}: unknown key {other:?}",
+                        path.display(),
+                        n + 1
+                    ))
+                }
+            }
+        }
+        match (a, s) {
+            (Some(access_key_id), Some(secret_access_key)) => Ok(S3Credentials {
+                access_key_id,
+                secret_access_key,
+                session_token: t,
+            }),
+            _ => Err(format!(
+                "credentials_file {}: needs access_key_id and secret_access_key",
+                path.display()
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let ep = self.endpoint.as_str();
+        let rest = ep
+            .strip_prefix("https://")
+            .or_else(|| ep.strip_prefix("http://"))
+            .ok_or_else(|| format!("endpoint {ep:?} must start with https:// or http://"))?;
+        if rest.trim_end_matches('/').is_empty() || rest.contains(char::is_whitespace) {
+            return Err(format!("endpoint {ep:?} has no host"));
+        }
+        // S3 bucket naming rules (lowercase, digits, '.', '-'; 3..63).
+        let b = self.bucket.as_str();
+        if !(3..=63).contains(&b.len())
+            || !b
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        {
+            return Err(format!("bucket {b:?} is not a valid bucket name"));
+        }
+        let key_part = |what: &str, v: &str, may_be_empty: bool| {
+            if (v.is_empty() && !may_be_empty)
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+                || v.split('/').any(|p| p == "." || p == "..")
+            {
+                Err(format!(
+                    "{what} {v:?} must be letters, digits, '-', '_', '.' or '/'"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        key_part("prefix", &self.prefix, true)?;
+        key_part("version", &self.version, false)?;
+        if self.version.contains('/') {
+            return Err(format!("version {:?} must not contain '/'", self.version));
+        }
+        if let Some(i) = &self.image {
+            key_part("image", i, false)?;
+        }
+        if self.region.is_empty() {
+            return Err("region must not be empty".into());
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 600 {
+            return Err(format!("timeout_secs {} must be 1..600", self.timeout_secs));
+        }
+        if self.retries > 20 {
+            return Err(format!("retries {} must be at most 20", self.retries));
+        }
+        Ok(())
+    }
+}
+
+/// `chunk_cache:` the node's cache of chunks of images in object stores.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkCacheConfig {
+    /// Memory tier (LRU by bytes).
+    pub memory: ByteSize,
+    /// Disk tier under `<state_dir>/chunk-cache` (LRU by bytes); 0 turns it off.
+    pub disk: ByteSize,
+}
+
+impl Default for ChunkCacheConfig {
+    fn default() -> Self {
+        ChunkCacheConfig {
+            memory: ByteSize(256 << 20),
+            disk: ByteSize(8 << 30),
+        }
+    }
 }
 
 /// How a client's writes are kept (docs/overlays.md).
@@ -1169,6 +1361,7 @@ impl Config {
             boot_http: None,
             netboot: None,
             api: None,
+            chunk_cache: ChunkCacheConfig::default(),
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -1197,6 +1390,7 @@ impl Config {
         c.images = vec![ImageConfig {
             name: name.clone(),
             path: image.to_path_buf(),
+            s3: None,
             block_size,
             physical_block_size: None,
             create_size: None,
@@ -1361,6 +1555,21 @@ impl Config {
             if !names.insert(im.name.as_str()) {
                 return Err(bad(format!("duplicate image name {}", im.name)));
             }
+            if let Some(s3) = &im.s3 {
+                if !im.path.as_os_str().is_empty() || im.create_size.is_some() {
+                    return Err(bad(
+                        "an image has either a path or s3:, not both (nor create_size)".into(),
+                    ));
+                }
+                s3.validate()
+                    .map_err(|m| ConfigError::invalid(file, format!("{path}.s3"), m))?;
+                s3.credentials(|p| self.image_path(p))
+                    .map_err(|m| ConfigError::invalid(file, format!("{path}.s3"), m))?;
+                continue;
+            }
+            if im.path.as_os_str().is_empty() {
+                return Err(bad("needs a path (or s3:)".into()));
+            }
             // The same checks as a LUN's image.
             let as_lun = LunConfig {
                 lun: 0,
@@ -1391,6 +1600,33 @@ impl Config {
                 ))
             }
         };
+        // An image in an object store is immutable: `direct` would write into it.
+        let in_s3 = |image: &str| {
+            self.images
+                .iter()
+                .any(|i| i.name == image && i.s3.is_some())
+        };
+        let direct = b
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, bd)| (format!("{path}.bindings[{i}].mode"), &bd.image, bd.mode))
+            .chain(
+                b.default
+                    .iter()
+                    .map(|d| (format!("{path}.default.mode"), &d.image, d.mode)),
+            );
+        for (p, image, mode) in direct {
+            if mode == OverlayMode::Direct && in_s3(image) {
+                return Err(ConfigError::invalid(
+                    file,
+                    p,
+                    format!(
+                        "image {image:?} is in an object store (immutable): direct is not possible"
+                    ),
+                ));
+            }
+        }
         if b.bindings.is_empty() && b.default.is_none() {
             return Err(ConfigError::invalid(
                 file,

@@ -148,6 +148,17 @@ struct ResetLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ObjectLabels {
+    /// `bucket/prefix/image/version`.
+    version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ImageLabels {
     image: String,
     path: String,
@@ -406,6 +417,10 @@ pub struct ScrapeState {
     pub images: Vec<(String, String, u64)>,
     /// Where overlays live (its file system's free space is reported).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Images in object stores: (version key, counters).
+    pub object_versions: Vec<(String, crate::storage::s3::FetchStats)>,
+    /// The node's chunk cache, if any image is in an object store.
+    pub chunk_cache: Option<crate::storage::s3::CacheStats>,
 }
 
 /// Every metric of the server, and the event feed.
@@ -435,6 +450,15 @@ pub struct Metrics {
     state_free: Gauge,
     state_size: Gauge,
     image_size: Family<ImageLabels, Gauge>,
+    s3_fetches: Family<ObjectLabels, Counter>,
+    s3_failed: Family<ObjectLabels, Counter>,
+    s3_checksum: Family<ObjectLabels, Counter>,
+    s3_read_errors: Family<ObjectLabels, Counter>,
+    cache_bytes: Family<TierLabels, Gauge>,
+    cache_limit: Family<TierLabels, Gauge>,
+    cache_hits: Family<TierLabels, Counter>,
+    cache_evictions: Family<TierLabels, Counter>,
+    cache_misses: Counter,
     uptime: Gauge<f64, AtomicU64>,
     open_fds: Gauge,
     rss: Gauge,
@@ -609,6 +633,62 @@ impl Metrics {
             Unit::Bytes,
             image_size.clone(),
         );
+        let s3_fetches = Family::<ObjectLabels, Counter>::default();
+        r.register(
+            "diskless_s3_chunk_fetches",
+            "Chunks fetched (and verified) from the object store, per image version",
+            s3_fetches.clone(),
+        );
+        let s3_failed = Family::<ObjectLabels, Counter>::default();
+        r.register(
+            "diskless_s3_failed_attempts",
+            "Object store reads that failed (error, timeout, bad checksum) and were retried or given up",
+            s3_failed.clone(),
+        );
+        let s3_checksum = Family::<ObjectLabels, Counter>::default();
+        r.register(
+            "diskless_s3_checksum_errors",
+            "Chunks whose CRC32C or length did not match the manifest (never served)",
+            s3_checksum.clone(),
+        );
+        let s3_read_errors = Family::<ObjectLabels, Counter>::default();
+        r.register(
+            "diskless_s3_read_errors",
+            "Chunk reads that failed after every retry (MEDIUM ERROR to the initiator)",
+            s3_read_errors.clone(),
+        );
+        let cache_bytes = Family::<TierLabels, Gauge>::default();
+        r.register_with_unit(
+            "diskless_chunk_cache",
+            "Bytes held by each tier of the chunk cache",
+            Unit::Bytes,
+            cache_bytes.clone(),
+        );
+        let cache_limit = Family::<TierLabels, Gauge>::default();
+        r.register_with_unit(
+            "diskless_chunk_cache_limit",
+            "Configured bound of each tier of the chunk cache",
+            Unit::Bytes,
+            cache_limit.clone(),
+        );
+        let cache_hits = Family::<TierLabels, Counter>::default();
+        r.register(
+            "diskless_chunk_cache_hits",
+            "Chunk reads served by each tier of the chunk cache",
+            cache_hits.clone(),
+        );
+        let cache_evictions = Family::<TierLabels, Counter>::default();
+        r.register(
+            "diskless_chunk_cache_evictions",
+            "Chunks evicted from each tier of the chunk cache",
+            cache_evictions.clone(),
+        );
+        let cache_misses = Counter::default();
+        r.register(
+            "diskless_chunk_cache_misses",
+            "Chunk reads that missed both tiers (then fetched from the object store)",
+            cache_misses.clone(),
+        );
         let uptime = Gauge::<f64, AtomicU64>::default();
         r.register_with_unit(
             "diskless_uptime",
@@ -667,6 +747,15 @@ impl Metrics {
             state_free,
             state_size,
             image_size,
+            s3_fetches,
+            s3_failed,
+            s3_checksum,
+            s3_read_errors,
+            cache_bytes,
+            cache_limit,
+            cache_hits,
+            cache_evictions,
+            cache_misses,
             uptime,
             open_fds,
             rss,
@@ -1043,6 +1132,55 @@ impl Metrics {
                 })
                 .set(i64::try_from(*size).unwrap_or(i64::MAX));
         }
+        for f in [
+            &self.s3_fetches,
+            &self.s3_failed,
+            &self.s3_checksum,
+            &self.s3_read_errors,
+        ] {
+            f.clear();
+        }
+        for (version, st) in &state.object_versions {
+            let l = ObjectLabels {
+                version: version.clone(),
+            };
+            self.s3_fetches.get_or_create(&l).inc_by(st.fetches);
+            self.s3_failed.get_or_create(&l).inc_by(st.failed_attempts);
+            self.s3_checksum
+                .get_or_create(&l)
+                .inc_by(st.checksum_errors);
+            self.s3_read_errors.get_or_create(&l).inc_by(st.read_errors);
+        }
+        if let Some(c) = &state.chunk_cache {
+            let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            for (tier, bytes, limit, hits, evicted) in [
+                (
+                    "memory",
+                    c.memory_bytes,
+                    c.memory_limit,
+                    c.memory_hits,
+                    c.memory_evictions,
+                ),
+                (
+                    "disk",
+                    c.disk_bytes,
+                    c.disk_limit,
+                    c.disk_hits,
+                    c.disk_evictions,
+                ),
+            ] {
+                let l = TierLabels { tier };
+                self.cache_bytes.get_or_create(&l).set(g(bytes));
+                self.cache_limit.get_or_create(&l).set(g(limit));
+                // Counters only grow: add what is new since the last scrape.
+                let h = self.cache_hits.get_or_create(&l);
+                h.inc_by(hits.saturating_sub(h.get()));
+                let e = self.cache_evictions.get_or_create(&l);
+                e.inc_by(evicted.saturating_sub(e.get()));
+            }
+            self.cache_misses
+                .inc_by(c.misses.saturating_sub(self.cache_misses.get()));
+        }
         let (fds, rss) = process_stats();
         self.open_fds.set(fds);
         self.rss.set(rss);
@@ -1193,6 +1331,18 @@ mod tests {
             clients: Vec::new(),
             images: vec![("golden".into(), "/x/golden.img".into(), 1 << 20)],
             state_dir: Some(std::env::temp_dir()),
+            object_versions: vec![(
+                "b/golden/v1".into(),
+                crate::storage::s3::FetchStats {
+                    fetches: 7,
+                    ..Default::default()
+                },
+            )],
+            chunk_cache: Some(crate::storage::s3::CacheStats {
+                memory_bytes: 4096,
+                misses: 7,
+                ..Default::default()
+            }),
         });
         for want in [
             "diskless_scsi_commands_total{target=\"iqn.x:t\",initiator=\"iqn.x:c1\",lun=\"0\",op=\"read\"} 2",
@@ -1200,6 +1350,9 @@ mod tests {
             "diskless_scsi_command_duration_seconds_count{target=\"iqn.x:t\",op=\"flush\"} 1",
             "diskless_scsi_errors_total{target=\"iqn.x:t\",sense_key=\"illegal_request\"} 1",
             "diskless_iscsi_rejects_total{reason=\"protocol_error\"} 1",
+            "diskless_s3_chunk_fetches_total{version=\"b/golden/v1\"} 7",
+            "diskless_chunk_cache_bytes{tier=\"memory\"} 4096",
+            "diskless_chunk_cache_misses_total 7",
             "diskless_connections_dropped_total{reason=\"nop_timeout\"} 1",
             "diskless_logins_total{outcome=\"auth_failure\",reason=\"authentication failure\"} 1",
             "diskless_logins_total{outcome=\"ok\",reason=\"success\"} 2",

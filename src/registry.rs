@@ -14,6 +14,7 @@ use crate::config::{build_acl, validate_iscsi_name, Config, ConfigError, Setting
 pub use crate::identity::{default_serial, lu_identity, naa_identifier, revision, PRODUCT, VENDOR};
 use crate::login::{AuthPolicy, ChapCredentials, Directory, TargetEntry, TargetLookup};
 use crate::scsi::{LogicalUnit, LuIdentity, LunTable};
+use crate::storage::s3::{ChunkCache, Location, RetryPolicy, S3Connection, S3Store};
 use crate::storage::{BlockStore, FileStore};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -233,6 +234,10 @@ pub struct Registry {
     discovery_chap: Option<ChapCredentials>,
     state_dir: PathBuf,
     boot_http: Option<crate::config::BootHttpConfig>,
+    /// The node's chunk cache, when some image is in an object store.
+    chunk_cache: Option<Arc<ChunkCache>>,
+    /// The images served from object stores.
+    s3_stores: Vec<Arc<S3Store>>,
 }
 
 impl Registry {
@@ -324,6 +329,23 @@ impl Registry {
         // Golden images, opened read-only once (created first when create_size says so).
         let mut images = BTreeMap::new();
         for (i, im) in config.images.iter().enumerate() {
+            if let Some(s3) = &im.s3 {
+                let cache = match &registry.chunk_cache {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = node_chunk_cache(config)
+                            .map_err(|m| ConfigError::invalid(&file, "chunk_cache", m))?;
+                        registry.chunk_cache = Some(c.clone());
+                        c
+                    }
+                };
+                let (mut golden, store) = open_s3_image(config, &im.name, s3, im.block_size, cache)
+                    .map_err(|m| ConfigError::invalid(&file, format!("images[{i}].s3"), m))?;
+                golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
+                registry.s3_stores.push(store);
+                images.insert(im.name.clone(), Arc::new(golden));
+                continue;
+            }
             let path = config.image_path(&im.path);
             let as_lun = LunPlan {
                 lun: 0,
@@ -388,6 +410,16 @@ impl Registry {
         self.targets.iter().filter_map(|t| t.boot.clone()).collect()
     }
 
+    /// The node's chunk cache (images in object stores), if any.
+    pub fn chunk_cache(&self) -> Option<&Arc<ChunkCache>> {
+        self.chunk_cache.as_ref()
+    }
+
+    /// The images served from object stores.
+    pub fn s3_stores(&self) -> &[Arc<S3Store>] {
+        &self.s3_stores
+    }
+
     /// The state directory (overlays, control socket).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -420,6 +452,8 @@ impl Registry {
             discovery_chap: plan.discovery_chap,
             state_dir: PathBuf::from("state"),
             boot_http: None,
+            chunk_cache: None,
+            s3_stores: Vec::new(),
         })
     }
 
@@ -594,6 +628,92 @@ impl Directory for Registry {
     fn portal_group_tag(&self, _local: SocketAddr) -> u16 {
         PORTAL_GROUP_TAG
     }
+}
+
+/// The node's one chunk cache, kept across configuration reloads while its directory and
+/// sizes stay the same (a new cache would forget the disk tier's files).
+fn node_chunk_cache(config: &Config) -> Result<Arc<ChunkCache>, String> {
+    /// (directory, memory bytes, disk bytes, the cache).
+    type Node = (PathBuf, u64, u64, Arc<ChunkCache>);
+    static NODE: std::sync::Mutex<Option<Node>> = std::sync::Mutex::new(None);
+    let dir = config.state_path().join("chunk-cache");
+    let (mem, disk) = (config.chunk_cache.memory.0, config.chunk_cache.disk.0);
+    let mut node = NODE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((d, m, k, c)) = node.as_ref() {
+        if *d == dir && *m == mem && *k == disk {
+            return Ok(c.clone());
+        }
+    }
+    let cache = ChunkCache::new(mem, (disk > 0).then_some((dir.as_path(), disk)))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cache = Arc::new(cache);
+    *node = Some((dir, mem, disk, cache.clone()));
+    Ok(cache)
+}
+
+/// Where an `images[].s3` entry lives: a client for its store, its location, the retry
+/// policy (also used by `diskless image push`).
+pub fn s3_target(
+    config: &Config,
+    name: &str,
+    s3: &crate::config::S3ImageConfig,
+) -> Result<(Arc<dyn object_store::ObjectStore>, Location, RetryPolicy), String> {
+    let creds = s3.credentials(|p| config.image_path(p))?;
+    let conn = S3Connection {
+        endpoint: s3.endpoint.clone(),
+        bucket: s3.bucket.clone(),
+        region: s3.region.clone(),
+        access_key_id: creds.access_key_id,
+        secret_access_key: creds.secret_access_key,
+        session_token: creds.session_token,
+    };
+    let policy = RetryPolicy {
+        timeout: std::time::Duration::from_secs(s3.timeout_secs),
+        retries: s3.retries,
+        ..RetryPolicy::default()
+    };
+    let store = conn.connect(policy.timeout).map_err(|e| e.to_string())?;
+    let location = Location {
+        prefix: s3.prefix.clone(),
+        image: s3.image.clone().unwrap_or_else(|| name.to_string()),
+        version: s3.version.clone(),
+    };
+    Ok((store, location, policy))
+}
+
+/// Open one image version from an object store (fetches and checks its manifest).
+fn open_s3_image(
+    config: &Config,
+    name: &str,
+    s3: &crate::config::S3ImageConfig,
+    block_size: u32,
+    cache: Arc<ChunkCache>,
+) -> Result<(GoldenImage, Arc<S3Store>), String> {
+    let (store, location, policy) = s3_target(config, name, s3)?;
+    let key = format!(
+        "{}/{}",
+        s3.bucket,
+        location
+            .manifest()
+            .as_ref()
+            .trim_end_matches("/manifest.json")
+    );
+    let opened = S3Store::open(store, location, &key, cache, policy).map_err(|e| e.to_string())?;
+    if opened.block_size() != block_size {
+        return Err(format!(
+            "{key}: the version has block size {}, the configuration says {block_size}",
+            opened.block_size()
+        ));
+    }
+    let opened = Arc::new(opened);
+    let golden = GoldenImage::from_store(
+        name,
+        PathBuf::from(format!("s3://{key}")),
+        block_size,
+        opened.clone(),
+        format!("s3|{}|{key}|{}", s3.endpoint, opened.size()),
+    );
+    Ok((golden, opened))
 }
 
 #[cfg(test)]

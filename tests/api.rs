@@ -17,7 +17,7 @@ use common::{Config, Server};
 use http::{seg, wait_for, Api, Sse};
 use raw::Client;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BOOT: &str = "iqn.2026-11.test:boot";
 const PLAIN: &str = "iqn.2026-11.test:plain";
@@ -453,11 +453,30 @@ fn actions_change_the_server_and_refusals_change_nothing() {
     assert_eq!(data[0], 0xa5, "the golden data is in the commit");
     let again = api.post(&commit_path, "{\"file\": \"pc2-v2.img\"}");
     assert_eq!(again.status, 409, "{again:?}");
+    // Every refusal so far is in the audit log (checked now: the race below appends many
+    // entries, and the log endpoint shows only its tail).
+    let audit = api.get_json("/api/v1/audit");
+    for status in [400, 401, 403, 404, 409, 415] {
+        assert!(
+            audit["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["status"] == status),
+            "no refused action with {status} in the audit log: {audit}"
+        );
+    }
 
     // Concurrent actions on one client: while a commit runs, resets get 409 and change
     // nothing; every reset that got 200 counted exactly one reset.
+    // Which of the two wins a round is up to the scheduler: rounds go on (each a fresh
+    // commit) until a reset met a running commit, within a generous bound.
     let mut conflict = 0u64;
-    for round in 0..5 {
+    let started = Instant::now();
+    for round in 0.. {
+        if started.elapsed() > Duration::from_secs(90) {
+            break;
+        }
         let before = client(&api, PC2)["resets"].as_u64().unwrap();
         let committer = {
             let api = api.clone();
@@ -485,7 +504,7 @@ fn actions_change_the_server_and_refusals_change_nothing() {
     }
     assert!(
         conflict > 0,
-        "no reset ever met a running commit in 5 rounds"
+        "no reset ever met a running commit in 90 s of rounds"
     );
 
     // Reset: the client's sessions close, its overlay is gone (the golden data is back).
@@ -545,12 +564,10 @@ fn actions_change_the_server_and_refusals_change_nothing() {
     };
     assert!(has(&format!("reset client {PC2}"), "ok"), "{audit}");
     assert!(has("commit client", "ok") && has("close session", "ok") && has("reload", "ok"));
-    for status in [400, 401, 403, 404, 409, 415, 422] {
-        assert!(
-            entries.iter().any(|e| e["status"] == status),
-            "no refused action with {status} in the audit log: {audit}"
-        );
-    }
+    assert!(
+        entries.iter().any(|e| e["status"] == 422),
+        "no refused reload (422) in the audit log: {audit}"
+    );
     assert!(entries
         .iter()
         .all(|e| e["time"].as_str().unwrap().ends_with('Z')));

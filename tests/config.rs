@@ -390,3 +390,93 @@ fn serve_with_port_in_use_exits_1() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
 }
+
+/// `images[].s3`: checked by check-config (endpoint, bucket, keys, credentials) without
+/// contacting the store, and the credentials are never printed.
+#[test]
+fn s3_images_are_validated_and_their_credentials_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "s3.cred",
+        "# test\naccess_key_id = AKIAEXAMPLEKEYID\nsecret_access_key = very-secret-value-0123\n",
+    );
+    let good = |s3: &str, extra: &str| {
+        format!(
+            "images:\n  - name: golden\n    s3: {{{s3}}}\n{extra}\
+             targets:\n  - name: iqn.2026-12.test:t\n    boot:\n      default: {{image: golden, mode: volatile}}\n"
+        )
+    };
+    let base = "endpoint: \"http://127.0.0.1:7480\", bucket: golden-images, version: v1, credentials_file: s3.cred";
+    let p = write(
+        dir.path(),
+        "targets.yaml",
+        &good(base, "chunk_cache: {memory: 32MiB, disk: 1GiB}\n"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["check-config", "-c", p.to_str().unwrap()])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("golden: s3 http://127.0.0.1:7480 bucket golden-images key /golden/v1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("very-secret") && !text.contains("AKIAEXAMPLE"),
+        "{text}"
+    );
+
+    let cases = [
+        ("endpoint: \"ftp://x\", bucket: golden-images, version: v1, credentials_file: s3.cred", "https:// or http://"),
+        ("endpoint: \"http://x\", bucket: Golden_Images, version: v1, credentials_file: s3.cred", "not a valid bucket name"),
+        ("endpoint: \"http://x\", bucket: golden-images, version: \"../v1\", credentials_file: s3.cred", "version"),
+        ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: missing.cred", "missing.cred"),
+        ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: s3.cred, timeout_secs: 0", "timeout_secs"),
+        ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: s3.cred, retries: 99", "retries"),
+    ];
+    for (s3, want) in cases {
+        let p = write(dir.path(), "bad.yaml", &good(s3, ""));
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("images[0].s3") && e.contains(want), "{s3}: {e}");
+        assert!(!e.contains("very-secret"), "{e}");
+    }
+    // A bad credentials file names the line, not the value.
+    write(
+        dir.path(),
+        "bad.cred",
+        "access_key_id = A\nsecret = very-secret-value-0123\n",
+    );
+    let p = write(
+        dir.path(),
+        "bad.yaml",
+        &good("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: bad.cred", ""),
+    );
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("line 2") && !e.contains("very-secret"), "{e}");
+    // An image is a file or an object, not both; and an object is never written (direct).
+    let p = write(
+        dir.path(),
+        "bad.yaml",
+        &format!(
+            "images:\n  - name: golden\n    path: g.img\n    s3: {{{base}}}\n\
+             targets:\n  - name: iqn.2026-12.test:t\n    boot:\n      default: {{image: golden, mode: volatile}}\n"
+        ),
+    );
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("either a path or s3"), "{e}");
+    let p = write(
+        dir.path(),
+        "bad.yaml",
+        &good(base, "").replace("mode: volatile", "mode: direct"),
+    );
+    let e = Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("direct is not possible"), "{e}");
+}

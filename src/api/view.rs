@@ -120,6 +120,12 @@ pub fn scrape_state(server: &Server) -> ScrapeState {
             .map(|i| (i.name, i.path, i.size))
             .collect(),
         state_dir: Some(registry.state_dir().to_path_buf()),
+        object_versions: registry
+            .s3_stores()
+            .iter()
+            .map(|s| (s.key().to_string(), s.stats()))
+            .collect(),
+        chunk_cache: registry.chunk_cache().map(|c| c.stats()),
     }
 }
 

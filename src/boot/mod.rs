@@ -37,6 +37,25 @@ pub struct GoldenImage {
 }
 
 impl GoldenImage {
+    /// An image behind any store (an object store version: `path` is its `s3://` name and
+    /// `id` names the version, so an overlay is never opened over another one).
+    pub fn from_store(
+        name: &str,
+        path: PathBuf,
+        block_size: u32,
+        store: Arc<dyn BlockStore>,
+        id: String,
+    ) -> GoldenImage {
+        GoldenImage {
+            name: name.to_string(),
+            path,
+            block_size,
+            physical_block_size: block_size,
+            store,
+            id,
+        }
+    }
+
     pub fn open(name: &str, path: &Path, block_size: u32) -> Result<GoldenImage, String> {
         let store = FileStore::open(path, block_size, true)
             .map_err(|e| format!("{}: {e}", path.display()))?;

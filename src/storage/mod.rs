@@ -5,6 +5,7 @@
 mod file;
 mod memory;
 mod overlay;
+pub mod s3;
 
 pub use file::FileStore;
 pub use memory::MemStore;

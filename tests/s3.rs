@@ -1,0 +1,488 @@
+//! Golden images in S3 (issue 13, first slice), end to end against a real object store: a
+//! single-node Ceph (one monitor, one in-memory OSD, the RADOS gateway) started from Debian's
+//! packages on 127.0.0.1 (../shared/RECIPES.md §7). `diskless image push` uploads an image,
+//! `diskless serve` serves it, qemu-img and 20 concurrent raw initiators read it, and
+//! `/metrics` shows that each chunk was fetched from S3 once. A corrupt chunk object reaches
+//! the initiator as MEDIUM ERROR, never as data.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+#[path = "common/raw.rs"]
+mod raw;
+
+use common::{Config, Server};
+use http::{wait_for, Api};
+use object_store::ObjectStoreExt;
+use raw::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const TARGET: &str = "iqn.2026-12.test:s3boot";
+const KEY: &str = "DISKLESSTESTKEY0";
+const SECRET: &str = "disklesstestsecret0000000000000000000000";
+const MIB: usize = 1 << 20;
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the daemon to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A single-node Ceph with the RADOS gateway, in a temporary directory; its daemons are
+/// stopped by PID and the directory removed when dropped.
+struct Ceph {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    daemons: Vec<(&'static str, Child)>,
+    rgw_port: u16,
+}
+
+impl Ceph {
+    fn tool(&self, tool: &str, args: &[&str]) -> common::Output {
+        let mut a = vec!["-c", self.conf.to_str().unwrap()];
+        a.extend_from_slice(args);
+        common::run(tool, &a)
+    }
+
+    fn spawn(&mut self, name: &'static str, tool: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.out"))).unwrap();
+        let child = Command::new(tool)
+            .args(["-c", self.conf.to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {tool}: {e}"));
+        self.daemons.push((name, child));
+    }
+
+    /// Daemon output and logs, for failure messages.
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for sub in ["", "log"] {
+            let Ok(rd) = std::fs::read_dir(self.dir.path().join(sub)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "out" || x == "log") {
+                    let t = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: String = t.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+                    s.push_str(&format!(
+                        "--- {} (last lines, reversed) ---\n{tail}\n",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        s
+    }
+
+    fn start() -> Ceph {
+        for (tool, pkg) in [
+            ("monmaptool", "ceph-base (a dependency of ceph-mon)"),
+            ("ceph-mon", "ceph-mon"),
+            ("ceph-osd", "ceph-osd"),
+            ("radosgw", "radosgw"),
+            ("radosgw-admin", "ceph-common"),
+            ("ceph", "ceph-common"),
+            ("curl", "curl"),
+        ] {
+            common::require(tool, pkg);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("diskless-ceph")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().to_path_buf();
+        for sub in ["run", "log", "mon", "osd", "rgw"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let (v2, v1, rgw_port) = (free_port(), free_port(), free_port());
+        let fsid = "2f1e3c4d-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+        let conf = d.join("ceph.conf");
+        let dd = d.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "[global]\n\
+                 fsid = {fsid}\n\
+                 mon host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]\n\
+                 mon initial members = a\n\
+                 public addr = 127.0.0.1\n\
+                 auth cluster required = none\n\
+                 auth service required = none\n\
+                 auth client required = none\n\
+                 ms mon client mode = crc\n\
+                 osd objectstore = memstore\n\
+                 memstore device bytes = 1073741824\n\
+                 osd pool default size = 1\n\
+                 osd pool default min size = 1\n\
+                 mon allow pool size one = true\n\
+                 osd crush chooseleaf type = 0\n\
+                 osd pool default pg num = 8\n\
+                 osd pool default pgp num = 8\n\
+                 osd pool default pg autoscale mode = off\n\
+                 mon warn on pool no redundancy = false\n\
+                 run dir = {dd}/run\n\
+                 admin socket = {dd}/run/$name.asok\n\
+                 log file = {dd}/log/$name.log\n\
+                 pid file = {dd}/run/$name.pid\n\
+                 mon data = {dd}/mon/$cluster-$id\n\
+                 osd data = {dd}/osd/$cluster-$id\n\
+                 [client.rgw.a]\n\
+                 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}\n\
+                 rgw data = {dd}/rgw\n\
+                 ms mon client mode = crc\n"
+            ),
+        )
+        .unwrap();
+        let mut ceph = Ceph {
+            dir,
+            conf,
+            daemons: Vec::new(),
+            rgw_port,
+        };
+        let monmap = d.join("monmap");
+        let addv = format!("[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]");
+        common::run(
+            "monmaptool",
+            &[
+                "--create",
+                "--fsid",
+                fsid,
+                "--addv",
+                "a",
+                &addv,
+                monmap.to_str().unwrap(),
+            ],
+        )
+        .ok();
+        ceph.tool(
+            "ceph-mon",
+            &["--mkfs", "-i", "a", "--monmap", monmap.to_str().unwrap()],
+        )
+        .ok();
+        ceph.spawn("mon", "ceph-mon", &["-i", "a", "-f"]);
+        let limit = Duration::from_secs(60);
+        wait_for(limit, "ceph-mon answering", || {
+            ceph.tool("ceph", &["--connect-timeout", "5", "-s"])
+                .success()
+                .then_some(())
+        });
+        let uuid = "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d";
+        let id = ceph
+            .tool("ceph", &["osd", "new", uuid])
+            .ok()
+            .stdout
+            .trim()
+            .to_string();
+        std::fs::create_dir_all(d.join(format!("osd/ceph-{id}"))).unwrap();
+        ceph.tool("ceph-osd", &["-i", &id, "--mkfs", "--osd-uuid", uuid])
+            .ok();
+        ceph.spawn("osd", "ceph-osd", &["-i", &id, "-f"]);
+        wait_for(limit, "the OSD up", || {
+            let o = ceph.tool("ceph", &["osd", "stat"]);
+            o.stdout.contains("1 up").then_some(())
+        });
+        ceph.spawn("rgw", "radosgw", &["-n", "client.rgw.a", "-f"]);
+        wait_for(Duration::from_secs(90), "radosgw listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", rgw_port))
+                .ok()
+                .map(drop)
+        });
+        ceph.tool(
+            "radosgw-admin",
+            &[
+                "user",
+                "create",
+                "--uid=test",
+                "--display-name=test",
+                &format!("--access-key={KEY}"),
+                &format!("--secret-key={SECRET}"),
+            ],
+        )
+        .ok();
+        ceph
+    }
+
+    /// Stop the gateway (by the PID we started), leaving the cluster up.
+    fn stop_rgw(&mut self) {
+        if let Some(i) = self.daemons.iter().position(|(n, _)| *n == "rgw") {
+            let (_, mut c) = self.daemons.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn start_rgw(&mut self) {
+        self.spawn("rgw", "radosgw", &["-n", "client.rgw.a", "-f"]);
+        let port = self.rgw_port;
+        wait_for(Duration::from_secs(90), "radosgw listening again", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(drop)
+        });
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.rgw_port)
+    }
+
+    /// Create a bucket (a signed PUT; object_store cannot create buckets).
+    fn create_bucket(&self, bucket: &str) {
+        let out = common::run(
+            "curl",
+            &[
+                "-sS",
+                "-f",
+                "-X",
+                "PUT",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &format!("{KEY}:{SECRET}"),
+                "-H",
+                "x-amz-content-sha256:UNSIGNED-PAYLOAD",
+                &format!("{}/{bucket}", self.endpoint()),
+            ],
+        );
+        assert!(
+            out.success(),
+            "bucket create failed: {out}\n{}",
+            self.logs()
+        );
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        // Gateway first, the monitor last; each by the PID we started.
+        while let Some((_, mut c)) = self.daemons.pop() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn config(dir: &Path, ceph: &Ceph) -> String {
+    std::fs::write(
+        dir.join("s3.cred"),
+        format!("access_key_id = {KEY}\nsecret_access_key = {SECRET}\n"),
+    )
+    .unwrap();
+    format!(
+        "portals: [\"127.0.0.1:0\"]\n\
+         state_dir: {state}\n\
+         settings: {{reboot_gap_secs: 1, nop_in_interval_secs: 0}}\n\
+         api: {{listen: \"127.0.0.1:0\"}}\n\
+         chunk_cache: {{memory: 64MiB, disk: 64MiB}}\n\
+         images:\n\
+         \x20 - name: golden\n    s3: {{endpoint: \"{ep}\", bucket: golden, prefix: diskless, version: v1, credentials_file: s3.cred, timeout_secs: 5, retries: 1}}\n\
+         \x20 - name: broken\n    s3: {{endpoint: \"{ep}\", bucket: golden, prefix: diskless, version: v1, credentials_file: s3.cred, timeout_secs: 5, retries: 1}}\n\
+         targets:\n  - name: {TARGET}\n    boot:\n      bindings:\n\
+         \x20       - {{initiator: \"iqn.2026-12.test:broken-*\", image: broken, mode: volatile}}\n\
+         \x20     default: {{image: golden, mode: volatile}}\n",
+        state = dir.join("state").display(),
+        ep = ceph.endpoint(),
+    )
+}
+
+fn diskless(args: &[&str]) -> common::Output {
+    let bin = env!("CARGO_BIN_EXE_diskless");
+    let out = Command::new(bin).args(args).output().unwrap();
+    common::Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        cmdline: format!("diskless {}", args.join(" ")),
+    }
+}
+
+/// A sample value of `/metrics` (first line starting with `name`).
+fn metric(api: &Api, name: &str) -> Option<f64> {
+    let m = api.get("/metrics");
+    m.body
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
+    let mut ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 8 MiB of data with one all-zero MiB (not stored), in 1 MiB chunks: 7 objects.
+    let mut data = common::random_bytes(8 * MIB, 13);
+    data[3 * MIB..4 * MIB].fill(0);
+    std::fs::write(d.join("golden.raw"), &data).unwrap();
+    let yaml = config(d, &ceph);
+    std::fs::write(d.join("push.yaml"), &yaml).unwrap();
+    diskless(&["check-config", "-c", d.join("push.yaml").to_str().unwrap()]).ok();
+    let push = |image: &str| {
+        diskless(&[
+            "image",
+            "push",
+            d.join("golden.raw").to_str().unwrap(),
+            "--config",
+            d.join("push.yaml").to_str().unwrap(),
+            "--image",
+            image,
+            "--chunk-size",
+            "1MiB",
+        ])
+    };
+    let t = std::time::Instant::now();
+    let out = push("golden").ok();
+    eprintln!(
+        "figure: push of 8 MiB (7 chunks of 1 MiB) took {:?}",
+        t.elapsed()
+    );
+    assert!(out.stdout.contains("7 stored"), "{out}");
+    // Versions are immutable: a second push of v1 is refused.
+    let again = push("golden").failed();
+    assert!(again.stderr.contains("already exists"), "{again}");
+    // A second image whose chunk 5 object is then corrupted in the bucket.
+    push("broken").ok();
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(ceph.endpoint())
+        .with_bucket_name("golden")
+        .with_region("us-east-1")
+        .with_access_key_id(KEY)
+        .with_secret_access_key(SECRET)
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let mut bad = data[5 * MIB..6 * MIB].to_vec();
+    bad[12345] ^= 0x40;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(store.put(
+        &object_store::path::Path::from("diskless/broken/v1/chunks/00000005"),
+        bad.into(),
+    ))
+    .unwrap();
+
+    let server = Server::start(d, &Config::yaml(&yaml));
+    let api = Api {
+        base: server.api_url(),
+        token: None,
+    };
+    let fetches = "diskless_s3_chunk_fetches_total{version=\"golden/diskless/golden/v1\"}";
+    assert_eq!(
+        metric(&api, fetches),
+        Some(0.0),
+        "nothing fetched before a read"
+    );
+
+    // A cold storm: 20 raw initiators read the whole disk at once, 64 KiB per command.
+    let port = server.port;
+    let t = std::time::Instant::now();
+    let clients: Vec<_> = (0..20u16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port);
+                c.isid = [0x00, 0x02, 0x3d, 0x00, 0x00, i as u8 + 1];
+                c.login(&format!("iqn.2026-12.test:storm-{i}"), TARGET)
+                    .unwrap_or_else(|e| panic!("login {i}: {e:?}"));
+                let mut seen = Vec::with_capacity(8 * MIB);
+                for lba in (0..(8 * MIB / 512) as u32).step_by(128) {
+                    seen.extend_from_slice(&c.read10(lba, 128));
+                }
+                seen
+            })
+        })
+        .collect();
+    for (i, t) in clients.into_iter().enumerate() {
+        let seen = t.join().unwrap_or_else(|_| panic!("client {i} failed"));
+        assert!(seen == data, "client {i} read different bytes");
+    }
+    eprintln!(
+        "figure: cold storm, 20 clients x 8 MiB (160 MiB served) took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        metric(&api, fetches),
+        Some(7.0),
+        "20 clients: each stored chunk fetched once"
+    );
+
+    // A real client: qemu-img reads the whole disk through its iSCSI driver.
+    common::require_tool("qemu-img");
+    let out_file = d.join("read.raw");
+    common::run(
+        "qemu-img",
+        &[
+            "convert", "--image-opts",
+            &format!(
+                "driver=iscsi,transport=tcp,portal={},target={TARGET},lun=0,initiator-name=iqn.2026-12.test:qemu",
+                server.portal()
+            ),
+            "-O", "raw", out_file.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert!(
+        std::fs::read(&out_file).unwrap() == data,
+        "qemu-img read different bytes"
+    );
+    assert_eq!(metric(&api, fetches), Some(7.0), "served from the cache");
+    assert!(metric(&api, "diskless_chunk_cache_hits_total{tier=\"memory\"}").unwrap_or(0.0) > 0.0);
+
+    // The corrupt chunk: MEDIUM ERROR (sense key 3, UNRECOVERED READ ERROR 11/00), no data.
+    let mut c = Client::connect(server.port);
+    c.login("iqn.2026-12.test:broken-1", TARGET).unwrap();
+    assert_eq!(c.read10(0, 8), data[..4096], "intact chunks still serve");
+    let lba = (5 * MIB / 512) as u32;
+    let r = c.run(&raw::read10_cdb(lba, 8), 4096, None);
+    assert_eq!(r.status, 2, "CHECK CONDITION expected: {r:?}");
+    assert_eq!(
+        r.sense.get(2).map(|k| k & 0x0f),
+        Some(3),
+        "MEDIUM ERROR: {r:?}"
+    );
+    assert_eq!(
+        r.sense.get(12),
+        Some(&0x11),
+        "UNRECOVERED READ ERROR: {r:?}"
+    );
+    let bad_version = "diskless_s3_checksum_errors_total{version=\"golden/diskless/broken/v1\"}";
+    assert!(metric(&api, bad_version).unwrap_or(0.0) >= 1.0);
+    assert!(server.stderr().contains("checksum mismatch"), "logged");
+
+    // The store unreachable: cached chunks still serve; an uncached one fails after its
+    // retries with MEDIUM ERROR (nothing cached); once the store is back it serves.
+    ceph.stop_rgw();
+    let mut g = Client::connect(server.port);
+    g.login("iqn.2026-12.test:during-outage", TARGET).unwrap();
+    assert!(
+        g.read10(0, 128) == data[..64 << 10],
+        "cached chunks serve during the outage"
+    );
+    let lba6 = (6 * MIB / 512) as u32;
+    let t = std::time::Instant::now();
+    let r = c.run(&raw::read10_cdb(lba6, 8), 4096, None);
+    assert_eq!(
+        r.status, 2,
+        "CHECK CONDITION expected while S3 is down: {r:?}"
+    );
+    assert_eq!(
+        r.sense.get(2).map(|k| k & 0x0f),
+        Some(3),
+        "MEDIUM ERROR: {r:?}"
+    );
+    eprintln!(
+        "figure: uncached read with the store down failed after {:?}",
+        t.elapsed()
+    );
+    ceph.start_rgw();
+    assert_eq!(c.read10(lba6, 8), data[6 * MIB..6 * MIB + 4096]);
+    drop((c, g));
+    server.stop();
+    drop(ceph);
+}
