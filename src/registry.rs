@@ -334,13 +334,13 @@ impl Registry {
                     Some(c) => c.clone(),
                     None => {
                         let c = node_chunk_cache(config)
-                            .map_err(|m| ConfigError::invalid(&file, "chunk_cache", m))?;
+                            .map_err(|m| ConfigError::invalid(file, "chunk_cache", m))?;
                         registry.chunk_cache = Some(c.clone());
                         c
                     }
                 };
                 let (mut golden, store) = open_s3_image(config, &im.name, s3, im.block_size, cache)
-                    .map_err(|m| ConfigError::invalid(&file, format!("images[{i}].s3"), m))?;
+                    .map_err(|m| ConfigError::invalid(file, format!("images[{i}].s3"), m))?;
                 golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
                 registry.s3_stores.push(store);
                 images.insert(im.name.clone(), Arc::new(golden));
