@@ -244,6 +244,7 @@ impl Machine {
     }
 
     fn report(&self, server: &Server, what: &str) -> String {
+        keep_server_log(server, &self.name);
         format!(
             "{}: {what} after {:?}\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
             self.name,
@@ -350,7 +351,24 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep the console of every run for a look afterwards (the temp dir goes away).
+        let keep = logs_dir();
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(&self.log, keep.join(format!("{}.serial.log", self.name)));
     }
+}
+
+/// `target/tmp/debian-logs`: each machine's serial console and each server's log of the last run.
+fn logs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-logs")
+}
+
+fn keep_server_log(server: &Server, name: &str) {
+    let _ = std::fs::create_dir_all(logs_dir());
+    let _ = std::fs::write(
+        logs_dir().join(format!("{name}.diskless.log")),
+        server.stderr(),
+    );
 }
 
 /// The value of `key=` in a marker line.
@@ -421,6 +439,7 @@ fn debian_volatile_root_forgets_writes_after_poweroff() {
     m.wait_for(&server, "DISKLESS-CHECKED", at);
     m.wait_poweroff(&server);
     eprintln!("volatile: two Debian boots in {:?}", started.elapsed());
+    keep_server_log(&server, "volatile");
 
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
@@ -462,10 +481,26 @@ fn debian_persistent_root_keeps_writes_and_survives_a_hard_reset() {
         "{}",
         m.report(&server, &after)
     );
+    // The reset really left work for the journal, and the replay plus fsck succeeded.
+    assert!(
+        field(&after, "journal_recovered")
+            .parse::<u32>()
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        m.report(&server, &after)
+    );
+    assert_eq!(
+        field(&after, "fsck_root"),
+        "success",
+        "{}",
+        m.report(&server, &after)
+    );
     let (check, _) = m.wait_for(&server, "DISKLESS-RESET-CHECK", at);
     assert_eq!(field(&check, "bad"), "0", "{}", m.report(&server, &check));
     m.wait_poweroff(&server);
     eprintln!("persistent: three Debian boots in {:?}", started.elapsed());
+    keep_server_log(&server, "persistent");
 
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");

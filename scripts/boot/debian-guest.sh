@@ -33,9 +33,13 @@ out "DISKLESS-STATE token=$seen probe=$probe"
 if [ -e $D/hammer ]; then
 	# The boot after a hard reset in the middle of synced writes: the root came back?
 	n=$(ls $D/hammer.d 2>/dev/null | wc -l)
+	# The kernel replays the ext4 journal when the initramfs mounts the root ("recovery
+	# complete"); systemd-fsck-root then checks it (fsck -a) before the read-write remount.
 	errs=$(dmesg | grep -c -E 'EXT4-fs error|EXT4-fs warning|I/O error' || true)
-	fsck=$(tr '\n' ' ' </run/initramfs/fsck.log 2>/dev/null | tr -s ' ')
-	out "DISKLESS-AFTER-RESET files=$n kernel_errors=$errs fsck=[$fsck]"
+	recovered=$(dmesg | grep -c -E 'EXT4-fs \(sd[a-z]+[0-9]*\): recovery complete' || true)
+	fsck=$(systemctl show -p Result --value systemd-fsck-root.service 2>/dev/null)
+	dmesg | grep -E 'EXT4-fs \(' | while read -r l; do out "DISKLESS-KERNEL $l"; done
+	out "DISKLESS-AFTER-RESET files=$n kernel_errors=$errs journal_recovered=$recovered fsck_root=$fsck"
 	# Every file the hammer fsynced before announcing it must be whole.
 	bad=0
 	for f in $D/hammer.d/*; do

@@ -194,7 +194,7 @@ P1START=2048
 P1SIZE=$((BOOT_MIB * 2048))
 P2START=$((P1START + P1SIZE))
 P2SIZE=$((SECTORS - P2START))
-CMDLINE="root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 loglevel=4 ISCSI_AUTO=true panic=5 systemd.show_status=1"
+CMDLINE="root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 loglevel=4 iscsi_auto panic=5 systemd.show_status=1"
 cat >"$WORK/syslinux.cfg" <<EOF
 SERIAL 0 115200
 PROMPT 0
