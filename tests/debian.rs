@@ -303,6 +303,19 @@ impl Machine {
         }
     }
 
+    /// Follow one boot through its phases (each printed with the time since QEMU started):
+    /// iPXE's sanboot, the initramfs, the iBFT login of `iscsistart`. Returns the offset after.
+    fn boot_phases(&mut self, server: &Server, mut from: usize) -> usize {
+        for phase in [
+            "Booting from SAN device",
+            "Loading, please wait",
+            "is operational now",
+        ] {
+            from = self.wait_for(server, phase, from).1;
+        }
+        from
+    }
+
     /// Wait for the guest's power-off (QEMU exits by itself, status 0).
     fn wait_poweroff(&mut self, server: &Server) {
         let deadline = Instant::now() + MARKER_TIMEOUT;
@@ -397,7 +410,8 @@ fn assert_unchanged(golden: &Path) {
 /// installs the probe package, powers off.
 fn boot_and_write(dir: &Path, server: &Server, name: &str, initiator: &str, token: &str) {
     let mut m = Machine::start(dir, name, server.port, initiator, "write", token);
-    let (state, at) = m.wait_for(server, "DISKLESS-STATE", 0);
+    let at = m.boot_phases(server, 0);
+    let (state, at) = m.wait_for(server, "DISKLESS-STATE", at);
     assert_eq!(
         field(&state, "token"),
         "none",
@@ -429,7 +443,8 @@ fn debian_volatile_root_forgets_writes_after_poweroff() {
     boot_and_write(dir.path(), &server, "vol-1", &vol, "volatile-1");
     // Powered on again at once: a new boot of a volatile client starts from the golden image.
     let mut m = Machine::start(dir.path(), "vol-2", server.port, &vol, "check", "-");
-    let (state, at) = m.wait_for(&server, "DISKLESS-STATE", 0);
+    let at = m.boot_phases(&server, 0);
+    let (state, at) = m.wait_for(&server, "DISKLESS-STATE", at);
     assert_eq!(
         (field(&state, "token"), field(&state, "probe")),
         ("none", "absent"),
@@ -460,7 +475,8 @@ fn debian_persistent_root_keeps_writes_and_survives_a_hard_reset() {
 
     // Boot 2 sees boot 1's file and package, then writes in a loop and is hard-reset.
     let mut m = Machine::start(dir.path(), "per-2", server.port, &per, "hammer", "-");
-    let (state, at) = m.wait_for(&server, "DISKLESS-STATE", 0);
+    let at = m.boot_phases(&server, 0);
+    let (state, at) = m.wait_for(&server, "DISKLESS-STATE", at);
     assert_eq!(
         (field(&state, "token"), field(&state, "probe")),
         ("persistent-1", "installed"),
@@ -472,6 +488,7 @@ fn debian_persistent_root_keeps_writes_and_survives_a_hard_reset() {
     eprintln!("per-2: system_reset after {:?}", m.started.elapsed());
 
     // Boot 3 (the same machine after its reset): the root mounted, journal recovered.
+    let at = m.boot_phases(&server, at);
     let (state, at) = m.wait_for(&server, "DISKLESS-STATE", at);
     assert_eq!(field(&state, "token"), "persistent-1", "{state}");
     let (after, at) = m.wait_for(&server, "DISKLESS-AFTER-RESET", at);
