@@ -91,7 +91,7 @@ fn image() -> PathBuf {
             .arg(&out)
             .env("DISKLESS_BOOT_CACHE", boot_cache())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run debian-image.sh: {e}"))?;

@@ -103,6 +103,7 @@ flock 9
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/diskless-debian.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM HUP # run the EXIT trap (remove the half-built tree) when stopped too
 R=$WORK/root
 START=$(date +%s)
 
