@@ -75,6 +75,8 @@ NEEDS=(
 	"sfdisk fdisk"
 	"cpio cpio"
 	"dpkg-deb dpkg"
+	"debootstrap debootstrap"
+	"mke2fs e2fsprogs"
 	"tgtd tgt"
 	"dnsmasq dnsmasq-base"
 	"/usr/lib/ipxe/snponly.efi ipxe"
@@ -166,6 +168,15 @@ else
 	BUILD_OK=0
 	FAILED=$((FAILED + 1))
 	dl_log "FAILED: cargo build"
+fi
+stage_end
+
+# The Debian system of tests/debian.rs (debootstrap, a few minutes the first time, then cached
+# under target/boot-cache/debian/): built here under its own limit, so that cargo test only
+# copies it. A failure here also shows in tests/debian.rs, which runs the same script.
+stage_start "Debian image (scripts/boot/debian-image.sh)"
+if ! timeout -k 10 "${TEST_DEBIAN_IMAGE_SECS:-1500}" bash "$ROOT/scripts/boot/debian-image.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/tmp/debian-image" 2>&1; then
+	dl_log "debian-image.sh failed (tests/debian.rs will fail and show why)"
 fi
 stage_end
 
