@@ -5,6 +5,7 @@
 mod file;
 mod memory;
 mod overlay;
+pub mod versions;
 
 pub use file::FileStore;
 pub use memory::MemStore;
