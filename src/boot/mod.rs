@@ -473,6 +473,86 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Publish this client's disk as the next version of `image` (`diskless client commit
+    /// CLIENT IMAGE`, docs/images.md): when the client is on a version of `image`, its
+    /// overlay is frozen (one point in time, only the changed chunks copied) as a layer on
+    /// that version; when `image` does not exist yet, the whole disk becomes its version 1.
+    /// The client keeps running on its overlay.
+    pub fn publish(
+        &self,
+        state_dir: &Path,
+        image: &str,
+        stamp: &versions::Stamp,
+    ) -> Result<u64, String> {
+        let overlay = self.overlay().ok_or_else(|| {
+            format!(
+                "client {} has no overlay ({} mode)",
+                self.initiator, self.mode
+            )
+        })?;
+        let cur = self.image();
+        let images = versions::Images::new(state_dir);
+        let v = if images.exists(image) {
+            let parent = match cur.version {
+                Some(v) if cur.name == image => v,
+                _ => {
+                    return Err(format!(
+                        "client {} is on {}, not on a version of {image}: publish it under a \
+                         new image name",
+                        self.initiator,
+                        cur.label()
+                    ))
+                }
+            };
+            images
+                .commit_layer(image, parent, stamp, |w| overlay.freeze_into(w).map(|_| ()))
+                .map_err(|e| e.to_string())?
+        } else {
+            if !versions::valid_name(image) {
+                return Err(format!(
+                    "{image:?} is not a valid image name (a-z 0-9 - _ .)"
+                ));
+            }
+            let staged = images.staging_path(image).map_err(|e| e.to_string())?;
+            overlay.flush().map_err(|e| e.to_string())?;
+            let res = overlay
+                .commit_to(&staged)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    images
+                        .create_from_file(image, &staged, cur.block_size, stamp)
+                        .map_err(|e| e.to_string())
+                });
+            let _ = std::fs::remove_file(&staged);
+            res?;
+            1
+        };
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::Committed, now_ms());
+        Ok(v)
+    }
+}
+
+/// Versions of `image` that overlays in `STATE_DIR/clients` sit on (any mode: a volatile
+/// client boots on it now, a persistent one stays on it). GC never removes these.
+pub fn versions_in_use(state_dir: &Path, image: &str) -> BTreeMap<u64, u32> {
+    let mut out = BTreeMap::new();
+    let clients = state_dir.join("clients");
+    for target in std::fs::read_dir(clients).into_iter().flatten().flatten() {
+        for client in std::fs::read_dir(target.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for v in disk_versions(&client.path(), image) {
+                *out.entry(v).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
 /// A boot target's bindings and clients.
 pub struct BootTarget {
     pub name: String,

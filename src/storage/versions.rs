@@ -925,6 +925,43 @@ impl Images {
         Ok(log)
     }
 
+    /// Add a flat base version (an import into an existing image: no parent). The staged
+    /// file must have the image's size.
+    pub fn add_base(&self, name: &str, staged: &Path, stamp: &Stamp) -> Result<u64, VersionError> {
+        let _lock = self.lock(name)?;
+        let mut log = self.log(name)?;
+        let f = File::open(staged).map_err(|e| with_path(e, staged))?;
+        f.sync_all()?;
+        let meta = f.metadata()?;
+        if meta.len() != log.size {
+            return Err(VersionError::Invalid(format!(
+                "{}: {} bytes, image {name} has {} bytes",
+                staged.display(),
+                meta.len(),
+                log.size
+            )));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let version = log.next;
+        let file = format!("v{version}.base");
+        publish(staged, &self.dir(name).join(&file))?;
+        log.versions.push(VersionInfo {
+            version,
+            parent: None,
+            message: stamp.message.clone(),
+            time_ms: stamp.time_ms,
+            author: stamp.author.clone(),
+            change_bytes: (meta.blocks() * 512).min(log.size),
+            kind: VersionKind::Base,
+            file,
+            uid: new_uid(),
+        });
+        log.next = version + 1;
+        log.head = version;
+        self.cat.save(&log)?;
+        Ok(version)
+    }
+
     /// A temporary path inside the image directory (same filesystem as the versions).
     pub fn staging_path(&self, name: &str) -> Result<PathBuf, VersionError> {
         let dir = self.dir(name);
