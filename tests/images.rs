@@ -325,3 +325,130 @@ fn commit_while_writing_is_a_point_in_time() {
         assert!(bulk_back == bulk, "version {v}: bulk data differs");
     }
 }
+
+/// Run `args` and `kill -9` it after `delay` (if it is still running); true if it finished.
+fn run_and_kill(args: &[&str], delay: Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn diskless");
+    let deadline = Instant::now() + delay;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            // SIGKILL of the process we started, by its PID.
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Every version the catalogue names opens and reads as `expect(version)` says.
+fn check_versions(state: &Path, image: &str, expect: &dyn Fn(u64) -> Vec<u8>) -> Vec<u64> {
+    let images = Images::new(state);
+    let log = images.log(image).expect("catalogue readable after kill -9");
+    let mut seen = Vec::new();
+    for v in &log.versions {
+        let s = images
+            .open_in(&log, v.version)
+            .unwrap_or_else(|e| panic!("version {} unreadable: {e}", v.version));
+        let mut buf = vec![0u8; s.size() as usize];
+        s.read_at(&mut buf, 0).expect("read");
+        assert!(buf == expect(v.version), "version {} differs", v.version);
+        seen.push(v.version);
+    }
+    log.get(log.head).expect("head names a version");
+    seen
+}
+
+#[test]
+fn kill_9_during_commit_and_gc_leaves_everything_intact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = import(dir.path());
+    let state = dir.path().join("state");
+    Images::new(&state)
+        .set_channel("win", "test", Some(1))
+        .expect("channel");
+    // The super client writes 2 MiB (4096 chunks to freeze), then the server stops: the
+    // commits below run offline (`client commit` opens the disk itself).
+    let server = Server::start(dir.path(), &config(dir.path()));
+    let sup = "iqn.2026-11.test:super";
+    let mut s = login(&server, sup, os_isid(1));
+    let change = common::random_bytes(2 << 20, 5);
+    for (i, piece) in change.chunks(64 * 512).enumerate() {
+        s.write10(1024 + (i * 64) as u32, piece);
+    }
+    assert_eq!(s.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
+    drop(s);
+    let cfg = server.config_path.clone();
+    server.stop();
+    let mut want = g.clone();
+    want[1024 * 512..1024 * 512 + change.len()].copy_from_slice(&change);
+    let (g2, want2) = (g.clone(), want.clone());
+    let expect = move |v: u64| if v == 1 { g2.clone() } else { want2.clone() };
+    let cfg = cfg.to_str().expect("utf-8");
+
+    // How long one commit takes, then kills spread over that span.
+    let t = Instant::now();
+    assert!(run_and_kill(
+        &["client", "commit", sup, "win", "-m", "timed", "-c", cfg],
+        Duration::from_secs(60)
+    ));
+    let span = t.elapsed();
+    let mut finished = 0;
+    for i in 0..16u32 {
+        let delay = span * i / 12;
+        if run_and_kill(
+            &["client", "commit", sup, "win", "-m", "k", "-c", cfg],
+            delay,
+        ) {
+            finished += 1;
+        }
+        check_versions(&state, "win", &expect);
+        // The client's disk is intact: its overlay passes the offline check.
+        let ov = std::fs::read_dir(state.join("clients"))
+            .expect("clients")
+            .flatten()
+            .flat_map(|t| std::fs::read_dir(t.path()).into_iter().flatten().flatten())
+            .map(|c| c.path().join("win.v1"))
+            .next()
+            .expect("overlay dir");
+        let report = Overlay::check(&ov).expect("check");
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+    eprintln!("commit takes {span:?}; {finished} of 16 killed runs finished");
+
+    // GC killed at any point: the catalogue is saved before files go, so every version it
+    // names stays readable; a finished GC leaves only what is pinned.
+    let images = Images::new(&state);
+    let log = images.log("win").expect("log");
+    images.rollback("win", 1).expect("rollback");
+    let st = state.to_str().expect("utf-8");
+    let t = Instant::now();
+    for i in 0..12u32 {
+        let delay = Duration::from_millis(u64::from(i) * 2);
+        run_and_kill(&["image", "gc", "win", "--state-dir", st], delay);
+        check_versions(&state, "win", &expect);
+    }
+    assert!(run_and_kill(
+        &["image", "gc", "win", "--state-dir", st],
+        Duration::from_secs(60)
+    ));
+    // Version 1 is latest; the persistent overlay sits on 1; all published layers went.
+    let left = check_versions(&state, "win", &expect);
+    assert_eq!(left, vec![1], "before: {} versions", log.versions.len());
+    let files: Vec<String> = std::fs::read_dir(images.dir("win"))
+        .expect("dir")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.ends_with(".layer") || n.ends_with(".partial"))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+    eprintln!("gc rounds took {:?}", t.elapsed());
+}
