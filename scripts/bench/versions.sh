@@ -2,10 +2,12 @@
 # Boot storm on a flat image against the same storm on a version ten commits deep
 # (issue 11: a read through a version chain costs one merged-map lookup, whatever the depth).
 # One server, two boot targets: `flat` (version 1 only) and `deep` (version 1 + 10 layers,
-# each rewriting 2 % of the 4 KiB chunks at random places). N clients replay the recorded
-# boot read trace on each, alternating which goes first, and the table shows deep/flat.
+# each rewriting 2 % of the 4 KiB chunks in runs of 1 to --run chunks at random places; --run 1
+# scatters single chunks, the worst case). N clients replay the recorded boot read trace on
+# each, alternating which goes first, and the table shows deep/flat.
 #
-#   scripts/bench/versions.sh [--clients "32 128"] [--rounds N] [--layers 10] [--bin DIR] [--keep]
+#   scripts/bench/versions.sh [--clients "32 128"] [--rounds N] [--layers 10] [--run 32]
+#                             [--bin DIR] [--keep]
 set -euo pipefail
 
 DL_NAME=versions.sh
@@ -16,18 +18,20 @@ ROOT=$(dl_repo_root)
 CLIENTS="32 128"
 ROUNDS=3
 LAYERS=10
+RUN=32
 TRACE=$ROOT/tests/fixtures/boot-trace.txt
 BIN_DIR=""
 KEEP=0
 OUT_DIR=$ROOT/target/bench
 IMG_SIZE=$((256 << 20))
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
 	case "$1" in
 	--clients) CLIENTS=${2:?}; shift ;;
 	--rounds) ROUNDS=${2:?}; shift ;;
 	--layers) LAYERS=${2:?}; shift ;;
+	--run) RUN=${2:?}; shift ;;
 	--bin) BIN_DIR=${2:?}; shift ;;
 	--keep) KEEP=1 ;;
 	-h | --help) usage; exit 0 ;;
@@ -73,7 +77,8 @@ head -c "$IMG_SIZE" /dev/urandom >"$W/base.raw"
 "$BIN" image import flat "$W/base.raw" --format raw --state-dir "$W/state" >/dev/null
 "$BIN" image import deep "$W/base.raw" --format raw --state-dir "$W/state" >/dev/null
 rm -f "$W/base.raw"
-"$MKL" "$W/state" deep "$LAYERS" 2 | tail -n 1 >&2
+[[ $RUN =~ ^[1-9][0-9]*$ ]] || dl_die "--run must be a positive integer"
+"$MKL" "$W/state" deep "$LAYERS" 2 "$RUN" | tail -n 1 >&2
 # Both read from the page cache: warm every version file (not dropped; both start equal).
 cat "$W"/state/images/*/v* >/dev/null
 

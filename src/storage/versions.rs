@@ -391,6 +391,30 @@ impl MergedMap {
             }
         }
         self.runs.insert(start, (end, src));
+        self.coalesce(start);
+    }
+
+    /// Merge the run at `start` with its neighbours when they continue it (same source,
+    /// contiguous data): fewer runs, fewer reads split at run edges.
+    fn coalesce(&mut self, start: u64) {
+        let mut start = start;
+        if let Some((&ps, &(pe, psrc))) = self.runs.range(..start).next_back() {
+            if let Some(&(e, src)) = self.runs.get(&start) {
+                if pe == start && psrc.advance(start - ps) == src {
+                    self.runs.remove(&start);
+                    self.runs.insert(ps, (e, psrc));
+                    start = ps;
+                }
+            }
+        }
+        if let Some(&(e, src)) = self.runs.get(&start) {
+            if let Some(&(ne, nsrc)) = self.runs.get(&e) {
+                if src.advance(e - start) == nsrc {
+                    self.runs.remove(&e);
+                    self.runs.insert(start, (ne, src));
+                }
+            }
+        }
     }
 
     /// The run at `pos`: (source or None for the base, end of the run, clamped to `limit`).

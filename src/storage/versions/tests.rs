@@ -95,9 +95,19 @@ fn merged_map_splits_runs() {
     assert_eq!(m.run_at(150, 200), (None, 200));
     m.set(30, 120, Source::Layer { idx: 1, off: 0 });
     assert_eq!(m.len(), 2);
+    // A run that continues its neighbour's data merges with it.
+    m.set(120, 130, Source::Layer { idx: 1, off: 90 });
+    assert_eq!(m.len(), 2);
+    assert_eq!(
+        m.run_at(30, 200),
+        (Some(Source::Layer { idx: 1, off: 0 }), 130)
+    );
+    m.set(130, 140, Source::Zero);
+    m.set(140, 150, Source::Zero);
+    assert_eq!(m.run_at(135, 200), (Some(Source::Zero), 150));
     assert_eq!(
         m.run_at(119, 200),
-        (Some(Source::Layer { idx: 1, off: 89 }), 120)
+        (Some(Source::Layer { idx: 1, off: 89 }), 130)
     );
 }
 
