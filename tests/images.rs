@@ -121,8 +121,6 @@ fn publish_log_rollback_channels_and_the_next_boot() {
     let c1 = "iqn.2026-11.test:c1";
     let mut fw = login(&server, c1, firmware_isid(1));
     assert_eq!(fw.read10(10, 1), g[10 * 512..11 * 512]);
-    let mut os = login(&server, c1, os_isid(1));
-    drop(fw);
 
     // The super client patches its disk and publishes it while it keeps running.
     let sup = "iqn.2026-11.test:super";
@@ -150,7 +148,10 @@ fn publish_log_rollback_channels_and_the_next_boot() {
     assert!(log.contains("[latest]") && log.contains("[test]"), "{log}");
     assert!(log.contains("layer") && log.contains("4KiB"), "{log}");
 
-    // The running client keeps version 1 until its next boot...
+    // The hand-off happens after the publish: the OS of the same boot logs in, and the
+    // client keeps version 1 until its next boot (never a switch mid-boot)...
+    let mut os = login(&server, c1, os_isid(1));
+    drop(fw);
     assert_eq!(os.read10(10, 1), g[10 * 512..11 * 512]);
     let show = ok(diskless(&["client", "show", c1, "--control", ctl]));
     assert!(
