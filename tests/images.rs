@@ -259,7 +259,8 @@ fn commit_while_writing_is_a_point_in_time() {
     let dir = tempfile::tempdir().expect("tmp");
     let state = dir.path().join("state");
     let images = Images::new(&state);
-    let staged = images.staging_path("img").expect("stage");
+    let staging = images.staging_path("img").expect("stage");
+    let staged = staging.path.clone();
     FileStore::create(&staged, 64 << 20).expect("create");
     let stamp = Stamp {
         message: "base".into(),

@@ -514,7 +514,8 @@ impl Client {
                     "{image:?} is not a valid image name (a-z 0-9 - _ .)"
                 ));
             }
-            let staged = images.staging_path(image).map_err(|e| e.to_string())?;
+            let staging = images.staging_path(image).map_err(|e| e.to_string())?;
+            let staged = staging.path.clone();
             overlay.flush().map_err(|e| e.to_string())?;
             let res = overlay
                 .commit_to(&staged)

@@ -244,7 +244,8 @@ pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
                 )));
             }
             let images = Images::new(&dir);
-            let staged = images.staging_path(&image).map_err(io)?;
+            let staging = images.staging_path(&image).map_err(io)?;
+            let staged = staging.path.clone();
             let res = qemu_img_convert(&file, format.as_deref(), &staged, "raw").and_then(|()| {
                 let stamp = Stamp {
                     message,

@@ -779,6 +779,40 @@ pub struct ImageLock {
     _file: File,
 }
 
+/// A staged file's path, and the shared lock that keeps GC from removing it.
+pub struct Staging {
+    pub path: PathBuf,
+    _lock: File,
+}
+
+const STAGING: &str = "staging";
+
+/// `flock` the staging area's lock file (`LOCK_SH` blocking, or `LOCK_EX` non-blocking:
+/// None when someone holds it).
+fn staging_lock(dir: &Path, op: libc::c_int) -> Result<Option<File>, VersionError> {
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| with_path(e, &p))?;
+    let op = if op == libc::LOCK_EX {
+        libc::LOCK_EX | libc::LOCK_NB
+    } else {
+        op
+    };
+    // SAFETY: a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(VersionError::Io(e));
+    }
+    Ok(Some(f))
+}
+
 /// The images of one state directory: `STATE_DIR/images`.
 pub struct Images {
     root: PathBuf,
@@ -986,11 +1020,22 @@ impl Images {
         Ok(version)
     }
 
-    /// A temporary path inside the image directory (same filesystem as the versions).
-    pub fn staging_path(&self, name: &str) -> Result<PathBuf, VersionError> {
-        let dir = self.dir(name);
+    /// A temporary file name for an import or a first commit, in `<image>/staging/` (the
+    /// same filesystem as the versions, so publishing it is a rename). The returned guard
+    /// holds a shared lock on the staging area while the caller writes: GC empties the area
+    /// (the remains of interrupted imports) only when no one holds it.
+    pub fn staging_path(&self, name: &str) -> Result<Staging, VersionError> {
+        if !valid_name(name) {
+            return Err(VersionError::Invalid(format!("bad image name {name:?}")));
+        }
+        let dir = self.dir(name).join(STAGING);
         std::fs::create_dir_all(&dir).map_err(|e| with_path(e, &dir))?;
-        Ok(dir.join(format!("import-{}.partial", new_uid())))
+        let lock = staging_lock(&dir, libc::LOCK_SH)?
+            .ok_or_else(|| VersionError::Invalid("staging lock".into()))?;
+        Ok(Staging {
+            path: dir.join(format!("import-{}.partial", new_uid())),
+            _lock: lock,
+        })
     }
 
     /// Add the next version as a layer on `parent`; `fill` writes the layer's extents. The
@@ -1128,6 +1173,22 @@ impl Images {
             if ours && !named.contains(n.as_str()) && !n.starts_with(CATALOGUE) {
                 std::fs::remove_file(e.path()).map_err(|er| with_path(er, &e.path()))?;
                 files.push(n);
+            }
+        }
+        // The staging area, when no import or first commit is writing into it.
+        let staging = dir.join(STAGING);
+        if staging.is_dir() {
+            if let Some(_held) = staging_lock(&staging, libc::LOCK_EX)? {
+                for e in std::fs::read_dir(&staging)
+                    .map_err(|e| with_path(e, &staging))?
+                    .flatten()
+                {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    if n.ends_with(".partial") {
+                        std::fs::remove_file(e.path()).map_err(|er| with_path(er, &e.path()))?;
+                        files.push(format!("{STAGING}/{n}"));
+                    }
+                }
             }
         }
         if !files.is_empty() {

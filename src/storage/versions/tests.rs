@@ -16,7 +16,8 @@ fn stamp(m: &str) -> Stamp {
 /// A base image whose block i is filled with byte i+1 (block 3 left a hole).
 fn new_image(state: &Path) -> (Images, Vec<u8>) {
     let images = Images::new(state);
-    let staged = images.staging_path("img").expect("staging");
+    let staging = images.staging_path("img").expect("staging");
+    let staged = staging.path.clone();
     let mut model = vec![0u8; SIZE as usize];
     for (i, b) in model.chunks_mut(BS as usize).enumerate() {
         if i != 3 {
@@ -176,8 +177,15 @@ fn orphans_of_an_interrupted_commit_are_collected() {
     let d = images.dir("img");
     std::fs::write(d.join("v2.layer.partial"), b"torn").expect("w");
     std::fs::write(d.join("v2.layer"), b"not in the catalogue").expect("w");
+    // An import in progress keeps its staged file; an abandoned one is collected.
+    let busy = images.staging_path("img").expect("staging");
+    std::fs::write(&busy.path, b"being written").expect("w");
     let r = images.gc("img", &BTreeSet::new()).expect("gc");
     assert_eq!(r.removed_files.len(), 2);
+    assert!(busy.path.exists());
+    drop(busy);
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert_eq!(r.removed_files.len(), 1, "{:?}", r.removed_files);
     assert!(d.join("v1.base").exists());
 }
 
