@@ -168,6 +168,19 @@ fn publish_log_rollback_channels_and_the_next_boot() {
     );
     drop(os);
 
+    // The super client's persistent disk stays on version 1 (its changes are against it)
+    // until the operator resets it: then it is a fresh disk on version 2.
+    let show = ok(diskless(&["client", "show", sup, "--control", ctl]));
+    assert!(
+        show.contains("version: 1") && show.contains("stays on its version"),
+        "{show}"
+    );
+    drop(s);
+    ok(diskless(&["client", "reset", sup, "--control", ctl]));
+    let mut s = login(&server, sup, os_isid(7));
+    assert_eq!(s.read10(10, 1), block(0xaa));
+    assert_eq!(s.read10(11, 1), g[11 * 512..12 * 512]);
+
     // Channels and pins: the tester follows `test` (1), the pinned client stays on 1.
     let mut t = login(&server, "iqn.2026-11.test:tester", os_isid(4));
     assert_eq!(t.read10(10, 1), g[10 * 512..11 * 512]);
@@ -192,9 +205,14 @@ fn publish_log_rollback_channels_and_the_next_boot() {
     let mut c2 = login(&server, "iqn.2026-11.test:c2", os_isid(6));
     assert_eq!(c2.read10(10, 1), g[10 * 512..11 * 512]);
     drop(c2);
-    assert_eq!(s.read10(11, 1), block(0xbb));
+    assert_eq!(s.read10(10, 1), block(0xaa));
     let show = ok(diskless(&["client", "show", sup, "--control", ctl]));
-    assert!(show.contains("version: 1"), "{show}");
+    assert!(
+        show.contains("version: 2") && show.contains("next version: 1"),
+        "{show}"
+    );
+    let text = ok(diskless(&["image", "log", "win", "--state-dir", st]));
+    assert!(text.contains("latest = 1"), "{text}");
 
     // GC keeps everything in use: 1 (latest, test, pinned), 2 (c1 booted it).
     let text = ok(diskless(&["image", "gc", "win", "--state-dir", st]));

@@ -400,13 +400,15 @@ impl Client {
                 drop(old);
                 d.overlay = None;
                 let dir = self.client_dir.join(image.disk_dir_name());
-                let (o, _) = open_overlay(&dir, &image, self.mode).map_err(|e| e.to_string())?;
-                d.overlay = Some(Arc::new(o));
                 if let Some(od) = old_dir.filter(|od| *od != dir) {
-                    // The old overlay was reset (empty): remove it. A late flush of a session
-                    // still holding it fails harmlessly on the missing directory.
+                    // The old overlay was reset (empty): remove it first, so a crash before
+                    // the new one exists leaves no disk, which the next attach creates on
+                    // the binding's version. A late flush of a session still holding the old
+                    // overlay fails harmlessly on the missing directory.
                     let _ = std::fs::remove_dir_all(od);
                 }
+                let (o, _) = open_overlay(&dir, &image, self.mode).map_err(|e| e.to_string())?;
+                d.overlay = Some(Arc::new(o));
             }
             d.image = image;
         }
