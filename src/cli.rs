@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 I/O error (binding, creating an image, serving), 2 bad
 //! configuration or usage.
+mod images;
+
 use crate::config::{ByteSize, Config, ConfigError, Portal};
 use crate::registry::{self, Registry};
 use crate::session::Server;
@@ -76,12 +78,16 @@ pub enum ClientCommand {
         #[command(flatten)]
         ctl: ControlArgs,
     },
-    /// Write the golden image plus the client's overlay into a new image file (publish one
-    /// updated client as the next golden image).
+    /// Publish a client's disk as the next version of a versioned image (IMAGE: a name),
+    /// without stopping the client; or, given a path (with a `/` or ending in `.img`), write
+    /// the golden image plus the overlay into a new flat image file.
     Commit {
         initiator: String,
-        /// The new image file (must not exist).
+        /// An image name (docs/images.md) or a new image file (must not exist).
         path: PathBuf,
+        /// The version's message (image names only).
+        #[arg(short, long, default_value = "")]
+        message: String,
         #[command(flatten)]
         ctl: ControlArgs,
     },
@@ -185,6 +191,8 @@ pub enum ImageCommand {
         #[arg(long, value_parser = parse_size, default_value = "4MiB")]
         chunk_size: u64,
     },
+    #[command(flatten)]
+    Versions(images::VersionCommand),
 }
 
 fn parse_portal(s: &str) -> Result<SocketAddr, String> {
@@ -267,6 +275,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
             image,
             chunk_size,
         }) => image_push(&file, &config, &image, chunk_size),
+        Command::Image(ImageCommand::Versions(cmd)) => images::run(cmd),
         Command::Clients(ctl) => control(&ctl, "clients", None),
         Command::Sessions(ctl) => control(&ctl, "sessions", None),
         Command::Reload(ctl) => control(&ctl, "reload", None),
@@ -279,8 +288,25 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::Client(ClientCommand::Commit {
             initiator,
             path,
+            message,
             ctl,
         }) => {
+            let name = path.to_string_lossy().to_string();
+            if crate::storage::versions::valid_name(&name)
+                && !name.ends_with(".img")
+                && !name.ends_with(".raw")
+            {
+                let message = if message.is_empty() {
+                    format!("published from {initiator}")
+                } else {
+                    message.replace(['\n', '\r'], " ")
+                };
+                return control(
+                    &ctl,
+                    &format!("publish {initiator} {name} {} {message}", images::author()),
+                    Some(&initiator),
+                );
+            }
             let abs = std::path::absolute(&path).map_err(|e| CliError::Io(e.to_string()))?;
             control(
                 &ctl,

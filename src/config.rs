@@ -1590,7 +1590,13 @@ impl Config {
     fn validate_boot(&self, path: &str, b: &BootConfig) -> Result<(), ConfigError> {
         let file = self.source.as_str();
         let known = |image: &str, p: String| {
-            if self.images.iter().any(|i| i.name == image) {
+            // A versioned image (`name`, `name@N`, `name:channel`, docs/images.md) lives in
+            // the state directory: the registry resolves it when it opens the images.
+            let versioned = image.contains(['@', ':'])
+                || image
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            if versioned || self.images.iter().any(|i| i.name == image) {
                 Ok(())
             } else {
                 Err(ConfigError::invalid(

@@ -3,7 +3,8 @@
 //! answer whose first line is `ok` or `error: ...`.
 //!
 //! Requests: `clients`, `sessions`, `show INITIATOR`, `reset INITIATOR`,
-//! `commit INITIATOR PATH`, `reload`.
+//! `commit INITIATOR PATH`, `publish INITIATOR IMAGE AUTHOR MESSAGE...`, `image-gc IMAGE`,
+//! `reload`.
 
 use crate::boot::{BootTarget, Client, ClientInfo};
 use crate::config::Config;
@@ -141,7 +142,7 @@ pub fn format_clients(infos: &[ClientInfo]) -> String {
 }
 
 /// UTC time of a millisecond timestamp, `YYYY-MM-DD HH:MM:SS` (no time zone database).
-fn utc(ms: u64) -> String {
+pub fn utc(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(ms / 1000);
     let s = humantime::format_rfc3339_seconds(t).to_string();
     s.trim_end_matches('Z').replacen('T', " ", 1)
@@ -153,6 +154,19 @@ pub fn format_client(c: &ClientInfo) -> String {
     let _ = writeln!(out, "initiator: {}", c.initiator);
     let _ = writeln!(out, "target: {}", c.target);
     let _ = writeln!(out, "image: {}", c.image);
+    if let Some(v) = c.version {
+        let _ = writeln!(out, "version: {v}");
+    }
+    if let Some(n) = c.next_version {
+        let how = match c.mode {
+            crate::config::OverlayMode::Persistent | crate::config::OverlayMode::Install => {
+                "the binding names it; this persistent disk stays on its version until \
+                 `diskless client reset`"
+            }
+            _ => "taken at the client's next boot",
+        };
+        let _ = writeln!(out, "next version: {n} ({how})");
+    }
     let _ = writeln!(out, "mode: {}", c.mode);
     let _ = writeln!(out, "reset: {}", c.reset_policy);
     let _ = writeln!(out, "phase: {}", c.phase);
@@ -243,6 +257,60 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 .map_err(|e| e.to_string())??;
             Ok(format!("committed to {}\n", path.display()))
         }
+        "publish" => {
+            let usage = "usage: publish INITIATOR IMAGE AUTHOR MESSAGE...";
+            let who = words.next().ok_or(usage)?;
+            let image = words.next().ok_or(usage)?.to_string();
+            let author = words.next().ok_or(usage)?.to_string();
+            let message = words.collect::<Vec<_>>().join(" ");
+            let (_, c) = find_client(&registry, who)?;
+            let state_dir = registry.state_dir().to_path_buf();
+            let stamp = crate::storage::versions::Stamp {
+                message,
+                author,
+                time_ms: crate::boot::now_ms(),
+            };
+            let img = image.clone();
+            let v = tokio::task::spawn_blocking(move || c.publish(&state_dir, &img, &stamp))
+                .await
+                .map_err(|e| e.to_string())??;
+            let mut out = format!("published {image}@{v}\n");
+            if let Some(path) = config_path {
+                // Bindings following `latest` now name the new version (next boots).
+                out.push_str(&reload(server, path)?);
+            }
+            Ok(out)
+        }
+        "image-gc" => {
+            let image = words.next().ok_or("usage: image-gc IMAGE")?.to_string();
+            let mut pins = crate::boot::versions_in_use(registry.state_dir(), &image)
+                .into_keys()
+                .collect::<std::collections::BTreeSet<u64>>();
+            // Versions the bindings name now, and those running clients booted or will
+            // take at their next boot.
+            for b in registry.boot_targets() {
+                for bp in b.bindings.iter().chain(b.default.iter()) {
+                    if bp.image.name == image {
+                        pins.extend(bp.image.version);
+                    }
+                }
+                for c in b.clients() {
+                    let i = c.info();
+                    if i.image == image {
+                        pins.extend(i.version);
+                        pins.extend(i.next_version);
+                    }
+                }
+            }
+            let state_dir = registry.state_dir().to_path_buf();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::storage::versions::Images::new(&state_dir).gc(&image, &pins)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok(format_gc(&r))
+        }
         "reload" => {
             let path = config_path.ok_or("quick mode has no configuration file to reload")?;
             reload(server, path)
@@ -252,7 +320,31 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
     }
 }
 
-/// The client requests (`show`, `reset`, `commit`) without a running server.
+/// What a garbage collection did, for the operator.
+pub fn format_gc(r: &crate::storage::versions::GcReport) -> String {
+    let list = |v: &[u64]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "removed versions: {}\nremoved files: {}\nkept versions: {}\n",
+        if r.removed_versions.is_empty() {
+            "none".into()
+        } else {
+            list(&r.removed_versions)
+        },
+        if r.removed_files.is_empty() {
+            "none".into()
+        } else {
+            r.removed_files.join(" ")
+        },
+        list(&r.kept)
+    )
+}
+
+/// The client requests (`show`, `reset`, `commit`, `publish`) without a running server.
 pub async fn handle_offline(server: &Server, line: &str) -> Result<String, String> {
     handle(server, None, line).await
 }

@@ -373,6 +373,41 @@ impl Registry {
             golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
             images.insert(im.name.clone(), Arc::new(golden));
         }
+        // Versioned images (`name`, `name@N`, `name:channel` not in `images:`), resolved
+        // now: a reload after a commit, rollback or channel change picks the new version,
+        // which clients take at their next boot (docs/images.md).
+        for (ti, tc) in config.targets.iter().enumerate() {
+            let Some(boot) = &tc.boot else { continue };
+            let specs = boot
+                .bindings
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    (
+                        b.image.as_str(),
+                        format!("targets[{ti}].boot.bindings[{i}].image"),
+                    )
+                })
+                .chain(boot.default.iter().map(|d| {
+                    (
+                        d.image.as_str(),
+                        format!("targets[{ti}].boot.default.image"),
+                    )
+                }));
+            for (spec, p) in specs {
+                if images.contains_key(spec) {
+                    continue;
+                }
+                let golden = GoldenImage::open_version(&registry.state_dir, spec).map_err(|m| {
+                    ConfigError::invalid(
+                        file,
+                        p,
+                        format!("image {spec:?} is neither in images: nor a versioned image: {m}"),
+                    )
+                })?;
+                images.insert(spec.to_string(), Arc::new(golden));
+            }
+        }
         for (ti, tc) in config.targets.iter().enumerate() {
             let Some(boot) = &tc.boot else { continue };
             let (bindings, default) =

@@ -107,7 +107,7 @@ pub async fn commit(api: &Api, initiator: &str, body: &Value) -> Result<Value, A
     let _slot = api.guard.take(&name, "an action")?;
     let c = open_client(&boot, &name).await?;
     let dir = c
-        .image
+        .image()
         .path
         .parent()
         .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());

@@ -12,13 +12,14 @@ pub mod state;
 use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
 use crate::identity::lu_identity;
 use crate::scsi::{LogicalUnit, LuOptions, LunTable};
+use crate::storage::versions;
 use crate::storage::{BlockStore, FileStore, Overlay, OverlayOptions, OverlayStats};
 use dashmap::DashMap;
 use lifecycle::{Decision, End, Event, HistoryEntry, Lifecycle, Phase, Policy};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 pub use lifecycle::{is_firmware_isid, IPXE_ISID_PREFIX};
@@ -34,6 +35,9 @@ pub struct GoldenImage {
     /// Identity recorded in each overlay (path, length, mtime): an overlay is never opened
     /// on top of a different image.
     pub id: String,
+    /// The version when the image is a versioned one (`STATE_DIR/images/<name>`,
+    /// docs/images.md); None for a plain file from `images:`.
+    pub version: Option<u64>,
 }
 
 impl GoldenImage {
@@ -53,6 +57,7 @@ impl GoldenImage {
             physical_block_size: block_size,
             store,
             id,
+            version: None,
         }
     }
 
@@ -72,8 +77,62 @@ impl GoldenImage {
             physical_block_size: block_size,
             store: Arc::new(store),
             id: format!("{}|{}|{}", path.display(), meta.len(), mtime),
+            version: None,
         })
     }
+
+    /// Open a version of a versioned image: `spec` is `name` (latest), `name@N` or
+    /// `name:channel` (docs/images.md).
+    pub fn open_version(state_dir: &Path, spec: &str) -> Result<GoldenImage, String> {
+        let (name, sel) = versions::parse_spec(spec).map_err(|e| e.to_string())?;
+        let images = versions::Images::new(state_dir);
+        let log = images.log(&name).map_err(|e| e.to_string())?;
+        let v = log.resolve(&sel).map_err(|e| e.to_string())?;
+        Self::open_exact(&images, &log, v)
+    }
+
+    /// Open version `v` of the image `log` describes.
+    pub fn open_exact(
+        images: &versions::Images,
+        log: &versions::ImageLog,
+        v: u64,
+    ) -> Result<GoldenImage, String> {
+        let info = log.get(v).map_err(|e| e.to_string())?;
+        let store = images.open_in(log, v).map_err(|e| e.to_string())?;
+        Ok(GoldenImage {
+            name: log.name.clone(),
+            path: images.dir(&log.name),
+            block_size: log.block_size,
+            physical_block_size: log.block_size,
+            store: Arc::new(store),
+            id: versions::Images::version_id(log, info),
+            version: Some(v),
+        })
+    }
+
+    /// The overlay directory name of a disk on this image: one per version (`NAME.vN`), so a
+    /// disk moving to a new version never shares a directory with the old overlay that
+    /// sessions of the previous boot may still hold.
+    pub fn disk_dir_name(&self) -> String {
+        match self.version {
+            Some(v) => dir_name(&format!("{}.v{v}", self.name)),
+            None => dir_name(&self.name),
+        }
+    }
+
+    /// `name` or `name@N` for messages.
+    pub fn label(&self) -> String {
+        match self.version {
+            Some(v) => format!("{}@{v}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// The disk a client uses now: the image (version) it booted and its overlay.
+struct Disk {
+    image: Arc<GoldenImage>,
+    overlay: Option<Arc<Overlay>>,
 }
 
 /// One binding, resolved.
@@ -163,8 +222,13 @@ pub struct Client {
     pub initiator: String,
     pub target: String,
     pub mode: OverlayMode,
-    pub image: Arc<GoldenImage>,
-    overlay: Option<Arc<Overlay>>,
+    /// Swapped only at a new boot (a volatile client moving to its binding's new version).
+    disk: RwLock<Disk>,
+    /// The version the binding names now, when it differs from the one booted: taken at
+    /// the client's next boot (volatile), never mid-boot; persistent disks stay put.
+    next_image: Mutex<Option<Arc<GoldenImage>>>,
+    /// The client's directory (overlays of each version, boot state).
+    client_dir: PathBuf,
     luns: Mutex<Arc<LunTable>>,
     state: Mutex<ClientState>,
     state_path: PathBuf,
@@ -178,6 +242,9 @@ pub struct ClientInfo {
     pub initiator: String,
     pub target: String,
     pub image: String,
+    /// The version booted (versioned images), and the one the next boot takes if different.
+    pub version: Option<u64>,
+    pub next_version: Option<u64>,
     pub mode: OverlayMode,
     pub reset_policy: ResetPolicy,
     pub sessions: u32,
@@ -212,11 +279,35 @@ fn isid_hex(isid: &[u8; 6]) -> String {
     isid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Client {
+    /// The image (version) this client's disk is on now.
+    pub fn image(&self) -> Arc<GoldenImage> {
+        read(&self.disk).image.clone()
+    }
+
+    /// The client's overlay, if its mode has one.
+    pub fn overlay(&self) -> Option<Arc<Overlay>> {
+        read(&self.disk).overlay.clone()
+    }
+
+    /// The binding now names `image`: taken at the next boot if it differs.
+    pub fn set_next_image(&self, image: Arc<GoldenImage>) {
+        let cur = self.image();
+        *lock(&self.next_image) = (image.id != cur.id).then_some(image);
+    }
+
     fn build_luns(&self) -> Arc<LunTable> {
-        let store: Arc<dyn BlockStore> = match &self.overlay {
+        let (image, overlay) = {
+            let d = read(&self.disk);
+            (d.image.clone(), d.overlay.clone())
+        };
+        let store: Arc<dyn BlockStore> = match &overlay {
             Some(o) => o.clone(),
-            None => self.image.store.clone(),
+            None => image.store.clone(),
         };
         let identity = crate::scsi::LuIdentity {
             serial: self.serial.clone(),
@@ -224,10 +315,10 @@ impl Client {
             ..lu_identity(&self.target, 0, None)
         };
         let opts = LuOptions {
-            max_transfer_blocks: (32 << 20) / self.image.block_size.max(512),
+            max_transfer_blocks: (32 << 20) / image.block_size.max(512),
             physical_block_exponent: crate::scsi::physical_exponent(
-                self.image.block_size,
-                self.image.physical_block_size,
+                image.block_size,
+                image.physical_block_size,
             ),
             ..Default::default()
         };
@@ -281,7 +372,11 @@ impl Client {
             peer: peer.to_canonical(),
             keys: lifecycle::key_hint(keys),
         };
-        let d = self.event(&mut st, ev, now_ms());
+        let mut d = self.event(&mut st, ev, now_ms());
+        if d.new_boot && self.overlay().is_none() && lock(&self.next_image).is_some() {
+            // A client without an overlay (readonly) takes its new version at a new boot.
+            d.reset = true;
+        }
         if d.new_boot && self.mode == OverlayMode::Install {
             tracing::warn!(initiator = %self.initiator, boot = st.lifecycle.state.boots,
                 "install mode: the disk is kept across reboots until `diskless client commit`");
@@ -311,9 +406,39 @@ impl Client {
 
     /// Discard the overlay and start with fresh SCSI state (the caller has closed the
     /// client's sessions). Clients without an overlay only get fresh SCSI state.
+    /// A volatile client whose binding now names another version moves to it here: a new
+    /// overlay on the new version replaces the old one (the old version stays readable for
+    /// anyone still holding it; GC keeps versions in use).
     pub fn reset(&self) -> Result<(), String> {
-        if let Some(o) = &self.overlay {
+        let next = lock(&self.next_image).take();
+        let old = self.overlay();
+        if let Some(o) = &old {
             o.reset().map_err(|e| e.to_string())?;
+        }
+        if let Some(image) = next {
+            // The disk is fresh: it moves to the version its binding names now (a volatile
+            // client's new boot, an operator's reset of a persistent disk).
+            let mut d = self.disk.write().unwrap_or_else(|p| p.into_inner());
+            tracing::info!(initiator = %self.initiator, from = %d.image.label(),
+                to = %image.label(), "client disk moves to the version its binding names");
+            if old.is_some() {
+                // Sessions still hold the old LUN table (and so the old overlay) until they
+                // end; the new overlay gets its own directory name.
+                let old_dir = old.as_ref().map(|o| o.dir().to_path_buf());
+                drop(old);
+                d.overlay = None;
+                let dir = self.client_dir.join(image.disk_dir_name());
+                if let Some(od) = old_dir.filter(|od| *od != dir) {
+                    // The old overlay was reset (empty): remove it first, so a crash before
+                    // the new one exists leaves no disk, which the next attach creates on
+                    // the binding's version. A late flush of a session still holding the old
+                    // overlay fails harmlessly on the missing directory.
+                    let _ = std::fs::remove_dir_all(od);
+                }
+                let (o, _) = open_overlay(&dir, &image, self.mode).map_err(|e| e.to_string())?;
+                d.overlay = Some(Arc::new(o));
+            }
+            d.image = image;
         }
         let fresh = self.build_luns();
         *lock(&self.luns) = fresh;
@@ -339,7 +464,9 @@ impl Client {
         ClientInfo {
             initiator: self.initiator.clone(),
             target: self.target.clone(),
-            image: self.image.name.clone(),
+            image: self.image().name.clone(),
+            version: self.image().version,
+            next_version: lock(&self.next_image).as_ref().and_then(|i| i.version),
             mode: self.mode,
             reset_policy: st.policy.reset,
             sessions: st.lifecycle.live_sessions() as u32,
@@ -352,15 +479,15 @@ impl Client {
             last_reset_reason: b.last_reset_reason.clone(),
             committed: b.committed,
             history: b.history.iter().cloned().collect(),
-            overlay: self.overlay.as_ref().map(|o| o.stats()),
-            overlay_dir: self.overlay.as_ref().map(|o| o.dir().to_path_buf()),
+            overlay: self.overlay().map(|o| o.stats()),
+            overlay_dir: self.overlay().map(|o| o.dir().to_path_buf()),
         }
     }
 
     /// Write golden image + overlay into a new image file (the "update one client, publish
     /// it as the new golden image" workflow; the end of an `install`).
     pub fn commit_to(&self, path: &Path) -> Result<(), String> {
-        match &self.overlay {
+        match &self.overlay() {
             Some(o) => {
                 o.flush().map_err(|e| e.to_string())?;
                 o.commit_to(path).map_err(|e| e.to_string())?;
@@ -374,6 +501,87 @@ impl Client {
             )),
         }
     }
+}
+
+impl Client {
+    /// Publish this client's disk as the next version of `image` (`diskless client commit
+    /// CLIENT IMAGE`, docs/images.md): when the client is on a version of `image`, its
+    /// overlay is frozen (one point in time, only the changed chunks copied) as a layer on
+    /// that version; when `image` does not exist yet, the whole disk becomes its version 1.
+    /// The client keeps running on its overlay.
+    pub fn publish(
+        &self,
+        state_dir: &Path,
+        image: &str,
+        stamp: &versions::Stamp,
+    ) -> Result<u64, String> {
+        let overlay = self.overlay().ok_or_else(|| {
+            format!(
+                "client {} has no overlay ({} mode)",
+                self.initiator, self.mode
+            )
+        })?;
+        let cur = self.image();
+        let images = versions::Images::new(state_dir);
+        let v = if images.exists(image) {
+            let parent = match cur.version {
+                Some(v) if cur.name == image => v,
+                _ => {
+                    return Err(format!(
+                        "client {} is on {}, not on a version of {image}: publish it under a \
+                         new image name",
+                        self.initiator,
+                        cur.label()
+                    ))
+                }
+            };
+            images
+                .commit_layer(image, parent, stamp, |w| overlay.freeze_into(w).map(|_| ()))
+                .map_err(|e| e.to_string())?
+        } else {
+            if !versions::valid_name(image) {
+                return Err(format!(
+                    "{image:?} is not a valid image name (a-z 0-9 - _ .)"
+                ));
+            }
+            let staging = images.staging_path(image).map_err(|e| e.to_string())?;
+            let staged = staging.path.clone();
+            overlay.flush().map_err(|e| e.to_string())?;
+            let res = overlay
+                .commit_to(&staged)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    images
+                        .create_from_file(image, &staged, cur.block_size, stamp)
+                        .map_err(|e| e.to_string())
+                });
+            let _ = std::fs::remove_file(&staged);
+            res?;
+            1
+        };
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::Committed, now_ms());
+        Ok(v)
+    }
+}
+
+/// Versions of `image` that overlays in `STATE_DIR/clients` sit on (any mode: a volatile
+/// client boots on it now, a persistent one stays on it). GC never removes these.
+pub fn versions_in_use(state_dir: &Path, image: &str) -> BTreeMap<u64, u32> {
+    let mut out = BTreeMap::new();
+    let clients = state_dir.join("clients");
+    for target in std::fs::read_dir(clients).into_iter().flatten().flatten() {
+        for client in std::fs::read_dir(target.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for v in disk_versions(&client.path(), image) {
+                *out.entry(v).or_insert(0) += 1;
+            }
+        }
+    }
+    out
 }
 
 /// A boot target's bindings and clients.
@@ -468,8 +676,13 @@ impl BootTarget {
     pub fn adopt(&self, old: &BootTarget) {
         for c in old.clients() {
             if let Some(b) = self.binding(&c.initiator) {
-                if b.image.id == c.image.id && b.mode == c.mode {
+                let cur = c.image();
+                let same_series = b.image.version.is_some() && b.image.name == cur.name;
+                if (b.image.id == cur.id || same_series) && b.mode == c.mode {
+                    // Same image, maybe another version: the client keeps the version it
+                    // booted until its next boot.
                     c.set_policy(b.policy(self.reboot_gap));
+                    c.set_next_image(b.image.clone());
                     self.clients.insert(c.initiator.to_ascii_lowercase(), c);
                 }
             }
@@ -489,7 +702,7 @@ impl BootTarget {
             // One writer of a golden image at a time (it is the image itself).
             if let Some(other) = self.clients.iter().find(|c| {
                 c.mode == OverlayMode::Direct
-                    && c.image.name == binding.image.name
+                    && c.image().name == binding.image.name
                     && c.sessions() > 0
             }) {
                 return Err(AttachError::DirectBusy {
@@ -498,11 +711,49 @@ impl BootTarget {
                 });
             }
         }
-        let image = binding.image.clone();
+        if binding.mode == OverlayMode::Direct && binding.image.version.is_some() {
+            return Err(AttachError::Storage(format!(
+                "image {} is versioned: versions are immutable, use install or persistent \
+                 mode and `diskless client commit`",
+                binding.image.label()
+            )));
+        }
+        let mut image = binding.image.clone();
+        let client_dir = self.client_dir(&key);
+        let mut next_image = None;
+        if matches!(binding.mode, OverlayMode::Persistent | OverlayMode::Install)
+            && image.version.is_some()
+        {
+            // A persistent disk stays on the version it was created on (docs/images.md).
+            if let Some(v) = disk_version(&client_dir, &image.name) {
+                if Some(v) != image.version {
+                    let images = versions::Images::new(&self.state_dir);
+                    let opened = images
+                        .log(&image.name)
+                        .map_err(|e| e.to_string())
+                        .and_then(|log| GoldenImage::open_exact(&images, &log, v))
+                        .map_err(AttachError::Storage)?;
+                    tracing::info!(initiator = %key, on = %opened.label(), binding = %image.label(),
+                        "persistent disk stays on the version it was made on");
+                    next_image = Some(image);
+                    image = Arc::new(opened);
+                }
+            }
+        }
+        let dir = client_dir.join(image.disk_dir_name());
+        if image.version.is_some() && binding.mode == OverlayMode::Volatile {
+            // Volatile disks of other versions (left by a crash mid-switch) are garbage.
+            for v in disk_versions(&client_dir, &image.name) {
+                if Some(v) != image.version {
+                    let _ = std::fs::remove_dir_all(
+                        client_dir.join(dir_name(&format!("{}.v{v}", image.name))),
+                    );
+                }
+            }
+        }
         let mut created = false;
         let overlay = match binding.mode {
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
-                let dir = self.overlay_dir(&key, &image.name);
                 let (o, new) = open_overlay(&dir, &image, binding.mode)?;
                 created = new;
                 Some(Arc::new(o))
@@ -541,6 +792,7 @@ impl BootTarget {
                 physical_block_size: image.physical_block_size,
                 store,
                 id: image.id.clone(),
+                version: None,
             }),
             None => image,
         };
@@ -551,8 +803,12 @@ impl BootTarget {
             initiator: key.clone(),
             target: self.name.clone(),
             mode: binding.mode,
-            image: image_for_client,
-            overlay,
+            disk: RwLock::new(Disk {
+                image: image_for_client,
+                overlay,
+            }),
+            next_image: Mutex::new(next_image),
+            client_dir,
             luns: Mutex::new(Arc::new(LunTable::new(BTreeMap::new()))),
             state: Mutex::new(ClientState {
                 lifecycle,
@@ -583,6 +839,29 @@ impl BootTarget {
         // Two logins racing: keep whichever got in first.
         Ok(self.clients.entry(key).or_insert(client).clone())
     }
+}
+
+/// Versions of `image` that have an overlay directory (`NAME.vN` with a snapshot) in a
+/// client's directory, ascending.
+pub fn disk_versions(client_dir: &Path, image: &str) -> Vec<u64> {
+    let prefix = format!("{}.v", dir_name(image));
+    let mut out: Vec<u64> = std::fs::read_dir(client_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("overlay.meta").exists())
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.to_string();
+            n.strip_prefix(&prefix)?.parse().ok()
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The version a persistent disk of `image` sits on (the newest if several).
+pub fn disk_version(client_dir: &Path, image: &str) -> Option<u64> {
+    disk_versions(client_dir, image).last().copied()
 }
 
 /// Open (or create) the overlay of a client; true when it was created. A volatile overlay

@@ -6,6 +6,7 @@ mod file;
 mod memory;
 mod overlay;
 pub mod s3;
+pub mod versions;
 
 pub use file::FileStore;
 pub use memory::MemStore;

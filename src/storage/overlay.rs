@@ -577,6 +577,46 @@ impl Overlay {
         Ok(())
     }
 
+    /// Freeze what the client changed, as of one point in time, into a version layer
+    /// (`client commit`): overlay chunks become data extents (copied with
+    /// `copy_file_range`, so extents are shared where the filesystem has reflinks), zero
+    /// chunks become zero extents; golden chunks are left to the parent version. Client I/O
+    /// waits only while the *changed* chunks are copied (never the whole disk), and the
+    /// client keeps running on its overlay afterwards. Returns the bytes of changed data.
+    pub fn freeze_into(
+        &self,
+        w: &mut super::versions::LayerWriter,
+    ) -> Result<u64, super::versions::VersionError> {
+        use super::versions::VersionError;
+        let _gate = self
+            .gate
+            .write()
+            .map_err(|_| VersionError::Storage(OverlayError::Poisoned.into()))?;
+        let runs: Vec<(u64, u64, ChunkState)> = {
+            let live = self
+                .live
+                .read()
+                .map_err(|_| VersionError::Storage(OverlayError::Poisoned.into()))?;
+            live.map.iter().collect()
+        };
+        let mut bytes = 0;
+        for (s, e, st) in runs {
+            let (start, end) = (s * self.chunk, (e * self.chunk).min(self.size));
+            if start >= end {
+                continue;
+            }
+            match st {
+                ChunkState::Overlay => {
+                    w.copy_from(start, end, &self.data, start)?;
+                    bytes += end - start;
+                }
+                ChunkState::Zero => w.zero(start, end)?,
+                ChunkState::Golden => {}
+            }
+        }
+        Ok(bytes)
+    }
+
     fn copy_out(&self, out: &File) -> Result<(), OverlayError> {
         out.set_len(self.size)?;
         let mut buf = vec![0u8; COPY_BUF];

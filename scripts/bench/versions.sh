@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Boot storm on a flat image against the same storm on a version ten commits deep
+# (issue 11: a read through a version chain costs one merged-map lookup, whatever the depth).
+# One server, two boot targets: `flat` (version 1 only) and `deep` (version 1 + 10 layers,
+# each rewriting 2 % of the 4 KiB chunks in runs of 1 to --run chunks at random places; --run 1
+# scatters single chunks, the worst case). N clients replay the recorded boot read trace on
+# each, alternating which goes first, and the table shows deep/flat.
+#
+#   scripts/bench/versions.sh [--clients "32 128"] [--rounds N] [--layers 10] [--run 32]
+#                             [--bin DIR] [--keep]
+set -euo pipefail
+
+DL_NAME=versions.sh
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+ROOT=$(dl_repo_root)
+
+CLIENTS="32 128"
+ROUNDS=3
+LAYERS=10
+RUN=32
+TRACE=$ROOT/tests/fixtures/boot-trace.txt
+BIN_DIR=""
+KEEP=0
+OUT_DIR=$ROOT/target/bench
+IMG_SIZE=$((256 << 20))
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+while (($#)); do
+	case "$1" in
+	--clients) CLIENTS=${2:?}; shift ;;
+	--rounds) ROUNDS=${2:?}; shift ;;
+	--layers) LAYERS=${2:?}; shift ;;
+	--run) RUN=${2:?}; shift ;;
+	--bin) BIN_DIR=${2:?}; shift ;;
+	--keep) KEEP=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) usage >&2; exit 2 ;;
+	esac
+	shift
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || dl_die "--rounds must be a positive integer"
+[[ $LAYERS =~ ^[0-9]+$ ]] || dl_die "--layers must be a number"
+for n in $CLIENTS; do [[ $n =~ ^[1-9][0-9]*$ ]] || dl_die "--clients: '$n' is not a positive integer"; done
+[[ -f $TRACE ]] || dl_die "no trace at $TRACE"
+dl_require python3 mktemp timeout qemu-img
+
+if [[ -z $BIN_DIR ]]; then
+	dl_log "building diskless, examples/bootstorm and examples/mklayers (release)"
+	(cd "$ROOT" && cargo build --release --quiet --bin diskless --example bootstorm --example mklayers) ||
+		dl_die "cargo build --release failed"
+	BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
+fi
+BIN=$BIN_DIR/diskless
+STORM=$BIN_DIR/examples/bootstorm
+MKL=$BIN_DIR/examples/mklayers
+for b in "$BIN" "$STORM" "$MKL"; do [[ -x $b ]] || dl_die "$b not found"; done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+mkdir -p "$OUT_DIR"
+W=$(mktemp -d "$OUT_DIR/versions.XXXXXX")
+DL_PID=""
+cleanup() {
+	if [[ -n $DL_PID ]] && kill -0 "$DL_PID" 2>/dev/null; then
+		kill -TERM "$DL_PID" 2>/dev/null || true
+		for _ in $(seq 1 50); do kill -0 "$DL_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$DL_PID" 2>/dev/null || true
+	fi
+	if ((KEEP)); then dl_log "kept raw results in $W"; else rm -rf "$W"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP PIPE
+
+# --- images: one random 256 MiB base imported twice; `deep` gets the layers ------------------
+dl_log "creating the 256 MiB base and importing it as flat and deep"
+head -c "$IMG_SIZE" /dev/urandom >"$W/base.raw"
+"$BIN" image import flat "$W/base.raw" --format raw --state-dir "$W/state" >/dev/null
+"$BIN" image import deep "$W/base.raw" --format raw --state-dir "$W/state" >/dev/null
+rm -f "$W/base.raw"
+[[ $RUN =~ ^[1-9][0-9]*$ ]] || dl_die "--run must be a positive integer"
+"$MKL" "$W/state" deep "$LAYERS" 2 "$RUN" | tail -n 1 >&2
+# Both read from the page cache: warm every version file (not dropped; both start equal).
+cat "$W"/state/images/*/v* >/dev/null
+
+cat >"$W/targets.yaml" <<EOF
+state_dir: $W/state
+targets:
+  - name: iqn.2026-11.org.diskless:flat
+    initiators: ["*"]
+    boot:
+      default: {image: flat, mode: volatile}
+  - name: iqn.2026-11.org.diskless:deep
+    initiators: ["*"]
+    boot:
+      default: {image: deep, mode: volatile}
+settings:
+  max_sessions: 4096
+EOF
+"$BIN" --log warn serve -c "$W/targets.yaml" --listen 127.0.0.1:0 >"$W/dl.out" 2>"$W/dl.err" &
+DL_PID=$!
+PORT=""
+for ((i = 0; i < 300; i++)); do
+	PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/dl.out" | head -n1 || true)
+	[[ -n $PORT ]] && break
+	kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/dl.err" >&2; dl_die "diskless exited during startup"; }
+	sleep 0.1
+done
+[[ -n $PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
+
+RESULTS=$W/results.tsv
+printf 'round\tclients\timage\tlast_done_s\tp50_us\tp99_us\tcpu_ticks\n' >"$RESULTS"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run_one() { # round clients image
+	local r=$1 n=$2 img=$3 c0 c1 res kv
+	c0=$(cpu_ticks "$DL_PID")
+	timeout 600 "$STORM" --portal "127.0.0.1:$PORT" --target "iqn.2026-11.org.diskless:$img" --lun 0 \
+		--clients "$n" --trace "$TRACE" --initiator-prefix "iqn.2026-11.test:v-r$r-n$n-$img-" \
+		>"$W/out" 2>"$W/err" || { cat "$W/out" "$W/err" >&2; dl_die "storm on $img failed"; }
+	c1=$(cpu_ticks "$DL_PID")
+	res=$(grep '^RESULT ' "$W/out") || dl_die "no RESULT line from bootstorm"
+	kv=${res#RESULT }
+	get() { tr ' ' '\n' <<<"$kv" | sed -n "s/^$1=//p"; }
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$n" "$img" "$(get last_done_s)" "$(get p50_us)" \
+		"$(get p99_us)" "$((c1 - c0))" >>"$RESULTS"
+	dl_log "round $r, $n clients, $img: last done $(get last_done_s) s, p50 $(get p50_us) µs"
+	sleep 1
+}
+k=0
+for ((r = 1; r <= ROUNDS; r++)); do
+	for n in $CLIENTS; do
+		if ((k % 2)); then order="deep flat"; else order="flat deep"; fi
+		k=$((k + 1))
+		for img in $order; do run_one "$r" "$n" "$img"; done
+	done
+done
+
+python3 - "$RESULTS" "$(getconf CLK_TCK)" "$LAYERS" <<'PY' | tee "$OUT_DIR/versions.md"
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+tck, layers = int(sys.argv[2]), sys.argv[3]
+med = lambda rs, k: statistics.median(float(r[k]) for r in rs)
+print(f"| clients | image | last done s | p50 µs | p99 µs | server CPU s | deep/flat time |")
+print("|---:|---|---:|---:|---:|---:|---:|")
+for n in sorted({int(r["clients"]) for r in rows}):
+    f = [r for r in rows if int(r["clients"]) == n and r["image"] == "flat"]
+    d = [r for r in rows if int(r["clients"]) == n and r["image"] == "deep"]
+    for name, rs in (("flat", f), (f"{layers} layers", d)):
+        ratio = f"**{med(d, 'last_done_s') / med(f, 'last_done_s'):.3f}**" if name != "flat" else ""
+        print(f"| {n} | {name} | {med(rs, 'last_done_s'):.3f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {ratio} |")
+PY
+dl_log "table written to $OUT_DIR/versions.md"

@@ -1,0 +1,401 @@
+//! `diskless image list|log|rollback|channel|flatten|gc|import|export` (docs/images.md).
+//! Catalogue changes take effect for new boots once the running server reloads: the commands
+//! ask it to (`reload` on the control socket) when it runs.
+
+use super::CliError;
+use crate::config::Config;
+use crate::storage::versions::{self, Images, Stamp, VersionKind};
+use clap::{Args, Subcommand};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the images live: the configuration's state directory, or `--state-dir`.
+#[derive(Debug, Args, Clone)]
+pub struct StateArgs {
+    #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+    pub config: PathBuf,
+    /// State directory (default: the configuration's state_dir).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VersionCommand {
+    /// List versioned images.
+    List {
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// The versions of an image: number, parent, time, author, size of the change, clients
+    /// on it, message; which one is latest and which channels point where.
+    Log {
+        image: String,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Make `latest` point at VERSION again (later versions stay until `image gc`).
+    Rollback {
+        image: String,
+        version: u64,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Point a channel (e.g. test, production) at a version; bindings name it IMAGE:CHANNEL.
+    Channel {
+        image: String,
+        channel: String,
+        /// The version (omit with --remove).
+        version: Option<u64>,
+        #[arg(long, conflicts_with = "version")]
+        remove: bool,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Rewrite a version (default: latest) as a flat file: same content, no chain below it.
+    Flatten {
+        image: String,
+        version: Option<u64>,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Delete versions nothing needs (never latest, a channel's, one a binding names, one a
+    /// client boots now, one an overlay sits on) and files of interrupted commits.
+    Gc {
+        image: String,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Import a disk image (raw, qcow2, vhdx, vpc/VHD, vmdk: through `qemu-img convert`) as
+    /// a new image, or as a new version of an existing one (same size).
+    Import {
+        image: String,
+        file: PathBuf,
+        /// Source format (default: qemu-img probes it; give it for raw files).
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        #[arg(short, long, default_value = "imported")]
+        message: String,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+    /// Export IMAGE, IMAGE@N or IMAGE:CHANNEL to a raw or qcow2 file (refuses to overwrite).
+    Export {
+        spec: String,
+        out: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        #[command(flatten)]
+        st: StateArgs,
+    },
+}
+
+fn io(e: impl std::fmt::Display) -> CliError {
+    CliError::Io(e.to_string())
+}
+
+fn state_dir(st: &StateArgs) -> Result<(PathBuf, Option<Config>), CliError> {
+    if let Some(d) = &st.state_dir {
+        return Ok((d.clone(), Config::load(&st.config).ok()));
+    }
+    let c = Config::load(&st.config)?;
+    Ok((c.state_path(), Some(c)))
+}
+
+/// The operator's name for the log.
+pub fn author() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into())
+        .replace(char::is_whitespace, "_")
+}
+
+/// Ask a running server to reload (new boots take the change); say what happened.
+fn tell_server(dir: &Path) -> String {
+    match crate::control::request(&dir.join(crate::control::SOCKET), "reload") {
+        Ok(Ok(_)) => "server reloaded: clients take it at their next boot".into(),
+        Ok(Err(e)) => format!("server did not reload: {e}"),
+        Err(_) => "server not running: takes effect when it starts".into(),
+    }
+}
+
+/// Versions pinned offline: overlays in the state directory and versions the
+/// configuration's bindings name with `@N`.
+fn offline_pins(dir: &Path, config: Option<&Config>, image: &str) -> BTreeSet<u64> {
+    let mut pins: BTreeSet<u64> = crate::boot::versions_in_use(dir, image)
+        .into_keys()
+        .collect();
+    let log = Images::new(dir).log(image).ok();
+    for t in config.iter().flat_map(|c| c.targets.iter()) {
+        let Some(b) = &t.boot else { continue };
+        let specs = b
+            .bindings
+            .iter()
+            .map(|x| x.image.as_str())
+            .chain(b.default.iter().map(|d| d.image.as_str()));
+        for spec in specs {
+            if let (Ok((n, sel)), Some(log)) = (versions::parse_spec(spec), &log) {
+                if n == image {
+                    pins.extend(log.resolve(&sel).ok());
+                }
+            }
+        }
+    }
+    pins
+}
+
+pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
+    match cmd {
+        VersionCommand::List { st } => {
+            let (dir, _) = state_dir(&st)?;
+            let images = Images::new(&dir);
+            for name in images.list().map_err(io)? {
+                let log = images.log(&name).map_err(io)?;
+                println!(
+                    "{name}  latest {}  {} versions  {} bytes",
+                    log.head,
+                    log.versions.len(),
+                    log.size
+                );
+            }
+            Ok(())
+        }
+        VersionCommand::Log { image, st } => {
+            let (dir, _) = state_dir(&st)?;
+            let log = Images::new(&dir).log(&image).map_err(io)?;
+            print!(
+                "{}",
+                format_log(&log, &crate::boot::versions_in_use(&dir, &image))
+            );
+            Ok(())
+        }
+        VersionCommand::Rollback { image, version, st } => {
+            let (dir, _) = state_dir(&st)?;
+            Images::new(&dir).rollback(&image, version).map_err(io)?;
+            println!(
+                "{image}: latest is now version {version} ({})",
+                tell_server(&dir)
+            );
+            persistent_note(&dir, &image, version);
+            Ok(())
+        }
+        VersionCommand::Channel {
+            image,
+            channel,
+            version,
+            remove,
+            st,
+        } => {
+            let (dir, _) = state_dir(&st)?;
+            if version.is_none() && !remove {
+                return Err(CliError::Io("give a VERSION or --remove".into()));
+            }
+            Images::new(&dir)
+                .set_channel(&image, &channel, version)
+                .map_err(io)?;
+            match version {
+                Some(v) => println!("{image}:{channel} -> {v} ({})", tell_server(&dir)),
+                None => println!("{image}:{channel} removed ({})", tell_server(&dir)),
+            }
+            Ok(())
+        }
+        VersionCommand::Flatten { image, version, st } => {
+            let (dir, _) = state_dir(&st)?;
+            let images = Images::new(&dir);
+            let v = match version {
+                Some(v) => v,
+                None => images.log(&image).map_err(io)?.head,
+            };
+            images.flatten(&image, v).map_err(io)?;
+            println!("{image}@{v} is flat (run `diskless image gc {image}` to free its chain)");
+            Ok(())
+        }
+        VersionCommand::Gc { image, st } => {
+            let (dir, config) = state_dir(&st)?;
+            // With the server running, it knows the clients booted now: let it collect.
+            let sock = dir.join(crate::control::SOCKET);
+            match crate::control::request(&sock, &format!("image-gc {image}")) {
+                Ok(Ok(body)) => {
+                    print!("{body}");
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(CliError::Io(e)),
+                Err(_) => {}
+            }
+            let pins = offline_pins(&dir, config.as_ref(), &image);
+            let r = Images::new(&dir).gc(&image, &pins).map_err(io)?;
+            print!("{}", crate::control::format_gc(&r));
+            Ok(())
+        }
+        VersionCommand::Import {
+            image,
+            file,
+            format,
+            block_size,
+            message,
+            st,
+        } => {
+            let (dir, _) = state_dir(&st)?;
+            if !versions::valid_name(&image) {
+                return Err(CliError::Io(format!(
+                    "{image:?} is not a valid image name (a-z 0-9 - _ .)"
+                )));
+            }
+            let images = Images::new(&dir);
+            let staging = images.staging_path(&image).map_err(io)?;
+            let staged = staging.path.clone();
+            let res = qemu_img_convert(&file, format.as_deref(), &staged, "raw").and_then(|()| {
+                let stamp = Stamp {
+                    message,
+                    author: author(),
+                    time_ms: crate::boot::now_ms(),
+                };
+                if images.exists(&image) {
+                    images.add_base(&image, &staged, &stamp).map_err(io)
+                } else {
+                    images
+                        .create_from_file(&image, &staged, block_size, &stamp)
+                        .map(|_| 1)
+                        .map_err(io)
+                }
+            });
+            let _ = std::fs::remove_file(&staged);
+            let v = res?;
+            println!("imported {} as {image}@{v}", file.display());
+            Ok(())
+        }
+        VersionCommand::Export {
+            spec,
+            out,
+            format,
+            st,
+        } => {
+            let (dir, _) = state_dir(&st)?;
+            if out.exists() {
+                return Err(CliError::Io(format!("{} exists already", out.display())));
+            }
+            if format != "raw" && format != "qcow2" {
+                return Err(CliError::Io(format!(
+                    "export format {format:?}: raw or qcow2"
+                )));
+            }
+            let (name, sel) = versions::parse_spec(&spec).map_err(io)?;
+            let images = Images::new(&dir);
+            let log = images.log(&name).map_err(io)?;
+            let v = log.resolve(&sel).map_err(io)?;
+            let store = images.open_in(&log, v).map_err(io)?;
+            let mut raw = out.as_os_str().to_owned();
+            raw.push(".partial");
+            let raw = PathBuf::from(raw);
+            let res = versions::export_raw(&store, &raw)
+                .map_err(io)
+                .and_then(|_| {
+                    if format == "raw" {
+                        std::fs::hard_link(&raw, &out).map_err(io)
+                    } else {
+                        qemu_img_convert(&raw, Some("raw"), &out, "qcow2")
+                    }
+                });
+            let _ = std::fs::remove_file(&raw);
+            res?;
+            println!("exported {name}@{v} to {} ({format})", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// `qemu-img convert`: QEMU's own readers and writers for every format operators bring
+/// (raw, qcow2 with compression and backing files, VHD as `vpc`, VHDX, VMDK); no Rust crate
+/// covers these. Sparse output (`-S 4k`: zero runs become holes).
+fn qemu_img_convert(
+    src: &Path,
+    src_fmt: Option<&str>,
+    dst: &Path,
+    dst_fmt: &str,
+) -> Result<(), CliError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("convert");
+    if let Some(f) = src_fmt {
+        cmd.args(["-f", f]);
+    }
+    cmd.args(["-O", dst_fmt, "-S", "4k"]).arg(src).arg(dst);
+    let out = cmd
+        .output()
+        .map_err(|e| CliError::Io(format!("qemu-img (apt-get install qemu-utils): {e}")))?;
+    if !out.status.success() {
+        return Err(CliError::Io(format!(
+            "qemu-img convert {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Say which persistent disks stay on another version than latest.
+fn persistent_note(dir: &Path, image: &str, latest: u64) {
+    let used = crate::boot::versions_in_use(dir, image);
+    let others: Vec<String> = used
+        .iter()
+        .filter(|(v, _)| **v != latest)
+        .map(|(v, n)| format!("{n} on {v}"))
+        .collect();
+    if !others.is_empty() {
+        println!(
+            "client disks on other versions: {} (persistent disks stay on their version \
+             until `diskless client reset`; volatile ones move at their next boot)",
+            others.join(", ")
+        );
+    }
+}
+
+/// The `image log` table, newest first.
+pub fn format_log(log: &versions::ImageLog, used: &std::collections::BTreeMap<u64, u32>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "image {}: {} bytes, {}-byte blocks, latest = {}",
+        log.name, log.size, log.block_size, log.head
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:>6} {:5} {:19} {:10} {:>12} {:>7}  MESSAGE",
+        "VER", "PARENT", "KIND", "TIME (UTC)", "AUTHOR", "CHANGE", "CLIENTS"
+    );
+    for v in log.versions.iter().rev() {
+        let mut tags: Vec<String> = Vec::new();
+        if v.version == log.head {
+            tags.push("latest".into());
+        }
+        for (c, cv) in &log.channels {
+            if *cv == v.version {
+                tags.push(c.clone());
+            }
+        }
+        let tags = if tags.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", tags.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} {:>6} {:5} {:19} {:10} {:>12} {:>7}  {}{}",
+            v.version,
+            v.parent.map_or("-".into(), |p| p.to_string()),
+            match v.kind {
+                VersionKind::Base => "base",
+                VersionKind::Layer => "layer",
+            },
+            crate::control::utc(v.time_ms),
+            v.author,
+            crate::config::ByteSize(v.change_bytes).to_string(),
+            used.get(&v.version).copied().unwrap_or(0),
+            v.message,
+            tags
+        );
+    }
+    out
+}

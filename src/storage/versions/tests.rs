@@ -1,0 +1,255 @@
+use super::*;
+use proptest::prelude::*;
+
+const BS: u32 = 512;
+const BLOCKS: usize = 64;
+const SIZE: u64 = BS as u64 * BLOCKS as u64;
+
+fn stamp(m: &str) -> Stamp {
+    Stamp {
+        message: m.into(),
+        author: "test".into(),
+        time_ms: 1,
+    }
+}
+
+/// A base image whose block i is filled with byte i+1 (block 3 left a hole).
+fn new_image(state: &Path) -> (Images, Vec<u8>) {
+    let images = Images::new(state);
+    let staging = images.staging_path("img").expect("staging");
+    let staged = staging.path.clone();
+    let mut model = vec![0u8; SIZE as usize];
+    for (i, b) in model.chunks_mut(BS as usize).enumerate() {
+        if i != 3 {
+            b.fill(i as u8 + 1);
+        }
+    }
+    let f = File::create(&staged).expect("create");
+    f.set_len(SIZE).expect("len");
+    for (i, b) in model.chunks(BS as usize).enumerate() {
+        if i != 3 {
+            f.write_all_at(b, (i * BS as usize) as u64).expect("write");
+        }
+    }
+    drop(f);
+    images
+        .create_from_file("img", &staged, BS, &stamp("base"))
+        .expect("import");
+    (images, model)
+}
+
+/// Per-block action of one commit: 0 none, 1 zero, 2.. data byte.
+fn apply(images: &Images, parent: u64, model: &[u8], acts: &[u8]) -> (u64, Vec<u8>) {
+    let mut next = model.to_vec();
+    let v = images
+        .commit_layer("img", parent, &stamp("c"), |w| {
+            let mut i = 0;
+            while i < acts.len() {
+                let a = acts[i];
+                let mut j = i + 1;
+                while j < acts.len() && acts[j] == a {
+                    j += 1;
+                }
+                let (s, e) = ((i * BS as usize) as u64, (j * BS as usize) as u64);
+                match a {
+                    0 => {}
+                    1 => w.zero(s, e)?,
+                    b => w.data(s, &vec![b; (e - s) as usize])?,
+                }
+                i = j;
+            }
+            Ok(())
+        })
+        .expect("commit");
+    for (i, &a) in acts.iter().enumerate() {
+        let blk = &mut next[i * BS as usize..(i + 1) * BS as usize];
+        match a {
+            0 => {}
+            1 => blk.fill(0),
+            b => blk.fill(b),
+        }
+    }
+    (v, next)
+}
+
+fn read_all(images: &Images, v: u64) -> Vec<u8> {
+    let s = images.open("img", v).expect("open");
+    let mut buf = vec![0u8; SIZE as usize];
+    s.read_at(&mut buf, 0).expect("read");
+    buf
+}
+
+#[test]
+fn merged_map_splits_runs() {
+    let mut m = MergedMap::default();
+    m.set(0, 100, Source::Layer { idx: 0, off: 1000 });
+    m.set(40, 60, Source::Zero);
+    assert_eq!(
+        m.run_at(10, 200),
+        (Some(Source::Layer { idx: 0, off: 1010 }), 40)
+    );
+    assert_eq!(m.run_at(50, 200), (Some(Source::Zero), 60));
+    assert_eq!(
+        m.run_at(70, 200),
+        (Some(Source::Layer { idx: 0, off: 1070 }), 100)
+    );
+    assert_eq!(m.run_at(150, 200), (None, 200));
+    m.set(30, 120, Source::Layer { idx: 1, off: 0 });
+    assert_eq!(m.len(), 2);
+    // A run that continues its neighbour's data merges with it.
+    m.set(120, 130, Source::Layer { idx: 1, off: 90 });
+    assert_eq!(m.len(), 2);
+    assert_eq!(
+        m.run_at(30, 200),
+        (Some(Source::Layer { idx: 1, off: 0 }), 130)
+    );
+    m.set(130, 140, Source::Zero);
+    m.set(140, 150, Source::Zero);
+    assert_eq!(m.run_at(135, 200), (Some(Source::Zero), 150));
+    assert_eq!(
+        m.run_at(119, 200),
+        (Some(Source::Layer { idx: 1, off: 89 }), 130)
+    );
+}
+
+#[test]
+fn spec_parsing() {
+    assert_eq!(
+        parse_spec("win11").expect("p"),
+        ("win11".into(), Selector::Latest)
+    );
+    assert_eq!(
+        parse_spec("win11@4").expect("p"),
+        ("win11".into(), Selector::Version(4))
+    );
+    assert_eq!(
+        parse_spec("win11:test").expect("p"),
+        ("win11".into(), Selector::Channel("test".into()))
+    );
+    assert!(parse_spec("win11@x").is_err());
+    assert!(parse_spec("../x").is_err());
+    assert!(parse_spec("a:B").is_err());
+}
+
+#[test]
+fn log_rollback_channels_gc_flatten() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, base) = new_image(dir.path());
+    let mut acts = vec![0u8; BLOCKS];
+    acts[1] = 9;
+    let (v2, m2) = apply(&images, 1, &base, &acts);
+    acts[1] = 0;
+    acts[2] = 1;
+    let (v3, m3) = apply(&images, v2, &m2, &acts);
+    assert_eq!((v2, v3), (2, 3));
+    assert_eq!(read_all(&images, 3), m3);
+    images
+        .set_channel("img", "production", Some(2))
+        .expect("ch");
+    let log = images.rollback("img", 2).expect("rollback");
+    assert_eq!(log.resolve(&Selector::Latest).expect("r"), 2);
+    // v3 is unpinned: collected unless in use.
+    let r = images.gc("img", &BTreeSet::from([3])).expect("gc");
+    assert!(r.removed_versions.is_empty());
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert_eq!(r.removed_versions, vec![3]);
+    assert_eq!(r.removed_files, vec!["v3.layer".to_string()]);
+    // A new commit never reuses 3.
+    let (v4, m4) = apply(&images, 2, &m2, &acts);
+    assert_eq!(v4, 4);
+    assert_eq!(read_all(&images, 4), m4);
+    // Flatten v4: same content, v1..v3 no longer needed by it; 2 stays (channel).
+    let log = images.flatten("img", 4).expect("flatten");
+    assert_eq!(log.get(4).expect("v4").kind, VersionKind::Base);
+    assert_eq!(read_all(&images, 4), m4);
+    images.set_channel("img", "production", None).expect("ch");
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    // head is 4 (commit moved it); its chain is itself now.
+    assert_eq!(r.kept, vec![4]);
+    assert_eq!(r.removed_versions, vec![1, 2]);
+    assert_eq!(read_all(&images, 4), m4);
+}
+
+#[test]
+fn orphans_of_an_interrupted_commit_are_collected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, _) = new_image(dir.path());
+    let d = images.dir("img");
+    std::fs::write(d.join("v2.layer.partial"), b"torn").expect("w");
+    std::fs::write(d.join("v2.layer"), b"not in the catalogue").expect("w");
+    // An import in progress keeps its staged file; an abandoned one is collected.
+    let busy = images.staging_path("img").expect("staging");
+    std::fs::write(&busy.path, b"being written").expect("w");
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert_eq!(r.removed_files.len(), 2);
+    assert!(busy.path.exists());
+    drop(busy);
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert_eq!(r.removed_files.len(), 1, "{:?}", r.removed_files);
+    assert!(d.join("v1.base").exists());
+}
+
+#[test]
+fn damaged_layer_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, base) = new_image(dir.path());
+    let mut acts = vec![0u8; BLOCKS];
+    acts[5] = 7;
+    apply(&images, 1, &base, &acts);
+    let p = images.dir("img").join("v2.layer");
+    let f = OpenOptions::new().write(true).open(&p).expect("open");
+    let len = f.metadata().expect("m").len();
+    f.write_all_at(&[0xff], len - 10).expect("w");
+    assert!(matches!(
+        images.open("img", 2),
+        Err(VersionError::Corrupt { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// Chains (and branches) of 10+ versions read exactly like a reference model, whole and
+    /// at unaligned offsets, also after flattening some of them.
+    #[test]
+    fn chains_match_the_model(
+        commits in proptest::collection::vec(
+            (any::<prop::sample::Index>(),
+             proptest::collection::vec(prop_oneof![6 => Just(0u8), 1 => Just(1u8), 3 => 2u8..=255], BLOCKS)),
+            10..15),
+        flat in proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+        reads in proptest::collection::vec((0..SIZE, 1..3000u64), 1..20),
+    ) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (images, base) = new_image(dir.path());
+        let mut models: Vec<(u64, Vec<u8>)> = vec![(1, base)];
+        for (i, (pick, acts)) in commits.iter().enumerate() {
+            // Mostly extend the newest version; sometimes branch from an older one.
+            let (parent, model) = if i >= 10 && i % 2 == 1 {
+                models[pick.index(models.len())].clone()
+            } else {
+                models[models.len() - 1].clone()
+            };
+            let (v, m) = apply(&images, parent, &model, acts);
+            models.push((v, m));
+        }
+        // The deepest chain has 10+ layers, read through one merged map.
+        let deepest = models.iter().map(|(v, _)| images.log("img").expect("log").chain(*v).map_or(0, |c| c.len())).max();
+        prop_assert!(deepest.unwrap_or(0) >= 11);
+        for f in &flat {
+            let (v, _) = models[f.index(models.len())];
+            images.flatten("img", v).expect("flatten");
+        }
+        for (v, m) in &models {
+            let s = images.open("img", *v).expect("open");
+            let mut buf = vec![0u8; SIZE as usize];
+            s.read_at(&mut buf, 0).expect("read");
+            prop_assert_eq!(&buf, m, "version {}", v);
+            for &(off, len) in &reads {
+                let len = len.min(SIZE - off);
+                let mut b = vec![0u8; len as usize];
+                s.read_at(&mut b, off).expect("read");
+                prop_assert_eq!(&b[..], &m[off as usize..(off + len) as usize]);
+            }
+        }
+    }
+}
