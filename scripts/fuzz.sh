@@ -5,6 +5,7 @@
 #   scripts/fuzz.sh 3600       # a longer local run
 #   FUZZ_TARGETS="pdu_decode scsi_cdb" scripts/fuzz.sh 300
 #   FUZZ_SANITIZER=none scripts/fuzz.sh   # faster, no AddressSanitizer
+#   scripts/fuzz.sh --build-only          # install cargo-fuzz and build the targets only
 #
 # cargo fuzz passes -Z flags to rustc, which only nightly accepts; RUSTC_BOOTSTRAP=1 lets the
 # stable toolchain accept them (it is what this script sets, nothing else changes).
@@ -14,6 +15,7 @@
 # Exit status: 0 if no target crashed, 1 if any did, 2 if the fuzzer could not be built/run.
 set -uo pipefail
 
+if [ "${1:-}" = "--build-only" ]; then FUZZ_BUILD_ONLY=1; shift; fi
 SECONDS_PER_TARGET="${1:-60}"
 case "$SECONDS_PER_TARGET" in
 '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;;
@@ -37,6 +39,9 @@ TARGETS="${FUZZ_TARGETS:-$(cargo fuzz list 2>/dev/null)}"
 
 echo "fuzz.sh: building targets (sanitizer: $SANITIZER)..."
 cargo fuzz build --sanitizer "$SANITIZER" || die "cargo fuzz build failed"
+# --build-only: install cargo-fuzz and build the targets, run nothing (test.sh does this in
+# the background while the tests run, so the fuzzing stage only fuzzes).
+[ "${FUZZ_BUILD_ONLY:-0}" = 1 ] && exit 0
 
 LOGS="$FUZZ/target/fuzz-logs"
 mkdir -p "$LOGS"

@@ -3,14 +3,18 @@
 #
 #   scripts/test.sh [--quick]
 #
-# As root it first installs the real iSCSI clients the tests drive (libiscsi-bin, qemu-img with
-# the iSCSI block driver, tcpdump) and what the network-boot tests need (QEMU, iPXE ROMs, OVMF,
-# and the image builder's syslinux/mtools/dosfstools/fdisk/cpio) when they are missing. Then it checks that every required
-# tool is present and fails loudly if one is not: no test is ever skipped silently. Then:
-#   1. cargo build
-#   2. cargo test  (unit tests and tests/clients.rs, which drive the real clients)
+# As root it first installs, in one apt-get transaction, everything the tests need that is
+# missing: the real iSCSI clients (libiscsi-bin, qemu-img with the iSCSI block driver, tgt as
+# the reference target), QEMU, iPXE, OVMF and the image builders' tools, dnsmasq, debootstrap,
+# Chromium, Prometheus' promtool, Ceph's monitor, OSD and RADOS gateway. Then it checks every
+# required tool and fails loudly if one is missing: no test is ever skipped silently. Then
+# (each stage's time is printed, and a table of them at the end):
+#   1. npm ci in tests/browser; cargo build + cargo test --no-run, while the Debian image of
+#      tests/debian.rs builds in the background
+#   2. cargo test  (unit tests, real clients, QEMU boots, netboot, Ceph, Chromium), while the
+#      fuzzers' instrumented build runs in the background at the lowest priority
 #   3. scripts/conformance.sh  (the whole libiscsi iscsi-test-cu suite; skipped by --quick)
-#   4. scripts/fuzz.sh 60      (every fuzz target for FUZZ_SECS=60 s; skipped by --quick)
+#   4. scripts/fuzz.sh 30      (every fuzz target for FUZZ_SECS=30 s; skipped by --quick)
 # The last line is "test.sh: N passed, N failed"; the exit status is 0 only when nothing failed.
 set -uo pipefail
 
@@ -21,7 +25,7 @@ ROOT=$(dl_repo_root)
 cd "$ROOT" || exit 1
 
 QUICK=0
-CARGO_TEST_SECS=${TEST_CARGO_TEST_SECS:-900}
+CARGO_TEST_SECS=${TEST_CARGO_TEST_SECS:-1800}
 CONFORMANCE_SECS=${TEST_CONFORMANCE_SECS:-900}
 for arg in "$@"; do
 	case "$arg" in
@@ -150,7 +154,25 @@ fi
 PASSED=0
 FAILED=0
 LOGDIR=$(mktemp -d /tmp/diskless-test.XXXXXX)
-trap 'rm -rf "$LOGDIR"' EXIT
+DEBIAN_PID=""
+FUZZ_BUILD_PID=""
+# Background jobs this script started are stopped by their PID if it ends early.
+cleanup() {
+	local p
+	for p in $DEBIAN_PID $FUZZ_BUILD_PID; do
+		kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+	done
+	rm -rf "$LOGDIR"
+}
+trap cleanup EXIT
+
+# The Debian system of tests/debian.rs (debootstrap: a few minutes the first time, mostly
+# downloading and unpacking, then cached under target/boot-cache/debian/) is built in the
+# background while cargo compiles; the "Debian image" stage below waits for it.
+DEBIAN_LOG=$LOGDIR/debian-image.log
+timeout -k 10 "${TEST_DEBIAN_IMAGE_SECS:-1500}" bash "$ROOT/scripts/boot/debian-image.sh" \
+	"${CARGO_TARGET_DIR:-$ROOT/target}/tmp/debian-image" >"$DEBIAN_LOG" 2>&1 &
+DEBIAN_PID=$!
 
 # The browser test's driver (tests/console.rs runs tests/browser/console.mjs), pinned by
 # tests/browser/package-lock.json.
@@ -171,14 +193,23 @@ else
 fi
 stage_end
 
-# The Debian system of tests/debian.rs (debootstrap, a few minutes the first time, then cached
-# under target/boot-cache/debian/): built here under its own limit, so that cargo test only
-# copies it. A failure here also shows in tests/debian.rs, which runs the same script.
-stage_start "Debian image (scripts/boot/debian-image.sh)"
-if ! timeout -k 10 "${TEST_DEBIAN_IMAGE_SECS:-1500}" bash "$ROOT/scripts/boot/debian-image.sh" "${CARGO_TARGET_DIR:-$ROOT/target}/tmp/debian-image" 2>&1; then
+# cargo test only copies the cached Debian image; a failed build also shows in tests/debian.rs,
+# which runs the same script.
+stage_start "Debian image (scripts/boot/debian-image.sh, waiting for the background build)"
+if ! wait "$DEBIAN_PID"; then
 	dl_log "debian-image.sh failed (tests/debian.rs will fail and show why)"
 fi
+DEBIAN_PID=""
+cat "$DEBIAN_LOG"
 stage_end
+
+# The fuzzers' instrumented build (and cargo-fuzz itself on a fresh machine) runs in the
+# background at the lowest priority while the tests run: it takes only CPU the tests leave
+# idle (they mostly wait on QEMU guests and sockets), and the fuzzing stage then only fuzzes.
+if ((!QUICK && BUILD_OK)); then
+	nice -n 19 "$ROOT/scripts/fuzz.sh" --build-only >"$LOGDIR/fuzz-build.log" 2>&1 &
+	FUZZ_BUILD_PID=$!
+fi
 
 stage_start "cargo test"
 timeout -k 10 "$CARGO_TEST_SECS" cargo test --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log"
@@ -229,8 +260,13 @@ elif ((BUILD_OK == 0)); then
 	FAILED=$((FAILED + 1))
 	dl_log "FAILED: fuzzers not run because the build failed"
 else
-	stage_start "scripts/fuzz.sh ${FUZZ_SECS:-60}"
-	if timeout -k 10 1800 "$ROOT/scripts/fuzz.sh" "${FUZZ_SECS:-60}"; then
+	stage_start "scripts/fuzz.sh ${FUZZ_SECS:-30}"
+	if [[ -n $FUZZ_BUILD_PID ]]; then
+		wait "$FUZZ_BUILD_PID" || dl_log "the background fuzz build failed; fuzz.sh tries again:"
+		FUZZ_BUILD_PID=""
+		cat "$LOGDIR/fuzz-build.log"
+	fi
+	if timeout -k 10 1800 "$ROOT/scripts/fuzz.sh" "${FUZZ_SECS:-30}"; then
 		PASSED=$((PASSED + 1))
 	else
 		FAILED=$((FAILED + 1))
