@@ -30,6 +30,10 @@ INIT1=iqn.2026-11.test:init1
 INIT2=iqn.2026-11.test:init2
 RW_IQN=iqn.2026-11.test:conformance-rw
 RO_IQN=iqn.2026-11.test:conformance-ro
+E512_IQN=iqn.2026-11.test:conformance-512e
+# Suites with tests that need several logical blocks per physical block (LBPPB >= 2): run
+# against a 512e LUN (4096-byte physical over 512-byte logical blocks) where the target has one.
+E512_SUITES=" SCSI.CompareAndWrite SCSI.WriteSame10 SCSI.WriteSame16 "
 IMG_SIZE=64M
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -91,6 +95,7 @@ trap 'exit 130' INT TERM HUP PIPE
 mkdir -p "$W/logs"
 truncate -s "$IMG_SIZE" "$W/rw.img"
 truncate -s 16M "$W/ro.img"
+truncate -s "$IMG_SIZE" "$W/e512.img"
 
 start_diskless() {
 	# Our server binds port 0 and announces the real port (planned CLI contract).
@@ -105,6 +110,10 @@ targets:
     initiators: ["*"]
     luns:
       - {lun: 0, image: $W/ro.img, read_only: true, block_size: 512}
+  - name: $E512_IQN
+    initiators: ["*"]
+    luns:
+      - {lun: 0, image: $W/e512.img, read_only: false, block_size: 512, physical_block_size: 4096, thin: true, removable: true}
 YAML
 	# Create the files first: the child opens them after fork, the poll below may run before.
 	: >"$W/target.out"
@@ -121,6 +130,7 @@ YAML
 	[[ -n $PORT ]] || { tail -n 20 "$W/target.err" >&2; dl_die "diskless did not print 'diskless: listening on' within 30 s"; }
 	RW_URL="iscsi://127.0.0.1:$PORT/$RW_IQN/0"
 	RO_URL="iscsi://127.0.0.1:$PORT/$RO_IQN/0"
+	E512_URL="iscsi://127.0.0.1:$PORT/$E512_IQN/0"
 }
 
 start_tgt() {
@@ -140,6 +150,7 @@ start_tgt() {
 	"${A[@]}" --op bind --mode target --tid 2 -I ALL
 	RW_URL="iscsi://127.0.0.1:$PORT/$RW_IQN/1"
 	RO_URL="iscsi://127.0.0.1:$PORT/$RO_IQN/1"
+	E512_URL=$RW_URL # tgt has no 512e setting: those tests skip there
 }
 
 "start_$TARGET_CMD"
@@ -252,7 +263,13 @@ for suite in $SUITES; do
 	kill -0 "$TARGET_PID" 2>/dev/null || { dl_log "target died before $suite"; tail -n 20 "$W/target.err" >&2; }
 	# Only ReadOnly tests need a write-protected LU (libiscsi reads the WP bit of MODE SENSE);
 	# Sanitize.Readonly sets software write protect itself on the writable LU.
-	if [[ $suite == SCSI.ReadOnly ]]; then run_suite "$suite" "$RO_URL"; else run_suite "$suite" "$RW_URL"; fi
+	if [[ $suite == SCSI.ReadOnly ]]; then
+		run_suite "$suite" "$RO_URL"
+	elif [[ $E512_SUITES == *" $suite "* ]]; then
+		run_suite "$suite" "$E512_URL"
+	else
+		run_suite "$suite" "$RW_URL"
+	fi
 done
 ELAPSED=$((SECONDS - START))
 
@@ -295,7 +312,8 @@ if ((UPDATE_DOCS)); then
 		echo "Reason column: reasons are kept by test name when the file is regenerated."
 		echo
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'), revision \`$REV\`, libiscsi-bin $LIBISCSI_VER"
-		echo "- Target: \`$TARGET_CMD\`, LUN: 64 MiB thin, removable, 512-byte blocks; SCSI.ReadOnly against a read-only LUN"
+		echo "- Target: \`$TARGET_CMD\`, LUN: 64 MiB thin, removable, 512-byte blocks; SCSI.ReadOnly against a read-only LUN;"
+		echo "  ${E512_SUITES# } against a 64 MiB 512e LUN (4096-byte physical blocks, LBPPB 8)"
 		echo "- Command, once per suite in list order:"
 		echo "  \`iscsi-test-cu -i $INIT1 -I $INIT2 --dataloss -S -t SUITE URL URL\`"
 		echo "- Totals: **$TOTAL tests: $PASSED passed, $FAILED failed, $HUNG hung, $MISSING missing, $SKIPPED skipped**"

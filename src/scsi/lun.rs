@@ -252,6 +252,11 @@ impl LogicalUnit {
         std::fs::File::open(dir)?.sync_all()
     }
 
+    /// Whether sense data goes out in descriptor format (control mode page D_SENSE).
+    pub fn descriptor_sense(&self) -> bool {
+        self.lock().mode.d_sense
+    }
+
     pub fn options(&self) -> &LuOptions {
         &self.opts
     }

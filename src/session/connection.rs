@@ -990,6 +990,12 @@ impl Conn {
             // Data-Out with a CDB that takes none (or a length its field cannot express) is
             // still collected: the SCSI layer decides (e.g. COMPARE AND WRITE of 256 blocks).
             Transfer::Out(n) if n > 0 || (c.write && edtl > 0) => {
+                if let Err(result) = luns.data_out_fits(c.lun, &c.cdb, edtl, n) {
+                    if (data.len() as u32) < edtl && !c.final_ {
+                        self.absorbing.insert(c.itt);
+                    }
+                    return self.complete(c.itt, c.lun, result, edtl, None, 0).await;
+                }
                 let n_use = if n == 0 { edtl } else { n };
                 // A transfer length that disagrees with the EDTL is processed as FCP-4 §9.4.2
                 // says (and libiscsi's residual tests expect): only min(EDTL, transfer) bytes
