@@ -222,6 +222,9 @@ pub struct SettingsConfig {
     pub max_buffered_bytes: ByteSize,
     /// Close a logged-in connection silent for this long (0 = never).
     pub idle_timeout_secs: u64,
+    /// SANITIZE OVERWRITE writes at most this many bytes a second, so wiping a big disk
+    /// does not starve the other clients of the same storage.
+    pub sanitize_overwrite_rate: ByteSize,
 }
 
 impl Default for SettingsConfig {
@@ -245,6 +248,7 @@ impl Default for SettingsConfig {
             max_connections: 8192,
             max_buffered_bytes: ByteSize(32 << 20),
             idle_timeout_secs: 0,
+            sanitize_overwrite_rate: ByteSize(256 << 20),
         }
     }
 }
@@ -287,6 +291,12 @@ impl SettingsConfig {
         }
         if self.max_connections == 0 {
             return Err(bad("max_connections", "must be at least 1".into()));
+        }
+        if self.sanitize_overwrite_rate.0 < 1 << 20 {
+            return Err(bad(
+                "sanitize_overwrite_rate",
+                "must be at least 1MiB (a second)".into(),
+            ));
         }
         if self.max_buffered_bytes.0 < 1 << 20 {
             return Err(bad("max_buffered_bytes", "must be at least 1MiB".into()));

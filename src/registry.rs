@@ -176,7 +176,12 @@ pub fn pr_file(state_dir: &Path, identity: &LuIdentity) -> PathBuf {
     state_dir.join("pr").join(format!("{hex}.pr"))
 }
 
-fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> LogicalUnit {
+fn build_lu(
+    store: Arc<dyn BlockStore>,
+    lun: &LunPlan,
+    state_dir: &Path,
+    sanitize_rate: u64,
+) -> LogicalUnit {
     // Largest single transfer: 32 MiB whatever the block size (bounds one command's buffer;
     // UEFI reads up to 8 MiB at once, libiscsi's WRITE SAME tests write 65536 blocks).
     let opts = crate::scsi::LuOptions {
@@ -187,6 +192,7 @@ fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> Logi
             lun.physical_block_size,
         ),
         pr_file: Some(pr_file(state_dir, &lun.identity)),
+        sanitize_rate,
         ..Default::default()
     };
     let lu = LogicalUnit::with_options(store, lun.identity.clone(), opts);
@@ -209,11 +215,15 @@ pub fn open_luns(
     ti: usize,
     target: &TargetPlan,
     state_dir: &Path,
+    sanitize_rate: u64,
 ) -> Result<Arc<LunTable>, ConfigError> {
     let mut map = BTreeMap::new();
     for (li, l) in target.luns.iter().enumerate() {
         let store = open_store(file, &format!("targets[{ti}].luns[{li}]"), l)?;
-        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l, state_dir)));
+        map.insert(
+            l.lun,
+            Arc::new(build_lu(Arc::new(store), l, state_dir, sanitize_rate)),
+        );
     }
     Ok(Arc::new(LunTable::new(map)))
 }
@@ -253,6 +263,7 @@ impl Registry {
     ) -> Result<(Registry, Vec<String>), ConfigError> {
         let file = config.source.clone();
         let state_dir = config.state_path();
+        let rate = config.settings.sanitize_overwrite_rate.0;
         let mut changed = Vec::new();
         let registry = Registry::from_plan(plan(config)?, |ti, t| {
             if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
@@ -262,7 +273,7 @@ impl Registry {
                 .and_then(|o| o.find(&t.name))
                 .filter(|p| p.boot.is_none())
             else {
-                return open_luns(&file, ti, t, &state_dir);
+                return open_luns(&file, ti, t, &state_dir, rate);
             };
             if prev.plan.luns == t.luns {
                 return Ok(Arc::clone(&prev.luns));
@@ -280,7 +291,7 @@ impl Registry {
                     Some(lu) => Arc::clone(lu),
                     None => {
                         let store = open_store(&file, &format!("targets[{ti}].luns[{li}]"), l)?;
-                        Arc::new(build_lu(Arc::new(store), l, &state_dir))
+                        Arc::new(build_lu(Arc::new(store), l, &state_dir, rate))
                     }
                 };
                 map.insert(l.lun, lu);

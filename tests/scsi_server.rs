@@ -277,3 +277,52 @@ fn physical_block_size_512e() {
         );
     }
 }
+
+#[test]
+fn sanitize_overwrite_reports_progress_and_wipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\nsettings: {{sanitize_overwrite_rate: 2MiB}}\n{}",
+        config(d, &[0])
+            .to_yaml()
+            .replace("portals: [\"127.0.0.1:0\"]\n", "")
+    );
+    let server = common::Server::start(d, &Config::yaml(&yaml));
+    let mut a = session(server.port, NODE_A);
+    a.write10(100, &[0x61; 512]);
+    // REPORT SUPPORTED OPERATION CODES lists SANITIZE OVERWRITE (opcode 48h, SA 1).
+    let r = a.run(&[0xa3, 0x0c, 0x02, 0x48, 0, 1, 0, 0, 0, 64, 0, 0], 64, None);
+    assert_eq!(
+        r.data[1] & 0x07,
+        0x03,
+        "SANITIZE OVERWRITE supported: {r:?}"
+    );
+    // SANITIZE OVERWRITE, IMMED = 1, one pass of a 0xAA block.
+    let mut p = vec![0xaa_u8; 516];
+    p[0..4].copy_from_slice(&[0x01, 0, 0x02, 0x00]);
+    let r = a.run(&[0x48, 0x81, 0, 0, 0, 0, 0, 0x02, 0x04, 0], 516, Some(&p));
+    assert_eq!(r.status, 0, "SANITIZE: {r:?}");
+    let tur = a.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(
+        tur.sense_triplet(),
+        Some((2, 0x04, 0x1b)),
+        "while it runs: {tur:?}"
+    );
+    let rd = a.run(&read10_cdb(0, 1), 512, None);
+    assert_eq!(
+        rd.sense_triplet(),
+        Some((2, 0x04, 0x1b)),
+        "READ while it runs: {rd:?}"
+    );
+    let inq = a.run(&[0x12, 0, 0, 0, 36, 0], 36, None);
+    assert_eq!(inq.status, 0, "INQUIRY is allowed while it runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.run(&[0, 0, 0, 0, 0, 0], 0, None).status != 0 {
+        assert!(Instant::now() < deadline, "SANITIZE did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.read10(100, 1), vec![0xaa; 512]);
+    assert_eq!(a.read10(16383, 1), vec![0xaa; 512]);
+}

@@ -88,6 +88,12 @@ pub mod op {
     pub const WRITE12: u8 = 0xaa;
     pub const WRITE_VERIFY12: u8 = 0xae;
     pub const VERIFY12: u8 = 0xaf;
+    pub const SANITIZE: u8 = 0x48;
+    /// SANITIZE service actions (SBC-4 §5.30).
+    pub const SA_OVERWRITE: u8 = 0x01;
+    pub const SA_BLOCK_ERASE: u8 = 0x02;
+    pub const SA_CRYPTO_ERASE: u8 = 0x03;
+    pub const SA_EXIT_FAILURE_MODE: u8 = 0x1f;
     pub const READ_DEFECT12: u8 = 0xb7;
     /// SERVICE ACTION IN(16) service actions.
     pub const SA_READ_CAPACITY16: u8 = 0x10;
@@ -130,6 +136,26 @@ pub static COMMANDS: &[CmdInfo] = &[
         &[FF, 0xe8, FF, FF, FF, FF, 0x1f, FF, FF, 0],
     ),
     c(op::UNMAP, &[FF, 0, 0, 0, 0, 0, 0x1f, FF, FF, 0]),
+    s(
+        op::SANITIZE,
+        op::SA_OVERWRITE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_BLOCK_ERASE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_CRYPTO_ERASE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_EXIT_FAILURE_MODE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
     c(op::MODE_SELECT10, &[FF, 0x11, 0, 0, 0, 0, 0, FF, FF, 0]),
     c(op::MODE_SENSE10, &[FF, 0x18, FF, FF, 0, 0, 0, FF, FF, 0]),
     s(op::PR_IN, 0x00, &[FF, 0x1f, 0, 0, 0, 0, 0, FF, FF, 0]),

@@ -48,6 +48,8 @@ pub struct LuOptions {
     /// Where persistent reservations with APTPL = 1 are kept (SPC-4 §5.13.4); None: APTPL
     /// is refused and PTPL_C is 0.
     pub pr_file: Option<std::path::PathBuf>,
+    /// Bytes a second SANITIZE OVERWRITE writes at most (0 = unpaced).
+    pub sanitize_rate: u64,
 }
 
 impl Default for LuOptions {
@@ -60,6 +62,7 @@ impl Default for LuOptions {
             max_unmap_descriptors: 256,
             physical_block_exponent: 0,
             pr_file: None,
+            sanitize_rate: 256 << 20,
         }
     }
 }
@@ -146,6 +149,7 @@ pub struct LogicalUnit {
     pub(super) identity: LuIdentity,
     pub(super) opts: LuOptions,
     pub(super) state: Mutex<State>,
+    pub(super) sanitize: Arc<super::sanitize::SanitizeState>,
     /// Writes hold it shared; COMPARE AND WRITE and ORWRITE hold it exclusively so that their
     /// read-modify-write is atomic against every other write (SBC-3 §5.2).
     io: RwLock<()>,
@@ -207,6 +211,7 @@ impl LogicalUnit {
             identity,
             opts,
             state: Mutex::new(state),
+            sanitize: Arc::default(),
             io: RwLock::new(()),
         }
     }
@@ -322,6 +327,7 @@ impl LogicalUnit {
             op::UNMAP | op::MODE_SELECT10 => Transfer::Out(len32(be(cdb, 7, 2))),
             op::MODE_SELECT6 => Transfer::Out(len32(be(cdb, 4, 1))),
             op::PR_OUT => Transfer::Out(len32(be(cdb, 5, 4))),
+            op::SANITIZE => Transfer::Out(len32(be(cdb, 7, 2))),
             op::INQUIRY => Transfer::In(len32(be(cdb, 3, 2))),
             op::REQUEST_SENSE | op::MODE_SENSE6 => Transfer::In(len32(be(cdb, 4, 1))),
             op::MODE_SENSE10 | op::PR_IN | op::READ_DEFECT10 => Transfer::In(len32(be(cdb, 7, 2))),
@@ -361,6 +367,10 @@ impl LogicalUnit {
             initiator_port: nexus.initiator_port.clone(),
             relative_port: nexus.relative_port,
         };
+        let status_only = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
+        if self.sanitize.running() && !status_only {
+            return Err(super::sanitize::SANITIZE_IN_PROGRESS.into());
+        }
         {
             let mut st = self.lock();
             st.nexuses.insert(nexus.id, who.clone());
@@ -408,6 +418,7 @@ impl LogicalUnit {
             op::ORWRITE16 => self.orwrite(cdb, data_out),
             op::WRITE_ATOMIC16 => self.write_atomic(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
+            op::SANITIZE => self.sanitize(cdb, data_out),
             op::PREFETCH10 | op::PREFETCH16 => {
                 let f = self.prefetch_fields(cdb);
                 self.range(f.0, f.1)?;
@@ -596,7 +607,7 @@ impl LogicalUnit {
         good(buf)
     }
 
-    fn check_writable(&self) -> Result<(), Fail> {
+    pub(super) fn check_writable(&self) -> Result<(), Fail> {
         if self.write_protected() {
             return Err(WRITE_PROTECTED.into());
         }

@@ -114,6 +114,11 @@ impl LogicalUnit {
                 // Block device characteristics (SBC-3 §6.5.2): non-rotating medium.
                 body.resize(0x3c, 0);
                 body[0..2].copy_from_slice(&1u16.to_be_bytes());
+                if self.thin() {
+                    // WABEREQ = WACEREQ = 01b: reads after a SANITIZE BLOCK / CRYPTO ERASE
+                    // succeed (with zeroes) (SBC-4 §6.6.2).
+                    body[3] = 0x50;
+                }
             }
             0xb2 => {
                 // Logical block provisioning (SBC-3 §6.5.4).
@@ -301,10 +306,17 @@ impl LogicalUnit {
 
 /// Commands as this LU supports them: without UNMAP and the WRITE SAME UNMAP bit unless it
 /// is thin provisioned.
+fn deallocates(c: &CmdInfo) -> bool {
+    c.opcode == op::UNMAP
+        || (c.opcode == op::SANITIZE
+            && matches!(c.sa, Some(op::SA_BLOCK_ERASE | op::SA_CRYPTO_ERASE)))
+}
+
 fn supported(thin: bool) -> impl Iterator<Item = CmdInfo> {
     COMMANDS
         .iter()
-        .filter(move |c| thin || c.opcode != op::UNMAP)
+        // UNMAP and the SANITIZE erases that deallocate exist only on thin LUs.
+        .filter(move |c| thin || !deallocates(c))
         .map(move |c| {
             let mut usage = c.usage.to_vec();
             if !thin && matches!(c.opcode, op::WRITE_SAME10 | op::WRITE_SAME16) {

@@ -38,6 +38,19 @@ impl LunTable {
         }
     }
 
+    /// Task management for `lun` (None: every LUN): commands that wait for a long
+    /// operation (SANITIZE with IMMED = 0) stop waiting, so the abort completes now.
+    pub fn release_waiting(&self, lun: Option<u64>) {
+        match lun {
+            Some(l) => {
+                if let Some(lu) = self.get(l) {
+                    lu.release_waiting();
+                }
+            }
+            None => self.luns.values().for_each(|lu| lu.release_waiting()),
+        }
+    }
+
     /// Whether `edtl` bytes of Data-Out may go with this CDB. READ/WRITE-family commands take
     /// min(EDTL, transfer length) (FCP-4 §9.4.2), but WRITE SAME's single block and COMPARE
     /// AND WRITE's verify + write blocks are one unit each: more Data-Out than the CDB

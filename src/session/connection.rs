@@ -1328,6 +1328,9 @@ impl Conn {
                 } else if let Some(r) = self.running.get_mut(&rtt) {
                     r.aborted = true;
                     pending.waiting.insert(rtt);
+                    if let Some(l) = &self.luns {
+                        l.release_waiting(Some(r.lun));
+                    }
                 } else if let Some(sn) = self
                     .held
                     .iter()
@@ -1360,6 +1363,9 @@ impl Conn {
                     pending.response = 2;
                 } else {
                     self.abort_where(|lun| lun == t.lun, &mut pending);
+                    if let Some(l) = &self.luns {
+                        l.release_waiting(Some(t.lun));
+                    }
                     if function == 5 {
                         pending.reset = Some((Some(t.lun), ResetKind::LogicalUnit));
                     }
@@ -1368,6 +1374,9 @@ impl Conn {
             // TARGET WARM RESET, TARGET COLD RESET
             6 | 7 => {
                 self.abort_where(|_| true, &mut pending);
+                if let Some(l) = &self.luns {
+                    l.release_waiting(None);
+                }
                 let kind = if function == 6 {
                     ResetKind::TargetWarm
                 } else {
