@@ -101,11 +101,11 @@ truncate -s "$IMG_SIZE" "$W/e512.img"
 
 start_diskless() {
 	# Our server binds port 0 and announces the real port (planned CLI contract).
-	# SANITIZE OVERWRITE paced to about 6 s for the 64 MiB LUN: SCSI.Sanitize.Reset checks
+	# SANITIZE OVERWRITE paced to about 13 s for the 64 MiB LUN: SCSI.Sanitize.Reset checks
 	# that it is still running 3 s after it started and again after a reconnect.
 	cat >"$W/targets.yaml" <<YAML
 portals: ["127.0.0.1:0"]
-settings: {sanitize_overwrite_rate: 10MiB}
+settings: {sanitize_overwrite_rate: 5MiB}
 targets:
   - name: $RW_IQN
     initiators: ["*"]
@@ -324,9 +324,12 @@ if ((UPDATE_DOCS)); then
 		echo
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'), revision \`$REV\`, libiscsi-bin $LIBISCSI_VER"
 		echo "- Target: \`$TARGET_CMD\`, LUN: 64 MiB thin, removable, 512-byte blocks; SCSI.ReadOnly against a read-only LUN;"
-		echo "  ${E512_SUITES# } against a 64 MiB 512e LUN (4096-byte physical blocks, LBPPB 8)"
+		e512=${E512_SUITES# }
+		echo "  ${e512% } against a 64 MiB 512e LUN (4096-byte physical blocks, LBPPB 8)"
 		echo "- Command, once per suite in list order:"
 		echo "  \`iscsi-test-cu -i $INIT1 -I $INIT2 --dataloss -S -t SUITE URL URL\`"
+		echo "  (SCSI.Sanitize with the URL once: see run_suite; the target paces SANITIZE OVERWRITE"
+		echo "  to 5 MiB/s so SCSI.Sanitize.Reset finds it still running)"
 		echo "- Totals: **$TOTAL tests: $PASSED passed, $FAILED failed, $HUNG hung, $MISSING missing, $SKIPPED skipped**"
 		echo
 		echo "| Test | Result | Reason |"

@@ -16,6 +16,9 @@ pub const DEFAULT_PORT: u16 = 3260;
 pub const MAX_LUN: u32 = 16383;
 /// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 12 bytes (96 bits); we require it.
 pub const MIN_CHAP_SECRET: usize = 12;
+/// The Microsoft iSCSI initiator accepts CHAP secrets of 12 to 16 bytes only (its
+/// configuration dialog and `iscsicli` refuse longer ones): a longer secret locks Windows out.
+pub const MS_INITIATOR_MAX_CHAP_SECRET: usize = 16;
 /// iSCSI names are at most 223 bytes (RFC 7143 §4.2.7, RFC 3722).
 pub const MAX_NAME_LEN: usize = 223;
 
@@ -1244,6 +1247,42 @@ impl Config {
         }
     }
 
+    /// Valid but questionable settings, one sentence each (never a secret): CHAP secrets
+    /// longer than the Microsoft iSCSI initiator accepts.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |path: String, c: &ChapConfig| {
+            for (what, s) in [
+                ("secret", Some(&c.secret)),
+                ("mutual_secret", c.mutual_secret.as_ref()),
+            ] {
+                if let Some(s) = s.filter(|s| s.len() > MS_INITIATOR_MAX_CHAP_SECRET) {
+                    out.push(format!(
+                        "{}: {path}.chap.{what} is {} bytes: the Microsoft iSCSI initiator \
+                         accepts {MIN_CHAP_SECRET} to {MS_INITIATOR_MAX_CHAP_SECRET}, so Windows \
+                         clients cannot log in with it",
+                        self.source,
+                        s.len()
+                    ));
+                }
+            }
+        };
+        if let Some(c) = &self.discovery.chap {
+            check("discovery".into(), c);
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if let Some(c) = &t.chap {
+                check(format!("targets[{i}]"), c);
+            }
+            for (j, b) in t.boot.iter().flat_map(|b| b.bindings.iter()).enumerate() {
+                if let Some(c) = &b.chap {
+                    check(format!("targets[{i}].boot.bindings[{j}]"), c);
+                }
+            }
+        }
+        out
+    }
+
     /// Check everything serde cannot: names, numbers, duplicates, secrets, images.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let file = self.source.as_str();
@@ -1670,6 +1709,17 @@ targets:
             "create_size: 64MiB\n        physical_block_size: 3000",
         ));
         assert!(e.contains("physical_block_size 3000"), "{e}");
+        let long = ONE.replace(
+            "luns:",
+            "chap: {user: u, secret: \"0123456789abcdefXYZ\"}\n    luns:",
+        );
+        let w = parse(&long).unwrap().warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("19 bytes") && !w[0].contains("0123456789"),
+            "{w:?}"
+        );
+        assert!(parse(ONE).unwrap().warnings().is_empty());
         let e = err(&ONE.replace(
             "create_size: 64MiB",
             "create_size: 64MiB\n        block_size: 4096\n        physical_block_size: 512",

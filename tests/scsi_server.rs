@@ -326,3 +326,53 @@ fn sanitize_overwrite_reports_progress_and_wipes() {
     assert_eq!(a.read10(100, 1), vec![0xaa; 512]);
     assert_eq!(a.read10(16383, 1), vec![0xaa; 512]);
 }
+
+/// MODE SENSE(10) of one page (DBD), returned as the page alone with PS cleared.
+fn mode_page(c: &mut Client, code: u8) -> Vec<u8> {
+    let r = c.run(&[0x5a, 0x08, code, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "MODE SENSE page {code:#x}: {r:?}");
+    let mut page = r.data[8..].to_vec();
+    page[0] &= 0x3f;
+    page
+}
+
+/// MODE SELECT(10), PF = 1, with `sp`, of one page.
+fn mode_select(c: &mut Client, sp: bool, page: &[u8]) -> ScsiResult {
+    let mut p = vec![0u8; 8];
+    p.extend_from_slice(page);
+    let n = p.len() as u16;
+    let cdb = [
+        0x55,
+        0x10 | u8::from(sp),
+        0,
+        0,
+        0,
+        0,
+        0,
+        (n >> 8) as u8,
+        n as u8,
+        0,
+    ];
+    c.run(&cdb, u32::from(n), Some(&p))
+}
+
+#[test]
+fn mode_select_save_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut c = session(server.port, NODE_A);
+    // The informational exceptions page as it is (= as saved): SP = 1 is accepted.
+    let iec = mode_page(&mut c, 0x1c);
+    let r = mode_select(&mut c, true, &iec);
+    assert_eq!(r.status, 0, "SP=1 with the saved values: {r:?}");
+    // Caching page with WCE cleared: a change the LU cannot save.
+    let mut caching = mode_page(&mut c, 0x08);
+    caching[2] &= !0x04;
+    let r = mode_select(&mut c, true, &caching);
+    assert_eq!(r.sense_triplet(), Some((5, 0x39, 0x00)), "{r:?}");
+    // Without SP the same change is made (current values only).
+    assert_eq!(mode_select(&mut c, false, &caching).status, 0);
+    assert_eq!(mode_page(&mut c, 0x08)[2] & 0x04, 0);
+}

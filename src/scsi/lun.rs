@@ -134,11 +134,40 @@ pub(super) fn good(data: Vec<u8>) -> Out {
     Ok((status::GOOD, data))
 }
 
+/// ENOSPC or EDQUOT, directly or as the message of a wrapped error.
+fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_filesystem_is_space_allocation_failed() {
+        let full = || StorageError::Io(std::io::Error::from_raw_os_error(28));
+        let sense = |f: Fail| match f {
+            Fail::Check(s) => s,
+            Fail::Conflict => panic!("conflict"),
+        };
+        assert_eq!(sense(storage(full(), true)), SPACE_ALLOCATION_FAILED);
+        assert_eq!(sense(storage(full(), false)), READ_ERROR);
+        let eio = StorageError::Io(std::io::Error::from_raw_os_error(5));
+        assert_eq!(sense(storage(eio, true)), WRITE_ERROR);
+    }
+}
+
 fn storage(e: StorageError, write: bool) -> Fail {
     Fail::Check(match e {
         StorageError::OutOfRange { .. } => LBA_OUT_OF_RANGE,
         StorageError::ReadOnly => WRITE_PROTECTED,
         StorageError::Unsupported(_) => INVALID_FIELD_CDB,
+        // The backing filesystem is full: SBC-4 §4.7.3.7's answer for a thin LU out of
+        // space, 07/27/07 SPACE ALLOCATION FAILED WRITE PROTECT, which Linux and Windows
+        // handle as "out of space" rather than a failing medium.
+        StorageError::Io(e) if write && out_of_space(&e) => SPACE_ALLOCATION_FAILED,
         StorageError::Io(_) if write => WRITE_ERROR,
         StorageError::Io(_) => READ_ERROR,
     })

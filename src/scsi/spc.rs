@@ -238,10 +238,11 @@ impl LogicalUnit {
     /// MODE SELECT(6)/(10) (SPC-4 §6.9/§6.10): only the changeable bits may differ.
     pub(super) fn mode_select(&self, nexus: &Nexus, cdb: &[u8], data: &[u8]) -> Out {
         let ten = byte(cdb, 0) == 0x55;
-        if byte(cdb, 1) & 0x01 != 0 {
-            // SP: nothing is savable.
-            return Err(Sense::invalid_cdb_field(1, Some(0)).into());
-        }
+        // SP = 1 (save pages): the saved values are the defaults and cannot change, so a page
+        // is accepted when it equals them (saving would change nothing; Windows' disk driver
+        // sends the informational exceptions page this way), else 05/39/00 SAVING
+        // PARAMETERS NOT SUPPORTED (SPC-4 §6.11, §7.5.2).
+        let save = byte(cdb, 1) & 0x01 != 0;
         let plen = if ten { be(cdb, 7, 2) } else { be(cdb, 4, 1) } as usize;
         if plen == 0 {
             return good(vec![]);
@@ -272,6 +273,12 @@ impl LogicalUnit {
                 .ok_or(Fail::Check(PARAM_LIST_LENGTH))?;
             if !matches!(code, 0x08 | 0x0a | 0x1c) {
                 return Err(Sense::invalid_param_field(off as u16, None).into());
+            }
+            if save {
+                let saved = self.mode_page(code, &ModeState::default(), false);
+                if page.get(1..) != saved.get(1..) {
+                    return Err(SAVING_NOT_SUPPORTED.into());
+                }
             }
             let cur = self.mode_page(code, &m, false);
             let chg = self.mode_page(code, &m, true);
