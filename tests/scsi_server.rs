@@ -376,3 +376,36 @@ fn mode_select_save_pages() {
     assert_eq!(mode_select(&mut c, false, &caching).status, 0);
     assert_eq!(mode_page(&mut c, 0x08)[2] & 0x04, 0);
 }
+
+#[test]
+fn log_sense_provisioning_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut c = session(server.port, NODE_A);
+    let r = c.run(&[0x4d, 0, 0x00, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "LOG SENSE page 0: {r:?}");
+    assert_eq!(&r.data[4..], &[0x00, 0x0c], "supported pages");
+    let page = |c: &mut Client| {
+        let r = c.run(&[0x4d, 0, 0x4c, 0, 0, 0, 0, 0, 255, 0], 255, None);
+        assert_eq!(r.status, 0, "LOG SENSE page 0x0C: {r:?}");
+        assert_eq!(
+            (r.data[0] & 0x3f, u16::from_be_bytes([r.data[2], r.data[3]])),
+            (0x0c, 24)
+        );
+        assert_eq!(&r.data[4..8], &[0, 1, 3, 8], "available parameter");
+        assert_eq!(&r.data[16..20], &[0, 2, 3, 8], "used parameter");
+        (be32(&r.data[8..]), be32(&r.data[20..]))
+    };
+    let (available, used) = page(&mut c);
+    assert!(available > 0);
+    c.write10(0, &vec![0x5a; 64 << 10]);
+    let r = c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(r.status, 0);
+    let (_, used_after) = page(&mut c);
+    assert!(
+        used_after >= used + 128,
+        "used blocks {used} -> {used_after}"
+    );
+}

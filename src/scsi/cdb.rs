@@ -89,6 +89,7 @@ pub mod op {
     pub const WRITE_VERIFY12: u8 = 0xae;
     pub const VERIFY12: u8 = 0xaf;
     pub const SANITIZE: u8 = 0x48;
+    pub const LOG_SENSE: u8 = 0x4d;
     /// SANITIZE service actions (SBC-4 §5.30).
     pub const SA_OVERWRITE: u8 = 0x01;
     pub const SA_BLOCK_ERASE: u8 = 0x02;
@@ -156,6 +157,7 @@ pub static COMMANDS: &[CmdInfo] = &[
         op::SA_EXIT_FAILURE_MODE,
         &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
     ),
+    c(op::LOG_SENSE, &[FF, 0, FF, FF, 0, FF, FF, FF, FF, 0]),
     c(op::MODE_SELECT10, &[FF, 0x11, 0, 0, 0, 0, 0, FF, FF, 0]),
     c(op::MODE_SENSE10, &[FF, 0x18, FF, FF, 0, 0, 0, FF, FF, 0]),
     s(op::PR_IN, 0x00, &[FF, 0x1f, 0, 0, 0, 0, 0, FF, FF, 0]),

@@ -357,6 +357,7 @@ impl LogicalUnit {
             op::MODE_SELECT6 => Transfer::Out(len32(be(cdb, 4, 1))),
             op::PR_OUT => Transfer::Out(len32(be(cdb, 5, 4))),
             op::SANITIZE => Transfer::Out(len32(be(cdb, 7, 2))),
+            op::LOG_SENSE => Transfer::In(len32(be(cdb, 7, 2))),
             op::INQUIRY => Transfer::In(len32(be(cdb, 3, 2))),
             op::REQUEST_SENSE | op::MODE_SENSE6 => Transfer::In(len32(be(cdb, 4, 1))),
             op::MODE_SENSE10 | op::PR_IN | op::READ_DEFECT10 => Transfer::In(len32(be(cdb, 7, 2))),
@@ -448,6 +449,7 @@ impl LogicalUnit {
             op::WRITE_ATOMIC16 => self.write_atomic(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
             op::SANITIZE => self.sanitize(cdb, data_out),
+            op::LOG_SENSE => self.log_sense(cdb),
             op::PREFETCH10 | op::PREFETCH16 => {
                 let f = self.prefetch_fields(cdb);
                 self.range(f.0, f.1)?;
@@ -1077,6 +1079,7 @@ fn access_class(cdb: &[u8]) -> Access {
         | op::READ_CAPACITY10
         | op::SERVICE_ACTION_IN16
         | op::MAINTENANCE_IN
+        | op::LOG_SENSE
         | op::PREVENT_ALLOW => Access::Always,
         op::READ6
         | op::READ10

@@ -136,6 +136,64 @@ impl LogicalUnit {
         Ok(v)
     }
 
+    /// LOG SENSE (SPC-4 §6.8): page 0x00 (supported pages) and, on a thin LU whose store
+    /// knows its space, page 0x0C logical block provisioning (SBC-4 §6.4.6): available and
+    /// used LBA mapping resources in threshold sets of 2^THRESHOLD EXPONENT blocks; VPD 0xB2
+    /// says 0 (no thresholds), so the counts are in logical blocks (saturating at 2^32 - 1).
+    /// Windows shows thin-provisioning usage from it.
+    pub(super) fn log_sense(&self, cdb: &[u8]) -> Out {
+        let page = byte(cdb, 2) & 0x3f;
+        let sub = byte(cdb, 3);
+        let pointer = be(cdb, 5, 2);
+        let alloc = be(cdb, 7, 2) as usize;
+        let space = if self.thin() {
+            self.store.space()
+        } else {
+            None
+        };
+        let mut supported = vec![0x00];
+        if space.is_some() {
+            supported.push(0x0c);
+        }
+        if sub != 0 {
+            return Err(Sense::invalid_cdb_field(3, None).into());
+        }
+        let body = match (page, space) {
+            (0x00, _) => {
+                if pointer != 0 {
+                    return Err(Sense::invalid_cdb_field(5, None).into());
+                }
+                supported
+            }
+            (0x0c, Some(sp)) => {
+                let unit = self.block_size();
+                let count = |bytes: u64| u32::try_from(bytes / unit.max(1)).unwrap_or(u32::MAX);
+                let mut b = Vec::new();
+                for (code, bytes) in [(1u16, sp.available), (2, sp.used)] {
+                    if code < pointer as u16 {
+                        continue;
+                    }
+                    // Binary list parameter (FORMAT AND LINKING 11b), 8 bytes: RESOURCE
+                    // COUNT and SCOPE 01b (dedicated to this LU).
+                    b.extend_from_slice(&code.to_be_bytes());
+                    b.extend_from_slice(&[0x03, 0x08]);
+                    b.extend_from_slice(&count(bytes).to_be_bytes());
+                    b.extend_from_slice(&[0x01, 0, 0, 0]);
+                }
+                if pointer > 2 {
+                    return Err(Sense::invalid_cdb_field(5, None).into());
+                }
+                b
+            }
+            _ => return Err(Sense::invalid_cdb_field(2, Some(5)).into()),
+        };
+        let mut v = vec![page, 0];
+        v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        v.extend(body);
+        v.truncate(alloc);
+        good(v)
+    }
+
     /// One mode page as current (or changeable / default) values.
     fn mode_page(&self, code: u8, m: &ModeState, changeable: bool) -> Vec<u8> {
         match code {
