@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Target portal group tag of every portal (one portal group, RFC 7143 §13.9).
+/// Target portal group tag of the first portal (and of a connection on no configured portal).
 pub const PORTAL_GROUP_TAG: u16 = 1;
 
 /// Everything about one LUN except the opened store.
@@ -309,7 +309,9 @@ impl Registry {
                 }
             }
         }
-        registry.finish_boot(config, &file).map(|r| (r, changed))
+        let registry = registry.finish_boot(config, &file)?;
+        registry.announce_port_groups();
+        Ok((registry, changed))
     }
 
     /// Fence the sessions of a target whose LUNs a reload changed: every logical unit they
@@ -449,6 +451,7 @@ impl Registry {
     /// Replace the portals (the `--listen` option).
     pub fn with_portals(mut self, portals: Vec<SocketAddr>) -> Registry {
         self.portals = portals;
+        self.announce_port_groups();
         self
     }
 
@@ -481,21 +484,51 @@ impl Registry {
             .find(|t| t.plan.name.eq_ignore_ascii_case(target))
     }
 
+    /// Tell every plain LUN how many portal groups (target port groups) reach it.
+    fn announce_port_groups(&self) {
+        let n = u16::try_from(self.portals.len()).unwrap_or(u16::MAX);
+        for t in &self.targets {
+            for lu in t.luns.luns.values() {
+                lu.set_port_groups(n);
+            }
+        }
+    }
+
+    /// The target portal group tag of the portal a connection arrived on: each configured
+    /// portal is its own group, numbered from 1 in configuration order (RFC 7143 §13.9); the
+    /// SCSI layer uses it as relative target port and target port group (MPIO).
+    pub fn tpgt_of(&self, local: SocketAddr) -> u16 {
+        let ip = canonical(local.ip());
+        self.portals
+            .iter()
+            .position(|p| {
+                p.port() == local.port() && (p.ip().is_unspecified() || canonical(p.ip()) == ip)
+            })
+            .and_then(|i| u16::try_from(i + 1).ok())
+            .unwrap_or(PORTAL_GROUP_TAG)
+    }
+
     /// TargetAddress values for a SendTargets answer (RFC 7143 Appendix C, §13.8):
     /// "ip:port,tpgt". A wildcard portal is reported with the address the initiator reached us
     /// on, since 0.0.0.0 means nothing to it.
     pub fn target_addresses(&self, local: SocketAddr) -> Vec<String> {
         let local_ip = canonical(local.ip());
         let mut out: Vec<String> = Vec::new();
-        for p in &self.portals {
+        for (i, p) in self.portals.iter().enumerate() {
+            let tag = u16::try_from(i + 1).unwrap_or(u16::MAX);
             let ip = if p.ip().is_unspecified() {
                 local_ip
             } else {
                 p.ip()
             };
-            let addr = format!("{},{PORTAL_GROUP_TAG}", SocketAddr::new(ip, p.port()));
-            if !out.contains(&addr) {
-                out.push(addr);
+            // Two wildcards on one port (0.0.0.0 and [::]) are one address: the first
+            // portal's group, as `tpgt_of` answers for it.
+            let at = SocketAddr::new(ip, p.port()).to_string();
+            if !out
+                .iter()
+                .any(|a| a.rsplit_once(',').is_some_and(|(x, _)| x == at))
+            {
+                out.push(format!("{at},{tag}"));
             }
         }
         out
@@ -602,8 +635,8 @@ impl Directory for Registry {
             .is_none_or(|t| t.plan.source_allowed(initiator, peer))
     }
 
-    fn portal_group_tag(&self, _local: SocketAddr) -> u16 {
-        PORTAL_GROUP_TAG
+    fn portal_group_tag(&self, local: SocketAddr) -> u16 {
+        self.tpgt_of(local)
     }
 }
 
@@ -725,11 +758,14 @@ targets:
         assert_eq!(v[0].name, "iqn.2026-11.org.diskless:open");
         assert_eq!(
             v[0].addresses,
-            vec!["10.1.2.3:3260,1", "192.168.1.5:3261,1"]
+            vec!["10.1.2.3:3260,1", "192.168.1.5:3261,2"]
         );
         let v = r.visible_targets("iqn.2010-04.org.ipxe:x", local);
         assert_eq!(v.len(), 2);
         // A v4 client on a dual-stack socket.
+        // Each portal is its own portal group (MPIO): the tag follows the portal.
+        assert_eq!(r.tpgt_of("192.168.1.5:3261".parse().unwrap()), 2);
+        assert_eq!(r.tpgt_of(local), 1);
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:3260".parse().unwrap();
         assert_eq!(r.target_addresses(mapped)[0], "10.1.2.3:3260,1");
         let r6 = registry(&YAML.replace(

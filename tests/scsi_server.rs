@@ -409,3 +409,102 @@ fn log_sense_provisioning_page() {
         "used blocks {used} -> {used_after}"
     );
 }
+
+/// A `diskless serve` on two portals (127.0.0.1 and 127.0.0.2, both loopback); killed when
+/// dropped.
+struct TwoPortals {
+    child: std::process::Child,
+    ports: Vec<(String, u16)>,
+}
+
+impl Drop for TwoPortals {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_two_portals(dir: &Path) -> TwoPortals {
+    use std::io::BufRead;
+    let cfg = dir.join("targets.yaml");
+    std::fs::write(&cfg, config(dir, &[0]).to_yaml()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut server = TwoPortals {
+        child,
+        ports: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.ports.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("server did not announce two portals: {e}"));
+        if let Some(rest) = line.strip_prefix("diskless: listening on ") {
+            let addr: std::net::SocketAddr =
+                rest.split_whitespace().next().unwrap().parse().unwrap();
+            server.ports.push((addr.ip().to_string(), addr.port()));
+        }
+    }
+    server
+}
+
+#[test]
+fn two_portals_are_two_target_port_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = start_two_portals(d);
+    let mut seen = Vec::new();
+    for (ip, port) in &server.ports {
+        let stream = std::net::TcpStream::connect((ip.as_str(), *port)).unwrap();
+        let mut c = Client::connect_stream(stream);
+        c.login(NODE_A, TARGET).expect("login");
+        let _ = c.run(&[0, 0, 0, 0, 0, 0], 0, None);
+        let tpgt: u16 = c.answer("TargetPortalGroupTag").unwrap().parse().unwrap();
+        // VPD 0x83: relative target port (type 4) and target port group (type 5).
+        let r = c.run(&[0x12, 1, 0x83, 1, 0, 0], 256, None);
+        assert_eq!(r.status, 0);
+        let (mut rel, mut tpg) = (None, None);
+        let mut off = 4;
+        while off + 4 <= r.data.len() {
+            let (ty, len) = (r.data[off + 1] & 0x0f, usize::from(r.data[off + 3]));
+            let v = u16::from_be_bytes([r.data[off + 6], r.data[off + 7]]);
+            match ty {
+                4 => rel = Some(v),
+                5 => tpg = Some(v),
+                _ => {}
+            }
+            off += 4 + len;
+        }
+        assert_eq!(rel, Some(tpgt), "relative port on {ip}");
+        assert_eq!(tpg, Some(tpgt), "target port group on {ip}");
+        // REPORT TARGET PORT GROUPS: both groups, active/optimized, one port each.
+        let r = c.run(&[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256, None);
+        assert_eq!(r.status, 0, "RTPG: {r:?}");
+        assert_eq!(be32(&r.data[0..]), 24, "{r:?}");
+        for (i, g) in r.data[4..].chunks_exact(12).enumerate() {
+            assert_eq!(g[0] & 0x0f, 0, "active/optimized");
+            assert_eq!(u16::from_be_bytes([g[2], g[3]]) as usize, i + 1);
+            assert_eq!(g[7], 1);
+            assert_eq!(u16::from_be_bytes([g[10], g[11]]) as usize, i + 1);
+        }
+        seen.push(tpgt);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2], "two portals, two relative port ids");
+}

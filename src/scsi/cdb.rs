@@ -101,6 +101,7 @@ pub mod op {
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service actions.
     pub const SA_REPORT_OPCODES: u8 = 0x0c;
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0a;
 }
 
 const FF: u8 = 0xff;
@@ -261,6 +262,11 @@ pub static COMMANDS: &[CmdInfo] = &[
         ],
     ),
     c(op::REPORT_LUNS, &[FF, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0]),
+    s(
+        op::MAINTENANCE_IN,
+        op::SA_REPORT_TARGET_PORT_GROUPS,
+        &[FF, 0xff, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ),
     s(
         op::MAINTENANCE_IN,
         op::SA_REPORT_OPCODES,

@@ -179,6 +179,9 @@ pub struct LogicalUnit {
     pub(super) opts: LuOptions,
     pub(super) state: Mutex<State>,
     pub(super) sanitize: Arc<super::sanitize::SanitizeState>,
+    /// Target port groups: one per portal group, each with one target port whose relative
+    /// port identifier equals the group's (REPORT TARGET PORT GROUPS, SPC-4 §6.37).
+    pub(super) port_groups: std::sync::atomic::AtomicU16,
     /// Writes hold it shared; COMPARE AND WRITE and ORWRITE hold it exclusively so that their
     /// read-modify-write is atomic against every other write (SBC-3 §5.2).
     io: RwLock<()>,
@@ -241,6 +244,7 @@ impl LogicalUnit {
             opts,
             state: Mutex::new(state),
             sanitize: Arc::default(),
+            port_groups: std::sync::atomic::AtomicU16::new(1),
             io: RwLock::new(()),
         }
     }
@@ -284,6 +288,12 @@ impl LogicalUnit {
         drop(f);
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// How many portal groups (target port groups) reach this LU.
+    pub fn set_port_groups(&self, n: u16) {
+        self.port_groups
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether sense data goes out in descriptor format (control mode page D_SENSE).
@@ -432,6 +442,9 @@ impl LogicalUnit {
                 op::SA_READ_CAPACITY16 => self.read_capacity16(cdb),
                 _ => self.get_lba_status(cdb),
             },
+            op::MAINTENANCE_IN if byte(cdb, 1) & 0x1f == op::SA_REPORT_TARGET_PORT_GROUPS => {
+                self.report_target_port_groups(cdb)
+            }
             op::MAINTENANCE_IN => super::spc::report_opcodes(cdb, self.thin()),
             op::REPORT_LUNS => Err(INVALID_OPCODE.into()), // answered by the LunTable
             op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(cdb),

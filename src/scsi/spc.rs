@@ -41,7 +41,9 @@ impl LogicalUnit {
         v[1] = if self.opts.removable { 0x80 } else { 0 };
         v[2] = 0x06; // SPC-4
         v[3] = 0x12; // HISUP, response data format 2
-        v[5] = 0x08; // 3PC: EXTENDED COPY
+                     // 3PC: EXTENDED COPY; TPGS 01b: implicit ALUA (REPORT TARGET PORT GROUPS, every
+                     // group active/optimized: all paths are equal).
+        v[5] = 0x08 | 0x10;
         v[7] = 0x02; // CMDQUE
         v.extend(padded(&self.identity.vendor, 8));
         v.extend(padded(&self.identity.product, 16));
@@ -80,6 +82,10 @@ impl LogicalUnit {
                 body.extend(t10);
                 // Relative target port (type 4, association target port, iSCSI, PIV).
                 body.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
+                body.extend_from_slice(&nexus.relative_port.to_be_bytes());
+                // Target port group (type 5): one group per portal group, numbered like the
+                // relative port, so MPIO (MSDSM, dm-multipath) tells the paths apart.
+                body.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0]);
                 body.extend_from_slice(&nexus.relative_port.to_be_bytes());
             }
             0x8f => body = super::xcopy::third_party_copy_vpd(),
@@ -190,6 +196,33 @@ impl LogicalUnit {
         let mut v = vec![page, 0];
         v.extend_from_slice(&(body.len() as u16).to_be_bytes());
         v.extend(body);
+        v.truncate(alloc);
+        good(v)
+    }
+
+    /// REPORT TARGET PORT GROUPS (SPC-4 §6.37), length-only format: every portal group is a
+    /// target port group with one target port (relative port = group number), asymmetric
+    /// access state active/optimized (implicit ALUA: nothing to switch, all paths equal).
+    pub(super) fn report_target_port_groups(&self, cdb: &[u8]) -> Out {
+        if byte(cdb, 1) >> 5 != 0 {
+            // Only the length-only header format (PARAMETER DATA FORMAT 000b).
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        let alloc = be(cdb, 6, 4) as usize;
+        let mut d = Vec::new();
+        let groups = self
+            .port_groups
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        for g in 1..=groups {
+            // PREF 1, state 0h active/optimized; AO_SUP; TPG id; status; target port count.
+            d.extend_from_slice(&[0x80, 0x01]);
+            d.extend_from_slice(&g.to_be_bytes());
+            d.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+            d.extend_from_slice(&g.to_be_bytes());
+        }
+        let mut v = (d.len() as u32).to_be_bytes().to_vec();
+        v.extend(d);
         v.truncate(alloc);
         good(v)
     }

@@ -395,7 +395,8 @@ async fn login(
                     id: handle.nexus_id,
                     initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
                     initiator_name: params.initiator_name.clone(),
-                    relative_port: 1,
+                    // Each portal group is its own relative target port (MPIO, SPC-4 §7.8.6.4).
+                    relative_port: server.registry().tpgt_of(local),
                 };
                 return Ok(Some(Ready {
                     stream,
