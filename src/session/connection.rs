@@ -1286,6 +1286,14 @@ impl Conn {
             1 => 1,
             _ => 2,
         };
+        if response == 0 {
+            // The I_T nexus ends with this logout (one connection per session): release its
+            // RESERVE(6) and the like before the initiator hears so, or a command it sends
+            // next on another session can still meet them (SPC-2 §5.5.1, SAM-5 §6.3.4).
+            if let Some(luns) = &self.luns {
+                luns.nexus_lost(&self.nexus);
+            }
+        }
         self.send(Pdu {
             bhs: Bhs::LogoutResponse(LogoutResponse {
                 response,
