@@ -19,7 +19,9 @@ TARGET_CMD=diskless
 UPDATE_DOCS=0
 MIN_PASS=${CONFORMANCE_MIN_PASS:-200} # a regression guard: diskless should pass well above tgt's 160
 MAX_FAIL=${CONFORMANCE_MAX_FAIL:-0}   # FAILED + HUNG + MISSING tests tolerated
-STALL_SECS=${CONFORMANCE_STALL_SECS:-60}    # no new "Test:" line for this long = HUNG
+# No new "Test:" line for this long = HUNG. SCSI.Sanitize.Reset alone takes about 65 s: it
+# polls TEST UNIT READY every 60 s until the sanitize it started has ended.
+STALL_SECS=${CONFORMANCE_STALL_SECS:-100}
 SUITE_SECS=${CONFORMANCE_SUITE_SECS:-600}   # hard cap for one suite process
 SUITES=""
 BIN=""
@@ -30,6 +32,10 @@ INIT1=iqn.2026-11.test:init1
 INIT2=iqn.2026-11.test:init2
 RW_IQN=iqn.2026-11.test:conformance-rw
 RO_IQN=iqn.2026-11.test:conformance-ro
+E512_IQN=iqn.2026-11.test:conformance-512e
+# Suites with tests that need several logical blocks per physical block (LBPPB >= 2): run
+# against a 512e LUN (4096-byte physical over 512-byte logical blocks) where the target has one.
+E512_SUITES=" SCSI.CompareAndWrite SCSI.WriteSame10 SCSI.WriteSame16 "
 IMG_SIZE=64M
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -91,11 +97,15 @@ trap 'exit 130' INT TERM HUP PIPE
 mkdir -p "$W/logs"
 truncate -s "$IMG_SIZE" "$W/rw.img"
 truncate -s 16M "$W/ro.img"
+truncate -s "$IMG_SIZE" "$W/e512.img"
 
 start_diskless() {
 	# Our server binds port 0 and announces the real port (planned CLI contract).
+	# SANITIZE OVERWRITE paced to about 13 s for the 64 MiB LUN: SCSI.Sanitize.Reset checks
+	# that it is still running 3 s after it started and again after a reconnect.
 	cat >"$W/targets.yaml" <<YAML
 portals: ["127.0.0.1:0"]
+settings: {sanitize_overwrite_rate: 5MiB}
 targets:
   - name: $RW_IQN
     initiators: ["*"]
@@ -105,6 +115,10 @@ targets:
     initiators: ["*"]
     luns:
       - {lun: 0, image: $W/ro.img, read_only: true, block_size: 512}
+  - name: $E512_IQN
+    initiators: ["*"]
+    luns:
+      - {lun: 0, image: $W/e512.img, read_only: false, block_size: 512, physical_block_size: 4096, thin: true, removable: true}
 YAML
 	# Create the files first: the child opens them after fork, the poll below may run before.
 	: >"$W/target.out"
@@ -121,6 +135,7 @@ YAML
 	[[ -n $PORT ]] || { tail -n 20 "$W/target.err" >&2; dl_die "diskless did not print 'diskless: listening on' within 30 s"; }
 	RW_URL="iscsi://127.0.0.1:$PORT/$RW_IQN/0"
 	RO_URL="iscsi://127.0.0.1:$PORT/$RO_IQN/0"
+	E512_URL="iscsi://127.0.0.1:$PORT/$E512_IQN/0"
 }
 
 start_tgt() {
@@ -140,6 +155,7 @@ start_tgt() {
 	"${A[@]}" --op bind --mode target --tid 2 -I ALL
 	RW_URL="iscsi://127.0.0.1:$PORT/$RW_IQN/1"
 	RO_URL="iscsi://127.0.0.1:$PORT/$RO_IQN/1"
+	E512_URL=$RW_URL # tgt has no 512e setting: those tests skip there
 }
 
 "start_$TARGET_CMD"
@@ -199,10 +215,16 @@ parse_log() {
 # Run one suite with a progress watchdog; append its results to $W/results.tsv.
 run_suite() {
 	local suite=$1 url=$2 log="$W/logs/$1.log" fifo="$W/fifo" pid line hung="" last rc left
+	local urls=("$url" "$url")
+	# The URL twice makes the tool's second initiator a persistent second path (MultipathIO).
+	# SCSI.Sanitize.Reservations leaves that path's RESERVE(6) in place for the tests after it
+	# (Reset then only sees RESERVATION CONFLICT); with the URL once the tool logs the second
+	# initiator in per test and out again, which releases it.
+	if [[ $suite == SCSI.Sanitize ]]; then urls=("$url"); fi
 	rm -f "$fifo"
 	mkfifo "$fifo"
 	timeout -k 5 "$SUITE_SECS" stdbuf -o0 -e0 iscsi-test-cu -i "$INIT1" -I "$INIT2" --dataloss -S \
-		-t "$suite" "$url" "$url" >"$fifo" 2>&1 &
+		-t "$suite" "${urls[@]}" >"$fifo" 2>&1 &
 	pid=$!
 	SUITE_PID=$pid
 	exec 4<"$fifo"
@@ -252,7 +274,13 @@ for suite in $SUITES; do
 	kill -0 "$TARGET_PID" 2>/dev/null || { dl_log "target died before $suite"; tail -n 20 "$W/target.err" >&2; }
 	# Only ReadOnly tests need a write-protected LU (libiscsi reads the WP bit of MODE SENSE);
 	# Sanitize.Readonly sets software write protect itself on the writable LU.
-	if [[ $suite == SCSI.ReadOnly ]]; then run_suite "$suite" "$RO_URL"; else run_suite "$suite" "$RW_URL"; fi
+	if [[ $suite == SCSI.ReadOnly ]]; then
+		run_suite "$suite" "$RO_URL"
+	elif [[ $E512_SUITES == *" $suite "* ]]; then
+		run_suite "$suite" "$E512_URL"
+	else
+		run_suite "$suite" "$RW_URL"
+	fi
 done
 ELAPSED=$((SECONDS - START))
 
@@ -295,9 +323,13 @@ if ((UPDATE_DOCS)); then
 		echo "Reason column: reasons are kept by test name when the file is regenerated."
 		echo
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'), revision \`$REV\`, libiscsi-bin $LIBISCSI_VER"
-		echo "- Target: \`$TARGET_CMD\`, LUN: 64 MiB thin, removable, 512-byte blocks; SCSI.ReadOnly against a read-only LUN"
+		echo "- Target: \`$TARGET_CMD\`, LUN: 64 MiB thin, removable, 512-byte blocks; SCSI.ReadOnly against a read-only LUN;"
+		e512=${E512_SUITES# }
+		echo "  ${e512% } against a 64 MiB 512e LUN (4096-byte physical blocks, LBPPB 8)"
 		echo "- Command, once per suite in list order:"
 		echo "  \`iscsi-test-cu -i $INIT1 -I $INIT2 --dataloss -S -t SUITE URL URL\`"
+		echo "  (SCSI.Sanitize with the URL once: see run_suite; the target paces SANITIZE OVERWRITE"
+		echo "  to 5 MiB/s so SCSI.Sanitize.Reset finds it still running)"
 		echo "- Totals: **$TOTAL tests: $PASSED passed, $FAILED failed, $HUNG hung, $MISSING missing, $SKIPPED skipped**"
 		echo
 		echo "| Test | Result | Reason |"

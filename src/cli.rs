@@ -319,6 +319,9 @@ pub fn run(command: Command) -> Result<(), CliError> {
             let plan = registry::plan(&c)?;
             let mut out = std::io::stdout().lock();
             let _ = write_summary(&mut out, &c, &plan);
+            for w in c.warnings() {
+                let _ = writeln!(out, "warning: {w}");
+            }
             let _ = out.flush();
             Ok(())
         }
@@ -597,6 +600,9 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Io(e.to_string()))?;
         // Images are opened after binding so that a port in use fails fast; the registry
         // reports the real bound addresses (port 0 resolved) in SendTargets.
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
         let registry = Registry::from_config(&config)?.with_portals(bound.clone());
         let settings = crate::session::Settings::from_config(registry.settings());
         for t in registry.targets() {

@@ -16,6 +16,9 @@ pub const DEFAULT_PORT: u16 = 3260;
 pub const MAX_LUN: u32 = 16383;
 /// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 12 bytes (96 bits); we require it.
 pub const MIN_CHAP_SECRET: usize = 12;
+/// The Microsoft iSCSI initiator accepts CHAP secrets of 12 to 16 bytes only (its
+/// configuration dialog and `iscsicli` refuse longer ones): a longer secret locks Windows out.
+pub const MS_INITIATOR_MAX_CHAP_SECRET: usize = 16;
 /// iSCSI names are at most 223 bytes (RFC 7143 §4.2.7, RFC 3722).
 pub const MAX_NAME_LEN: usize = 223;
 
@@ -225,6 +228,9 @@ pub struct SettingsConfig {
     pub max_buffered_bytes: ByteSize,
     /// Close a logged-in connection silent for this long (0 = never).
     pub idle_timeout_secs: u64,
+    /// SANITIZE OVERWRITE writes at most this many bytes a second, so wiping a big disk
+    /// does not starve the other clients of the same storage.
+    pub sanitize_overwrite_rate: ByteSize,
 }
 
 impl Default for SettingsConfig {
@@ -248,6 +254,7 @@ impl Default for SettingsConfig {
             max_connections: 8192,
             max_buffered_bytes: ByteSize(32 << 20),
             idle_timeout_secs: 0,
+            sanitize_overwrite_rate: ByteSize(256 << 20),
         }
     }
 }
@@ -290,6 +297,12 @@ impl SettingsConfig {
         }
         if self.max_connections == 0 {
             return Err(bad("max_connections", "must be at least 1".into()));
+        }
+        if self.sanitize_overwrite_rate.0 < 1 << 20 {
+            return Err(bad(
+                "sanitize_overwrite_rate",
+                "must be at least 1MiB (a second)".into(),
+            ));
         }
         if self.max_buffered_bytes.0 < 1 << 20 {
             return Err(bad("max_buffered_bytes", "must be at least 1MiB".into()));
@@ -1428,6 +1441,42 @@ impl Config {
         }
     }
 
+    /// Valid but questionable settings, one sentence each (never a secret): CHAP secrets
+    /// longer than the Microsoft iSCSI initiator accepts.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |path: String, c: &ChapConfig| {
+            for (what, s) in [
+                ("secret", Some(&c.secret)),
+                ("mutual_secret", c.mutual_secret.as_ref()),
+            ] {
+                if let Some(s) = s.filter(|s| s.len() > MS_INITIATOR_MAX_CHAP_SECRET) {
+                    out.push(format!(
+                        "{}: {path}.chap.{what} is {} bytes: the Microsoft iSCSI initiator \
+                         accepts {MIN_CHAP_SECRET} to {MS_INITIATOR_MAX_CHAP_SECRET}, so Windows \
+                         clients cannot log in with it",
+                        self.source,
+                        s.len()
+                    ));
+                }
+            }
+        };
+        if let Some(c) = &self.discovery.chap {
+            check("discovery".into(), c);
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if let Some(c) = &t.chap {
+                check(format!("targets[{i}]"), c);
+            }
+            for (j, b) in t.boot.iter().flat_map(|b| b.bindings.iter()).enumerate() {
+                if let Some(c) = &b.chap {
+                    check(format!("targets[{i}].boot.bindings[{j}]"), c);
+                }
+            }
+        }
+        out
+    }
+
     /// Check everything serde cannot: names, numbers, duplicates, secrets, images.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let file = self.source.as_str();
@@ -1902,6 +1951,17 @@ targets:
             "create_size: 64MiB\n        physical_block_size: 3000",
         ));
         assert!(e.contains("physical_block_size 3000"), "{e}");
+        let long = ONE.replace(
+            "luns:",
+            "chap: {user: u, secret: \"0123456789abcdefXYZ\"}\n    luns:",
+        );
+        let w = parse(&long).unwrap().warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("19 bytes") && !w[0].contains("0123456789"),
+            "{w:?}"
+        );
+        assert!(parse(ONE).unwrap().warnings().is_empty());
         let e = err(&ONE.replace(
             "create_size: 64MiB",
             "create_size: 64MiB\n        block_size: 4096\n        physical_block_size: 512",

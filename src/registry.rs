@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Target portal group tag of every portal (one portal group, RFC 7143 §13.9).
+/// Target portal group tag of the first portal (and of a connection on no configured portal).
 pub const PORTAL_GROUP_TAG: u16 = 1;
 
 /// Everything about one LUN except the opened store.
@@ -177,7 +177,12 @@ pub fn pr_file(state_dir: &Path, identity: &LuIdentity) -> PathBuf {
     state_dir.join("pr").join(format!("{hex}.pr"))
 }
 
-fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> LogicalUnit {
+fn build_lu(
+    store: Arc<dyn BlockStore>,
+    lun: &LunPlan,
+    state_dir: &Path,
+    sanitize_rate: u64,
+) -> LogicalUnit {
     // Largest single transfer: 32 MiB whatever the block size (bounds one command's buffer;
     // UEFI reads up to 8 MiB at once, libiscsi's WRITE SAME tests write 65536 blocks).
     let opts = crate::scsi::LuOptions {
@@ -188,6 +193,7 @@ fn build_lu(store: Arc<dyn BlockStore>, lun: &LunPlan, state_dir: &Path) -> Logi
             lun.physical_block_size,
         ),
         pr_file: Some(pr_file(state_dir, &lun.identity)),
+        sanitize_rate,
         ..Default::default()
     };
     let lu = LogicalUnit::with_options(store, lun.identity.clone(), opts);
@@ -210,11 +216,15 @@ pub fn open_luns(
     ti: usize,
     target: &TargetPlan,
     state_dir: &Path,
+    sanitize_rate: u64,
 ) -> Result<Arc<LunTable>, ConfigError> {
     let mut map = BTreeMap::new();
     for (li, l) in target.luns.iter().enumerate() {
         let store = open_store(file, &format!("targets[{ti}].luns[{li}]"), l)?;
-        map.insert(l.lun, Arc::new(build_lu(Arc::new(store), l, state_dir)));
+        map.insert(
+            l.lun,
+            Arc::new(build_lu(Arc::new(store), l, state_dir, sanitize_rate)),
+        );
     }
     Ok(Arc::new(LunTable::new(map)))
 }
@@ -258,6 +268,7 @@ impl Registry {
     ) -> Result<(Registry, Vec<String>), ConfigError> {
         let file = config.source.clone();
         let state_dir = config.state_path();
+        let rate = config.settings.sanitize_overwrite_rate.0;
         let mut changed = Vec::new();
         let registry = Registry::from_plan(plan(config)?, |ti, t| {
             if config.targets.get(ti).is_some_and(|tc| tc.boot.is_some()) {
@@ -267,7 +278,7 @@ impl Registry {
                 .and_then(|o| o.find(&t.name))
                 .filter(|p| p.boot.is_none())
             else {
-                return open_luns(&file, ti, t, &state_dir);
+                return open_luns(&file, ti, t, &state_dir, rate);
             };
             if prev.plan.luns == t.luns {
                 return Ok(Arc::clone(&prev.luns));
@@ -285,7 +296,7 @@ impl Registry {
                     Some(lu) => Arc::clone(lu),
                     None => {
                         let store = open_store(&file, &format!("targets[{ti}].luns[{li}]"), l)?;
-                        Arc::new(build_lu(Arc::new(store), l, &state_dir))
+                        Arc::new(build_lu(Arc::new(store), l, &state_dir, rate))
                     }
                 };
                 map.insert(l.lun, lu);
@@ -303,7 +314,9 @@ impl Registry {
                 }
             }
         }
-        registry.finish_boot(config, &file).map(|r| (r, changed))
+        let registry = registry.finish_boot(config, &file)?;
+        registry.announce_port_groups();
+        Ok((registry, changed))
     }
 
     /// Fence the sessions of a target whose LUNs a reload changed: every logical unit they
@@ -507,6 +520,7 @@ impl Registry {
     /// Replace the portals (the `--listen` option).
     pub fn with_portals(mut self, portals: Vec<SocketAddr>) -> Registry {
         self.portals = portals;
+        self.announce_port_groups();
         self
     }
 
@@ -539,21 +553,51 @@ impl Registry {
             .find(|t| t.plan.name.eq_ignore_ascii_case(target))
     }
 
+    /// Tell every plain LUN how many portal groups (target port groups) reach it.
+    fn announce_port_groups(&self) {
+        let n = u16::try_from(self.portals.len()).unwrap_or(u16::MAX);
+        for t in &self.targets {
+            for lu in t.luns.luns.values() {
+                lu.set_port_groups(n);
+            }
+        }
+    }
+
+    /// The target portal group tag of the portal a connection arrived on: each configured
+    /// portal is its own group, numbered from 1 in configuration order (RFC 7143 §13.9); the
+    /// SCSI layer uses it as relative target port and target port group (MPIO).
+    pub fn tpgt_of(&self, local: SocketAddr) -> u16 {
+        let ip = canonical(local.ip());
+        self.portals
+            .iter()
+            .position(|p| {
+                p.port() == local.port() && (p.ip().is_unspecified() || canonical(p.ip()) == ip)
+            })
+            .and_then(|i| u16::try_from(i + 1).ok())
+            .unwrap_or(PORTAL_GROUP_TAG)
+    }
+
     /// TargetAddress values for a SendTargets answer (RFC 7143 Appendix C, §13.8):
     /// "ip:port,tpgt". A wildcard portal is reported with the address the initiator reached us
     /// on, since 0.0.0.0 means nothing to it.
     pub fn target_addresses(&self, local: SocketAddr) -> Vec<String> {
         let local_ip = canonical(local.ip());
         let mut out: Vec<String> = Vec::new();
-        for p in &self.portals {
+        for (i, p) in self.portals.iter().enumerate() {
+            let tag = u16::try_from(i + 1).unwrap_or(u16::MAX);
             let ip = if p.ip().is_unspecified() {
                 local_ip
             } else {
                 p.ip()
             };
-            let addr = format!("{},{PORTAL_GROUP_TAG}", SocketAddr::new(ip, p.port()));
-            if !out.contains(&addr) {
-                out.push(addr);
+            // Two wildcards on one port (0.0.0.0 and [::]) are one address: the first
+            // portal's group, as `tpgt_of` answers for it.
+            let at = SocketAddr::new(ip, p.port()).to_string();
+            if !out
+                .iter()
+                .any(|a| a.rsplit_once(',').is_some_and(|(x, _)| x == at))
+            {
+                out.push(format!("{at},{tag}"));
             }
         }
         out
@@ -660,8 +704,8 @@ impl Directory for Registry {
             .is_none_or(|t| t.plan.source_allowed(initiator, peer))
     }
 
-    fn portal_group_tag(&self, _local: SocketAddr) -> u16 {
-        PORTAL_GROUP_TAG
+    fn portal_group_tag(&self, local: SocketAddr) -> u16 {
+        self.tpgt_of(local)
     }
 }
 
@@ -869,11 +913,14 @@ targets:
         assert_eq!(v[0].name, "iqn.2026-11.org.diskless:open");
         assert_eq!(
             v[0].addresses,
-            vec!["10.1.2.3:3260,1", "192.168.1.5:3261,1"]
+            vec!["10.1.2.3:3260,1", "192.168.1.5:3261,2"]
         );
         let v = r.visible_targets("iqn.2010-04.org.ipxe:x", local);
         assert_eq!(v.len(), 2);
         // A v4 client on a dual-stack socket.
+        // Each portal is its own portal group (MPIO): the tag follows the portal.
+        assert_eq!(r.tpgt_of("192.168.1.5:3261".parse().unwrap()), 2);
+        assert_eq!(r.tpgt_of(local), 1);
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:3260".parse().unwrap();
         assert_eq!(r.target_addresses(mapped)[0], "10.1.2.3:3260,1");
         let r6 = registry(&YAML.replace(

@@ -277,3 +277,234 @@ fn physical_block_size_512e() {
         );
     }
 }
+
+#[test]
+fn sanitize_overwrite_reports_progress_and_wipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\nsettings: {{sanitize_overwrite_rate: 2MiB}}\n{}",
+        config(d, &[0])
+            .to_yaml()
+            .replace("portals: [\"127.0.0.1:0\"]\n", "")
+    );
+    let server = common::Server::start(d, &Config::yaml(&yaml));
+    let mut a = session(server.port, NODE_A);
+    a.write10(100, &[0x61; 512]);
+    // REPORT SUPPORTED OPERATION CODES lists SANITIZE OVERWRITE (opcode 48h, SA 1).
+    let r = a.run(&[0xa3, 0x0c, 0x02, 0x48, 0, 1, 0, 0, 0, 64, 0, 0], 64, None);
+    assert_eq!(
+        r.data[1] & 0x07,
+        0x03,
+        "SANITIZE OVERWRITE supported: {r:?}"
+    );
+    // SANITIZE OVERWRITE, IMMED = 1, one pass of a 0xAA block.
+    let mut p = vec![0xaa_u8; 516];
+    p[0..4].copy_from_slice(&[0x01, 0, 0x02, 0x00]);
+    let r = a.run(&[0x48, 0x81, 0, 0, 0, 0, 0, 0x02, 0x04, 0], 516, Some(&p));
+    assert_eq!(r.status, 0, "SANITIZE: {r:?}");
+    let tur = a.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(
+        tur.sense_triplet(),
+        Some((2, 0x04, 0x1b)),
+        "while it runs: {tur:?}"
+    );
+    let rd = a.run(&read10_cdb(0, 1), 512, None);
+    assert_eq!(
+        rd.sense_triplet(),
+        Some((2, 0x04, 0x1b)),
+        "READ while it runs: {rd:?}"
+    );
+    let inq = a.run(&[0x12, 0, 0, 0, 36, 0], 36, None);
+    assert_eq!(inq.status, 0, "INQUIRY is allowed while it runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.run(&[0, 0, 0, 0, 0, 0], 0, None).status != 0 {
+        assert!(Instant::now() < deadline, "SANITIZE did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.read10(100, 1), vec![0xaa; 512]);
+    assert_eq!(a.read10(16383, 1), vec![0xaa; 512]);
+}
+
+/// MODE SENSE(10) of one page (DBD), returned as the page alone with PS cleared.
+fn mode_page(c: &mut Client, code: u8) -> Vec<u8> {
+    let r = c.run(&[0x5a, 0x08, code, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "MODE SENSE page {code:#x}: {r:?}");
+    let mut page = r.data[8..].to_vec();
+    page[0] &= 0x3f;
+    page
+}
+
+/// MODE SELECT(10), PF = 1, with `sp`, of one page.
+fn mode_select(c: &mut Client, sp: bool, page: &[u8]) -> ScsiResult {
+    let mut p = vec![0u8; 8];
+    p.extend_from_slice(page);
+    let n = p.len() as u16;
+    let cdb = [
+        0x55,
+        0x10 | u8::from(sp),
+        0,
+        0,
+        0,
+        0,
+        0,
+        (n >> 8) as u8,
+        n as u8,
+        0,
+    ];
+    c.run(&cdb, u32::from(n), Some(&p))
+}
+
+#[test]
+fn mode_select_save_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut c = session(server.port, NODE_A);
+    // The informational exceptions page as it is (= as saved): SP = 1 is accepted.
+    let iec = mode_page(&mut c, 0x1c);
+    let r = mode_select(&mut c, true, &iec);
+    assert_eq!(r.status, 0, "SP=1 with the saved values: {r:?}");
+    // Caching page with WCE cleared: a change the LU cannot save.
+    let mut caching = mode_page(&mut c, 0x08);
+    caching[2] &= !0x04;
+    let r = mode_select(&mut c, true, &caching);
+    assert_eq!(r.sense_triplet(), Some((5, 0x39, 0x00)), "{r:?}");
+    // Without SP the same change is made (current values only).
+    assert_eq!(mode_select(&mut c, false, &caching).status, 0);
+    assert_eq!(mode_page(&mut c, 0x08)[2] & 0x04, 0);
+}
+
+#[test]
+fn log_sense_provisioning_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut c = session(server.port, NODE_A);
+    let r = c.run(&[0x4d, 0, 0x00, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "LOG SENSE page 0: {r:?}");
+    assert_eq!(&r.data[4..], &[0x00, 0x0c], "supported pages");
+    let page = |c: &mut Client| {
+        let r = c.run(&[0x4d, 0, 0x4c, 0, 0, 0, 0, 0, 255, 0], 255, None);
+        assert_eq!(r.status, 0, "LOG SENSE page 0x0C: {r:?}");
+        assert_eq!(
+            (r.data[0] & 0x3f, u16::from_be_bytes([r.data[2], r.data[3]])),
+            (0x0c, 24)
+        );
+        assert_eq!(&r.data[4..8], &[0, 1, 3, 8], "available parameter");
+        assert_eq!(&r.data[16..20], &[0, 2, 3, 8], "used parameter");
+        (be32(&r.data[8..]), be32(&r.data[20..]))
+    };
+    let (available, used) = page(&mut c);
+    assert!(available > 0);
+    c.write10(0, &vec![0x5a; 64 << 10]);
+    let r = c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(r.status, 0);
+    let (_, used_after) = page(&mut c);
+    assert!(
+        used_after >= used + 128,
+        "used blocks {used} -> {used_after}"
+    );
+}
+
+/// A `diskless serve` on two portals (127.0.0.1 and 127.0.0.2, both loopback); killed when
+/// dropped.
+struct TwoPortals {
+    child: std::process::Child,
+    ports: Vec<(String, u16)>,
+}
+
+impl Drop for TwoPortals {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_two_portals(dir: &Path) -> TwoPortals {
+    use std::io::BufRead;
+    let cfg = dir.join("targets.yaml");
+    std::fs::write(&cfg, config(dir, &[0]).to_yaml()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("server.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut server = TwoPortals {
+        child,
+        ports: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.ports.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("server did not announce two portals: {e}"));
+        if let Some(rest) = line.strip_prefix("diskless: listening on ") {
+            let addr: std::net::SocketAddr =
+                rest.split_whitespace().next().unwrap().parse().unwrap();
+            server.ports.push((addr.ip().to_string(), addr.port()));
+        }
+    }
+    server
+}
+
+#[test]
+fn two_portals_are_two_target_port_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = start_two_portals(d);
+    let mut seen = Vec::new();
+    for (ip, port) in &server.ports {
+        let stream = std::net::TcpStream::connect((ip.as_str(), *port)).unwrap();
+        let mut c = Client::connect_stream(stream);
+        c.login(NODE_A, TARGET).expect("login");
+        let _ = c.run(&[0, 0, 0, 0, 0, 0], 0, None);
+        let tpgt: u16 = c.answer("TargetPortalGroupTag").unwrap().parse().unwrap();
+        // VPD 0x83: relative target port (type 4) and target port group (type 5).
+        let r = c.run(&[0x12, 1, 0x83, 1, 0, 0], 256, None);
+        assert_eq!(r.status, 0);
+        let (mut rel, mut tpg) = (None, None);
+        let mut off = 4;
+        while off + 4 <= r.data.len() {
+            let (ty, len) = (r.data[off + 1] & 0x0f, usize::from(r.data[off + 3]));
+            let v = u16::from_be_bytes([r.data[off + 6], r.data[off + 7]]);
+            match ty {
+                4 => rel = Some(v),
+                5 => tpg = Some(v),
+                _ => {}
+            }
+            off += 4 + len;
+        }
+        assert_eq!(rel, Some(tpgt), "relative port on {ip}");
+        assert_eq!(tpg, Some(tpgt), "target port group on {ip}");
+        // REPORT TARGET PORT GROUPS: both groups, active/optimized, one port each.
+        let r = c.run(&[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256, None);
+        assert_eq!(r.status, 0, "RTPG: {r:?}");
+        assert_eq!(be32(&r.data[0..]), 24, "{r:?}");
+        for (i, g) in r.data[4..].chunks_exact(12).enumerate() {
+            assert_eq!(g[0] & 0x0f, 0, "active/optimized");
+            assert_eq!(u16::from_be_bytes([g[2], g[3]]) as usize, i + 1);
+            assert_eq!(g[7], 1);
+            assert_eq!(u16::from_be_bytes([g[10], g[11]]) as usize, i + 1);
+        }
+        seen.push(tpgt);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2], "two portals, two relative port ids");
+}

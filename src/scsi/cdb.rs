@@ -88,12 +88,20 @@ pub mod op {
     pub const WRITE12: u8 = 0xaa;
     pub const WRITE_VERIFY12: u8 = 0xae;
     pub const VERIFY12: u8 = 0xaf;
+    pub const SANITIZE: u8 = 0x48;
+    pub const LOG_SENSE: u8 = 0x4d;
+    /// SANITIZE service actions (SBC-4 §5.30).
+    pub const SA_OVERWRITE: u8 = 0x01;
+    pub const SA_BLOCK_ERASE: u8 = 0x02;
+    pub const SA_CRYPTO_ERASE: u8 = 0x03;
+    pub const SA_EXIT_FAILURE_MODE: u8 = 0x1f;
     pub const READ_DEFECT12: u8 = 0xb7;
     /// SERVICE ACTION IN(16) service actions.
     pub const SA_READ_CAPACITY16: u8 = 0x10;
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service actions.
     pub const SA_REPORT_OPCODES: u8 = 0x0c;
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0a;
 }
 
 const FF: u8 = 0xff;
@@ -130,6 +138,27 @@ pub static COMMANDS: &[CmdInfo] = &[
         &[FF, 0xe8, FF, FF, FF, FF, 0x1f, FF, FF, 0],
     ),
     c(op::UNMAP, &[FF, 0, 0, 0, 0, 0, 0x1f, FF, FF, 0]),
+    s(
+        op::SANITIZE,
+        op::SA_OVERWRITE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_BLOCK_ERASE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_CRYPTO_ERASE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    s(
+        op::SANITIZE,
+        op::SA_EXIT_FAILURE_MODE,
+        &[FF, 0xbf, 0, 0, 0, 0, 0, FF, FF, 0],
+    ),
+    c(op::LOG_SENSE, &[FF, 0, FF, FF, 0, FF, FF, FF, FF, 0]),
     c(op::MODE_SELECT10, &[FF, 0x11, 0, 0, 0, 0, 0, FF, FF, 0]),
     c(op::MODE_SENSE10, &[FF, 0x18, FF, FF, 0, 0, 0, FF, FF, 0]),
     s(op::PR_IN, 0x00, &[FF, 0x1f, 0, 0, 0, 0, 0, FF, FF, 0]),
@@ -233,6 +262,11 @@ pub static COMMANDS: &[CmdInfo] = &[
         ],
     ),
     c(op::REPORT_LUNS, &[FF, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0]),
+    s(
+        op::MAINTENANCE_IN,
+        op::SA_REPORT_TARGET_PORT_GROUPS,
+        &[FF, 0xff, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ),
     s(
         op::MAINTENANCE_IN,
         op::SA_REPORT_OPCODES,

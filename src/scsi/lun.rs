@@ -48,6 +48,8 @@ pub struct LuOptions {
     /// Where persistent reservations with APTPL = 1 are kept (SPC-4 §5.13.4); None: APTPL
     /// is refused and PTPL_C is 0.
     pub pr_file: Option<std::path::PathBuf>,
+    /// Bytes a second SANITIZE OVERWRITE writes at most (0 = unpaced).
+    pub sanitize_rate: u64,
 }
 
 impl Default for LuOptions {
@@ -60,6 +62,7 @@ impl Default for LuOptions {
             max_unmap_descriptors: 256,
             physical_block_exponent: 0,
             pr_file: None,
+            sanitize_rate: 256 << 20,
         }
     }
 }
@@ -131,11 +134,40 @@ pub(super) fn good(data: Vec<u8>) -> Out {
     Ok((status::GOOD, data))
 }
 
+/// ENOSPC or EDQUOT, directly or as the message of a wrapped error.
+fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_filesystem_is_space_allocation_failed() {
+        let full = || StorageError::Io(std::io::Error::from_raw_os_error(28));
+        let sense = |f: Fail| match f {
+            Fail::Check(s) => s,
+            Fail::Conflict => panic!("conflict"),
+        };
+        assert_eq!(sense(storage(full(), true)), SPACE_ALLOCATION_FAILED);
+        assert_eq!(sense(storage(full(), false)), READ_ERROR);
+        let eio = StorageError::Io(std::io::Error::from_raw_os_error(5));
+        assert_eq!(sense(storage(eio, true)), WRITE_ERROR);
+    }
+}
+
 fn storage(e: StorageError, write: bool) -> Fail {
     Fail::Check(match e {
         StorageError::OutOfRange { .. } => LBA_OUT_OF_RANGE,
         StorageError::ReadOnly => WRITE_PROTECTED,
         StorageError::Unsupported(_) => INVALID_FIELD_CDB,
+        // The backing filesystem is full: SBC-4 §4.7.3.7's answer for a thin LU out of
+        // space, 07/27/07 SPACE ALLOCATION FAILED WRITE PROTECT, which Linux and Windows
+        // handle as "out of space" rather than a failing medium.
+        StorageError::Io(e) if write && out_of_space(&e) => SPACE_ALLOCATION_FAILED,
         StorageError::Io(_) if write => WRITE_ERROR,
         StorageError::Io(_) => READ_ERROR,
     })
@@ -146,6 +178,10 @@ pub struct LogicalUnit {
     pub(super) identity: LuIdentity,
     pub(super) opts: LuOptions,
     pub(super) state: Mutex<State>,
+    pub(super) sanitize: Arc<super::sanitize::SanitizeState>,
+    /// Target port groups: one per portal group, each with one target port whose relative
+    /// port identifier equals the group's (REPORT TARGET PORT GROUPS, SPC-4 §6.37).
+    pub(super) port_groups: std::sync::atomic::AtomicU16,
     /// Writes hold it shared; COMPARE AND WRITE and ORWRITE hold it exclusively so that their
     /// read-modify-write is atomic against every other write (SBC-3 §5.2).
     io: RwLock<()>,
@@ -207,6 +243,8 @@ impl LogicalUnit {
             identity,
             opts,
             state: Mutex::new(state),
+            sanitize: Arc::default(),
+            port_groups: std::sync::atomic::AtomicU16::new(1),
             io: RwLock::new(()),
         }
     }
@@ -250,6 +288,17 @@ impl LogicalUnit {
         drop(f);
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// How many portal groups (target port groups) reach this LU.
+    pub fn set_port_groups(&self, n: u16) {
+        self.port_groups
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether sense data goes out in descriptor format (control mode page D_SENSE).
+    pub fn descriptor_sense(&self) -> bool {
+        self.lock().mode.d_sense
     }
 
     pub fn options(&self) -> &LuOptions {
@@ -317,6 +366,8 @@ impl LogicalUnit {
             op::UNMAP | op::MODE_SELECT10 => Transfer::Out(len32(be(cdb, 7, 2))),
             op::MODE_SELECT6 => Transfer::Out(len32(be(cdb, 4, 1))),
             op::PR_OUT => Transfer::Out(len32(be(cdb, 5, 4))),
+            op::SANITIZE => Transfer::Out(len32(be(cdb, 7, 2))),
+            op::LOG_SENSE => Transfer::In(len32(be(cdb, 7, 2))),
             op::INQUIRY => Transfer::In(len32(be(cdb, 3, 2))),
             op::REQUEST_SENSE | op::MODE_SENSE6 => Transfer::In(len32(be(cdb, 4, 1))),
             op::MODE_SENSE10 | op::PR_IN | op::READ_DEFECT10 => Transfer::In(len32(be(cdb, 7, 2))),
@@ -356,6 +407,10 @@ impl LogicalUnit {
             initiator_port: nexus.initiator_port.clone(),
             relative_port: nexus.relative_port,
         };
+        let status_only = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
+        if self.sanitize.running() && !status_only {
+            return Err(super::sanitize::SANITIZE_IN_PROGRESS.into());
+        }
         {
             let mut st = self.lock();
             st.nexuses.insert(nexus.id, who.clone());
@@ -387,6 +442,9 @@ impl LogicalUnit {
                 op::SA_READ_CAPACITY16 => self.read_capacity16(cdb),
                 _ => self.get_lba_status(cdb),
             },
+            op::MAINTENANCE_IN if byte(cdb, 1) & 0x1f == op::SA_REPORT_TARGET_PORT_GROUPS => {
+                self.report_target_port_groups(cdb)
+            }
             op::MAINTENANCE_IN => super::spc::report_opcodes(cdb, self.thin()),
             op::REPORT_LUNS => Err(INVALID_OPCODE.into()), // answered by the LunTable
             op::READ6 | op::READ10 | op::READ12 | op::READ16 => self.read(cdb),
@@ -403,6 +461,8 @@ impl LogicalUnit {
             op::ORWRITE16 => self.orwrite(cdb, data_out),
             op::WRITE_ATOMIC16 => self.write_atomic(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
+            op::SANITIZE => self.sanitize(cdb, data_out),
+            op::LOG_SENSE => self.log_sense(cdb),
             op::PREFETCH10 | op::PREFETCH16 => {
                 let f = self.prefetch_fields(cdb);
                 self.range(f.0, f.1)?;
@@ -591,7 +651,7 @@ impl LogicalUnit {
         good(buf)
     }
 
-    fn check_writable(&self) -> Result<(), Fail> {
+    pub(super) fn check_writable(&self) -> Result<(), Fail> {
         if self.write_protected() {
             return Err(WRITE_PROTECTED.into());
         }
@@ -1032,6 +1092,7 @@ fn access_class(cdb: &[u8]) -> Access {
         | op::READ_CAPACITY10
         | op::SERVICE_ACTION_IN16
         | op::MAINTENANCE_IN
+        | op::LOG_SENSE
         | op::PREVENT_ALLOW => Access::Always,
         op::READ6
         | op::READ10

@@ -79,6 +79,7 @@ pub enum ResetKind {
 pub mod cdb;
 mod lun;
 pub mod pr;
+mod sanitize;
 pub mod sense;
 mod spc;
 mod table;

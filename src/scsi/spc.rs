@@ -41,7 +41,9 @@ impl LogicalUnit {
         v[1] = if self.opts.removable { 0x80 } else { 0 };
         v[2] = 0x06; // SPC-4
         v[3] = 0x12; // HISUP, response data format 2
-        v[5] = 0x08; // 3PC: EXTENDED COPY
+                     // 3PC: EXTENDED COPY; TPGS 01b: implicit ALUA (REPORT TARGET PORT GROUPS, every
+                     // group active/optimized: all paths are equal).
+        v[5] = 0x08 | 0x10;
         v[7] = 0x02; // CMDQUE
         v.extend(padded(&self.identity.vendor, 8));
         v.extend(padded(&self.identity.product, 16));
@@ -81,6 +83,10 @@ impl LogicalUnit {
                 // Relative target port (type 4, association target port, iSCSI, PIV).
                 body.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
                 body.extend_from_slice(&nexus.relative_port.to_be_bytes());
+                // Target port group (type 5): one group per portal group, numbered like the
+                // relative port, so MPIO (MSDSM, dm-multipath) tells the paths apart.
+                body.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0]);
+                body.extend_from_slice(&nexus.relative_port.to_be_bytes());
             }
             0x8f => body = super::xcopy::third_party_copy_vpd(),
             0xb0 => {
@@ -114,6 +120,11 @@ impl LogicalUnit {
                 // Block device characteristics (SBC-3 §6.5.2): non-rotating medium.
                 body.resize(0x3c, 0);
                 body[0..2].copy_from_slice(&1u16.to_be_bytes());
+                if self.thin() {
+                    // WABEREQ = WACEREQ = 01b: reads after a SANITIZE BLOCK / CRYPTO ERASE
+                    // succeed (with zeroes) (SBC-4 §6.6.2).
+                    body[3] = 0x50;
+                }
             }
             0xb2 => {
                 // Logical block provisioning (SBC-3 §6.5.4).
@@ -129,6 +140,91 @@ impl LogicalUnit {
         v.extend_from_slice(&(body.len() as u16).to_be_bytes());
         v.extend(body);
         Ok(v)
+    }
+
+    /// LOG SENSE (SPC-4 §6.8): page 0x00 (supported pages) and, on a thin LU whose store
+    /// knows its space, page 0x0C logical block provisioning (SBC-4 §6.4.6): available and
+    /// used LBA mapping resources in threshold sets of 2^THRESHOLD EXPONENT blocks; VPD 0xB2
+    /// says 0 (no thresholds), so the counts are in logical blocks (saturating at 2^32 - 1).
+    /// Windows shows thin-provisioning usage from it.
+    pub(super) fn log_sense(&self, cdb: &[u8]) -> Out {
+        let page = byte(cdb, 2) & 0x3f;
+        let sub = byte(cdb, 3);
+        let pointer = be(cdb, 5, 2);
+        let alloc = be(cdb, 7, 2) as usize;
+        let space = if self.thin() {
+            self.store.space()
+        } else {
+            None
+        };
+        let mut supported = vec![0x00];
+        if space.is_some() {
+            supported.push(0x0c);
+        }
+        if sub != 0 {
+            return Err(Sense::invalid_cdb_field(3, None).into());
+        }
+        let body = match (page, space) {
+            (0x00, _) => {
+                if pointer != 0 {
+                    return Err(Sense::invalid_cdb_field(5, None).into());
+                }
+                supported
+            }
+            (0x0c, Some(sp)) => {
+                let unit = self.block_size();
+                let count = |bytes: u64| u32::try_from(bytes / unit.max(1)).unwrap_or(u32::MAX);
+                let mut b = Vec::new();
+                for (code, bytes) in [(1u16, sp.available), (2, sp.used)] {
+                    if code < pointer as u16 {
+                        continue;
+                    }
+                    // Binary list parameter (FORMAT AND LINKING 11b), 8 bytes: RESOURCE
+                    // COUNT and SCOPE 01b (dedicated to this LU).
+                    b.extend_from_slice(&code.to_be_bytes());
+                    b.extend_from_slice(&[0x03, 0x08]);
+                    b.extend_from_slice(&count(bytes).to_be_bytes());
+                    b.extend_from_slice(&[0x01, 0, 0, 0]);
+                }
+                if pointer > 2 {
+                    return Err(Sense::invalid_cdb_field(5, None).into());
+                }
+                b
+            }
+            _ => return Err(Sense::invalid_cdb_field(2, Some(5)).into()),
+        };
+        let mut v = vec![page, 0];
+        v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        v.extend(body);
+        v.truncate(alloc);
+        good(v)
+    }
+
+    /// REPORT TARGET PORT GROUPS (SPC-4 §6.37), length-only format: every portal group is a
+    /// target port group with one target port (relative port = group number), asymmetric
+    /// access state active/optimized (implicit ALUA: nothing to switch, all paths equal).
+    pub(super) fn report_target_port_groups(&self, cdb: &[u8]) -> Out {
+        if byte(cdb, 1) >> 5 != 0 {
+            // Only the length-only header format (PARAMETER DATA FORMAT 000b).
+            return Err(Sense::invalid_cdb_field(1, Some(7)).into());
+        }
+        let alloc = be(cdb, 6, 4) as usize;
+        let mut d = Vec::new();
+        let groups = self
+            .port_groups
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        for g in 1..=groups {
+            // PREF 1, state 0h active/optimized; AO_SUP; TPG id; status; target port count.
+            d.extend_from_slice(&[0x80, 0x01]);
+            d.extend_from_slice(&g.to_be_bytes());
+            d.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+            d.extend_from_slice(&g.to_be_bytes());
+        }
+        let mut v = (d.len() as u32).to_be_bytes().to_vec();
+        v.extend(d);
+        v.truncate(alloc);
+        good(v)
     }
 
     /// One mode page as current (or changeable / default) values.
@@ -233,10 +329,11 @@ impl LogicalUnit {
     /// MODE SELECT(6)/(10) (SPC-4 §6.9/§6.10): only the changeable bits may differ.
     pub(super) fn mode_select(&self, nexus: &Nexus, cdb: &[u8], data: &[u8]) -> Out {
         let ten = byte(cdb, 0) == 0x55;
-        if byte(cdb, 1) & 0x01 != 0 {
-            // SP: nothing is savable.
-            return Err(Sense::invalid_cdb_field(1, Some(0)).into());
-        }
+        // SP = 1 (save pages): the saved values are the defaults and cannot change, so a page
+        // is accepted when it equals them (saving would change nothing; Windows' disk driver
+        // sends the informational exceptions page this way), else 05/39/00 SAVING
+        // PARAMETERS NOT SUPPORTED (SPC-4 §6.11, §7.5.2).
+        let save = byte(cdb, 1) & 0x01 != 0;
         let plen = if ten { be(cdb, 7, 2) } else { be(cdb, 4, 1) } as usize;
         if plen == 0 {
             return good(vec![]);
@@ -267,6 +364,12 @@ impl LogicalUnit {
                 .ok_or(Fail::Check(PARAM_LIST_LENGTH))?;
             if !matches!(code, 0x08 | 0x0a | 0x1c) {
                 return Err(Sense::invalid_param_field(off as u16, None).into());
+            }
+            if save {
+                let saved = self.mode_page(code, &ModeState::default(), false);
+                if page.get(1..) != saved.get(1..) {
+                    return Err(SAVING_NOT_SUPPORTED.into());
+                }
             }
             let cur = self.mode_page(code, &m, false);
             let chg = self.mode_page(code, &m, true);
@@ -301,10 +404,17 @@ impl LogicalUnit {
 
 /// Commands as this LU supports them: without UNMAP and the WRITE SAME UNMAP bit unless it
 /// is thin provisioned.
+fn deallocates(c: &CmdInfo) -> bool {
+    c.opcode == op::UNMAP
+        || (c.opcode == op::SANITIZE
+            && matches!(c.sa, Some(op::SA_BLOCK_ERASE | op::SA_CRYPTO_ERASE)))
+}
+
 fn supported(thin: bool) -> impl Iterator<Item = CmdInfo> {
     COMMANDS
         .iter()
-        .filter(move |c| thin || c.opcode != op::UNMAP)
+        // UNMAP and the SANITIZE erases that deallocate exist only on thin LUs.
+        .filter(move |c| thin || !deallocates(c))
         .map(move |c| {
             let mut usage = c.usage.to_vec();
             if !thin && matches!(c.opcode, op::WRITE_SAME10 | op::WRITE_SAME16) {

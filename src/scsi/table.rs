@@ -38,6 +38,42 @@ impl LunTable {
         }
     }
 
+    /// Task management for `lun` (None: every LUN): commands that wait for a long
+    /// operation (SANITIZE with IMMED = 0) stop waiting, so the abort completes now.
+    pub fn release_waiting(&self, lun: Option<u64>) {
+        match lun {
+            Some(l) => {
+                if let Some(lu) = self.get(l) {
+                    lu.release_waiting();
+                }
+            }
+            None => self.luns.values().for_each(|lu| lu.release_waiting()),
+        }
+    }
+
+    /// Whether `edtl` bytes of Data-Out may go with this CDB. READ/WRITE-family commands take
+    /// min(EDTL, transfer length) (FCP-4 §9.4.2), but WRITE SAME's single block and COMPARE
+    /// AND WRITE's verify + write blocks are one unit each: more Data-Out than the CDB
+    /// describes is refused with 05/0E/03 INVALID FIELD IN COMMAND INFORMATION UNIT (SBC-4
+    /// §5.3, §5.49), never silently cut.
+    pub fn data_out_fits(
+        &self,
+        lun: u64,
+        cdb: &[u8],
+        edtl: u32,
+        transfer: u32,
+    ) -> Result<(), ScsiResult> {
+        let exact = matches!(
+            byte(cdb, 0),
+            op::WRITE_SAME10 | op::WRITE_SAME16 | op::COMPARE_AND_WRITE
+        );
+        if !exact || edtl <= transfer || transfer == 0 {
+            return Ok(());
+        }
+        let desc = self.get(lun).is_some_and(|lu| lu.descriptor_sense());
+        Err(check_result(super::sense::INVALID_FIELD_IU, desc))
+    }
+
     pub fn execute(&self, nexus: &Nexus, lun: u64, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
         let opcode = byte(cdb, 0);
         let lu = self.get(lun);

@@ -395,7 +395,8 @@ async fn login(
                     id: handle.nexus_id,
                     initiator_port: format!("{},i,0x{}", params.initiator_name, hex(&done.isid)),
                     initiator_name: params.initiator_name.clone(),
-                    relative_port: 1,
+                    // Each portal group is its own relative target port (MPIO, SPC-4 §7.8.6.4).
+                    relative_port: server.registry().tpgt_of(local),
                 };
                 return Ok(Some(Ready {
                     stream,
@@ -990,6 +991,12 @@ impl Conn {
             // Data-Out with a CDB that takes none (or a length its field cannot express) is
             // still collected: the SCSI layer decides (e.g. COMPARE AND WRITE of 256 blocks).
             Transfer::Out(n) if n > 0 || (c.write && edtl > 0) => {
+                if let Err(result) = luns.data_out_fits(c.lun, &c.cdb, edtl, n) {
+                    if (data.len() as u32) < edtl && !c.final_ {
+                        self.absorbing.insert(c.itt);
+                    }
+                    return self.complete(c.itt, c.lun, result, edtl, None, 0).await;
+                }
                 let n_use = if n == 0 { edtl } else { n };
                 // A transfer length that disagrees with the EDTL is processed as FCP-4 §9.4.2
                 // says (and libiscsi's residual tests expect): only min(EDTL, transfer) bytes
@@ -1279,6 +1286,14 @@ impl Conn {
             1 => 1,
             _ => 2,
         };
+        if response == 0 {
+            // The I_T nexus ends with this logout (one connection per session): release its
+            // RESERVE(6) and the like before the initiator hears so, or a command it sends
+            // next on another session can still meet them (SPC-2 §5.5.1, SAM-5 §6.3.4).
+            if let Some(luns) = &self.luns {
+                luns.nexus_lost(&self.nexus);
+            }
+        }
         self.send(Pdu {
             bhs: Bhs::LogoutResponse(LogoutResponse {
                 response,
@@ -1322,6 +1337,9 @@ impl Conn {
                 } else if let Some(r) = self.running.get_mut(&rtt) {
                     r.aborted = true;
                     pending.waiting.insert(rtt);
+                    if let Some(l) = &self.luns {
+                        l.release_waiting(Some(r.lun));
+                    }
                 } else if let Some(sn) = self
                     .held
                     .iter()
@@ -1354,6 +1372,9 @@ impl Conn {
                     pending.response = 2;
                 } else {
                     self.abort_where(|lun| lun == t.lun, &mut pending);
+                    if let Some(l) = &self.luns {
+                        l.release_waiting(Some(t.lun));
+                    }
                     if function == 5 {
                         pending.reset = Some((Some(t.lun), ResetKind::LogicalUnit));
                     }
@@ -1362,6 +1383,9 @@ impl Conn {
             // TARGET WARM RESET, TARGET COLD RESET
             6 | 7 => {
                 self.abort_where(|_| true, &mut pending);
+                if let Some(l) = &self.luns {
+                    l.release_waiting(None);
+                }
                 let kind = if function == 6 {
                     ResetKind::TargetWarm
                 } else {

@@ -59,6 +59,16 @@ pub(crate) fn note_would_block() {
     WOULD_BLOCK.with(|w| w.set(true));
 }
 
+/// Space of the storage under a store, in bytes: what a thin LU reports in LOG SENSE page
+/// 0x0C (logical block provisioning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes the store may still allocate (free space of its filesystem).
+    pub available: u64,
+    /// Bytes the store has allocated.
+    pub used: u64,
+}
+
 /// A block device. Must be safe to call from many threads at once (positional I/O).
 pub trait BlockStore: Send + Sync + 'static {
     /// Logical block size in bytes (512 or 4096).
@@ -79,4 +89,8 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Allocation status at `offset`: (mapped, length in bytes of the run with that status,
     /// at least one block, clamped to the end of the device). For GET LBA STATUS.
     fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError>;
+    /// Available and used space, where the backend can tell (None: it cannot).
+    fn space(&self) -> Option<Space> {
+        None
+    }
 }

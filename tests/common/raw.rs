@@ -206,7 +206,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(port: u16) -> Client {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        Client::connect_stream(TcpStream::connect(("127.0.0.1", port)).unwrap())
+    }
+
+    /// A client on an already connected socket (another portal address).
+    pub fn connect_stream(stream: TcpStream) -> Client {
         stream.set_nodelay(true).unwrap();
         Client {
             stream,
