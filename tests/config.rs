@@ -189,12 +189,13 @@ fn wildcard_portals_report_the_local_address() {
     let dir = tempfile::tempdir().unwrap();
     let r = directory(TWO_TARGETS, dir.path());
     let v4 = r.visible_targets("x", "10.0.0.1:3260".parse().unwrap());
-    // 0.0.0.0 and [::] both become the address the initiator reached (listed once).
-    assert_eq!(v4[0].addresses, vec!["10.0.0.1:3260,1", "192.0.2.7:3270,1"]);
+    // 0.0.0.0 and [::] both become the address the initiator reached (listed once); each
+    // configured portal is its own portal group, tagged by its place in `portals`.
+    assert_eq!(v4[0].addresses, vec!["10.0.0.1:3260,1", "192.0.2.7:3270,3"]);
     let v6 = r.visible_targets("x", "[2001:db8::5]:3260".parse().unwrap());
     assert_eq!(
         v6[0].addresses,
-        vec!["[2001:db8::5]:3260,1", "192.0.2.7:3270,1"]
+        vec!["[2001:db8::5]:3260,1", "192.0.2.7:3270,3"]
     );
     assert_eq!(r.portal_group_tag("10.0.0.1:3260".parse().unwrap()), 1);
 }
