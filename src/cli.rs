@@ -26,6 +26,10 @@ pub struct Cli {
     /// "diskless=debug"); overrides RUST_LOG. Default: RUST_LOG, else info.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log: Option<String>,
+    /// Log line format: text (colours only on a terminal, and never with NO_COLOR set) or
+    /// json (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -229,7 +233,15 @@ impl CliError {
     }
 }
 
-fn init_logging(level: Option<&str>) {
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(level: Option<&str>, format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|e| {
@@ -238,11 +250,18 @@ fn init_logging(level: Option<&str>) {
         }),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    // try_init: a second initialisation (tests) is not an error worth dying for.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // try_init: a second initialisation (tests) is not an error worth dying for.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => {
+            // Escape codes only for a person at a terminal (https://no-color.org).
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).try_init()
+        }
+    };
 }
 
 /// The `diskless` binary.
@@ -254,7 +273,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    init_logging(cli.log.as_deref());
+    init_logging(cli.log.as_deref(), cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

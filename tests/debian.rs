@@ -17,8 +17,11 @@
 //! Run time under TCG: see docs/testing.md.
 
 mod common;
+#[path = "common/guest.rs"]
+mod guest;
 
 use common::*;
+use guest::{clean, tail};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -36,30 +39,6 @@ const MARKER_TIMEOUT: Duration = Duration::from_secs(300);
 /// The builder's layout: partition 2 (ext4 root) starts at sector 2048 + 64 MiB.
 const ROOT_START_SECTOR: u64 = 2048 + 64 * 2048;
 const TARGET: &str = "iqn.2026-11.test:debian";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn boot_cache() -> PathBuf {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(&tmp).join("boot-cache")
-}
-
-/// Fail (never skip) when a tool or file is missing, naming its Debian package.
-fn require(what: &str, package: &str) {
-    let found = if what.starts_with('/') {
-        Path::new(what).exists()
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(what).is_file()))
-            .unwrap_or(false)
-    };
-    assert!(
-        found,
-        "'{what}' not found: install the Debian package {package} (scripts/test.sh does it as root)"
-    );
-}
 
 fn require_tools() {
     for (tool, pkg) in [
@@ -111,34 +90,6 @@ fn image() -> PathBuf {
         Ok(p) => p.clone(),
         Err(text) => panic!("scripts/boot/debian-image.sh failed:\n{text}"),
     }
-}
-
-/// The serial log without carriage returns and terminal escapes.
-fn clean(log: &str) -> String {
-    let mut s = String::with_capacity(log.len());
-    let mut chars = log.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {}
-            '\x1b' => {
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for d in chars.by_ref() {
-                        if d.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => s.push(c),
-        }
-    }
-    s
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Serve a copy of the Debian image as the golden image of TARGET with one volatile and one
