@@ -125,6 +125,7 @@ fn nexus() -> Nexus {
         initiator_port: "iqn.2026-11.test:bench,i,0x400001370000".into(),
         initiator_name: "iqn.2026-11.test:bench".into(),
         relative_port: 1,
+        target_port: String::new(),
     }
 }
 

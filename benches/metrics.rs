@@ -34,6 +34,7 @@ fn nexus() -> Nexus {
         initiator_port: "iqn.2026-11.bench:i,i,0x400027230001".into(),
         initiator_name: "iqn.2026-11.bench:i".into(),
         relative_port: 1,
+        target_port: String::new(),
     }
 }
 

@@ -765,6 +765,7 @@ fn serves_as_a_logical_unit() {
         initiator_port: "iqn.test:c1,i,0x000000000001".into(),
         initiator_name: "iqn.test:c1".into(),
         relative_port: 1,
+        target_port: String::new(),
     };
     let run = |c: &[u8], d: &[u8]| {
         let mut c = c.to_vec();

@@ -37,6 +37,7 @@ fn nexus(id: u64) -> Nexus {
         initiator_port: format!("iqn.test:init{id},i,0x00023d00000{id}"),
         initiator_name: format!("iqn.test:init{id}"),
         relative_port: 1,
+        target_port: "iqn.2026-11.test:target,t,0x0001".into(),
     }
 }
 
@@ -124,6 +125,25 @@ fn inquiry_standard_and_vpd() {
             4 + u16::from_be_bytes([r.data_in[2], r.data_in[3]]) as usize
         );
     }
+    // VPD 0x83 (SPC-4 §7.8.6): walk the designators; MPIO needs the relative port (type 4),
+    // the target port group (type 5) and the target port's SCSI name string (type 8, UTF-8,
+    // NUL-terminated, a multiple of 4 bytes).
+    let r = run(&lu, &n, &[0x12, 1, 0x83, 0, 255, 0], &[]);
+    let (mut at, mut types) = (4usize, Vec::new());
+    while at + 4 <= r.data_in.len() {
+        let (kind, len) = (r.data_in[at + 1] & 0x0f, r.data_in[at + 3] as usize);
+        let value = &r.data_in[at + 4..at + 4 + len];
+        if kind == 8 {
+            assert_eq!(r.data_in[at] & 0x0f, 3, "UTF-8 code set");
+            assert_eq!(len % 4, 0);
+            let name = value.split(|&b| b == 0).next().unwrap();
+            assert_eq!(name, b"iqn.2026-11.test:target,t,0x0001");
+        }
+        types.push(kind);
+        at += 4 + len;
+    }
+    assert_eq!(at, r.data_in.len());
+    assert_eq!(types, [3, 1, 4, 5, 8]);
     let bl = run(&lu, &n, &[0x12, 1, 0xb0, 0, 255, 0], &[]);
     assert_eq!(bl.data_in[3], 0x3c);
     let lbp = run(&lu, &n, &[0x12, 1, 0xb2, 0, 255, 0], &[]);

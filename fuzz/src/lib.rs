@@ -591,6 +591,7 @@ pub fn test_nexus(i: u8) -> Nexus {
         initiator_port: format!("{name},i,0x80002723000{i}"),
         initiator_name: name,
         relative_port: 1,
+        target_port: String::new(),
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Nexus {
     pub initiator_name: String,
     /// Relative target port identifier (VPD 0x83, PR).
     pub relative_port: u16,
+    /// Target port name: for iSCSI "TargetName,t,0xTPGT" (RFC 7143 §4.2.7.1), the SCSI name
+    /// string of the target port in VPD 0x83 (SPC-4 §7.8.6.11). Empty: not reported.
+    pub target_port: String,
 }
 
 /// What a command produced.

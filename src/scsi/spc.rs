@@ -87,6 +87,18 @@ impl LogicalUnit {
                 // relative port, so MPIO (MSDSM, dm-multipath) tells the paths apart.
                 body.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0]);
                 body.extend_from_slice(&nexus.relative_port.to_be_bytes());
+                // SCSI name string of the target port (type 8, UTF-8, association target
+                // port, iSCSI, PIV; SPC-4 §7.8.6.11): NUL-terminated, padded to a multiple of
+                // 4 bytes, at most 255 (a longer name is left out rather than cut).
+                if !nexus.target_port.is_empty() {
+                    let mut name = nexus.target_port.as_bytes().to_vec();
+                    name.push(0);
+                    name.resize(name.len().next_multiple_of(4), 0);
+                    if let Ok(len) = u8::try_from(name.len()) {
+                        body.extend_from_slice(&[0x53, 0x98, 0, len]);
+                        body.extend(name);
+                    }
+                }
             }
             0x8f => body = super::xcopy::third_party_copy_vpd(),
             0xb0 => {

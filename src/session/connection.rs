@@ -397,6 +397,11 @@ async fn login(
                     initiator_name: params.initiator_name.clone(),
                     // Each portal group is its own relative target port (MPIO, SPC-4 §7.8.6.4).
                     relative_port: server.registry().tpgt_of(local),
+                    target_port: format!(
+                        "{},t,0x{:04x}",
+                        params.target_name,
+                        server.registry().tpgt_of(local)
+                    ),
                 };
                 return Ok(Some(Ready {
                     stream,
