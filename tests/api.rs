@@ -13,7 +13,7 @@ mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
+use common::{firmware_isid, os_isid, Config, Server};
 use http::{seg, wait_for, Api, Sse};
 use raw::Client;
 use std::path::Path;
@@ -26,16 +26,6 @@ const PC2: &str = "iqn.2026-11.test:pc2";
 const TOKEN: &str = "api-test-token-0123456789";
 const CHAP_SECRET: &str = "plain-chap-secret-77";
 const WAIT: Duration = Duration::from_secs(20);
-
-/// iPXE's ISID (IANA format, enterprise 0x002723).
-fn firmware_isid(q: u8) -> [u8; 6] {
-    [0x40, 0x00, 0x27, 0x23, 0, q]
-}
-
-/// open-iscsi's ISID (OUI format 00:02:3d).
-fn os_isid(q: u8) -> [u8; 6] {
-    [0x00, 0x02, 0x3d, 0x00, 0, q]
-}
 
 /// A boot target (pc1 bound by name and MAC, everyone else by the default binding) and a
 /// plain target behind CHAP; `api` is the api: section.

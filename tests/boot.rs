@@ -219,18 +219,7 @@ fn uefi_ipxe_sanboot_and_ibft_handoff() {
     assert_eq!(file_sha(&golden), before, "the golden image changed");
     // The client's disk (published with `client commit`, offline) holds its marker.
     let published = dir.path().join("published.img");
-    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["client", "commit", &initiator])
-        .arg(&published)
-        .arg("-c")
-        .arg(dir.path().join("targets.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    commit_offline(&dir.path().join("targets.yaml"), &initiator, &published);
     assert_eq!(
         marker_in_image(&published),
         format!("DISKLESS-WRITE {initiator}")

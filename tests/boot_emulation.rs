@@ -10,7 +10,7 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
+use common::{firmware_isid, os_isid, Config, Server};
 use raw::Client;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -18,16 +18,6 @@ use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.org.diskless:boot";
 const GOLDEN_SIZE: usize = 4 << 20;
-
-/// iPXE's ISID (IANA format, enterprise 0x002723) with a qualifier.
-fn firmware_isid(q: u16) -> [u8; 6] {
-    [0x40, 0x00, 0x27, 0x23, (q >> 8) as u8, q as u8]
-}
-
-/// open-iscsi's ISID (OUI format 00:02:3d).
-fn os_isid(q: u16) -> [u8; 6] {
-    [0x00, 0x02, 0x3d, 0x00, (q >> 8) as u8, q as u8]
-}
 
 fn golden(dir: &Path) -> Vec<u8> {
     let data = common::random_bytes(GOLDEN_SIZE, 7);

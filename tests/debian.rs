@@ -476,18 +476,7 @@ fn debian_persistent_root_keeps_writes_and_survives_a_hard_reset() {
 
     // The client's disk (published offline with `client commit`): its ext4 root is clean.
     let published = dir.path().join("published.img");
-    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["client", "commit", &per])
-        .arg(&published)
-        .arg("-c")
-        .arg(dir.path().join("targets.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client commit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    commit_offline(&dir.path().join("targets.yaml"), &per, &published);
     let rootfs = dir.path().join("root.ext4");
     let out = Command::new("dd")
         .arg(format!("if={}", published.display()))

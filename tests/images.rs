@@ -10,7 +10,7 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
+use common::{firmware_isid, os_isid, Config, Server};
 use diskless::storage::versions::{Images, Stamp};
 use diskless::storage::{BlockStore, FileStore, Overlay, OverlayOptions};
 use raw::Client;
@@ -22,14 +22,6 @@ use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.org.diskless:boot";
 const SIZE: usize = 4 << 20;
-
-fn firmware_isid(q: u16) -> [u8; 6] {
-    [0x40, 0x00, 0x27, 0x23, (q >> 8) as u8, q as u8]
-}
-
-fn os_isid(q: u16) -> [u8; 6] {
-    [0x00, 0x02, 0x3d, 0x00, (q >> 8) as u8, q as u8]
-}
 
 fn block(fill: u8) -> Vec<u8> {
     vec![fill; 512]

@@ -456,6 +456,33 @@ fn find_in_path(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// iPXE's ISID (IANA format, enterprise 0x002723) with a qualifier.
+pub fn firmware_isid(q: u16) -> [u8; 6] {
+    [0x40, 0x00, 0x27, 0x23, (q >> 8) as u8, q as u8]
+}
+
+/// open-iscsi's ISID (OUI format 00:02:3d) with a qualifier.
+pub fn os_isid(q: u16) -> [u8; 6] {
+    [0x00, 0x02, 0x3d, 0x00, (q >> 8) as u8, q as u8]
+}
+
+/// Publish a client's disk with `diskless client commit` while no server runs (the offline
+/// path: the configuration names the state directory); fails the test with its stderr.
+pub fn commit_offline(config: &Path, initiator: &str, out: &Path) {
+    let done = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["client", "commit", initiator])
+        .arg(out)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "client commit: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
 /// The repository (for scripts/ and fixtures).
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
