@@ -82,6 +82,22 @@ pub enum ClientCommand {
         #[command(flatten)]
         ctl: ControlArgs,
     },
+    /// Give a client another image and/or mode from its next boot on (kept until
+    /// --clear); a running client keeps its disk until it boots again (docs/overlays.md).
+    NextBoot {
+        initiator: String,
+        /// `name`, `name@N` or `name:channel` (docs/images.md), or an `images:` name.
+        #[arg(long, value_name = "IMAGE", conflicts_with = "clear")]
+        image: Option<String>,
+        /// volatile, persistent, readonly or direct.
+        #[arg(long, value_name = "MODE", conflicts_with = "clear")]
+        mode: Option<String>,
+        /// Remove the override: the next boot takes the binding's image and mode.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
     /// Publish a client's disk as the next version of a versioned image (IMAGE: a name),
     /// without stopping the client; or, given a path (with a `/` or ending in `.img`), write
     /// the golden image plus the overlay into a new flat image file.
@@ -303,6 +319,30 @@ pub fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Client(ClientCommand::Reset { initiator, ctl }) => {
             control(&ctl, &format!("reset {initiator}"), Some(&initiator))
+        }
+        Command::Client(ClientCommand::NextBoot {
+            initiator,
+            image,
+            mode,
+            clear,
+            ctl,
+        }) => {
+            // Checked here too, so a typo never reaches the server.
+            crate::boot::nextboot::request(image.as_deref(), mode.as_deref(), clear)
+                .map_err(|e| CliError::Io(e.to_string()))?;
+            let mut line = format!("next-boot {initiator}");
+            for (k, v) in [("image", &image), ("mode", &mode)] {
+                if let Some(v) = v {
+                    if v.contains(char::is_whitespace) {
+                        return Err(CliError::Io(format!("{k} {v:?} contains spaces")));
+                    }
+                    line.push_str(&format!(" {k}={v}"));
+                }
+            }
+            if clear {
+                line.push_str(" clear");
+            }
+            control(&ctl, &line, Some(&initiator))
         }
         Command::Client(ClientCommand::Commit {
             initiator,

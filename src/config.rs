@@ -630,7 +630,7 @@ impl Default for ChunkCacheConfig {
 }
 
 /// How a client's writes are kept (docs/overlays.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OverlayMode {
     /// Writes go to an overlay that is discarded when the client boots again.

@@ -4,7 +4,7 @@
 //!
 //! Requests: `clients`, `sessions`, `show INITIATOR`, `reset INITIATOR`,
 //! `commit INITIATOR PATH`, `publish INITIATOR IMAGE AUTHOR MESSAGE...`, `image-gc IMAGE`,
-//! `reload`.
+//! `next-boot INITIATOR [image=SPEC] [mode=MODE] [clear]`, `reload`.
 
 use crate::boot::{BootTarget, Client, ClientInfo};
 use crate::config::Config;
@@ -116,7 +116,7 @@ fn find_client(
 /// One line per client: the `clients` listing (boots and resets counted separately).
 pub fn format_clients(infos: &[ClientInfo]) -> String {
     let mut out = String::from(
-        "TARGET\tINITIATOR\tIMAGE\tMODE\tRESET\tPHASE\tSESSIONS\tBOOTS\tRESETS\tWRITTEN\n",
+        "TARGET\tINITIATOR\tIMAGE\tMODE\tRESET\tPHASE\tSESSIONS\tBOOTS\tRESETS\tWRITTEN\tNEXT-BOOT\n",
     );
     for c in infos {
         let written = c
@@ -125,7 +125,7 @@ pub fn format_clients(infos: &[ClientInfo]) -> String {
             .map_or("-".to_string(), |s| s.bytes_written.to_string());
         let _ = writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             c.target,
             c.initiator,
             c.image,
@@ -135,10 +135,24 @@ pub fn format_clients(infos: &[ClientInfo]) -> String {
             c.sessions,
             c.boots,
             c.resets,
-            written
+            written,
+            next_boot_short(c)
         );
     }
     out
+}
+
+/// The next-boot column: `IMAGE/MODE` of the operator's override (`*` for the binding's),
+/// `-` without one.
+fn next_boot_short(c: &ClientInfo) -> String {
+    match &c.next_boot {
+        Some(nb) => format!(
+            "{}/{}",
+            nb.image.as_deref().unwrap_or("*"),
+            nb.mode.map_or_else(|| "*".to_string(), |m| m.to_string())
+        ),
+        None => "-".into(),
+    }
 }
 
 /// UTC time of a millisecond timestamp, `YYYY-MM-DD HH:MM:SS` (no time zone database).
@@ -168,6 +182,20 @@ pub fn format_client(c: &ClientInfo) -> String {
         let _ = writeln!(out, "next version: {n} ({how})");
     }
     let _ = writeln!(out, "mode: {}", c.mode);
+    if let Some(nb) = &c.next_boot {
+        let _ = writeln!(
+            out,
+            "next-boot override: image {}, mode {} (set {} UTC by {}; kept until cleared)",
+            nb.image.as_deref().unwrap_or("of the binding"),
+            nb.mode
+                .map_or_else(|| "of the binding".to_string(), |m| m.to_string()),
+            utc(nb.since_ms),
+            nb.by
+        );
+    }
+    if let Some((image, mode)) = &c.next_disk {
+        let _ = writeln!(out, "next boot takes: {image} in {mode} mode");
+    }
     let _ = writeln!(out, "reset: {}", c.reset_policy);
     let _ = writeln!(out, "phase: {}", c.phase);
     let _ = writeln!(out, "sessions: {}", c.sessions);
@@ -217,8 +245,7 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             let infos: Vec<ClientInfo> = registry
                 .boot_targets()
                 .iter()
-                .flat_map(|b| b.clients())
-                .map(|c| c.info())
+                .flat_map(|b| b.clients().into_iter().map(move |c| b.info(&c)))
                 .collect();
             Ok(format_clients(&infos))
         }
@@ -234,8 +261,8 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
         }
         "show" => {
             let who = words.next().ok_or("usage: show INITIATOR")?;
-            let (_, c) = find_client(&registry, who)?;
-            Ok(format_client(&c.info()))
+            let (boot, c) = find_client(&registry, who)?;
+            Ok(format_client(&boot.info(&c)))
         }
         "reset" => {
             let who = words.next().ok_or("usage: reset INITIATOR")?;
@@ -301,6 +328,11 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                         pins.extend(i.next_version);
                     }
                 }
+                for i in b.override_images() {
+                    if i.name == image {
+                        pins.extend(i.version);
+                    }
+                }
             }
             let state_dir = registry.state_dir().to_path_buf();
             let r = tokio::task::spawn_blocking(move || {
@@ -310,6 +342,65 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
             Ok(format_gc(&r))
+        }
+        "next-boot" => {
+            let usage = "usage: next-boot INITIATOR [image=SPEC] [mode=MODE] [clear]";
+            let who = words.next().ok_or(usage)?;
+            let (mut image, mut mode, mut clear) = (None, None, false);
+            for w in words {
+                match w.split_once('=') {
+                    Some(("image", v)) => image = Some(v),
+                    Some(("mode", v)) => mode = Some(v),
+                    None if w == "clear" => clear = true,
+                    _ => return Err(format!("unknown argument {w:?}; {usage}")),
+                }
+            }
+            let req =
+                crate::boot::nextboot::request(image, mode, clear).map_err(|e| e.to_string())?;
+            let (boot, c) = find_client(&registry, who)?;
+            let name = c.initiator.clone();
+            let b = boot.clone();
+            let set = tokio::task::spawn_blocking(move || {
+                b.set_next_boot(&name, req, "control socket", crate::boot::now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let what = match &set {
+                Some(nb) => format!(
+                    "next boot: image {}, mode {}",
+                    nb.image.as_deref().unwrap_or("(binding's)"),
+                    nb.mode
+                        .map_or_else(|| "(binding's)".to_string(), |m| m.to_string())
+                ),
+                None => "next boot: override cleared, the binding applies".to_string(),
+            };
+            server.metrics().emit(
+                "next_boot",
+                Some(&c.initiator),
+                Some(&boot.name),
+                None,
+                what.clone(),
+            );
+            let mut out = format!("{}: {what}\n", c.initiator);
+            let info = boot.info(&c);
+            match &info.next_disk {
+                Some((image, mode)) => {
+                    let _ = writeln!(
+                        out,
+                        "next boot takes: {image} in {mode} mode (the running boot keeps its disk)"
+                    );
+                    if matches!(
+                        info.mode,
+                        crate::config::OverlayMode::Persistent
+                            | crate::config::OverlayMode::Install
+                    ) {
+                        out.push_str("the persistent disk is kept on the server (kept/ in the client's directory), never discarded\n");
+                    }
+                }
+                None => out.push_str("next boot takes: the disk it is on now\n"),
+            }
+            Ok(out)
         }
         "reload" => {
             let path = config_path.ok_or("quick mode has no configuration file to reload")?;

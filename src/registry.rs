@@ -426,13 +426,16 @@ impl Registry {
             let (bindings, default) =
                 crate::boot::plan_bindings(file, &format!("targets[{ti}].boot"), boot, &images)?;
             if let Some(t) = registry.targets.get_mut(ti) {
-                t.boot = Some(Arc::new(BootTarget::new(
-                    &tc.name,
-                    bindings,
-                    default,
-                    registry.state_dir.clone(),
-                    std::time::Duration::from_secs(registry.settings.reboot_gap_secs),
-                )));
+                t.boot = Some(Arc::new(
+                    BootTarget::new(
+                        &tc.name,
+                        bindings,
+                        default,
+                        registry.state_dir.clone(),
+                        std::time::Duration::from_secs(registry.settings.reboot_gap_secs),
+                    )
+                    .with_images(images.clone()),
+                ));
             }
         }
         Ok(registry)

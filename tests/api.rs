@@ -354,7 +354,7 @@ fn actions_change_the_server_and_refusals_change_nothing() {
     let reset_path = format!("/api/v1/clients/{}/reset", seg(PC2));
     let commit_path = format!("/api/v1/clients/{}/commit", seg(PC2));
 
-    // Refusals: each a clear 4xx/501, and nothing changes.
+    // Refusals: each a clear 4xx, and nothing changes.
     let anon = Api {
         base: api.base.clone(),
         token: None,
@@ -408,10 +408,10 @@ fn actions_change_the_server_and_refusals_change_nothing() {
         (400, api.post(&commit_path, "{\"file\": \"../escape.img\"}")),
         (400, api.post(&commit_path, "{\"file\": \".hidden\"}")),
         (
-            501,
+            422,
             api.post(
                 &format!("/api/v1/clients/{}/next-boot", seg(PC2)),
-                "{\"image\": \"golden\"}",
+                "{\"image\": \"no-such-image\"}",
             ),
         ),
         (400, api.post("/api/v1/sessions/abc/close", "{}")),
@@ -631,4 +631,345 @@ fn loopback_api_without_token_checks_hosts_and_serves_metrics_apart() {
         http::request(&mbase, "GET", "/api/v1/health", &[], None).status,
         404
     );
+}
+
+/// A boot target whose pc1 is bound to `golden` (volatile), with a second image `golden2`
+/// (other data) a next-boot override can name.
+fn config_two_images(dir: &Path) -> Config {
+    let golden = dir.join("golden.img");
+    std::fs::write(&golden, vec![0xa5u8; 8 << 20]).unwrap();
+    let golden2 = dir.join("golden2.img");
+    std::fs::write(&golden2, vec![0x3cu8; 8 << 20]).unwrap();
+    Config::yaml(&format!(
+        "portals: [\"127.0.0.1:0\"]\n\
+         state_dir: {state}\n\
+         settings: {{reboot_gap_secs: 1, nop_in_interval_secs: 0}}\n\
+         api: {{listen: \"127.0.0.1:0\", token: {TOKEN}}}\n\
+         images:\n  - {{name: golden, path: {golden}}}\n  - {{name: golden2, path: {golden2}}}\n\
+         targets:\n\
+         \x20 - name: {BOOT}\n    boot:\n      bindings:\n\
+         \x20       - {{initiator: \"{PC1}\", image: golden, mode: volatile}}\n\
+         \x20     default: {{image: golden, mode: volatile}}\n",
+        state = dir.join("state").display(),
+        golden = golden.display(),
+        golden2 = golden2.display(),
+    ))
+}
+
+fn api_of(srv: &Server) -> Api {
+    Api {
+        base: srv.api_url(),
+        token: Some(TOKEN.into()),
+    }
+}
+
+/// `next-boot.yaml` of pc1 (None when it has no override).
+fn override_file(dir: &Path) -> Option<String> {
+    let clients = dir.join("state/clients");
+    let target = std::fs::read_dir(&clients).ok()?.flatten().next()?.path();
+    std::fs::read_to_string(target.join("iqn.2026-11.test_pc1").join("next-boot.yaml")).ok()
+}
+
+/// The next-boot override end to end, with raw initiators booting like iPXE then the OS:
+/// refusals change nothing; a running client keeps its disk (across a reload and a kill -9
+/// of the server) and its next boot takes the new image and mode; the override is sticky;
+/// clearing it brings the binding back at the following boot without discarding the
+/// persistent disk; concurrent calls end in one state that the file and the API agree on;
+/// the CLI drives it through the control socket.
+#[test]
+fn next_boot_override_is_taken_at_the_next_boot_and_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_two_images(dir.path());
+    let srv = Server::start(dir.path(), &cfg);
+    let api = api_of(&srv);
+    let path = format!("/api/v1/clients/{}/next-boot", seg(PC1));
+    let mark = [0x5au8; 512];
+    let golden = vec![0xa5u8; 512];
+    let golden2 = vec![0x3cu8; 512];
+
+    // pc1 boots (firmware, then the OS) and writes to its volatile disk.
+    let fw = login(&srv, PC1, firmware_isid(1));
+    let mut os = login(&srv, PC1, os_isid(1));
+    drop(fw);
+    os.write10(100, &mark);
+    // SYNCHRONIZE CACHE(10) (SBC-3 5.22): durable, so it survives the kill -9 below.
+    assert_eq!(
+        os.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status,
+        0
+    );
+
+    // Refusals: a clear 4xx each, nothing stored, the disk untouched.
+    let refusals: Vec<(u16, http::Response)> = vec![
+        (422, api.post(&path, "{\"image\": \"nope\"}")),
+        (422, api.post(&path, "{\"image\": \"golden@7\"}")),
+        (422, api.post(&path, "{\"image\": \"golden:beta\"}")),
+        (400, api.post(&path, "{\"mode\": \"turbo\"}")),
+        (400, api.post(&path, "{\"mode\": \"install\"}")),
+        (400, api.post(&path, "{\"image\": 5}")),
+        (
+            400,
+            api.post(&path, "{\"clear\": true, \"image\": \"golden2\"}"),
+        ),
+        (400, api.post(&path, "{}")),
+        (400, api.post(&path, "{\"imgae\": \"golden2\"}")),
+        (400, api.post(&path, "{\"")),
+        (
+            404,
+            api.post(
+                &format!("/api/v1/clients/{}/next-boot", seg("iqn.x:nobody")),
+                "{\"image\": \"golden2\"}",
+            ),
+        ),
+        (
+            400,
+            http::request(
+                &api.base,
+                "DELETE",
+                &path,
+                &[
+                    ("Authorization", &format!("Bearer {TOKEN}")),
+                    ("Content-Type", "application/json"),
+                ],
+                Some("{\"image\": \"golden2\"}"),
+            ),
+        ),
+    ];
+    for (i, (want, r)) in refusals.iter().enumerate() {
+        assert_eq!(r.status, *want, "refusal #{i}: {r:?}");
+        assert!(r.json()["error"].is_string(), "refusal #{i}: {r:?}");
+    }
+    let c = client(&api, PC1);
+    assert!(c["next_boot"].is_null() && c["next_disk"].is_null(), "{c}");
+    assert!(
+        override_file(dir.path()).is_none(),
+        "a refusal stored something"
+    );
+    assert_eq!(os.read10(100, 1), mark);
+
+    // Set image and mode while pc1 runs: stored, shown, announced; the running boot keeps
+    // its disk.
+    let mut sse = http::Sse::open(&api);
+    let r = api.post(&path, "{\"image\": \"golden2\", \"mode\": \"persistent\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["result"], "set");
+    assert_eq!(v["client"]["next_boot"]["image"], "golden2", "{v}");
+    assert_eq!(v["client"]["next_boot"]["mode"], "persistent", "{v}");
+    assert!(v["client"]["next_boot"]["by"]
+        .as_str()
+        .unwrap()
+        .contains("admin token"));
+    assert!(v["client"]["next_boot"]["since"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(v["client"]["next_disk"]["image"], "golden2", "{v}");
+    assert_eq!(v["client"]["image"], "golden");
+    sse.wait("next_boot", WAIT, |d| d["initiator"] == PC1);
+    let file = override_file(dir.path()).expect("next-boot.yaml written");
+    assert!(
+        file.contains("golden2") && file.contains("persistent"),
+        "{file}"
+    );
+    assert_eq!(os.read10(100, 1), mark, "the running boot lost its disk");
+
+    // A reload keeps the override and the running disk.
+    assert_eq!(api.post("/api/v1/reload", "{}").status, 200);
+    let c = client(&api, PC1);
+    assert_eq!(c["next_boot"]["image"], "golden2", "{c}");
+    assert_eq!(c["image"], "golden");
+    assert_eq!(os.read10(100, 1), mark);
+
+    // kill -9: the override is on disk; the OS of the same boot logs in again and still
+    // has its disk (no switch mid-boot).
+    srv.kill9();
+    drop(os);
+    let srv = Server::start(dir.path(), &cfg);
+    let api = api_of(&srv);
+    let mut os = login(&srv, PC1, os_isid(1));
+    assert_eq!(
+        os.read10(100, 1),
+        mark,
+        "a restart switched the disk mid-boot"
+    );
+    let c = client(&api, PC1);
+    assert_eq!(c["next_boot"]["image"], "golden2", "{c}");
+    assert_eq!(c["next_boot"]["mode"], "persistent", "{c}");
+    assert_eq!(
+        (c["image"].as_str(), c["mode"].as_str()),
+        (Some("golden"), Some("volatile"))
+    );
+
+    // The next boot (iPXE logs in while the OS session is still open: a hard reset) takes
+    // golden2 in persistent mode.
+    let mut fw = login(&srv, PC1, firmware_isid(2));
+    assert_eq!(
+        fw.read10(100, 1),
+        golden2,
+        "the next boot is not on golden2"
+    );
+    let mut seen = Vec::new();
+    assert!(
+        os.closed_within(Duration::from_secs(10), &mut seen),
+        "the old boot's session lives on"
+    );
+    let c = client(&api, PC1);
+    assert_eq!(
+        (c["image"].as_str(), c["mode"].as_str()),
+        (Some("golden2"), Some("persistent")),
+        "{c}"
+    );
+    assert!(c["next_disk"].is_null(), "{c}");
+    assert_eq!(
+        c["next_boot"]["image"], "golden2",
+        "sticky: the override stays"
+    );
+    fw.write10(200, &mark);
+    drop(fw);
+
+    // Sticky and persistent: the boot after keeps golden2 and what was written on it.
+    let fw = login(&srv, PC1, firmware_isid(3));
+    let mut os = login(&srv, PC1, os_isid(3));
+    drop(fw);
+    assert_eq!(os.read10(200, 1), mark, "the persistent disk lost a write");
+    assert_eq!(os.read10(100, 1), golden2);
+
+    // Clear (DELETE): the running boot keeps golden2; the next boot is golden, volatile,
+    // and the persistent golden2 disk is kept on the server, not discarded.
+    let r = api.delete(&path);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["result"], "cleared");
+    assert!(r.json()["client"]["next_boot"].is_null());
+    assert_eq!(r.json()["client"]["next_disk"]["image"], "golden");
+    assert!(override_file(dir.path()).is_none());
+    assert_eq!(os.read10(200, 1), mark);
+    let mut fw = login(&srv, PC1, firmware_isid(4));
+    assert_eq!(fw.read10(100, 1), golden, "the binding is back");
+    assert_eq!(fw.read10(200, 1), golden);
+    let c = client(&api, PC1);
+    assert_eq!(
+        (c["image"].as_str(), c["mode"].as_str()),
+        (Some("golden"), Some("volatile")),
+        "{c}"
+    );
+    let kept: Vec<_> = walk(&dir.path().join("state/clients"))
+        .into_iter()
+        .filter(|p| p.ends_with("golden2/overlay.meta") && p.to_string_lossy().contains("/kept/"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the persistent disk was not kept: {kept:?}");
+    drop(os);
+
+    // {"clear": true} works too; clearing twice is fine.
+    assert_eq!(api.post(&path, "{\"mode\": \"readonly\"}").status, 200);
+    assert_eq!(api.post(&path, "{\"clear\": true}").status, 200);
+    assert_eq!(api.post(&path, "{\"clear\": true}").status, 200);
+    assert!(client(&api, PC1)["next_boot"].is_null());
+
+    // Concurrent calls on one client: each 200 or 409; the end state is one of the accepted
+    // requests, and the file says the same as the API.
+    let bodies = [
+        "{\"image\": \"golden2\"}",
+        "{\"mode\": \"readonly\"}",
+        "{\"image\": \"golden2\", \"mode\": \"persistent\"}",
+        "{\"image\": \"golden\", \"mode\": \"volatile\"}",
+    ];
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let (api, path, body) = (api.clone(), path.clone(), bodies[i % bodies.len()]);
+            std::thread::spawn(move || (body, api.post(&path, body)))
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    for h in handles {
+        let (body, r) = h.join().unwrap();
+        match r.status {
+            200 => accepted.push(body),
+            409 => {}
+            _ => panic!("concurrent next-boot: {r:?}"),
+        }
+    }
+    assert!(!accepted.is_empty());
+    let nb = client(&api, PC1)["next_boot"].clone();
+    let (image, mode) = (nb["image"].as_str(), nb["mode"].as_str());
+    assert!(
+        accepted.iter().any(|b| {
+            let b: serde_json::Value = serde_json::from_str(b).unwrap();
+            b["image"].as_str() == image && b["mode"].as_str() == mode
+        }),
+        "end state {nb} is none of the accepted requests {accepted:?}"
+    );
+    let file = override_file(dir.path()).expect("override file");
+    for v in [image, mode].into_iter().flatten() {
+        assert!(file.contains(v), "file and API disagree: {file} vs {nb}");
+    }
+
+    // The CLI, through the control socket; `diskless clients` shows the override.
+    let ctl = dir.path().join("state/control.sock");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+            .args(args)
+            .arg("--control")
+            .arg(&ctl)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = cli(&[
+        "client",
+        "next-boot",
+        PC1,
+        "--image",
+        "golden2",
+        "--mode",
+        "readonly",
+    ]);
+    assert!(ok && text.contains("golden2 in readonly mode"), "{text}");
+    let (ok, text) = cli(&["clients"]);
+    assert!(
+        ok && text.contains("NEXT-BOOT") && text.contains("golden2/readonly"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["client", "next-boot", PC1, "--mode", "bogus"]);
+    assert!(!ok && text.contains("unknown mode"), "{text}");
+    let (ok, text) = cli(&["client", "next-boot", PC1, "--image", "nope"]);
+    assert!(!ok && text.contains("nope"), "{text}");
+    let c = client(&api, PC1);
+    assert_eq!(
+        c["next_boot"]["mode"], "readonly",
+        "a refused CLI call changed the override"
+    );
+    let (ok, text) = cli(&["client", "next-boot", PC1, "--clear"]);
+    assert!(ok && text.contains("cleared"), "{text}");
+    assert!(client(&api, PC1)["next_boot"].is_null());
+    drop(fw);
+
+    // Every change is in the audit log, refusals included.
+    let audit = api.get_json("/api/v1/audit");
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(entries.iter().any(
+        |e| e["action"].as_str().unwrap().contains("next-boot client") && e["result"] == "ok"
+    ));
+    assert!(entries.iter().any(|e| e["action"]
+        .as_str()
+        .unwrap()
+        .contains("clear next-boot client")
+        && e["result"] == "ok"));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

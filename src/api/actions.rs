@@ -118,12 +118,12 @@ pub async fn commit(api: &Api, initiator: &str, body: &Value) -> Result<Value, A
             path.display()
         )));
     }
-    if c.mode != crate::config::OverlayMode::Volatile
-        && c.mode != crate::config::OverlayMode::Persistent
+    let mode = c.mode();
+    if mode != crate::config::OverlayMode::Volatile
+        && mode != crate::config::OverlayMode::Persistent
     {
         return Err(ApiError::Conflict(format!(
-            "client {name} has no overlay ({} mode): nothing to commit",
-            c.mode
+            "client {name} has no overlay ({mode} mode): nothing to commit"
         )));
     }
     let target = path.clone();
@@ -134,17 +134,75 @@ pub async fn commit(api: &Api, initiator: &str, body: &Value) -> Result<Value, A
     Ok(json!({ "result": "committed", "path": path.display().to_string() }))
 }
 
-/// `POST /clients/{initiator}/next-boot`: not available. Bindings come from targets.yaml
-/// and the registry has no per-client override yet; the answer says how to do it instead.
-pub fn next_boot(api: &Api, initiator: &str, body: &Value) -> Result<Value, ApiError> {
-    only_fields(body, &["image", "mode"])?;
-    find_client(api, initiator)?;
-    Err(ApiError::NotImplemented(
-        "changing a client's image or mode for its next boot needs a per-client override in \
-         the registry, which does not exist yet: edit the client's binding in targets.yaml and \
-         POST /api/v1/reload (the change applies at its next boot)"
-            .into(),
-    ))
+/// `POST /clients/{initiator}/next-boot {"image": SPEC, "mode": MODE}` (either or both) or
+/// `{"clear": true}`, and `DELETE` (clear): the operator's override of the client's image
+/// and/or mode, taken at its next boot and kept until cleared (`boot::nextboot`). Stored
+/// durably before the answer; refused requests change nothing.
+pub async fn next_boot(
+    api: &Api,
+    initiator: &str,
+    body: &Value,
+    by: &str,
+) -> Result<Value, ApiError> {
+    use crate::boot::nextboot::{self, NextBootError};
+    only_fields(body, &["image", "mode", "clear"])?;
+    fn text<'a>(body: &'a Value, k: &str) -> Result<Option<&'a str>, ApiError> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(ApiError::BadRequest(format!("{k} must be a string"))),
+        }
+    }
+    let clear = match body.get("clear") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::BadRequest("clear must be true or false".into())),
+    };
+    let req = nextboot::request(text(body, "image")?, text(body, "mode")?, clear)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (boot, name) = find_client(api, initiator)?;
+    let _slot = api.guard.take(&name, "an action")?;
+    let cleared = req == nextboot::Request::Clear;
+    let (b, n, who) = (boot.clone(), name.clone(), by.to_string());
+    let set =
+        tokio::task::spawn_blocking(move || b.set_next_boot(&n, req, &who, crate::boot::now_ms()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                NextBootError::Invalid(m) => ApiError::BadRequest(m),
+                NextBootError::UnknownImage(m) | NextBootError::Refused(m) => {
+                    ApiError::Unprocessable(m)
+                }
+                e @ (NextBootError::Io { .. } | NextBootError::Parse { .. }) => {
+                    ApiError::Internal(e.to_string())
+                }
+            })?;
+    let what = match &set {
+        Some(nb) => format!(
+            "next boot: image {}, mode {}",
+            nb.image.as_deref().unwrap_or("(binding's)"),
+            nb.mode
+                .map_or_else(|| "(binding's)".to_string(), |m| m.to_string())
+        ),
+        None => "next boot: override cleared, the binding applies".to_string(),
+    };
+    api.server
+        .metrics()
+        .emit("next_boot", Some(&name), Some(&boot.name), None, what);
+    let view = client(api, &name)?;
+    let mut note =
+        String::from("taken at the client's next boot; a running client keeps its disk until then");
+    if view["mode"] == "persistent" && !view["next_disk"].is_null() {
+        note.push_str(
+            "; its persistent disk is not discarded: it is kept on the server (kept/ in the \
+             client's directory)",
+        );
+    }
+    Ok(json!({
+        "result": if cleared { "cleared" } else { "set" },
+        "note": note,
+        "client": view,
+    }))
 }
 
 /// `POST /sessions/{tsih}/close`: ask the session to close and wait (bounded) until it has.

@@ -301,7 +301,7 @@ async fn handle(
             if e.status().is_server_error() {
                 warn!(%peer, %method, path, error = %e, "api request failed");
             }
-            if method == Method::POST {
+            if method == Method::POST || method == Method::DELETE {
                 api.audit.record(
                     &who(&api, peer),
                     &format!("{method} {path}"),
@@ -395,6 +395,28 @@ async fn route(
         }
         (Method::GET, ["audit"]) => Ok(json_response(StatusCode::OK, &api.audit.recent())),
         (Method::GET, ["events"]) => event_stream(api, &req),
+        (Method::DELETE, ["clients", id, "next-boot"]) => {
+            // DELETE = POST {"clear": true}, with the same cross-site checks and audit.
+            check_same_origin(&req)?;
+            let id = percent_decode(id)?;
+            let body = json_body(req).await?;
+            let what = format!("clear next-boot client {id}");
+            let result = match body.as_object().map(|o| o.is_empty()) {
+                Some(true) => {
+                    let by = who(api, peer);
+                    actions::next_boot(api, &id, &serde_json::json!({"clear": true}), &by).await
+                }
+                _ => Err(ApiError::BadRequest(
+                    "DELETE next-boot takes no fields (it clears the override)".into(),
+                )),
+            };
+            api.audit
+                .record(&who(api, peer), &what, &body, result.as_ref().map(|_| ()));
+            if result.is_ok() {
+                info!(%peer, action = %what, "operator action");
+            }
+            result.map(|v| json_response(StatusCode::OK, &v))
+        }
         (Method::POST, segs) => {
             check_same_origin(&req)?;
             let segs: Vec<String> = segs.iter().map(|s| s.to_string()).collect();
@@ -406,7 +428,7 @@ async fn route(
                     let r = match action {
                         "reset" => actions::reset(api, &id, &body).await,
                         "commit" => actions::commit(api, &id, &body).await,
-                        "next-boot" => actions::next_boot(api, &id, &body),
+                        "next-boot" => actions::next_boot(api, &id, &body, &who(api, peer)).await,
                         _ => Err(ApiError::NotFound(format!("no action {action:?}"))),
                     };
                     (what, r)

@@ -286,6 +286,17 @@ fn client_json(api: &Api, boot: &BootTarget, initiator: &str, info: Option<&Clie
             "journal_bytes": o.journal_bytes,
         })),
         "disk_open": info.is_some(),
+        "next_boot": boot.next_boot(initiator).map(|nb| json!({
+            "image": nb.image,
+            "mode": nb.mode.map(|m| m.to_string()),
+            "since": super::audit::rfc3339(nb.since_ms),
+            "since_ms": nb.since_ms,
+            "by": nb.by,
+        })),
+        "next_disk": info.and_then(|i| i.next_disk.as_ref()).map(|(image, mode)| json!({
+            "image": image,
+            "mode": mode.to_string(),
+        })),
     })
 }
 

@@ -497,6 +497,11 @@ pub struct BootState {
     /// The disk is the golden image (reset, no login since): a new boot need not discard it.
     pub fresh: bool,
     pub history: VecDeque<HistoryEntry>,
+    /// The disk the client is on when a boot took one other than its binding's (an
+    /// operator's next-boot override, docs/overlays.md): a restarted server reopens this
+    /// one, and the next boot moves on. None: the binding's disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<super::nextboot::DiskRecord>,
 }
 
 fn parse_hex(s: &str) -> Option<Isid> {
@@ -580,11 +585,16 @@ impl Lifecycle {
     }
 
     fn record(&mut self, now: u64, d: &Decision) {
+        self.note(now, d.verdict(), &d.reason.to_string());
+    }
+
+    /// Add an entry of the caller's to the history (a next-boot override taken).
+    pub fn note(&mut self, now: u64, verdict: &str, reason: &str) {
         let entry = HistoryEntry {
             at_ms: now,
             boot: self.state.boots,
-            verdict: d.verdict().to_string(),
-            reason: d.reason.to_string(),
+            verdict: verdict.to_string(),
+            reason: reason.to_string(),
         };
         self.state.history.push_back(entry);
         while self.state.history.len() > HISTORY {

@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod lifecycle;
+pub mod nextboot;
 pub mod state;
 
 use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
@@ -16,6 +17,7 @@ use crate::storage::versions;
 use crate::storage::{BlockStore, FileStore, Overlay, OverlayOptions, OverlayStats};
 use dashmap::DashMap;
 use lifecycle::{Decision, End, Event, HistoryEntry, Lifecycle, Phase, Policy};
+use nextboot::{DiskRecord, NextBoot, NextBootError, Switch};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -129,10 +131,48 @@ impl GoldenImage {
     }
 }
 
-/// The disk a client uses now: the image (version) it booted and its overlay.
+/// The disk a client uses now: the image (version) it booted, its mode and its overlay.
 struct Disk {
     image: Arc<GoldenImage>,
+    mode: OverlayMode,
     overlay: Option<Arc<Overlay>>,
+}
+
+/// The disk a client's next boot takes, when it is not the one it is on.
+#[derive(Clone)]
+struct Next {
+    image: Arc<GoldenImage>,
+    mode: OverlayMode,
+}
+
+fn disk_spec(image: &GoldenImage, mode: OverlayMode) -> nextboot::DiskSpec<'_> {
+    nextboot::DiskSpec {
+        name: &image.name,
+        id: &image.id,
+        version: image.version,
+        mode,
+    }
+}
+
+/// `image` opened for writing (direct mode: writes go to the image file itself).
+fn direct_image(image: &GoldenImage) -> Result<Arc<GoldenImage>, String> {
+    if image.version.is_some() {
+        return Err(format!(
+            "image {} is versioned: versions are immutable, use install or persistent \
+             mode and `diskless client commit`",
+            image.label()
+        ));
+    }
+    let store = FileStore::open(&image.path, image.block_size, false).map_err(|e| e.to_string())?;
+    Ok(Arc::new(GoldenImage {
+        name: image.name.clone(),
+        path: image.path.clone(),
+        block_size: image.block_size,
+        physical_block_size: image.physical_block_size,
+        store: Arc::new(store),
+        id: image.id.clone(),
+        version: None,
+    }))
 }
 
 /// One binding, resolved.
@@ -221,12 +261,12 @@ struct ClientState {
 pub struct Client {
     pub initiator: String,
     pub target: String,
-    pub mode: OverlayMode,
-    /// Swapped only at a new boot (a volatile client moving to its binding's new version).
+    /// Swapped only at a new boot (a volatile client moving to its binding's new version,
+    /// a next-boot override taken).
     disk: RwLock<Disk>,
-    /// The version the binding names now, when it differs from the one booted: taken at
-    /// the client's next boot (volatile), never mid-boot; persistent disks stay put.
-    next_image: Mutex<Option<Arc<GoldenImage>>>,
+    /// The disk the binding (or the operator's override) names now, when it is not the one
+    /// booted: taken at the client's next boot, never mid-boot (`nextboot::taken_at_boot`).
+    next: Mutex<Option<Next>>,
     /// The client's directory (overlays of each version, boot state).
     client_dir: PathBuf,
     luns: Mutex<Arc<LunTable>>,
@@ -246,6 +286,10 @@ pub struct ClientInfo {
     pub version: Option<u64>,
     pub next_version: Option<u64>,
     pub mode: OverlayMode,
+    /// The disk the next boot takes when it is another one (`name` or `name@N`, mode).
+    pub next_disk: Option<(String, OverlayMode)>,
+    /// The operator's next-boot override (filled by [`BootTarget::info`]).
+    pub next_boot: Option<NextBoot>,
     pub reset_policy: ResetPolicy,
     pub sessions: u32,
     /// Boots seen (every mode), and discards of the disk (volatile mode, operator resets).
@@ -294,10 +338,53 @@ impl Client {
         read(&self.disk).overlay.clone()
     }
 
-    /// The binding now names `image`: taken at the next boot if it differs.
+    /// The mode of the disk the client is on.
+    pub fn mode(&self) -> OverlayMode {
+        read(&self.disk).mode
+    }
+
+    /// The binding (or override) now names `image` in `mode`: taken at the next boot if it
+    /// is another disk.
+    pub fn set_next(&self, image: Arc<GoldenImage>, mode: OverlayMode) {
+        let same = {
+            let d = read(&self.disk);
+            d.image.id == image.id && d.mode == mode
+        };
+        *lock(&self.next) = (!same).then_some(Next { image, mode });
+    }
+
+    /// The binding now names `image` (same mode): taken at the next boot if it differs.
     pub fn set_next_image(&self, image: Arc<GoldenImage>) {
-        let cur = self.image();
-        *lock(&self.next_image) = (image.id != cur.id).then_some(image);
+        self.set_next(image, self.mode());
+    }
+
+    /// What moving to the pending disk would be, if one is pending.
+    fn pending_switch(&self) -> Option<Switch> {
+        let next = lock(&self.next).clone()?;
+        let d = read(&self.disk);
+        Some(nextboot::switch(
+            &disk_spec(&d.image, d.mode),
+            &disk_spec(&next.image, next.mode),
+        ))
+    }
+
+    /// A new boot takes the pending disk (`nextboot::taken_at_boot`): make the decision a
+    /// reset, which moves the client to it ([`Client::reset`]).
+    fn take_pending(&self, mut d: Decision) -> Decision {
+        if d.new_boot {
+            if let Some(kind) = self.pending_switch() {
+                if nextboot::taken_at_boot(kind, d.reset, self.overlay().is_some()) {
+                    d.reset = true;
+                }
+            }
+        }
+        d
+    }
+
+    /// The disk record of the boot state (set once a boot took a disk other than the
+    /// binding's).
+    fn has_disk_record(&self) -> bool {
+        lock(&self.state).lifecycle.state.disk.is_some()
     }
 
     fn build_luns(&self) -> Arc<LunTable> {
@@ -339,7 +426,7 @@ impl Client {
             tracing::info!(
                 initiator = %self.initiator,
                 target = %self.target,
-                mode = %self.mode,
+                mode = %self.mode(),
                 boot = st.lifecycle.state.boots,
                 event = %what,
                 verdict = d.verdict(),
@@ -372,12 +459,10 @@ impl Client {
             peer: peer.to_canonical(),
             keys: lifecycle::key_hint(keys),
         };
-        let mut d = self.event(&mut st, ev, now_ms());
-        if d.new_boot && self.overlay().is_none() && lock(&self.next_image).is_some() {
-            // A client without an overlay (readonly) takes its new version at a new boot.
-            d.reset = true;
-        }
-        if d.new_boot && self.mode == OverlayMode::Install {
+        let d = self.event(&mut st, ev, now_ms());
+        // A pending disk (new version, override) is taken at a new boot.
+        let d = self.take_pending(d);
+        if d.new_boot && self.mode() == OverlayMode::Install {
             tracing::warn!(initiator = %self.initiator, boot = st.lifecycle.state.boots,
                 "install mode: the disk is kept across reboots until `diskless client commit`");
         }
@@ -394,7 +479,8 @@ impl Client {
     pub fn script_fetched(&self, from: IpAddr) -> Decision {
         let mut st = lock(&self.state);
         let from = from.to_canonical();
-        self.event(&mut st, Event::ScriptFetch { from }, now_ms())
+        let d = self.event(&mut st, Event::ScriptFetch { from }, now_ms());
+        self.take_pending(d)
     }
 
     /// The operator discards the disk (`diskless client reset`); the caller closes the
@@ -410,7 +496,18 @@ impl Client {
     /// overlay on the new version replaces the old one (the old version stays readable for
     /// anyone still holding it; GC keeps versions in use).
     pub fn reset(&self) -> Result<(), String> {
-        let next = lock(&self.next_image).take();
+        let next = lock(&self.next).take();
+        if let Some(n) = next.clone() {
+            if self.pending_kind(&n) == Switch::Disk {
+                let res = self.switch_disk(n.clone());
+                if res.is_err() {
+                    // Tried again at the next reset or boot.
+                    lock(&self.next).get_or_insert(n);
+                }
+                return res;
+            }
+        }
+        let next = next.map(|n| n.image);
         let old = self.overlay();
         if let Some(o) = &old {
             o.reset().map_err(|e| e.to_string())?;
@@ -435,7 +532,7 @@ impl Client {
                     // overlay fails harmlessly on the missing directory.
                     let _ = std::fs::remove_dir_all(od);
                 }
-                let (o, _) = open_overlay(&dir, &image, self.mode).map_err(|e| e.to_string())?;
+                let (o, _) = open_overlay(&dir, &image, d.mode).map_err(|e| e.to_string())?;
                 d.overlay = Some(Arc::new(o));
             }
             d.image = image;
@@ -444,6 +541,93 @@ impl Client {
         *lock(&self.luns) = fresh;
         let mut st = lock(&self.state);
         st.lifecycle.reset_done();
+        self.persist(&st);
+        Ok(())
+    }
+
+    fn pending_kind(&self, n: &Next) -> Switch {
+        let d = read(&self.disk);
+        nextboot::switch(&disk_spec(&d.image, d.mode), &disk_spec(&n.image, n.mode))
+    }
+
+    /// Move to another disk (another image or mode) at a new boot: the old disk's sessions
+    /// are closed. A volatile overlay is discarded as at any new boot; a persistent (or
+    /// install) overlay is never discarded by a switch: it is moved, whole, to
+    /// `kept/<ms>/` in the client's directory. The boot state records the new disk, so a
+    /// restarted server reopens it.
+    fn switch_disk(&self, n: Next) -> Result<(), String> {
+        let now = now_ms();
+        let mut kept = None;
+        {
+            let mut d = self.disk.write().unwrap_or_else(|p| p.into_inner());
+            let from = format!("{} {}", d.image.label(), d.mode);
+            if let Some(o) = d.overlay.clone() {
+                let dir = o.dir().to_path_buf();
+                if matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install) {
+                    o.flush()
+                        .map_err(|e| format!("overlay {}: {e}", dir.display()))?;
+                    let name = dir
+                        .file_name()
+                        .map_or_else(|| "disk".to_string(), |n| n.to_string_lossy().to_string());
+                    let to = nextboot::kept_path(&self.client_dir, &name, now);
+                    let parent = to.parent().unwrap_or(&self.client_dir).to_path_buf();
+                    std::fs::create_dir_all(&parent)
+                        .and_then(|()| std::fs::rename(&dir, &to))
+                        .and_then(|()| nextboot::sync_dir(&parent))
+                        .and_then(|()| nextboot::sync_dir(&self.client_dir))
+                        .map_err(|e| {
+                            format!("keeping {} at {}: {e}", dir.display(), to.display())
+                        })?;
+                    kept = Some(to);
+                } else {
+                    // Volatile: discarded, as at every new boot. A late flush of a session
+                    // still holding it fails harmlessly on the missing directory.
+                    o.reset().map_err(|e| e.to_string())?;
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                d.overlay = None;
+            } else if d.mode == OverlayMode::Direct {
+                d.image.store.flush().map_err(|e| e.to_string())?;
+            }
+            let overlay = match n.mode {
+                OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
+                    let dir = self.client_dir.join(n.image.disk_dir_name());
+                    if n.mode == OverlayMode::Volatile && dir.exists() {
+                        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
+                    }
+                    let (o, _) = open_overlay(&dir, &n.image, n.mode).map_err(|e| e.to_string())?;
+                    Some(Arc::new(o))
+                }
+                _ => None,
+            };
+            d.image = if n.mode == OverlayMode::Direct {
+                direct_image(&n.image)?
+            } else {
+                n.image.clone()
+            };
+            d.overlay = overlay;
+            d.mode = n.mode;
+            tracing::info!(initiator = %self.initiator, from = %from,
+                to = %format!("{} {}", n.image.label(), n.mode),
+                kept = ?kept, "client moves to another disk at its new boot");
+        }
+        let fresh = self.build_luns();
+        *lock(&self.luns) = fresh;
+        let mut st = lock(&self.state);
+        st.policy.discards = n.mode == OverlayMode::Volatile;
+        st.lifecycle.reset_done();
+        st.lifecycle.state.disk = Some(DiskRecord {
+            image: n.image.label(),
+            mode: n.mode,
+        });
+        let mut why = format!("now on {} in {} mode", n.image.label(), n.mode);
+        if let Some(k) = &kept {
+            why.push_str(&format!(
+                " (the persistent disk is kept at {})",
+                k.display()
+            ));
+        }
+        st.lifecycle.note(now, "disk switched", &why);
         self.persist(&st);
         Ok(())
     }
@@ -459,15 +643,22 @@ impl Client {
     }
 
     pub fn info(&self) -> ClientInfo {
+        let next = lock(&self.next).clone();
         let st = lock(&self.state);
         let b = &st.lifecycle.state;
+        let image = self.image();
         ClientInfo {
             initiator: self.initiator.clone(),
             target: self.target.clone(),
-            image: self.image().name.clone(),
-            version: self.image().version,
-            next_version: lock(&self.next_image).as_ref().and_then(|i| i.version),
-            mode: self.mode,
+            image: image.name.clone(),
+            version: image.version,
+            next_version: next
+                .as_ref()
+                .filter(|n| n.image.name == image.name)
+                .and_then(|n| n.image.version),
+            mode: self.mode(),
+            next_disk: next.map(|n| (n.image.label(), n.mode)),
+            next_boot: None,
             reset_policy: st.policy.reset,
             sessions: st.lifecycle.live_sessions() as u32,
             boots: b.boots,
@@ -497,7 +688,8 @@ impl Client {
             }
             None => Err(format!(
                 "client {} has no overlay ({} mode)",
-                self.initiator, self.mode
+                self.initiator,
+                self.mode()
             )),
         }
     }
@@ -518,7 +710,8 @@ impl Client {
         let overlay = self.overlay().ok_or_else(|| {
             format!(
                 "client {} has no overlay ({} mode)",
-                self.initiator, self.mode
+                self.initiator,
+                self.mode()
             )
         })?;
         let cur = self.image();
@@ -579,6 +772,13 @@ pub fn versions_in_use(state_dir: &Path, image: &str) -> BTreeMap<u64, u32> {
             for v in disk_versions(&client.path(), image) {
                 *out.entry(v).or_insert(0) += 1;
             }
+            // Persistent disks kept by a next-boot switch still read through their version.
+            let kept = client.path().join(nextboot::KEPT_DIR);
+            for at in std::fs::read_dir(kept).into_iter().flatten().flatten() {
+                for v in disk_versions(&at.path(), image) {
+                    *out.entry(v).or_insert(0) += 1;
+                }
+            }
         }
     }
     out
@@ -593,6 +793,22 @@ pub struct BootTarget {
     /// Tie-breaker of the lifecycle model (`settings.reboot_gap_secs`).
     pub reboot_gap: Duration,
     clients: DashMap<String, Arc<Client>>,
+    /// The configuration's images (and the versions the bindings named at load), by name:
+    /// what a next-boot override may name besides any versioned image.
+    images: BTreeMap<String, Arc<GoldenImage>>,
+    /// The operators' next-boot overrides, by lowercased initiator (from `next-boot.yaml`
+    /// files at load, so they survive reloads and restarts).
+    overrides: DashMap<String, Override>,
+    /// One override change at a time per target (file and memory agree).
+    override_lock: Mutex<()>,
+}
+
+/// An override and the image it names, resolved when it was set or loaded (None: the
+/// binding's image, or an image that no longer exists).
+#[derive(Clone)]
+struct Override {
+    nb: NextBoot,
+    image: Option<Arc<GoldenImage>>,
 }
 
 /// A name safe as one directory component: initiator names come from the network, so no
@@ -634,7 +850,155 @@ impl BootTarget {
             state_dir,
             reboot_gap,
             clients: DashMap::new(),
+            images: BTreeMap::new(),
+            overrides: DashMap::new(),
+            override_lock: Mutex::new(()),
         }
+    }
+
+    /// The images a next-boot override may name (besides versioned images), and the
+    /// overrides stored in the state directory.
+    pub fn with_images(mut self, images: BTreeMap<String, Arc<GoldenImage>>) -> Self {
+        self.images = images;
+        let dir = self.state_dir.join("clients").join(dir_name(&self.name));
+        let (all, bad) = nextboot::load_all(&dir);
+        for e in bad {
+            tracing::warn!(target = %self.name, error = %e, "next-boot override unreadable: ignored");
+        }
+        for nb in all {
+            let image = match nb.image.as_deref().map(|s| self.resolve_image(s)) {
+                Some(Ok(i)) => Some(i),
+                Some(Err(e)) => {
+                    tracing::warn!(initiator = %nb.initiator, error = %e,
+                        "next-boot override names an image that cannot be opened: the binding's image is used");
+                    None
+                }
+                None => None,
+            };
+            self.overrides
+                .insert(nb.initiator.to_ascii_lowercase(), Override { nb, image });
+        }
+        self
+    }
+
+    /// An image by `name` (configured) or versioned spec (`name`, `name@N`, `name:channel`).
+    pub fn resolve_image(&self, spec: &str) -> Result<Arc<GoldenImage>, NextBootError> {
+        if let Some(i) = self.images.get(spec) {
+            return Ok(i.clone());
+        }
+        GoldenImage::open_version(&self.state_dir, spec)
+            .map(Arc::new)
+            .map_err(|m| {
+                NextBootError::UnknownImage(format!(
+                    "image {spec:?} is neither in images: nor a versioned image: {m}"
+                ))
+            })
+    }
+
+    /// The operator's next-boot override of `initiator`, if any.
+    pub fn next_boot(&self, initiator: &str) -> Option<NextBoot> {
+        self.overrides
+            .get(&initiator.to_ascii_lowercase())
+            .map(|o| o.nb.clone())
+    }
+
+    /// Images the overrides name (image GC keeps them).
+    pub fn override_images(&self) -> Vec<Arc<GoldenImage>> {
+        self.overrides
+            .iter()
+            .filter_map(|o| o.image.clone())
+            .collect()
+    }
+
+    /// The disk `initiator`'s next boot takes: its binding, with the override's image
+    /// and mode in place of the binding's.
+    pub fn effective(&self, initiator: &str) -> Option<(Arc<GoldenImage>, OverlayMode)> {
+        let b = self.binding(initiator)?;
+        let o = self.overrides.get(&initiator.to_ascii_lowercase());
+        let image = o
+            .as_ref()
+            .and_then(|o| o.image.clone())
+            .unwrap_or_else(|| b.image.clone());
+        let mode = o.as_ref().and_then(|o| o.nb.mode).unwrap_or(b.mode);
+        Some((image, mode))
+    }
+
+    /// A client's info with its override.
+    pub fn info(&self, c: &Client) -> ClientInfo {
+        let mut i = c.info();
+        i.next_boot = self.next_boot(&c.initiator);
+        i
+    }
+
+    /// Set or clear `initiator`'s next-boot override (stored durably first), then tell its
+    /// disk, if open, what its next boot takes. Refused requests change nothing.
+    pub fn set_next_boot(
+        &self,
+        initiator: &str,
+        req: nextboot::Request,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<Option<NextBoot>, NextBootError> {
+        let key = initiator.to_ascii_lowercase();
+        let binding = self.binding(&key).ok_or_else(|| {
+            NextBootError::Invalid(format!("no binding of {} covers {initiator}", self.name))
+        })?;
+        let path = self.client_dir(&key).join(nextboot::FILE);
+        let _one = lock(&self.override_lock);
+        match req {
+            nextboot::Request::Clear => {
+                nextboot::remove(&path)?;
+                self.overrides.remove(&key);
+            }
+            nextboot::Request::Set { image, mode } => {
+                let resolved = image
+                    .as_deref()
+                    .map(|s| self.resolve_image(s))
+                    .transpose()?;
+                let eff_image = resolved.clone().unwrap_or_else(|| binding.image.clone());
+                let eff_mode = mode.unwrap_or(binding.mode);
+                if eff_mode == OverlayMode::Direct {
+                    if eff_image.version.is_some() {
+                        return Err(NextBootError::Refused(format!(
+                            "image {} is versioned: versions are immutable, direct mode \
+                             writes the image itself (use persistent and `diskless client commit`)",
+                            eff_image.label()
+                        )));
+                    }
+                    // One writer of a golden image at a time.
+                    let holder = self.clients().into_iter().find(|c| {
+                        c.initiator != key
+                            && c.mode() == OverlayMode::Direct
+                            && c.image().name == eff_image.name
+                    });
+                    if let Some(h) = holder {
+                        return Err(NextBootError::Refused(format!(
+                            "image {} is in direct mode for {}",
+                            eff_image.name, h.initiator
+                        )));
+                    }
+                }
+                let nb = NextBoot {
+                    initiator: key.clone(),
+                    image,
+                    mode,
+                    since_ms: now_ms,
+                    by: by.to_string(),
+                };
+                nextboot::save(&path, &nb)?;
+                self.overrides.insert(
+                    key.clone(),
+                    Override {
+                        nb,
+                        image: resolved,
+                    },
+                );
+            }
+        }
+        if let (Some(c), Some((image, mode))) = (self.client(&key), self.effective(&key)) {
+            c.set_next(image, mode);
+        }
+        Ok(self.next_boot(&key))
     }
 
     /// The binding of `initiator`, if any (first match, then the default).
@@ -673,18 +1037,31 @@ impl BootTarget {
 
     /// Keep a client built by an earlier registry (configuration reload) if its binding is
     /// unchanged: its overlay is open and its sessions are live.
+    /// A client whose disk came from (or will change by) a next-boot override is always
+    /// kept: it stays on its disk until its next boot, which takes the override (or, once
+    /// cleared, the binding).
     pub fn adopt(&self, old: &BootTarget) {
         for c in old.clients() {
-            if let Some(b) = self.binding(&c.initiator) {
-                let cur = c.image();
-                let same_series = b.image.version.is_some() && b.image.name == cur.name;
-                if (b.image.id == cur.id || same_series) && b.mode == c.mode {
-                    // Same image, maybe another version: the client keeps the version it
-                    // booted until its next boot.
-                    c.set_policy(b.policy(self.reboot_gap));
-                    c.set_next_image(b.image.clone());
-                    self.clients.insert(c.initiator.to_ascii_lowercase(), c);
-                }
+            let (Some(b), Some((image, mode))) =
+                (self.binding(&c.initiator), self.effective(&c.initiator))
+            else {
+                continue;
+            };
+            let cur = c.image();
+            let cur_mode = c.mode();
+            let fits = |i: &GoldenImage, m: OverlayMode| {
+                let same_series = i.version.is_some() && i.name == cur.name;
+                (i.id == cur.id || same_series) && m == cur_mode
+            };
+            let overridden = self.overrides.contains_key(&c.initiator) || c.has_disk_record();
+            if fits(&b.image, b.mode) || fits(&image, mode) || overridden {
+                // Same image, maybe another version: the client keeps the version it
+                // booted until its next boot.
+                let mut policy = b.policy(self.reboot_gap);
+                policy.discards = cur_mode == OverlayMode::Volatile;
+                c.set_policy(policy);
+                c.set_next(image, mode);
+                self.clients.insert(c.initiator.to_ascii_lowercase(), c);
             }
         }
     }
@@ -698,30 +1075,53 @@ impl BootTarget {
         let binding = self
             .binding(initiator)
             .ok_or_else(|| AttachError::NoBinding(initiator.to_string()))?;
-        if binding.mode == OverlayMode::Direct {
+        // The durable boot state: a restarted server decides exactly like the running one.
+        let state_path = self.client_dir(&key).join(state::FILE);
+        let saved = match state::load(&state_path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(initiator = %key, error = %e, "boot state unreadable: starting a new one");
+                None
+            }
+        };
+        // The disk a boot took other than the binding's (a next-boot override): the client
+        // is on it until its next boot, across restarts.
+        let mut image = binding.image.clone();
+        let mut mode = binding.mode;
+        let mut recorded = false;
+        if let Some(r) = saved.as_ref().and_then(|s| s.disk.as_ref()) {
+            match self.resolve_image(&r.image) {
+                Ok(i) => {
+                    image = i;
+                    mode = r.mode;
+                    recorded = true;
+                }
+                Err(e) => tracing::warn!(initiator = %key, error = %e,
+                    "the disk this client was on cannot be opened: back to its binding"),
+            }
+        }
+        if mode == OverlayMode::Direct {
             // One writer of a golden image at a time (it is the image itself).
             if let Some(other) = self.clients.iter().find(|c| {
-                c.mode == OverlayMode::Direct
-                    && c.image().name == binding.image.name
-                    && c.sessions() > 0
+                c.mode() == OverlayMode::Direct && c.image().name == image.name && c.sessions() > 0
             }) {
                 return Err(AttachError::DirectBusy {
-                    image: binding.image.name.clone(),
+                    image: image.name.clone(),
                     holder: other.initiator.clone(),
                 });
             }
         }
-        if binding.mode == OverlayMode::Direct && binding.image.version.is_some() {
+        if mode == OverlayMode::Direct && image.version.is_some() {
             return Err(AttachError::Storage(format!(
                 "image {} is versioned: versions are immutable, use install or persistent \
                  mode and `diskless client commit`",
-                binding.image.label()
+                image.label()
             )));
         }
-        let mut image = binding.image.clone();
         let client_dir = self.client_dir(&key);
         let mut next_image = None;
-        if matches!(binding.mode, OverlayMode::Persistent | OverlayMode::Install)
+        if !recorded
+            && matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
             && image.version.is_some()
         {
             // A persistent disk stays on the version it was created on (docs/images.md).
@@ -741,7 +1141,7 @@ impl BootTarget {
             }
         }
         let dir = client_dir.join(image.disk_dir_name());
-        if image.version.is_some() && binding.mode == OverlayMode::Volatile {
+        if image.version.is_some() && mode == OverlayMode::Volatile {
             // Volatile disks of other versions (left by a crash mid-switch) are garbage.
             for v in disk_versions(&client_dir, &image.name) {
                 if Some(v) != image.version {
@@ -752,22 +1152,13 @@ impl BootTarget {
             }
         }
         let mut created = false;
-        let overlay = match binding.mode {
+        let overlay = match mode {
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
-                let (o, new) = open_overlay(&dir, &image, binding.mode)?;
+                let (o, new) = open_overlay(&dir, &image, mode)?;
                 created = new;
                 Some(Arc::new(o))
             }
             _ => None,
-        };
-        // The durable boot state: a restarted server decides exactly like the running one.
-        let state_path = self.client_dir(&key).join(state::FILE);
-        let saved = match state::load(&state_path) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(initiator = %key, error = %e, "boot state unreadable: starting a new one");
-                None
-            }
         };
         let fresh_state = saved.is_none();
         let mut boot_state = saved.unwrap_or_default();
@@ -776,43 +1167,30 @@ impl BootTarget {
             boot_state.fresh = true;
         }
         let (lifecycle, _) = Lifecycle::load(boot_state, now_ms());
-        let direct_store: Option<Arc<dyn BlockStore>> = if binding.mode == OverlayMode::Direct {
-            Some(Arc::new(
-                FileStore::open(&image.path, image.block_size, false)
-                    .map_err(|e| AttachError::Storage(e.to_string()))?,
-            ))
+        let image_for_client = if mode == OverlayMode::Direct {
+            direct_image(&image).map_err(AttachError::Storage)?
         } else {
-            None
+            image
         };
-        let image_for_client = match direct_store {
-            Some(store) => Arc::new(GoldenImage {
-                name: image.name.clone(),
-                path: image.path.clone(),
-                block_size: image.block_size,
-                physical_block_size: image.physical_block_size,
-                store,
-                id: image.id.clone(),
-                version: None,
-            }),
-            None => image,
-        };
+        let mut policy = binding.policy(self.reboot_gap);
+        policy.discards = mode == OverlayMode::Volatile;
         // Per-client identity: Windows refuses two disks with one NAA id or serial, and the
         // identity must stay the same across the client's reboots.
         let who = format!("{}\0{}", self.name, key);
         let client = Client {
             initiator: key.clone(),
             target: self.name.clone(),
-            mode: binding.mode,
             disk: RwLock::new(Disk {
                 image: image_for_client,
+                mode,
                 overlay,
             }),
-            next_image: Mutex::new(next_image),
+            next: Mutex::new(None),
             client_dir,
             luns: Mutex::new(Arc::new(LunTable::new(BTreeMap::new()))),
             state: Mutex::new(ClientState {
                 lifecycle,
-                policy: binding.policy(self.reboot_gap),
+                policy,
                 next_session: 0,
             }),
             state_path,
@@ -821,6 +1199,16 @@ impl BootTarget {
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
+        // What the next boot takes: the binding with the operator's override, or the
+        // binding's version a persistent disk did not move to.
+        match self.effective(&key) {
+            Some((i, m)) => client.set_next(i, m),
+            None => {
+                if let Some(i) = next_image {
+                    client.set_next(i, mode);
+                }
+            }
+        }
         {
             let pending = lock(&client.state).lifecycle.state.reset_pending;
             if pending {

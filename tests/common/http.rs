@@ -141,6 +141,13 @@ impl Api {
         h.push(("Content-Type", "application/json"));
         request(&self.base, "POST", path, &h, Some(body))
     }
+    /// DELETE with the content type an action needs (and an empty body).
+    pub fn delete(&self, path: &str) -> Response {
+        let a = self.auth();
+        let mut h: Vec<(&str, &str)> = a.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        h.push(("Content-Type", "application/json"));
+        request(&self.base, "DELETE", path, &h, Some(""))
+    }
     /// POST with extra headers (cross-site tests).
     pub fn post_with(&self, path: &str, extra: &[(&str, &str)], body: &str) -> Response {
         let a = self.auth();
