@@ -90,6 +90,32 @@ function confirmAction(title, text, opts = {}) {
     resolve(dlg.returnValue === "ok" ? ($("#confirm-input").value || true) : null);
   }, { once: true }));
 }
+// The next-boot form: resolves to {image, mode}, {clear: true}, or null (cancelled).
+async function nextBootForm(c) {
+  const dlg = $("#nextboot");
+  $("#nextboot-title").textContent = "Next boot of " + c.initiator;
+  const nb = c.next_boot || {};
+  $("#nextboot-image").value = nb.image || "";
+  $("#nextboot-mode").value = nb.mode || "";
+  const list = $("#nextboot-images");
+  list.replaceChildren();
+  try {
+    const { images } = await api("/images");
+    for (const i of images) if (i.kind === "golden") list.append(h("option", { value: i.name }));
+  } catch (e) { /* the field still takes any name */ }
+  dlg.returnValue = "";
+  dlg.showModal();
+  return new Promise((resolve) => dlg.addEventListener("close", () => {
+    const image = $("#nextboot-image").value.trim(), mode = $("#nextboot-mode").value;
+    if (dlg.returnValue === "clear") resolve({ clear: true });
+    else if (dlg.returnValue === "ok" && (image || mode)) {
+      const body = {};
+      if (image) body.image = image;
+      if (mode) body.mode = mode;
+      resolve(body);
+    } else resolve(null);
+  }, { once: true }));
+}
 async function act(path, body, okText) {
   try {
     const r = await api(path, { method: "POST", body });
@@ -120,6 +146,11 @@ const pages = {
         c.since_ms ? " since " + when(c.since_ms) : ""),
       h("dt", {}, "Target"), h("dd", {}, c.target),
       h("dt", {}, "Image / mode"), h("dd", {}, c.image + " / " + c.mode),
+      h("dt", {}, "Next boot"), h("dd", { id: "client-next-boot" }, c.next_boot
+        ? (c.next_boot.image || "binding's image") + " / " + (c.next_boot.mode || "binding's mode") +
+          " (set by " + c.next_boot.by + ", " + when(c.next_boot.since_ms) + ")" +
+          (c.next_disk ? " – pending: " + c.next_disk.image + " " + c.next_disk.mode : " – in use")
+        : (c.next_disk ? c.next_disk.image + " " + c.next_disk.mode + " (binding)" : "as now")),
       h("dt", {}, "MAC"), h("dd", {}, c.mac || "–"),
       h("dt", {}, "IP"), h("dd", {}, c.ip || "–"),
       h("dt", {}, "Sessions"), h("dd", { id: "client-sessions" }, c.sessions),
@@ -142,8 +173,11 @@ const pages = {
           { ok: "Commit", input: c.image + "-" + new Date().toISOString().slice(0, 10) + ".img" });
         if (file) await act("/clients/" + eid + "/commit", { file }, (r) => "committed to " + r.path);
       } }, "Commit to new image…"),
-      h("button", { id: "action-next-boot", onclick: () =>
-        act("/clients/" + eid + "/next-boot", {}, () => "changed") }, "Change next boot…"));
+      h("button", { id: "action-next-boot", onclick: async () => {
+        const body = await nextBootForm(c);
+        if (body) await act("/clients/" + eid + "/next-boot", body,
+          (r) => r.result === "cleared" ? "next-boot override cleared" : "next boot set: " + r.note);
+      } }, "Change next boot…"));
     const sess = table(["TSIH", "ISID", "Kind", "Peer", "Since", "Read", "Written", ""],
       c.session_list.map((s) => [s.tsih, s.isid, s.firmware ? "firmware" : "OS", s.peer, when(s.since_ms),
         bytes(s.read_bytes), bytes(s.write_bytes), closeButton(s)]));
