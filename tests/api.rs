@@ -973,3 +973,78 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Mode switches on one image (the overlay directory has the same name in every mode):
+/// volatile -> persistent discards the volatile overlay and makes a persistent one;
+/// persistent -> volatile keeps the persistent disk whole under `kept/`; readonly refuses
+/// writes. Each at a new boot (a firmware login while the last boot's OS session is open),
+/// never before.
+#[test]
+fn next_boot_mode_switches_on_one_image_never_lose_a_persistent_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), &config_two_images(dir.path()));
+    let api = api_of(&srv);
+    let path = format!("/api/v1/clients/{}/next-boot", seg(PC1));
+    let mark = [0x77u8; 512];
+    let golden = vec![0xa5u8; 512];
+    let sync = |c: &mut Client| {
+        assert_eq!(c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
+    };
+    let mode = |api: &Api| client(api, PC1)["mode"].as_str().unwrap().to_string();
+
+    // Boot 1, volatile.
+    let fw = login(&srv, PC1, firmware_isid(1));
+    let mut os = login(&srv, PC1, os_isid(1));
+    drop(fw);
+    os.write10(10, &mark);
+    let r = api.post(&path, "{\"mode\": \"persistent\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(mode(&api), "volatile");
+    assert_eq!(os.read10(10, 1), mark);
+
+    // Boot 2: persistent, made from the golden image (the volatile writes are gone).
+    let mut fw = login(&srv, PC1, firmware_isid(2));
+    assert_eq!(fw.read10(10, 1), golden);
+    assert_eq!(mode(&api), "persistent");
+    fw.write10(20, &mark);
+    sync(&mut fw);
+    let r = api.post(&path, "{\"mode\": \"volatile\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.json()["note"].as_str().unwrap().contains("kept"),
+        "the answer does not say the persistent disk is kept: {r:?}"
+    );
+    let mut os = login(&srv, PC1, os_isid(2));
+    drop(fw);
+    assert_eq!(os.read10(20, 1), mark, "switched before the next boot");
+
+    // Boot 3: volatile on the same image; the persistent disk is kept, with its write.
+    let mut fw = login(&srv, PC1, firmware_isid(3));
+    assert_eq!(fw.read10(20, 1), golden);
+    assert_eq!(mode(&api), "volatile");
+    let kept: Vec<_> = walk(&dir.path().join("state/clients"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/kept/") && p.ends_with("overlay.meta"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let kept_dir = kept[0].parent().unwrap();
+    let data: u64 = walk(kept_dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    assert!(data >= 512, "the kept disk is empty: {kept_dir:?}");
+    let show = client(&api, PC1);
+    assert!(show["next_disk"].is_null(), "{show}");
+
+    // Readonly from boot 4: writes refused with DATA PROTECT / WRITE PROTECTED.
+    let r = api.post(&path, "{\"mode\": \"readonly\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let os = login(&srv, PC1, os_isid(3));
+    drop(fw);
+    let mut fw = login(&srv, PC1, firmware_isid(4));
+    drop(os);
+    assert_eq!(mode(&api), "readonly");
+    let w = fw.run(&raw::write10_cdb(30, 1), 512, Some(&mark));
+    assert_eq!(w.sense_triplet(), Some((0x07, 0x27, 0x00)), "{w:?}");
+    assert_eq!(fw.read10(30, 1), golden);
+}

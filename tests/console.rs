@@ -1,8 +1,9 @@
 //! The web console in a real browser: Debian's headless Chromium driven by playwright-core
 //! (tests/browser/console.mjs, installed by `npm ci` in tests/browser; scripts/test.sh does
 //! it). The browser signs in with the token, sees a client's firmware log in and its OS take
-//! over live, opens the client page, cancels and then confirms a reset; this test drives the
-//! real iSCSI logins and checks the result on the server. Screenshots are kept in
+//! over live, opens the client page, cancels and then confirms a reset, then sets the
+//! client's next boot through its form; this test drives the real iSCSI logins and checks the
+//! result on the server. Screenshots are kept in
 //! target/console-screenshots/.
 //!
 //! A missing node, chromium or playwright-core fails the test with what to install.
@@ -213,6 +214,15 @@ fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
         "{audit}"
     );
     browser.say("checked");
+
+    // The next-boot form, on the server: stored, and the running boot keeps its disk.
+    browser.expect("next-boot");
+    let c = api.get_json(&format!("/api/v1/clients/{}", seg(PC)));
+    assert_eq!(c["next_boot"]["image"], "golden", "{c}");
+    assert_eq!(c["next_boot"]["mode"], "persistent", "{c}");
+    assert_eq!(c["mode"], "volatile", "{c}");
+    assert_eq!(again.read10(128, 1), vec![0xa5u8; 512]);
+    browser.say("next-boot-checked");
     browser.expect("done");
     let status = browser.child.wait().expect("node exit");
     let stderr = browser.child.wait_with_output_stderr();

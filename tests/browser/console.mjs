@@ -88,6 +88,20 @@ try {
   step("reset");
 
   await expectLine("checked");
+
+  // Next boot: the form (image + mode), confirmed; the client page shows the override.
+  await page.click("#action-next-boot");
+  await page.locator("#nextboot[open]").waitFor({ timeout: WAIT });
+  await page.fill("#nextboot-image", "golden");
+  await page.selectOption("#nextboot-mode", "persistent");
+  await snap(page, "next-boot-form");
+  await page.click("#nextboot-ok");
+  await page.locator("#toast", { hasText: "next boot set" }).waitFor({ timeout: WAIT });
+  await page.locator("#client-next-boot", { hasText: "persistent" }).waitFor({ timeout: WAIT });
+  await snap(page, "next-boot-set");
+  step("next-boot");
+  await expectLine("next-boot-checked");
+
   await page.click('nav a[data-page="events"]');
   await page.locator("main[data-page=events] table").waitFor({ timeout: WAIT });
   await snap(page, "events");
