@@ -395,7 +395,7 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                         crate::config::OverlayMode::Persistent
                             | crate::config::OverlayMode::Install
                     ) {
-                        out.push_str("the persistent disk is kept on the server (kept/ in the client's directory), never discarded\n");
+                        out.push_str("the persistent disk is kept on the server (kept/ in the client's directory), never discarded; used again if the client comes back to it in persistent mode\n");
                     }
                 }
                 None => out.push_str("next boot takes: the disk it is on now\n"),

@@ -977,7 +977,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// Mode switches on one image (the overlay directory has the same name in every mode):
 /// volatile -> persistent discards the volatile overlay and makes a persistent one;
 /// persistent -> volatile keeps the persistent disk whole under `kept/`; readonly refuses
-/// writes. Each at a new boot (a firmware login while the last boot's OS session is open),
+/// writes; back to persistent, the kept disk is in use again. Each at a new boot (a firmware login while the last boot's OS session is open),
 /// never before.
 #[test]
 fn next_boot_mode_switches_on_one_image_never_lose_a_persistent_disk() {
@@ -1047,4 +1047,25 @@ fn next_boot_mode_switches_on_one_image_never_lose_a_persistent_disk() {
     let w = fw.run(&raw::write10_cdb(30, 1), 512, Some(&mark));
     assert_eq!(w.sense_triplet(), Some((0x07, 0x27, 0x00)), "{w:?}");
     assert_eq!(fw.read10(30, 1), golden);
+
+    // Back to persistent from boot 5: the kept disk is back in use, with its write.
+    let r = api.post(&path, "{\"mode\": \"persistent\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let os = login(&srv, PC1, os_isid(4));
+    drop(fw);
+    let fw = login(&srv, PC1, firmware_isid(5));
+    drop(os);
+    let mut fw = fw;
+    assert_eq!(mode(&api), "persistent");
+    assert_eq!(
+        fw.read10(20, 1),
+        mark,
+        "the kept persistent disk did not come back"
+    );
+    assert!(
+        !walk(&dir.path().join("state/clients"))
+            .iter()
+            .any(|p| p.to_string_lossy().contains("/kept/")),
+        "the disk is both back in use and kept"
+    );
 }

@@ -195,7 +195,7 @@ pub async fn next_boot(
     if view["mode"] == "persistent" && !view["next_disk"].is_null() {
         note.push_str(
             "; its persistent disk is not discarded: it is kept on the server (kept/ in the \
-             client's directory)",
+             client's directory) and used again if the client comes back to it in persistent mode",
         );
     }
     Ok(json!({

@@ -558,6 +558,7 @@ impl Client {
     fn switch_disk(&self, n: Next) -> Result<(), String> {
         let now = now_ms();
         let mut kept = None;
+        let mut restored = None;
         {
             let mut d = self.disk.write().unwrap_or_else(|p| p.into_inner());
             let from = format!("{} {}", d.image.label(), d.mode);
@@ -595,6 +596,9 @@ impl Client {
                     if n.mode == OverlayMode::Volatile && dir.exists() {
                         std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
                     }
+                    if n.mode != OverlayMode::Volatile {
+                        restored = self.restore_kept(&dir, &n.image);
+                    }
                     let (o, _) = open_overlay(&dir, &n.image, n.mode).map_err(|e| e.to_string())?;
                     Some(Arc::new(o))
                 }
@@ -627,9 +631,55 @@ impl Client {
                 k.display()
             ));
         }
+        if let Some(r) = &restored {
+            why.push_str(&format!(
+                " (its persistent disk kept at {} is back in use)",
+                r.display()
+            ));
+        }
         st.lifecycle.note(now, "disk switched", &why);
         self.persist(&st);
         Ok(())
+    }
+
+    /// Coming back to a persistent disk this client left: the newest kept one of `image`
+    /// goes back in place (`dir`), unless a disk is there already or it no longer fits the
+    /// image (its golden image changed: it stays kept, a new disk is made). Returns where
+    /// it was kept.
+    fn restore_kept(&self, dir: &Path, image: &GoldenImage) -> Option<PathBuf> {
+        if dir.join("overlay.meta").exists() {
+            return None;
+        }
+        let name = dir.file_name()?.to_str()?.to_string();
+        let from = nextboot::newest_kept(&self.client_dir, &name)?;
+        if let Err(e) = Overlay::check_golden_id(&from, &image.id) {
+            tracing::warn!(initiator = %self.initiator, kept = %from.display(), error = %e,
+                "a kept persistent disk does not fit its image any more: it stays kept");
+            return None;
+        }
+        if dir.exists() {
+            // A create that crashed before its snapshot: nothing acknowledged in it.
+            std::fs::remove_dir_all(dir).ok()?;
+        }
+        let moved = std::fs::rename(&from, dir)
+            .and_then(|()| nextboot::sync_dir(&self.client_dir))
+            .and_then(|()| from.parent().map_or(Ok(()), nextboot::sync_dir));
+        match moved {
+            Ok(()) => {
+                if let Some(p) = from.parent() {
+                    // The now empty kept/<ms>/ directory.
+                    let _ = std::fs::remove_dir(p);
+                }
+                tracing::info!(initiator = %self.initiator, kept = %from.display(),
+                    "the persistent disk this client left is back in use");
+                Some(from)
+            }
+            Err(e) => {
+                tracing::warn!(initiator = %self.initiator, kept = %from.display(), error = %e,
+                    "a kept persistent disk could not be put back: a new disk is made");
+                None
+            }
+        }
     }
 
     /// Live sessions of this client.

@@ -180,6 +180,22 @@ pub fn kept_path(client_dir: &Path, disk_dir: &str, now_ms: u64) -> PathBuf {
         .join(disk_dir)
 }
 
+/// The newest kept disk named `disk_dir` (`kept/<ms>/<disk_dir>` with a snapshot), if any.
+pub fn newest_kept(client_dir: &Path, disk_dir: &str) -> Option<PathBuf> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(client_dir.join(KEPT_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let ms = e.file_name().to_str()?.parse::<u64>().ok()?;
+            let p = e.path().join(disk_dir);
+            p.join("overlay.meta").exists().then_some((ms, p))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NextBootError + '_ {
     move |source| NextBootError::Io {
         path: path.to_path_buf(),
@@ -377,5 +393,15 @@ mod tests {
             kept_path(Path::new("/s/c"), "win.v1", 7),
             PathBuf::from("/s/c/kept/7/win.v1")
         );
+        let c = dir.path().join("c");
+        assert_eq!(newest_kept(&c, "win.v1"), None);
+        for ms in [7u64, 12, 9] {
+            let k = kept_path(&c, "win.v1", ms);
+            std::fs::create_dir_all(&k).unwrap();
+            std::fs::write(k.join("overlay.meta"), "x").unwrap();
+        }
+        std::fs::create_dir_all(kept_path(&c, "win.v1", 20)).unwrap(); // no snapshot
+        assert_eq!(newest_kept(&c, "win.v1"), Some(kept_path(&c, "win.v1", 12)));
+        assert_eq!(newest_kept(&c, "win.v2"), None);
     }
 }

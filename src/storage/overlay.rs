@@ -282,6 +282,19 @@ impl Overlay {
         Self::open_with_id(dir, golden, None)
     }
 
+    /// Whether the overlay in `dir` was made for the golden image `golden_id` (its snapshot
+    /// is read, nothing is opened for writing).
+    pub fn check_golden_id(dir: &Path, golden_id: &str) -> Result<(), OverlayError> {
+        let meta = read_meta(dir)?;
+        if meta.golden_id.as_deref() != Some(golden_id) {
+            return Err(OverlayError::GoldenMismatch(format!(
+                "overlay was made for golden {:?}, not {golden_id:?}",
+                meta.golden_id
+            )));
+        }
+        Ok(())
+    }
+
     /// [`Overlay::open`], also refusing a golden image whose recorded id differs from
     /// `golden_id` (when given).
     pub fn open_with_id(
