@@ -464,3 +464,116 @@ fn kill_9_during_commit_and_gc_leaves_everything_intact() {
     assert!(files.is_empty(), "{files:?}");
     eprintln!("gc rounds took {:?}", t.elapsed());
 }
+
+/// A next-boot override naming a version or a channel (docs/overlays.md, "Changing a
+/// client's next boot"): a volatile client following `latest` (2) is put on `win@1` while it
+/// runs: it keeps version 2 until its next boot, then boots version 1; an unknown version is
+/// refused and changes nothing; then a channel, followed at the next boot.
+#[test]
+fn next_boot_override_names_versions_and_channels() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = import(dir.path());
+    let st = dir.path().join("state");
+    let st = st.to_str().expect("utf-8");
+    let ctl = dir.path().join("state/control.sock");
+    let ctl = ctl.to_str().expect("utf-8");
+    ok(diskless(&[
+        "image",
+        "channel",
+        "win",
+        "test",
+        "1",
+        "--state-dir",
+        st,
+    ]));
+    let server = Server::start(dir.path(), &config(dir.path()));
+
+    // Version 2: the super client's patch.
+    let sup = "iqn.2026-11.test:super";
+    let mut s = login(&server, sup, os_isid(9));
+    s.write10(10, &block(0xaa));
+    let text = ok(diskless(&[
+        "client",
+        "commit",
+        sup,
+        "win",
+        "-m",
+        "patch",
+        "--control",
+        ctl,
+    ]));
+    assert!(text.contains("published win@2"), "{text}");
+
+    // c1 (default binding: win, latest) boots version 2.
+    let c1 = "iqn.2026-11.test:c1";
+    let fw = login(&server, c1, firmware_isid(1));
+    let mut os = login(&server, c1, os_isid(1));
+    drop(fw);
+    assert_eq!(os.read10(10, 1), block(0xaa));
+
+    // Pinned to version 1 for its next boot; a version that does not exist is refused.
+    let text = ok(diskless(&[
+        "client",
+        "next-boot",
+        c1,
+        "--image",
+        "win@1",
+        "--control",
+        ctl,
+    ]));
+    assert!(text.contains("win@1 in volatile mode"), "{text}");
+    let bad = diskless(&[
+        "client",
+        "next-boot",
+        c1,
+        "--image",
+        "win@9",
+        "--control",
+        ctl,
+    ]);
+    assert!(!bad.status.success());
+    let show = ok(diskless(&["client", "show", c1, "--control", ctl]));
+    assert!(
+        show.contains("next-boot override: image win@1") && show.contains("version: 2"),
+        "{show}"
+    );
+    assert_eq!(os.read10(10, 1), block(0xaa), "switched mid-boot");
+
+    // Its next boot (iPXE while the OS session is open) is on version 1.
+    let fw = login(&server, c1, firmware_isid(2));
+    let mut os = login(&server, c1, os_isid(2));
+    drop(fw);
+    assert_eq!(os.read10(10, 1), g[10 * 512..11 * 512], "not on version 1");
+    let show = ok(diskless(&["client", "show", c1, "--control", ctl]));
+    assert!(show.contains("version: 1"), "{show}");
+
+    // A channel: `test` moved to 2; the override follows it at the next boot.
+    ok(diskless(&[
+        "image",
+        "channel",
+        "win",
+        "test",
+        "2",
+        "--state-dir",
+        st,
+    ]));
+    ok(diskless(&[
+        "client",
+        "next-boot",
+        c1,
+        "--image",
+        "win:test",
+        "--control",
+        ctl,
+    ]));
+    assert_eq!(os.read10(10, 1), g[10 * 512..11 * 512]);
+    let mut fw = login(&server, c1, firmware_isid(3));
+    assert_eq!(
+        fw.read10(10, 1),
+        block(0xaa),
+        "not on the channel's version"
+    );
+    let clients = ok(diskless(&["clients", "--control", ctl]));
+    assert!(clients.contains("win:test/*"), "{clients}");
+    drop((os, s));
+}
