@@ -982,7 +982,8 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn next_boot_mode_switches_on_one_image_never_lose_a_persistent_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = Server::start(dir.path(), &config_two_images(dir.path()));
+    let cfg = config_two_images(dir.path());
+    let srv = Server::start(dir.path(), &cfg);
     let api = api_of(&srv);
     let path = format!("/api/v1/clients/{}/next-boot", seg(PC1));
     let mark = [0x77u8; 512];
@@ -1068,4 +1069,29 @@ fn next_boot_mode_switches_on_one_image_never_lose_a_persistent_disk() {
             .any(|p| p.to_string_lossy().contains("/kept/")),
         "the disk is both back in use and kept"
     );
+
+    // A crash in the middle of a switch (the persistent disk moved to kept/, the new disk
+    // not made yet): the restarted server puts the kept disk back for the running boot.
+    sync(&mut fw);
+    let os = login(&srv, PC1, os_isid(5));
+    drop(fw);
+    srv.kill9();
+    drop(os);
+    let meta = walk(&dir.path().join("state/clients"))
+        .into_iter()
+        .find(|p| p.ends_with("golden/overlay.meta"))
+        .expect("the persistent disk");
+    let disk = meta.parent().unwrap();
+    let kept = disk.parent().unwrap().join("kept/1/golden");
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::rename(disk, &kept).unwrap();
+    // (The same configuration: rewriting the image files would change their identity.)
+    let srv = Server::start(dir.path(), &cfg);
+    let mut os = login(&srv, PC1, os_isid(5));
+    assert!(
+        os.read10(20, 1) == mark,
+        "the kept disk was not put back at the restart: {}",
+        srv.stderr()
+    );
+    assert!(!kept.exists());
 }

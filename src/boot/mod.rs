@@ -597,7 +597,7 @@ impl Client {
                         std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
                     }
                     if n.mode != OverlayMode::Volatile {
-                        restored = self.restore_kept(&dir, &n.image);
+                        restored = restore_kept(&self.client_dir, &self.initiator, &dir, &n.image);
                     }
                     let (o, _) = open_overlay(&dir, &n.image, n.mode).map_err(|e| e.to_string())?;
                     Some(Arc::new(o))
@@ -642,46 +642,6 @@ impl Client {
         Ok(())
     }
 
-    /// Coming back to a persistent disk this client left: the newest kept one of `image`
-    /// goes back in place (`dir`), unless a disk is there already or it no longer fits the
-    /// image (its golden image changed: it stays kept, a new disk is made). Returns where
-    /// it was kept.
-    fn restore_kept(&self, dir: &Path, image: &GoldenImage) -> Option<PathBuf> {
-        if dir.join("overlay.meta").exists() {
-            return None;
-        }
-        let name = dir.file_name()?.to_str()?.to_string();
-        let from = nextboot::newest_kept(&self.client_dir, &name)?;
-        if let Err(e) = Overlay::check_golden_id(&from, &image.id) {
-            tracing::warn!(initiator = %self.initiator, kept = %from.display(), error = %e,
-                "a kept persistent disk does not fit its image any more: it stays kept");
-            return None;
-        }
-        if dir.exists() {
-            // A create that crashed before its snapshot: nothing acknowledged in it.
-            std::fs::remove_dir_all(dir).ok()?;
-        }
-        let moved = std::fs::rename(&from, dir)
-            .and_then(|()| nextboot::sync_dir(&self.client_dir))
-            .and_then(|()| from.parent().map_or(Ok(()), nextboot::sync_dir));
-        match moved {
-            Ok(()) => {
-                if let Some(p) = from.parent() {
-                    // The now empty kept/<ms>/ directory.
-                    let _ = std::fs::remove_dir(p);
-                }
-                tracing::info!(initiator = %self.initiator, kept = %from.display(),
-                    "the persistent disk this client left is back in use");
-                Some(from)
-            }
-            Err(e) => {
-                tracing::warn!(initiator = %self.initiator, kept = %from.display(), error = %e,
-                    "a kept persistent disk could not be put back: a new disk is made");
-                None
-            }
-        }
-    }
-
     /// Live sessions of this client.
     pub fn sessions(&self) -> u32 {
         lock(&self.state).lifecycle.live_sessions() as u32
@@ -707,7 +667,20 @@ impl Client {
                 .filter(|n| n.image.name == image.name)
                 .and_then(|n| n.image.version),
             mode: self.mode(),
-            next_disk: next.map(|n| (n.image.label(), n.mode)),
+            // Only what a new boot takes (a persistent disk stays on its version).
+            next_disk: next
+                .filter(|n| {
+                    let kind = nextboot::switch(
+                        &disk_spec(&image, self.mode()),
+                        &disk_spec(&n.image, n.mode),
+                    );
+                    nextboot::taken_at_boot(
+                        kind,
+                        self.mode() == OverlayMode::Volatile,
+                        self.overlay().is_some(),
+                    )
+                })
+                .map(|n| (n.image.label(), n.mode)),
             next_boot: None,
             reset_policy: st.policy.reset,
             sessions: st.lifecycle.live_sessions() as u32,
@@ -1202,6 +1175,11 @@ impl BootTarget {
             }
         }
         let mut created = false;
+        if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
+            // Its disk was kept by a switch that a crash interrupted before the new disk
+            // existed: back in place (the next boot switches again).
+            restore_kept(&client_dir, &key, &dir, &image);
+        }
         let overlay = match mode {
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
                 let (o, new) = open_overlay(&dir, &image, mode)?;
@@ -1276,6 +1254,51 @@ impl BootTarget {
         let client = Arc::new(client);
         // Two logins racing: keep whichever got in first.
         Ok(self.clients.entry(key).or_insert(client).clone())
+    }
+}
+
+/// Coming back to a persistent disk this client left: the newest kept one of `image`
+/// goes back in place (`dir`), unless a disk is there already or it no longer fits the
+/// image (its golden image changed: it stays kept, a new disk is made). Returns where
+/// it was kept.
+fn restore_kept(
+    client_dir: &Path,
+    initiator: &str,
+    dir: &Path,
+    image: &GoldenImage,
+) -> Option<PathBuf> {
+    if dir.join("overlay.meta").exists() {
+        return None;
+    }
+    let name = dir.file_name()?.to_str()?.to_string();
+    let from = nextboot::newest_kept(&client_dir, &name)?;
+    if let Err(e) = Overlay::check_golden_id(&from, &image.id) {
+        tracing::warn!(initiator = %initiator, kept = %from.display(), error = %e,
+            "a kept persistent disk does not fit its image any more: it stays kept");
+        return None;
+    }
+    if dir.exists() {
+        // A create that crashed before its snapshot: nothing acknowledged in it.
+        std::fs::remove_dir_all(dir).ok()?;
+    }
+    let moved = std::fs::rename(&from, dir)
+        .and_then(|()| nextboot::sync_dir(&client_dir))
+        .and_then(|()| from.parent().map_or(Ok(()), nextboot::sync_dir));
+    match moved {
+        Ok(()) => {
+            if let Some(p) = from.parent() {
+                // The now empty kept/<ms>/ directory.
+                let _ = std::fs::remove_dir(p);
+            }
+            tracing::info!(initiator = %initiator, kept = %from.display(),
+                "the persistent disk this client left is back in use");
+            Some(from)
+        }
+        Err(e) => {
+            tracing::warn!(initiator = %initiator, kept = %from.display(), error = %e,
+                "a kept persistent disk could not be put back: a new disk is made");
+            None
+        }
     }
 }
 
