@@ -1271,7 +1271,7 @@ fn restore_kept(
         return None;
     }
     let name = dir.file_name()?.to_str()?.to_string();
-    let from = nextboot::newest_kept(&client_dir, &name)?;
+    let from = nextboot::newest_kept(client_dir, &name)?;
     if let Err(e) = Overlay::check_golden_id(&from, &image.id) {
         tracing::warn!(initiator = %initiator, kept = %from.display(), error = %e,
             "a kept persistent disk does not fit its image any more: it stays kept");
@@ -1282,7 +1282,7 @@ fn restore_kept(
         std::fs::remove_dir_all(dir).ok()?;
     }
     let moved = std::fs::rename(&from, dir)
-        .and_then(|()| nextboot::sync_dir(&client_dir))
+        .and_then(|()| nextboot::sync_dir(client_dir))
         .and_then(|()| from.parent().map_or(Ok(()), nextboot::sync_dir));
     match moved {
         Ok(()) => {
