@@ -54,6 +54,33 @@ pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
     ))
 }
 
+/// Set or clear a client's next-boot override (the file sync runs on the blocking pool). A
+/// reload that swapped the registry meanwhile built its boot target from the files before
+/// this one was written: the change is applied to the current boot target too.
+pub async fn set_next_boot(
+    server: &Server,
+    boot: &Arc<BootTarget>,
+    initiator: &str,
+    req: crate::boot::nextboot::Request,
+    by: &str,
+) -> Result<Option<crate::boot::nextboot::NextBoot>, crate::boot::nextboot::NextBootError> {
+    use crate::boot::nextboot::NextBootError;
+    let now = crate::boot::now_ms();
+    let run = |b: Arc<BootTarget>, req: crate::boot::nextboot::Request| {
+        let (who, by) = (initiator.to_string(), by.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || b.set_next_boot(&who, req, &by, now))
+                .await
+                .map_err(|e| NextBootError::Internal(e.to_string()))?
+        }
+    };
+    let set = run(boot.clone(), req.clone()).await?;
+    match server.registry().boot_target(&boot.name) {
+        Some(cur) if !Arc::ptr_eq(&cur, boot) => run(cur, req).await,
+        _ => Ok(set),
+    }
+}
+
 /// Serve the control socket until the task is aborted.
 pub async fn serve(path: PathBuf, server: Arc<Server>, config_path: Option<PathBuf>) {
     let _ = std::fs::remove_file(&path);
@@ -359,13 +386,9 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 crate::boot::nextboot::request(image, mode, clear).map_err(|e| e.to_string())?;
             let (boot, c) = find_client(&registry, who)?;
             let name = c.initiator.clone();
-            let b = boot.clone();
-            let set = tokio::task::spawn_blocking(move || {
-                b.set_next_boot(&name, req, "control socket", crate::boot::now_ms())
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            let set = set_next_boot(server, &boot, &name, req, "control socket")
+                .await
+                .map_err(|e| e.to_string())?;
             let what = match &set {
                 Some(nb) => format!(
                     "next boot: image {}, mode {}",

@@ -163,20 +163,17 @@ pub async fn next_boot(
     let (boot, name) = find_client(api, initiator)?;
     let _slot = api.guard.take(&name, "an action")?;
     let cleared = req == nextboot::Request::Clear;
-    let (b, n, who) = (boot.clone(), name.clone(), by.to_string());
-    let set =
-        tokio::task::spawn_blocking(move || b.set_next_boot(&n, req, &who, crate::boot::now_ms()))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| match e {
-                NextBootError::Invalid(m) => ApiError::BadRequest(m),
-                NextBootError::UnknownImage(m) | NextBootError::Refused(m) => {
-                    ApiError::Unprocessable(m)
-                }
-                e @ (NextBootError::Io { .. } | NextBootError::Parse { .. }) => {
-                    ApiError::Internal(e.to_string())
-                }
-            })?;
+    let set = crate::control::set_next_boot(&api.server, &boot, &name, req, by)
+        .await
+        .map_err(|e| match e {
+            NextBootError::Invalid(m) => ApiError::BadRequest(m),
+            NextBootError::UnknownImage(m) | NextBootError::Refused(m) => {
+                ApiError::Unprocessable(m)
+            }
+            e @ (NextBootError::Io { .. }
+            | NextBootError::Parse { .. }
+            | NextBootError::Internal(_)) => ApiError::Internal(e.to_string()),
+        })?;
     let what = match &set {
         Some(nb) => format!(
             "next boot: image {}, mode {}",

@@ -65,6 +65,9 @@ pub enum NextBootError {
     },
     #[error("{path}: not a next-boot override: {msg}")]
     Parse { path: PathBuf, msg: String },
+    /// The blocking task that wrote it failed.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// What the operator asked.
