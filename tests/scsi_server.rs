@@ -870,3 +870,51 @@ fn identity_naa3_is_locally_assigned() {
     let local = naa(&mut c, 1);
     assert_eq!((local.len(), local[0] >> 4), (8, 3));
 }
+
+/// PREEMPT AND ABORT also aborts a write of the preempted nexus that is waiting for its
+/// Data-Out (R2T sent, data not yet there): the data that arrives afterwards is discarded
+/// without a Reject, the WRITE gets no status and never lands.
+#[test]
+fn preempt_and_abort_aborts_a_write_waiting_for_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_image(&d.join("lun0.img"), 8 << 20);
+    let server = common::Server::start(d, &config(d, &[0]));
+    let mut a = session(server.port, NODE_A);
+    let mut b = session(server.port, NODE_B);
+    a.write10(8, &[0x11; 512]);
+    assert_eq!(prout(&mut a, REGISTER, 0, 0, 0xa, false).status, 0);
+    assert_eq!(prout(&mut b, REGISTER, 0, 0, 0xb, false).status, 0);
+    // B's WRITE is delivered (InitialR2T=Yes, no immediate data): it waits for Data-Out.
+    let w = b.command(&write10_cdb(8, 1), 512, false, true);
+    let itt = w.itt;
+    b.send(&diskless::pdu::Pdu::header_only(Bhs::ScsiCommand(w)))
+        .unwrap();
+    let r2t = match b.recv(Duration::from_secs(10)) {
+        Ok(diskless::pdu::Pdu {
+            bhs: Bhs::R2t(r), ..
+        }) if r.itt == itt => r,
+        other => panic!("expected an R2T: {other:?}"),
+    };
+    let r = prout(&mut a, PREEMPT_AND_ABORT, EXCLUSIVE_ACCESS, 0xa, 0xb, false);
+    assert_eq!(r.status, 0, "PREEMPT AND ABORT: {r:?}");
+    // The solicited data arrives late: swallowed, no Reject and no status.
+    b.send(&diskless::pdu::Pdu {
+        bhs: Bhs::DataOut(diskless::pdu::DataOut {
+            final_: true,
+            lun: r2t.lun,
+            itt,
+            ttt: r2t.ttt,
+            exp_stat_sn: b.exp_stat_sn,
+            data_sn: 0,
+            buffer_offset: 0,
+        }),
+        data: bytes::Bytes::from(vec![0x22u8; 512]),
+    })
+    .unwrap();
+    let t = b.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(t.sense_triplet(), Some((6, 0x2a, 0x05)), "{t:?}");
+    let t = b.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(t.sense_triplet(), Some((6, 0x2f, 0x00)), "{t:?}");
+    assert_eq!(a.read10(8, 1), vec![0x11; 512], "the aborted WRITE ran");
+}
