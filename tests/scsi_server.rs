@@ -625,8 +625,9 @@ fn allocated(dir: &Path, name: &str) -> u64 {
     total
 }
 
-/// SANITIZE on a client disk discards the client's overlay: the disk reads as the golden
-/// image again (not zeroes), the overlay holds no data, and the golden image is untouched.
+/// SANITIZE on a client disk discards the client's overlay: after BLOCK or CRYPTO ERASE the
+/// disk reads as the golden image again (not zeroes) and the overlay holds no data; OVERWRITE
+/// then writes its pattern. The golden image is never touched.
 #[test]
 fn sanitize_on_a_client_disk_discards_its_overlay() {
     let dir = tempfile::tempdir().unwrap();
@@ -664,6 +665,15 @@ fn sanitize_on_a_client_disk_discards_its_overlay() {
         let used = allocated(&d.join("state"), "overlay.data");
         assert_eq!(used, 0, "a sanitized overlay holds no data");
     }
+    // OVERWRITE (SA 1, IMMED = 0, one pass of 0xAA blocks): the overlay is discarded, then
+    // the pattern written as asked, over the whole disk.
+    c.write10(0, &[0x7f; 512]);
+    let mut p = vec![0xaa_u8; 516];
+    p[0..4].copy_from_slice(&[0x01, 0, 0x02, 0x00]);
+    let r = c.run(&[0x48, 0x01, 0, 0, 0, 0, 0, 0x02, 0x04, 0], 516, Some(&p));
+    assert_eq!(r.status, 0, "SANITIZE OVERWRITE: {r:?}");
+    assert_eq!(c.read10(0, 1), vec![0xaa; 512]);
+    assert_eq!(c.read10(8191, 1), vec![0xaa; 512]);
     assert_eq!(std::fs::read(d.join("golden.img")).unwrap(), golden);
 }
 
