@@ -815,6 +815,8 @@ pub struct BootTarget {
     pub state_dir: PathBuf,
     /// Tie-breaker of the lifecycle model (`settings.reboot_gap_secs`).
     pub reboot_gap: Duration,
+    /// The form of the client disks' NAA identifiers (`identity:` of the target).
+    pub identity: crate::config::IdentityFormat,
     clients: DashMap<String, Arc<Client>>,
     /// The configuration's images (and the versions the bindings named at load), by name:
     /// what a next-boot override may name besides any versioned image.
@@ -872,6 +874,7 @@ impl BootTarget {
             default,
             state_dir,
             reboot_gap,
+            identity: crate::config::IdentityFormat::default(),
             clients: DashMap::new(),
             images: BTreeMap::new(),
             overrides: DashMap::new(),
@@ -1223,7 +1226,7 @@ impl BootTarget {
             }),
             state_path,
             serial: crate::identity::default_serial(&who, 0),
-            naa: crate::identity::naa_identifier(&who, 0),
+            naa: crate::identity::naa_in(self.identity, &who, 0),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
