@@ -6,6 +6,11 @@
 #                    [--fio PATH] [--jobs "randread-4k-qd1 seqread-1m-qd16"] [--keep]
 #
 # --quick = 1 round of 5 s per job (smoke test). Defaults: 3 rounds, 20 s per job, 1 GiB image.
+# The overlay-* jobs run against a third server, diskless with a persistent overlay over a copy
+# of the image (`serve --overlay persistent`), restarted on a fresh overlay every round:
+# overlay-firsttouch writes each 4 KiB chunk once (fio's random map, one pass over the LUN,
+# capped at the runtime: every write is a chunk's first), overlay-rewrite then writes the same
+# overlay again; report.py sets both beside randwrite-4k-qd32 on the plain image and tgt.
 # Both targets serve the same image file; jobs alternate between the targets (and the order
 # flips every round) so drift on this shared machine hits both. Needs root the first time (it
 # builds fio with --enable-libiscsi from Debian's fio source package into target/fio-build/).
@@ -58,6 +63,8 @@ JOBS=(
 	"seqread-1m-qd16|--rw=read --bs=1m --iodepth=16"
 	"seqwrite-1m-qd16|--rw=write --bs=1m --iodepth=16"
 	"randrw70-4k-qd32|--rw=randrw --rwmixread=70 --bs=4k --iodepth=32"
+	"overlay-firsttouch-4k-qd32|--rw=randwrite --bs=4k --iodepth=32"
+	"overlay-rewrite-4k-qd32|--rw=randwrite --bs=4k --iodepth=32"
 )
 
 # --- tools -------------------------------------------------------------------------------------
@@ -76,6 +83,7 @@ mkdir -p "$OUT_DIR"
 W=$(mktemp -d "$OUT_DIR/run.XXXXXX")
 IMG=$OUT_DIR/bench.img # kept between runs: filling it takes a while
 DL_PID=""
+OV_PID=""
 TGT_PID=""
 TGT_CTL=""
 IPERF_PID=""
@@ -87,7 +95,7 @@ cleanup() {
 		tgtadm -C "$TGT_CTL" --mode system --op delete >/dev/null 2>&1 || true
 	fi
 	local p
-	for p in $DL_PID $TGT_PID; do
+	for p in $DL_PID $OV_PID $TGT_PID; do
 		kill -0 "$p" 2>/dev/null || continue
 		kill -TERM "$p" 2>/dev/null || true
 		for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -121,17 +129,24 @@ fi
 cat "$IMG" >/dev/null
 
 # --- servers -------------------------------------------------------------------------------------
-: >"$W/diskless.out"
-"$BIN" --log warn serve --image "$IMG" --listen 127.0.0.1:0 >"$W/diskless.out" 2>"$W/diskless.err" &
-DL_PID=$!
-DL_PORT=""
-for ((i = 0; i < 300; i++)); do
-	DL_PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/diskless.out" | head -n1 || true)
-	[[ -n $DL_PORT ]] && break
-	kill -0 "$DL_PID" 2>/dev/null || { tail -n 20 "$W/diskless.err" >&2; dl_die "diskless exited during startup"; }
-	sleep 0.1
-done
-[[ -n $DL_PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
+# start_diskless NAME ARGS...: starts `diskless serve ARGS`, sets STARTED_PID and STARTED_PORT.
+start_diskless() {
+	local name=$1 i
+	shift
+	: >"$W/$name.out"
+	"$BIN" --log warn serve "$@" --listen 127.0.0.1:0 >"$W/$name.out" 2>"$W/$name.err" &
+	STARTED_PID=$!
+	STARTED_PORT=""
+	for ((i = 0; i < 300; i++)); do
+		STARTED_PORT=$(sed -n 's/^diskless: listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$W/$name.out" | head -n1 || true)
+		[[ -n $STARTED_PORT ]] && return 0
+		kill -0 "$STARTED_PID" 2>/dev/null || { tail -n 20 "$W/$name.err" >&2; dl_die "diskless ($name) exited during startup"; }
+		sleep 0.1
+	done
+	dl_die "diskless ($name) did not print 'diskless: listening on'"
+}
+start_diskless diskless --image "$IMG"
+DL_PID=$STARTED_PID DL_PORT=$STARTED_PORT
 DL_IQN="iqn.2026-11.org.diskless:$(basename "${IMG%.*}")"
 DL_URL="iscsi://127.0.0.1:$DL_PORT/$DL_IQN/0"
 
@@ -169,6 +184,23 @@ loopback() { # tag
 }
 loopback before
 
+# The overlay server: a persistent overlay over a copy of the image, fresh every round.
+OV_GOLDEN=$W/golden.img
+OV_IQN=iqn.2026-11.org.diskless:golden
+OV_URL=""
+fresh_overlay() {
+	if [[ -n $OV_PID ]]; then
+		kill -TERM "$OV_PID" 2>/dev/null || true
+		for _ in $(seq 1 100); do kill -0 "$OV_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$OV_PID" 2>/dev/null || true
+	fi
+	[[ -f $OV_GOLDEN ]] || { cp --sparse=never "$IMG" "$OV_GOLDEN"; cat "$OV_GOLDEN" >/dev/null; }
+	rm -rf "$W/state"
+	start_diskless overlay --image "$OV_GOLDEN" --target "$OV_IQN" --overlay persistent --state-dir "$W/state"
+	OV_PID=$STARTED_PID
+	OV_URL="iscsi://127.0.0.1:$STARTED_PORT/$OV_IQN/0"
+}
+
 # --- fio runs --------------------------------------------------------------------------------------
 # CPU ticks (user+system, all threads) a server used, from /proc/PID/stat.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -178,16 +210,21 @@ run_one() { # round target job-name fio-options
 	case $target in
 	diskless) url=$DL_URL pid=$DL_PID ;;
 	tgt) url=$TGT_URL pid=$TGT_PID ;;
+	overlay) url=$OV_URL pid=$OV_PID ;;
 	esac
+	# A first touch is one pass over the LUN (each chunk written once), capped at the runtime.
+	local timing="--time_based --ramp_time=$RAMP"
+	[[ $name == overlay-firsttouch* ]] && timing="--ramp_time=0"
 	kill -0 "$pid" 2>/dev/null || dl_die "$target (pid $pid) is gone"
-	local base="$W/$name.$target.r$round" c0 c1
+	# Overlay jobs are filed as diskless runs (report.py sets them beside the plain image).
+	local base="$W/$name.${target/overlay/diskless}.r$round" c0 c1
 	# fio's filename syntax needs the colons escaped.
 	local fname=${url//:/\\:}
 	c0=$(cpu_ticks "$pid")
 	# shellcheck disable=SC2086
 	if ! timeout $((RUNTIME + RAMP + 60)) "$FIO" --name="$name" --ioengine=libiscsi \
-		--initiator="$INITIATOR" --filename="$fname" $opts --time_based \
-		--runtime="$RUNTIME" --ramp_time="$RAMP" --output-format=json --output="$base.json" \
+		--initiator="$INITIATOR" --filename="$fname" $opts $timing \
+		--runtime="$RUNTIME" --output-format=json --output="$base.json" \
 		>"$base.log" 2>&1; then
 		tail -n 20 "$base.log" >&2
 		dl_die "fio $name against $target failed"
@@ -202,6 +239,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		name=${j%%|*}
 		opts=${j#*|}
 		if [[ -n $ONLY_JOBS ]] && ! grep -qw -- "$name" <<<"$ONLY_JOBS"; then continue; fi
+		if [[ $name == overlay-* ]]; then
+			[[ $name == overlay-firsttouch* ]] && fresh_overlay
+			[[ -n $OV_URL ]] || fresh_overlay
+			run_one "$r" overlay "$name" "$opts"
+			continue
+		fi
 		# Alternate the order every round so neither target always runs first.
 		if ((r % 2)); then order="diskless tgt"; else order="tgt diskless"; fi
 		for t in $order; do run_one "$r" "$t" "$name" "$opts"; done

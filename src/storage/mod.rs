@@ -10,7 +10,9 @@ pub mod versions;
 
 pub use file::FileStore;
 pub use memory::MemStore;
-pub use overlay::{CheckReport, ChunkState, Overlay, OverlayError, OverlayOptions, OverlayStats};
+pub use overlay::{
+    CheckReport, ChunkState, ExtentMap, Overlay, OverlayError, OverlayOptions, OverlayStats,
+};
 
 /// Typed storage errors.
 #[derive(Debug, thiserror::Error)]

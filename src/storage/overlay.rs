@@ -13,17 +13,16 @@
 mod extents;
 mod format;
 
-pub use extents::ChunkState;
+pub use extents::{ChunkState, ExtentMap};
 
 use super::{BlockStore, StorageError};
-use extents::ExtentMap;
 use format::{Meta, Rec, JOURNAL_HEADER};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 const META_FILE: &str = "overlay.meta";
@@ -157,6 +156,9 @@ struct Durable {
     journal_len: u64,
     next_seq: u64,
     generation: u64,
+    /// Group commit: every write with a ticket up to this one is durable (see
+    /// [`Overlay::flush_upto`]).
+    synced: u64,
 }
 
 /// A golden image seen through a per-client copy-on-write overlay. See the module docs.
@@ -179,6 +181,9 @@ pub struct Overlay {
     stripes: Vec<Mutex<()>>,
     live: RwLock<Live>,
     durable: Mutex<Durable>,
+    /// Writes completed so far: a write takes its ticket (this counter, incremented) after
+    /// its data and its pending state record are in place.
+    written: AtomicU64,
     punch_hole: AtomicBool,
     /// Cleared by `simulate_crash`: Drop then skips its flush.
     flush_on_drop: AtomicBool,
@@ -407,7 +412,9 @@ impl Overlay {
                 journal_len: 0,
                 next_seq: rep.next_seq,
                 generation: meta.generation,
+                synced: 0,
             }),
+            written: AtomicU64::new(0),
             punch_hole: AtomicBool::new(true),
             flush_on_drop: AtomicBool::new(true),
             no_space: AtomicBool::new(false),
@@ -834,7 +841,22 @@ impl Overlay {
     /// changes and fdatasync the journal, so no record ever points at data that is not on
     /// disk (a golden→overlay chunk never surfaces after a crash with garbage in it).
     fn flush_inner(&self) -> Result<(), OverlayError> {
+        self.flush_upto(self.written.load(Ordering::SeqCst))
+    }
+
+    /// Group commit: make durable every write whose ticket is at most `ticket`. Concurrent
+    /// FUA writes and SYNCHRONIZE CACHEs queue on the flush lock; whoever gets it reads the
+    /// ticket counter first and then syncs everything completed up to that point, so those
+    /// queued behind it find their ticket covered and return without an fsync of their own
+    /// (one pair of fdatasyncs for a whole queue depth of FUA writes, not one per write).
+    /// Sound because a write takes its ticket only after its pwrite returned and its state
+    /// record was queued, and the records are taken after the counter is read.
+    fn flush_upto(&self, ticket: u64) -> Result<(), OverlayError> {
         let mut d = lock(&self.durable)?;
+        if d.synced >= ticket {
+            return Ok(());
+        }
+        let covered = self.written.load(Ordering::SeqCst);
         // Every pending record was pushed after its pwrite returned, so the fdatasync below
         // covers its data.
         let recs = {
@@ -850,6 +872,7 @@ impl Overlay {
             }
             return Err(e);
         }
+        d.synced = d.synced.max(covered);
         if d.journal_len > COMPACT_AT {
             // The batch is durable already; a failed compaction only leaves a long journal.
             if let Err(e) = self.compact(&mut d) {
@@ -889,8 +912,9 @@ impl Overlay {
         Ok(())
     }
 
-    /// The write path, with the gate held by the caller.
-    fn write_locked(&self, data: &[u8], offset: u64) -> Result<(), OverlayError> {
+    /// The write path, with the gate held by the caller. Returns the write's group-commit
+    /// ticket.
+    fn write_locked(&self, data: &[u8], offset: u64) -> Result<u64, OverlayError> {
         let end = offset + data.len() as u64;
         let cs = offset / self.chunk;
         let ce = end.div_ceil(self.chunk);
@@ -917,7 +941,7 @@ impl Overlay {
         self.data.write_all_at(data, offset)?;
         if runs.iter().all(|r| r.2 == ChunkState::Overlay) {
             // Rewrite in place: no state change, nothing to journal.
-            return Ok(());
+            return Ok(self.take_ticket());
         }
         let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
         for &(s, e, st) in &runs {
@@ -930,7 +954,14 @@ impl Overlay {
                 });
             }
         }
-        Ok(())
+        drop(live);
+        Ok(self.take_ticket())
+    }
+
+    /// A completed write's (or discard's) group-commit ticket: taken after its data and
+    /// state records are in place.
+    fn take_ticket(&self) -> u64 {
+        self.written.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Write the old content of `[from, to)` (part of one non-overlay chunk) to the data file.
@@ -1029,11 +1060,15 @@ impl BlockStore for Overlay {
         self.check_range(offset, data.len() as u64)?;
         let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
         self.writable()?;
-        if !data.is_empty() {
-            self.write_locked(data, offset)?;
-        }
+        let ticket = if data.is_empty() {
+            self.written.load(Ordering::SeqCst)
+        } else {
+            self.write_locked(data, offset)?
+        };
         // FUA (SBC-3 §5.x WRITE FUA bit): durable, state record included, before status.
-        if fua || self.pending_len() > MAX_PENDING {
+        if fua {
+            self.flush_upto(ticket)?;
+        } else if self.pending_len() > MAX_PENDING {
             self.flush_inner()?;
         }
         Ok(())
@@ -1083,6 +1118,7 @@ impl BlockStore for Overlay {
                 }
                 live.map.set(cs, ce, ChunkState::Zero);
             }
+            self.take_ticket();
             // After the flip: a crash before the record is durable reads the old state over a
             // hole, i.e. zeroes, which is the new content.
             self.punch(a, b);

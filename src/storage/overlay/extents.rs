@@ -36,31 +36,40 @@ impl ChunkState {
 /// start chunk -> (end chunk exclusive, state). Invariants: runs do not overlap, no run is
 /// `Golden` (golden is the absence of a run), and adjacent runs of the same state are merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ExtentMap {
+pub struct ExtentMap {
     runs: BTreeMap<u64, (u64, ChunkState)>,
 }
 
 impl ExtentMap {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         ExtentMap::default()
     }
 
     /// Number of stored runs (memory use is proportional to this).
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.runs.len()
     }
 
+    /// No run stored: every chunk is golden.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
     /// Set chunks `[start, end)` to `state`.
-    pub(crate) fn set(&mut self, start: u64, end: u64, state: ChunkState) {
+    ///
+    /// O(k log n) for k runs inside the range: never a pass over the whole map (the first
+    /// version split the map off and appended it back, O(n) per call, which made every
+    /// first-touch write of a client with many scattered runs cost hundreds of µs).
+    pub fn set(&mut self, start: u64, end: u64, state: ChunkState) {
         if start >= end {
             return;
         }
         self.split_at(start);
         self.split_at(end);
         // Drop every run inside [start, end): both edges are run boundaries now.
-        let mut inside = self.runs.split_off(&start);
-        let mut after = inside.split_off(&end);
-        self.runs.append(&mut after);
+        while let Some(k) = self.runs.range(start..end).next().map(|(&k, _)| k) {
+            self.runs.remove(&k);
+        }
         if state == ChunkState::Golden {
             return;
         }
