@@ -1064,8 +1064,9 @@ impl ApiConfig {
 pub struct BootHttpConfig {
     /// Address of the HTTP listener, e.g. 0.0.0.0:8080.
     pub listen: Portal,
-    /// iSCSI portal written into the scripts (`host:port`); default: the address the client
-    /// reached the HTTP listener on, with the first portal's port.
+    /// iSCSI portal written into the scripts (`host:port`, or a host (IPv4 or name) alone:
+    /// with the first portal's port); default: the address the client reached the HTTP
+    /// listener on, with the first portal's port.
     #[serde(default)]
     pub iscsi_portal: Option<String>,
 }

@@ -319,10 +319,12 @@ fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
     let mut bytes = vec![0u8; 8 << 20];
     bytes[..19].copy_from_slice(b"DISKLESS-DATA-DISK\n");
     std::fs::write(&data, &bytes).unwrap();
-    let (iport, hport) = (free_port(), free_port());
+    // The guest reaches the host's loopback as 10.0.2.2; the iSCSI port is the server's
+    // (Server::start listens on 127.0.0.1:0), so the script's portal names the host only.
+    let hport = free_port();
     let yaml = format!(
-        "portals: [\"127.0.0.1:{iport}\"]\nstate_dir: {state}\nsettings: {{reboot_gap_secs: 1}}\n\
-         boot_http: {{listen: \"127.0.0.1:{hport}\", iscsi_portal: \"10.0.2.2:{iport}\"}}\n\
+        "portals: [\"127.0.0.1:0\"]\nstate_dir: {state}\nsettings: {{reboot_gap_secs: 1}}\n\
+         boot_http: {{listen: \"127.0.0.1:{hport}\", iscsi_portal: \"10.0.2.2\"}}\n\
          images:\n  - {{name: base, path: {img}}}\n  - {{name: data, path: {data}}}\n\
          targets:\n  - name: {target}\n    boot:\n      bindings:\n\
          \x20       - initiator: \"{who}\"\n\

@@ -147,23 +147,24 @@ impl ScriptPlan {
             // through it (ipxe/ipxe#1599). No gateway: the target stays on-link.
             s.push_str("set netX/gateway 0.0.0.0\n");
         }
-        let extra = self.luns.iter().skip(1);
-        for (i, lun) in extra.enumerate() {
-            // Drives 0x81, 0x82, ... in LUN order (https://ipxe.org/cmd/sanhook). Not in
-            // the iBFT: the OS logs in to the target of LUN 0 and finds every LUN there
-            // by REPORT LUNS.
-            let _ = writeln!(
-                s,
-                "sanhook --drive 0x{:02x} --no-describe {} || goto failed",
-                0x81 + i,
-                uri(*lun)
-            );
-        }
         let boot = self.luns.first().copied().unwrap_or(0);
-        if self.luns.len() > 1 {
-            let _ = writeln!(s, "sanboot --drive 0x80 {} || goto failed", uri(boot));
-        } else {
+        if self.luns.len() == 1 {
             let _ = writeln!(s, "sanboot {} || goto failed", uri(boot));
+        } else {
+            // LUN 0 is drive 0x80, the others 0x81, 0x82, ... in LUN order, hooked in drive
+            // order (https://ipxe.org/cmd/sanhook: "Attach two independent iSCSI targets");
+            // then boot the hooked 0x80 (https://ipxe.org/cmd/sanboot). Only 0x80 goes into
+            // the iBFT: the OS logs in to that target and finds every LUN by REPORT LUNS.
+            let _ = writeln!(s, "sanhook --drive 0x80 {} || goto failed", uri(boot));
+            for (i, lun) in self.luns.iter().skip(1).enumerate() {
+                let _ = writeln!(
+                    s,
+                    "sanhook --drive 0x{:02x} --no-describe {} || goto failed",
+                    0x81 + i,
+                    uri(*lun)
+                );
+            }
+            s.push_str("sanboot --drive 0x80 || goto failed\n");
         }
         s.push_str(":failed\necho diskless: SANBOOT-FAILED ${errno}\nshell\n");
         s
@@ -557,9 +558,10 @@ mod tests {
                 "set diskless-os linux",
                 "set diskless-disks 3",
                 "set initiator-iqn iqn.x:c1",
+                "sanhook --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
                 "sanhook --drive 0x81 --no-describe iscsi:192.168.10.1::3260:1:iqn.t:boot || goto failed",
                 "sanhook --drive 0x82 --no-describe iscsi:192.168.10.1::3260:2:iqn.t:boot || goto failed",
-                "sanboot --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
+                "sanboot --drive 0x80 || goto failed",
             ]
         );
     }
@@ -625,8 +627,9 @@ mod tests {
                 "set initiator-iqn iqn.x:c1",
                 "set keep-san 1",
                 "set netX/gateway 0.0.0.0",
+                "sanhook --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
                 "sanhook --drive 0x81 --no-describe iscsi:192.168.10.1::3260:1:iqn.t:boot || goto failed",
-                "sanboot --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
+                "sanboot --drive 0x80 || goto failed",
             ]
         );
     }

@@ -379,12 +379,12 @@ impl Server {
                     }
                 }
             }
+            let port = registry.portals().first().map_or(3260, |p| p.port());
             let portal = match registry.boot_http().and_then(|h| h.iscsi_portal.clone()) {
+                // A host alone: the first portal's port (it follows `--listen`).
+                Some(h) if !h.contains(':') => format!("{h}:{port}"),
                 Some(p) => p,
-                None => {
-                    let port = registry.portals().first().map_or(3260, |p| p.port());
-                    std::net::SocketAddr::new(local.ip(), port).to_string()
-                }
+                None => std::net::SocketAddr::new(local.ip(), port).to_string(),
             };
             let clear_gateway =
                 crate::boot::http::ScriptPlan::gateway_cleared(gateway, os, &query, &portal);
