@@ -358,6 +358,121 @@ fn find_dirs(root: &Path, name: &str) -> Vec<PathBuf> {
     out
 }
 
+/// `diskless ARGS`: stdout, panics unless it succeeds.
+fn diskless(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "diskless {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A data disk on a versioned image (docs/images.md): `client commit --lun 1` publishes it
+/// as the next version while the client runs, the persistent disk stays on the version it
+/// was made on (GC keeps it), a flat `commit --lun 1` writes that disk, and `client reset
+/// --lun 1` moves it to the binding's version.
+#[test]
+fn a_versioned_data_disk_is_published_kept_by_gc_and_moved_by_a_reset() {
+    common::require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("state");
+    let st = st.to_str().unwrap();
+    let sys = common::random_bytes(MIB as usize, 50);
+    std::fs::write(dir.path().join("system.img"), &sys).unwrap();
+    let data = common::random_bytes(2 * MIB as usize, 51);
+    let raw = dir.path().join("data.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let text = diskless(&[
+        "image",
+        "import",
+        "datav",
+        raw.to_str().unwrap(),
+        "--format",
+        "raw",
+        "-m",
+        "empty",
+        "--state-dir",
+        st,
+    ]);
+    assert!(text.contains("datav@1"), "{text}");
+    let cfg = Config::yaml(&format!(
+        "portals: [\"127.0.0.1:0\"]\nstate_dir: {st}\n\
+         settings: {{reboot_gap_secs: 30, nop_in_interval_secs: 0}}\n\
+         images:\n  - {{name: system, path: {sys}}}\n\
+         targets:\n  - name: {TARGET}\n    boot:\n      bindings:\n\
+         \x20       - initiator: {PC1}\n\
+         \x20         disks: [{{lun: 0, image: system, mode: volatile}}, {{lun: 1, image: datav, mode: persistent}}]\n",
+        sys = dir.path().join("system.img").display(),
+    ));
+    let server = Server::start(dir.path(), &cfg);
+    let ctl = dir.path().join("state/control.sock");
+    let ctl = ctl.to_str().unwrap();
+    let mut c = Client::connect(server.port);
+    c.isid = open_iscsi(1);
+    c.login(PC1, TARGET).unwrap();
+    on_lun(&mut c, 1).write10(10, &block(0xd1));
+    sync(&mut c);
+    let text = diskless(&[
+        "client",
+        "commit",
+        PC1,
+        "datav",
+        "--lun",
+        "1",
+        "-m",
+        "data v2",
+        "--control",
+        ctl,
+    ]);
+    assert!(text.contains("published datav@2"), "{text}");
+    // The client goes on writing on its disk, still version 1 underneath.
+    on_lun(&mut c, 1).write10(11, &block(0xd2));
+    sync(&mut c);
+    let show = diskless(&["client", "show", PC1, "--control", ctl]);
+    assert!(
+        show.contains("LUN 1: datav@1 (next: @2) persistent"),
+        "{show}"
+    );
+    // GC keeps version 1 (the data disk sits on it) and 2 (latest).
+    let text = diskless(&["image", "gc", "datav", "--state-dir", st]);
+    assert!(text.contains("removed versions: none"), "{text}");
+    let log = diskless(&["image", "log", "datav", "--state-dir", st]);
+    assert!(log.contains("data v2") && log.contains("empty"), "{log}");
+    // A flat copy of disk 1 (image + overlay), client running.
+    let flat = dir.path().join("data-flat.img");
+    diskless(&[
+        "client",
+        "commit",
+        PC1,
+        flat.to_str().unwrap(),
+        "--lun",
+        "1",
+        "--control",
+        ctl,
+    ]);
+    let f = std::fs::read(&flat).unwrap();
+    assert_eq!(f.len(), data.len());
+    assert_eq!(&f[10 * 512..11 * 512], &block(0xd1)[..]);
+    assert_eq!(&f[11 * 512..12 * 512], &block(0xd2)[..]);
+    assert_eq!(&f[..10 * 512], &data[..10 * 512]);
+    drop(c);
+    // Reset of disk 1 only: it moves to version 2 (block 10 as published, 11 gone).
+    diskless(&["client", "reset", PC1, "--lun", "1", "--control", ctl]);
+    let mut c = Client::connect(server.port);
+    c.isid = open_iscsi(2);
+    c.login(PC1, TARGET).unwrap();
+    assert_eq!(on_lun(&mut c, 1).read10(10, 1), block(0xd1));
+    assert_eq!(on_lun(&mut c, 1).read10(11, 1), data[11 * 512..12 * 512]);
+    let show = diskless(&["client", "show", PC1, "--control", ctl]);
+    assert!(show.contains("LUN 1: datav@2 persistent"), "{show}");
+}
+
 #[test]
 fn check_config_refuses_bad_disk_lists() {
     let dir = tempfile::tempdir().unwrap();
