@@ -307,13 +307,23 @@ fn free_port() -> u16 {
 /// 0); after the iBFT hand-off Linux sees both, the data disk with its size and content.
 #[test]
 fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
-    require_boot_tools("bios");
+    boot_with_a_data_disk("bios", "Bios");
+}
+
+/// The same under OVMF + iPXE's EFI ROM (EFI block devices 0x80 and 0x81).
+#[test]
+fn uefi_boot_script_hooks_a_data_disk_and_linux_sees_both() {
+    boot_with_a_data_disk("uefi", "Uefi");
+}
+
+fn boot_with_a_data_disk(mode: &str, firmware: &str) {
+    require_boot_tools(mode);
     let dir = tempfile::tempdir().unwrap();
     let target = "iqn.2026-11.test:boot-multi";
     let who = format!("iqn.2026-11.test:multi-{}", std::process::id());
     let mac = "52:54:00:12:34:77";
     let golden = dir.path().join("golden.img");
-    std::fs::copy(images("boot-images").join("bios.img"), &golden).unwrap();
+    std::fs::copy(images("boot-images").join(format!("{mode}.img")), &golden).unwrap();
     // 8 MiB data disk whose first block names it.
     let data = dir.path().join("data.img");
     let mut bytes = vec![0u8; 8 << 20];
@@ -336,13 +346,13 @@ fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
         data = data.display(),
     );
     let server = Server::start(dir.path(), &Config::yaml(&yaml));
-    let log = dir.path().join("serial-multi.log");
+    let log = dir.path().join(format!("serial-multi-{mode}.log"));
     let started = Instant::now();
     let url = format!("http://10.0.2.2:{hport}/boot.ipxe?mac=${{net0/mac}}&platform=${{platform}}");
     let (ok, out) = run_limited(
         Command::new("bash")
             .arg(repo().join("scripts/boot/run-qemu.sh"))
-            .args(["--mode", "bios", "--chain", &url, "--mac", mac])
+            .args(["--mode", mode, "--chain", &url, "--mac", mac])
             .args(["--timeout", &BOOT_TIMEOUT_SECS.to_string()])
             .arg("--log")
             .arg(&log)
@@ -359,11 +369,11 @@ fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
         )
     };
     assert!(ok, "boot failed {}", report());
-    eprintln!("bios boot with two disks: {:?}", started.elapsed());
-    // The script the endpoint served (BIOS, two disks), as iPXE ran it.
+    eprintln!("{mode} boot with two disks: {:?}", started.elapsed());
+    // The script the endpoint served (this firmware, two disks), as iPXE ran it.
     let stderr = server.stderr();
     assert!(
-        stderr.contains("boot script served") && stderr.contains("Bios"),
+        stderr.contains("boot script served") && stderr.contains(&format!("Some({firmware})")),
         "{}",
         report()
     );
