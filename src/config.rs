@@ -422,6 +422,25 @@ pub struct TargetConfig {
     /// its own overlay. Exclusive with `luns`.
     #[serde(default)]
     pub boot: Option<BootConfig>,
+    /// How the NAA identifiers of this target's LUNs (and client disks) are formed; a LUN's
+    /// own `identity` wins. Default `legacy`: identifiers never change under a client.
+    #[serde(default)]
+    pub identity: Option<IdentityFormat>,
+}
+
+/// The form of a LUN's NAA identifier in VPD page 0x83 (docs/configuration.md). Both are
+/// derived from the target name and LUN number, so they are the same on every start and
+/// on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityFormat {
+    /// NAA 6 (IEEE Registered Extended, 16 bytes) with hash bits where the IEEE company ID
+    /// belongs: what every version before this one reported, so the default.
+    #[default]
+    Legacy,
+    /// NAA 3 (locally assigned, 8 bytes; SPC-4 §7.8.6.6.4): 60 bits of the same hash, no
+    /// claim to an IEEE company ID.
+    Naa3,
 }
 
 /// One entry of `images:`: a golden image, never written (except by a `direct` binding).
@@ -1391,6 +1410,9 @@ pub struct LunConfig {
     pub serial: Option<String>,
     #[serde(default)]
     pub create_size: Option<ByteSize>,
+    /// The NAA identifier's form for this LUN (default: the target's, else `legacy`).
+    #[serde(default)]
+    pub identity: Option<IdentityFormat>,
 }
 
 /// Validate an iSCSI name (RFC 7143 §4.2.7: "iqn.", "eui." or "naa." formats; characters
@@ -1554,8 +1576,10 @@ impl Config {
                     removable: false,
                     serial: None,
                     create_size: None,
+                    identity: None,
                 }],
                 boot: None,
+                identity: None,
             }],
             images: Vec::new(),
             state_dir: None,
@@ -1821,6 +1845,7 @@ impl Config {
                 removable: false,
                 serial: None,
                 create_size: im.create_size,
+                identity: None,
             };
             self.validate_lun(&path, &as_lun)?;
         }

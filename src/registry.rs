@@ -112,7 +112,14 @@ pub fn plan(config: &Config) -> Result<Plan, ConfigError> {
                 thin: l.thin,
                 removable: l.removable,
                 create_size: l.create_size.map(|s| s.0),
-                identity: lu_identity(&t.name, lun, l.serial.as_deref()),
+                identity: crate::scsi::LuIdentity {
+                    naa: crate::identity::naa_in(
+                        l.identity.or(t.identity).unwrap_or_default(),
+                        &t.name,
+                        lun,
+                    ),
+                    ..lu_identity(&t.name, lun, l.serial.as_deref())
+                },
             });
         }
         let mut sources = Vec::new();
@@ -425,13 +432,15 @@ impl Registry {
             let (bindings, default) =
                 crate::boot::plan_bindings(file, &format!("targets[{ti}].boot"), boot, &images)?;
             if let Some(t) = registry.targets.get_mut(ti) {
-                t.boot = Some(Arc::new(BootTarget::new(
+                let mut bt = BootTarget::new(
                     &tc.name,
                     bindings,
                     default,
                     registry.state_dir.clone(),
                     std::time::Duration::from_secs(registry.settings.reboot_gap_secs),
-                )));
+                );
+                bt.identity = tc.identity.unwrap_or_default();
+                t.boot = Some(Arc::new(bt));
             }
         }
         Ok(registry)
@@ -841,6 +850,40 @@ targets:
             lu_identity("iqn.2026-11.org.x:a", 0, Some("S1")).serial,
             "S1"
         );
+    }
+
+    #[test]
+    fn identity_key_picks_the_naa_form() {
+        let yaml = "
+targets:
+  - name: iqn.2026-11.org.diskless:old
+    luns:
+      - {lun: 0, image: a.img, create_size: 1MiB}
+      - {lun: 1, image: b.img, create_size: 1MiB, identity: naa3}
+  - name: iqn.2026-11.org.diskless:new
+    identity: naa3
+    luns:
+      - {lun: 0, image: c.img, create_size: 1MiB}
+      - {lun: 1, image: d.img, create_size: 1MiB, identity: legacy}
+";
+        let c = Config::from_yaml(yaml, "t.yaml", Path::new("/cfg")).unwrap();
+        let p = plan(&c).unwrap();
+        let nibbles: Vec<Vec<u8>> = p
+            .targets
+            .iter()
+            .map(|t| t.luns.iter().map(|l| l.identity.naa[0] >> 4).collect())
+            .collect();
+        assert_eq!(nibbles, vec![vec![6, 3], vec![3, 6]]);
+        // The default form is the one every earlier version reported.
+        let old = &p.targets[0].luns[0].identity;
+        assert_eq!(old.naa, naa_identifier("iqn.2026-11.org.diskless:old", 0));
+        let bad = Config::from_yaml(
+            "targets: [{name: iqn.2026-11.org.x:y, identity: naa6, \
+             luns: [{lun: 0, image: a.img, create_size: 1MiB}]}]",
+            "t.yaml",
+            Path::new("/cfg"),
+        );
+        assert!(bad.is_err_and(|e| e.to_string().contains("naa6")));
     }
 
     #[test]

@@ -886,6 +886,8 @@ pub struct BootTarget {
     pub state_dir: PathBuf,
     /// Tie-breaker of the lifecycle model (`settings.reboot_gap_secs`).
     pub reboot_gap: Duration,
+    /// The form of the client disks' NAA identifiers (`identity:` of the target).
+    pub identity: crate::config::IdentityFormat,
     clients: DashMap<String, Arc<Client>>,
 }
 
@@ -927,6 +929,7 @@ impl BootTarget {
             default,
             state_dir,
             reboot_gap,
+            identity: crate::config::IdentityFormat::default(),
             clients: DashMap::new(),
         }
     }
@@ -1038,7 +1041,7 @@ impl BootTarget {
                 next_image: Mutex::new(next),
                 dir,
                 serial: crate::identity::default_serial(&who, d.lun),
-                naa: crate::identity::naa_identifier(&who, d.lun),
+                naa: crate::identity::naa_in(self.identity, &who, d.lun),
             });
         }
         // The durable boot state: a restarted server decides exactly like the running one.
@@ -1095,7 +1098,7 @@ impl BootTarget {
             }),
             state_path,
             serial: crate::identity::default_serial(&who, 0),
-            naa: crate::identity::naa_identifier(&who, 0),
+            naa: crate::identity::naa_in(self.identity, &who, 0),
             extra,
             reset_scope: Mutex::new(None),
         };

@@ -17,8 +17,20 @@ pub struct LuIdentity {
     pub revision: String,
     /// Unit serial number (VPD 0x80).
     pub serial: String,
-    /// NAA IEEE Registered Extended identifier (type 6, VPD 0x83), unique per LUN.
+    /// NAA identifier (VPD 0x83), unique per LUN: IEEE Registered Extended (NAA 6, all 16
+    /// bytes) or locally assigned (NAA 3, the first 8 bytes; the rest unused).
     pub naa: [u8; 16],
+}
+
+impl LuIdentity {
+    /// The NAA designator as reported: 8 bytes for NAA 2, 3 and 5, 16 for NAA 6 (SPC-4
+    /// §7.8.6.6, the NAA field gives the format and so the length).
+    pub fn naa_designator(&self) -> &[u8] {
+        match self.naa[0] >> 4 {
+            2 | 3 | 5 => &self.naa[..8],
+            _ => &self.naa[..],
+        }
+    }
 }
 
 /// Persistent reservations saved with APTPL = 1 that cannot be restored.
@@ -78,6 +90,9 @@ pub fn physical_exponent(block_size: u32, physical_block_size: u32) -> u8 {
     }
 }
 
+/// PERSISTENT RESERVE OUT service action PREEMPT AND ABORT (SPC-4 §6.16.2).
+const PREEMPT_AND_ABORT: u8 = 0x05;
+
 /// MAXIMUM COMPARE AND WRITE LENGTH (VPD 0xB0); the NUMBER OF LOGICAL BLOCKS field is one byte.
 pub(super) const MAX_CAW_BLOCKS: u32 = 255;
 
@@ -114,6 +129,9 @@ pub(super) struct State {
     pub pr: PrState,
     /// EXTENDED COPY outcomes by (nexus, list identifier): (segments, bytes).
     pub copy_results: HashMap<(u64, u8), (u16, u32)>,
+    /// Nexuses a PREEMPT AND ABORT of the keyed nexus preempted, until its result leaves
+    /// [`LogicalUnit::execute`] with them.
+    preempted: HashMap<u64, Vec<u64>>,
 }
 
 pub(super) type Out = Result<(u8, Vec<u8>), Fail>;
@@ -143,6 +161,7 @@ fn out_of_space(e: &std::io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pr;
     use super::*;
 
     #[test]
@@ -156,6 +175,66 @@ mod tests {
         assert_eq!(sense(storage(full(), false)), READ_ERROR);
         let eio = StorageError::Io(std::io::Error::from_raw_os_error(5));
         assert_eq!(sense(storage(eio, true)), WRITE_ERROR);
+    }
+
+    fn nexus(id: u64) -> Nexus {
+        Nexus {
+            id,
+            initiator_port: format!("iqn.test:n{id},i,0x00023d00000{id}"),
+            initiator_name: format!("iqn.test:n{id}"),
+            relative_port: 1,
+            target_port: String::new(),
+        }
+    }
+
+    fn prout(lu: &LogicalUnit, n: &Nexus, sa: u8, kind: u8, key: u64, sa_key: u64) -> ScsiResult {
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        lu.execute(n, &[0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0], &p)
+    }
+
+    fn ua(lu: &LogicalUnit, n: &Nexus) -> Option<(u8, u8)> {
+        let r = lu.execute(n, &[0, 0, 0, 0, 0, 0], &[]);
+        let s = r.sense?;
+        (s[2] & 0x0f == key::UNIT_ATTENTION).then(|| (s[12], s[13]))
+    }
+
+    #[test]
+    fn preempt_and_abort_names_the_preempted_nexuses() {
+        let store = Arc::new(crate::storage::MemStore::new(1 << 20, 512, false));
+        let ident = LuIdentity {
+            vendor: "V".into(),
+            product: "P".into(),
+            revision: "1".into(),
+            serial: "S".into(),
+            naa: [0x60; 16],
+        };
+        let lu = LogicalUnit::new(store, ident);
+        let (a, b, c) = (nexus(1), nexus(2), nexus(3));
+        for n in [&a, &b, &c] {
+            while ua(&lu, n).is_some() {}
+        }
+        assert_eq!(prout(&lu, &a, 6, 0, 0, 0xa).status, status::GOOD);
+        assert_eq!(prout(&lu, &b, 6, 0, 0, 0xb).status, status::GOOD);
+        assert_eq!(prout(&lu, &c, 6, 0, 0, 0xc).status, status::GOOD);
+        assert_eq!(prout(&lu, &b, 1, pr::ty::WE, 0xb, 0).status, status::GOOD);
+        // PREEMPT (4) changes the reservation but aborts nothing.
+        let r = prout(&lu, &c, 4, pr::ty::WE, 0xc, 0xb);
+        assert_eq!((r.status, r.abort_nexuses.clone()), (status::GOOD, vec![]));
+        assert_eq!(ua(&lu, &b), Some((0x2a, 0x05)));
+        assert_eq!(prout(&lu, &b, 6, 0, 0, 0xb).status, status::GOOD);
+        // PREEMPT AND ABORT (5) names B, whose registration went, and not A.
+        let r = prout(&lu, &a, 5, pr::ty::EA, 0xa, 0xb);
+        assert_eq!((r.status, r.abort_nexuses), (status::GOOD, vec![2]));
+        lu.commands_cleared(&[2]);
+        assert_eq!(ua(&lu, &b), Some((0x2a, 0x05)));
+        assert_eq!(ua(&lu, &b), Some((0x2f, 0x00)));
+        assert_eq!(ua(&lu, &a), None);
+        // A conflicting PREEMPT AND ABORT (unknown key) aborts nothing.
+        let r = prout(&lu, &a, 5, pr::ty::EA, 0xa, 0x77);
+        assert_eq!(r.status, status::RESERVATION_CONFLICT);
+        assert!(r.abort_nexuses.is_empty());
     }
 }
 
@@ -385,20 +464,31 @@ impl LogicalUnit {
     /// than the CDB asked if the transport saw an underflow). Blocking: storage I/O happens here.
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
         let out = self.execute_inner(nexus, cdb, data_out);
-        let desc = self.lock().mode.d_sense;
-        match out {
+        let (desc, abort_nexuses) = {
+            let mut st = self.lock();
+            let preempted = match byte(cdb, 0) {
+                op::PR_OUT => st.preempted.remove(&nexus.id).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            (st.mode.d_sense, preempted)
+        };
+        let mut result = match out {
             Ok((st, data)) => ScsiResult {
                 status: st,
                 data_in: Bytes::from(data),
                 sense: None,
+                abort_nexuses: Vec::new(),
             },
             Err(Fail::Check(s)) => check_result(s, desc),
             Err(Fail::Conflict) => ScsiResult {
                 status: status::RESERVATION_CONFLICT,
                 data_in: Bytes::new(),
+                abort_nexuses: Vec::new(),
                 sense: None,
             },
-        }
+        };
+        result.abort_nexuses = abort_nexuses;
+        result
     }
 
     fn execute_inner(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Out {
@@ -510,7 +600,7 @@ impl LogicalUnit {
                 v.truncate(alloc);
                 good(v)
             }
-            op::PR_OUT => self.pr_out(&who, cdb, data_out),
+            op::PR_OUT => self.pr_out(nexus.id, &who, cdb, data_out),
             op::EXTENDED_COPY => self.extended_copy(nexus.id, cdb, data_out),
             op::RECEIVE_COPY_RESULTS => self.receive_copy_results(nexus.id, cdb),
             op::READ_DEFECT10 | op::READ_DEFECT12 => {
@@ -551,7 +641,7 @@ impl LogicalUnit {
         Ok(())
     }
 
-    fn pr_out(&self, who: &PortId, cdb: &[u8], data: &[u8]) -> Out {
+    fn pr_out(&self, nexus_id: u64, who: &PortId, cdb: &[u8], data: &[u8]) -> Out {
         let mut st = self.lock();
         let before = st.pr.clone();
         match st.pr.out(who, cdb, data) {
@@ -574,6 +664,21 @@ impl LogicalUnit {
                             .map(move |(id, _)| (*id, *asc, *ascq))
                     })
                     .collect();
+                if byte(cdb, 1) & 0x1f == PREEMPT_AND_ABORT {
+                    // SPC-4 §5.13.11.2.6 (r37 §5.9.11.5): the tasks of every I_T nexus
+                    // whose registration was preempted are aborted; the transport does it
+                    // before this command's status goes out (ScsiResult::abort_nexuses).
+                    let mut ids: Vec<u64> = targets
+                        .iter()
+                        .filter(|t| (t.1, t.2) == (0x2a, 0x05) && t.0 != nexus_id)
+                        .map(|t| t.0)
+                        .collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    if !ids.is_empty() {
+                        st.preempted.entry(nexus_id).or_default().extend(ids);
+                    }
+                }
                 for (id, asc, ascq) in targets {
                     queue_ua(&mut st, id, asc, ascq);
                 }
@@ -1005,6 +1110,16 @@ impl LogicalUnit {
         self.ua_others(&mut st, None, asc, ascq);
     }
 
+    /// The transport aborted commands of these nexuses on this LU because of another nexus's
+    /// PREEMPT AND ABORT. TAS = 0 in the control mode page: they got no status, so each is
+    /// told with COMMANDS CLEARED BY ANOTHER INITIATOR (06/2F/00; SAM-5 §5.6, SPC-4 §7.5.8).
+    pub fn commands_cleared(&self, nexus_ids: &[u64]) {
+        let mut st = self.lock();
+        for &id in nexus_ids {
+            queue_ua(&mut st, id, 0x2f, 0x00);
+        }
+    }
+
     /// Queue a unit attention for every nexus that has used this LU (SAM-5 §5.14), for
     /// events outside any command such as a configuration reload.
     pub fn unit_attention_all(&self, asc: u8, ascq: u8) {
@@ -1023,6 +1138,7 @@ impl LogicalUnit {
         st.ua.remove(&nexus.id);
         st.nexuses.remove(&nexus.id);
         st.copy_results.retain(|k, _| k.0 != nexus.id);
+        st.preempted.remove(&nexus.id);
     }
 }
 
@@ -1042,6 +1158,7 @@ pub(super) fn check_result(s: Sense, descriptor: bool) -> ScsiResult {
         status: status::CHECK_CONDITION,
         data_in: Bytes::new(),
         sense: Some(s.encode(descriptor)),
+        abort_nexuses: Vec::new(),
     }
 }
 

@@ -57,6 +57,12 @@ pub struct ScsiResult {
     pub data_in: Bytes,
     /// Sense data (fixed or descriptor format) when status is CHECK CONDITION.
     pub sense: Option<Bytes>,
+    /// I_T nexuses (ids) whose tasks on this logical unit the transport must abort before it
+    /// delivers this result: PERSISTENT RESERVE OUT with PREEMPT AND ABORT (SPC-4
+    /// §5.13.11.2.6, r37 §5.9.11.5). With TAS = 0 (our control mode page) the aborted
+    /// commands get no status; the transport then calls
+    /// [`LogicalUnit::commands_cleared`] for the nexuses that had commands aborted.
+    pub abort_nexuses: Vec<u64>,
 }
 
 /// Data direction and length a CDB implies, so the transport can collect Data-Out before

@@ -5,6 +5,11 @@
 //! READY, SANITIZE IN PROGRESS (02/04/1B), and it goes on through task management and resets
 //! (SBC-4 §4.11.2). OVERWRITE is paced (`LuOptions::sanitize_rate`) so a wipe of a big image
 //! does not starve the other clients of the same storage.
+//!
+//! On a client disk (a copy-on-write overlay over a golden image) the client's data is the
+//! overlay: every SANITIZE first discards it (a fresh empty overlay, the disk reads as the
+//! golden image, no space used); BLOCK ERASE and CRYPTO ERASE stop there, OVERWRITE then
+//! writes its pattern as asked.
 use super::cdb::{be, byte, op};
 use super::lun::{good, Fail, LogicalUnit, Out};
 use super::sense::{key, Sense, INTERNAL_FAILURE};
@@ -45,7 +50,9 @@ enum Job {
 impl Job {
     fn run(&self, store: &dyn BlockStore, rate: u64) -> Result<(), StorageError> {
         let size = store.size();
+        let had_base = store.discard_changes()?;
         match self {
+            Job::Erase if had_base => {}
             Job::Erase => store.discard(0, size)?,
             Job::Overwrite {
                 block,

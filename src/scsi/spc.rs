@@ -67,9 +67,10 @@ impl LogicalUnit {
                 self.identity.serial.len().min(250),
             )),
             0x83 => {
-                // NAA (type 3, binary) for the LU.
-                body.extend_from_slice(&[0x01, 0x03, 0, 16]);
-                body.extend_from_slice(&self.identity.naa);
+                // NAA (type 3, binary) for the LU; its length follows the NAA field.
+                let naa = self.identity.naa_designator();
+                body.extend_from_slice(&[0x01, 0x03, 0, naa.len() as u8]);
+                body.extend_from_slice(naa);
                 // T10 vendor ID (type 1, ASCII): vendor + product + serial.
                 let mut t10 = padded(&self.identity.vendor, 8);
                 t10.extend(padded(&self.identity.product, 16));

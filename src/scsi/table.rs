@@ -22,6 +22,11 @@ impl LunTable {
         lun_to_index(lun).and_then(|i| self.luns.get(&i))
     }
 
+    /// The logical unit at `lun` (the 8-byte SAM LUN from the PDU).
+    pub fn unit(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
+        self.get(lun).cloned()
+    }
+
     /// `lun` is the 8-byte SAM LUN from the PDU.
     pub fn transfer(&self, lun: u64, cdb: &[u8]) -> Result<Transfer, ScsiResult> {
         let opcode = byte(cdb, 0);
@@ -84,6 +89,7 @@ impl LunTable {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
                     sense: None,
+                    abort_nexuses: Vec::new(),
                 },
                 Err(s) => check_result(s, desc),
             };
@@ -107,6 +113,7 @@ impl LunTable {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
                     sense: None,
+                    abort_nexuses: Vec::new(),
                 }
             }
             op::REQUEST_SENSE => {
@@ -116,6 +123,7 @@ impl LunTable {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
                     sense: None,
+                    abort_nexuses: Vec::new(),
                 }
             }
             _ => check_result(LU_NOT_SUPPORTED, false),

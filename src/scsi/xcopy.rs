@@ -90,9 +90,9 @@ impl LogicalUnit {
             }
             let desig = &d[4..28];
             let len = desig[3] as usize;
-            let naa = &self.identity.naa;
+            let naa = self.identity.naa_designator();
             let matches =
-                desig[1] & 0x0f == 3 && len == naa.len() && desig.get(4..4 + len) == Some(&naa[..]);
+                desig[1] & 0x0f == 3 && len == naa.len() && desig.get(4..4 + len) == Some(naa);
             if !matches {
                 return Err(TARGET_NOT_REACHABLE.into());
             }

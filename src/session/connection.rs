@@ -4,7 +4,7 @@
 
 use super::cmdsn::{sn_lt, Admit, CmdWindow};
 use super::io::{self, FrameReader, Out, ReadError, SeqState};
-use super::table::SessionHandle;
+use super::table::{AbortRequest, SessionHandle};
 use super::task::{Completion, DataOutError, Residual, WriteCollector, NO_TTT};
 use super::Server;
 use crate::boot::lifecycle::End as ClientEnd;
@@ -271,6 +271,15 @@ async fn login(
                         {
                             Ok((c, session)) => {
                                 let l = c.luns();
+                                // A client disk is reached through every portal group like a
+                                // plain LUN: REPORT TARGET PORT GROUPS lists them all, so the
+                                // relative port of VPD 0x83 is among them whichever portal
+                                // the firmware's or the OS's session came through.
+                                let groups =
+                                    u16::try_from(registry.portals().len()).unwrap_or(u16::MAX);
+                                for lu in l.luns.values() {
+                                    lu.set_port_groups(groups);
+                                }
                                 client = Some((c, session));
                                 Some(l)
                             }
@@ -489,7 +498,18 @@ struct PendingTmf {
     reset: Option<(Option<u64>, ResetKind)>,
 }
 
+/// Tasks aborted for another nexus's PREEMPT AND ABORT that are still on the blocking pool;
+/// the requester hears once they have all ended.
+struct PendingAbort {
+    waiting: HashSet<u32>,
+    done: oneshot::Sender<bool>,
+}
+
+/// How long a PREEMPT AND ABORT waits for the preempted sessions' tasks to end.
+const PREEMPT_ABORT_WAIT: Duration = Duration::from_secs(10);
+
 struct Conn {
+    server: Arc<Server>,
     params: SessionParams,
     luns: Option<Arc<LunTable>>,
     nexus: Nexus,
@@ -502,6 +522,7 @@ struct Conn {
     running: HashMap<u32, Running>,
     absorbing: HashSet<u32>,
     tmfs: Vec<PendingTmf>,
+    aborts: Vec<PendingAbort>,
     next_ttt: u32,
     text: TextMachine,
     cid: u16,
@@ -559,6 +580,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let directory: Arc<dyn Directory> = server.registry();
         let mut conn = Conn {
+            server: server.clone(),
             params,
             luns,
             nexus,
@@ -571,6 +593,7 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             running: HashMap::new(),
             absorbing: HashSet::new(),
             tmfs: Vec::new(),
+            aborts: Vec::new(),
             next_ttt: 1,
             text: TextMachine::new(directory, local),
             cid,
@@ -602,6 +625,13 @@ async fn full_feature(server: Arc<Server>, ready: Ready) {
             tokio::select! {
                 biased;
                 _ = handle.kill.notified() => break End::Closed(DropReason::ServerClosed),
+                // Before reading: a command the preempted initiator sends after the PREEMPT
+                // AND ABORT completed must find its queued tasks gone.
+                _ = handle.abort.notified() => {
+                    for req in handle.take_aborts() {
+                        conn.abort_for_preempt(req);
+                    }
+                }
                 Some(done) = done_rx.recv() => {
                     if let Err(e) = conn.on_done(done).await { break End::Error(DropReason::IoError, e); }
                 }
@@ -1069,6 +1099,7 @@ impl Conn {
                 sense: Some(Bytes::copy_from_slice(&[
                     0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, ascq, 0, 0, 0, 0,
                 ])),
+                abort_nexuses: Vec::new(),
             };
             return self.complete(d.itt, d.lun, result, 0, Some(0), 0).await;
         }
@@ -1199,8 +1230,15 @@ impl Conn {
         self.window.set_busy(self.busy());
         self.sync_seq();
         let finished_tmfs = self.tmf_task_finished(d.itt);
+        self.abort_task_finished(d.itt);
+        let mut result = d.result;
+        if !result.abort_nexuses.is_empty() {
+            // The PREEMPT AND ABORT's status follows the end of the preempted tasks.
+            let ids = std::mem::take(&mut result.abort_nexuses);
+            self.abort_preempted(d.lun, &ids).await;
+        }
         if !aborted {
-            self.complete(d.itt, d.lun, d.result, d.edtl, d.write_len, d.r2t_count)
+            self.complete(d.itt, d.lun, result, d.edtl, d.write_len, d.r2t_count)
                 .await?;
         }
         for t in finished_tmfs {
@@ -1417,6 +1455,108 @@ impl Conn {
             if matches(r.lun) {
                 r.aborted = true;
                 pending.waiting.insert(*itt);
+            }
+        }
+    }
+
+    /// PERSISTENT RESERVE OUT / PREEMPT AND ABORT from this nexus preempted the nexuses
+    /// `ids` on the LU at `lun`: their sessions abort their tasks there (SPC-4
+    /// §5.13.11.2.6) and this waits, bounded, until those tasks have ended. TAS = 0: the
+    /// aborted commands get no status (SAM-5 §5.6), so the nexuses that lost commands get
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR instead.
+    async fn abort_preempted(&self, lun: u64, ids: &[u64]) {
+        let Some(lu) = self.luns.as_ref().and_then(|l| l.unit(lun)) else {
+            return;
+        };
+        let asked: Vec<(u64, oneshot::Receiver<bool>)> = self
+            .server
+            .sessions()
+            .all()
+            .into_iter()
+            .filter(|s| ids.contains(&s.nexus_id))
+            .map(|s| (s.nexus_id, s.request_abort(lu.clone())))
+            .collect();
+        let deadline = Instant::now() + PREEMPT_ABORT_WAIT;
+        let mut cleared = Vec::new();
+        for (id, rx) in asked {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(true)) => cleared.push(id),
+                // Nothing to abort, or the session ended (its nexus is gone).
+                Ok(_) => {}
+                Err(_) => warn!(
+                    nexus = id,
+                    "preempted session did not abort its tasks in time"
+                ),
+            }
+        }
+        if !cleared.is_empty() {
+            info!(nexuses = ?cleared, "PREEMPT AND ABORT aborted other nexuses' commands");
+            lu.commands_cleared(&cleared);
+        }
+    }
+
+    /// Another nexus preempted this one with PREEMPT AND ABORT: abort every task of this
+    /// session on that LU. Commands held behind a CmdSN gap never run, but their CmdSN still
+    /// counts (RFC 7143 §3.2.2.1): a no-op keeps their place in the window. Writes still
+    /// collecting Data-Out are dropped and the rest of their data discarded. Commands on the
+    /// blocking pool are marked aborted (no status, TAS = 0) and the requester is answered
+    /// when they have ended.
+    fn abort_for_preempt(&mut self, req: AbortRequest) {
+        let Some(luns) = self.luns.clone() else {
+            let _ = req.done.send(false);
+            return;
+        };
+        let on_lu = |lun: u64| luns.unit(lun).is_some_and(|lu| Arc::ptr_eq(&lu, &req.lu));
+        let mut had = false;
+        for pdu in self.held.values_mut() {
+            if matches!(&pdu.bhs, Bhs::ScsiCommand(c) if on_lu(c.lun)) {
+                *pdu = Pdu::header_only(Bhs::NopOut(NopOut {
+                    itt: NO_TTT,
+                    ttt: NO_TTT,
+                    ..Default::default()
+                }));
+                had = true;
+            }
+        }
+        let collecting: Vec<u32> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| on_lu(w.cmd.lun))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in collecting {
+            self.writes.remove(&itt);
+            self.absorbing.insert(itt);
+            had = true;
+        }
+        let mut waiting = HashSet::new();
+        for (itt, r) in self.running.iter_mut() {
+            if on_lu(r.lun) {
+                r.aborted = true;
+                waiting.insert(*itt);
+            }
+        }
+        self.window.set_busy(self.busy());
+        self.sync_seq();
+        if waiting.is_empty() {
+            let _ = req.done.send(had);
+        } else {
+            req.lu.release_waiting();
+            self.aborts.push(PendingAbort {
+                waiting,
+                done: req.done,
+            });
+        }
+    }
+
+    fn abort_task_finished(&mut self, itt: u32) {
+        let mut i = 0;
+        while i < self.aborts.len() {
+            self.aborts[i].waiting.remove(&itt);
+            if self.aborts[i].waiting.is_empty() {
+                let _ = self.aborts.remove(i).done.send(true);
+            } else {
+                i += 1;
             }
         }
     }

@@ -4,7 +4,21 @@
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
+
+/// Another nexus's PERSISTENT RESERVE OUT / PREEMPT AND ABORT asks this session to abort its
+/// tasks on `lu` (SPC-4 §5.13.11.2.6). The session answers on `done` once they have ended:
+/// true if it had any (they then get COMMANDS CLEARED BY ANOTHER INITIATOR).
+pub struct AbortRequest {
+    pub lu: Arc<crate::scsi::LogicalUnit>,
+    pub done: oneshot::Sender<bool>,
+}
+
+impl std::fmt::Debug for AbortRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortRequest")
+    }
+}
 
 /// What the rest of the server may know and do about one session.
 #[derive(Debug)]
@@ -23,6 +37,9 @@ pub struct SessionHandle {
     pub logout: Notify,
     /// Becomes true once the session has released everything.
     pub closed: watch::Sender<bool>,
+    /// Abort requests from other sessions, taken by this session's loop when `abort` fires.
+    pub aborts: std::sync::Mutex<Vec<AbortRequest>>,
+    pub abort: Notify,
 }
 
 /// Milliseconds since the process started, on a monotonic clock.
@@ -51,6 +68,23 @@ impl SessionHandle {
     /// does not wait.
     pub fn request_logout(&self) {
         self.logout.notify_one();
+    }
+
+    /// Ask the session to abort its tasks on `lu` (a PREEMPT AND ABORT of another nexus);
+    /// the answer comes once they have ended (or never, if the session closes first).
+    pub fn request_abort(&self, lu: Arc<crate::scsi::LogicalUnit>) -> oneshot::Receiver<bool> {
+        let (done, rx) = oneshot::channel();
+        self.aborts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(AbortRequest { lu, done });
+        self.abort.notify_one();
+        rx
+    }
+
+    /// Abort requests waiting for the session's loop.
+    pub fn take_aborts(&self) -> Vec<AbortRequest> {
+        std::mem::take(&mut *self.aborts.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Ask the session to close and wait (bounded) until it has; false if it had not by then
@@ -159,6 +193,8 @@ impl SessionTable {
                 kill: Notify::new(),
                 logout: Notify::new(),
                 closed: watch::Sender::new(false),
+                aborts: std::sync::Mutex::new(Vec::new()),
+                abort: Notify::new(),
             });
             match self.sessions.entry(tsih) {
                 dashmap::mapref::entry::Entry::Occupied(_) => continue,

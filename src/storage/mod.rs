@@ -93,4 +93,10 @@ pub trait BlockStore: Send + Sync + 'static {
     fn space(&self) -> Option<Space> {
         None
     }
+    /// Drop everything written over a base image, so the device reads as that image again
+    /// (SANITIZE on a client disk: the client's data is its overlay, the golden image is
+    /// not the client's). Ok(false): the store has no base image and nothing was done.
+    fn discard_changes(&self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
 }

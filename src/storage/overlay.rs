@@ -182,6 +182,30 @@ pub struct Overlay {
     punch_hole: AtomicBool,
     /// Cleared by `simulate_crash`: Drop then skips its flush.
     flush_on_drop: AtomicBool,
+    /// The state filesystem had no room for the snapshot when the overlay was opened: reads
+    /// work, writes and discards fail with ENOSPC (the LU answers 07/27/07 SPACE ALLOCATION
+    /// FAILED WRITE PROTECT) until a compaction succeeds. Nothing may be journaled before
+    /// that: the journal on disk may end in a torn record.
+    no_space: AtomicBool,
+    /// When the next compaction attempt may be made (at most one a second).
+    retry_at: Mutex<Option<std::time::Instant>>,
+}
+
+/// ENOSPC or EDQUOT, directly or behind a path-annotated error (same kind).
+fn out_of_space(e: &OverlayError) -> bool {
+    let io = match e {
+        OverlayError::Io(e) | OverlayError::Storage(StorageError::Io(e)) => e,
+        _ => return false,
+    };
+    matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(
+            io.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+}
+
+fn no_space_error() -> OverlayError {
+    OverlayError::Io(io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OverlayError> {
@@ -373,12 +397,25 @@ impl Overlay {
             }),
             punch_hole: AtomicBool::new(true),
             flush_on_drop: AtomicBool::new(true),
+            no_space: AtomicBool::new(false),
+            retry_at: Mutex::new(None),
         };
         // Start from a clean snapshot and an empty journal: drops any torn tail so new
-        // records are never appended after garbage.
-        {
+        // records are never appended after garbage. A full state filesystem must not keep the
+        // client from reading its disk (issue 15): the overlay then opens for reads only.
+        let compacted = {
             let mut d = lock(&ov.durable)?;
-            ov.compact(&mut d)?;
+            ov.compact(&mut d)
+        };
+        match compacted {
+            Ok(()) => {}
+            Err(e) if out_of_space(&e) => {
+                let _ = std::fs::remove_file(dir.join(META_TMP));
+                tracing::warn!(dir = %dir.display(), error = %e,
+                    "no space for the overlay snapshot: reads only until space is freed");
+                ov.no_space.store(true, Ordering::Release);
+            }
+            Err(e) => return Err(e),
         }
         Ok(ov)
     }
@@ -394,6 +431,47 @@ impl Overlay {
             Self::open_with_id(dir, golden, options.golden_id.as_deref())
         } else {
             Self::create(dir, golden, options)
+        }
+    }
+
+    /// Whether writes are refused for lack of space (see `no_space`).
+    pub fn out_of_space(&self) -> bool {
+        self.no_space.load(Ordering::Acquire)
+    }
+
+    /// Before a write or discard: Ok when writes may go to the journal. An overlay opened
+    /// without room for its snapshot tries the compaction again (at most once a second)
+    /// and stays read-only while it fails.
+    fn writable(&self) -> Result<(), OverlayError> {
+        if !self.no_space.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut at = lock(&self.retry_at)?;
+            let now = std::time::Instant::now();
+            if at.is_some_and(|t| now < t) {
+                return Err(no_space_error());
+            }
+            *at = Some(now + std::time::Duration::from_secs(1));
+        }
+        let mut d = lock(&self.durable)?;
+        if !self.no_space.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.compact(&mut d) {
+            Ok(()) => {
+                self.no_space.store(false, Ordering::Release);
+                tracing::info!(dir = %self.dir.display(), "overlay snapshot written: writes resume");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(META_TMP));
+                Err(if out_of_space(&e) {
+                    no_space_error()
+                } else {
+                    e
+                })
+            }
         }
     }
 
@@ -531,6 +609,8 @@ impl Overlay {
         drop(live);
         d.journal_len = 0;
         self.rewrite_journal(&mut d)?;
+        // A fresh snapshot and journal: nothing torn is left to append after.
+        self.no_space.store(false, Ordering::Release);
         // Free the space: truncating and extending leaves one big hole.
         self.data.set_len(0)?;
         self.data.set_len(self.size)?;
@@ -935,6 +1015,7 @@ impl BlockStore for Overlay {
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
         self.check_range(offset, data.len() as u64)?;
         let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        self.writable()?;
         if !data.is_empty() {
             self.write_locked(data, offset)?;
         }
@@ -956,6 +1037,7 @@ impl BlockStore for Overlay {
             return Ok(());
         }
         let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        self.writable()?;
         let end = offset + len;
         // Whole chunks become zero; the partial chunks at either edge get zeroes written.
         let cs = offset.div_ceil(self.chunk);
@@ -1000,6 +1082,11 @@ impl BlockStore for Overlay {
 
     fn thin_provisioned(&self) -> bool {
         true
+    }
+
+    fn discard_changes(&self) -> Result<bool, StorageError> {
+        self.reset()?;
+        Ok(true)
     }
 
     fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
