@@ -76,9 +76,13 @@ pub enum ClientCommand {
         #[command(flatten)]
         ctl: ControlArgs,
     },
-    /// Discard a client's overlay (its sessions are closed first).
+    /// Discard a client's overlay (its sessions are closed first): LUN 0 and the volatile
+    /// disks, or with --lun only that disk (a persistent data disk too).
     Reset {
         initiator: String,
+        /// Reset only the disk on this LUN.
+        #[arg(long)]
+        lun: Option<u16>,
         #[command(flatten)]
         ctl: ControlArgs,
     },
@@ -108,6 +112,9 @@ pub enum ClientCommand {
         /// The version's message (image names only).
         #[arg(short, long, default_value = "")]
         message: String,
+        /// The disk to publish (default: LUN 0, the system disk).
+        #[arg(long, default_value_t = 0)]
+        lun: u16,
         #[command(flatten)]
         ctl: ControlArgs,
     },
@@ -317,8 +324,13 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::Client(ClientCommand::Show { initiator, ctl }) => {
             control(&ctl, &format!("show {initiator}"), Some(&initiator))
         }
-        Command::Client(ClientCommand::Reset { initiator, ctl }) => {
-            control(&ctl, &format!("reset {initiator}"), Some(&initiator))
+        Command::Client(ClientCommand::Reset {
+            initiator,
+            lun,
+            ctl,
+        }) => {
+            let opt = lun.map(|n| format!("--lun {n} ")).unwrap_or_default();
+            control(&ctl, &format!("reset {opt}{initiator}"), Some(&initiator))
         }
         Command::Client(ClientCommand::NextBoot {
             initiator,
@@ -348,8 +360,14 @@ pub fn run(command: Command) -> Result<(), CliError> {
             initiator,
             path,
             message,
+            lun,
             ctl,
         }) => {
+            let opt = if lun == 0 {
+                String::new()
+            } else {
+                format!("--lun {lun} ")
+            };
             let name = path.to_string_lossy().to_string();
             if crate::storage::versions::valid_name(&name)
                 && !name.ends_with(".img")
@@ -362,14 +380,17 @@ pub fn run(command: Command) -> Result<(), CliError> {
                 };
                 return control(
                     &ctl,
-                    &format!("publish {initiator} {name} {} {message}", images::author()),
+                    &format!(
+                        "publish {opt}{initiator} {name} {} {message}",
+                        images::author()
+                    ),
                     Some(&initiator),
                 );
             }
             let abs = std::path::absolute(&path).map_err(|e| CliError::Io(e.to_string()))?;
             control(
                 &ctl,
-                &format!("commit {initiator} {}", abs.display()),
+                &format!("commit {opt}{initiator} {}", abs.display()),
                 Some(&initiator),
             )
         }

@@ -733,42 +733,229 @@ pub struct BootConfig {
 }
 
 /// One binding: which initiators get which image, how.
+///
+/// The client's disks: LUN 0 is `image` + `mode`; `disks` adds LUN 1, 2, ... each with its
+/// own image and mode (docs/configuration.md). The YAML may also list LUN 0 inside `disks`
+/// instead of `image`/`mode`: it is moved here when the file is read.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawBinding")]
 pub struct BindingConfig {
     /// Exact initiator name or glob (`iqn.2010-04.org.ipxe:*`). With `mac`/`uuid` it must be
     /// exact (the boot script sets it); absent with `mac`: derived from the MAC.
-    #[serde(default)]
     pub initiator: Option<String>,
+    /// The image of LUN 0 (the system disk).
     pub image: String,
+    /// The mode of LUN 0.
     pub mode: OverlayMode,
+    /// Further disks (LUN 1 and up), in LUN order.
+    pub disks: Vec<DiskConfig>,
     /// MAC address the boot script endpoint knows this client by.
-    #[serde(default)]
     pub mac: Option<String>,
     /// SMBIOS UUID the boot script endpoint knows this client by.
-    #[serde(default)]
     pub uuid: Option<String>,
     /// CHAP credentials of this client (per-client CHAP); override the target's `chap`.
-    #[serde(default)]
     pub chap: Option<ChapConfig>,
     /// When a boot discards a volatile disk: auto (default), on_script, manual.
-    #[serde(default)]
     pub reset: ResetPolicy,
     /// The client firmware's ISID, or a prefix of it (an OUI: its first three bytes), in
     /// hex: logins matching it are the firmware's, all others the OS's.
-    #[serde(default)]
     pub firmware_isid: Option<String>,
+    /// The client's operating system: what the boot script adds for it (docs/booting.md).
+    pub os: ClientOs,
+    /// Whether the boot script clears iPXE's gateway before `sanboot` (the Windows route
+    /// problem, docs/booting.md).
+    pub gateway: GatewayPolicy,
 }
 
-/// `boot.default:`.
+/// A binding as written in the YAML file (LUN 0 either as `image`/`mode` or in `disks`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawBinding {
+    #[serde(default)]
+    initiator: Option<String>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    mode: Option<OverlayMode>,
+    #[serde(default)]
+    disks: Vec<DiskConfig>,
+    #[serde(default)]
+    mac: Option<String>,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    chap: Option<ChapConfig>,
+    #[serde(default)]
+    reset: ResetPolicy,
+    #[serde(default)]
+    firmware_isid: Option<String>,
+    #[serde(default)]
+    os: ClientOs,
+    #[serde(default)]
+    gateway: GatewayPolicy,
+}
+
+/// One disk of a client: `{lun: 1, image: data, mode: persistent}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub lun: u16,
+    pub image: String,
+    pub mode: OverlayMode,
+}
+
+/// Highest LUN of a client disk (iPXE drive numbers 0x80 + LUN stay below 0x100).
+pub const MAX_DISK_LUN: u16 = 127;
+
+/// LUN 0 out of `image`/`mode` or `disks`, the rest sorted by LUN; the structural rules
+/// (one LUN 0, unique LUNs, modes an extra disk can have). Images are checked later.
+fn split_disks(
+    image: Option<String>,
+    mode: Option<OverlayMode>,
+    mut disks: Vec<DiskConfig>,
+) -> Result<(String, OverlayMode, Vec<DiskConfig>), String> {
+    disks.sort_by_key(|d| d.lun);
+    for w in disks.windows(2) {
+        if w[0].lun == w[1].lun {
+            return Err(format!("disks: LUN {} is listed twice", w[0].lun));
+        }
+    }
+    let (image, mode) = match (image, mode, disks.first().filter(|d| d.lun == 0)) {
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(
+                "LUN 0 is given twice: either image/mode or a disks entry with lun: 0".into(),
+            )
+        }
+        (Some(i), Some(m), None) => (i, m),
+        (None, None, Some(d0)) => {
+            let d0 = d0.clone();
+            disks.remove(0);
+            (d0.image, d0.mode)
+        }
+        (Some(_), None, None) => return Err("missing field `mode`".into()),
+        (None, _, None) if disks.is_empty() => return Err("missing field `image`".into()),
+        (None, _, None) => return Err("disks: no LUN 0 (the disk the client boots from)".into()),
+    };
+    for d in &disks {
+        if d.lun > MAX_DISK_LUN {
+            return Err(format!("disks: LUN {} is above {MAX_DISK_LUN}", d.lun));
+        }
+        if !matches!(
+            d.mode,
+            OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Readonly
+        ) {
+            return Err(format!(
+                "disks: LUN {} is {}: a disk other than LUN 0 is volatile, persistent or \
+                 readonly (direct and install are for the system disk)",
+                d.lun, d.mode
+            ));
+        }
+    }
+    Ok((image, mode, disks))
+}
+
+impl TryFrom<RawBinding> for BindingConfig {
+    type Error = String;
+
+    fn try_from(r: RawBinding) -> Result<Self, String> {
+        let (image, mode, disks) = split_disks(r.image, r.mode, r.disks)?;
+        Ok(BindingConfig {
+            initiator: r.initiator,
+            image,
+            mode,
+            disks,
+            mac: r.mac,
+            uuid: r.uuid,
+            chap: r.chap,
+            reset: r.reset,
+            firmware_isid: r.firmware_isid,
+            os: r.os,
+            gateway: r.gateway,
+        })
+    }
+}
+
+/// `os:` of a binding: what the boot script does for the client's operating system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientOs {
+    /// Linux and anything else: a plain `sanboot`.
+    #[default]
+    Other,
+    Linux,
+    /// Windows: `sanboot --keep`, and the gateway rule of `gateway: auto`.
+    Windows,
+}
+
+impl fmt::Display for ClientOs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientOs::Other => "other",
+            ClientOs::Linux => "linux",
+            ClientOs::Windows => "windows",
+        })
+    }
+}
+
+/// `gateway:` of a binding: clear iPXE's gateway (`set netX/gateway 0.0.0.0`) before
+/// `sanboot`, so the iBFT hands the OS no gateway (ipxe/ipxe#1599, docs/booting.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayPolicy {
+    /// Clear it for `os: windows` when the portal is on the client's subnet (known from the
+    /// script URL's `ip=` and `netmask=`); keep it otherwise.
+    #[default]
+    Auto,
+    Keep,
+    /// Always clear it (the portal must then be on the client's subnet).
+    Clear,
+}
+
+/// `boot.default:` (LUN 0 as `image`/`mode` or in `disks`, as in a binding).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawDefaultBinding")]
 pub struct DefaultBindingConfig {
     pub image: String,
     pub mode: OverlayMode,
+    /// Further disks (LUN 1 and up), in LUN order.
+    pub disks: Vec<DiskConfig>,
     /// As in a binding.
-    #[serde(default)]
     pub reset: ResetPolicy,
+    pub os: ClientOs,
+    pub gateway: GatewayPolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaultBinding {
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    mode: Option<OverlayMode>,
+    #[serde(default)]
+    disks: Vec<DiskConfig>,
+    #[serde(default)]
+    reset: ResetPolicy,
+    #[serde(default)]
+    os: ClientOs,
+    #[serde(default)]
+    gateway: GatewayPolicy,
+}
+
+impl TryFrom<RawDefaultBinding> for DefaultBindingConfig {
+    type Error = String;
+
+    fn try_from(r: RawDefaultBinding) -> Result<Self, String> {
+        let (image, mode, disks) = split_disks(r.image, r.mode, r.disks)?;
+        Ok(DefaultBindingConfig {
+            image,
+            mode,
+            disks,
+            reset: r.reset,
+            os: r.os,
+            gateway: r.gateway,
+        })
+    }
 }
 
 /// Default address of the operator API: loopback only.
@@ -896,8 +1083,9 @@ impl ApiConfig {
 pub struct BootHttpConfig {
     /// Address of the HTTP listener, e.g. 0.0.0.0:8080.
     pub listen: Portal,
-    /// iSCSI portal written into the scripts (`host:port`); default: the address the client
-    /// reached the HTTP listener on, with the first portal's port.
+    /// iSCSI portal written into the scripts (`host:port`, or a host (IPv4 or name) alone:
+    /// with the first portal's port); default: the address the client reached the HTTP
+    /// listener on, with the first portal's port.
     #[serde(default)]
     pub iscsi_portal: Option<String>,
 }
@@ -1439,7 +1627,10 @@ impl Config {
                 default: Some(DefaultBindingConfig {
                     image: name,
                     mode,
+                    disks: Vec::new(),
                     reset: ResetPolicy::Auto,
+                    os: ClientOs::Other,
+                    gateway: GatewayPolicy::Auto,
                 }),
             });
         }
@@ -1717,6 +1908,9 @@ impl Config {
         for (i, bd) in b.bindings.iter().enumerate() {
             let bp = format!("{path}.bindings[{i}]");
             known(&bd.image, format!("{bp}.image"))?;
+            for d in &bd.disks {
+                known(&d.image, format!("{bp}.disks[lun {}].image", d.lun))?;
+            }
             match &bd.initiator {
                 Some(pat) => {
                     build_acl(std::slice::from_ref(pat))
@@ -1757,6 +1951,12 @@ impl Config {
         }
         if let Some(d) = &b.default {
             known(&d.image, format!("{path}.default.image"))?;
+            for x in &d.disks {
+                known(
+                    &x.image,
+                    format!("{path}.default.disks[lun {}].image", x.lun),
+                )?;
+            }
         }
         Ok(())
     }
@@ -2239,5 +2439,73 @@ mod api_tests {
         // The credential never appears in a debug print.
         let c = load("{token: abcdefghijklmnopq}").unwrap();
         assert!(!format!("{:?}", c.api).contains("abcdefghijklmnopq"));
+    }
+}
+
+#[cfg(test)]
+mod disk_lists {
+    use super::*;
+
+    fn binding(b: &str) -> Result<BindingConfig, String> {
+        serde_yaml::from_str::<BindingConfig>(b).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn both_shapes_give_lun_0_and_the_rest_in_lun_order() {
+        let a = binding(
+            "{initiator: x, disks: [{lun: 2, image: games, mode: readonly}, \
+             {lun: 0, image: sys, mode: volatile}, {lun: 1, image: data, mode: persistent}], \
+             os: windows, gateway: clear}",
+        )
+        .unwrap();
+        let b = binding(
+            "{initiator: x, image: sys, mode: volatile, disks: [{lun: 2, image: games, mode: \
+             readonly}, {lun: 1, image: data, mode: persistent}], os: windows, gateway: clear}",
+        )
+        .unwrap();
+        for c in [&a, &b] {
+            assert_eq!((c.image.as_str(), c.mode), ("sys", OverlayMode::Volatile));
+            assert_eq!(
+                c.disks.iter().map(|d| (d.lun, d.mode)).collect::<Vec<_>>(),
+                [(1, OverlayMode::Persistent), (2, OverlayMode::Readonly)]
+            );
+            assert_eq!((c.os, c.gateway), (ClientOs::Windows, GatewayPolicy::Clear));
+        }
+        let single = binding("{initiator: x, image: sys, mode: persistent}").unwrap();
+        assert!(single.disks.is_empty());
+        assert_eq!(
+            (single.os, single.gateway),
+            (ClientOs::Other, GatewayPolicy::Auto)
+        );
+    }
+
+    #[test]
+    fn bad_lists_are_refused() {
+        for (b, want) in [
+            ("{disks: [{lun: 1, image: d, mode: persistent}]}", "no LUN 0"),
+            ("{image: s}", "missing field `mode`"),
+            ("{mode: volatile}", "missing field `image`"),
+            (
+                "{image: s, mode: volatile, disks: [{lun: 0, image: s, mode: volatile}]}",
+                "LUN 0 is given twice",
+            ),
+            (
+                "{disks: [{lun: 0, image: s, mode: volatile}, {lun: 1, image: d, mode: install}]}",
+                "volatile, persistent or readonly",
+            ),
+            (
+                "{disks: [{lun: 0, image: s, mode: volatile}, {lun: 3, image: d, mode: readonly}, \
+                 {lun: 3, image: e, mode: readonly}]}",
+                "LUN 3 is listed twice",
+            ),
+            (
+                "{disks: [{lun: 0, image: s, mode: volatile}, {lun: 128, image: d, mode: readonly}]}",
+                "above 127",
+            ),
+            ("{image: s, mode: volatile, gateway: sometimes}", "sometimes"),
+        ] {
+            let e = binding(b).err().unwrap_or_default();
+            assert!(e.contains(want), "{b}: {e}");
+        }
     }
 }

@@ -249,6 +249,31 @@ pub fn format_client(c: &ClientInfo) -> String {
         let _ = writeln!(out, "chunks unmapped: {}", s.chunks_zeroed);
         let _ = writeln!(out, "journal bytes: {}", s.journal_bytes);
     }
+    if c.disks.len() > 1 {
+        let _ = writeln!(out, "disks:");
+        for d in &c.disks {
+            let version = d.version.map(|v| format!("@{v}")).unwrap_or_default();
+            let next = d
+                .next_version
+                .map(|v| format!(" (next: @{v})"))
+                .unwrap_or_default();
+            let written = d
+                .overlay
+                .as_ref()
+                .map_or("-".to_string(), |s| s.bytes_written.to_string());
+            let _ = writeln!(
+                out,
+                "  LUN {}: {}{version}{next} {} written {written}{}",
+                d.lun,
+                d.image,
+                d.mode,
+                d.overlay_dir
+                    .as_ref()
+                    .map(|p| format!(" overlay {}", p.display()))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let _ = writeln!(out, "history (oldest first):");
     for h in &c.history {
         let _ = writeln!(
@@ -264,8 +289,20 @@ pub fn format_client(c: &ClientInfo) -> String {
 }
 
 async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Result<String, String> {
-    let mut words = line.split_whitespace();
+    let mut words = line.split_whitespace().peekable();
     let cmd = words.next().unwrap_or("");
+    // `CMD --lun N ...`: reset, commit and publish act on that disk (LUN 0 by default).
+    let lun: Option<u16> = if words.peek() == Some(&"--lun") {
+        words.next();
+        Some(
+            words
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or("--lun takes a LUN number")?,
+        )
+    } else {
+        None
+    };
     let registry = server.registry();
     match cmd {
         "clients" => {
@@ -294,11 +331,23 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
         "reset" => {
             let who = words.next().ok_or("usage: reset INITIATOR")?;
             let (boot, c) = find_client(&registry, who)?;
-            server.reset_client(&boot.name, &c.initiator).await?;
+            let scope = match lun {
+                Some(n) if !c.lun_numbers().contains(&n) => {
+                    return Err(format!("client {} has no LUN {n}", c.initiator))
+                }
+                Some(n) => crate::boot::ResetScope::Lun(n),
+                None => crate::boot::ResetScope::Operator,
+            };
+            server
+                .reset_client_scope(&boot.name, &c.initiator, scope)
+                .await?;
             server
                 .metrics()
                 .client_reset(&boot.name, &c.initiator, "operator");
-            Ok(format!("reset {}\n", c.initiator))
+            Ok(match lun {
+                Some(n) => format!("reset {} LUN {n}\n", c.initiator),
+                None => format!("reset {}\n", c.initiator),
+            })
         }
         "commit" => {
             let who = words.next().ok_or("usage: commit INITIATOR PATH")?;
@@ -306,7 +355,8 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             let (_, c) = find_client(&registry, who)?;
             let path = PathBuf::from(path);
             let target = path.clone();
-            tokio::task::spawn_blocking(move || c.commit_to(&target))
+            let n = lun.unwrap_or(0);
+            tokio::task::spawn_blocking(move || c.commit_lun_to(n, &target))
                 .await
                 .map_err(|e| e.to_string())??;
             Ok(format!("committed to {}\n", path.display()))
@@ -325,7 +375,8 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 time_ms: crate::boot::now_ms(),
             };
             let img = image.clone();
-            let v = tokio::task::spawn_blocking(move || c.publish(&state_dir, &img, &stamp))
+            let n = lun.unwrap_or(0);
+            let v = tokio::task::spawn_blocking(move || c.publish_lun(n, &state_dir, &img, &stamp))
                 .await
                 .map_err(|e| e.to_string())??;
             let mut out = format!("published {image}@{v}\n");
@@ -344,15 +395,15 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             // take at their next boot.
             for b in registry.boot_targets() {
                 for bp in b.bindings.iter().chain(b.default.iter()) {
-                    if bp.image.name == image {
-                        pins.extend(bp.image.version);
+                    let disks = std::iter::once(&bp.image).chain(bp.disks.iter().map(|d| &d.image));
+                    for im in disks.filter(|im| im.name == image) {
+                        pins.extend(im.version);
                     }
                 }
                 for c in b.clients() {
-                    let i = c.info();
-                    if i.image == image {
-                        pins.extend(i.version);
-                        pins.extend(i.next_version);
+                    for d in c.disk_infos().into_iter().filter(|d| d.image == image) {
+                        pins.extend(d.version);
+                        pins.extend(d.next_version);
                     }
                 }
                 for i in b.override_images() {

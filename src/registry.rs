@@ -398,22 +398,21 @@ impl Registry {
         // which clients take at their next boot (docs/images.md).
         for (ti, tc) in config.targets.iter().enumerate() {
             let Some(boot) = &tc.boot else { continue };
-            let specs = boot
-                .bindings
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    (
-                        b.image.as_str(),
-                        format!("targets[{ti}].boot.bindings[{i}].image"),
-                    )
-                })
-                .chain(boot.default.iter().map(|d| {
-                    (
-                        d.image.as_str(),
-                        format!("targets[{ti}].boot.default.image"),
-                    )
-                }));
+            let mut specs: Vec<(&str, String)> = Vec::new();
+            for (i, b) in boot.bindings.iter().enumerate() {
+                let p = format!("targets[{ti}].boot.bindings[{i}]");
+                specs.push((b.image.as_str(), format!("{p}.image")));
+                for d in &b.disks {
+                    specs.push((d.image.as_str(), format!("{p}.disks[lun {}].image", d.lun)));
+                }
+            }
+            if let Some(d) = &boot.default {
+                let p = format!("targets[{ti}].boot.default");
+                specs.push((d.image.as_str(), format!("{p}.image")));
+                for x in &d.disks {
+                    specs.push((x.image.as_str(), format!("{p}.disks[lun {}].image", x.lun)));
+                }
+            }
             for (spec, p) in specs {
                 if images.contains_key(spec) {
                     continue;

@@ -294,6 +294,122 @@ fn bios_two_clients_boot_one_golden_image_through_overlays() {
     assert_eq!(file_sha(&golden), before, "the golden image changed");
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Several disks per client (issue 11 step 4): the boot script from diskless's own endpoint
+/// hooks the data disk (`sanhook --drive 0x81`, LUN 1) and `sanboot`s the system disk (LUN
+/// 0); after the iBFT hand-off Linux sees both, the data disk with its size and content.
+#[test]
+fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
+    boot_with_a_data_disk("bios", "Bios");
+}
+
+/// The same under OVMF + iPXE's EFI ROM (EFI block devices 0x80 and 0x81).
+#[test]
+fn uefi_boot_script_hooks_a_data_disk_and_linux_sees_both() {
+    boot_with_a_data_disk("uefi", "Uefi");
+}
+
+fn boot_with_a_data_disk(mode: &str, firmware: &str) {
+    require_boot_tools(mode);
+    let dir = tempfile::tempdir().unwrap();
+    let target = "iqn.2026-11.test:boot-multi";
+    let who = format!("iqn.2026-11.test:multi-{}", std::process::id());
+    let mac = "52:54:00:12:34:77";
+    let golden = dir.path().join("golden.img");
+    std::fs::copy(images("boot-images").join(format!("{mode}.img")), &golden).unwrap();
+    // 8 MiB data disk whose first block names it.
+    let data = dir.path().join("data.img");
+    let mut bytes = vec![0u8; 8 << 20];
+    bytes[..19].copy_from_slice(b"DISKLESS-DATA-DISK\n");
+    std::fs::write(&data, &bytes).unwrap();
+    // The guest reaches the host's loopback as 10.0.2.2; the iSCSI port is the server's
+    // (Server::start listens on 127.0.0.1:0), so the script's portal names the host only.
+    let hport = free_port();
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\nstate_dir: {state}\nsettings: {{reboot_gap_secs: 1}}\n\
+         boot_http: {{listen: \"127.0.0.1:{hport}\", iscsi_portal: \"10.0.2.2\"}}\n\
+         images:\n  - {{name: base, path: {img}}}\n  - {{name: data, path: {data}}}\n\
+         targets:\n  - name: {target}\n    boot:\n      bindings:\n\
+         \x20       - initiator: \"{who}\"\n\
+         \x20         mac: \"{mac}\"\n\
+         \x20         os: linux\n\
+         \x20         disks: [{{lun: 0, image: base, mode: volatile}}, {{lun: 1, image: data, mode: persistent}}]\n",
+        state = dir.path().join("state").display(),
+        img = golden.display(),
+        data = data.display(),
+    );
+    let server = Server::start(dir.path(), &Config::yaml(&yaml));
+    let log = dir.path().join(format!("serial-multi-{mode}.log"));
+    let started = Instant::now();
+    let url = format!("http://10.0.2.2:{hport}/boot.ipxe?mac=${{net0/mac}}&platform=${{platform}}");
+    let (ok, out) = run_limited(
+        Command::new("bash")
+            .arg(repo().join("scripts/boot/run-qemu.sh"))
+            .args(["--mode", mode, "--chain", &url, "--mac", mac])
+            .args(["--timeout", &BOOT_TIMEOUT_SECS.to_string()])
+            .arg("--log")
+            .arg(&log)
+            .env("TMPDIR", dir.path()),
+        Duration::from_secs(BOOT_TIMEOUT_SECS + 30),
+    );
+    let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
+    let report = || {
+        format!(
+            "after {:?}:\n--- run-qemu.sh ---\n{out}\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
+            started.elapsed(),
+            tail(&serial, 40),
+            tail(&server.stderr(), 30)
+        )
+    };
+    assert!(ok, "boot failed {}", report());
+    eprintln!("{mode} boot with two disks: {:?}", started.elapsed());
+    // The script the endpoint served (this firmware, two disks), as iPXE ran it.
+    let stderr = server.stderr();
+    assert!(
+        stderr.contains("boot script served") && stderr.contains(&format!("Some({firmware})")),
+        "{}",
+        report()
+    );
+    let disk = |name: &str| {
+        serial
+            .lines()
+            .find_map(|l| {
+                let i = l.find(&format!("DISKLESS-DISK {name} "))?;
+                Some(l[i..].trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("Linux did not list {name}: {}", report()))
+    };
+    let sda = disk("sda");
+    assert!(sda.contains("lun=0 "), "{sda}");
+    let sdb = disk("sdb");
+    assert_eq!(
+        sdb,
+        format!(
+            "DISKLESS-DISK sdb lun=1 sectors={} head=DISKLESS-DATA-DISK",
+            (8 << 20) / 512
+        ),
+        "{}",
+        report()
+    );
+    assert!(
+        !serial.contains("DISKLESS-DISK sdc"),
+        "a third disk appeared: {}",
+        report()
+    );
+    for marker in ["DISKLESS-HANDOFF-READ-OK", "DISKLESS-HANDOFF-WRITE-OK"] {
+        assert!(serial.contains(marker), "no {marker}: {}", report());
+    }
+    let status = server.stop();
+    assert!(status.success(), "diskless exited {status:?}");
+}
+
 /// A sanboot of a target the server does not have must fail in iPXE (login rejected,
 /// "Could not open SAN device") and the runner must report it quickly, not time out.
 #[test]

@@ -4,6 +4,7 @@
 # Proves, in order, on the serial console:
 #   DISKLESS-STAGE1                  firmware + boot loader read kernel and initramfs via iPXE
 #   DISKLESS-HANDOFF-READ-OK         Linux logged in again from the iBFT and read the disk
+#   DISKLESS-DISK sdX lun=N sectors=S head=TEXT   each disk the session shows (several LUNs)
 #   DISKLESS-PREVIOUS <value|none>   the write marker found before writing (persistence)
 #   DISKLESS-HANDOFF-WRITE-OK <v>    it wrote a marker block and read it back uncached
 # or DISKLESS-FAIL <why>; then powers off.
@@ -91,6 +92,29 @@ sig=$(dd if=/dev/sda bs=1 skip=510 count=2 2>/dev/null | od -An -tx1 | tr -d ' \
 ro=$(readblk $RO_LBA) || fail "read LBA $RO_LBA"
 [ "$ro" = "DISKLESS-MARKER-RO v1" ] || fail "marker at LBA $RO_LBA is '$ro'"
 echo "DISKLESS-HANDOFF-READ-OK sectors=$SECTORS"
+
+# Every disk of the session (a client with several disks: LUN 1, 2, ... behind sdb, sdc, ...):
+# wait until each SCSI device the scan found has its block device and the count holds for
+# half a second (the scan adds LUNs one by one, sd probes them asynchronously).
+i=0
+stable=0
+last=""
+while [ $i -lt 60 ] && [ $stable -lt 5 ]; do
+	nsdev=$(ls /sys/class/scsi_device 2>/dev/null | wc -l)
+	nblk=$(ls -d /sys/block/sd* 2>/dev/null | wc -l)
+	now="$nsdev/$nblk"
+	if [ "$nsdev" = "$nblk" ] && [ "$now" = "$last" ]; then stable=$((stable + 1)); else stable=0; fi
+	last=$now
+	i=$((i + 1))
+	sleep 0.1
+done
+for b in /sys/block/sd*; do
+	[ -e "$b" ] || continue
+	d=${b##*/}
+	hctl=$(readlink "$b/device")
+	head=$(dd if="/dev/$d" bs=512 count=1 2>/dev/null | tr '\000' '\n' | head -n 1 | tr -cd 'A-Za-z0-9 _.:-')
+	echo "DISKLESS-DISK $d lun=${hctl##*:} sectors=$(cat "$b/size") head=$head"
+done
 
 VALUE=
 # shellcheck disable=SC2013 # the command line is one line of words

@@ -5,12 +5,14 @@
 #                            [--lun 0] [--timeout 240] [--nic virtio|e1000] [--pcap FILE]
 #                            [--mem 512] --log FILE
 #   scripts/boot/run-qemu.sh --mode bios|uefi --tap IFNAME [--mac MAC] [--no-rom] [--http-boot] --log FILE
+#   scripts/boot/run-qemu.sh --mode bios|uefi --chain URL [--mac MAC] ... --log FILE
 #
 # With --tap the guest is on a tap device (inside a network namespace, see tests/netboot.rs)
 # and gets everything from the network: DHCP, the boot file and the script come from the
 # servers on that network, so --port/--target/--initiator are not needed. --no-rom gives the
 # NIC no iPXE ROM (UEFI: the firmware's own PXE client boots); --http-boot (UEFI) turns OVMF's
-# PXE off so that its HTTP Boot client runs.
+# PXE off so that its HTTP Boot client runs. --chain URL (user networking): iPXE chains the
+# boot script endpoint at URL (10.0.2.2 is the host) instead of running its own sanboot.
 #
 # The guest reaches the host's 127.0.0.1:PORT as 10.0.2.2:PORT (QEMU user networking). QEMU's
 # built-in TFTP server hands iPXE a script (after its DHCP) that sets the initiator name and
@@ -24,15 +26,16 @@
 set -uo pipefail
 
 die() { echo "run-qemu.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 MODE="" PORT="" TARGET="" INITIATOR="" LUN=0 TIMEOUT=240 LOG="" NIC=virtio PCAP="" MEM=512
-TAP="" MAC="" NOROM=0 HTTPBOOT=0
+TAP="" MAC="" NOROM=0 HTTPBOOT=0 CHAIN=""
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	--no-rom) NOROM=1; shift; continue ;;
 	--http-boot) HTTPBOOT=1; shift; continue ;;
 	--tap) TAP=${2:-} ;;
+	--chain) CHAIN=${2:-} ;;
 	--mac) MAC=${2:-} ;;
 	--mode) MODE=${2:-} ;;
 	--port) PORT=${2:-} ;;
@@ -50,7 +53,7 @@ while [[ $# -gt 0 ]]; do
 	shift 2 || die "$1 needs a value"
 done
 [[ $MODE == bios || $MODE == uefi ]] || die "--mode bios|uefi is required"
-if [[ -z $TAP ]]; then
+if [[ -z $TAP && -z $CHAIN ]]; then
 	[[ $PORT =~ ^[0-9]+$ ]] || die "--port PORT is required"
 	[[ -n $TARGET && -n $INITIATOR ]] || die "--target and --initiator are required"
 fi
@@ -94,7 +97,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 mkdir -p "$RUN/tftp"
-cat >"$RUN/tftp/boot.ipxe" <<EOF
+if [[ -n $CHAIN ]]; then
+	cat >"$RUN/tftp/boot.ipxe" <<EOF
+#!ipxe
+echo DISKLESS-IPXE ${MODE} chain
+chain ${CHAIN} || goto failed
+:failed
+echo SANBOOT-FAILED \${errno}
+EOF
+else
+	cat >"$RUN/tftp/boot.ipxe" <<EOF
 #!ipxe
 echo DISKLESS-IPXE ${MODE} port ${PORT}
 set initiator-iqn ${INITIATOR}
@@ -102,6 +114,7 @@ sanboot iscsi:10.0.2.2::${PORT}:${LUN}:${TARGET} || goto failed
 :failed
 echo SANBOOT-FAILED \${errno}
 EOF
+fi
 
 if [[ -n $TAP ]]; then
 	NETDEV="tap,id=n0,ifname=$TAP,script=no,downscript=no"

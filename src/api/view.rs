@@ -375,6 +375,26 @@ pub fn client(api: &Api, initiator: &str) -> Result<Value, ApiError> {
         .as_ref()
         .and_then(|i| i.overlay_dir.as_ref())
         .map(|d| d.display().to_string()));
+    // Every disk of the client, LUN 0 first (docs/overlays.md, "Several disks per client").
+    v["disks"] = Value::Array(
+        info.as_ref()
+            .map(|i| {
+                i.disks
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "lun": d.lun,
+                            "image": d.image,
+                            "version": d.version,
+                            "next_version": d.next_version,
+                            "mode": d.mode.to_string(),
+                            "bytes_written": d.overlay.as_ref().map(|o| o.bytes_written),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
     Ok(v)
 }
 
@@ -414,6 +434,12 @@ pub fn targets(api: &Api) -> Value {
                                 "image": bd.image.name,
                                 "mode": bd.mode.to_string(),
                                 "auth": auth(bd.chap.as_ref()),
+                                "os": bd.os.to_string(),
+                                "disks": bd.disks.iter().map(|d| json!({
+                                    "lun": d.lun,
+                                    "image": d.image.name,
+                                    "mode": d.mode.to_string(),
+                                })).collect::<Vec<_>>(),
                             })
                         })
                         .collect()

@@ -13,6 +13,7 @@
 //! With a file root (netboot), `/files/NAME` serves the root's files (iPXE binaries for UEFI
 //! HTTP Boot, kernels, initrds) with single byte-range requests (RFC 9110 §14).
 
+use crate::config::{ClientOs, GatewayPolicy};
 use crate::netboot::files::{FileError, FileRoot};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,6 +22,39 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+
+/// What a script request says about the client, beyond who it is: its firmware, and its
+/// address and netmask when the chain URL passes them (`ip=${netX/ip}&netmask=${netX/netmask}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScriptQuery {
+    pub firmware: Option<Firmware>,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub netmask: Option<std::net::Ipv4Addr>,
+}
+
+impl ScriptQuery {
+    /// From a request's query string; `peer` stands in for a missing `ip=`.
+    pub fn parse(query: &str, peer: SocketAddr) -> ScriptQuery {
+        let ip = query_param(query, "ip").and_then(|v| v.parse().ok()).or(
+            match peer.ip().to_canonical() {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            },
+        );
+        ScriptQuery {
+            firmware: firmware(query),
+            ip,
+            netmask: query_param(query, "netmask").and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// Whether `host` (the iSCSI portal) is on the client's subnet; None when unknown.
+    pub fn same_subnet(&self, host: &str) -> Option<bool> {
+        let portal: std::net::Ipv4Addr = host.parse().ok()?;
+        let (ip, mask) = (u32::from(self.ip?), u32::from(self.netmask?));
+        Some(ip & mask == u32::from(portal) & mask)
+    }
+}
 
 /// A boxed future, as trait objects need.
 pub type ScriptFuture<'a> =
@@ -35,27 +69,119 @@ pub trait BootScripts: Send + Sync + 'static {
         &'a self,
         mac: Option<&'a str>,
         uuid: Option<&'a str>,
+        query: ScriptQuery,
         local: SocketAddr,
         peer: SocketAddr,
     ) -> ScriptFuture<'a>;
 }
 
+/// Everything a client's boot script says (docs/booting.md, "The boot script").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptPlan {
+    pub initiator: String,
+    /// The iSCSI portal, "host:port".
+    pub portal: String,
+    pub target: String,
+    /// The client's LUNs, LUN 0 (the boot disk) first.
+    pub luns: Vec<u16>,
+    pub os: ClientOs,
+    /// Clear iPXE's gateway before `sanboot` (the iBFT then hands the OS none).
+    pub clear_gateway: bool,
+    pub firmware: Option<Firmware>,
+}
+
+impl ScriptPlan {
+    /// A plan for one disk (LUN 0), no OS specifics.
+    pub fn single(initiator: &str, portal: &str, target: &str) -> ScriptPlan {
+        ScriptPlan {
+            initiator: initiator.to_string(),
+            portal: portal.to_string(),
+            target: target.to_string(),
+            luns: vec![0],
+            os: ClientOs::Other,
+            clear_gateway: false,
+            firmware: None,
+        }
+    }
+
+    /// Whether the gateway is cleared for a binding's `gateway:` policy.
+    pub fn gateway_cleared(
+        policy: GatewayPolicy,
+        os: ClientOs,
+        query: &ScriptQuery,
+        portal: &str,
+    ) -> bool {
+        match policy {
+            GatewayPolicy::Keep => false,
+            GatewayPolicy::Clear => true,
+            GatewayPolicy::Auto => {
+                os == ClientOs::Windows && query.same_subnet(portal_host(portal).0) == Some(true)
+            }
+        }
+    }
+
+    /// The iPXE script.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        // iscsi:<server>:<protocol>:<port>:<lun>:<targetname> (iPXE's SAN URI syntax,
+        // https://ipxe.org/sanuri).
+        let (host, port) = portal_host(&self.portal);
+        let uri = |lun: u16| format!("iscsi:{host}::{port}:{lun}:{}", self.target);
+        let mut s = String::from("#!ipxe\n");
+        if let Some(fw) = self.firmware {
+            let _ = writeln!(s, "set diskless-firmware {fw}");
+        }
+        if self.os != ClientOs::Other {
+            let _ = writeln!(s, "set diskless-os {}", self.os);
+        }
+        if self.luns.len() > 1 {
+            let _ = writeln!(s, "set diskless-disks {}", self.luns.len());
+        }
+        let _ = writeln!(s, "set initiator-iqn {}", self.initiator);
+        if self.os == ClientOs::Windows {
+            // Keep the SAN disks hooked if the boot returns (https://ipxe.org/cfg/keep-san).
+            s.push_str("set keep-san 1\n");
+        }
+        if self.clear_gateway {
+            // The iBFT carries netX's gateway; Windows then routes the (on-link) target
+            // through it (ipxe/ipxe#1599). No gateway: the target stays on-link.
+            s.push_str("set netX/gateway 0.0.0.0\n");
+        }
+        let boot = self.luns.first().copied().unwrap_or(0);
+        if self.luns.len() == 1 {
+            let _ = writeln!(s, "sanboot {} || goto failed", uri(boot));
+        } else {
+            // LUN 0 is drive 0x80, the others 0x81, 0x82, ... in LUN order, hooked in drive
+            // order (https://ipxe.org/cmd/sanhook: "Attach two independent iSCSI targets");
+            // then boot the hooked 0x80 (https://ipxe.org/cmd/sanboot). Only 0x80 goes into
+            // the iBFT: the OS logs in to that target and finds every LUN by REPORT LUNS.
+            let _ = writeln!(s, "sanhook --drive 0x80 {} || goto failed", uri(boot));
+            for (i, lun) in self.luns.iter().skip(1).enumerate() {
+                let _ = writeln!(
+                    s,
+                    "sanhook --drive 0x{:02x} --no-describe {} || goto failed",
+                    0x81 + i,
+                    uri(*lun)
+                );
+            }
+            s.push_str("sanboot --drive 0x80 || goto failed\n");
+        }
+        s.push_str(":failed\necho diskless: SANBOOT-FAILED ${errno}\nshell\n");
+        s
+    }
+}
+
+/// "host:port" (or "host") as (host, port), port 3260 by default.
+fn portal_host(portal: &str) -> (&str, &str) {
+    match portal.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.ends_with(':') => (h, p),
+        _ => (portal, "3260"),
+    }
+}
+
 /// An iPXE script that sets the initiator name and boots from the SAN disk (LUN 0).
 pub fn ipxe_script(initiator: &str, portal: &str, target: &str) -> String {
-    // sanboot iscsi:<server>:<protocol>:<port>:<lun>:<targetname> (iPXE URI syntax); the
-    // portal is "host:port".
-    let (host, port) = match portal.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => (h, p),
-        _ => (portal, "3260"),
-    };
-    format!(
-        "#!ipxe\n\
-         set initiator-iqn {initiator}\n\
-         sanboot iscsi:{host}::{port}:0:{target} || goto failed\n\
-         :failed\n\
-         echo diskless: SANBOOT-FAILED ${{errno}}\n\
-         shell\n"
-    )
+    ScriptPlan::single(initiator, portal, target).render()
 }
 
 /// Query parameter `key` from a query string (values are plain: MAC and UUID need no
@@ -81,26 +207,33 @@ fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// The firmware type a script request names: iPXE's `${platform}` ("pcbios", "efi") or a
-/// DHCP architecture code (`arch=`, RFC 4578 §2.1: 0 is BIOS, the rest UEFI).
-fn firmware(query: &str) -> Option<&'static str> {
-    match query_param(query, "platform").as_deref() {
-        Some("pcbios") => return Some("bios"),
-        Some("efi") => return Some("uefi"),
-        _ => {}
-    }
-    match query_param(query, "arch")?.parse::<u16>().ok()? {
-        0 => Some("bios"),
-        _ => Some("uefi"),
+/// The firmware that runs a boot script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl std::fmt::Display for Firmware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        })
     }
 }
 
-/// Tell the script which firmware runs it (`${diskless-firmware}`: bios or uefi), right
-/// after the `#!ipxe` line.
-fn with_firmware(script: String, fw: Option<&str>) -> String {
-    match (fw, script.strip_prefix("#!ipxe\n")) {
-        (Some(fw), Some(rest)) => format!("#!ipxe\nset diskless-firmware {fw}\n{rest}"),
-        _ => script,
+/// The firmware type a script request names: iPXE's `${platform}` ("pcbios", "efi") or a
+/// DHCP architecture code (`arch=`, RFC 4578 §2.1: 0 is BIOS, the rest UEFI).
+fn firmware(query: &str) -> Option<Firmware> {
+    match query_param(query, "platform").as_deref() {
+        Some("pcbios") => return Some(Firmware::Bios),
+        Some("efi") => return Some(Firmware::Uefi),
+        _ => {}
+    }
+    match query_param(query, "arch")?.parse::<u16>().ok()? {
+        0 => Some(Firmware::Bios),
+        _ => Some(Firmware::Uefi),
     }
 }
 
@@ -330,14 +463,14 @@ pub async fn serve_with_files(
                     } else {
                         let mac = query_param(&query, "mac");
                         let uuid = query_param(&query, "uuid");
+                        let q = ScriptQuery::parse(&query, peer);
                         let r = match scripts
-                            .script(mac.as_deref(), uuid.as_deref(), local, peer)
+                            .script(mac.as_deref(), uuid.as_deref(), q, local, peer)
                             .await
                         {
                             Some(s) => {
-                                let fw = firmware(&query);
-                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?fw, "boot script served");
-                                respond(StatusCode::OK, with_firmware(s, fw))
+                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?q.firmware, "boot script served");
+                                respond(StatusCode::OK, s)
                             }
                             None => {
                                 info!(%peer, mac = ?mac, uuid = ?uuid, "boot script: unknown client");
@@ -382,18 +515,136 @@ mod tests {
 
     #[test]
     fn firmware_line() {
-        assert_eq!(firmware("mac=x&platform=pcbios"), Some("bios"));
-        assert_eq!(firmware("platform=efi"), Some("uefi"));
-        assert_eq!(firmware("arch=0"), Some("bios"));
-        assert_eq!(firmware("arch=7"), Some("uefi"));
+        assert_eq!(firmware("mac=x&platform=pcbios"), Some(Firmware::Bios));
+        assert_eq!(firmware("platform=efi"), Some(Firmware::Uefi));
+        assert_eq!(firmware("arch=0"), Some(Firmware::Bios));
+        assert_eq!(firmware("arch=7"), Some(Firmware::Uefi));
         assert_eq!(firmware("platform=&arch=x"), None);
-        let s = ipxe_script("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot");
-        let w = with_firmware(s.clone(), Some("uefi"));
+        let mut p =
+            ScriptPlan::single("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot");
+        p.firmware = Some(Firmware::Uefi);
+        let w = p.render();
         assert!(
             w.starts_with("#!ipxe\nset diskless-firmware uefi\nset initiator-iqn"),
             "{w}"
         );
-        assert_eq!(with_firmware(s.clone(), None), s);
+    }
+
+    fn plan(luns: &[u16], os: ClientOs, fw: Option<Firmware>) -> ScriptPlan {
+        ScriptPlan {
+            luns: luns.to_vec(),
+            os,
+            firmware: fw,
+            ..ScriptPlan::single("iqn.x:c1", "192.168.10.1:3260", "iqn.t:boot")
+        }
+    }
+
+    /// The script lines after `#!ipxe`, up to the failure label.
+    fn lines(p: &ScriptPlan) -> Vec<String> {
+        p.render()
+            .lines()
+            .skip(1)
+            .take_while(|l| *l != ":failed")
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn bios_script_with_three_disks() {
+        assert_eq!(
+            lines(&plan(&[0, 1, 2], ClientOs::Linux, Some(Firmware::Bios))),
+            [
+                "set diskless-firmware bios",
+                "set diskless-os linux",
+                "set diskless-disks 3",
+                "set initiator-iqn iqn.x:c1",
+                "sanhook --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
+                "sanhook --drive 0x81 --no-describe iscsi:192.168.10.1::3260:1:iqn.t:boot || goto failed",
+                "sanhook --drive 0x82 --no-describe iscsi:192.168.10.1::3260:2:iqn.t:boot || goto failed",
+                "sanboot --drive 0x80 || goto failed",
+            ]
+        );
+    }
+
+    #[test]
+    fn uefi_script_one_disk_is_unchanged() {
+        assert_eq!(
+            lines(&plan(&[0], ClientOs::Other, Some(Firmware::Uefi))),
+            [
+                "set diskless-firmware uefi",
+                "set initiator-iqn iqn.x:c1",
+                "sanboot iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
+            ]
+        );
+    }
+
+    #[test]
+    fn windows_script_keeps_san_and_clears_the_gateway_on_link() {
+        let q = ScriptQuery {
+            firmware: Some(Firmware::Uefi),
+            ip: "192.168.10.57".parse().ok(),
+            netmask: "255.255.255.0".parse().ok(),
+        };
+        let portal = "192.168.10.1:3260";
+        let auto = |os| ScriptPlan::gateway_cleared(GatewayPolicy::Auto, os, &q, portal);
+        assert!(auto(ClientOs::Windows));
+        assert!(!auto(ClientOs::Linux));
+        // Another subnet: clearing the gateway would cut the client off its target.
+        assert!(!ScriptPlan::gateway_cleared(
+            GatewayPolicy::Auto,
+            ClientOs::Windows,
+            &q,
+            "10.0.0.1:3260"
+        ));
+        // No netmask known: auto keeps it; clear and keep are explicit.
+        let unknown = ScriptQuery { netmask: None, ..q };
+        assert!(!ScriptPlan::gateway_cleared(
+            GatewayPolicy::Auto,
+            ClientOs::Windows,
+            &unknown,
+            portal
+        ));
+        assert!(ScriptPlan::gateway_cleared(
+            GatewayPolicy::Clear,
+            ClientOs::Linux,
+            &unknown,
+            portal
+        ));
+        assert!(!ScriptPlan::gateway_cleared(
+            GatewayPolicy::Keep,
+            ClientOs::Windows,
+            &q,
+            portal
+        ));
+        let mut p = plan(&[0, 1], ClientOs::Windows, Some(Firmware::Uefi));
+        p.clear_gateway = true;
+        assert_eq!(
+            lines(&p),
+            [
+                "set diskless-firmware uefi",
+                "set diskless-os windows",
+                "set diskless-disks 2",
+                "set initiator-iqn iqn.x:c1",
+                "set keep-san 1",
+                "set netX/gateway 0.0.0.0",
+                "sanhook --drive 0x80 iscsi:192.168.10.1::3260:0:iqn.t:boot || goto failed",
+                "sanhook --drive 0x81 --no-describe iscsi:192.168.10.1::3260:1:iqn.t:boot || goto failed",
+                "sanboot --drive 0x80 || goto failed",
+            ]
+        );
+    }
+
+    #[test]
+    fn query_of_a_request() {
+        let peer: SocketAddr = "[::ffff:192.168.10.57]:5000".parse().unwrap();
+        let q = ScriptQuery::parse("mac=x&platform=pcbios&netmask=255.255.0.0", peer);
+        assert_eq!(q.firmware, Some(Firmware::Bios));
+        assert_eq!(q.ip, "192.168.10.57".parse().ok());
+        assert_eq!(q.same_subnet("192.168.200.1"), Some(true));
+        assert_eq!(q.same_subnet("192.169.0.1"), Some(false));
+        assert_eq!(q.same_subnet("server.lab"), None);
+        let q = ScriptQuery::parse("ip=10.1.2.3&netmask=255.0.0.0", peer);
+        assert_eq!(q.same_subnet("10.200.0.1"), Some(true));
     }
 
     #[test]

@@ -10,7 +10,10 @@ pub mod lifecycle;
 pub mod nextboot;
 pub mod state;
 
-use crate::config::{parse_isid_prefix, parse_mac, ConfigError, OverlayMode, ResetPolicy};
+use crate::config::{
+    parse_isid_prefix, parse_mac, ClientOs, ConfigError, DiskConfig, GatewayPolicy, OverlayMode,
+    ResetPolicy,
+};
 use crate::identity::lu_identity;
 use crate::scsi::{LogicalUnit, LuOptions, LunTable};
 use crate::storage::versions;
@@ -175,6 +178,68 @@ fn direct_image(image: &GoldenImage) -> Result<Arc<GoldenImage>, String> {
     }))
 }
 
+/// A disk of a binding beyond LUN 0 (a data disk, a shared game disk).
+#[derive(Clone)]
+pub struct DiskPlan {
+    pub lun: u16,
+    pub image: Arc<GoldenImage>,
+    pub mode: OverlayMode,
+}
+
+/// A client's disk beyond LUN 0: its own image, mode and overlay, in `CLIENT_DIR/LUNn`.
+struct ExtraDisk {
+    lun: u16,
+    mode: OverlayMode,
+    disk: RwLock<Disk>,
+    /// The version a boot takes next (as [`Client::set_next_image`] for LUN 0).
+    next_image: Mutex<Option<Arc<GoldenImage>>>,
+    /// The directory of this disk's overlays (one per version, like LUN 0's).
+    dir: PathBuf,
+    serial: String,
+    naa: [u8; 16],
+}
+
+/// What a reset discards (docs/overlays.md, "Several disks per client").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetScope {
+    /// A new boot: volatile disks only (readonly ones take their binding's new version).
+    Boot,
+    /// `diskless client reset CLIENT`: LUN 0 whatever its mode, and the volatile disks.
+    Operator,
+    /// `diskless client reset CLIENT --lun N`: that disk only, whatever its mode.
+    Lun(u16),
+}
+
+impl ResetScope {
+    fn covers(self, lun: u16, mode: OverlayMode) -> bool {
+        let boot = matches!(mode, OverlayMode::Volatile | OverlayMode::Readonly);
+        match self {
+            ResetScope::Boot => boot,
+            ResetScope::Operator => lun == 0 || boot,
+            ResetScope::Lun(n) => n == lun,
+        }
+    }
+}
+
+/// One disk of a client as the operator sees it (`diskless client show`, the API).
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    pub lun: u16,
+    pub image: String,
+    pub version: Option<u64>,
+    pub next_version: Option<u64>,
+    pub mode: OverlayMode,
+    pub overlay: Option<OverlayStats>,
+    pub overlay_dir: Option<PathBuf>,
+}
+
+/// The directory of a client's disk on LUN `lun` (> 0) inside its client directory:
+/// upper case, which [`dir_name`] never produces, so no image's overlay directory
+/// collides with it.
+pub fn lun_dir_name(lun: u16) -> String {
+    format!("LUN{lun}")
+}
+
 /// One binding, resolved.
 #[derive(Clone)]
 pub struct BindingPlan {
@@ -190,6 +255,11 @@ pub struct BindingPlan {
     pub reset: ResetPolicy,
     /// Operator-given firmware ISID (prefix).
     pub firmware_isid: Option<Vec<u8>>,
+    /// Disks on LUN 1 and up, in LUN order.
+    pub disks: Vec<DiskPlan>,
+    /// What the boot script does for the client's OS and its gateway (docs/booting.md).
+    pub os: ClientOs,
+    pub gateway: GatewayPolicy,
 }
 
 impl BindingPlan {
@@ -211,7 +281,10 @@ impl BindingPlan {
             <[u8; 6]>::try_from(bytes.as_slice()).ok()
         });
         Policy {
-            discards: self.mode == OverlayMode::Volatile,
+            // A new boot discards when any disk is volatile; `Client::reset` then keeps
+            // the others (ResetScope::Boot).
+            discards: self.mode == OverlayMode::Volatile
+                || self.disks.iter().any(|d| d.mode == OverlayMode::Volatile),
             reset: self.reset,
             firmware_isid: self.firmware_isid.clone(),
             mac,
@@ -274,6 +347,10 @@ pub struct Client {
     state_path: PathBuf,
     serial: String,
     naa: [u8; 16],
+    /// LUN 1 and up.
+    extra: Vec<ExtraDisk>,
+    /// What the next [`Client::reset`] discards (set by the operator's reset).
+    reset_scope: Mutex<Option<ResetScope>>,
 }
 
 /// What `Client::info` reports (operator commands, the API).
@@ -305,6 +382,8 @@ pub struct ClientInfo {
     pub history: Vec<HistoryEntry>,
     pub overlay: Option<OverlayStats>,
     pub overlay_dir: Option<PathBuf>,
+    /// Every disk, LUN 0 first.
+    pub disks: Vec<DiskInfo>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -371,12 +450,11 @@ impl Client {
     /// A new boot takes the pending disk (`nextboot::taken_at_boot`): make the decision a
     /// reset, which moves the client to it ([`Client::reset`]).
     fn take_pending(&self, mut d: Decision) -> Decision {
-        if d.new_boot {
-            if let Some(kind) = self.pending_switch() {
-                if nextboot::taken_at_boot(kind, d.reset, self.overlay().is_some()) {
-                    d.reset = true;
-                }
-            }
+        // LUN 0 is discarded at this boot when a reset is decided and it is volatile (a
+        // reset decided for another volatile disk leaves a persistent LUN 0 alone).
+        let discarded = d.reset && ResetScope::Boot.covers(0, self.mode());
+        if d.new_boot && self.boot_takes_pending(discarded) {
+            d.reset = true;
         }
         d
     }
@@ -387,30 +465,51 @@ impl Client {
         lock(&self.state).lifecycle.state.disk.is_some()
     }
 
+    /// The binding now names `disks` for LUN 1 and up: each takes its new version at the
+    /// next boot (as LUN 0 does, [`Client::set_next_image`]).
+    pub fn set_next_disks(&self, disks: &[DiskPlan]) {
+        for x in &self.extra {
+            if let Some(d) = disks.iter().find(|d| d.lun == x.lun) {
+                let cur = read(&x.disk).image.clone();
+                *lock(&x.next_image) = (d.image.id != cur.id).then(|| d.image.clone());
+            }
+        }
+    }
+
     fn build_luns(&self) -> Arc<LunTable> {
-        let (image, overlay) = {
+        let mut table = BTreeMap::new();
+        let d = read(&self.disk);
+        table.insert(
+            0u16,
+            Arc::new(disk_lu(&d, &self.target, 0, &self.serial, self.naa)),
+        );
+        drop(d);
+        for x in &self.extra {
+            let d = read(&x.disk);
+            table.insert(
+                x.lun,
+                Arc::new(disk_lu(&d, &self.target, x.lun, &x.serial, x.naa)),
+            );
+        }
+        Arc::new(LunTable::new(table))
+    }
+
+    /// LUN numbers of this client's disks, ascending (LUN 0 first).
+    pub fn lun_numbers(&self) -> Vec<u16> {
+        std::iter::once(0)
+            .chain(self.extra.iter().map(|x| x.lun))
+            .collect()
+    }
+
+    /// The image and overlay of the disk on `lun`, if the client has one there.
+    fn disk_of(&self, lun: u16) -> Option<(Arc<GoldenImage>, Option<Arc<Overlay>>, OverlayMode)> {
+        if lun == 0 {
             let d = read(&self.disk);
-            (d.image.clone(), d.overlay.clone())
-        };
-        let store: Arc<dyn BlockStore> = match &overlay {
-            Some(o) => o.clone(),
-            None => image.store.clone(),
-        };
-        let identity = crate::scsi::LuIdentity {
-            serial: self.serial.clone(),
-            naa: self.naa,
-            ..lu_identity(&self.target, 0, None)
-        };
-        let opts = LuOptions {
-            max_transfer_blocks: (32 << 20) / image.block_size.max(512),
-            physical_block_exponent: crate::scsi::physical_exponent(
-                image.block_size,
-                image.physical_block_size,
-            ),
-            ..Default::default()
-        };
-        let lu = LogicalUnit::with_options(store, identity, opts);
-        Arc::new(LunTable::new(BTreeMap::from([(0u16, Arc::new(lu))])))
+            return Some((d.image.clone(), d.overlay.clone(), d.mode));
+        }
+        let x = self.extra.iter().find(|x| x.lun == lun)?;
+        let d = read(&x.disk);
+        Some((d.image.clone(), d.overlay.clone(), x.mode))
     }
 
     /// The LUN table sessions of this client use now.
@@ -461,7 +560,16 @@ impl Client {
         };
         let d = self.event(&mut st, ev, now_ms());
         // A pending disk (new version, override) is taken at a new boot.
-        let d = self.take_pending(d);
+        let mut d = self.take_pending(d);
+        if d.new_boot
+            && self
+                .extra
+                .iter()
+                .any(|x| x.mode == OverlayMode::Readonly && lock(&x.next_image).is_some())
+        {
+            // An extra disk without an overlay (readonly) takes its new version at a new boot.
+            d.reset = true;
+        }
         if d.new_boot && self.mode() == OverlayMode::Install {
             tracing::warn!(initiator = %self.initiator, boot = st.lifecycle.state.boots,
                 "install mode: the disk is kept across reboots until `diskless client commit`");
@@ -486,6 +594,12 @@ impl Client {
     /// The operator discards the disk (`diskless client reset`); the caller closes the
     /// sessions named in the decision, then calls [`Client::reset`].
     pub fn operator_reset(&self) -> Decision {
+        self.operator_reset_scope(ResetScope::Operator)
+    }
+
+    /// [`Client::operator_reset`] of what `scope` names (`--lun N`: one disk).
+    pub fn operator_reset_scope(&self, scope: ResetScope) -> Decision {
+        *lock(&self.reset_scope) = Some(scope);
         let mut st = lock(&self.state);
         self.event(&mut st, Event::OperatorReset, now_ms())
     }
@@ -496,6 +610,44 @@ impl Client {
     /// overlay on the new version replaces the old one (the old version stays readable for
     /// anyone still holding it; GC keeps versions in use).
     pub fn reset(&self) -> Result<(), String> {
+        let scope = lock(&self.reset_scope).take().unwrap_or(ResetScope::Boot);
+        let covered = scope.covers(0, self.mode());
+        // At a new boot LUN 0 also moves when it takes a pending disk (a next-boot override,
+        // or a new version where the disk has no overlay to keep).
+        if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {
+            self.reset_lun0()?;
+        }
+        for x in &self.extra {
+            if scope.covers(x.lun, x.mode) {
+                reset_disk(
+                    &self.initiator,
+                    x.lun,
+                    &x.disk,
+                    &x.next_image,
+                    &x.dir,
+                    x.mode,
+                )?;
+            }
+        }
+        let fresh = self.build_luns();
+        *lock(&self.luns) = fresh;
+        let mut st = lock(&self.state);
+        st.lifecycle.reset_done();
+        self.persist(&st);
+        Ok(())
+    }
+
+    /// Whether a new boot takes LUN 0's pending disk (`nextboot::taken_at_boot`);
+    /// `discarded`: LUN 0 is discarded at this boot anyway.
+    fn boot_takes_pending(&self, discarded: bool) -> bool {
+        self.pending_switch().is_some_and(|kind| {
+            nextboot::taken_at_boot(kind, discarded, self.overlay().is_some())
+        })
+    }
+
+    /// LUN 0's part of a reset: move to a pending disk (another image or mode), or discard
+    /// the overlay and take the pending version, if any.
+    fn reset_lun0(&self) -> Result<(), String> {
         let next = lock(&self.next).take();
         if let Some(n) = next.clone() {
             if self.pending_kind(&n) == Switch::Disk {
@@ -507,42 +659,15 @@ impl Client {
                 return res;
             }
         }
-        let next = next.map(|n| n.image);
-        let old = self.overlay();
-        if let Some(o) = &old {
-            o.reset().map_err(|e| e.to_string())?;
-        }
-        if let Some(image) = next {
-            // The disk is fresh: it moves to the version its binding names now (a volatile
-            // client's new boot, an operator's reset of a persistent disk).
-            let mut d = self.disk.write().unwrap_or_else(|p| p.into_inner());
-            tracing::info!(initiator = %self.initiator, from = %d.image.label(),
-                to = %image.label(), "client disk moves to the version its binding names");
-            if old.is_some() {
-                // Sessions still hold the old LUN table (and so the old overlay) until they
-                // end; the new overlay gets its own directory name.
-                let old_dir = old.as_ref().map(|o| o.dir().to_path_buf());
-                drop(old);
-                d.overlay = None;
-                let dir = self.client_dir.join(image.disk_dir_name());
-                if let Some(od) = old_dir.filter(|od| *od != dir) {
-                    // The old overlay was reset (empty): remove it first, so a crash before
-                    // the new one exists leaves no disk, which the next attach creates on
-                    // the binding's version. A late flush of a session still holding the old
-                    // overlay fails harmlessly on the missing directory.
-                    let _ = std::fs::remove_dir_all(od);
-                }
-                let (o, _) = open_overlay(&dir, &image, d.mode).map_err(|e| e.to_string())?;
-                d.overlay = Some(Arc::new(o));
-            }
-            d.image = image;
-        }
-        let fresh = self.build_luns();
-        *lock(&self.luns) = fresh;
-        let mut st = lock(&self.state);
-        st.lifecycle.reset_done();
-        self.persist(&st);
-        Ok(())
+        let next = Mutex::new(next.map(|n| n.image));
+        reset_disk(
+            &self.initiator,
+            0,
+            &self.disk,
+            &next,
+            &self.client_dir,
+            self.mode(),
+        )
     }
 
     fn pending_kind(&self, n: &Next) -> Switch {
@@ -618,7 +743,8 @@ impl Client {
         let fresh = self.build_luns();
         *lock(&self.luns) = fresh;
         let mut st = lock(&self.state);
-        st.policy.discards = n.mode == OverlayMode::Volatile;
+        st.policy.discards = n.mode == OverlayMode::Volatile
+            || self.extra.iter().any(|x| x.mode == OverlayMode::Volatile);
         st.lifecycle.reset_done();
         st.lifecycle.state.disk = Some(DiskRecord {
             image: n.image.label(),
@@ -642,6 +768,19 @@ impl Client {
         Ok(())
     }
 
+    /// Whether the binding `b` names the disks this client has beyond LUN 0 (the same
+    /// LUNs and modes, each on the same image or another version of it).
+    pub fn same_disks(&self, b: &BindingPlan) -> bool {
+        self.extra.len() == b.disks.len()
+            && self.extra.iter().zip(&b.disks).all(|(x, d)| {
+                let cur = read(&x.disk).image.clone();
+                x.lun == d.lun
+                    && x.mode == d.mode
+                    && (cur.id == d.image.id
+                        || (d.image.version.is_some() && d.image.name == cur.name))
+            })
+    }
+
     /// Live sessions of this client.
     pub fn sessions(&self) -> u32 {
         lock(&self.state).lifecycle.live_sessions() as u32
@@ -654,6 +793,8 @@ impl Client {
 
     pub fn info(&self) -> ClientInfo {
         let next = lock(&self.next).clone();
+        // Before the state lock below (disk_infos takes the disks' locks).
+        let disks = self.disk_infos();
         let st = lock(&self.state);
         let b = &st.lifecycle.state;
         let image = self.image();
@@ -695,13 +836,45 @@ impl Client {
             history: b.history.iter().cloned().collect(),
             overlay: self.overlay().map(|o| o.stats()),
             overlay_dir: self.overlay().map(|o| o.dir().to_path_buf()),
+            disks,
         }
+    }
+
+    /// Every disk of this client, LUN 0 first.
+    pub fn disk_infos(&self) -> Vec<DiskInfo> {
+        let one = |lun: u16, d: &RwLock<Disk>, next_version: Option<u64>, mode| {
+            let d = read(d);
+            DiskInfo {
+                lun,
+                image: d.image.name.clone(),
+                version: d.image.version,
+                next_version,
+                mode,
+                overlay: d.overlay.as_ref().map(|o| o.stats()),
+                overlay_dir: d.overlay.as_ref().map(|o| o.dir().to_path_buf()),
+            }
+        };
+        let next0 = lock(&self.next).as_ref().and_then(|n| n.image.version);
+        std::iter::once(one(0, &self.disk, next0, self.mode()))
+            .chain(self.extra.iter().map(|x| {
+                let next = lock(&x.next_image).as_ref().and_then(|i| i.version);
+                one(x.lun, &x.disk, next, x.mode)
+            }))
+            .collect()
     }
 
     /// Write golden image + overlay into a new image file (the "update one client, publish
     /// it as the new golden image" workflow; the end of an `install`).
     pub fn commit_to(&self, path: &Path) -> Result<(), String> {
-        match &self.overlay() {
+        self.commit_lun_to(0, path)
+    }
+
+    /// [`Client::commit_to`] of the disk on `lun`.
+    pub fn commit_lun_to(&self, lun: u16, path: &Path) -> Result<(), String> {
+        let (_, overlay, mode) = self
+            .disk_of(lun)
+            .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
+        match &overlay {
             Some(o) => {
                 o.flush().map_err(|e| e.to_string())?;
                 o.commit_to(path).map_err(|e| e.to_string())?;
@@ -710,9 +883,8 @@ impl Client {
                 Ok(())
             }
             None => Err(format!(
-                "client {} has no overlay ({} mode)",
-                self.initiator,
-                self.mode()
+                "client {} has no overlay on LUN {lun} ({mode} mode)",
+                self.initiator
             )),
         }
     }
@@ -730,14 +902,26 @@ impl Client {
         image: &str,
         stamp: &versions::Stamp,
     ) -> Result<u64, String> {
-        let overlay = self.overlay().ok_or_else(|| {
+        self.publish_lun(0, state_dir, image, stamp)
+    }
+
+    /// [`Client::publish`] of the disk on `lun`.
+    pub fn publish_lun(
+        &self,
+        lun: u16,
+        state_dir: &Path,
+        image: &str,
+        stamp: &versions::Stamp,
+    ) -> Result<u64, String> {
+        let (cur, overlay, mode) = self
+            .disk_of(lun)
+            .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
+        let overlay = overlay.ok_or_else(|| {
             format!(
-                "client {} has no overlay ({} mode)",
-                self.initiator,
-                self.mode()
+                "client {} has no overlay on LUN {lun} ({mode} mode)",
+                self.initiator
             )
         })?;
-        let cur = self.image();
         let images = versions::Images::new(state_dir);
         let v = if images.exists(image) {
             let parent = match cur.version {
@@ -781,6 +965,133 @@ impl Client {
     }
 }
 
+/// The logical unit of one client disk: its overlay (or the shared image itself, readonly
+/// and direct), identity stable per client and LUN.
+fn disk_lu(d: &Disk, target: &str, lun: u16, serial: &str, naa: [u8; 16]) -> LogicalUnit {
+    let store: Arc<dyn BlockStore> = match &d.overlay {
+        Some(o) => o.clone(),
+        None => d.image.store.clone(),
+    };
+    let identity = crate::scsi::LuIdentity {
+        serial: serial.to_string(),
+        naa,
+        ..lu_identity(target, lun, None)
+    };
+    let opts = LuOptions {
+        max_transfer_blocks: (32 << 20) / d.image.block_size.max(512),
+        physical_block_exponent: crate::scsi::physical_exponent(
+            d.image.block_size,
+            d.image.physical_block_size,
+        ),
+        ..Default::default()
+    };
+    LogicalUnit::with_options(store, identity, opts)
+}
+
+/// Discard one disk's overlay (the caller has closed the client's sessions); a disk whose
+/// binding now names another version moves to it: a new overlay on the new version
+/// replaces the old one (the old version stays readable for anyone still holding it; GC
+/// keeps versions in use). `dir` holds the disk's overlay directories.
+fn reset_disk(
+    initiator: &str,
+    lun: u16,
+    disk: &RwLock<Disk>,
+    next_image: &Mutex<Option<Arc<GoldenImage>>>,
+    dir: &Path,
+    mode: OverlayMode,
+) -> Result<(), String> {
+    let next = lock(next_image).take();
+    let old = read(disk).overlay.clone();
+    if let Some(o) = &old {
+        o.reset().map_err(|e| e.to_string())?;
+    }
+    if let Some(image) = next {
+        // The disk is fresh: it moves to the version its binding names now (a volatile
+        // client's new boot, an operator's reset of a persistent disk).
+        let mut d = disk.write().unwrap_or_else(|p| p.into_inner());
+        tracing::info!(initiator = %initiator, lun, from = %d.image.label(),
+            to = %image.label(), "client disk moves to the version its binding names");
+        if old.is_some() {
+            // Sessions still hold the old LUN table (and so the old overlay) until they
+            // end; the new overlay gets its own directory name.
+            let old_dir = old.as_ref().map(|o| o.dir().to_path_buf());
+            drop(old);
+            d.overlay = None;
+            let new_dir = dir.join(image.disk_dir_name());
+            if let Some(od) = old_dir.filter(|od| *od != new_dir) {
+                // The old overlay was reset (empty): remove it first, so a crash before
+                // the new one exists leaves no disk, which the next attach creates on
+                // the binding's version. A late flush of a session still holding the old
+                // overlay fails harmlessly on the missing directory.
+                let _ = std::fs::remove_dir_all(od);
+            }
+            let (o, _) = open_overlay(&new_dir, &image, mode).map_err(|e| e.to_string())?;
+            d.overlay = Some(Arc::new(o));
+        }
+        d.image = image;
+    }
+    Ok(())
+}
+
+/// Open (or create) one disk of a client for its binding: `dir` holds the disk's overlay
+/// directories. A persistent disk stays on the version it was made on (the binding's
+/// version becomes its next one); volatile overlays of other versions are removed.
+/// Returns the disk, its next image, and whether its overlay was created now.
+fn open_disk(
+    state_dir: &Path,
+    initiator: &str,
+    dir: &Path,
+    binding_image: &Arc<GoldenImage>,
+    mode: OverlayMode,
+) -> Result<(Disk, Option<Arc<GoldenImage>>, bool), AttachError> {
+    let mut image = binding_image.clone();
+    let mut next_image = None;
+    if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) && image.version.is_some() {
+        // A persistent disk stays on the version it was created on (docs/images.md).
+        if let Some(v) = disk_version(dir, &image.name) {
+            if Some(v) != image.version {
+                let images = versions::Images::new(state_dir);
+                let opened = images
+                    .log(&image.name)
+                    .map_err(|e| e.to_string())
+                    .and_then(|log| GoldenImage::open_exact(&images, &log, v))
+                    .map_err(AttachError::Storage)?;
+                tracing::info!(initiator = %initiator, on = %opened.label(), binding = %image.label(),
+                    "persistent disk stays on the version it was made on");
+                next_image = Some(image);
+                image = Arc::new(opened);
+            }
+        }
+    }
+    if image.version.is_some() && mode == OverlayMode::Volatile {
+        // Volatile disks of other versions (left by a crash mid-switch) are garbage.
+        for v in disk_versions(dir, &image.name) {
+            if Some(v) != image.version {
+                let _ =
+                    std::fs::remove_dir_all(dir.join(dir_name(&format!("{}.v{v}", image.name))));
+            }
+        }
+    }
+    let mut created = false;
+    let overlay = match mode {
+        OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
+            let (o, new) = open_overlay(&dir.join(image.disk_dir_name()), &image, mode)?;
+            created = new;
+            Some(Arc::new(o))
+        }
+        _ => None,
+    };
+    Ok((
+        Disk {
+            image,
+            mode,
+            overlay,
+        },
+        next_image,
+        created,
+    ))
+}
+
 /// Versions of `image` that overlays in `STATE_DIR/clients` sit on (any mode: a volatile
 /// client boots on it now, a persistent one stays on it). GC never removes these.
 pub fn versions_in_use(state_dir: &Path, image: &str) -> BTreeMap<u64, u32> {
@@ -799,6 +1110,17 @@ pub fn versions_in_use(state_dir: &Path, image: &str) -> BTreeMap<u64, u32> {
             let kept = client.path().join(nextboot::KEPT_DIR);
             for at in std::fs::read_dir(kept).into_iter().flatten().flatten() {
                 for v in disk_versions(&at.path(), image) {
+                    *out.entry(v).or_insert(0) += 1;
+                }
+            }
+            // The client's other disks (LUN1, LUN2, ...).
+            for sub in std::fs::read_dir(client.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("LUN")))
+            {
+                for v in disk_versions(&sub.path(), image) {
                     *out.entry(v).or_insert(0) += 1;
                 }
             }
@@ -1080,13 +1402,15 @@ impl BootTarget {
                 (i.id == cur.id || same_series) && m == cur_mode
             };
             let overridden = self.overrides.contains_key(&c.initiator) || c.has_disk_record();
-            if fits(&b.image, b.mode) || fits(&image, mode) || overridden {
+            if (fits(&b.image, b.mode) || fits(&image, mode) || overridden) && c.same_disks(b) {
                 // Same image, maybe another version: the client keeps the version it
                 // booted until its next boot.
                 let mut policy = b.policy(self.reboot_gap);
-                policy.discards = cur_mode == OverlayMode::Volatile;
+                policy.discards = cur_mode == OverlayMode::Volatile
+                    || b.disks.iter().any(|d| d.mode == OverlayMode::Volatile);
                 c.set_policy(policy);
                 c.set_next(image, mode);
+                c.set_next_disks(&b.disks);
                 self.clients.insert(c.initiator.to_ascii_lowercase(), c);
             }
         }
@@ -1191,6 +1515,25 @@ impl BootTarget {
             }
             _ => None,
         };
+        // Per-client identity: Windows refuses two disks with one NAA id or serial, and the
+        // identity must stay the same across the client's reboots (per LUN).
+        let who = format!("{}\0{}", self.name, key);
+        let mut extra = Vec::with_capacity(binding.disks.len());
+        for d in &binding.disks {
+            let dir = client_dir.join(lun_dir_name(d.lun));
+            let (disk, next, new) = open_disk(&self.state_dir, &key, &dir, &d.image, d.mode)?;
+            // The first boot has nothing to discard only when every overlay is new.
+            created &= new || disk.overlay.is_none();
+            extra.push(ExtraDisk {
+                lun: d.lun,
+                mode: d.mode,
+                disk: RwLock::new(disk),
+                next_image: Mutex::new(next),
+                dir,
+                serial: crate::identity::default_serial(&who, d.lun),
+                naa: crate::identity::naa_in(self.identity, &who, d.lun),
+            });
+        }
         let fresh_state = saved.is_none();
         let mut boot_state = saved.unwrap_or_default();
         if created {
@@ -1204,10 +1547,8 @@ impl BootTarget {
             image
         };
         let mut policy = binding.policy(self.reboot_gap);
-        policy.discards = mode == OverlayMode::Volatile;
-        // Per-client identity: Windows refuses two disks with one NAA id or serial, and the
-        // identity must stay the same across the client's reboots.
-        let who = format!("{}\0{}", self.name, key);
+        policy.discards = mode == OverlayMode::Volatile
+            || binding.disks.iter().any(|d| d.mode == OverlayMode::Volatile);
         let client = Client {
             initiator: key.clone(),
             target: self.name.clone(),
@@ -1227,6 +1568,8 @@ impl BootTarget {
             state_path,
             serial: crate::identity::default_serial(&who, 0),
             naa: crate::identity::naa_in(self.identity, &who, 0),
+            extra,
+            reset_scope: Mutex::new(None),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
@@ -1246,6 +1589,15 @@ impl BootTarget {
                 // Decided before a crash, not yet applied: no session can have seen the disk
                 // since (the new boot's login was never answered).
                 tracing::info!(initiator = %key, "applying a reset decided before the server stopped");
+                // Without volatile disks only the operator resets: LUN 0 as before. With
+                // some, the reset may have been a boot's: discard only what a boot does.
+                let discards = lock(&client.state).policy.discards;
+                let scope = if discards {
+                    ResetScope::Boot
+                } else {
+                    ResetScope::Operator
+                };
+                *lock(&client.reset_scope) = Some(scope);
                 client.reset().map_err(AttachError::Storage)?;
             } else {
                 let st = lock(&client.state);
@@ -1377,6 +1729,17 @@ pub fn plan_bindings(
             ConfigError::invalid(file, p, format!("image {name:?} is not in images:"))
         })
     };
+    let disks = |list: &[DiskConfig], p: &str| -> Result<Vec<DiskPlan>, ConfigError> {
+        list.iter()
+            .map(|d| {
+                Ok(DiskPlan {
+                    lun: d.lun,
+                    image: image(&d.image, format!("{p}.disks[lun {}].image", d.lun))?,
+                    mode: d.mode,
+                })
+            })
+            .collect()
+    };
     let mut out = Vec::new();
     for (i, b) in boot.bindings.iter().enumerate() {
         let bp = format!("{path}.bindings[{i}]");
@@ -1412,6 +1775,9 @@ pub fn plan_bindings(
                 }
                 None => None,
             },
+            disks: disks(&b.disks, &bp)?,
+            os: b.os,
+            gateway: b.gateway,
         });
     }
     let default = match &boot.default {
@@ -1425,6 +1791,9 @@ pub fn plan_bindings(
             chap: None,
             reset: d.reset,
             firmware_isid: None,
+            disks: disks(&d.disks, &format!("{path}.default"))?,
+            os: d.os,
+            gateway: d.gateway,
         }),
         None => None,
     };

@@ -130,11 +130,15 @@ fn offline_pins(dir: &Path, config: Option<&Config>, image: &str) -> BTreeSet<u6
     let log = Images::new(dir).log(image).ok();
     for t in config.iter().flat_map(|c| c.targets.iter()) {
         let Some(b) = &t.boot else { continue };
-        let specs = b
-            .bindings
-            .iter()
-            .map(|x| x.image.as_str())
-            .chain(b.default.iter().map(|d| d.image.as_str()));
+        // LUN 0 and every other disk of the bindings (docs/overlays.md, several disks).
+        let specs =
+            b.bindings
+                .iter()
+                .flat_map(|x| std::iter::once(&x.image).chain(x.disks.iter().map(|d| &d.image)))
+                .chain(b.default.iter().flat_map(|d| {
+                    std::iter::once(&d.image).chain(d.disks.iter().map(|x| &x.image))
+                }))
+                .map(String::as_str);
         for spec in specs {
             if let (Ok((n, sel)), Some(log)) = (versions::parse_spec(spec), &log) {
                 if n == image {

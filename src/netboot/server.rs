@@ -104,7 +104,7 @@ pub fn settings(
         (Some(u), _) => u.clone(),
         // iPXE expands the ${...} settings when it fetches the file name.
         (None, Some(b)) => {
-            format!("{b}/boot.ipxe?mac=${{netX/mac}}&uuid=${{uuid}}&platform=${{platform}}")
+            format!("{b}/boot.ipxe?mac=${{netX/mac}}&uuid=${{uuid}}&platform=${{platform}}&ip=${{netX/ip}}&netmask=${{netX/netmask}}")
         }
         (None, None) => return Err("netboot needs boot_http or netboot.script_url".into()),
     };
@@ -481,7 +481,7 @@ mod tests {
         let s = settings(&c, Some("0.0.0.0:8080".parse().unwrap()), state).unwrap();
         assert_eq!(
             s.plan.script_url,
-            "http://192.168.10.1:8080/boot.ipxe?mac=${netX/mac}&uuid=${uuid}&platform=${platform}"
+            "http://192.168.10.1:8080/boot.ipxe?mac=${netX/mac}&uuid=${uuid}&platform=${platform}&ip=${netX/ip}&netmask=${netX/netmask}"
         );
         assert_eq!(
             s.plan.http_files.as_deref(),

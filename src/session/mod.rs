@@ -335,6 +335,7 @@ impl Server {
         &self,
         mac: Option<&str>,
         uuid: Option<&str>,
+        query: crate::boot::http::ScriptQuery,
         local: std::net::SocketAddr,
         peer: std::net::SocketAddr,
     ) -> Option<String> {
@@ -344,13 +345,19 @@ impl Server {
                 (mac.is_some() && b.mac.as_deref() == mac)
                     || (uuid.is_some() && b.uuid.as_deref() == uuid)
             });
-            let initiator = match hit {
-                Some(b) => b.script_initiator(),
+            let (initiator, binding) = match hit {
+                Some(b) => (b.script_initiator(), Some(b)),
                 // An unknown MAC gets the default binding under a name derived from the MAC.
-                None if boot.default.is_some() => mac.map(mac_initiator),
-                None => None,
+                None if boot.default.is_some() => (mac.map(mac_initiator), boot.default.as_ref()),
+                None => (None, None),
             };
-            let Some(initiator) = initiator else { continue };
+            let (Some(initiator), Some(binding)) = (initiator, binding) else {
+                continue;
+            };
+            let luns: Vec<u16> = std::iter::once(0)
+                .chain(binding.disks.iter().map(|d| d.lun))
+                .collect();
+            let (os, gateway) = (binding.os, binding.gateway);
             let decided = {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
                 tokio::task::spawn_blocking(move || {
@@ -372,22 +379,42 @@ impl Server {
                     }
                 }
             }
+            let port = registry.portals().first().map_or(3260, |p| p.port());
             let portal = match registry.boot_http().and_then(|h| h.iscsi_portal.clone()) {
+                // A host alone: the first portal's port (it follows `--listen`).
+                Some(h) if !h.contains(':') => format!("{h}:{port}"),
                 Some(p) => p,
-                None => {
-                    let port = registry.portals().first().map_or(3260, |p| p.port());
-                    std::net::SocketAddr::new(local.ip(), port).to_string()
-                }
+                None => std::net::SocketAddr::new(local.ip(), port).to_string(),
             };
-            return Some(crate::boot::http::ipxe_script(
-                &initiator, &portal, &boot.name,
-            ));
+            let clear_gateway =
+                crate::boot::http::ScriptPlan::gateway_cleared(gateway, os, &query, &portal);
+            let plan = crate::boot::http::ScriptPlan {
+                initiator,
+                portal,
+                target: boot.name.clone(),
+                luns,
+                os,
+                clear_gateway,
+                firmware: query.firmware,
+            };
+            return Some(plan.render());
         }
         None
     }
 
     /// Discard a client's overlay now (operator command): its sessions are closed first.
     pub async fn reset_client(&self, target: &str, initiator: &str) -> Result<(), String> {
+        self.reset_client_scope(target, initiator, crate::boot::ResetScope::Operator)
+            .await
+    }
+
+    /// [`Server::reset_client`] of what `scope` names (one LUN: `--lun N`).
+    pub async fn reset_client_scope(
+        &self,
+        target: &str,
+        initiator: &str,
+        scope: crate::boot::ResetScope,
+    ) -> Result<(), String> {
         let registry = self.registry();
         let boot = registry
             .boot_target(target)
@@ -396,7 +423,7 @@ impl Server {
             .client(initiator)
             .ok_or_else(|| format!("no client {initiator} on {target}"))?;
         let c = client.clone();
-        tokio::task::spawn_blocking(move || c.operator_reset())
+        tokio::task::spawn_blocking(move || c.operator_reset_scope(scope))
             .await
             .map_err(|e| e.to_string())?;
         self.close_sessions(initiator, target, |_| true).await;
@@ -433,10 +460,11 @@ impl crate::boot::http::BootScripts for Server {
         &'a self,
         mac: Option<&'a str>,
         uuid: Option<&'a str>,
+        query: crate::boot::http::ScriptQuery,
         local: std::net::SocketAddr,
         peer: std::net::SocketAddr,
     ) -> crate::boot::http::ScriptFuture<'a> {
-        Box::pin(self.boot_script(mac, uuid, local, peer))
+        Box::pin(self.boot_script(mac, uuid, query, local, peer))
     }
 }
 

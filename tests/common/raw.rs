@@ -202,6 +202,8 @@ pub struct Client {
     /// The target's MaxRecvDataSegmentLength: the largest data segment we may send.
     pub max_send: u32,
     pub logged_in: bool,
+    /// The LUN of the commands [`Client::command`] builds (0 unless a test sets it).
+    pub lun: u64,
 }
 
 impl Client {
@@ -224,6 +226,7 @@ impl Client {
             answers: Vec::new(),
             max_send: 8192,
             logged_in: false,
+            lun: 0,
         }
     }
 
@@ -486,7 +489,7 @@ impl Client {
             read,
             write,
             attr: pdu::task_attr::SIMPLE,
-            lun: 0,
+            lun: self.lun,
             itt: self.itt(),
             expected_data_transfer_length: edtl,
             cmd_sn: self.take_cmd_sn(),
