@@ -546,3 +546,118 @@ fn check_config_refuses_bad_disk_lists() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A persistent system disk beside a volatile scratch disk: a new boot discards the
+/// scratch disk only. The system disk keeps its writes and stays on the version it was made
+/// on although a newer one is published (it moves only when the operator resets it), and a
+/// next-boot override of its mode is taken at the next boot without touching the scratch
+/// disk's reset.
+#[test]
+fn a_boot_resets_the_volatile_scratch_disk_and_leaves_the_persistent_system_disk() {
+    common::require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("state");
+    let st = st.to_str().unwrap();
+    let sys = common::random_bytes(2 * MIB as usize, 60);
+    let raw = dir.path().join("sys.raw");
+    std::fs::write(&raw, &sys).unwrap();
+    let text = diskless(&[
+        "image",
+        "import",
+        "sysv",
+        raw.to_str().unwrap(),
+        "--format",
+        "raw",
+        "-m",
+        "base",
+        "--state-dir",
+        st,
+    ]);
+    assert!(text.contains("sysv@1"), "{text}");
+    let scratch = common::random_bytes(MIB as usize, 61);
+    std::fs::write(dir.path().join("scratch.img"), &scratch).unwrap();
+    let cfg = Config::yaml(&format!(
+        "portals: [\"127.0.0.1:0\"]\nstate_dir: {st}\n\
+         settings: {{reboot_gap_secs: 30, nop_in_interval_secs: 0}}\n\
+         images:\n  - {{name: scratch, path: {scr}}}\n\
+         targets:\n  - name: {TARGET}\n    boot:\n      bindings:\n\
+         \x20       - initiator: {PC1}\n\
+         \x20         disks: [{{lun: 0, image: sysv, mode: persistent}}, {{lun: 1, image: scratch, mode: volatile}}]\n",
+        scr = dir.path().join("scratch.img").display(),
+    ));
+    let server = Server::start(dir.path(), &cfg);
+    let ctl = dir.path().join("state/control.sock");
+    let ctl = ctl.to_str().unwrap();
+    // One boot: the firmware's session (ended by the hand-off) and then the OS's.
+    let boot = |q: u8| {
+        let mut fw = Client::connect(server.port);
+        fw.isid = ipxe(q);
+        fw.login(PC1, TARGET).unwrap();
+        let mut os = Client::connect(server.port);
+        os.isid = open_iscsi(q);
+        os.login(PC1, TARGET).unwrap();
+        drop(fw);
+        os
+    };
+    let mut fw = boot(1);
+    on_lun(&mut fw, 0).write10(10, &block(0xe0));
+    sync(&mut fw);
+    on_lun(&mut fw, 1).write10(10, &block(0xe1));
+    sync(&mut fw);
+    let text = diskless(&[
+        "client",
+        "commit",
+        PC1,
+        "sysv",
+        "-m",
+        "v2",
+        "--control",
+        ctl,
+    ]);
+    assert!(text.contains("published sysv@2"), "{text}");
+    on_lun(&mut fw, 0).write10(11, &block(0xe2));
+    sync(&mut fw);
+    logout(fw);
+    // A new boot (the firmware again): scratch back to its image, system disk untouched
+    // and still on version 1.
+    let mut fw = boot(2);
+    assert_eq!(on_lun(&mut fw, 1).read10(10, 1), scratch[5120..5632]);
+    assert_eq!(on_lun(&mut fw, 0).read10(10, 1), block(0xe0));
+    assert_eq!(on_lun(&mut fw, 0).read10(11, 1), block(0xe2));
+    let show = diskless(&["client", "show", PC1, "--control", ctl]);
+    assert!(
+        show.contains("LUN 0: sysv@1 (next: @2) persistent"),
+        "{show}"
+    );
+    on_lun(&mut fw, 1).write10(10, &block(0xe3));
+    sync(&mut fw);
+    // The operator makes the system disk volatile from the next boot on.
+    let text = diskless(&[
+        "client",
+        "next-boot",
+        PC1,
+        "--mode",
+        "volatile",
+        "--control",
+        ctl,
+    ]);
+    assert!(text.contains("volatile"), "{text}");
+    assert_eq!(
+        on_lun(&mut fw, 0).read10(11, 1),
+        block(0xe2),
+        "mid-boot switch"
+    );
+    logout(fw);
+    let mut fw = boot(3);
+    // Now on a fresh volatile disk of the latest version (block 10 as published, 11 not),
+    // the scratch disk reset again.
+    assert_eq!(on_lun(&mut fw, 0).read10(10, 1), block(0xe0));
+    assert_eq!(on_lun(&mut fw, 0).read10(11, 1), sys[5632..6144]);
+    assert_eq!(on_lun(&mut fw, 1).read10(10, 1), scratch[5120..5632]);
+    drop(fw);
+    let kept = find_dirs(&dir.path().join("state"), "kept");
+    assert!(
+        !kept.is_empty(),
+        "the persistent system disk must be kept, not discarded"
+    );
+}

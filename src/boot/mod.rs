@@ -640,9 +640,8 @@ impl Client {
     /// Whether a new boot takes LUN 0's pending disk (`nextboot::taken_at_boot`);
     /// `discarded`: LUN 0 is discarded at this boot anyway.
     fn boot_takes_pending(&self, discarded: bool) -> bool {
-        self.pending_switch().is_some_and(|kind| {
-            nextboot::taken_at_boot(kind, discarded, self.overlay().is_some())
-        })
+        self.pending_switch()
+            .is_some_and(|kind| nextboot::taken_at_boot(kind, discarded, self.overlay().is_some()))
     }
 
     /// LUN 0's part of a reset: move to a pending disk (another image or mode), or discard
@@ -1548,7 +1547,10 @@ impl BootTarget {
         };
         let mut policy = binding.policy(self.reboot_gap);
         policy.discards = mode == OverlayMode::Volatile
-            || binding.disks.iter().any(|d| d.mode == OverlayMode::Volatile);
+            || binding
+                .disks
+                .iter()
+                .any(|d| d.mode == OverlayMode::Volatile);
         let client = Client {
             initiator: key.clone(),
             target: self.name.clone(),
