@@ -217,6 +217,7 @@ pub fn reject_reason_name(reason: u8) -> &'static str {
 pub fn login_outcome(class: u8, detail: u8) -> &'static str {
     match (class, detail) {
         (0, _) => "ok",
+        (1, _) => "redirected",
         (2, 1) => "auth_failure",
         (2, _) => "refused",
         _ => "error",

@@ -58,6 +58,28 @@ pub fn ipxe_script(initiator: &str, portal: &str, target: &str) -> String {
     )
 }
 
+/// A script for a client no node can take now (cluster registry unreachable, no node
+/// left): say why, wait, and boot again from the start (DHCP, script), which asks again.
+pub fn ipxe_retry_script(reason: &str) -> String {
+    let reason: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    format!(
+        "#!ipxe\n\
+         echo diskless: this client cannot be placed now: {reason}\n\
+         echo diskless: retrying in 10 s\n\
+         sleep 10\n\
+         reboot\n"
+    )
+}
+
 /// Query parameter `key` from a query string (values are plain: MAC and UUID need no
 /// percent-decoding beyond %3A for ':').
 fn query_param(query: &str, key: &str) -> Option<String> {

@@ -483,6 +483,24 @@ impl LoginMachine {
     }
 }
 
+/// The Login Response that sends an initiator to another node (RFC 7143 §11.13.5: status
+/// 0x0101, target moved temporarily; §13.8: TargetAddress). The address always carries its
+/// port and never a portal group tag: iPXE mis-reads an address without a port, and edk2
+/// ignores one with `,tpgt`. T and C are 0 in a response with a non-zero class (§11.13.1).
+pub fn redirect_response(req: &LoginRequest, to: SocketAddr) -> Pdu {
+    // SocketAddr prints "a.b.c.d:port" or "[v6]:port" (§13.8: IPv6 in brackets).
+    let pairs = vec![("TargetAddress".to_string(), to.to_string())];
+    response(
+        req,
+        false,
+        false,
+        req.csg,
+        0,
+        status::TARGET_MOVED_TEMP,
+        Bytes::from(keys::format(&pairs)),
+    )
+}
+
 fn response(
     req: &LoginRequest,
     transit: bool,

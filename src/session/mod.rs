@@ -113,6 +113,8 @@ pub struct Server {
     sessions: SessionTable,
     shutdown: watch::Sender<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// This node's cluster membership (docs/scale-out.md); unset on a single node.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Server {
@@ -125,7 +127,34 @@ impl Server {
             sessions: SessionTable::default(),
             shutdown: watch::Sender::new(false),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Join a cluster: logins and boot scripts are placed through it from now on, and it
+    /// learns this node's open sessions (its load).
+    pub fn set_cluster(self: &Arc<Self>, cluster: Arc<crate::cluster::Cluster>) {
+        let weak = Arc::downgrade(self);
+        cluster.set_local_sessions(Arc::new(move || match weak.upgrade() {
+            Some(s) => s.normal_session_initiators(),
+            None => Vec::new(),
+        }));
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster this node belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The initiator of every open Normal session (one entry per session).
+    pub fn normal_session_initiators(&self) -> Vec<String> {
+        self.sessions
+            .all()
+            .into_iter()
+            .filter(|s| !s.target.is_empty())
+            .map(|s| s.initiator.clone())
+            .collect()
     }
 
     /// Counters, histograms and the operator's event feed (crate::metrics).
@@ -351,6 +380,32 @@ impl Server {
                 None => None,
             };
             let Some(initiator) = initiator else { continue };
+            // A cluster decides which node boots the client (docs/scale-out.md): another
+            // node's portal goes into the script, and nothing changes here.
+            if let Some(cluster) = self.cluster() {
+                let idle = !self
+                    .normal_session_initiators()
+                    .iter()
+                    .any(|i| i.eq_ignore_ascii_case(&initiator));
+                match cluster
+                    .admit(&initiator, crate::cluster::Why::Script { idle })
+                    .await
+                {
+                    crate::cluster::Admission::Serve => {}
+                    crate::cluster::Admission::Redirect(portal) => {
+                        info!(%initiator, %portal, "boot script: client placed on another node");
+                        return Some(crate::boot::http::ipxe_script(
+                            &initiator,
+                            &portal.to_string(),
+                            &boot.name,
+                        ));
+                    }
+                    crate::cluster::Admission::Refuse(r) => {
+                        warn!(%initiator, reason = %r, "boot script: client cannot be placed");
+                        return Some(crate::boot::http::ipxe_retry_script(&r.to_string()));
+                    }
+                }
+            }
             let decided = {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
                 tokio::task::spawn_blocking(move || {
@@ -374,6 +429,9 @@ impl Server {
             }
             let portal = match registry.boot_http().and_then(|h| h.iscsi_portal.clone()) {
                 Some(p) => p,
+                None if self.cluster().is_some() => self
+                    .cluster()
+                    .map_or_else(String::new, |c| c.advertise().to_string()),
                 None => {
                     let port = registry.portals().first().map_or(3260, |p| p.port());
                     std::net::SocketAddr::new(local.ip(), port).to_string()
