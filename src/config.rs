@@ -1945,6 +1945,31 @@ targets:
     }
 
     #[test]
+    fn cluster_section() {
+        let with = |c: &str| parse(&format!("{ONE}cluster: {c}\n"));
+        let ok = with(
+            "{name: lab, node_id: node-a, etcd: [\"http://10.0.0.5:2379\"], advertise: \"10.0.1.11:3260\"}",
+        )
+        .unwrap();
+        let c = ok.cluster.unwrap();
+        assert_eq!((c.lease_ttl, c.advertise.0.port()), (10, 3260));
+        for (bad, path) in [
+            ("{name: \"a/b\", node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}", "cluster.name"),
+            ("{name: lab, node_id: \"\", etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}", "cluster.node_id"),
+            ("{name: lab, node_id: n, etcd: [], advertise: \"10.0.0.1:3260\"}", "cluster.etcd"),
+            ("{name: lab, node_id: n, etcd: [\"h:2379\"], advertise: \"10.0.0.1:3260\"}", "cluster.etcd[0]"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:0\"], advertise: \"10.0.0.1:3260\"}", "cluster.etcd[0]"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"0.0.0.0:3260\"}", "cluster.advertise"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:0\"}", "cluster.advertise"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", lease_ttl: 1}", "cluster.lease_ttl"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(path), "{bad}: {e}");
+        }
+        assert!(with("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", extra: 1}").is_err());
+    }
+
+    #[test]
     fn portals() {
         assert_eq!(Portal::parse("0.0.0.0:3260").unwrap().0.port(), 3260);
         assert_eq!(Portal::parse("10.0.0.1").unwrap().0.port(), 3260);

@@ -528,3 +528,31 @@ fn response(
         data,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_names_address_and_port_without_tpgt() {
+        let req = LoginRequest {
+            transit: true,
+            csg: 0,
+            nsg: 1,
+            isid: [0x40, 0, 0x27, 0x23, 0, 7],
+            itt: 0x1234,
+            ..LoginRequest::default()
+        };
+        let pdu = redirect_response(&req, "127.0.0.1:3261".parse().unwrap());
+        let Bhs::LoginResponse(r) = &pdu.bhs else {
+            panic!("not a login response: {pdu:?}")
+        };
+        // §11.13.5: 0x0101 target moved temporarily; §11.13.1: T and C are 0 on failure.
+        assert_eq!((r.status_class, r.status_detail), (0x01, 0x01));
+        assert!(!r.transit && !r.cont);
+        assert_eq!((r.isid, r.itt, r.csg), (req.isid, req.itt, 0));
+        assert_eq!(&pdu.data[..], b"TargetAddress=127.0.0.1:3261\0");
+        let v6 = redirect_response(&req, "[fd00::5]:3260".parse().unwrap());
+        assert_eq!(&v6.data[..], b"TargetAddress=[fd00::5]:3260\0");
+    }
+}
