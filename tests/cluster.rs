@@ -624,3 +624,82 @@ fn etcd_loss_keeps_sessions_refuses_new_logins() {
     assert_eq!(running.read10(8, 1), marker(2));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a server this test started and has not reaped.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn paused_node_loses_its_lease_without_split_brain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 7)).unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
+    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
+    wait_for("two nodes in cluster status", || {
+        status(&n2.config()).filter(|s| s.len() == 2)
+    });
+    // A on n1 with a session open; B placed on n1 (n1, n2, n1), not booted yet.
+    let (a, pa) = n2.script(&mac(1));
+    assert_eq!(pa, n1.iscsi);
+    let mut running = login(pa, &a);
+    running.write10(9, &marker(9));
+    let (_, p2) = n2.script(&mac(2));
+    assert_eq!(p2, n2.iscsi);
+    let (b, pb) = n2.script(&mac(3));
+    assert_eq!(pb, n1.iscsi);
+
+    // SIGSTOP n1 past its TTL: its lease runs out, its clients are nobody's.
+    let pid = n1.server.as_ref().unwrap().pid();
+    signal(pid, libc::SIGSTOP);
+    let resumed = std::cell::Cell::new(false);
+    let _cont = Guard(|| {
+        if !resumed.get() {
+            signal(pid, libc::SIGCONT)
+        }
+    });
+    wait_for("the paused node's lease to run out", || {
+        let s = status(&n2.config())?;
+        let owners = etcd.owners();
+        (!s.contains_key("n1") && !owners.values().any(|o| o == "n1")).then_some(())
+    });
+    // B boots meanwhile: it lands on n2.
+    let (_, pb) = n2.script(&mac(3));
+    assert_eq!(pb, n2.iscsi);
+    let _b = login(pb, &b);
+
+    // n1 continues: it registers again and claims back A (its session is open there and
+    // nobody took it); B stays with n2.
+    signal(pid, libc::SIGCONT);
+    resumed.set(true);
+    wait_for("n1 back, owning its running client again", || {
+        let s = status(&n2.config())?;
+        let owners = etcd.owners();
+        (s.contains_key("n1") && owners.get(&a).map(String::as_str) == Some("n1")).then_some(())
+    });
+    assert_eq!(etcd.owners().get(&b).map(String::as_str), Some("n2"));
+    let log = n1.stderr();
+    assert!(
+        log.contains("lease expired at etcd: registering again")
+            && log.contains("claimed back an open client"),
+        "{log}"
+    );
+    assert_eq!(
+        running.read10(9, 1),
+        marker(9),
+        "the paused node's session goes on"
+    );
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+}
+
+/// Runs a closure when dropped (a paused process must not outlive a failed test).
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}

@@ -75,8 +75,8 @@ pub fn ipxe_retry_script(reason: &str) -> String {
         "#!ipxe\n\
          echo diskless: this client cannot be placed now: {reason}\n\
          echo diskless: retrying in 10 s\n\
-         sleep 10\n\
-         reboot\n"
+         sleep 10 || echo\n\
+         reboot || exit 1\n"
     )
 }
 
@@ -388,6 +388,18 @@ pub async fn serve_with_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_script_says_why_and_boots_again() {
+        let s = ipxe_retry_script("etcd down\nchain http://evil/");
+        assert!(s.starts_with("#!ipxe\n"));
+        // The reason stays on its echo line: no command can be smuggled in.
+        assert!(s.contains(
+            "echo diskless: this client cannot be placed now: etcd down?chain http://evil/\n"
+        ));
+        assert!(s.contains("sleep 10 || echo\nreboot || exit 1\n"));
+        assert_eq!(s.lines().count(), 5);
+    }
 
     #[test]
     fn script_and_query() {

@@ -414,6 +414,13 @@ impl Cluster {
         Ok(())
     }
 
+    fn forget_lease(&self) {
+        let mut st = self.lock();
+        st.lease = None;
+        st.valid_until = None;
+        st.published = None;
+    }
+
     /// Keep the lease alive (a keep-alive every TTL/4); register again when it is lost.
     async fn lease_loop(self: Arc<Self>) {
         let tick = (self.ttl / 4).max(Duration::from_millis(200));
@@ -437,6 +444,13 @@ impl Cluster {
                         down_logged = false;
                     }
                     self.lock().reachable = true;
+                }
+                Err(ClusterError::Etcd(e)) if lease_gone(&e) => {
+                    // etcd answers, but has dropped the lease (and every key bound to it):
+                    // this node was cut off or paused past its TTL.
+                    keeper = None;
+                    warn!(node = %self.me, "lease expired at etcd: registering again");
+                    self.forget_lease();
                 }
                 Err(e) => {
                     keeper = None;
@@ -481,10 +495,7 @@ impl Cluster {
             Some(_) => {
                 // TTL 0: etcd has dropped the lease, and every key bound to it.
                 warn!(node = %self.me, "lease expired at etcd: registering again");
-                let mut st = self.lock();
-                st.lease = None;
-                st.valid_until = None;
-                st.published = None;
+                self.forget_lease();
                 *keeper = None;
                 Ok(())
             }

@@ -198,9 +198,16 @@ async fn login(
         // In a cluster, a Normal session is placed as soon as its initiator is known: served
         // here, redirected to the client's node (status 0x0101, §11.13.5), or refused when
         // it cannot be placed safely (0x0301, service unavailable: try again later).
+        // Only an initiator the target admits is placed (so no ownership key is ever
+        // created for a name that could not log in); the machine refuses the others.
         if !placed && !req.cont && !who.initiator.is_empty() {
             placed = true;
-            if let (Some(cluster), false) = (server.cluster(), discovery) {
+            let admitted = !discovery
+                && matches!(
+                    registry.lookup(&who.initiator, &who.target),
+                    crate::login::TargetLookup::Allowed(_)
+                );
+            if let (Some(cluster), true) = (server.cluster(), admitted) {
                 match cluster
                     .admit(&who.initiator, crate::cluster::Why::Login)
                     .await
