@@ -189,6 +189,7 @@ impl Node {
              images:\n  - {{name: base, path: {img}}}\n\
              targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n\
              boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
+             api: {{listen: \"127.0.0.1:0\"}}\n\
              cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
             state = dir.join("state").display(),
             img = golden.display(),
@@ -203,6 +204,14 @@ impl Node {
             http,
             server: Some(server),
         }
+    }
+
+    /// `/metrics` of the node's API.
+    fn metrics(&self) -> String {
+        let api = self.server.as_ref().unwrap().api_url();
+        let r = http::request(&api, "GET", "/metrics", &[], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
     }
 
     fn config(&self) -> PathBuf {
@@ -470,6 +479,25 @@ fn placement_redirect_failover_drain() {
             .stderr()
             .contains("login redirected"),
         "the wrong node logged the redirection"
+    );
+
+    // Each node's /metrics: registered, three nodes; the wrong node counted a redirection.
+    wait_for("n1's metrics showing three live nodes", || {
+        let m = n1.metrics();
+        (m.contains("diskless_cluster{what=\"registered\"} 1")
+            && m.contains("diskless_cluster{what=\"nodes\"} 3"))
+        .then_some(())
+    });
+    let wrong_node = [&n1, &n2, &n3]
+        .into_iter()
+        .find(|n| n.iscsi == wrong)
+        .unwrap();
+    assert!(
+        wrong_node
+            .metrics()
+            .contains("diskless_logins_total{outcome=\"redirected\""),
+        "{}",
+        wrong_node.metrics()
     );
 
     // Kill -9 n3: after its lease TTL its clients are nobody's; their next boots land on
