@@ -1,4 +1,5 @@
-//! Command line (clap): `serve`, `image create`, `image push`, `check-config`.
+//! Command line (clap): `serve`, `image create`, `image push`, `check-config`, and the operator
+//! commands (`clients`, `client ...`, `reload`, `cluster status`, `node drain`).
 //!
 //! Exit codes: 0 success, 1 I/O error (binding, creating an image, serving), 2 bad
 //! configuration or usage.
