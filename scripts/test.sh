@@ -6,8 +6,9 @@
 # As root it first installs, in one apt-get transaction, everything the tests need that is
 # missing: the real iSCSI clients (libiscsi-bin, qemu-img with the iSCSI block driver, tgt as
 # the reference target), QEMU, iPXE, OVMF and the image builders' tools, dnsmasq, debootstrap,
-# Chromium, Prometheus' promtool, Ceph's monitor, OSD and RADOS gateway. Then it checks every
-# required tool and fails loudly if one is missing: no test is ever skipped silently. Then
+# Chromium, Prometheus' promtool, Ceph's monitor, OSD and RADOS gateway, etcd, protoc and the
+# protobuf well-known types (etcd-client compiles gRPC definitions). Then it checks every tool
+# and fails loudly if one is missing: no test is ever skipped silently. Then
 # (each stage's time is printed, and a table of them at the end):
 #   1. npm ci in tests/browser; cargo build + cargo test --no-run, while the Debian image of
 #      tests/debian.rs builds in the background
@@ -92,6 +93,10 @@ NEEDS=(
 	"ceph-osd ceph-osd"
 	"radosgw radosgw"
 	"ceph ceph-common"
+	"etcd etcd-server"
+	"etcdctl etcd-client"
+	"protoc protobuf-compiler"
+	"/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg

@@ -1,4 +1,5 @@
-//! Command line (clap): `serve`, `image create`, `image push`, `check-config`.
+//! Command line (clap): `serve`, `image create`, `image push`, `check-config`, and the operator
+//! commands (`clients`, `client ...`, `reload`, `cluster status`, `node drain`).
 //!
 //! Exit codes: 0 success, 1 I/O error (binding, creating an image, serving), 2 bad
 //! configuration or usage.
@@ -55,6 +56,38 @@ pub enum Command {
     Client(ClientCommand),
     /// Re-read the configuration file of the running server (also: SIGHUP).
     Reload(ControlArgs),
+    /// The cluster in etcd (the configuration's `cluster:` section).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// One node of the cluster.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, their load and their clients, as etcd has them now.
+    Status {
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Take no new clients on a node; its clients move to other nodes at their next boot.
+    Drain {
+        /// The node (default: this configuration's cluster.node_id).
+        node: Option<String>,
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+        /// Clear the drain mark: the node takes new clients again.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 /// How operator commands reach the server: its control socket, found from the
@@ -394,6 +427,10 @@ pub fn run(command: Command) -> Result<(), CliError> {
                 Some(&initiator),
             )
         }
+        Command::Cluster(ClusterCommand::Status { config, json }) => cluster_status(&config, json),
+        Command::Node(NodeCommand::Drain { node, config, undo }) => {
+            node_drain(&config, node.as_deref(), !undo)
+        }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
             let plan = registry::plan(&c)?;
@@ -499,6 +536,92 @@ fn image_push(file: &Path, config: &Path, image: &str, chunk_size: u64) -> Resul
         ByteSize(r.bytes_uploaded),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn cluster_config(path: &Path) -> Result<crate::config::ClusterConfig, CliError> {
+    let config = Config::load(path)?;
+    config.cluster.clone().ok_or_else(|| {
+        CliError::Config(ConfigError::invalid(
+            &config.source,
+            "cluster",
+            "no cluster section: this node is not in a cluster",
+        ))
+    })
+}
+
+fn small_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))
+}
+
+fn cluster_status(path: &Path, json: bool) -> Result<(), CliError> {
+    let cfg = cluster_config(path)?;
+    let status = small_runtime()?
+        .block_on(crate::cluster::etcd::read_status(&cfg))
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    let w = |e: std::io::Error| CliError::Io(format!("stdout: {e}"));
+    if json {
+        let text =
+            serde_json::to_string_pretty(&status).map_err(|e| CliError::Io(e.to_string()))?;
+        writeln!(out, "{text}").map_err(w)?;
+        return Ok(());
+    }
+    writeln!(out, "cluster {} ({} node(s))", cfg.name, status.nodes.len()).map_err(w)?;
+    writeln!(
+        out,
+        "{:<20} {:<22} {:<9} {:>8} {:>8}",
+        "NODE", "PORTAL", "STATE", "SESSIONS", "CLIENTS"
+    )
+    .map_err(w)?;
+    for n in &status.nodes {
+        let state = if n.draining { "draining" } else { "up" };
+        writeln!(
+            out,
+            "{:<20} {:<22} {:<9} {:>8} {:>8}",
+            n.id,
+            n.portal.to_string(),
+            state,
+            n.load,
+            n.clients
+        )
+        .map_err(w)?;
+    }
+    for d in &status.drained_absent {
+        writeln!(out, "{d:<20} {:<22} {:<9}", "-", "drained, not running").map_err(w)?;
+    }
+    if status.orphans > 0 {
+        writeln!(
+            out,
+            "warning: {} ownership key(s) name a node that is not live",
+            status.orphans
+        )
+        .map_err(w)?;
+    }
+    Ok(())
+}
+
+fn node_drain(path: &Path, node: Option<&str>, on: bool) -> Result<(), CliError> {
+    let cfg = cluster_config(path)?;
+    let node = node.unwrap_or(&cfg.node_id).to_string();
+    if !node
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || node.is_empty()
+    {
+        return Err(CliError::Io(format!("{node:?} is not a node id")));
+    }
+    let clients = small_runtime()?
+        .block_on(crate::cluster::etcd::set_drain(&cfg, &node, on))
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    if on {
+        println!("diskless: node {node} draining: no new clients; its {clients} client(s) move to other nodes at their next boot");
+    } else {
+        println!("diskless: node {node} takes new clients again ({clients} client(s) owned)");
+    }
     Ok(())
 }
 
@@ -715,6 +838,21 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         };
         let server = Server::new(Arc::new(registry), settings);
         let mut aux = tokio::task::JoinSet::new();
+        // In a cluster, register (in the background: etcd may be down now) before serving.
+        if let Some(c) = &config.cluster {
+            let cluster = crate::cluster::Cluster::new(c, bound.clone())
+                .await
+                .map_err(|e| CliError::Io(format!("cluster: {e}")))?;
+            server.set_cluster(cluster.clone());
+            cluster.spawn(&mut aux);
+            println!(
+                "diskless: cluster {} node {} (etcd {}), clients sent to {}",
+                c.name,
+                c.node_id,
+                c.etcd.join(","),
+                c.advertise.0
+            );
+        }
         if let Some((main, metrics, token)) = api_listeners {
             // The audit log lives in the state directory.
             std::fs::create_dir_all(&state_dir)
@@ -780,8 +918,12 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
         announce(&mut std::io::stdout().lock(), &bound)
             .map_err(|e| CliError::Io(format!("stdout: {e}")))?;
+        let cluster = server.cluster().cloned();
         let result = server.run(listeners, shutdown).await.map_err(|e| CliError::Io(e.to_string()));
         aux.abort_all();
+        if let Some(c) = cluster {
+            c.leave().await;
+        }
         result
     })
 }
@@ -831,6 +973,17 @@ pub fn write_summary(
         yes(p.allow_header_digest),
         yes(p.allow_data_digest)
     )?;
+    if let Some(c) = &config.cluster {
+        writeln!(
+            out,
+            "cluster: {} node {}, etcd {}, clients sent to {}, lease TTL {}s",
+            c.name,
+            c.node_id,
+            c.etcd.join(", "),
+            c.advertise.0,
+            c.lease_ttl
+        )?;
+    }
     let auth = |c: Option<&crate::login::ChapCredentials>| match c {
         None => "none".to_string(),
         Some(c) => match &c.mutual {

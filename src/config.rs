@@ -192,6 +192,9 @@ pub struct Config {
     /// The chunk cache for images served from object stores (`images[].s3`).
     #[serde(default)]
     pub chunk_cache: ChunkCacheConfig,
+    /// Several nodes placed through etcd (docs/scale-out.md). Absent: a single node.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -624,6 +627,99 @@ impl S3ImageConfig {
         }
         if self.retries > 20 {
             return Err(format!("retries {} must be at most 20", self.retries));
+        }
+        Ok(())
+    }
+}
+
+/// `cluster:` this node's place in a cluster registered in etcd (docs/scale-out.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name: the etcd key prefix is `/diskless/<name>/`.
+    pub name: String,
+    /// This node's id, unique in the cluster.
+    pub node_id: String,
+    /// etcd client endpoints (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// The iSCSI portal other nodes send this node's clients to (boot scripts, login
+    /// redirection): an address clients can reach, with its port.
+    pub advertise: Portal,
+    /// Lease time to live in seconds: a node that stops renewing its lease loses its
+    /// membership and its clients after this long.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+/// Characters allowed in cluster names and node ids (they become etcd key segments).
+fn is_key_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ClusterConfig {
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if !is_key_segment(&self.name) {
+            return Err(ConfigError::invalid(
+                file,
+                "cluster.name",
+                "must be 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !is_key_segment(&self.node_id) {
+            return Err(ConfigError::invalid(
+                file,
+                "cluster.node_id",
+                "must be 1-64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.etcd.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "cluster.etcd",
+                "no etcd endpoint given",
+            ));
+        }
+        for (i, e) in self.etcd.iter().enumerate() {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            let ok = rest.is_some_and(|r| {
+                let host_port = r.trim_end_matches('/');
+                !host_port.is_empty()
+                    && !host_port.contains('/')
+                    && host_port.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)
+                    })
+            });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("cluster.etcd[{i}]"),
+                    format!("{e:?} is not http://HOST:PORT (or https://)"),
+                ));
+            }
+        }
+        let a = self.advertise.0;
+        if a.ip().is_unspecified() || a.port() == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "cluster.advertise",
+                format!("{a} must be an address clients can reach, with its port (not 0.0.0.0 or port 0)"),
+            ));
+        }
+        if !(2..=300).contains(&self.lease_ttl) {
+            return Err(ConfigError::invalid(
+                file,
+                "cluster.lease_ttl",
+                format!("{} must be 2..300 seconds", self.lease_ttl),
+            ));
         }
         Ok(())
     }
@@ -1587,6 +1683,7 @@ impl Config {
             netboot: None,
             api: None,
             chunk_cache: ChunkCacheConfig::default(),
+            cluster: None,
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -1717,6 +1814,9 @@ impl Config {
             api.validate(file)?;
         }
         self.validate_images()?;
+        if let Some(c) = &self.cluster {
+            c.validate(file)?;
+        }
         if let Some(n) = &self.netboot {
             n.validate(file, self.boot_http.is_some())?;
         }
@@ -2067,6 +2167,31 @@ targets:
         assert!(ByteSize::parse("99999999999T").is_err());
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000 bytes");
+    }
+
+    #[test]
+    fn cluster_section() {
+        let with = |c: &str| parse(&format!("{ONE}cluster: {c}\n"));
+        let ok = with(
+            "{name: lab, node_id: node-a, etcd: [\"http://10.0.0.5:2379\"], advertise: \"10.0.1.11:3260\"}",
+        )
+        .unwrap();
+        let c = ok.cluster.unwrap();
+        assert_eq!((c.lease_ttl, c.advertise.0.port()), (10, 3260));
+        for (bad, path) in [
+            ("{name: \"a/b\", node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}", "cluster.name"),
+            ("{name: lab, node_id: \"\", etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}", "cluster.node_id"),
+            ("{name: lab, node_id: n, etcd: [], advertise: \"10.0.0.1:3260\"}", "cluster.etcd"),
+            ("{name: lab, node_id: n, etcd: [\"h:2379\"], advertise: \"10.0.0.1:3260\"}", "cluster.etcd[0]"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:0\"], advertise: \"10.0.0.1:3260\"}", "cluster.etcd[0]"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"0.0.0.0:3260\"}", "cluster.advertise"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:0\"}", "cluster.advertise"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", lease_ttl: 1}", "cluster.lease_ttl"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(path), "{bad}: {e}");
+        }
+        assert!(with("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", extra: 1}").is_err());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   login/CHAP (pure state machines), the SCSI block command set, block stores, LUN identity.
 //! - [`boot`]: boot emulation: bindings, per-client disks over overlays, the client lifecycle
 //!   ([`boot::lifecycle`], pure), the boot script endpoint.
+//! - [`cluster`]: several nodes placed through etcd (a pure placement core and an etcd
+//!   shell; imports only `config`).
 //! - [`registry`]: the targets built from the configuration (uses `boot`, never the reverse).
 //! - [`session`]: sessions and connections on tokio (the only layer that touches sockets);
 //!   turns `config::SettingsConfig` into its runtime settings.
@@ -16,6 +18,7 @@
 pub mod api;
 pub mod boot;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod identity;

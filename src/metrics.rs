@@ -159,6 +159,11 @@ struct TierLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClusterLabels {
+    what: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ImageLabels {
     image: String,
     path: String,
@@ -217,6 +222,7 @@ pub fn reject_reason_name(reason: u8) -> &'static str {
 pub fn login_outcome(class: u8, detail: u8) -> &'static str {
     match (class, detail) {
         (0, _) => "ok",
+        (1, _) => "redirected",
         (2, 1) => "auth_failure",
         (2, _) => "refused",
         _ => "error",
@@ -421,6 +427,20 @@ pub struct ScrapeState {
     pub object_versions: Vec<(String, crate::storage::s3::FetchStats)>,
     /// The node's chunk cache, if any image is in an object store.
     pub chunk_cache: Option<crate::storage::s3::CacheStats>,
+    /// The node's standing in its cluster, if it has a `cluster:` section.
+    pub cluster: Option<ClusterState>,
+}
+
+/// A cluster node's standing, as the scrape reports it (docs/scale-out.md).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterState {
+    /// The node's lease is surely alive now.
+    pub registered: bool,
+    /// Live nodes, this one included.
+    pub nodes: usize,
+    /// Clients this node owns.
+    pub clients: usize,
+    pub draining: bool,
 }
 
 /// Every metric of the server, and the event feed.
@@ -459,6 +479,7 @@ pub struct Metrics {
     cache_hits: Family<TierLabels, Counter>,
     cache_evictions: Family<TierLabels, Counter>,
     cache_misses: Counter,
+    cluster: Family<ClusterLabels, Gauge>,
     uptime: Gauge<f64, AtomicU64>,
     open_fds: Gauge,
     rss: Gauge,
@@ -689,6 +710,12 @@ impl Metrics {
             "Chunk reads that missed both tiers (then fetched from the object store)",
             cache_misses.clone(),
         );
+        let cluster = Family::<ClusterLabels, Gauge>::default();
+        r.register(
+            "diskless_cluster",
+            "This node in its cluster (only with a cluster section): registered (lease alive, 0/1), nodes (live), clients (owned here), draining (0/1)",
+            cluster.clone(),
+        );
         let uptime = Gauge::<f64, AtomicU64>::default();
         r.register_with_unit(
             "diskless_uptime",
@@ -756,6 +783,7 @@ impl Metrics {
             cache_hits,
             cache_evictions,
             cache_misses,
+            cluster,
             uptime,
             open_fds,
             rss,
@@ -1151,6 +1179,17 @@ impl Metrics {
                 .inc_by(st.checksum_errors);
             self.s3_read_errors.get_or_create(&l).inc_by(st.read_errors);
         }
+        if let Some(c) = &state.cluster {
+            let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            for (what, v) in [
+                ("registered", i64::from(c.registered)),
+                ("nodes", g(c.nodes)),
+                ("clients", g(c.clients)),
+                ("draining", i64::from(c.draining)),
+            ] {
+                self.cluster.get_or_create(&ClusterLabels { what }).set(v);
+            }
+        }
         if let Some(c) = &state.chunk_cache {
             let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             for (tier, bytes, limit, hits, evicted) in [
@@ -1343,6 +1382,12 @@ mod tests {
                 misses: 7,
                 ..Default::default()
             }),
+            cluster: Some(ClusterState {
+                registered: true,
+                nodes: 3,
+                clients: 12,
+                draining: false,
+            }),
         });
         for want in [
             "diskless_scsi_commands_total{target=\"iqn.x:t\",initiator=\"iqn.x:c1\",lun=\"0\",op=\"read\"} 2",
@@ -1353,6 +1398,9 @@ mod tests {
             "diskless_s3_chunk_fetches_total{version=\"b/golden/v1\"} 7",
             "diskless_chunk_cache_bytes{tier=\"memory\"} 4096",
             "diskless_chunk_cache_misses_total 7",
+            "diskless_cluster{what=\"nodes\"} 3",
+            "diskless_cluster{what=\"clients\"} 12",
+            "diskless_cluster{what=\"registered\"} 1",
             "diskless_connections_dropped_total{reason=\"nop_timeout\"} 1",
             "diskless_logins_total{outcome=\"auth_failure\",reason=\"authentication failure\"} 1",
             "diskless_logins_total{outcome=\"ok\",reason=\"success\"} 2",

@@ -126,6 +126,19 @@ pub fn scrape_state(server: &Server) -> ScrapeState {
             .map(|s| (s.key().to_string(), s.stats()))
             .collect(),
         chunk_cache: registry.chunk_cache().map(|c| c.stats()),
+        cluster: server.cluster().map(|c| {
+            let view = c.view();
+            crate::metrics::ClusterState {
+                registered: c.registered(),
+                nodes: view.nodes.len(),
+                clients: view
+                    .owners
+                    .values()
+                    .filter(|o| o.as_str() == c.node_id())
+                    .count(),
+                draining: view.is_draining(c.node_id()),
+            }
+        }),
     }
 }
 

@@ -184,6 +184,28 @@ pub fn ipxe_script(initiator: &str, portal: &str, target: &str) -> String {
     ScriptPlan::single(initiator, portal, target).render()
 }
 
+/// A script for a client no node can take now (cluster registry unreachable, no node
+/// left): say why, wait, and boot again from the start (DHCP, script), which asks again.
+pub fn ipxe_retry_script(reason: &str) -> String {
+    let reason: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    format!(
+        "#!ipxe\n\
+         echo diskless: this client cannot be placed now: {reason}\n\
+         echo diskless: retrying in 10 s\n\
+         sleep 10 || echo\n\
+         reboot || exit 1\n"
+    )
+}
+
 /// Query parameter `key` from a query string (values are plain: MAC and UUID need no
 /// percent-decoding beyond %3A for ':').
 fn query_param(query: &str, key: &str) -> Option<String> {
@@ -499,6 +521,18 @@ pub async fn serve_with_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_script_says_why_and_boots_again() {
+        let s = ipxe_retry_script("etcd down\nchain http://evil/");
+        assert!(s.starts_with("#!ipxe\n"));
+        // The reason stays on its echo line: no command can be smuggled in.
+        assert!(s.contains(
+            "echo diskless: this client cannot be placed now: etcd down?chain http://evil/\n"
+        ));
+        assert!(s.contains("sleep 10 || echo\nreboot || exit 1\n"));
+        assert_eq!(s.lines().count(), 5);
+    }
 
     #[test]
     fn script_and_query() {

@@ -483,6 +483,24 @@ impl LoginMachine {
     }
 }
 
+/// The Login Response that sends an initiator to another node (RFC 7143 §11.13.5: status
+/// 0x0101, target moved temporarily; §13.8: TargetAddress). The address always carries its
+/// port and never a portal group tag: iPXE mis-reads an address without a port, and edk2
+/// ignores one with `,tpgt`. T and C are 0 in a response with a non-zero class (§11.13.1).
+pub fn redirect_response(req: &LoginRequest, to: SocketAddr) -> Pdu {
+    // SocketAddr prints "a.b.c.d:port" or "[v6]:port" (§13.8: IPv6 in brackets).
+    let pairs = vec![("TargetAddress".to_string(), to.to_string())];
+    response(
+        req,
+        false,
+        false,
+        req.csg,
+        0,
+        status::TARGET_MOVED_TEMP,
+        Bytes::from(keys::format(&pairs)),
+    )
+}
+
 fn response(
     req: &LoginRequest,
     transit: bool,
@@ -508,5 +526,33 @@ fn response(
             ..LoginResponse::default()
         }),
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_names_address_and_port_without_tpgt() {
+        let req = LoginRequest {
+            transit: true,
+            csg: 0,
+            nsg: 1,
+            isid: [0x40, 0, 0x27, 0x23, 0, 7],
+            itt: 0x1234,
+            ..LoginRequest::default()
+        };
+        let pdu = redirect_response(&req, "127.0.0.1:3261".parse().unwrap());
+        let Bhs::LoginResponse(r) = &pdu.bhs else {
+            panic!("not a login response: {pdu:?}")
+        };
+        // §11.13.5: 0x0101 target moved temporarily; §11.13.1: T and C are 0 on failure.
+        assert_eq!((r.status_class, r.status_detail), (0x01, 0x01));
+        assert!(!r.transit && !r.cont);
+        assert_eq!((r.isid, r.itt, r.csg), (req.isid, req.itt, 0));
+        assert_eq!(&pdu.data[..], b"TargetAddress=127.0.0.1:3261\0");
+        let v6 = redirect_response(&req, "[fd00::5]:3260".parse().unwrap());
+        assert_eq!(&v6.data[..], b"TargetAddress=[fd00::5]:3260\0");
     }
 }

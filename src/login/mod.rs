@@ -8,7 +8,7 @@ pub mod machine;
 pub mod params;
 pub mod text;
 
-pub use machine::{LoginComplete, LoginKeys, LoginMachine, LoginOutcome};
+pub use machine::{redirect_response, LoginComplete, LoginKeys, LoginMachine, LoginOutcome};
 pub use params::{OurParams, SessionParams, SessionType};
 pub use text::{TextMachine, TextOutcome};
 
@@ -138,6 +138,7 @@ pub mod status {
     pub fn describe(st: (u8, u8)) -> &'static str {
         match st {
             SUCCESS => "success",
+            TARGET_MOVED_TEMP => "target moved temporarily",
             AUTH_FAILURE => "authentication failure",
             AUTHORIZATION_FAILURE => "authorization failure",
             NOT_FOUND => "target not found",

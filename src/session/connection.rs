@@ -132,6 +132,9 @@ async fn login(
     let deadline = Instant::now() + settings.login_timeout;
     let mut first = true;
     let mut who = super::LoginNames::default();
+    let mut discovery = false;
+    // Whether the cluster has placed this login (docs/scale-out.md); once per connection.
+    let mut placed = server.cluster().is_none();
     loop {
         let pdu = match tokio::time::timeout_at(
             deadline,
@@ -188,6 +191,56 @@ async fn login(
                 who.initiator = String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
             } else if let Some(v) = kv.strip_prefix(b"TargetName=") {
                 who.target = String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned();
+            } else if kv == b"SessionType=Discovery" {
+                discovery = true;
+            }
+        }
+        // In a cluster, a Normal session is placed as soon as its initiator is known: served
+        // here, redirected to the client's node (status 0x0101, §11.13.5), or refused when
+        // it cannot be placed safely (0x0301, service unavailable: try again later).
+        // Only an initiator the target admits is placed (so no ownership key is ever
+        // created for a name that could not log in); the machine refuses the others.
+        if !placed && !req.cont && !who.initiator.is_empty() {
+            placed = true;
+            let admitted = !discovery
+                && matches!(
+                    registry.lookup(&who.initiator, &who.target),
+                    crate::login::TargetLookup::Allowed(_)
+                );
+            if let (Some(cluster), true) = (server.cluster(), admitted) {
+                match cluster
+                    .admit(&who.initiator, crate::cluster::Why::Login)
+                    .await
+                {
+                    crate::cluster::Admission::Serve => {}
+                    crate::cluster::Admission::Redirect(to) => {
+                        info!(initiator = %who.initiator, %to, "login redirected to the client's node");
+                        server.metrics().login_failed(
+                            peer,
+                            &who.initiator,
+                            &who.target,
+                            status::TARGET_MOVED_TEMP,
+                        );
+                        let resp = crate::login::redirect_response(req, to);
+                        send_login(&mut stream, resp, &mut stat_sn, &window, deadline).await?;
+                        return Ok(None);
+                    }
+                    crate::cluster::Admission::Refuse(reason) => {
+                        warn!(initiator = %who.initiator, %reason, "login refused: cannot place the client");
+                        server
+                            .login_failed(peer, &who, status::SERVICE_UNAVAILABLE)
+                            .await;
+                        send_login(
+                            &mut stream,
+                            login_failure(req.itt, req.isid, status::SERVICE_UNAVAILABLE),
+                            &mut stat_sn,
+                            &window,
+                            deadline,
+                        )
+                        .await?;
+                        return Ok(None);
+                    }
+                }
             }
         }
         match machine.step(req, &pdu.data) {

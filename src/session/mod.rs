@@ -113,6 +113,8 @@ pub struct Server {
     sessions: SessionTable,
     shutdown: watch::Sender<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// This node's cluster membership (docs/scale-out.md); unset on a single node.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Server {
@@ -125,7 +127,34 @@ impl Server {
             sessions: SessionTable::default(),
             shutdown: watch::Sender::new(false),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Join a cluster: logins and boot scripts are placed through it from now on, and it
+    /// learns this node's open sessions (its load).
+    pub fn set_cluster(self: &Arc<Self>, cluster: Arc<crate::cluster::Cluster>) {
+        let weak = Arc::downgrade(self);
+        cluster.set_local_sessions(Arc::new(move || match weak.upgrade() {
+            Some(s) => s.normal_session_initiators(),
+            None => Vec::new(),
+        }));
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster this node belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The initiator of every open Normal session (one entry per session).
+    pub fn normal_session_initiators(&self) -> Vec<String> {
+        self.sessions
+            .all()
+            .into_iter()
+            .filter(|s| !s.target.is_empty())
+            .map(|s| s.initiator.clone())
+            .collect()
     }
 
     /// Counters, histograms and the operator's event feed (crate::metrics).
@@ -358,6 +387,41 @@ impl Server {
                 .chain(binding.disks.iter().map(|d| d.lun))
                 .collect();
             let (os, gateway) = (binding.os, binding.gateway);
+            // A cluster decides which node boots the client (docs/scale-out.md): another
+            // node's portal goes into the script, and nothing changes here.
+            if let Some(cluster) = self.cluster() {
+                let idle = !self
+                    .normal_session_initiators()
+                    .iter()
+                    .any(|i| i.eq_ignore_ascii_case(&initiator));
+                match cluster
+                    .admit(&initiator, crate::cluster::Why::Script { idle })
+                    .await
+                {
+                    crate::cluster::Admission::Serve => {}
+                    crate::cluster::Admission::Redirect(portal) => {
+                        info!(%initiator, %portal, "boot script: client placed on another node");
+                        let portal = portal.to_string();
+                        let clear_gateway = crate::boot::http::ScriptPlan::gateway_cleared(
+                            gateway, os, &query, &portal,
+                        );
+                        let plan = crate::boot::http::ScriptPlan {
+                            initiator,
+                            portal,
+                            target: boot.name.clone(),
+                            luns,
+                            os,
+                            clear_gateway,
+                            firmware: query.firmware,
+                        };
+                        return Some(plan.render());
+                    }
+                    crate::cluster::Admission::Refuse(r) => {
+                        warn!(%initiator, reason = %r, "boot script: client cannot be placed");
+                        return Some(crate::boot::http::ipxe_retry_script(&r.to_string()));
+                    }
+                }
+            }
             let decided = {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
                 tokio::task::spawn_blocking(move || {
@@ -384,7 +448,11 @@ impl Server {
                 // A host alone: the first portal's port (it follows `--listen`).
                 Some(h) if !h.contains(':') => format!("{h}:{port}"),
                 Some(p) => p,
-                None => std::net::SocketAddr::new(local.ip(), port).to_string(),
+                None => match self.cluster() {
+                    // A cluster node's own portal as the other nodes know it.
+                    Some(c) => c.advertise().to_string(),
+                    None => std::net::SocketAddr::new(local.ip(), port).to_string(),
+                },
             };
             let clear_gateway =
                 crate::boot::http::ScriptPlan::gateway_cleared(gateway, os, &query, &portal);

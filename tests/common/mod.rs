@@ -236,15 +236,29 @@ impl Server {
 
     /// [`Server::start`] with an explicit binary.
     pub fn start_with(bin: &Path, dir: &Path, cfg: &Config) -> Server {
+        Self::spawn(bin, dir, cfg, true)
+    }
+
+    /// Start on the portals the configuration names (no `--listen 127.0.0.1:0`): for
+    /// configurations that must know their own port (a cluster node's `advertise`).
+    pub fn start_on_config_portals(dir: &Path, cfg: &Config) -> Server {
+        let bin = std::env::var_os("DISKLESS_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
+        Self::spawn(&bin, dir, cfg, false)
+    }
+
+    fn spawn(bin: &Path, dir: &Path, cfg: &Config, listen_anywhere: bool) -> Server {
         let config_path = dir.join("targets.yaml");
         std::fs::write(&config_path, cfg.to_yaml()).unwrap();
         let stderr_path = dir.join("server.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--listen", "127.0.0.1:0"])
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg("-c").arg(&config_path);
+        if listen_anywhere {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

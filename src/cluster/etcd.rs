@@ -1,0 +1,601 @@
+//! The etcd shell of the cluster (docs/scale-out.md): this node's lease and record, the
+//! ownership keys, a watched copy of the cluster's keys, and the operator commands.
+//!
+//! Keys, under `/diskless/<cluster>/`:
+//! - `nodes/<id>`: the node's [`NodeRecord`] (JSON), bound to its lease.
+//! - `owners/<initiator>`: the id of the node that serves the client, bound to *that* node's
+//!   lease, created only if absent (a transaction comparing create_revision with 0).
+//! - `drain/<id>`: the operator's drain mark, without a lease.
+//!
+//! Every etcd request is bounded by a timeout; a node that cannot reach etcd keeps its open
+//! sessions and refuses what it cannot place safely ([`super::placement::decide`]).
+
+use super::placement::{
+    self, Change, Decision, Input, Keys, NodeId, NodeRecord, Refusal, View, Why,
+};
+use crate::config::ClusterConfig;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd: the lease of node {0} is gone")]
+    LeaseGone(NodeId),
+}
+
+/// What the session layer or the boot script endpoint does with a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Serve,
+    /// Send the client to this portal.
+    Redirect(SocketAddr),
+    Refuse(Refusal),
+}
+
+/// The initiator names of this node's open Normal sessions (given by the session layer).
+pub type LocalSessions = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    view: View,
+    lease: Option<i64>,
+    /// Until when the lease is surely alive at etcd.
+    valid_until: Option<Instant>,
+    /// The record as last written.
+    published: Option<NodeRecord>,
+    /// Whether the last request to etcd succeeded (for logs and status).
+    reachable: bool,
+}
+
+/// One node's membership in the cluster.
+pub struct Cluster {
+    keys: Keys,
+    me: NodeId,
+    advertise: SocketAddr,
+    portals: Vec<SocketAddr>,
+    ttl: Duration,
+    op_timeout: Duration,
+    client: Client,
+    state: Mutex<State>,
+    local: OnceLock<LocalSessions>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("prefix", &self.keys.prefix)
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-request timeout: long enough for a loaded etcd, short against the lease.
+fn op_timeout(ttl: Duration) -> Duration {
+    (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
+/// A client for the configured endpoints. Connections are made on first use: etcd may be
+/// down when this is called.
+pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+    let t = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(t)
+        .with_timeout(t)
+        .with_keep_alive(t, t);
+    Ok(Client::connect(&cfg.etcd, Some(opts)).await?)
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(ClusterError::from),
+        Err(_) => Err(ClusterError::Timeout(limit)),
+    }
+}
+
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("lease not found")
+}
+
+/// Every key under the cluster's prefix, as a view, and the revision it was read at.
+async fn list(client: &Client, keys: &Keys, limit: Duration) -> Result<(View, i64), ClusterError> {
+    let mut c = client.clone();
+    let resp = bounded(
+        limit,
+        c.get(keys.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let mut view = View::default();
+    for kv in resp.kvs() {
+        view.apply(
+            keys,
+            &Change::Put {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+            },
+        );
+    }
+    let rev = resp.header().map_or(0, |h| h.revision());
+    Ok((view, rev))
+}
+
+enum Claimed {
+    Done,
+    Taken(Option<NodeId>),
+}
+
+impl Cluster {
+    /// This node's membership; nothing is registered until [`Cluster::spawn`].
+    pub async fn new(
+        cfg: &ClusterConfig,
+        portals: Vec<SocketAddr>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = connect(cfg).await?;
+        let ttl = Duration::from_secs(cfg.lease_ttl);
+        Ok(Arc::new(Cluster {
+            keys: Keys::new(&cfg.name),
+            me: cfg.node_id.clone(),
+            advertise: cfg.advertise.0,
+            portals,
+            ttl,
+            op_timeout: op_timeout(ttl),
+            client,
+            state: Mutex::new(State::default()),
+            local: OnceLock::new(),
+        }))
+    }
+
+    /// Tell the cluster which sessions this node has open (load, and the clients it claims
+    /// back after losing its lease).
+    pub fn set_local_sessions(&self, f: LocalSessions) {
+        let _ = self.local.set(f);
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.me
+    }
+
+    pub fn advertise(&self) -> SocketAddr {
+        self.advertise
+    }
+
+    /// The last known view of the cluster.
+    pub fn view(&self) -> View {
+        self.lock().view.clone()
+    }
+
+    /// Whether this node's lease is surely alive now.
+    pub fn registered(&self) -> bool {
+        self.lock().valid_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data: keep using it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn local_sessions(&self) -> Vec<String> {
+        self.local.get().map(|f| f()).unwrap_or_default()
+    }
+
+    /// Start the lease keeper and the watcher.
+    pub fn spawn(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>) {
+        let me = self.clone();
+        tasks.spawn(async move { me.lease_loop().await });
+        let me = self.clone();
+        tasks.spawn(async move { me.watch_loop().await });
+    }
+
+    /// Where a client goes (placement::decide, carried out). Never waits longer than a few
+    /// etcd request timeouts.
+    pub async fn admit(&self, initiator: &str, why: Why) -> Admission {
+        let mut owner = self.read_owner(initiator).await;
+        let mut exclude: Vec<NodeId> = Vec::new();
+        for _ in 0..4 {
+            let decision = {
+                let st = self.lock();
+                placement::decide(&Input {
+                    me: &self.me,
+                    initiator,
+                    view: &st.view,
+                    owner: owner.clone(),
+                    now: Instant::now(),
+                    lease_valid_until: st.valid_until,
+                    exclude: &exclude,
+                    why,
+                })
+            };
+            match decision {
+                Decision::Serve => return Admission::Serve,
+                Decision::Redirect { portal, .. } => return Admission::Redirect(portal),
+                Decision::Refuse(r) => return Admission::Refuse(r),
+                Decision::Claim { node, lease } => {
+                    match self.claim(initiator, &node, lease).await {
+                        Ok(Claimed::Done) => {
+                            info!(initiator, node = %node, "client placed");
+                            self.lock()
+                                .view
+                                .owners
+                                .insert(initiator.to_string(), node.clone());
+                            owner = Some(Some(node));
+                        }
+                        Ok(Claimed::Taken(o)) => owner = Some(o),
+                        Err(ClusterError::LeaseGone(n)) => {
+                            exclude.push(n);
+                            owner = Some(None);
+                        }
+                        Err(e) => {
+                            warn!(initiator, error = %e, "cannot claim the client");
+                            owner = None;
+                        }
+                    }
+                }
+                Decision::Release => match self.release(initiator).await {
+                    Ok(()) => {
+                        info!(initiator, "draining: client handed over at its new boot");
+                        self.lock().view.owners.remove(initiator);
+                        owner = Some(None);
+                    }
+                    Err(e) => {
+                        warn!(initiator, error = %e, "draining: cannot hand the client over; it stays");
+                        return Admission::Serve;
+                    }
+                },
+            }
+        }
+        Admission::Refuse(Refusal::NoNode)
+    }
+
+    /// The owner as etcd says now; None when etcd cannot be read.
+    async fn read_owner(&self, initiator: &str) -> Option<Option<NodeId>> {
+        let mut c = self.client.clone();
+        match bounded(self.op_timeout, c.get(self.keys.owner(initiator), None)).await {
+            Ok(resp) => Some(
+                resp.kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            ),
+            Err(e) => {
+                warn!(initiator, error = %e, "cannot read the client's owner from etcd");
+                self.lock().reachable = false;
+                None
+            }
+        }
+    }
+
+    /// Create the client's ownership key for `node` on `lease`, only if absent.
+    async fn claim(
+        &self,
+        initiator: &str,
+        node: &str,
+        lease: i64,
+    ) -> Result<Claimed, ClusterError> {
+        let key = self.keys.owner(initiator);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let mut c = self.client.clone();
+        let resp = match bounded(self.op_timeout, c.txn(txn)).await {
+            Ok(r) => r,
+            Err(ClusterError::Etcd(e)) if lease_gone(&e) => {
+                return Err(ClusterError::LeaseGone(node.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
+        if resp.succeeded() {
+            return Ok(Claimed::Done);
+        }
+        let owner = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        Ok(Claimed::Taken(owner))
+    }
+
+    /// Delete the client's ownership key if this node still owns it.
+    async fn release(&self, initiator: &str) -> Result<(), ClusterError> {
+        let key = self.keys.owner(initiator);
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.as_str(),
+                CompareOp::Equal,
+                self.me.as_str(),
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let mut c = self.client.clone();
+        bounded(self.op_timeout, c.txn(txn)).await.map(|_| ())
+    }
+
+    /// This node's record as it should be now.
+    fn record(&self, lease: i64) -> NodeRecord {
+        let load = self.local_sessions().len() as u64;
+        let draining = self.lock().view.drained.contains(&self.me);
+        NodeRecord {
+            portal: self.advertise,
+            portals: self.portals.clone(),
+            load,
+            draining,
+            lease,
+        }
+    }
+
+    /// Grant a lease, write the record, and claim back the clients this node serves.
+    async fn register(&self) -> Result<(), ClusterError> {
+        let mut c = self.client.clone();
+        let sent = Instant::now();
+        let grant = bounded(
+            self.op_timeout,
+            c.lease_grant(self.ttl.as_secs() as i64, None),
+        )
+        .await?;
+        let lease = grant.id();
+        let rec = self.record(lease);
+        let value = serde_json::to_vec(&rec).unwrap_or_default();
+        bounded(
+            self.op_timeout,
+            c.put(
+                self.keys.node(&self.me),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        {
+            let mut st = self.lock();
+            st.lease = Some(lease);
+            st.valid_until = Some(sent + Duration::from_secs(grant.ttl().max(0) as u64));
+            st.published = Some(rec.clone());
+            st.reachable = true;
+            st.view.nodes.insert(self.me.clone(), rec);
+        }
+        info!(node = %self.me, lease = format!("{lease:x}"), ttl = grant.ttl(), "registered in the cluster");
+        // Open sessions here whose ownership went with an expired lease: claim them back
+        // (only if nobody took them meanwhile; if someone did, the session stays open and
+        // the client's next boot goes to the new owner).
+        let mut local = self.local_sessions();
+        local.sort();
+        local.dedup();
+        for who in local {
+            match self.claim(&who, &self.me, lease).await {
+                Ok(Claimed::Done) => info!(initiator = %who, "claimed back an open client"),
+                Ok(Claimed::Taken(Some(o))) if o == self.me => {}
+                Ok(Claimed::Taken(o)) => warn!(
+                    initiator = %who,
+                    owner = o.as_deref().unwrap_or("?"),
+                    "a client with a session open here is owned by another node now; its next boot goes there"
+                ),
+                Err(e) => warn!(initiator = %who, error = %e, "cannot claim back an open client"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the record again if the load or the drain mark changed.
+    async fn publish(&self, lease: i64) -> Result<(), ClusterError> {
+        let rec = self.record(lease);
+        if self.lock().published.as_ref() == Some(&rec) {
+            return Ok(());
+        }
+        let value = serde_json::to_vec(&rec).unwrap_or_default();
+        let mut c = self.client.clone();
+        bounded(
+            self.op_timeout,
+            c.put(
+                self.keys.node(&self.me),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        if rec.draining && !self.lock().published.as_ref().is_some_and(|p| p.draining) {
+            info!(node = %self.me, "draining: no new clients; clients move at their next boot");
+        }
+        self.lock().published = Some(rec);
+        Ok(())
+    }
+
+    fn forget_lease(&self) {
+        let mut st = self.lock();
+        st.lease = None;
+        st.valid_until = None;
+        st.published = None;
+    }
+
+    /// Keep the lease alive (a keep-alive every TTL/4); register again when it is lost.
+    async fn lease_loop(self: Arc<Self>) {
+        let tick = (self.ttl / 4).max(Duration::from_millis(200));
+        let mut keeper = None;
+        let mut down_logged = false;
+        loop {
+            let lease = self.lock().lease;
+            let result = match lease {
+                None => self.register().await,
+                Some(id) => self.keep_alive(id, &mut keeper).await,
+            };
+            let now_lease = self.lock().lease;
+            let result = match (result, now_lease) {
+                (Ok(()), Some(id)) => self.publish(id).await,
+                (r, _) => r,
+            };
+            match result {
+                Ok(()) => {
+                    if down_logged {
+                        info!("etcd reachable again");
+                        down_logged = false;
+                    }
+                    self.lock().reachable = true;
+                }
+                Err(ClusterError::Etcd(e)) if lease_gone(&e) => {
+                    // etcd answers, but has dropped the lease (and every key bound to it):
+                    // this node was cut off or paused past its TTL.
+                    keeper = None;
+                    warn!(node = %self.me, "lease expired at etcd: registering again");
+                    self.forget_lease();
+                }
+                Err(e) => {
+                    keeper = None;
+                    self.lock().reachable = false;
+                    if !down_logged {
+                        warn!(error = %e, "etcd unreachable: open sessions go on; new clients are refused once the lease may have run out");
+                        down_logged = true;
+                    }
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    async fn keep_alive(
+        &self,
+        id: i64,
+        keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ) -> Result<(), ClusterError> {
+        if keeper.is_none() {
+            let mut c = self.client.clone();
+            *keeper = Some(bounded(self.op_timeout, c.lease_keep_alive(id)).await?);
+        }
+        let Some((k, s)) = keeper.as_mut() else {
+            return Ok(());
+        };
+        let sent = Instant::now();
+        let resp = match tokio::time::timeout(self.op_timeout, async {
+            k.keep_alive().await?;
+            s.message().await
+        })
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(ClusterError::Timeout(self.op_timeout)),
+        };
+        match resp {
+            Some(r) if r.ttl() > 0 => {
+                self.lock().valid_until = Some(sent + Duration::from_secs(r.ttl() as u64));
+                Ok(())
+            }
+            Some(_) => {
+                // TTL 0: etcd has dropped the lease, and every key bound to it.
+                warn!(node = %self.me, "lease expired at etcd: registering again");
+                self.forget_lease();
+                *keeper = None;
+                Ok(())
+            }
+            None => {
+                *keeper = None;
+                Err(ClusterError::Etcd(etcd_client::Error::LeaseKeepAliveError(
+                    "keep-alive stream closed".into(),
+                )))
+            }
+        }
+    }
+
+    /// Keep `view` a copy of the cluster's keys: list, then watch from the next revision;
+    /// list again after any error.
+    async fn watch_loop(self: Arc<Self>) {
+        let backoff = (self.ttl / 4).max(Duration::from_millis(200));
+        loop {
+            let (view, rev) = match list(&self.client, &self.keys, self.op_timeout).await {
+                Ok(v) => v,
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            self.lock().view = view;
+            let mut c = self.client.clone();
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1);
+            let mut stream = match bounded(
+                self.op_timeout,
+                c.watch(self.keys.prefix.as_str(), Some(opts)),
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled() {
+                    break;
+                }
+                let mut st = self.lock();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let change = match ev.event_type() {
+                        EventType::Put => Change::Put {
+                            key,
+                            value: kv.value().to_vec(),
+                        },
+                        EventType::Delete => Change::Delete { key },
+                    };
+                    st.view.apply(&self.keys, &change);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Leave the cluster at a clean shutdown: revoking the lease deletes the record and the
+    /// ownership keys at once, so clients move without waiting for the TTL.
+    pub async fn leave(&self) {
+        let lease = self.lock().lease.take();
+        if let Some(id) = lease {
+            let mut c = self.client.clone();
+            match bounded(self.op_timeout, c.lease_revoke(id)).await {
+                Ok(_) => info!(node = %self.me, "left the cluster"),
+                Err(e) => warn!(error = %e, "could not revoke the lease; it runs out by itself"),
+            }
+        }
+    }
+}
+
+/// `diskless cluster status`: the cluster's keys, read once.
+pub async fn read_status(cfg: &ClusterConfig) -> Result<placement::Status, ClusterError> {
+    let client = connect(cfg).await?;
+    let (view, _) = list(
+        &client,
+        &Keys::new(&cfg.name),
+        op_timeout(Duration::from_secs(cfg.lease_ttl)),
+    )
+    .await?;
+    Ok(placement::status(&view))
+}
+
+/// `diskless node drain [--undo]`: set or clear a node's drain mark. Returns how many
+/// clients the node owns (they move at their next boot).
+pub async fn set_drain(cfg: &ClusterConfig, node: &str, on: bool) -> Result<usize, ClusterError> {
+    let mut client = connect(cfg).await?;
+    let keys = Keys::new(&cfg.name);
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    if on {
+        bounded(limit, client.put(keys.drain(node), "", None)).await?;
+    } else {
+        bounded(limit, client.delete(keys.drain(node), None)).await?;
+    }
+    let (view, _) = list(&client, &keys, limit).await?;
+    Ok(view.owners.values().filter(|o| o.as_str() == node).count())
+}

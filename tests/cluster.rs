@@ -1,0 +1,733 @@
+//! A cluster of diskless nodes placed through a real etcd (Debian's etcd-server), all on
+//! 127.0.0.1 with ports of their own (docs/scale-out.md):
+//!
+//! - `placement_redirect_failover_drain`: three nodes; clients fetch their boot script from
+//!   one node and are spread over all three; a login to the wrong node is redirected
+//!   (status 0x0101, `TargetAddress=127.0.0.1:PORT`, no `,tpgt`) and libiscsi's iscsi-inq
+//!   follows it; a node killed with SIGKILL loses its clients after its lease TTL and their
+//!   next boots land on the others, whose sessions never notice; no node ever serves a client
+//!   another node owns; `diskless node drain` sends new boots elsewhere and hands a client
+//!   over at its next boot; `diskless cluster status` shows all of it.
+//! - `etcd_loss_keeps_sessions_refuses_new_logins`: etcd killed: open sessions go on reading
+//!   and writing, new logins are refused with status 0x0301 (service unavailable) once the
+//!   node's lease may have run out; etcd back: logins are placed again.
+//!
+//! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
+
+mod common;
+#[path = "common/http.rs"]
+mod http;
+#[path = "common/raw.rs"]
+mod raw;
+
+use common::{Config, Server};
+use raw::Client;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "iqn.2026-11.org.diskless:boot";
+const CLUSTER: &str = "t";
+const GOLDEN_SIZE: usize = 4 << 20;
+/// Lease TTL of the nodes: short, so that a failure shows within seconds.
+const TTL: u64 = 2;
+/// Longest wait for any condition.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+// ---------------------------------------------------------------------------------------------
+
+/// A single-member etcd on 127.0.0.1 (RECIPES §7), stopped by its PID when dropped.
+struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Etcd {
+        common::require("etcd", "etcd-server");
+        common::require("etcdctl", "etcd-client");
+        let mut e = Etcd {
+            child: None,
+            dir: dir.to_path_buf(),
+            client: free_port(),
+            peer: free_port(),
+        };
+        e.spawn();
+        e
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    /// Start (again, on the same data directory and ports) and wait until it answers.
+    fn spawn(&mut self) {
+        let (c, p) = (self.client, self.peer);
+        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "n1", "--data-dir"])
+            .arg(self.dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{c}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{c}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{p}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{p}"),
+                "--initial-cluster",
+                &format!("n1=http://127.0.0.1:{p}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("cannot start etcd");
+        self.child = Some(child);
+        wait_for("etcd to answer", || {
+            self.ctl(&["endpoint", "health"]).then_some(())
+        });
+    }
+
+    /// `etcdctl ARGS`: whether it succeeded.
+    fn ctl(&self, args: &[&str]) -> bool {
+        self.ctl_out(args).is_some()
+    }
+
+    fn ctl_out(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(), "--command-timeout=2s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Initiator → owner node, as etcd has it now.
+    fn owners(&self) -> BTreeMap<String, String> {
+        let prefix = format!("/diskless/{CLUSTER}/owners/");
+        let text = self
+            .ctl_out(&["get", "--prefix", &prefix])
+            .expect("etcdctl get owners");
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(2)
+            .filter_map(|kv| match kv {
+                [k, v] => Some((k.strip_prefix(&prefix)?.to_string(), v.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------------------------
+
+struct Node {
+    id: String,
+    dir: PathBuf,
+    iscsi: u16,
+    http: u16,
+    server: Option<Server>,
+}
+
+impl Node {
+    fn start(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (iscsi, http) = (free_port(), free_port());
+        let yaml = format!(
+            "portals: [\"127.0.0.1:{iscsi}\"]\n\
+             state_dir: {state}\n\
+             settings: {{nop_in_interval_secs: 0}}\n\
+             images:\n  - {{name: base, path: {img}}}\n\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n\
+             boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
+             api: {{listen: \"127.0.0.1:0\"}}\n\
+             cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
+            state = dir.join("state").display(),
+            img = golden.display(),
+            ep = etcd.endpoint(),
+        );
+        let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
+        assert_eq!(server.port, iscsi);
+        Node {
+            id: id.to_string(),
+            dir,
+            iscsi,
+            http,
+            server: Some(server),
+        }
+    }
+
+    /// `/metrics` of the node's API.
+    fn metrics(&self) -> String {
+        let api = self.server.as_ref().unwrap().api_url();
+        let r = http::request(&api, "GET", "/metrics", &[], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("targets.yaml")
+    }
+
+    fn stderr(&self) -> String {
+        self.server.as_ref().map(|s| s.stderr()).unwrap_or_default()
+    }
+
+    /// The boot script for the client with this MAC: (initiator, iSCSI port it names).
+    fn script(&self, mac: &str) -> (String, u16) {
+        let r = http::request(
+            &format!("http://127.0.0.1:{}/", self.http),
+            "GET",
+            &format!("/boot.ipxe?mac={mac}"),
+            &[],
+            None,
+        );
+        assert_eq!(
+            r.status, 200,
+            "script for {mac} from {}: {}",
+            self.id, r.body
+        );
+        let initiator = r
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("set initiator-iqn "))
+            .unwrap_or_else(|| panic!("no initiator in {}", r.body))
+            .to_string();
+        let port = r
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("sanboot iscsi:127.0.0.1::"))
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no sanboot portal in {}", r.body));
+        (initiator, port)
+    }
+
+    /// Initiators of the Normal sessions open on the node (`diskless sessions`).
+    fn sessions(&self) -> Vec<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+            .args(["sessions", "--control"])
+            .arg(self.dir.join("state/control.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "diskless sessions: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 4 && !f[3].is_empty()).then(|| f[1].to_string())
+            })
+            .collect()
+    }
+}
+
+/// `diskless ARGS -c CONFIG`: stdout, and whether it succeeded.
+fn cli(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `diskless cluster status --json`: node id → (draining, sessions, clients).
+fn status(config: &Path) -> Option<BTreeMap<String, (bool, u64, u64)>> {
+    let (ok, out) = cli(config, &["cluster", "status", "--json"]);
+    if !ok {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n["id"].as_str()?.to_string(),
+                    (
+                        n["draining"].as_bool()?,
+                        n["load"].as_u64()?,
+                        n["clients"].as_u64()?,
+                    ),
+                ))
+            })
+            .collect(),
+    )
+}
+
+fn mac(i: u8) -> String {
+    format!("52:54:00:00:01:{i:02x}")
+}
+
+/// Log in as `who` on `port`; the open session.
+fn login(port: u16, who: &str) -> Client {
+    let mut c = Client::connect(port);
+    c.login(who, TARGET)
+        .unwrap_or_else(|e| panic!("login of {who} on port {port} refused: {e:?}"));
+    c
+}
+
+/// The first Login Response to a Normal login of `who` on `port`: (status, keys).
+fn first_answer(port: u16, who: &str) -> ((u8, u8), Vec<(String, String)>) {
+    let mut c = Client::connect(port);
+    let mut pairs = vec![
+        ("InitiatorName", who),
+        ("TargetName", TARGET),
+        ("SessionType", "Normal"),
+    ];
+    pairs.extend_from_slice(raw::DEFAULT_KEYS);
+    c.login_request(1, 3, true, false, raw::keys_text(&pairs))
+        .unwrap();
+    let (r, data) = c.login_response(raw::ANSWER);
+    ((r.status_class, r.status_detail), raw::parse_keys(&data))
+}
+
+fn marker(i: u8) -> Vec<u8> {
+    vec![i; 512]
+}
+
+/// No node serves a client whose ownership key names another node.
+fn check_no_split_brain(etcd: &Etcd, nodes: &[&Node]) {
+    let owners = etcd.owners();
+    for n in nodes {
+        for who in n.sessions() {
+            let owner = owners.get(&who).map(String::as_str);
+            assert_eq!(
+                owner,
+                Some(n.id.as_str()),
+                "{who} has a session on {} but its owner is {owner:?}",
+                n.id
+            );
+        }
+    }
+}
+
+#[test]
+fn placement_redirect_failover_drain() {
+    common::require_tool("iscsi-inq");
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 5)).unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
+    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
+    let mut n3 = Node::start(tmp.path(), "n3", &etcd, &golden);
+    wait_for("three nodes in cluster status", || {
+        status(&n1.config()).filter(|s| s.len() == 3)
+    });
+    let by_port: BTreeMap<u16, &str> = [(n1.iscsi, "n1"), (n2.iscsi, "n2"), (n3.iscsi, "n3")]
+        .into_iter()
+        .collect();
+
+    // Nine clients, every script fetched from n1 (one URL in the DHCP answer): spread 3/3/3,
+    // each logs in where its script says and writes a marker.
+    let mut clients: Vec<(String, u16, Client)> = Vec::new();
+    let mut script_time = Duration::ZERO;
+    for i in 0..9u8 {
+        let t = Instant::now();
+        let (who, port) = n1.script(&mac(i));
+        script_time += t.elapsed();
+        let mut c = login(port, &who);
+        c.write10(100, &marker(i));
+        clients.push((who, port, c));
+    }
+    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, port, _) in &clients {
+        *per_node.entry(by_port[port]).or_default() += 1;
+    }
+    assert_eq!(
+        per_node,
+        [("n1", 3), ("n2", 3), ("n3", 3)].into_iter().collect(),
+        "clients spread over the nodes"
+    );
+    let s = wait_for("status showing 3 clients and 3 sessions per node", || {
+        status(&n1.config()).filter(|s| {
+            s.values()
+                .all(|&(_, load, clients)| load == 3 && clients == 3)
+        })
+    });
+    assert!(s.values().all(|&(d, _, _)| !d));
+    check_no_split_brain(&etcd, &[&n1, &n2, &n3]);
+
+    // Racing placements: the same new clients' scripts fetched from all three nodes at once
+    // must all name one node (the ownership key is created only if absent).
+    for i in 40..46u8 {
+        let answers: Vec<(String, u16)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = [&n1, &n2, &n3]
+                .into_iter()
+                .flat_map(|n| [n, n])
+                .map(|n| sc.spawn(move || n.script(&mac(i))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let ports: BTreeSet<u16> = answers.iter().map(|a| a.1).collect();
+        assert_eq!(
+            ports.len(),
+            1,
+            "client {i} placed on several nodes at once: {answers:?}"
+        );
+    }
+
+    // Sticky: the same client's script from another node names the same portal.
+    let (who0, port0, _) = &clients[0];
+    let (_, again) = n2.script(&mac(0));
+    assert_eq!(again, *port0, "a placed client stays on its node");
+
+    // A login on the wrong node: redirected to the owner's portal, with the port and
+    // without a portal group tag (RFC 7143 §11.13.5, §13.8).
+    let wrong = if *port0 == n2.iscsi {
+        n3.iscsi
+    } else {
+        n2.iscsi
+    };
+    let (st, keys) = first_answer(wrong, who0);
+    assert_eq!(st, (1, 1), "status target moved temporarily");
+    assert_eq!(
+        keys,
+        vec![("TargetAddress".to_string(), format!("127.0.0.1:{port0}"))]
+    );
+    // libiscsi follows it: a client placed (script) but not yet logged in, sent to a node
+    // that is not its own.
+    let (late, late_port) = n1.script(&mac(20));
+    let wrong = if late_port == n1.iscsi {
+        n2.iscsi
+    } else {
+        n1.iscsi
+    };
+    let out = common::run(
+        "iscsi-inq",
+        &[
+            "-i",
+            &late,
+            &format!("iscsi://127.0.0.1:{wrong}/{TARGET}/0"),
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("DISKLESS"),
+        "iscsi-inq through a redirect: {}",
+        out.all()
+    );
+    assert!(
+        [&n1, &n2, &n3]
+            .iter()
+            .find(|n| n.iscsi == wrong)
+            .unwrap()
+            .stderr()
+            .contains("login redirected"),
+        "the wrong node logged the redirection"
+    );
+
+    // Each node's /metrics: registered, three nodes; the wrong node counted a redirection.
+    wait_for("n1's metrics showing three live nodes", || {
+        let m = n1.metrics();
+        (m.contains("diskless_cluster{what=\"registered\"} 1")
+            && m.contains("diskless_cluster{what=\"nodes\"} 3"))
+        .then_some(())
+    });
+    let wrong_node = [&n1, &n2, &n3]
+        .into_iter()
+        .find(|n| n.iscsi == wrong)
+        .unwrap();
+    assert!(
+        wrong_node
+            .metrics()
+            .contains("diskless_logins_total{outcome=\"redirected\""),
+        "{}",
+        wrong_node.metrics()
+    );
+
+    // Kill -9 n3: after its lease TTL its clients are nobody's; their next boots land on
+    // n1 and n2, whose sessions go on untouched.
+    let lost: Vec<usize> = (0..clients.len())
+        .filter(|&i| clients[i].1 == n3.iscsi)
+        .collect();
+    let t0 = Instant::now();
+    n3.server.take().unwrap().kill9();
+    wait_for(
+        "n3's lease to run out (membership and ownership gone)",
+        || {
+            let s = status(&n1.config())?;
+            let owners = etcd.owners();
+            (!s.contains_key("n3") && !owners.values().any(|o| o == "n3")).then_some(())
+        },
+    );
+    let gone_after = t0.elapsed();
+    eprintln!(
+        "measured: boot script with placement (claim in etcd) {:?} on average; a killed node's clients free after {gone_after:?} (TTL {TTL} s)",
+        script_time / 9
+    );
+    assert!(
+        gone_after < Duration::from_secs(TTL * 4),
+        "the lease of a dead node ran out in {gone_after:?} (TTL {TTL} s)"
+    );
+    for &i in &lost {
+        let (who, port) = n1.script(&mac(i as u8));
+        assert_eq!(who, clients[i].0);
+        assert!(
+            port == n1.iscsi || port == n2.iscsi,
+            "{who} re-placed on {port}"
+        );
+        let mut c = login(port, &who);
+        // A volatile disk on a new node: the golden image, no marker.
+        assert_ne!(c.read10(100, 1), marker(i as u8));
+        c.write10(100, &marker(i as u8));
+        clients[i] = (who, port, c);
+    }
+    for (i, (who, port, c)) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.read10(100, 1),
+            marker(i as u8),
+            "{who} on {port} lost its data"
+        );
+    }
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+
+    // Drain n2: new boots go to n1 only; n2 still serves its running clients; a client of
+    // n2 is handed over at its next boot.
+    let (ok, out) = cli(&n1.config(), &["node", "drain", "n2"]);
+    assert!(ok, "node drain: {out}");
+    assert!(out.contains("draining"), "{out}");
+    wait_for("n2 shown draining", || {
+        status(&n1.config()).filter(|s| s.get("n2").is_some_and(|n| n.0))
+    });
+    let (_, text) = cli(&n1.config(), &["cluster", "status"]);
+    assert!(text.contains("n2") && text.contains("draining"), "{text}");
+    for i in 30..33u8 {
+        let (_, port) = n2.script(&mac(i));
+        assert_eq!(
+            port, n1.iscsi,
+            "a new client is not placed on a draining node"
+        );
+    }
+    let on_n2: Vec<usize> = (0..clients.len())
+        .filter(|&i| clients[i].1 == n2.iscsi)
+        .collect();
+    assert!(on_n2.len() >= 2, "n2 serves {on_n2:?}");
+    // A running client of n2 keeps its node (its boot script fetch with a session open is not
+    // a new boot it could move at).
+    let keep = on_n2[0];
+    let (_, port) = n2.script(&mac(keep as u8));
+    assert_eq!(port, n2.iscsi);
+    assert_eq!(clients[keep].2.read10(100, 1), marker(keep as u8));
+    // Another one reboots: its session ends, its next script moves it to n1.
+    let moving = on_n2[1];
+    let who = clients[moving].0.clone();
+    drop(clients.remove(moving));
+    wait_for("the rebooting client's session gone from n2", || {
+        (!n2.sessions().contains(&who)).then_some(())
+    });
+    let (_, port) = n2.script(&mac(moving as u8));
+    assert_eq!(
+        port, n1.iscsi,
+        "a drained node hands a client over at its next boot"
+    );
+    let _c = login(port, &who);
+    assert_eq!(etcd.owners().get(&who).map(String::as_str), Some("n1"));
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+    let owned: BTreeSet<String> = etcd.owners().into_values().collect();
+    assert!(!owned.contains("n3"));
+
+    // Undo: n2 takes new clients again.
+    let (ok, out) = cli(&n1.config(), &["node", "drain", "n2", "--undo"]);
+    assert!(ok, "{out}");
+    wait_for("n2 not draining", || {
+        status(&n1.config()).filter(|s| s.get("n2").is_some_and(|n| !n.0))
+    });
+}
+
+#[test]
+fn etcd_loss_keeps_sessions_refuses_new_logins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 6)).unwrap();
+    let mut etcd = Etcd::start(tmp.path());
+    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
+    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
+    wait_for("two nodes in cluster status", || {
+        status(&n1.config()).filter(|s| s.len() == 2)
+    });
+    // A running client on n1.
+    let (who, port) = n1.script(&mac(1));
+    assert_eq!(port, n1.iscsi);
+    let mut running = login(port, &who);
+    running.write10(7, &marker(1));
+    // Two more placed, not logged in: the second lands on n1 too (1 client each, then n1).
+    let (_, p2) = n1.script(&mac(2));
+    assert_eq!(p2, n2.iscsi);
+    let (idle, p3) = n1.script(&mac(3));
+    assert_eq!(p3, n1.iscsi);
+
+    etcd.kill9();
+    // A client etcd never saw: refused at once, with a clear status.
+    let (st, _) = first_answer(n1.iscsi, "iqn.2026-11.test:never-seen");
+    assert_eq!(st, (3, 1), "service unavailable while etcd is unreachable");
+    assert!(n1
+        .stderr()
+        .contains("login refused: cannot place the client"));
+    // Once the lease may have run out at etcd, even a client n1 owns is not served from a
+    // new login (another node may own it by then) ...
+    wait_for("n1 to refuse a new login of a client it owns", || {
+        (first_answer(n1.iscsi, &idle).0 == (3, 1)).then_some(())
+    });
+    // ... but its open session goes on reading and writing.
+    assert_eq!(running.read10(7, 1), marker(1));
+    running.write10(8, &marker(2));
+    assert_eq!(running.read10(8, 1), marker(2));
+    assert!(n1.stderr().contains("etcd unreachable"));
+
+    // etcd back (same data): the nodes renew or re-register and place logins again.
+    etcd.spawn();
+    wait_for("a new client placed again", || {
+        let (st, keys) = first_answer(n2.iscsi, "iqn.2026-11.test:after");
+        match st {
+            (0, 0) => Some(()),
+            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
+            _ => None,
+        }
+    });
+    assert_eq!(running.read10(8, 1), marker(2));
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a server this test started and has not reaped.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn paused_node_loses_its_lease_without_split_brain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 7)).unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
+    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
+    wait_for("two nodes in cluster status", || {
+        status(&n2.config()).filter(|s| s.len() == 2)
+    });
+    // A on n1 with a session open; B placed on n1 (n1, n2, n1), not booted yet.
+    let (a, pa) = n2.script(&mac(1));
+    assert_eq!(pa, n1.iscsi);
+    let mut running = login(pa, &a);
+    running.write10(9, &marker(9));
+    let (_, p2) = n2.script(&mac(2));
+    assert_eq!(p2, n2.iscsi);
+    let (b, pb) = n2.script(&mac(3));
+    assert_eq!(pb, n1.iscsi);
+
+    // SIGSTOP n1 past its TTL: its lease runs out, its clients are nobody's.
+    let pid = n1.server.as_ref().unwrap().pid();
+    signal(pid, libc::SIGSTOP);
+    let resumed = std::cell::Cell::new(false);
+    let _cont = Guard(|| {
+        if !resumed.get() {
+            signal(pid, libc::SIGCONT)
+        }
+    });
+    wait_for("the paused node's lease to run out", || {
+        let s = status(&n2.config())?;
+        let owners = etcd.owners();
+        (!s.contains_key("n1") && !owners.values().any(|o| o == "n1")).then_some(())
+    });
+    // B boots meanwhile: it lands on n2.
+    let (_, pb) = n2.script(&mac(3));
+    assert_eq!(pb, n2.iscsi);
+    let _b = login(pb, &b);
+
+    // n1 continues: it registers again and claims back A (its session is open there and
+    // nobody took it); B stays with n2.
+    signal(pid, libc::SIGCONT);
+    resumed.set(true);
+    wait_for("n1 back, owning its running client again", || {
+        let s = status(&n2.config())?;
+        let owners = etcd.owners();
+        (s.contains_key("n1") && owners.get(&a).map(String::as_str) == Some("n1")).then_some(())
+    });
+    assert_eq!(etcd.owners().get(&b).map(String::as_str), Some("n2"));
+    let log = n1.stderr();
+    assert!(
+        log.contains("lease expired at etcd: registering again")
+            && log.contains("claimed back an open client"),
+        "{log}"
+    );
+    assert_eq!(
+        running.read10(9, 1),
+        marker(9),
+        "the paused node's session goes on"
+    );
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+}
+
+/// Runs a closure when dropped (a paused process must not outlive a failed test).
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
