@@ -928,3 +928,34 @@ fn preempt_and_abort_aborts_a_write_waiting_for_data() {
     assert_eq!(t.sense_triplet(), Some((6, 0x2f, 0x00)), "{t:?}");
     assert_eq!(a.read10(8, 1), vec![0x11; 512], "the aborted WRITE ran");
 }
+
+/// LOG SENSE page 0x0C on a client disk (SBC-4 §6.4.6): used is what the client's own
+/// writes occupy in its overlay (nothing at first: the golden image is shared), available
+/// the state filesystem's free space.
+#[test]
+fn log_sense_provisioning_page_on_a_client_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("golden.img"), common::random_bytes(4 << 20, 16)).unwrap();
+    let server = common::Server::start(d, &boot_config(d));
+    let mut c = Client::connect(server.port);
+    c.login("iqn.2026-11.test:pc-1", BOOT_TARGET)
+        .expect("login");
+    let _ = c.run(&[0, 0, 0, 0, 0, 0], 0, None);
+    let r = c.run(&[0x4d, 0, 0x00, 0, 0, 0, 0, 0, 255, 0], 255, None);
+    assert_eq!(r.status, 0, "LOG SENSE page 0: {r:?}");
+    assert_eq!(&r.data[4..], &[0x00, 0x0c], "supported pages");
+    let page = |c: &mut Client| {
+        let r = c.run(&[0x4d, 0, 0x4c, 0, 0, 0, 0, 0, 255, 0], 255, None);
+        assert_eq!(r.status, 0, "LOG SENSE page 0x0C: {r:?}");
+        assert_eq!(&r.data[4..8], &[0, 1, 3, 8], "available parameter");
+        assert_eq!(&r.data[16..20], &[0, 2, 3, 8], "used parameter");
+        (be32(&r.data[8..]), be32(&r.data[20..]))
+    };
+    let (available, used) = page(&mut c);
+    assert!(available > 0);
+    assert_eq!(used, 0, "a fresh overlay uses nothing");
+    c.write10(0, &vec![0x5b; 64 << 10]);
+    let (_, used) = page(&mut c);
+    assert_eq!(used, 128, "64 KiB written: 128 blocks");
+}

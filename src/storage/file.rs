@@ -192,13 +192,7 @@ impl BlockStore for FileStore {
     fn space(&self) -> Option<super::Space> {
         use std::os::unix::fs::MetadataExt;
         let used = self.file.metadata().ok()?.blocks().saturating_mul(512);
-        // SAFETY: fstatvfs writes into the zeroed struct we own; the fd is open.
-        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut vfs) };
-        if r != 0 {
-            return None;
-        }
-        let available = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let available = super::fs_available(&self.file)?;
         Some(super::Space { available, used })
     }
 

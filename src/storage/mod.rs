@@ -102,3 +102,13 @@ pub trait BlockStore: Send + Sync + 'static {
         Ok(false)
     }
 }
+
+/// Bytes an unprivileged writer may still allocate on the filesystem holding `file`
+/// (fstatvfs: f_bavail × f_frsize); None when the filesystem cannot tell.
+pub(crate) fn fs_available(file: &std::fs::File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatvfs writes into the zeroed struct we own; the fd is open for the call.
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut vfs) };
+    (r == 0).then(|| vfs.f_bavail.saturating_mul(vfs.f_frsize))
+}

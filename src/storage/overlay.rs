@@ -1133,6 +1133,17 @@ impl BlockStore for Overlay {
         true
     }
 
+    /// A client disk's thin-provisioning resources (LOG SENSE page 0x0C, SBC-4 §6.4.6):
+    /// used is what the client's own writes occupy (the golden image is shared, not its
+    /// cost), available is the free space of the state filesystem its overlay grows on.
+    fn space(&self) -> Option<super::Space> {
+        let available = super::fs_available(&self.data)?;
+        Some(super::Space {
+            available,
+            used: self.stats().bytes_written,
+        })
+    }
+
     fn discard_changes(&self) -> Result<bool, StorageError> {
         self.reset()?;
         Ok(true)
