@@ -387,6 +387,20 @@ impl Server {
                 .chain(binding.disks.iter().map(|d| d.lun))
                 .collect();
             let (os, gateway) = (binding.os, binding.gateway);
+            let render = |initiator: String, portal: String| {
+                let clear_gateway =
+                    crate::boot::http::ScriptPlan::gateway_cleared(gateway, os, &query, &portal);
+                crate::boot::http::ScriptPlan {
+                    initiator,
+                    portal,
+                    target: boot.name.clone(),
+                    luns: luns.clone(),
+                    os,
+                    clear_gateway,
+                    firmware: query.firmware,
+                }
+                .render()
+            };
             // A cluster decides which node boots the client (docs/scale-out.md): another
             // node's portal goes into the script, and nothing changes here.
             if let Some(cluster) = self.cluster() {
@@ -401,20 +415,7 @@ impl Server {
                     crate::cluster::Admission::Serve => {}
                     crate::cluster::Admission::Redirect(portal) => {
                         info!(%initiator, %portal, "boot script: client placed on another node");
-                        let portal = portal.to_string();
-                        let clear_gateway = crate::boot::http::ScriptPlan::gateway_cleared(
-                            gateway, os, &query, &portal,
-                        );
-                        let plan = crate::boot::http::ScriptPlan {
-                            initiator,
-                            portal,
-                            target: boot.name.clone(),
-                            luns,
-                            os,
-                            clear_gateway,
-                            firmware: query.firmware,
-                        };
-                        return Some(plan.render());
+                        return Some(render(initiator, portal.to_string()));
                     }
                     crate::cluster::Admission::Refuse(r) => {
                         warn!(%initiator, reason = %r, "boot script: client cannot be placed");
@@ -454,18 +455,7 @@ impl Server {
                     None => std::net::SocketAddr::new(local.ip(), port).to_string(),
                 },
             };
-            let clear_gateway =
-                crate::boot::http::ScriptPlan::gateway_cleared(gateway, os, &query, &portal);
-            let plan = crate::boot::http::ScriptPlan {
-                initiator,
-                portal,
-                target: boot.name.clone(),
-                luns,
-                os,
-                clear_gateway,
-                firmware: query.firmware,
-            };
-            return Some(plan.render());
+            return Some(render(initiator, portal));
         }
         None
     }
