@@ -294,14 +294,6 @@ fn bios_two_clients_boot_one_golden_image_through_overlays() {
     assert_eq!(file_sha(&golden), before, "the golden image changed");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Several disks per client (issue 11 step 4): the boot script from diskless's own endpoint
 /// hooks the data disk (`sanhook --drive 0x81`, LUN 1) and `sanboot`s the system disk (LUN
 /// 0); after the iBFT hand-off Linux sees both, the data disk with its size and content.

@@ -10,7 +10,7 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{firmware_isid, os_isid, Config, Server};
+use common::{firmware_isid, free_port, os_isid, Config, Server};
 use raw::Client;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -253,14 +253,6 @@ fn readonly_binding_refuses_writes_and_unknown_initiators_are_refused() {
         listed.iter().any(|(k, v)| k == "TargetName" && v == TARGET),
         "{listed:?}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -11,8 +11,7 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
-use diskless::pdu::{Bhs, LogoutRequest, Pdu};
+use common::{free_port, Config, Server};
 use raw::Client;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -53,14 +52,6 @@ struct Case {
     golden: Vec<u8>,
     server: Option<Server>,
     http: Option<u16>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Case {
@@ -214,34 +205,6 @@ impl Case {
     }
 }
 
-/// SYNCHRONIZE CACHE(10): what was written is durable.
-fn sync(c: &mut Client) {
-    assert_eq!(c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
-}
-
-/// A clean Logout (close the session, RFC 7143 §11.14), as an OS does at shutdown.
-fn logout(mut c: Client) {
-    let itt = c.itt();
-    let req = Pdu {
-        bhs: Bhs::LogoutRequest(LogoutRequest {
-            immediate: true,
-            reason: 0,
-            itt,
-            cid: 0,
-            cmd_sn: c.cmd_sn,
-            exp_stat_sn: c.exp_stat_sn,
-        }),
-        data: bytes::Bytes::new(),
-    };
-    c.send(&req).unwrap();
-    let mut seen = Vec::new();
-    assert!(c.closed_within(Duration::from_secs(5), &mut seen));
-    assert!(
-        seen.iter().any(|p| matches!(p.bhs, Bhs::LogoutResponse(_))),
-        "no Logout Response: {seen:?}"
-    );
-}
-
 /// A connection reset without Logout (ExitBootServices, power loss seen by the switch).
 fn drop_connection(c: Client) {
     c.shutdown_write();
@@ -279,7 +242,7 @@ fn ipxe_bios_reset_after_the_gap_is_a_new_boot() {
     );
     assert_closed(&mut fw, "the firmware's orphan session");
     os.write10(11, &block(2));
-    sync(&mut os);
+    os.sync();
     // Machine reset: the OS session stays open and silent; iPXE logs in after the gap.
     let since = Instant::now();
     wait_past(since, Duration::from_secs(1));
@@ -324,9 +287,9 @@ fn uefi_iscsidxe_same_isid_clean_shutdown_is_a_new_boot() {
         let mut os = case.login(who, open_iscsi(1));
         assert_eq!(os.read10(20, 1), block(0x20 + boot));
         os.write10(21, &block(0x30 + boot));
-        sync(&mut os);
+        os.sync();
         // Clean shutdown.
-        logout(os);
+        os.logout();
         case.wait_sessions_gone(who);
     }
     assert_eq!(case.counts(who), (2, 1));
@@ -341,7 +304,7 @@ fn uefi_iscsidxe_hard_reset_with_the_os_session_open() {
     drop_connection(fw);
     let mut os = case.login(MAC_WHO, open_iscsi(1));
     os.write10(31, &block(4));
-    sync(&mut os);
+    os.sync();
     // Hard reset: the OS session stays open and silent, the firmware is back at once.
     let mut fw = case.login(MAC_WHO, uefi(MAC));
     assert_eq!(
@@ -364,9 +327,9 @@ fn uefi_iscsidxe_with_a_windows_os() {
         drop_connection(fw);
         let mut os = case.login(who, windows(1));
         os.write10(40, &block(0x40 + boot));
-        sync(&mut os);
+        os.sync();
         if clean {
-            logout(os);
+            os.logout();
             case.wait_sessions_gone(who);
         } else {
             // Left open: the next firmware login closes it.
@@ -384,7 +347,7 @@ fn pinging_os_and_a_fast_reset_within_the_gap() {
     let mut os = case.login(who, open_iscsi(1));
     drop(fw);
     os.write10(50, &block(5));
-    sync(&mut os);
+    os.sync();
     // The OS answers pings until the very moment of the reset...
     os.ping(b"alive");
     os.ping(b"alive");
@@ -402,16 +365,16 @@ fn clean_power_off_and_immediate_power_on() {
     let mut os = case.login(who, open_iscsi(1));
     drop(fw);
     os.write10(60, &block(6));
-    sync(&mut os);
+    os.sync();
     // poweroff: the OS logs out; iPXE is back at once (well inside the gap).
-    logout(os);
+    os.logout();
     let mut fw = case.login(who, ipxe(1));
     assert_eq!(fw.read10(60, 1), case.golden_block(60));
     // Hard reset (QEMU system_reset): the OS connection drops, iPXE is back at once.
     let mut os = case.login(who, open_iscsi(1));
     drop(fw);
     os.write10(61, &block(7));
-    sync(&mut os);
+    os.sync();
     drop_connection(os);
     let mut fw = case.login(who, ipxe(1));
     assert_eq!(fw.read10(61, 1), case.golden_block(61));
@@ -428,8 +391,8 @@ fn server_restart_between_boots() {
         drop_connection(fw);
         let mut os = case.login(who, open_iscsi(1));
         os.write10(70, &block(8));
-        sync(&mut os);
-        logout(os);
+        os.sync();
+        os.logout();
         case.wait_sessions_gone(who);
         // The server restarts; overlay recovery rewrites the overlay's files; the client
         // boots later: the durable boot state decides, not file times.
@@ -446,7 +409,7 @@ fn server_restart_mid_firmware_phase_keeps_the_disk() {
         let who = "iqn.2026-11.test:midfw";
         let mut fw = case.login(who, ipxe(1));
         fw.write10(80, &block(9));
-        sync(&mut fw);
+        fw.sync();
         let since = Instant::now();
         case.restart(sigkill);
         drop(fw);
@@ -468,7 +431,7 @@ fn network_blip_longer_than_the_gap_keeps_the_disk() {
     let mut os = case.login(who, open_iscsi(1));
     drop(fw);
     os.write10(90, &block(10));
-    sync(&mut os);
+    os.sync();
     drop_connection(os);
     case.wait_sessions_gone(who);
     wait_past(Instant::now(), Duration::from_secs(1));
@@ -504,7 +467,7 @@ fn server_restart_while_the_client_runs_keeps_the_disk() {
         drop_connection(fw);
         let mut os = case.login(who, windows(1));
         os.write10(110, &block(12));
-        sync(&mut os);
+        os.sync();
         let since = Instant::now();
         case.restart(sigkill);
         drop(os);
@@ -523,7 +486,7 @@ fn a_foreign_script_fetch_while_the_client_runs_changes_nothing() {
     let mut os = case.login(MAC_WHO, open_iscsi(1));
     drop(fw);
     os.write10(120, &block(13));
-    sync(&mut os);
+    os.sync();
     // A monitoring probe, a browser, a curious user; even from the client's own address.
     case.fetch_script_from("127.0.0.2");
     case.fetch_script_from("127.0.0.1");
@@ -564,8 +527,8 @@ fn two_clients_never_see_each_others_writes() {
     drop((fa, fb));
     oa.write10(130, &block(0xaa));
     ob.write10(130, &block(0xbb));
-    sync(&mut oa);
-    sync(&mut ob);
+    oa.sync();
+    ob.sync();
     assert_eq!(oa.read10(130, 1), block(0xaa));
     assert_eq!(ob.read10(130, 1), block(0xbb));
     // A reboots; B's session, disk and boot are untouched.
@@ -597,8 +560,8 @@ fn install_mode_keeps_setup_reboots_until_commit() {
             );
         }
         os.write10(140 + u32::from(boot), &block(0x50 + boot));
-        sync(&mut os);
-        logout(os);
+        os.sync();
+        os.logout();
         case.wait_sessions_gone(who);
     }
     assert_eq!(case.counts(who), (3, 0));
@@ -641,7 +604,7 @@ fn nic_option_rom_orphan_is_reaped_by_its_learned_isid() {
     assert_eq!(os.read10(150, 1), block(0x15));
     assert_closed(&mut fw, "the option ROM's orphan session");
     os.write10(151, &block(0x16));
-    sync(&mut os);
+    os.sync();
     // Reset: the ROM is back with its ISID while the OS session is still open.
     let mut fw = case.login(who, rom);
     assert_eq!(
@@ -692,7 +655,7 @@ fn iscsidxe_login_keys_recognise_a_firmware_never_learned() {
     let mut os = case.login(who, open_iscsi(1));
     drop(fw);
     os.write10(160, &block(0x60));
-    sync(&mut os);
+    os.sync();
     // An unknown ISID with an unknown login shape beside the live OS: ambiguous, kept.
     let mut odd = case.login(who, [0x80, 7, 7, 7, 7, 7]);
     assert_eq!(odd.read10(160, 1), block(0x60));

@@ -8,7 +8,7 @@ mod common;
 mod raw;
 
 use common::{field, iscsi_ls_size, run, Config, Server};
-use diskless::pdu::{lun_from_index, Bhs, LogoutRequest, Pdu};
+use diskless::pdu::lun_from_index;
 use raw::Client;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -149,30 +149,6 @@ fn on_lun(c: &mut Client, lun: u16) -> &mut Client {
     c
 }
 
-/// SYNCHRONIZE CACHE(10) of the client's current LUN.
-fn sync(c: &mut Client) {
-    assert_eq!(c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
-}
-
-/// A clean Logout (RFC 7143 §11.14).
-fn logout(mut c: Client) {
-    let itt = c.itt();
-    let req = Pdu {
-        bhs: Bhs::LogoutRequest(LogoutRequest {
-            immediate: true,
-            reason: 0,
-            itt,
-            cid: 0,
-            cmd_sn: c.cmd_sn,
-            exp_stat_sn: c.exp_stat_sn,
-        }),
-        data: bytes::Bytes::new(),
-    };
-    c.send(&req).unwrap();
-    let mut seen = Vec::new();
-    assert!(c.closed_within(Duration::from_secs(5), &mut seen));
-}
-
 /// The lines of `iscsi-ls -s` output under `iqn` (its LUN lines).
 fn target_block<'a>(out: &'a str, iqn: &str) -> Vec<&'a str> {
     let mut lines = out.lines().skip_while(|l| !l.contains(iqn));
@@ -269,11 +245,11 @@ fn data_disk_survives_a_reboot_the_system_disk_resets_the_game_disk_refuses_writ
     assert_eq!(on_lun(&mut os, 0).read10(10, 1), block(0xa0));
     assert_eq!(on_lun(&mut os, 1).read10(10, 1), block(0xb0));
     on_lun(&mut os, 1).write10(11, &block(0xb1));
-    sync(&mut os);
+    os.sync();
     on_lun(&mut os, 0).write10(11, &block(0xa1));
-    sync(&mut os);
+    os.sync();
     drop(fw);
-    logout(os);
+    os.logout();
     case.wait_sessions_gone(PC1);
     // The other client's disks are its own: nothing of PC1's writes.
     let mut other = case.login(PC2, ipxe(9));
@@ -285,7 +261,7 @@ fn data_disk_survives_a_reboot_the_system_disk_resets_the_game_disk_refuses_writ
         on_lun(&mut other, 1).read10(10, 1),
         case.golden_block(1, 10)
     );
-    logout(other);
+    other.logout();
     // Boot 2: the firmware again after the OS phase, a new boot: the volatile system disk
     // is the golden image again, the persistent data disk keeps every write.
     let mut fw = case.login(PC1, ipxe(2));
@@ -417,7 +393,7 @@ fn a_versioned_data_disk_is_published_kept_by_gc_and_moved_by_a_reset() {
     c.isid = open_iscsi(1);
     c.login(PC1, TARGET).unwrap();
     on_lun(&mut c, 1).write10(10, &block(0xd1));
-    sync(&mut c);
+    c.sync();
     let text = diskless(&[
         "client",
         "commit",
@@ -433,7 +409,7 @@ fn a_versioned_data_disk_is_published_kept_by_gc_and_moved_by_a_reset() {
     assert!(text.contains("published datav@2"), "{text}");
     // The client goes on writing on its disk, still version 1 underneath.
     on_lun(&mut c, 1).write10(11, &block(0xd2));
-    sync(&mut c);
+    c.sync();
     let show = diskless(&["client", "show", PC1, "--control", ctl]);
     assert!(
         show.contains("LUN 1: datav@1 (next: @2) persistent"),
@@ -601,9 +577,9 @@ fn a_boot_resets_the_volatile_scratch_disk_and_leaves_the_persistent_system_disk
     };
     let mut fw = boot(1);
     on_lun(&mut fw, 0).write10(10, &block(0xe0));
-    sync(&mut fw);
+    fw.sync();
     on_lun(&mut fw, 1).write10(10, &block(0xe1));
-    sync(&mut fw);
+    fw.sync();
     let text = diskless(&[
         "client",
         "commit",
@@ -616,8 +592,8 @@ fn a_boot_resets_the_volatile_scratch_disk_and_leaves_the_persistent_system_disk
     ]);
     assert!(text.contains("published sysv@2"), "{text}");
     on_lun(&mut fw, 0).write10(11, &block(0xe2));
-    sync(&mut fw);
-    logout(fw);
+    fw.sync();
+    fw.logout();
     // A new boot (the firmware again): scratch back to its image, system disk untouched
     // and still on version 1.
     let mut fw = boot(2);
@@ -630,7 +606,7 @@ fn a_boot_resets_the_volatile_scratch_disk_and_leaves_the_persistent_system_disk
         "{show}"
     );
     on_lun(&mut fw, 1).write10(10, &block(0xe3));
-    sync(&mut fw);
+    fw.sync();
     // The operator makes the system disk volatile from the next boot on.
     let text = diskless(&[
         "client",
@@ -647,7 +623,7 @@ fn a_boot_resets_the_volatile_scratch_disk_and_leaves_the_persistent_system_disk
         block(0xe2),
         "mid-boot switch"
     );
-    logout(fw);
+    fw.logout();
     let mut fw = boot(3);
     // Now on a fresh volatile disk of the latest version (block 10 as published, 11 not),
     // the scratch disk reset again.

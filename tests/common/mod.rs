@@ -190,6 +190,15 @@ impl Config {
 }
 
 /// Create a sparse image file of `size` bytes.
+/// A TCP port free on 127.0.0.1 now (for a server told its port in advance).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn sparse_image(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();

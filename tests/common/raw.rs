@@ -742,3 +742,37 @@ pub fn file_hash(path: &Path) -> u64 {
             h.rotate_left(7) ^ (u64::from(crc32c::crc32c(c)) << (i % 32))
         })
 }
+
+impl Client {
+    /// SYNCHRONIZE CACHE(10) of the current LUN: what was written is durable.
+    pub fn sync(&mut self) {
+        assert_eq!(
+            self.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status,
+            0
+        );
+    }
+
+    /// A clean Logout (close the session, RFC 7143 §11.14), as an OS does at shutdown: the
+    /// Logout Response comes and the target closes the connection.
+    pub fn logout(mut self) {
+        let itt = self.itt();
+        let req = Pdu {
+            bhs: Bhs::LogoutRequest(pdu::LogoutRequest {
+                immediate: true,
+                reason: 0,
+                itt,
+                cid: 0,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+            }),
+            data: Bytes::new(),
+        };
+        self.send(&req).unwrap();
+        let mut seen = Vec::new();
+        assert!(self.closed_within(Duration::from_secs(5), &mut seen));
+        assert!(
+            seen.iter().any(|p| matches!(p.bhs, Bhs::LogoutResponse(_))),
+            "no Logout Response: {seen:?}"
+        );
+    }
+}
