@@ -13,7 +13,6 @@
 
 use crate::config::OverlayMode;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name of the override inside the client's directory.
@@ -214,36 +213,21 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Read an override; `Ok(None)` when the client has none.
 pub fn load(path: &Path) -> Result<Option<NextBoot>, NextBootError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(path)(e)),
-    };
-    serde_yaml::from_str(&text)
-        .map(Some)
-        .map_err(|e| NextBootError::Parse {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+    Ok(super::state::load_yaml(path, "next-boot override")?)
 }
 
-/// Replace the override atomically: `path.tmp`, fsync, rename over `path`, fsync the
-/// directory.
+/// Replace the override atomically (temp file, fsync, rename, directory fsync).
 pub fn save(path: &Path, nb: &NextBoot) -> Result<(), NextBootError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let text = serde_yaml::to_string(nb).map_err(|e| NextBootError::Parse {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    let tmp = path.with_extension("yaml.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+    Ok(super::state::save_yaml(path, nb)?)
+}
+
+impl From<super::state::StateError> for NextBootError {
+    fn from(e: super::state::StateError) -> Self {
+        match e {
+            super::state::StateError::Io { path, source } => NextBootError::Io { path, source },
+            super::state::StateError::Parse { path, msg, .. } => NextBootError::Parse { path, msg },
+        }
     }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir).map_err(io(dir))
 }
 
 /// Remove the override durably (unlink, fsync the directory); no override is fine.

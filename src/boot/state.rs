@@ -20,8 +20,12 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a boot state: {msg}")]
-    Parse { path: PathBuf, msg: String },
+    #[error("{path}: not a {what}: {msg}")]
+    Parse {
+        path: PathBuf,
+        what: &'static str,
+        msg: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -33,6 +37,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 
 /// Read the state of a client; `Ok(None)` when it has none yet.
 pub fn load(path: &Path) -> Result<Option<BootState>, StateError> {
+    load_yaml(path, "boot state")
+}
+
+/// Replace the state atomically (see [`save_yaml`]).
+pub fn save(path: &Path, state: &BootState) -> Result<(), StateError> {
+    save_yaml(path, state)
+}
+
+/// Read a YAML record of the client's directory (`what` names it in errors); `Ok(None)`
+/// when the file does not exist.
+pub fn load_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<Option<T>, StateError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -42,16 +60,19 @@ pub fn load(path: &Path) -> Result<Option<BootState>, StateError> {
         .map(Some)
         .map_err(|e| StateError::Parse {
             path: path.to_path_buf(),
+            what,
             msg: e.to_string(),
         })
 }
 
-/// Replace the state atomically: `path.tmp`, fsync, rename over `path`, fsync the directory.
-pub fn save(path: &Path, state: &BootState) -> Result<(), StateError> {
+/// Replace a YAML record atomically: `path.tmp`, fsync, rename over `path`, fsync the
+/// directory (a crash leaves the old record or the new one, never a torn one).
+pub fn save_yaml<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let text = serde_yaml::to_string(state).map_err(|e| StateError::Parse {
+    let text = serde_yaml::to_string(value).map_err(|e| StateError::Parse {
         path: path.to_path_buf(),
+        what: "record",
         msg: e.to_string(),
     })?;
     let tmp = path.with_extension("yaml.tmp");
