@@ -63,7 +63,8 @@ pub async fn set_next_boot(
     initiator: &str,
     req: crate::boot::nextboot::Request,
     by: &str,
-) -> Result<Option<crate::boot::nextboot::NextBoot>, crate::boot::nextboot::NextBootError> {
+) -> Result<(Option<crate::boot::nextboot::NextBoot>, String), crate::boot::nextboot::NextBootError>
+{
     use crate::boot::nextboot::NextBootError;
     let now = crate::boot::now_ms();
     let run = |b: Arc<BootTarget>, req: crate::boot::nextboot::Request| {
@@ -75,10 +76,27 @@ pub async fn set_next_boot(
         }
     };
     let set = run(boot.clone(), req.clone()).await?;
-    match server.registry().boot_target(&boot.name) {
-        Some(cur) if !Arc::ptr_eq(&cur, boot) => run(cur, req).await,
-        _ => Ok(set),
-    }
+    let set = match server.registry().boot_target(&boot.name) {
+        Some(cur) if !Arc::ptr_eq(&cur, boot) => run(cur, req).await?,
+        _ => set,
+    };
+    let what = match &set {
+        Some(nb) => format!(
+            "next boot: image {}, mode {}",
+            nb.image.as_deref().unwrap_or("(binding's)"),
+            nb.mode
+                .map_or_else(|| "(binding's)".to_string(), |m| m.to_string())
+        ),
+        None => "next boot: override cleared, the binding applies".to_string(),
+    };
+    server.metrics().emit(
+        "next_boot",
+        Some(initiator),
+        Some(&boot.name),
+        None,
+        what.clone(),
+    );
+    Ok((set, what))
 }
 
 /// Serve the control socket until the task is aborted.
@@ -437,25 +455,9 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 crate::boot::nextboot::request(image, mode, clear).map_err(|e| e.to_string())?;
             let (boot, c) = find_client(&registry, who)?;
             let name = c.initiator.clone();
-            let set = set_next_boot(server, &boot, &name, req, "control socket")
+            let (_, what) = set_next_boot(server, &boot, &name, req, "control socket")
                 .await
                 .map_err(|e| e.to_string())?;
-            let what = match &set {
-                Some(nb) => format!(
-                    "next boot: image {}, mode {}",
-                    nb.image.as_deref().unwrap_or("(binding's)"),
-                    nb.mode
-                        .map_or_else(|| "(binding's)".to_string(), |m| m.to_string())
-                ),
-                None => "next boot: override cleared, the binding applies".to_string(),
-            };
-            server.metrics().emit(
-                "next_boot",
-                Some(&c.initiator),
-                Some(&boot.name),
-                None,
-                what.clone(),
-            );
             let mut out = format!("{}: {what}\n", c.initiator);
             let info = boot.info(&c);
             match &info.next_disk {

@@ -163,7 +163,7 @@ pub async fn next_boot(
     let (boot, name) = find_client(api, initiator)?;
     let _slot = api.guard.take(&name, "an action")?;
     let cleared = req == nextboot::Request::Clear;
-    let set = crate::control::set_next_boot(&api.server, &boot, &name, req, by)
+    crate::control::set_next_boot(&api.server, &boot, &name, req, by)
         .await
         .map_err(|e| match e {
             NextBootError::Invalid(m) => ApiError::BadRequest(m),
@@ -174,18 +174,6 @@ pub async fn next_boot(
             | NextBootError::Parse { .. }
             | NextBootError::Internal(_)) => ApiError::Internal(e.to_string()),
         })?;
-    let what = match &set {
-        Some(nb) => format!(
-            "next boot: image {}, mode {}",
-            nb.image.as_deref().unwrap_or("(binding's)"),
-            nb.mode
-                .map_or_else(|| "(binding's)".to_string(), |m| m.to_string())
-        ),
-        None => "next boot: override cleared, the binding applies".to_string(),
-    };
-    api.server
-        .metrics()
-        .emit("next_boot", Some(&name), Some(&boot.name), None, what);
     let view = client(api, &name)?;
     let mut note =
         String::from("taken at the client's next boot; a running client keeps its disk until then");
