@@ -215,6 +215,28 @@ fn login(port: u16, who: &str) -> Client {
     c
 }
 
+/// etcd's own request counters (its `/metrics` on the client port): puts, transactions,
+/// ranges (reads), deletes.
+fn etcd_counts(etcd: &Etcd) -> [u64; 4] {
+    let r = http::request(&etcd.endpoint(), "GET", "/metrics", &[], None);
+    assert_eq!(r.status, 200, "etcd /metrics: {}", r.body);
+    let get = |name: &str| -> u64 {
+        r.body
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("no {name} in etcd's metrics"))
+    };
+    [
+        get("etcd_mvcc_put_total"),
+        get("etcd_mvcc_txn_total"),
+        get("etcd_mvcc_range_total"),
+        get("etcd_mvcc_delete_total"),
+    ]
+}
+
 fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     http::wait_for(WAIT, what, f)
 }
@@ -294,6 +316,7 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
         .into_iter()
         .collect();
 
+    let etcd0 = etcd_counts(&etcd);
     // Placement: every script from n1 (one URL in the DHCP answer).
     let placed: Vec<(String, u16)> = (0..CLIENTS).map(|i| script(n1.http, &mac(i))).collect();
     let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
@@ -407,6 +430,7 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
             "{who}"
         );
     }
+    let etcd1 = etcd_counts(&etcd);
     let cpu = [n1.cpu() - cpu0[0], n2.cpu() - cpu0[1]];
     let clients_n1n2: Vec<usize> = [n1.iscsi, n2.iscsi]
         .iter()
@@ -416,7 +440,8 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
         "measured: {CLIENTS} clients x {} reads ({:.1} MiB each) over 3 nodes: half-trace barrier at {half_time:?}, storm done in {storm:?}; \
          n3 killed with {} clients, all re-placed and finished (slowest re-placement {slowest_move:?}, lease TTL {TTL} s); \
          S3 chunk GETs per node: n1 {} n2 {} (distinct chunks {}), n3 {n3_fetches} by the kill; \
-         CPU during the storm: n1 {:?} for {} clients, n2 {:?} for {} clients; RSS: n1 {} KiB n2 {} KiB n3 {n3_rss} KiB",
+         CPU during the storm: n1 {:?} for {} clients, n2 {:?} for {} clients; RSS: n1 {} KiB n2 {} KiB n3 {n3_rss} KiB; \
+         etcd during placement + storm ({} boots, {:?}): puts {} txns {} ranges {} deletes {}",
         trace.len(),
         trace.iter().map(|r| r.1 as f64 * 512.0).sum::<f64>() / MIB as f64,
         per_node["n3"],
@@ -429,5 +454,11 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
         clients_n1n2[1],
         n1.rss_kib(),
         n2.rss_kib(),
+        CLIENTS + per_node["n3"],
+        t0.elapsed(),
+        etcd1[0] - etcd0[0],
+        etcd1[1] - etcd0[1],
+        etcd1[2] - etcd0[2],
+        etcd1[3] - etcd0[3],
     );
 }
