@@ -43,7 +43,7 @@ const MIB: usize = 1 << 20;
 /// Chunk size of the push: 1 MiB (the default is larger; small chunks make the count telling).
 const CHUNK: usize = MIB;
 const IMAGE_SIZE: usize = 72 * MIB;
-/// Raw clients in the storm (20 per node).
+/// Raw clients in the storm of the test (20 per node).
 const CLIENTS: usize = 60;
 
 fn free_port() -> u16 {
@@ -243,6 +243,34 @@ fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
 
 #[test]
 fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
+    storm(3, CLIENTS, true);
+}
+
+/// The same storm for scripts/bench/cluster.sh: `DISKLESS_BENCH_NODES` nodes (default 3),
+/// `DISKLESS_BENCH_CLIENTS` clients (default 60), no node killed; prints the figures.
+#[test]
+#[ignore = "a benchmark: run by scripts/bench/cluster.sh"]
+fn bench_storm() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{k}={v}: not a number"))
+            })
+            .unwrap_or(d)
+    };
+    storm(
+        env("DISKLESS_BENCH_NODES", 3),
+        env("DISKLESS_BENCH_CLIENTS", CLIENTS),
+        false,
+    );
+}
+
+/// `clients` raw clients placed over `count` nodes replay the trace; with `kill`, the last
+/// node is killed with SIGKILL when every client is half way through.
+fn storm(count: usize, clients: usize, kill: bool) {
+    assert!(count >= 1 && (!kill || count >= 2));
     let trace = trace();
     let half = trace.len() / 2;
     let touched = chunks_touched(&trace);
@@ -297,49 +325,52 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
     std::fs::remove_file(root.join("golden.raw")).unwrap();
 
     let etcd = Etcd::start(root);
-    let n1 = Node::start(root, "n1", &etcd, &ceph);
-    let n2 = Node::start(root, "n2", &etcd, &ceph);
-    let mut n3 = Node::start(root, "n3", &etcd, &ceph);
+    let mut nodes: Vec<Node> = (1..=count)
+        .map(|i| Node::start(root, &format!("n{i}"), &etcd, &ceph))
+        .collect();
+    let config = nodes[0].dir.join("targets.yaml");
     let nodes_up = || {
         let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
             .args(["cluster", "status", "--json", "-c"])
-            .arg(n1.dir.join("targets.yaml"))
+            .arg(&config)
             .output()
             .ok()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         Some(v["nodes"].as_array()?.len())
     };
-    wait_for("three nodes in cluster status", || {
-        (nodes_up()? == 3).then_some(())
+    wait_for("every node in cluster status", || {
+        (nodes_up()? == count).then_some(())
     });
-    let by_port: BTreeMap<u16, &str> = [(n1.iscsi, "n1"), (n2.iscsi, "n2"), (n3.iscsi, "n3")]
-        .into_iter()
-        .collect();
+    let by_port: BTreeMap<u16, String> = nodes.iter().map(|n| (n.iscsi, n.id.clone())).collect();
+    let dead = if kill { nodes[count - 1].iscsi } else { 0 };
+    let victim = nodes[count - 1].id.clone();
 
     let etcd0 = etcd_counts(&etcd);
-    // Placement: every script from n1 (one URL in the DHCP answer).
-    let placed: Vec<(String, u16)> = (0..CLIENTS).map(|i| script(n1.http, &mac(i))).collect();
-    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    let rss0: Vec<u64> = nodes.iter().map(Node::rss_kib).collect();
+    // Placement: every script from the first node (one URL in the DHCP answer).
+    let placed: Vec<(String, u16)> = (0..clients)
+        .map(|i| script(nodes[0].http, &mac(i)))
+        .collect();
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for (_, p) in &placed {
-        *per_node.entry(by_port[p]).or_default() += 1;
+        *per_node.entry(by_port[p].clone()).or_default() += 1;
     }
     assert_eq!(
         per_node.len(),
-        3,
-        "spread over the three nodes: {per_node:?}"
+        count,
+        "spread over every node: {per_node:?}"
     );
     assert!(
-        per_node.values().all(|&n| n >= CLIENTS / 3 - 1),
+        per_node.values().all(|&n| n + 1 >= clients / count),
         "evenly spread: {per_node:?}"
     );
-    let cpu0 = [n1.cpu(), n2.cpu(), n3.cpu()];
+    let cpu0: Vec<Duration> = nodes.iter().map(Node::cpu).collect();
 
     // The storm: each client logs in and replays the first half of the trace, then all wait
-    // at `mid` while n3 is killed, then go on.
-    let mid = Arc::new(Barrier::new(CLIENTS + 1));
-    let go = Arc::new(Barrier::new(CLIENTS + 1));
-    let dead = n3.iscsi;
-    let n1_http = n1.http;
+    // at `mid` (while a node is killed), then go on.
+    let mid = Arc::new(Barrier::new(clients + 1));
+    let go = Arc::new(Barrier::new(clients + 1));
+    let first_http = nodes[0].http;
     let t0 = Instant::now();
     let handles: Vec<_> = placed
         .iter()
@@ -361,11 +392,11 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
                             "{who} on a live node ({port}) saw an error: {e}"
                         );
                         drop(c);
-                        // The client reboots: its script again, from n1, until it names a
-                        // live node (the dead node's lease has run out).
+                        // The client reboots: its script again, from the first node, until
+                        // it names a live node (the dead node's lease has run out).
                         let t = Instant::now();
                         let (again, p) = wait_for("re-placement on a live node", || {
-                            let (w, p) = script(n1_http, &mac(i));
+                            let (w, p) = script(first_http, &mac(i));
                             (p != dead).then_some((w, p))
                         });
                         assert_eq!(again, who);
@@ -381,15 +412,23 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
         .collect();
     mid.wait();
     let half_time = t0.elapsed();
-    // n3 served half a trace to each of its clients: at most one GET per chunk so far.
-    let n3_fetches = n3.fetches();
-    assert!(
-        n3_fetches <= touched_half.len() as u64,
-        "n3 fetched {n3_fetches} chunks for {} distinct ones",
-        touched_half.len()
-    );
-    let n3_rss = n3.rss_kib();
-    n3.server.take().expect("n3 running").kill9();
+    let mut victim_figures = String::new();
+    if kill {
+        // The victim served half a trace to each of its clients: at most one GET per chunk.
+        let n = &mut nodes[count - 1];
+        let f = n.fetches();
+        assert!(
+            f <= touched_half.len() as u64,
+            "{victim} fetched {f} chunks for {} distinct ones",
+            touched_half.len()
+        );
+        victim_figures = format!(
+            "; {victim} killed at {half_time:?} (half way) with {} clients, {f} S3 GETs and {} KiB RSS by then",
+            per_node[&victim],
+            n.rss_kib()
+        );
+        n.server.take().expect("victim running").kill9();
+    }
     go.wait();
     let mut relogged = 0;
     let mut slowest_move = Duration::ZERO;
@@ -401,19 +440,26 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
         assert_eq!(
             moved,
             placed[i].1 == dead,
-            "client {i}: moved iff it was on n3"
+            "client {i}: moved iff its node was killed"
         );
         relogged += usize::from(moved);
         slowest_move = slowest_move.max(took);
         finals.push(port);
     }
     let storm = t0.elapsed();
-    assert_eq!(relogged, per_node["n3"], "every client of n3 re-logged in");
-    assert!(finals.iter().all(|&p| p != dead));
+    let etcd1 = etcd_counts(&etcd);
+    if kill {
+        assert_eq!(
+            relogged, per_node[&victim],
+            "every client of the victim re-logged in"
+        );
+        assert!(finals.iter().all(|&p| p != dead));
+        nodes.pop();
+    }
 
     // Each live node fetched each chunk the trace needs exactly once (it needed all of them,
     // and the count is no higher than their number).
-    for n in [&n1, &n2] {
+    for n in &nodes {
         assert_eq!(
             n.fetches(),
             touched.len() as u64,
@@ -424,38 +470,33 @@ fn s3_golden_image_storm_over_three_nodes_survives_a_killed_node() {
     // No split brain: every client is owned by the node it finished on.
     let owners = etcd.owners(CLUSTER);
     for (i, (who, _)) in placed.iter().enumerate() {
-        assert_eq!(
-            owners.get(who).map(String::as_str),
-            Some(by_port[&finals[i]]),
-            "{who}"
-        );
+        assert_eq!(owners.get(who), Some(&by_port[&finals[i]]), "{who}");
     }
-    let etcd1 = etcd_counts(&etcd);
-    let cpu = [n1.cpu() - cpu0[0], n2.cpu() - cpu0[1]];
-    let clients_n1n2: Vec<usize> = [n1.iscsi, n2.iscsi]
+    let per_live: Vec<String> = nodes
         .iter()
-        .map(|p| finals.iter().filter(|&&f| f == *p).count())
+        .enumerate()
+        .map(|(k, n)| {
+            let served = finals.iter().filter(|&&f| f == n.iscsi).count();
+            format!(
+                "{}: {served} clients, CPU {:?}, RSS {} -> {} KiB, {} S3 GETs",
+                n.id,
+                n.cpu() - cpu0[k],
+                rss0[k],
+                n.rss_kib(),
+                n.fetches()
+            )
+        })
         .collect();
+    let mib = trace.iter().map(|r| r.1 as f64 * 512.0).sum::<f64>() / MIB as f64;
     eprintln!(
-        "measured: {CLIENTS} clients x {} reads ({:.1} MiB each) over 3 nodes: half-trace barrier at {half_time:?}, storm done in {storm:?}; \
-         n3 killed with {} clients, all re-placed and finished (slowest re-placement {slowest_move:?}, lease TTL {TTL} s); \
-         S3 chunk GETs per node: n1 {} n2 {} (distinct chunks {}), n3 {n3_fetches} by the kill; \
-         CPU during the storm: n1 {:?} for {} clients, n2 {:?} for {} clients; RSS: n1 {} KiB n2 {} KiB n3 {n3_rss} KiB; \
-         etcd during placement + storm ({} boots, {:?}): puts {} txns {} ranges {} deletes {}",
+        "measured: {clients} clients x {} reads ({mib:.1} MiB each) over {count} node(s): storm done in {storm:?} ({:.0} MiB/s served){victim_figures}; \
+         re-placed {relogged} (slowest re-placement {slowest_move:?}, lease TTL {TTL} s); distinct chunks {}; \
+         [{}]; etcd over placement + storm ({} boots): puts {} txns {} ranges {} deletes {}",
         trace.len(),
-        trace.iter().map(|r| r.1 as f64 * 512.0).sum::<f64>() / MIB as f64,
-        per_node["n3"],
-        n1.fetches(),
-        n2.fetches(),
+        (clients + relogged) as f64 * mib / storm.as_secs_f64(),
         touched.len(),
-        cpu[0],
-        clients_n1n2[0],
-        cpu[1],
-        clients_n1n2[1],
-        n1.rss_kib(),
-        n2.rss_kib(),
-        CLIENTS + per_node["n3"],
-        t0.elapsed(),
+        per_live.join("; "),
+        clients + relogged,
         etcd1[0] - etcd0[0],
         etcd1[1] - etcd0[1],
         etcd1[2] - etcd0[2],
