@@ -219,6 +219,11 @@ impl Ceph {
         });
     }
 
+    /// The cluster's configuration file (for librados clients and the `rbd` tool).
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.rgw_port)
     }
