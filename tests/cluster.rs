@@ -15,16 +15,19 @@
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 #[path = "common/http.rs"]
 mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
 use common::{Config, Server};
+use etcd::Etcd;
 use raw::Client;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.org.diskless:boot";
@@ -54,114 +57,6 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             "timed out after {WAIT:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// etcd
-// ---------------------------------------------------------------------------------------------
-
-/// A single-member etcd on 127.0.0.1 (RECIPES §7), stopped by its PID when dropped.
-struct Etcd {
-    child: Option<Child>,
-    dir: PathBuf,
-    client: u16,
-    peer: u16,
-}
-
-impl Etcd {
-    fn start(dir: &Path) -> Etcd {
-        common::require("etcd", "etcd-server");
-        common::require("etcdctl", "etcd-client");
-        let mut e = Etcd {
-            child: None,
-            dir: dir.to_path_buf(),
-            client: free_port(),
-            peer: free_port(),
-        };
-        e.spawn();
-        e
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
-    }
-
-    /// Start (again, on the same data directory and ports) and wait until it answers.
-    fn spawn(&mut self) {
-        let (c, p) = (self.client, self.peer);
-        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "n1", "--data-dir"])
-            .arg(self.dir.join("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{c}"),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{c}"),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{p}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{p}"),
-                "--initial-cluster",
-                &format!("n1=http://127.0.0.1:{p}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("cannot start etcd");
-        self.child = Some(child);
-        wait_for("etcd to answer", || {
-            self.ctl(&["endpoint", "health"]).then_some(())
-        });
-    }
-
-    /// `etcdctl ARGS`: whether it succeeded.
-    fn ctl(&self, args: &[&str]) -> bool {
-        self.ctl_out(args).is_some()
-    }
-
-    fn ctl_out(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint(), "--command-timeout=2s"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Initiator → owner node, as etcd has it now.
-    fn owners(&self) -> BTreeMap<String, String> {
-        let prefix = format!("/diskless/{CLUSTER}/owners/");
-        let text = self
-            .ctl_out(&["get", "--prefix", &prefix])
-            .expect("etcdctl get owners");
-        let lines: Vec<&str> = text.lines().collect();
-        lines
-            .chunks(2)
-            .filter_map(|kv| match kv {
-                [k, v] => Some((k.strip_prefix(&prefix)?.to_string(), v.to_string())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -351,7 +246,7 @@ fn marker(i: u8) -> Vec<u8> {
 
 /// No node serves a client whose ownership key names another node.
 fn check_no_split_brain(etcd: &Etcd, nodes: &[&Node]) {
-    let owners = etcd.owners();
+    let owners = etcd.owners(CLUSTER);
     for n in nodes {
         for who in n.sessions() {
             let owner = owners.get(&who).map(String::as_str);
@@ -511,7 +406,7 @@ fn placement_redirect_failover_drain() {
         "n3's lease to run out (membership and ownership gone)",
         || {
             let s = status(&n1.config())?;
-            let owners = etcd.owners();
+            let owners = etcd.owners(CLUSTER);
             (!s.contains_key("n3") && !owners.values().any(|o| o == "n3")).then_some(())
         },
     );
@@ -586,9 +481,12 @@ fn placement_redirect_failover_drain() {
         "a drained node hands a client over at its next boot"
     );
     let _c = login(port, &who);
-    assert_eq!(etcd.owners().get(&who).map(String::as_str), Some("n1"));
+    assert_eq!(
+        etcd.owners(CLUSTER).get(&who).map(String::as_str),
+        Some("n1")
+    );
     check_no_split_brain(&etcd, &[&n1, &n2]);
-    let owned: BTreeSet<String> = etcd.owners().into_values().collect();
+    let owned: BTreeSet<String> = etcd.owners(CLUSTER).into_values().collect();
     assert!(!owned.contains("n3"));
 
     // Undo: n2 takes new clients again.
@@ -691,7 +589,7 @@ fn paused_node_loses_its_lease_without_split_brain() {
     });
     wait_for("the paused node's lease to run out", || {
         let s = status(&n2.config())?;
-        let owners = etcd.owners();
+        let owners = etcd.owners(CLUSTER);
         (!s.contains_key("n1") && !owners.values().any(|o| o == "n1")).then_some(())
     });
     // B boots meanwhile: it lands on n2.
@@ -705,10 +603,10 @@ fn paused_node_loses_its_lease_without_split_brain() {
     resumed.set(true);
     wait_for("n1 back, owning its running client again", || {
         let s = status(&n2.config())?;
-        let owners = etcd.owners();
+        let owners = etcd.owners(CLUSTER);
         (s.contains_key("n1") && owners.get(&a).map(String::as_str) == Some("n1")).then_some(())
     });
-    assert_eq!(etcd.owners().get(&b).map(String::as_str), Some("n2"));
+    assert_eq!(etcd.owners(CLUSTER).get(&b).map(String::as_str), Some("n2"));
     let log = n1.stderr();
     assert!(
         log.contains("lease expired at etcd: registering again")

@@ -5,6 +5,8 @@
 mod file;
 mod memory;
 mod overlay;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod s3;
 pub mod versions;
 

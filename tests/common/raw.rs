@@ -606,6 +606,46 @@ impl Client {
         self.finish(itt, write_data.unwrap_or(&[]))
     }
 
+    /// READ(16) of `blocks` 512-byte blocks at `lba`, without panicking when the connection
+    /// fails (a node killed under the client): the data if GOOD, else what went wrong.
+    pub fn try_read16(&mut self, lba: u64, blocks: u32) -> Result<Vec<u8>, String> {
+        let c = self.command(&rw16_cdb(0x88, lba, blocks), blocks * 512, true, false);
+        let itt = c.itt;
+        self.send(&Pdu::header_only(Bhs::ScsiCommand(c)))
+            .map_err(|e| format!("send: {e}"))?;
+        let mut data = Vec::with_capacity(blocks as usize * 512);
+        loop {
+            let p = self
+                .recv(Duration::from_secs(20))
+                .map_err(|e| format!("{e:?}"))?;
+            match &p.bhs {
+                Bhs::DataIn(d) if d.itt == itt => {
+                    let off = d.buffer_offset as usize;
+                    if data.len() < off + p.data.len() {
+                        data.resize(off + p.data.len(), 0);
+                    }
+                    data[off..off + p.data.len()].copy_from_slice(&p.data);
+                    if d.status_present {
+                        return if d.status == 0 {
+                            Ok(data)
+                        } else {
+                            Err(format!("status {:#x}", d.status))
+                        };
+                    }
+                }
+                Bhs::ScsiResponse(r) if r.itt == itt => {
+                    return if r.status == 0 {
+                        Ok(data)
+                    } else {
+                        Err(format!("status {:#x}: {:?}", r.status, p.data))
+                    };
+                }
+                Bhs::NopIn(n) if n.itt == NO_TAG => {}
+                other => return Err(format!("unexpected PDU {other:?}")),
+            }
+        }
+    }
+
     /// READ(10) of `blocks` 512-byte blocks at `lba`; panics unless GOOD.
     pub fn read10(&mut self, lba: u32, blocks: u16) -> Vec<u8> {
         let r = self.run(&read10_cdb(lba, blocks), u32::from(blocks) * 512, None);

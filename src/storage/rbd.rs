@@ -1,0 +1,352 @@
+//! A client disk in Ceph RBD, through librbd/librados (cargo feature `rbd`; Debian packages
+//! librbd-dev and librados-dev). First slice of issue 13's shared persistent disks: open an
+//! image, take its **exclusive lock** before writing, and fence a previous owner that did not
+//! let go (a node killed or paused) by **breaking its lock, which blocklists its RADOS
+//! client** (`rbd_blocklist_on_break`, default true): from then on every write of the old
+//! owner fails with `ESHUTDOWN` (EBLOCKLISTED) at the OSDs, so two nodes never write one disk.
+//!
+//! Not wired into the configuration yet: nothing in `serve` opens an RBD disk.
+
+use super::{BlockStore, StorageError};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+#[allow(non_camel_case_types)]
+type rados_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rados_ioctx_t = *mut c_void;
+#[allow(non_camel_case_types)]
+type rbd_image_t = *mut c_void;
+
+/// `RBD_LOCK_MODE_EXCLUSIVE` (librbd.h).
+const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
+#[link(name = "rados")]
+extern "C" {
+    fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
+    fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    fn rados_connect(cluster: rados_t) -> c_int;
+    fn rados_shutdown(cluster: rados_t);
+    fn rados_ioctx_create(
+        cluster: rados_t,
+        pool: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    fn rados_ioctx_destroy(io: rados_ioctx_t);
+    fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+    fn rados_buffer_free(buf: *mut c_char);
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_close(image: rbd_image_t) -> c_int;
+    fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    fn rbd_read(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char) -> isize;
+    fn rbd_write(image: rbd_image_t, ofs: u64, len: usize, buf: *const c_char) -> isize;
+    fn rbd_flush(image: rbd_image_t) -> c_int;
+    fn rbd_discard(image: rbd_image_t, ofs: u64, len: u64) -> c_int;
+    fn rbd_lock_acquire(image: rbd_image_t, mode: c_int) -> c_int;
+    fn rbd_lock_release(image: rbd_image_t) -> c_int;
+    fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
+    fn rbd_lock_get_owners(
+        image: rbd_image_t,
+        mode: *mut c_int,
+        owners: *mut *mut c_char,
+        max: *mut usize,
+    ) -> c_int;
+    fn rbd_lock_get_owners_cleanup(owners: *mut *mut c_char, count: usize);
+    fn rbd_lock_break(image: rbd_image_t, mode: c_int, owner: *const c_char) -> c_int;
+}
+
+/// What librados/librbd answered (a negative errno), with the call.
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("{call}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Call { call: &'static str, errno: i32 },
+    #[error("{0} contains a NUL byte")]
+    Nul(&'static str),
+    #[error("the exclusive lock is held by another client ({0})")]
+    Locked(String),
+}
+
+impl RbdError {
+    /// The errno (positive), for callers that tell a fenced client from other failures.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            RbdError::Call { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+fn check(call: &'static str, r: c_int) -> Result<c_int, RbdError> {
+    if r < 0 {
+        Err(RbdError::Call { call, errno: -r })
+    } else {
+        Ok(r)
+    }
+}
+
+fn cstr(what: &'static str, s: &str) -> Result<CString, RbdError> {
+    CString::new(s).map_err(|_| RbdError::Nul(what))
+}
+
+/// One open RBD image on its own RADOS client (its own address, so that it can be fenced
+/// alone). Closed, and the client shut down, when dropped.
+pub struct RbdDisk {
+    cluster: rados_t,
+    io: rados_ioctx_t,
+    image: rbd_image_t,
+    size: u64,
+}
+
+// SAFETY: librados handles and librbd image handles are thread-safe for concurrent I/O
+// (librbd serialises internally); the handles are only closed in Drop, with &mut self.
+unsafe impl Send for RbdDisk {}
+// SAFETY: as above.
+unsafe impl Sync for RbdDisk {}
+
+impl RbdDisk {
+    /// Connect as `client.<id>` with the configuration file `conf` and open `pool/name`.
+    pub fn open(conf: &Path, id: &str, pool: &str, name: &str) -> Result<RbdDisk, RbdError> {
+        let conf_c = cstr("configuration path", &conf.to_string_lossy())?;
+        let (id_c, pool_c, name_c) = (
+            cstr("client id", id)?,
+            cstr("pool", pool)?,
+            cstr("image", name)?,
+        );
+        let mut d = RbdDisk {
+            cluster: std::ptr::null_mut(),
+            io: std::ptr::null_mut(),
+            image: std::ptr::null_mut(),
+            size: 0,
+        };
+        // SAFETY: each call gets valid NUL-terminated strings and out-pointers to our own
+        // fields; Drop releases whatever was created, in reverse order, if a later step fails.
+        unsafe {
+            check("rados_create", rados_create(&mut d.cluster, id_c.as_ptr()))?;
+            check(
+                "rados_conf_read_file",
+                rados_conf_read_file(d.cluster, conf_c.as_ptr()),
+            )?;
+            // A fenced client must fail its I/O, not wait forever for the OSDs.
+            let (k, v) = (
+                cstr("option", "rados_osd_op_timeout")?,
+                cstr("value", "10")?,
+            );
+            check(
+                "rados_conf_set",
+                rados_conf_set(d.cluster, k.as_ptr(), v.as_ptr()),
+            )?;
+            check("rados_connect", rados_connect(d.cluster))?;
+            check(
+                "rados_ioctx_create",
+                rados_ioctx_create(d.cluster, pool_c.as_ptr(), &mut d.io),
+            )?;
+            check(
+                "rbd_open",
+                rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null()),
+            )?;
+            check("rbd_get_size", rbd_get_size(d.image, &mut d.size))?;
+        }
+        Ok(d)
+    }
+
+    /// Take the image's exclusive lock (needed before the first write is acknowledged).
+    /// Fails with [`RbdError::Locked`] while another live client holds it.
+    pub fn lock(&self) -> Result<(), RbdError> {
+        // SAFETY: the image handle is open.
+        let r = unsafe { rbd_lock_acquire(self.image, RBD_LOCK_MODE_EXCLUSIVE) };
+        match r {
+            0 => Ok(()),
+            r if -r == libc::EROFS || -r == libc::EBUSY => {
+                Err(RbdError::Locked(self.owners()?.join(", ")))
+            }
+            r => Err(RbdError::Call {
+                call: "rbd_lock_acquire",
+                errno: -r,
+            }),
+        }
+    }
+
+    /// Give the lock back (a clean stop or a hand-over at the client's next boot).
+    pub fn unlock(&self) -> Result<(), RbdError> {
+        // SAFETY: the image handle is open.
+        check("rbd_lock_release", unsafe { rbd_lock_release(self.image) }).map(drop)
+    }
+
+    pub fn is_owner(&self) -> Result<bool, RbdError> {
+        let mut owner: c_int = 0;
+        // SAFETY: the image handle is open; `owner` is a valid out-pointer.
+        check("rbd_is_exclusive_lock_owner", unsafe {
+            rbd_is_exclusive_lock_owner(self.image, &mut owner)
+        })?;
+        Ok(owner != 0)
+    }
+
+    /// The clients holding the lock (librbd's owner strings, e.g. `client.4123`).
+    pub fn owners(&self) -> Result<Vec<String>, RbdError> {
+        let mut mode: c_int = 0;
+        let mut ptrs: [*mut c_char; 8] = [std::ptr::null_mut(); 8];
+        let mut n: usize = ptrs.len();
+        // SAFETY: `ptrs` has room for `n` pointers; librbd fills `n` of them, freed below.
+        let r = unsafe { rbd_lock_get_owners(self.image, &mut mode, ptrs.as_mut_ptr(), &mut n) };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check("rbd_lock_get_owners", r)?;
+        let n = n.min(ptrs.len());
+        let out = ptrs[..n]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: librbd returned NUL-terminated strings.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the `n` strings librbd allocated, freed once.
+        unsafe { rbd_lock_get_owners_cleanup(ptrs.as_mut_ptr(), n) };
+        Ok(out)
+    }
+
+    /// Fence the current owner(s) and take the lock: break each owner's lock, which
+    /// blocklists its RADOS client at the monitors (its writes fail from then on), then
+    /// acquire. For a node that is dead or has lost its etcd lease; never for a live owner.
+    pub fn fence_and_lock(&self) -> Result<Vec<String>, RbdError> {
+        let owners = self.owners()?;
+        for o in &owners {
+            let oc = cstr("lock owner", o)?;
+            // SAFETY: the image handle is open; `oc` is NUL-terminated.
+            check("rbd_lock_break", unsafe {
+                rbd_lock_break(self.image, RBD_LOCK_MODE_EXCLUSIVE, oc.as_ptr())
+            })?;
+        }
+        self.lock()?;
+        Ok(owners)
+    }
+
+    /// The RADOS client's addresses (what a blocklist entry names).
+    pub fn addrs(&self) -> Result<String, RbdError> {
+        let mut p: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the cluster handle is connected; `p` is freed with rados_buffer_free.
+        check("rados_getaddrs", unsafe {
+            rados_getaddrs(self.cluster, &mut p)
+        })?;
+        if p.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: librados returned a NUL-terminated string.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        // SAFETY: allocated by librados, freed once.
+        unsafe { rados_buffer_free(p) };
+        Ok(s)
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), RbdError> {
+        // SAFETY: `buf` is valid for `buf.len()` bytes.
+        let r = unsafe { rbd_read(self.image, offset, buf.len(), buf.as_mut_ptr().cast()) };
+        if r < 0 {
+            return Err(RbdError::Call {
+                call: "rbd_read",
+                errno: -(r as i32),
+            });
+        }
+        // A short read only past the end, which BlockStore callers never ask for.
+        buf[r as usize..].fill(0);
+        Ok(())
+    }
+
+    pub fn write(&self, data: &[u8], offset: u64) -> Result<(), RbdError> {
+        // SAFETY: `data` is valid for `data.len()` bytes.
+        let r = unsafe { rbd_write(self.image, offset, data.len(), data.as_ptr().cast()) };
+        if r < 0 {
+            return Err(RbdError::Call {
+                call: "rbd_write",
+                errno: -(r as i32),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn flush_disk(&self) -> Result<(), RbdError> {
+        // SAFETY: the image handle is open.
+        check("rbd_flush", unsafe { rbd_flush(self.image) }).map(drop)
+    }
+}
+
+impl Drop for RbdDisk {
+    fn drop(&mut self) {
+        // SAFETY: each handle is released once, image before pool context before client.
+        unsafe {
+            if !self.image.is_null() {
+                rbd_close(self.image);
+            }
+            if !self.io.is_null() {
+                rados_ioctx_destroy(self.io);
+            }
+            if !self.cluster.is_null() {
+                rados_shutdown(self.cluster);
+            }
+        }
+    }
+}
+
+fn io(e: RbdError) -> StorageError {
+    StorageError::Io(std::io::Error::other(e))
+}
+
+impl BlockStore for RbdDisk {
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        if offset.saturating_add(buf.len() as u64) > self.size {
+            return Err(StorageError::OutOfRange {
+                offset,
+                len: buf.len() as u64,
+            });
+        }
+        self.read(buf, offset).map_err(io)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return Err(StorageError::OutOfRange {
+                offset,
+                len: data.len() as u64,
+            });
+        }
+        self.write(data, offset).map_err(io)?;
+        if fua {
+            self.flush_disk().map_err(io)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.flush_disk().map_err(io)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        // SAFETY: the image handle is open. RBD discards read back as zeroes.
+        check("rbd_discard", unsafe {
+            rbd_discard(self.image, offset, len)
+        })
+        .map(drop)
+        .map_err(io)
+    }
+    fn thin_provisioned(&self) -> bool {
+        true
+    }
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
+        Ok((true, self.size.saturating_sub(offset)))
+    }
+}
