@@ -97,6 +97,8 @@ NEEDS=(
 	"etcdctl etcd-client"
 	"protoc protobuf-compiler"
 	"/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
+	"/usr/include/rbd/librbd.h librbd-dev"
+	"/usr/include/rados/librados.h librados-dev"
 )
 missing_needs() { # prints the packages of missing tools/files, one per line
 	local e what pkg
@@ -216,21 +218,33 @@ if ((!QUICK && BUILD_OK)); then
 	FUZZ_BUILD_PID=$!
 fi
 
+# Add the per-test counts of a cargo test log (every "test result:" line: one per test
+# binary and doc tests) to PASSED/FAILED; a non-zero exit with no failing test counted
+# (compile error, crash, timeout) counts as one failure. Usage: count_cargo LOG RC WHAT
+count_cargo() {
+	local tp tf
+	read -r tp tf < <(awk '/^test result:/ {
+		for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) }
+	} END { print p + 0, f + 0 }' "$1")
+	PASSED=$((PASSED + tp))
+	FAILED=$((FAILED + tf))
+	if (($2 != 0 && tf == 0)); then
+		FAILED=$((FAILED + 1))
+		dl_log "FAILED: $3 exited $2 (124 = timeout)"
+	fi
+	dl_log "$3: $tp passed, $tf failed"
+}
+
 stage_start "cargo test"
 timeout -k 10 "$CARGO_TEST_SECS" cargo test --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log"
-rc=${PIPESTATUS[0]}
-# Count individual tests from every "test result:" line (one per test binary and doc tests).
-read -r tp tf < <(awk '/^test result:/ {
-		for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) }
-	} END { print p + 0, f + 0 }' "$LOGDIR/cargo-test.log")
-PASSED=$((PASSED + tp))
-FAILED=$((FAILED + tf))
-if ((rc != 0 && tf == 0)); then
-	# Compile error, crash or timeout: no per-test failure was counted, count the step.
-	FAILED=$((FAILED + 1))
-	dl_log "FAILED: cargo test exited $rc (124 = timeout after ${CARGO_TEST_SECS}s)"
-fi
-dl_log "cargo test: $tp passed, $tf failed"
+count_cargo "$LOGDIR/cargo-test.log" "${PIPESTATUS[0]}" "cargo test"
+stage_end
+
+# The RBD backend is behind the cargo feature `rbd` (it links librbd): its test against a
+# real Ceph runs here, with the feature (docs/scale-out.md).
+stage_start "cargo test --features rbd --test rbd"
+timeout -k 10 600 cargo test --features rbd --test rbd 2>&1 | tee "$LOGDIR/cargo-test-rbd.log"
+count_cargo "$LOGDIR/cargo-test-rbd.log" "${PIPESTATUS[0]}" "cargo test --features rbd"
 stage_end
 
 if ((QUICK)); then
