@@ -131,20 +131,7 @@ impl Node {
             "script for {mac} from {}: {}",
             self.id, r.body
         );
-        let initiator = r
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("set initiator-iqn "))
-            .unwrap_or_else(|| panic!("no initiator in {}", r.body))
-            .to_string();
-        let port = r
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("sanboot iscsi:127.0.0.1::"))
-            .and_then(|rest| rest.split(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no sanboot portal in {}", r.body));
-        (initiator, port)
+        common::script_placement(&r.body)
     }
 
     /// Initiators of the Normal sessions open on the node (`diskless sessions`).

@@ -176,20 +176,7 @@ fn script(http: u16, mac: &str) -> (String, u16) {
         None,
     );
     assert_eq!(r.status, 200, "script for {mac}: {}", r.body);
-    let initiator = r
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("set initiator-iqn "))
-        .unwrap_or_else(|| panic!("no initiator in {}", r.body))
-        .to_string();
-    let port = r
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("sanboot iscsi:127.0.0.1::"))
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no sanboot portal in {}", r.body));
-    (initiator, port)
+    common::script_placement(&r.body)
 }
 
 fn mac(i: usize) -> String {

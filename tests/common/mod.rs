@@ -190,6 +190,23 @@ impl Config {
 }
 
 /// Create a sparse image file of `size` bytes.
+/// Where a boot script from 127.0.0.1 sends its client: the initiator name it sets and the
+/// port of its `sanboot` portal (a cluster node's own or another node's).
+pub fn script_placement(script: &str) -> (String, u16) {
+    let initiator = script
+        .lines()
+        .find_map(|l| l.strip_prefix("set initiator-iqn "))
+        .unwrap_or_else(|| panic!("no initiator in {script}"))
+        .to_string();
+    let port = script
+        .lines()
+        .find_map(|l| l.strip_prefix("sanboot iscsi:127.0.0.1::"))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no sanboot portal in {script}"));
+    (initiator, port)
+}
+
 /// A TCP port free on 127.0.0.1 now (for a server told its port in advance).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
