@@ -491,7 +491,7 @@ pub async fn serve_with_files(
                             .await
                         {
                             Some(s) => {
-                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?q.firmware, "boot script served");
+                                info!(%peer, mac = ?mac, uuid = ?uuid, firmware = ?q.firmware.map(|f| f.to_string()), "boot script served");
                                 respond(StatusCode::OK, s)
                             }
                             None => {
