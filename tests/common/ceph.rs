@@ -50,6 +50,24 @@ impl Ceph {
         self.daemons.push((name, child));
     }
 
+    /// Fail at once, with its status and the logs, when the daemon `name` has exited. A
+    /// monitor exits with 28 (ENOSPC) when its data filesystem has under 5 % free
+    /// (`mon data avail crit`), even with gigabytes left.
+    fn exited(&mut self, name: &str) {
+        let status = self
+            .daemons
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, c)| c.try_wait().ok().flatten());
+        if let Some(status) = status {
+            panic!(
+                "ceph {name} exited ({status}; 28 = ENOSPC: under 5 % free on the temp \
+                 filesystem?)\n{}",
+                self.logs()
+            );
+        }
+    }
+
     /// Daemon output and logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -160,6 +178,7 @@ impl Ceph {
         ceph.spawn("mon", "ceph-mon", &["-i", "a", "-f"]);
         let limit = Duration::from_secs(60);
         wait_for(limit, "ceph-mon answering", || {
+            ceph.exited("mon");
             ceph.tool("ceph", &["--connect-timeout", "5", "-s"])
                 .success()
                 .then_some(())
