@@ -299,16 +299,16 @@ fn bios_two_clients_boot_one_golden_image_through_overlays() {
 /// 0); after the iBFT hand-off Linux sees both, the data disk with its size and content.
 #[test]
 fn bios_boot_script_hooks_a_data_disk_and_linux_sees_both() {
-    boot_with_a_data_disk("bios", "Bios");
+    boot_with_a_data_disk("bios");
 }
 
 /// The same under OVMF + iPXE's EFI ROM (EFI block devices 0x80 and 0x81).
 #[test]
 fn uefi_boot_script_hooks_a_data_disk_and_linux_sees_both() {
-    boot_with_a_data_disk("uefi", "Uefi");
+    boot_with_a_data_disk("uefi");
 }
 
-fn boot_with_a_data_disk(mode: &str, firmware: &str) {
+fn boot_with_a_data_disk(mode: &str) {
     require_boot_tools(mode);
     let dir = tempfile::tempdir().unwrap();
     let target = "iqn.2026-11.test:boot-multi";
@@ -365,7 +365,8 @@ fn boot_with_a_data_disk(mode: &str, firmware: &str) {
     // The script the endpoint served (this firmware, two disks), as iPXE ran it.
     let stderr = server.stderr();
     assert!(
-        stderr.contains("boot script served") && stderr.contains(&format!("Some({firmware})")),
+        stderr.contains("boot script served")
+            && stderr.contains(&format!("firmware=Some(\"{mode}\")")),
         "{}",
         report()
     );
