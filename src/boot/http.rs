@@ -179,11 +179,6 @@ fn portal_host(portal: &str) -> (&str, &str) {
     }
 }
 
-/// An iPXE script that sets the initiator name and boots from the SAN disk (LUN 0).
-pub fn ipxe_script(initiator: &str, portal: &str, target: &str) -> String {
-    ScriptPlan::single(initiator, portal, target).render()
-}
-
 /// A script for a client no node can take now (cluster registry unreachable, no node
 /// left): say why, wait, and boot again from the start (DHCP, script), which asks again.
 pub fn ipxe_retry_script(reason: &str) -> String {
@@ -536,7 +531,8 @@ mod tests {
 
     #[test]
     fn script_and_query() {
-        let s = ipxe_script("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot");
+        let s = ScriptPlan::single("iqn.x:c1", "10.0.2.2:3261", "iqn.2026-11.org.diskless:boot")
+            .render();
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("set initiator-iqn iqn.x:c1\n"));
         assert!(s.contains("sanboot iscsi:10.0.2.2::3261:0:iqn.2026-11.org.diskless:boot"));
