@@ -350,16 +350,7 @@ impl Cluster {
         .await?;
         let lease = grant.id();
         let rec = self.record(lease);
-        let value = serde_json::to_vec(&rec).unwrap_or_default();
-        bounded(
-            self.op_timeout,
-            c.put(
-                self.keys.node(&self.me),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
+        self.put_record(&rec, lease).await?;
         {
             let mut st = self.lock();
             st.lease = Some(lease);
@@ -390,13 +381,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Write the record again if the load or the drain mark changed.
-    async fn publish(&self, lease: i64) -> Result<(), ClusterError> {
-        let rec = self.record(lease);
-        if self.lock().published.as_ref() == Some(&rec) {
-            return Ok(());
-        }
-        let value = serde_json::to_vec(&rec).unwrap_or_default();
+    /// Write this node's record, bound to `lease` (it goes when the lease expires).
+    async fn put_record(&self, rec: &NodeRecord, lease: i64) -> Result<(), ClusterError> {
+        let value = serde_json::to_vec(rec).unwrap_or_default();
         let mut c = self.client.clone();
         bounded(
             self.op_timeout,
@@ -407,6 +394,16 @@ impl Cluster {
             ),
         )
         .await?;
+        Ok(())
+    }
+
+    /// Write the record again if the load or the drain mark changed.
+    async fn publish(&self, lease: i64) -> Result<(), ClusterError> {
+        let rec = self.record(lease);
+        if self.lock().published.as_ref() == Some(&rec) {
+            return Ok(());
+        }
+        self.put_record(&rec, lease).await?;
         if rec.draining && !self.lock().published.as_ref().is_some_and(|p| p.draining) {
             info!(node = %self.me, "draining: no new clients; clients move at their next boot");
         }
