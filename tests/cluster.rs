@@ -14,6 +14,8 @@
 //!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd;
@@ -22,11 +24,11 @@ mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{Config, Server};
+use cluster::Node;
 use etcd::Etcd;
 use raw::Client;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,14 +39,6 @@ const GOLDEN_SIZE: usize = 4 << 20;
 const TTL: u64 = 2;
 /// Longest wait for any condition.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
@@ -60,101 +54,28 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Nodes
-// ---------------------------------------------------------------------------------------------
-
-struct Node {
-    id: String,
-    dir: PathBuf,
-    iscsi: u16,
-    http: u16,
-    server: Option<Server>,
+/// A node of the test's cluster serving `golden` (a file) as the default volatile image.
+fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: format!("  - {{name: base, path: {}}}\n", golden.display()),
+        image: "base",
+        extra: String::new(),
+    };
+    Node::start(root, id, &spec)
 }
 
-impl Node {
-    fn start(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (iscsi, http) = (free_port(), free_port());
-        let yaml = format!(
-            "portals: [\"127.0.0.1:{iscsi}\"]\n\
-             state_dir: {state}\n\
-             settings: {{nop_in_interval_secs: 0}}\n\
-             images:\n  - {{name: base, path: {img}}}\n\
-             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n\
-             boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
-             api: {{listen: \"127.0.0.1:0\"}}\n\
-             cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
-            state = dir.join("state").display(),
-            img = golden.display(),
-            ep = etcd.endpoint(),
-        );
-        let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
-        assert_eq!(server.port, iscsi);
-        Node {
-            id: id.to_string(),
-            dir,
-            iscsi,
-            http,
-            server: Some(server),
-        }
-    }
-
-    /// `/metrics` of the node's API.
-    fn metrics(&self) -> String {
-        let api = self.server.as_ref().unwrap().api_url();
-        let r = http::request(&api, "GET", "/metrics", &[], None);
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.join("targets.yaml")
-    }
-
-    fn stderr(&self) -> String {
-        self.server.as_ref().map(|s| s.stderr()).unwrap_or_default()
-    }
-
-    /// The boot script for the client with this MAC: (initiator, iSCSI port it names).
-    fn script(&self, mac: &str) -> (String, u16) {
-        let r = http::request(
-            &format!("http://127.0.0.1:{}/", self.http),
-            "GET",
-            &format!("/boot.ipxe?mac={mac}"),
-            &[],
-            None,
-        );
-        assert_eq!(
-            r.status, 200,
-            "script for {mac} from {}: {}",
-            self.id, r.body
-        );
-        common::script_placement(&r.body)
-    }
-
-    /// Initiators of the Normal sessions open on the node (`diskless sessions`).
-    fn sessions(&self) -> Vec<String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-            .args(["sessions", "--control"])
-            .arg(self.dir.join("state/control.sock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "diskless sessions: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                (f.len() == 4 && !f[3].is_empty()).then(|| f[1].to_string())
-            })
-            .collect()
-    }
+/// Wait until `diskless cluster status` lists every node and each node's own view counts
+/// them all.
+fn wait_for_members(nodes: &[&Node]) {
+    let n = nodes.len();
+    wait_for("every node in cluster status", || {
+        status(&nodes[0].config()).filter(|s| s.len() == n)
+    });
+    cluster::wait_for_views(nodes.iter().copied(), WAIT);
 }
 
 /// `diskless ARGS -c CONFIG`: stdout, and whether it succeeded.
@@ -254,12 +175,10 @@ fn placement_redirect_failover_drain() {
     let golden = tmp.path().join("golden.img");
     std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 5)).unwrap();
     let etcd = Etcd::start(tmp.path());
-    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
-    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
-    let mut n3 = Node::start(tmp.path(), "n3", &etcd, &golden);
-    wait_for("three nodes in cluster status", || {
-        status(&n1.config()).filter(|s| s.len() == 3)
-    });
+    let n1 = start_node(tmp.path(), "n1", &etcd, &golden);
+    let n2 = start_node(tmp.path(), "n2", &etcd, &golden);
+    let mut n3 = start_node(tmp.path(), "n3", &etcd, &golden);
+    wait_for_members(&[&n1, &n2, &n3]);
     let by_port: BTreeMap<u16, &str> = [(n1.iscsi, "n1"), (n2.iscsi, "n2"), (n3.iscsi, "n3")]
         .into_iter()
         .collect();
@@ -490,11 +409,9 @@ fn etcd_loss_keeps_sessions_refuses_new_logins() {
     let golden = tmp.path().join("golden.img");
     std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 6)).unwrap();
     let mut etcd = Etcd::start(tmp.path());
-    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
-    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
-    wait_for("two nodes in cluster status", || {
-        status(&n1.config()).filter(|s| s.len() == 2)
-    });
+    let n1 = start_node(tmp.path(), "n1", &etcd, &golden);
+    let n2 = start_node(tmp.path(), "n2", &etcd, &golden);
+    wait_for_members(&[&n1, &n2]);
     // A running client on n1.
     let (who, port) = n1.script(&mac(1));
     assert_eq!(port, n1.iscsi);
@@ -550,11 +467,9 @@ fn paused_node_loses_its_lease_without_split_brain() {
     let golden = tmp.path().join("golden.img");
     std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 7)).unwrap();
     let etcd = Etcd::start(tmp.path());
-    let n1 = Node::start(tmp.path(), "n1", &etcd, &golden);
-    let n2 = Node::start(tmp.path(), "n2", &etcd, &golden);
-    wait_for("two nodes in cluster status", || {
-        status(&n2.config()).filter(|s| s.len() == 2)
-    });
+    let n1 = start_node(tmp.path(), "n1", &etcd, &golden);
+    let n2 = start_node(tmp.path(), "n2", &etcd, &golden);
+    wait_for_members(&[&n1, &n2]);
     // A on n1 with a session open; B placed on n1 (n1, n2, n1), not booted yet.
     let (a, pa) = n2.script(&mac(1));
     assert_eq!(pa, n1.iscsi);

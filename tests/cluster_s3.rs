@@ -17,6 +17,8 @@
 
 #[path = "common/ceph.rs"]
 mod ceph;
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd;
@@ -26,11 +28,11 @@ mod http;
 mod raw;
 
 use ceph::Ceph;
-use common::{Config, Server};
+use cluster::{script, Node};
 use etcd::Etcd;
 use raw::Client;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -45,10 +47,6 @@ const CHUNK: usize = MIB;
 const IMAGE_SIZE: usize = 72 * MIB;
 /// Raw clients in the storm of the test (20 per node).
 const CLIENTS: usize = 60;
-
-fn free_port() -> u16 {
-    ceph::free_port()
-}
 
 /// The boot trace: (LBA, blocks) of 512-byte blocks, in order.
 fn trace() -> Vec<(u64, u32)> {
@@ -77,84 +75,27 @@ fn chunks_touched(reads: &[(u64, u32)]) -> BTreeSet<usize> {
         .collect()
 }
 
-struct Node {
-    id: String,
-    dir: PathBuf,
-    iscsi: u16,
-    http: u16,
-    server: Option<Server>,
+/// A node of the test's cluster, serving the golden image from the gateway's bucket through a
+/// node-local chunk cache.
+fn start_node(root: &Path, id: &str, etcd: &Etcd, ceph: &Ceph) -> Node {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    ceph::write_credentials(&dir);
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: images(ceph),
+        image: "golden",
+        extra: "chunk_cache: {memory: 128MiB, disk: 128MiB}\n".to_string(),
+    };
+    Node::start(root, id, &spec)
 }
 
-impl Node {
-    fn start(root: &Path, id: &str, etcd: &Etcd, ceph: &Ceph) -> Node {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        ceph::write_credentials(&dir);
-        let (iscsi, http) = (free_port(), free_port());
-        let yaml = format!(
-            "portals: [\"127.0.0.1:{iscsi}\"]\n\
-             state_dir: {state}\n\
-             settings: {{nop_in_interval_secs: 0}}\n\
-             chunk_cache: {{memory: 128MiB, disk: 128MiB}}\n\
-             images:\n{images}\
-             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n\
-             boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
-             api: {{listen: \"127.0.0.1:0\"}}\n\
-             cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
-            state = dir.join("state").display(),
-            images = images(ceph),
-            ep = etcd.endpoint(),
-        );
-        let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
-        Node {
-            id: id.to_string(),
-            dir,
-            iscsi,
-            http,
-            server: Some(server),
-        }
-    }
-
-    /// `diskless_s3_chunk_fetches_total` of the golden image on this node.
-    fn fetches(&self) -> u64 {
-        let api = self.server.as_ref().expect("node running").api_url();
-        let r = http::request(&api, "GET", "/metrics", &[], None);
-        assert_eq!(r.status, 200, "{}", r.body);
-        let name = "diskless_s3_chunk_fetches_total{version=\"golden/diskless/golden/v1\"}";
-        r.body
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .unwrap_or_else(|| panic!("no {name} in {}'s metrics:\n{}", self.id, r.body))
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let pid = self.server.as_ref().expect("node running").pid();
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// CPU time (user + system) the node used so far, from /proc/PID/stat.
-    fn cpu(&self) -> Duration {
-        let pid = self.server.as_ref().expect("node running").pid();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the ")" of the command: state is field 3; utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis(ticks * 1000 / hz)
-    }
+/// `diskless_s3_chunk_fetches_total` of the golden image on `node`.
+fn fetches(node: &Node) -> u64 {
+    node.metric("diskless_s3_chunk_fetches_total{version=\"golden/diskless/golden/v1\"}")
 }
 
 /// The `images:` section: the golden image in the gateway's bucket.
@@ -163,20 +104,6 @@ fn images(ceph: &Ceph) -> String {
         "  - name: golden\n    s3: {{endpoint: \"{}\", bucket: golden, prefix: diskless, version: v1, credentials_file: s3.cred, timeout_secs: 5, retries: 2}}\n",
         ceph.endpoint()
     )
-}
-
-/// The boot script for `mac` from the node whose boot HTTP port is `http`: (initiator,
-/// iSCSI port it names).
-fn script(http: u16, mac: &str) -> (String, u16) {
-    let r = http::request(
-        &format!("http://127.0.0.1:{http}/"),
-        "GET",
-        &format!("/boot.ipxe?mac={mac}"),
-        &[],
-        None,
-    );
-    assert_eq!(r.status, 200, "script for {mac}: {}", r.body);
-    common::script_placement(&r.body)
 }
 
 fn mac(i: usize) -> String {
@@ -313,7 +240,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
 
     let etcd = Etcd::start(root);
     let mut nodes: Vec<Node> = (1..=count)
-        .map(|i| Node::start(root, &format!("n{i}"), &etcd, &ceph))
+        .map(|i| start_node(root, &format!("n{i}"), &etcd, &ceph))
         .collect();
     let config = nodes[0].dir.join("targets.yaml");
     let nodes_up = || {
@@ -328,6 +255,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
     wait_for("every node in cluster status", || {
         (nodes_up()? == count).then_some(())
     });
+    cluster::wait_for_views(&nodes, WAIT);
     let by_port: BTreeMap<u16, String> = nodes.iter().map(|n| (n.iscsi, n.id.clone())).collect();
     let dead = if kill { nodes[count - 1].iscsi } else { 0 };
     let victim = nodes[count - 1].id.clone();
@@ -403,7 +331,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
     if kill {
         // The victim served half a trace to each of its clients: at most one GET per chunk.
         let n = &mut nodes[count - 1];
-        let f = n.fetches();
+        let f = fetches(n);
         assert!(
             f <= touched_half.len() as u64,
             "{victim} fetched {f} chunks for {} distinct ones",
@@ -448,7 +376,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
     // and the count is no higher than their number).
     for n in &nodes {
         assert_eq!(
-            n.fetches(),
+            fetches(n),
             touched.len() as u64,
             "{}: S3 chunk GETs vs distinct chunks the trace touches",
             n.id
@@ -470,7 +398,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
                 n.cpu() - cpu0[k],
                 rss0[k],
                 n.rss_kib(),
-                n.fetches()
+                fetches(n)
             )
         })
         .collect();
