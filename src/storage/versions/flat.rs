@@ -289,10 +289,16 @@ pub(super) fn write_flat(chain: &ChainFiles, path: &Path, rate: u64) -> Result<u
         .create_new(true)
         .open(&partial)
         .map_err(|e| with_path(e, &partial))?;
-    // Held until the rename: a sweep by another process (GC) leaves a running copy alone.
-    if !try_lock(&out)? {
+    // Held until the rename: a sweep (another copy starting, GC) leaves a running copy
+    // alone. A sweep between our create and our lock could have deleted the file: check the
+    // name still is ours.
+    use std::os::unix::fs::MetadataExt;
+    let ours = try_lock(&out)?
+        && std::fs::metadata(&partial)
+            .is_ok_and(|m| out.metadata().is_ok_and(|o| o.ino() == m.ino()));
+    if !ours {
         return Err(VersionError::Invalid(format!(
-            "{}: held by another copy",
+            "{}: taken by another copy or a sweep",
             partial.display()
         )));
     }
