@@ -807,6 +807,8 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             tracing::warn!("{w}");
         }
         let registry = Registry::from_config(&config)?.with_portals(bound.clone());
+        // Deep versions get a flat copy in the background (docs/images.md, "Flat copies").
+        crate::storage::versions::flat::apply_settings(&config.settings);
         let settings = crate::session::Settings::from_config(registry.settings());
         for t in registry.targets() {
             tracing::info!(target = %t.name, luns = t.luns.len(), "serving");

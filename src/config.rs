@@ -234,6 +234,11 @@ pub struct SettingsConfig {
     /// SANITIZE OVERWRITE writes at most this many bytes a second, so wiping a big disk
     /// does not starve the other clients of the same storage.
     pub sanitize_overwrite_rate: ByteSize,
+    /// A versioned image's version with at least this many layers above its base gets a
+    /// flat copy in the background when it is first read (docs/images.md); 0 = never.
+    pub materialize_depth: u32,
+    /// The flat copy reads and writes at most this many bytes a second (0 = no limit).
+    pub materialize_rate: ByteSize,
 }
 
 impl Default for SettingsConfig {
@@ -258,6 +263,8 @@ impl Default for SettingsConfig {
             max_buffered_bytes: ByteSize(32 << 20),
             idle_timeout_secs: 0,
             sanitize_overwrite_rate: ByteSize(256 << 20),
+            materialize_depth: 4,
+            materialize_rate: ByteSize(64 << 20),
         }
     }
 }

@@ -33,6 +33,7 @@ pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
     let (new, changed) =
         Registry::from_config_reusing(&config, Some(&old)).map_err(|e| e.to_string())?;
     let new = new.with_portals(old.portals().to_vec());
+    crate::storage::versions::flat::apply_settings(&config.settings);
     new.adopt_clients(&old);
     let targets = new.targets().count();
     server.set_registry(Arc::new(new));

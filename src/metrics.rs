@@ -479,6 +479,9 @@ pub struct Metrics {
     cache_hits: Family<TierLabels, Counter>,
     cache_evictions: Family<TierLabels, Counter>,
     cache_misses: Counter,
+    flat_done: Counter,
+    flat_failed: Counter,
+    flat_running: Gauge,
     cluster: Family<ClusterLabels, Gauge>,
     uptime: Gauge<f64, AtomicU64>,
     open_fds: Gauge,
@@ -710,6 +713,24 @@ impl Metrics {
             "Chunk reads that missed both tiers (then fetched from the object store)",
             cache_misses.clone(),
         );
+        let flat_done = Counter::default();
+        r.register(
+            "diskless_versions_materialized",
+            "Flat copies of deep image versions completed (docs/images.md, Flat copies)",
+            flat_done.clone(),
+        );
+        let flat_failed = Counter::default();
+        r.register(
+            "diskless_versions_materialize_failures",
+            "Flat copies of deep image versions that failed (reads stay on the chain)",
+            flat_failed.clone(),
+        );
+        let flat_running = Gauge::default();
+        r.register(
+            "diskless_versions_materializing",
+            "Flat copies of deep image versions being written now",
+            flat_running.clone(),
+        );
         let cluster = Family::<ClusterLabels, Gauge>::default();
         r.register(
             "diskless_cluster",
@@ -783,6 +804,9 @@ impl Metrics {
             cache_hits,
             cache_evictions,
             cache_misses,
+            flat_done,
+            flat_failed,
+            flat_running,
             cluster,
             uptime,
             open_fds,
@@ -1220,6 +1244,13 @@ impl Metrics {
             self.cache_misses
                 .inc_by(c.misses.saturating_sub(self.cache_misses.get()));
         }
+        let flat = crate::storage::versions::flat::stats();
+        self.flat_done
+            .inc_by(flat.materialized.saturating_sub(self.flat_done.get()));
+        self.flat_failed
+            .inc_by(flat.failed.saturating_sub(self.flat_failed.get()));
+        self.flat_running
+            .set(i64::try_from(flat.running).unwrap_or(i64::MAX));
         let (fds, rss) = process_stats();
         self.open_fds.set(fds);
         self.rss.set(rss);

@@ -5,8 +5,13 @@
 # each rewriting 2 % of the 4 KiB chunks in runs of 1 to --run chunks at random places; --run 1
 # scatters single chunks, the worst case). N clients replay the recorded boot read trace on
 # each, alternating which goes first, and the table shows deep/flat.
+# With materialization on (settings.materialize_depth, default 4 here as in the server), a
+# first storm on `deep` runs while its flat copy is written (reported as "during copy"), then
+# the timed rounds start once the server logs "version materialized"; --materialize-depth 0
+# measures the chain itself.
 #
 #   scripts/bench/versions.sh [--clients "32 128"] [--rounds N] [--layers 10] [--run 32]
+#                             [--materialize-depth 4] [--materialize-rate 64MiB]
 #                             [--bin DIR] [--keep]
 set -euo pipefail
 
@@ -24,14 +29,18 @@ BIN_DIR=""
 KEEP=0
 OUT_DIR=$ROOT/target/bench
 IMG_SIZE=$((256 << 20))
+MDEPTH=4
+MRATE=64MiB
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
 	case "$1" in
 	--clients) CLIENTS=${2:?}; shift ;;
 	--rounds) ROUNDS=${2:?}; shift ;;
 	--layers) LAYERS=${2:?}; shift ;;
 	--run) RUN=${2:?}; shift ;;
+	--materialize-depth) MDEPTH=${2:?}; shift ;;
+	--materialize-rate) MRATE=${2:?}; shift ;;
 	--bin) BIN_DIR=${2:?}; shift ;;
 	--keep) KEEP=1 ;;
 	-h | --help) usage; exit 0 ;;
@@ -41,6 +50,7 @@ while (($#)); do
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || dl_die "--rounds must be a positive integer"
 [[ $LAYERS =~ ^[0-9]+$ ]] || dl_die "--layers must be a number"
+[[ $MDEPTH =~ ^[0-9]+$ ]] || dl_die "--materialize-depth must be a number"
 for n in $CLIENTS; do [[ $n =~ ^[1-9][0-9]*$ ]] || dl_die "--clients: '$n' is not a positive integer"; done
 [[ -f $TRACE ]] || dl_die "no trace at $TRACE"
 dl_require python3 mktemp timeout qemu-img
@@ -95,8 +105,10 @@ targets:
       default: {image: deep, mode: volatile}
 settings:
   max_sessions: 4096
+  materialize_depth: $MDEPTH
+  materialize_rate: $MRATE
 EOF
-"$BIN" --log warn serve -c "$W/targets.yaml" --listen 127.0.0.1:0 >"$W/dl.out" 2>"$W/dl.err" &
+"$BIN" --log warn,diskless::storage::versions=info serve -c "$W/targets.yaml" --listen 127.0.0.1:0 >"$W/dl.out" 2>"$W/dl.err" &
 DL_PID=$!
 PORT=""
 for ((i = 0; i < 300; i++)); do
@@ -125,6 +137,23 @@ run_one() { # round clients image
 	dl_log "round $r, $n clients, $img: last done $(get last_done_s) s, p50 $(get p50_us) µs"
 	sleep 1
 }
+# The first read of `deep` starts its flat copy (when its depth reaches --materialize-depth):
+# one storm runs during the copy (round 0), then the timed rounds wait for the copy.
+if ((MDEPTH > 0 && LAYERS >= MDEPTH)); then
+	first=${CLIENTS%% *}
+	run_one 0 "$first" deep
+	dl_log "waiting for the flat copy of deep (log: version materialized)"
+	for ((i = 0; i < 6000; i++)); do
+		grep -q 'version materialized' "$W/dl.err" && break
+		grep -q 'materializing a flat copy failed' "$W/dl.err" && { tail -n 5 "$W/dl.err" >&2; dl_die "the flat copy failed"; }
+		kill -0 "$DL_PID" 2>/dev/null || dl_die "diskless exited"
+		sleep 0.1
+	done
+	grep -q 'version materialized' "$W/dl.err" || dl_die "no flat copy of deep after 600 s"
+	grep 'version materialized' "$W/dl.err" | tail -n 1 | sed 's/^/  /' >&2
+	# Warm like the version files above.
+	cat "$W"/state/images/deep/flat/*.flat >/dev/null
+fi
 k=0
 for ((r = 1; r <= ROUNDS; r++)); do
 	for n in $CLIENTS; do
@@ -136,7 +165,9 @@ done
 
 python3 - "$RESULTS" "$(getconf CLK_TCK)" "$LAYERS" <<'PY' | tee "$OUT_DIR/versions.md"
 import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+allrows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+rows = [r for r in allrows if r["round"] != "0"]
+during = [r for r in allrows if r["round"] == "0"]
 tck, layers = int(sys.argv[2]), sys.argv[3]
 med = lambda rs, k: statistics.median(float(r[k]) for r in rs)
 print(f"| clients | image | last done s | p50 µs | p99 µs | server CPU s | deep/flat time |")
@@ -147,5 +178,8 @@ for n in sorted({int(r["clients"]) for r in rows}):
     for name, rs in (("flat", f), (f"{layers} layers", d)):
         ratio = f"**{med(d, 'last_done_s') / med(f, 'last_done_s'):.3f}**" if name != "flat" else ""
         print(f"| {n} | {name} | {med(rs, 'last_done_s'):.3f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {ratio} |")
+    for r in (x for x in during if int(x["clients"]) == n):
+        f = [x for x in rows if int(x["clients"]) == n and x["image"] == "flat"]
+        print(f"| {n} | {layers} layers, during its flat copy (1 run) | {float(r['last_done_s']):.3f} | {float(r['p50_us']):.0f} | {float(r['p99_us']):.0f} | {int(r['cpu_ticks']) / tck:.2f} | {float(r['last_done_s']) / med(f, 'last_done_s'):.3f} |")
 PY
 dl_log "table written to $OUT_DIR/versions.md"

@@ -19,7 +19,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+pub mod flat;
 
 const CATALOGUE: &str = "catalogue.json";
 const LOCK: &str = "lock";
@@ -437,19 +440,41 @@ impl MergedMap {
     }
 }
 
-/// One version opened for reading: the base plus its layers, with one merged map.
-pub struct VersionStore {
+/// The chain of one version: the base plus its layers, with one merged map.
+struct Chain {
     base: Arc<dyn BlockStore>,
+    /// The base file itself (for the flat copy's `copy_file_range` and holes).
+    base_file: Option<File>,
     layers: Vec<File>,
     map: MergedMap,
     size: u64,
     block_size: u32,
 }
 
+/// One version opened for reading: its chain (one merged map), and the flat copy that
+/// replaces the chain for reads once it exists ([`flat`]).
+pub struct VersionStore {
+    chain: Arc<Chain>,
+    flat: Option<Arc<flat::Slot>>,
+    /// Layers above the base.
+    depth: u32,
+    label: String,
+    /// A read asked for the flat copy already (the policy is checked once per store).
+    asked: AtomicBool,
+}
+
 impl VersionStore {
     /// Open a chain: `base` (oldest) and layer files oldest first.
     pub fn open(
         base: Arc<dyn BlockStore>,
+        layer_paths: &[PathBuf],
+    ) -> Result<VersionStore, VersionError> {
+        Self::open_chain(base, None, layer_paths)
+    }
+
+    fn open_chain(
+        base: Arc<dyn BlockStore>,
+        base_file: Option<File>,
         layer_paths: &[PathBuf],
     ) -> Result<VersionStore, VersionError> {
         let size = base.size();
@@ -474,33 +499,100 @@ impl VersionStore {
             layers.push(f);
         }
         Ok(VersionStore {
-            base,
-            layers,
-            map,
-            size,
-            block_size,
+            depth: layers.len() as u32,
+            chain: Arc::new(Chain {
+                base,
+                base_file,
+                layers,
+                map,
+                size,
+                block_size,
+            }),
+            flat: None,
+            label: String::new(),
+            asked: AtomicBool::new(false),
         })
     }
 
     /// Runs in the merged map (what memory and lookups scale with).
     pub fn map_runs(&self) -> usize {
-        self.map.len()
+        self.chain.map.len()
     }
 
-    /// Read from the merged map into `buf` (for tests and export).
+    /// Layers above the base.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// The flat copy's path, if this version can have one (a layer version opened through
+    /// [`Images::open_in`]).
+    pub fn flat_path(&self) -> Option<&Path> {
+        self.flat.as_deref().map(|s| s.path.as_path())
+    }
+
+    /// Reads go to the flat copy now.
+    pub fn is_flat(&self) -> bool {
+        self.flat.as_ref().is_some_and(|s| s.ready().is_some())
+    }
+
+    /// Write the flat copy now, in the calling thread, and switch reads to it (for tests
+    /// and tools; the server copies in the background, [`flat::FlatPolicy`]). `rate` in
+    /// bytes a second, 0 = no limit.
+    pub fn materialize_now(&self, rate: u64) -> Result<(), VersionError> {
+        let Some(slot) = &self.flat else {
+            return Err(VersionError::Invalid(
+                "this version has no flat copy slot".into(),
+            ));
+        };
+        if slot.ready().is_some() {
+            return Ok(());
+        }
+        write_chain_flat(&self.chain, &slot.path, rate)?;
+        slot.install(self.chain.block_size)
+    }
+
+    /// Start the background copy (whatever the policy's depth; at `rate`).
+    pub fn materialize_in_background(&self, rate: u64) {
+        let Some(slot) = &self.flat else { return };
+        let chain = self.chain.clone();
+        let path = slot.path.clone();
+        flat::spawn(
+            slot.clone(),
+            self.label.clone(),
+            move || write_chain_flat(&chain, &path, rate),
+            self.chain.block_size,
+        );
+    }
+
+    /// First read of this store: start the copy if the policy says this version is deep.
+    fn maybe_materialize(&self) {
+        if self.flat.is_none() || self.asked.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.asked.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let p = flat::policy();
+        if p.min_depth > 0 && self.depth >= p.min_depth {
+            self.materialize_in_background(p.rate);
+        }
+    }
+
+    /// Read from the merged map into `buf`.
     fn read_runs(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        let c = &*self.chain;
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
-            let (src, run_end) = self.map.run_at(pos, end);
+            let (src, run_end) = c.map.run_at(pos, end);
             let a = (pos - offset) as usize;
             let b = (run_end - offset) as usize;
             let part = buf.get_mut(a..b).unwrap_or_default();
             match src {
-                None => self.base.read_at(part, pos)?,
+                None => c.base.read_at(part, pos)?,
                 Some(Source::Zero) => part.fill(0),
                 Some(Source::Layer { idx, off }) => {
-                    let f = self
+                    let f = c
                         .layers
                         .get(idx as usize)
                         .ok_or(StorageError::Unsupported("layer index"))?;
@@ -513,21 +605,41 @@ impl VersionStore {
     }
 }
 
+fn write_chain_flat(chain: &Chain, path: &Path, rate: u64) -> Result<u64, VersionError> {
+    flat::write_flat(
+        &flat::ChainFiles {
+            base: chain.base.as_ref(),
+            base_file: chain.base_file.as_ref(),
+            layers: &chain.layers,
+            map: &chain.map,
+            size: chain.size,
+        },
+        path,
+        rate,
+    )
+}
+
 impl BlockStore for VersionStore {
     fn block_size(&self) -> u32 {
-        self.block_size
+        self.chain.block_size
     }
     fn size(&self) -> u64 {
-        self.size
+        self.chain.size
     }
     fn read_only(&self) -> bool {
         true
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if offset.checked_add(len).is_none_or(|e| e > self.chain.size) {
             return Err(StorageError::OutOfRange { offset, len });
         }
+        // One source for the whole read: the flat copy once it is complete, else the chain
+        // (both read the same bytes; a read never mixes them).
+        if let Some(f) = self.flat.as_ref().and_then(|s| s.ready()) {
+            return f.read_at(buf, offset);
+        }
+        self.maybe_materialize();
         self.read_runs(buf, offset)
     }
     fn write_at(&self, _: &[u8], _: u64, _: bool) -> Result<(), StorageError> {
@@ -543,12 +655,13 @@ impl BlockStore for VersionStore {
         true
     }
     fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
-        if offset >= self.size {
+        let c = &*self.chain;
+        if offset >= c.size {
             return Err(StorageError::OutOfRange { offset, len: 0 });
         }
-        match self.map.run_at(offset, self.size) {
+        match c.map.run_at(offset, c.size) {
             (None, end) => {
-                let (m, run) = self.base.allocation(offset)?;
+                let (m, run) = c.base.allocation(offset)?;
                 Ok((m, run.min(end - offset).max(1)))
             }
             (Some(Source::Zero), end) => Ok((false, end - offset)),
@@ -923,13 +1036,26 @@ impl Images {
         let (base, layers) = chain
             .split_first()
             .ok_or_else(|| VersionError::Invalid("empty chain".into()))?;
-        let base: Arc<dyn BlockStore> = Arc::new(FileStore::open(
-            &dir.join(&base.file),
-            log.block_size,
-            true,
-        )?);
+        let base_path = dir.join(&base.file);
+        let store: Arc<dyn BlockStore> =
+            Arc::new(FileStore::open(&base_path, log.block_size, true)?);
+        let base_file = File::open(&base_path).map_err(|e| with_path(e, &base_path))?;
         let layers: Vec<PathBuf> = layers.iter().map(|v| dir.join(&v.file)).collect();
-        VersionStore::open(base, &layers)
+        let mut vs = VersionStore::open_chain(store, Some(base_file), &layers)?;
+        if vs.depth > 0 {
+            let info = log.get(version)?;
+            let path = self.flat_path(&log.name, version, &info.uid);
+            vs.flat = Some(flat::slot(&path, log.size, log.block_size));
+            vs.label = format!("{}@{version}", log.name);
+        }
+        Ok(vs)
+    }
+
+    /// Where the flat copy of `version` (identity `uid`) lives (docs/images.md).
+    pub fn flat_path(&self, image: &str, version: u64, uid: &str) -> PathBuf {
+        self.dir(image)
+            .join(flat::FLAT_DIR)
+            .join(flat::flat_name(version, uid))
     }
 
     /// Create image `name` with version 1 from a raw file, which is moved (renamed) into the
@@ -1124,9 +1250,21 @@ impl Images {
         let store = self.open_in(&log, version)?;
         let file = format!("v{version}.base");
         let path = self.dir(image).join(&file);
-        let partial = partial_path(&path);
-        let allocated = export_raw(&store, &partial)?;
-        publish(&partial, &path)?;
+        let allocated = match store.flat_path().filter(|_| store.is_flat()) {
+            // Its flat copy is complete and durable already: it becomes the base.
+            Some(flat) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(flat).map_err(|e| with_path(e, flat))?;
+                publish(flat, &path)?;
+                (m.blocks() * 512).min(log.size)
+            }
+            None => {
+                let partial = partial_path(&path);
+                let allocated = export_raw(&store, &partial)?;
+                publish(&partial, &path)?;
+                allocated
+            }
+        };
         let mut log = self.log(image)?;
         if let Some(e) = log.versions.iter_mut().find(|x| x.version == version) {
             e.kind = VersionKind::Base;
@@ -1174,6 +1312,33 @@ impl Images {
                 std::fs::remove_file(e.path()).map_err(|er| with_path(er, &e.path()))?;
                 files.push(n);
             }
+        }
+        // Flat copies (derived data): those of versions gone or now flat themselves, and
+        // the remains of copies a crash interrupted (a running copy holds its file).
+        let flat_dir = dir.join(flat::FLAT_DIR);
+        if flat_dir.is_dir() {
+            for n in flat::sweep_partials(&flat_dir)? {
+                files.push(format!("{}/{n}", flat::FLAT_DIR));
+            }
+            for e in std::fs::read_dir(&flat_dir)
+                .map_err(|e| with_path(e, &flat_dir))?
+                .flatten()
+            {
+                let Some(n) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let Some((v, uid)) = flat::parse_flat_name(&n) else {
+                    continue;
+                };
+                let needed = log
+                    .get(v)
+                    .is_ok_and(|i| i.uid == uid && i.kind == VersionKind::Layer);
+                if !needed {
+                    std::fs::remove_file(e.path()).map_err(|er| with_path(er, &e.path()))?;
+                    files.push(format!("{}/{n}", flat::FLAT_DIR));
+                }
+            }
+            fsync_dir(&flat_dir)?;
         }
         // The staging area, when no import or first commit is writing into it.
         let staging = dir.join(STAGING);

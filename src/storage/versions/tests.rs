@@ -253,3 +253,169 @@ proptest! {
         }
     }
 }
+
+/// A chain of `n` layers on the base (each writes a few blocks and zeroes one), with its
+/// model.
+fn deep_chain(images: &Images, base: &[u8], n: usize) -> Vec<(u64, Vec<u8>)> {
+    let mut models = vec![(1, base.to_vec())];
+    for i in 0..n {
+        let mut acts = vec![0u8; BLOCKS];
+        acts[(i * 7) % BLOCKS] = 2 + i as u8;
+        acts[(i * 7 + 1) % BLOCKS] = 2 + i as u8;
+        acts[(i * 13 + 5) % BLOCKS] = 1;
+        let (p, m) = models.last().cloned().expect("model");
+        models.push(apply(images, p, &m, &acts));
+    }
+    models
+}
+
+fn flat_files(images: &Images) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(images.dir("img").join(flat::FLAT_DIR))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn flat_copy_is_found_at_start_and_partials_are_swept() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, base) = new_image(dir.path());
+    let models = deep_chain(&images, &base, 5);
+    let (v, m) = models.last().cloned().expect("model");
+    {
+        let s = images.open("img", v).expect("open");
+        assert_eq!(s.depth(), 5);
+        assert!(!s.is_flat());
+        s.materialize_now(0).expect("materialize");
+        assert!(s.is_flat());
+    }
+    let names = flat_files(&images);
+    let uid = images
+        .log("img")
+        .expect("log")
+        .get(v)
+        .expect("v")
+        .uid
+        .clone();
+    assert_eq!(names, vec![flat::flat_name(v, &uid)]);
+    // A fresh open (every store of the version closed: a new process) uses it at once.
+    let s = images.open("img", v).expect("open");
+    assert!(s.is_flat());
+    let mut buf = vec![0u8; SIZE as usize];
+    s.read_at(&mut buf, 0).expect("read");
+    assert_eq!(buf, m);
+    drop(s);
+    // A torn copy (wrong size) is derived data: deleted, the version reads its chain.
+    let p = images.flat_path("img", v, &uid);
+    std::fs::write(&p, b"torn").expect("w");
+    let s = images.open("img", v).expect("open");
+    assert!(!s.is_flat() && !p.exists());
+    s.read_at(&mut buf, 0).expect("read");
+    assert_eq!(buf, m);
+    // A crash's partial (nobody holds it) goes at the next copy; the base version has no
+    // slot at all.
+    let stale = p.with_extension("flat.partial");
+    std::fs::write(&stale, b"crash").expect("w");
+    s.materialize_now(0).expect("materialize");
+    assert!(!stale.exists());
+    assert!(images.open("img", 1).expect("open").flat_path().is_none());
+}
+
+#[test]
+fn gc_and_flatten_know_flat_copies() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, base) = new_image(dir.path());
+    let models = deep_chain(&images, &base, 6);
+    // Copies of v4 and v7 (the head).
+    for v in [4, 7] {
+        images
+            .open("img", v)
+            .expect("open")
+            .materialize_now(0)
+            .expect("m");
+    }
+    assert_eq!(flat_files(&images).len(), 2);
+    // A partial held by a running copy stays; an abandoned one goes.
+    let fd = images.dir("img").join(flat::FLAT_DIR);
+    let held = fd.join("v9-x.flat.partial");
+    let f = File::create(&held).expect("create");
+    // SAFETY: a valid fd.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    std::fs::write(fd.join("v8-y.flat.partial"), b"crash").expect("w");
+    // Everything is in use: only the abandoned partial goes.
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert!(r.removed_versions.is_empty());
+    assert_eq!(r.removed_files, vec!["flat/v8-y.flat.partial".to_string()]);
+    assert!(held.exists());
+    drop(f);
+    // Flatten v7 takes its flat copy as its base (no second copy).
+    let log = images.flatten("img", 7).expect("flatten");
+    assert_eq!(log.get(7).expect("v7").kind, VersionKind::Base);
+    assert_eq!(read_all(&images, 7), models[6].1);
+    assert_eq!(
+        flat_files(&images).len(),
+        2,
+        "v4's copy and the held partial"
+    );
+    // v1..v6 are needed by nothing now: gone, with v4's flat copy and the free partial.
+    let r = images.gc("img", &BTreeSet::new()).expect("gc");
+    assert_eq!(r.removed_versions, vec![1, 2, 3, 4, 5, 6]);
+    assert!(flat_files(&images).is_empty(), "{:?}", flat_files(&images));
+    assert_eq!(read_all(&images, 7), models[6].1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+    /// A deep version reads like the model before, during and after its background copy
+    /// (each read from one source, the chain or the flat copy), and after a reopen.
+    #[test]
+    fn flat_copy_reads_match_the_model_before_during_after(
+        commits in proptest::collection::vec(
+            proptest::collection::vec(prop_oneof![6 => Just(0u8), 1 => Just(1u8), 3 => 2u8..=255], BLOCKS),
+            10..13),
+        reads in proptest::collection::vec((0..SIZE, 1..3000u64), 1..20),
+    ) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (images, base) = new_image(dir.path());
+        let mut model = base;
+        let mut v = 1;
+        for acts in &commits {
+            (v, model) = apply(&images, v, &model, acts);
+        }
+        let check = |s: &VersionStore| -> Result<(), TestCaseError> {
+            for &(off, len) in &reads {
+                let len = len.min(SIZE - off);
+                let mut b = vec![0u8; len as usize];
+                s.read_at(&mut b, off).expect("read");
+                prop_assert_eq!(&b[..], &model[off as usize..(off + len) as usize]);
+            }
+            Ok(())
+        };
+        let s = images.open("img", v).expect("open");
+        prop_assert!(s.depth() >= 10);
+        check(&s)?;
+        // Slow enough (64 KiB/s for a 32 KiB image) that reads run during the copy.
+        s.materialize_in_background(64 << 10);
+        let t = std::time::Instant::now();
+        let mut during = 0;
+        while !s.is_flat() {
+            check(&s)?;
+            during += 1;
+            prop_assert!(t.elapsed() < std::time::Duration::from_secs(30), "copy never finished");
+        }
+        prop_assert!(during > 0);
+        check(&s)?;
+        let mut all = vec![0u8; SIZE as usize];
+        s.read_at(&mut all, 0).expect("read");
+        prop_assert_eq!(&all, &model);
+        drop(s);
+        let s = images.open("img", v).expect("open");
+        prop_assert!(s.is_flat());
+        check(&s)?;
+    }
+}
