@@ -4,8 +4,12 @@
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--runtime SECS] [--size SIZE] [--bin PATH]
 #                    [--fio PATH] [--jobs "randread-4k-qd1 seqread-1m-qd16"] [--keep]
+#                    [--cache small|readahead]
 #
 # --quick = 1 round of 5 s per job (smoke test). Defaults: 3 rounds, 20 s per job, 1 GiB image.
+# --cache small (default) warms the image's page cache in 4 KiB folios, as diskless's own reads
+# of a writable image fill it; --cache readahead as `cat` does (folios up to 2 MiB, which make
+# every 4 KiB buffered write cost both targets tens of µs more kernel CPU).
 # The overlay-* jobs run against a third server, diskless with a persistent overlay over a copy
 # of the image (`serve --overlay persistent`), restarted on a fresh overlay every round:
 # overlay-firsttouch writes each 4 KiB chunk once (fio's random map, one pass over the LUN,
@@ -29,10 +33,11 @@ BIN=""
 FIO=""
 ONLY_JOBS=""
 KEEP=0
+CACHE=small
 INITIATOR=iqn.2026-11.test:bench-fio
 OUT_DIR=$ROOT/target/bench
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
@@ -44,6 +49,7 @@ while (($#)); do
 	--fio) FIO=${2:?}; shift ;;
 	--jobs) ONLY_JOBS=${2:?}; shift ;;
 	--keep) KEEP=1 ;;
+	--cache) CACHE=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -51,6 +57,7 @@ while (($#)); do
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || dl_die "--rounds must be a positive integer"
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || dl_die "--runtime must be a positive integer (seconds)"
+[[ $CACHE == small || $CACHE == readahead ]] || dl_die "--cache must be small or readahead"
 
 dl_require tgtd tgtadm python3 truncate mktemp timeout
 
@@ -125,8 +132,31 @@ with open(path + ".tmp", "wb") as f:
 os.replace(path + ".tmp", path)
 PY
 fi
-# Warm the page cache so the first job does not measure the disk.
-cat "$IMG" >/dev/null
+# Warm the page cache so the first job does not measure the disk, and fill it the way diskless's
+# own reads of a writable image do (POSIX_FADV_RANDOM: no readahead, 4 KiB folios; see
+# src/storage/file.rs small_folios). A `cat` instead would fill it through readahead with folios
+# of up to 2 MiB, into which every 4 KiB write costs both targets 60+ µs of kernel CPU
+# (ext4_block_write_begin walks the whole folio); docs/performance.md has both figures.
+# --cache readahead keeps that state instead.
+warm_cache() { # path small|readahead
+	python3 - "$1" "$2" <<'PY'
+import os, sys
+path, how = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDONLY)
+os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop what is cached (clean pages)
+if how == "small":
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+off = 0
+while True:
+    n = len(os.pread(fd, 1 << 20, off))
+    if not n:
+        break
+    off += n
+os.close(fd)
+PY
+}
+warm_cache "$IMG" "$CACHE"
 
 # --- servers -------------------------------------------------------------------------------------
 # start_diskless NAME ARGS...: starts `diskless serve ARGS`, sets STARTED_PID and STARTED_PORT.
@@ -182,7 +212,24 @@ loopback() { # tag
 	((bps > LOOP_BPS)) && LOOP_BPS=$bps
 	return 0
 }
+# The latency floor: a 48-byte TCP ping-pong between two threads (examples/pingpong.rs, std
+# only, so rustc builds it alone in a second), beside iperf3; the lower p50 is kept.
+PING_US=0
+PINGPONG=$OUT_DIR/pingpong
+if [[ ! -x $PINGPONG ]] || [[ $ROOT/examples/pingpong.rs -nt $PINGPONG ]]; then
+	rustc -O --edition 2021 -o "$PINGPONG" "$ROOT/examples/pingpong.rs" || dl_die "rustc examples/pingpong.rs failed"
+fi
+pingpong() { # tag
+	local line p50
+	line=$("$PINGPONG" 20000 2000) || dl_die "pingpong failed"
+	p50=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"$line")
+	dl_log "48-byte TCP ping-pong ($1): $line"
+	if [[ $PING_US == 0 ]] || python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$p50" "$PING_US"; then
+		PING_US=$p50
+	fi
+}
 loopback before
+pingpong before
 
 # The overlay server: a persistent overlay over a copy of the image, fresh every round.
 OV_GOLDEN=$W/golden.img
@@ -252,8 +299,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 loopback after
+pingpong after
 
-python3 "$ROOT/scripts/bench/report.py" --dir "$W" --loopback-bps "$LOOP_BPS" \
+python3 "$ROOT/scripts/bench/report.py" --dir "$W" --loopback-bps "$LOOP_BPS" --pingpong-us "$PING_US" \
 	--clk-tck "$(getconf CLK_TCK)" --rounds "$ROUNDS" --runtime "$RUNTIME" --ramp "$RAMP" \
 	--jobs "$(printf '%s\n' "${JOBS[@]}" | cut -d'|' -f1 | tr '\n' ' ')" >"$OUT_DIR/results.md"
 cat "$OUT_DIR/results.md"

@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--one")
     ap.add_argument("--dir")
     ap.add_argument("--loopback-bps", type=float, default=0.0)
+    ap.add_argument("--pingpong-us", type=float, default=0.0,
+                    help="p50 round trip of a 48-byte TCP ping-pong on loopback (examples/pingpong.rs)")
     ap.add_argument("--clk-tck", type=float, default=100.0)
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--runtime", type=float, default=0.0)
@@ -120,7 +122,9 @@ def main():
     out = []
     out.append(f"Rounds: {a.rounds}, {a.runtime:.0f} s per job and target; medians over rounds. "
                f"Loopback TCP ceiling (iperf3, one stream): "
-               + (f"{loop / 2**20:,.0f} MiB/s." if loop else "not measured."))
+               + (f"{loop / 2**20:,.0f} MiB/s." if loop else "not measured.")
+               + " 48-byte TCP ping-pong on loopback, p50: "
+               + (f"{a.pingpong_us:.1f} µs." if a.pingpong_us else "not measured."))
     out.append("")
     out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | server CPU µs/IO | diskless/tgt IOPS | share of loopback |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -149,7 +153,7 @@ def main():
         if n and d and d[key] and n[key] == n[key]:
             out.append(f"| {label} | {n[key] / d[key]:.2f}× | {goal} |")
 
-    out.append("| write-path ratio (medians of this run) | value | goal (issue 12) |")
+    out.append("| ratio (medians of this run) | value | goal (issue 12) |")
     out.append("|---|---:|---:|")
     ratio_line("randwrite-4k-qd32: diskless / tgt", ("randwrite-4k-qd32", "diskless"),
                ("randwrite-4k-qd32", "tgt"), "≥ 1.5×")
@@ -160,6 +164,14 @@ def main():
     ratio_line("server CPU per write / per read (randwrite / randread qd32, diskless)",
                ("randwrite-4k-qd32", "diskless"), ("randread-4k-qd32", "diskless"), "≤ 3×",
                key="cpu_us_per_io")
+    seq = med.get(("seqread-1m-qd16", "diskless"))
+    if seq and loop:
+        out.append(f"| seqread-1m-qd16 diskless / loopback TCP ceiling (iperf3, one stream) | "
+                   f"{100.0 * seq['bps'] / loop:.0f} % | ≥ 85 % |")
+    qd1 = med.get(("randread-4k-qd1", "diskless"))
+    if qd1 and a.pingpong_us and qd1["p50"] == qd1["p50"]:
+        out.append(f"| randread-4k-qd1 diskless p50 / 48-byte TCP ping-pong p50 | "
+                   f"{qd1['p50'] / a.pingpong_us:.2f}× ({qd1['p50']:.0f} / {a.pingpong_us:.1f} µs) | ≤ 2× |")
     out.append("")
     out.append("The overlay-* rows are diskless with a persistent overlay (`serve --overlay "
                "persistent`), fresh every round; their ratio column compares them with tgt's "
