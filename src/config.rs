@@ -234,6 +234,12 @@ pub struct SettingsConfig {
     /// SANITIZE OVERWRITE writes at most this many bytes a second, so wiping a big disk
     /// does not starve the other clients of the same storage.
     pub sanitize_overwrite_rate: ByteSize,
+    /// Boot read-ahead (docs/performance.md, "Cold starts"): learn the chunks a plain golden
+    /// image's first boots read in this many seconds from its first read, save them in the
+    /// state directory, and read them ahead when the image is opened again (0 = off).
+    pub boot_readahead_secs: u64,
+    /// At most this much of each image is learned and read ahead.
+    pub boot_readahead_max: ByteSize,
 }
 
 impl Default for SettingsConfig {
@@ -258,6 +264,8 @@ impl Default for SettingsConfig {
             max_buffered_bytes: ByteSize(32 << 20),
             idle_timeout_secs: 0,
             sanitize_overwrite_rate: ByteSize(256 << 20),
+            boot_readahead_secs: 0,
+            boot_readahead_max: ByteSize(512 << 20),
         }
     }
 }

@@ -4,7 +4,8 @@
 # against tgt, and print one comparison table.
 #
 #   scripts/bench/bootstorm.sh [--clients "8 32 128"] [--rounds N] [--trace FILE]
-#                              [--cache warm|cold|both] [--plain] [--bin DIR] [--keep]
+#                              [--cache warm|cold|both] [--readahead SECS] [--plain]
+#                              [--bin DIR] [--keep]
 #   scripts/bench/bootstorm.sh --record-trace PCAP [> tests/fixtures/boot-trace.txt]
 #   scripts/bench/bootstorm.sh --record-debian PCAP [--debian-image IMG]
 #
@@ -16,7 +17,10 @@
 # deleted after each run). --cache warm (default): the image is read once before each run, so
 # the storm measures the servers; cold: `echo 3 > /proc/sys/vm/drop_caches` before each run
 # (root); both: each run cold and then warm, side by side. --plain adds a third server: diskless
-# serving the image as a plain shared LUN (`serve --image`, no overlays).
+# serving the image as a plain shared LUN (`serve --image`, no overlays). --readahead SECS adds
+# diskless-ra: diskless with `boot_readahead_secs: SECS`, which first learns the read set from
+# one client's boot; before each cold run it is restarted (after the drop) and the storm starts
+# as soon as it logged that the read-ahead was issued (not when it finished).
 # --record-debian boots the Debian test image (scripts/boot/debian-image.sh; default: the newest
 # in target/boot-cache/debian) once under QEMU from diskless (volatile) and captures its network
 # traffic (QEMU filter-dump) into PCAP, for --record-trace.
@@ -40,7 +44,8 @@ IMG_SIZE=$((256 << 20))
 RECORD_DEBIAN=""
 DEBIAN_IMG=""
 CACHE_MODES=warm
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+RA=0
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
@@ -54,6 +59,7 @@ while (($#)); do
 	--record-debian) RECORD_DEBIAN=${2:?}; shift ;;
 	--debian-image) DEBIAN_IMG=${2:?}; shift ;;
 	--cache) CACHE_MODES=${2:?}; shift ;;
+	--readahead) RA=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -204,6 +210,7 @@ W=$(mktemp -d "$OUT_DIR/storm.XXXXXX")
 IMG=$OUT_DIR/storm-golden.img # kept between runs
 DL_PID=""
 PL_PID=""
+RA_PID=""
 TGT_PID=""
 TGT_CTL=""
 cleanup() {
@@ -215,7 +222,7 @@ cleanup() {
 		tgtadm -C "$TGT_CTL" --mode system --op delete >/dev/null 2>&1 || true
 	fi
 	local p
-	for p in $DL_PID $PL_PID $TGT_PID; do
+	for p in $DL_PID $PL_PID $RA_PID $TGT_PID; do
 		kill -0 "$p" 2>/dev/null || continue
 		kill -TERM "$p" 2>/dev/null || true
 		for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -301,7 +308,7 @@ EOF
 start_diskless() { # tag args...
 	local tag=$1
 	shift
-	"$BIN" --log warn "$@" --listen 127.0.0.1:0 >"$W/$tag.out" 2>"$W/$tag.err" &
+	"$BIN" --log "${DL_LOG:-warn}" "$@" --listen 127.0.0.1:0 >"$W/$tag.out" 2>"$W/$tag.err" &
 	STARTED_PID=$!
 	STARTED_PORT=""
 	for ((i = 0; i < 300; i++)); do
@@ -322,6 +329,34 @@ if ((PLAIN)); then
 	PL_PORT=$STARTED_PORT
 	PL_IQN="iqn.2026-11.org.diskless:$(basename "${IMG%.*}")"
 	TARGETS="diskless tgt diskless-plain"
+fi
+[[ $RA =~ ^[0-9]+$ ]] || dl_die "--readahead SECS: a number of seconds"
+stop_pid() {
+	kill -TERM "$1" 2>/dev/null || return 0
+	for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+	kill -KILL "$1" 2>/dev/null || true
+}
+start_ra() {
+	DL_LOG=warn,diskless::storage::readahead=info start_diskless diskless-ra serve -c "$W/targets-ra.yaml"
+	RA_PID=$STARTED_PID
+	RA_PORT=$STARTED_PORT
+}
+if ((RA > 0)); then
+	mkdir -p "$W/state-ra"
+	sed -e "s|^state_dir: .*|state_dir: $W/state-ra|" -e "s|^settings:|settings:\n  boot_readahead_secs: $RA|" \
+		"$W/targets.yaml" >"$W/targets-ra.yaml"
+	start_ra
+	# Learn: one client boots; the set is saved once the window (from its first read) closed.
+	"$STORM" --portal "127.0.0.1:$RA_PORT" --target "$DL_IQN" --clients 1 --trace "$TRACE" \
+		--initiator-prefix iqn.2026-11.test:storm-learn- >"$W/learn.out" 2>&1 ||
+		dl_die "the learning boot failed: $(cat "$W/learn.out")"
+	for ((i = 0; i < (RA + 60) * 10; i++)); do
+		compgen -G "$W/state-ra/readahead/*.txt" >/dev/null && break
+		sleep 0.1
+	done
+	compgen -G "$W/state-ra/readahead/*.txt" >/dev/null || dl_die "diskless-ra saved no read set: $(tail -n 5 "$W/diskless-ra.err")"
+	dl_log "diskless-ra learned $(awk 'NR > 3 { n += $2 } END { print n }' "$W"/state-ra/readahead/*.txt) MiB of read set"
+	TARGETS="$TARGETS diskless-ra"
 fi
 
 TGT_PORT=$(dl_free_port)
@@ -388,6 +423,7 @@ run_one() { # round clients target cache
 	case $target in
 	diskless) pid=$DL_PID port=$DL_PORT iqn=$DL_IQN lun=0 ;;
 	diskless-plain) pid=$PL_PID port=$PL_PORT iqn=$PL_IQN lun=0 ;;
+	diskless-ra) pid=$RA_PID port=$RA_PORT iqn=$DL_IQN lun=0 ;;
 	tgt) pid=$TGT_PID port=$TGT_PORT iqn=$TGT_IQN lun=1 ;;
 	esac
 	kill -0 "$pid" 2>/dev/null || dl_die "$target (pid $pid) is gone"
@@ -401,6 +437,17 @@ run_one() { # round clients target cache
 		# Write back what is dirty, then drop the page cache: the servers read from the disk.
 		sync
 		echo 3 >/proc/sys/vm/drop_caches
+		if [[ $target == diskless-ra ]]; then
+			# A server start on a cold cache: the learned set is read ahead at open.
+			stop_pid "$RA_PID"
+			start_ra
+			pid=$RA_PID port=$RA_PORT
+			for ((i = 0; i < 300; i++)); do
+				grep -q "boot read-ahead issued" "$W/diskless-ra.err" && break
+				sleep 0.1
+			done
+			grep -q "boot read-ahead issued" "$W/diskless-ra.err" || dl_die "diskless-ra issued no read-ahead"
+		fi
 	else
 		cat "$IMG" >/dev/null
 		((WRITES)) && sync
@@ -474,7 +521,7 @@ print("|" + "---:|" * 2 + "---|" + "---:|" * (head.count("|") - 4))
 for n in sorted({k[0] for k in by}):
     for c in caches:
         t = by.get((n, c, "tgt"), [])
-        for name in ("diskless", "tgt", "diskless-plain"):
+        for name in ("diskless", "tgt", "diskless-plain", "diskless-ra"):
             rs = by.get((n, c, name), [])
             if not rs:
                 continue
