@@ -361,7 +361,7 @@ mod tests {
         assert!(l.closed(16 * S));
         assert_eq!(l.chunks(), vec![0, 2, 3]);
         let mut b = Learner::new(10 * S, 2);
-        b.record(0 * S, 0, 5 * CHUNK);
+        b.record(Duration::ZERO, 0, 5 * CHUNK);
         assert_eq!(b.chunks(), vec![0, 1], "bounded by max_chunks");
     }
 
