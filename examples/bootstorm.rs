@@ -1,6 +1,11 @@
 //! Boot-storm load generator: N iSCSI clients log in at once and each replays a recorded boot
-//! read trace one command at a time, the way iPXE reads (it never has more than one command
+//! trace one command at a time, the way iPXE reads (it never has more than one command
 //! outstanding). Also holds idle sessions open for memory measurements (`--idle N`).
+//!
+//! A trace line is `LBA BLOCKS` (a read: the original read-only format) or `R LBA BLOCKS` /
+//! `W LBA BLOCKS`. A write sends a per-client pattern (client number, LBA and a write counter
+//! in every block); every later read of a block this client wrote is checked against it, and
+//! after the trace every written block is read back and checked (not timed).
 //!
 //! ```text
 //! cargo run --release --example bootstorm -- --portal 127.0.0.1:3260 \
@@ -73,6 +78,10 @@ struct Args {
     /// Give up on any single answer after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Each client logs in to its own target: `--target` + client number (tgt serving each
+    /// client its own copy of the image, one target per copy).
+    #[arg(long)]
+    target_per_client: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +102,96 @@ enum StormError {
     Status { lba: u64, status: u8 },
     #[error("READ at LBA {0}: data differs from the verify image")]
     Mismatch(u64),
+    #[error("WRITE at LBA {lba} failed with SCSI status {status:#04x}")]
+    WriteStatus { lba: u64, status: u8 },
+    #[error("client {client}: block {lba} does not hold what this client wrote there ({when})")]
+    Pattern {
+        client: usize,
+        lba: u64,
+        when: &'static str,
+    },
+}
+
+/// One trace command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TraceOp {
+    write: bool,
+    lba: u64,
+    blocks: u32,
+}
+
+/// The content client `client` writes into block `lba` with its `gen`-th write: a SplitMix64
+/// stream seeded from all three, so a block from another client, another LBA or an older
+/// write never matches.
+fn fill_pattern(client: usize, lba: u64, gen: u32, block: &mut [u8]) {
+    let mut x =
+        (client as u64) << 40 ^ lba.rotate_left(20) ^ u64::from(gen) ^ 0x9e37_79b9_7f4a_7c15;
+    for w in block.chunks_mut(8) {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let b = z.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+}
+
+/// What one client wrote: for each block, the number of the write that last covered it.
+#[derive(Default)]
+struct Written {
+    gens: std::collections::HashMap<u64, u32>,
+    writes: u32,
+}
+
+impl Written {
+    /// Fill `buf` (`blocks` blocks from `lba`) for the next write and remember it.
+    fn next_write(&mut self, client: usize, lba: u64, bs: usize, buf: &mut [u8]) {
+        self.writes = self.writes.wrapping_add(1);
+        let blocks = buf.len() / bs;
+        for (i, block) in buf.chunks_mut(bs).enumerate().take(blocks) {
+            let b = lba + i as u64;
+            fill_pattern(client, b, self.writes, block);
+            self.gens.insert(b, self.writes);
+        }
+    }
+
+    /// Check every block of `data` (read from `lba`) this client wrote before; returns the
+    /// first block that differs.
+    fn check(
+        &self,
+        client: usize,
+        lba: u64,
+        bs: usize,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Option<u64> {
+        scratch.resize(bs, 0);
+        for (i, block) in data.chunks(bs).enumerate() {
+            let b = lba + i as u64;
+            if let Some(&g) = self.gens.get(&b) {
+                fill_pattern(client, b, g, scratch);
+                if block != &scratch[..] {
+                    return Some(b);
+                }
+            }
+        }
+        None
+    }
+
+    /// The written blocks as sorted runs of at most `max` blocks, for the read-back.
+    fn runs(&self, max: u32) -> Vec<(u64, u32)> {
+        let mut lbas: Vec<u64> = self.gens.keys().copied().collect();
+        lbas.sort_unstable();
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        for b in lbas {
+            match out.last_mut() {
+                Some((s, n)) if *s + u64::from(*n) == b && *n < max => *n += 1,
+                _ => out.push((b, 1)),
+            }
+        }
+        out
+    }
 }
 
 /// One client connection: a socket, a receive buffer and the sequence numbers of one session.
@@ -105,6 +204,10 @@ struct Conn {
     exp_stat_sn: u32,
     next_itt: u32,
     timeout: Duration,
+    /// The target's MaxRecvDataSegmentLength (declared at login; 8192 if not, RFC 7143
+    /// §13.12): the largest Data-Out segment we may send.
+    target_mrdsl: u32,
+    data_out: BytesMut,
 }
 
 impl Conn {
@@ -132,6 +235,8 @@ impl Conn {
             exp_stat_sn: 0,
             next_itt: 1,
             timeout,
+            target_mrdsl: 8192,
+            data_out: BytesMut::new(),
         })
     }
 
@@ -209,11 +314,19 @@ impl Conn {
                 data: std::mem::take(&mut data),
             };
             self.send(&req).await?;
-            let Bhs::LoginResponse(r) = self.recv().await?.bhs else {
+            let resp = self.recv().await?;
+            let Bhs::LoginResponse(r) = &resp.bhs else {
                 return Err(StormError::Protocol("expected a Login Response".into()));
             };
             if (r.status_class, r.status_detail) != (0, 0) {
                 return Err(StormError::LoginRefused(r.status_class, r.status_detail));
+            }
+            for kv in resp.data.split(|&b| b == 0) {
+                if let Some(v) = kv.strip_prefix(b"MaxRecvDataSegmentLength=") {
+                    if let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()) {
+                        self.target_mrdsl = n;
+                    }
+                }
             }
             if r.transit && !r.cont && r.nsg == nsg {
                 self.cmd_sn = r.exp_cmd_sn;
@@ -309,6 +422,108 @@ impl Conn {
             return Err(StormError::Status { lba, status });
         }
         Ok(got)
+    }
+
+    /// One WRITE of `data` (whole blocks) with iPXE's keys (InitialR2T=Yes, ImmediateData=No):
+    /// the command, then for each R2T the Data-Out PDUs of its burst (§11.7, §11.8; DataSN
+    /// from 0 per R2T, segments of at most the target's MaxRecvDataSegmentLength), then the
+    /// SCSI Response.
+    async fn write(
+        &mut self,
+        lun: u64,
+        lba: u64,
+        block_size: u32,
+        data: &[u8],
+    ) -> Result<(), StormError> {
+        let blocks = u32::try_from(data.len() / block_size as usize)
+            .map_err(|_| StormError::Protocol("write too large".into()))?;
+        let mut cdb = vec![0u8; 16];
+        match (u32::try_from(lba), u16::try_from(blocks)) {
+            (Ok(l), Ok(b)) => {
+                // WRITE(10), SBC-3 §5.32.
+                cdb[0] = 0x2a;
+                cdb[2..6].copy_from_slice(&l.to_be_bytes());
+                cdb[7..9].copy_from_slice(&b.to_be_bytes());
+            }
+            _ => {
+                // WRITE(16), SBC-3 §5.34.
+                cdb[0] = 0x8a;
+                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+                cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+            }
+        }
+        let itt = self.itt();
+        let cmd = Pdu::header_only(Bhs::ScsiCommand(ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: false,
+            write: true,
+            attr: pdu::task_attr::SIMPLE,
+            lun,
+            itt,
+            expected_data_transfer_length: data.len() as u32,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb,
+            bidi_read_length: None,
+        }));
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(&cmd).await?;
+        loop {
+            let p = self.recv().await?;
+            match p.bhs {
+                Bhs::R2t(r) if r.itt == itt => {
+                    let start = r.buffer_offset as usize;
+                    let end = start.saturating_add(r.desired_data_transfer_length as usize);
+                    let Some(burst) = data.get(start..end) else {
+                        return Err(StormError::Protocol(format!(
+                            "R2T for bytes {start}..{end} of a {}-byte write",
+                            data.len()
+                        )));
+                    };
+                    let seg = self.target_mrdsl.max(512) as usize;
+                    self.data_out.clear();
+                    let n = burst.len().div_ceil(seg);
+                    for (i, chunk) in burst.chunks(seg).enumerate() {
+                        let d = Pdu {
+                            bhs: Bhs::DataOut(pdu::DataOut {
+                                final_: i + 1 == n,
+                                lun,
+                                itt,
+                                ttt: r.ttt,
+                                exp_stat_sn: self.exp_stat_sn,
+                                data_sn: i as u32,
+                                buffer_offset: (start + i * seg) as u32,
+                            }),
+                            data: Bytes::copy_from_slice(chunk),
+                        };
+                        pdu::encode(&d, Digests::default(), &mut self.data_out);
+                    }
+                    self.stream.write_all(&self.data_out).await?;
+                }
+                Bhs::ScsiResponse(r) if r.itt == itt => {
+                    if r.response != 0 {
+                        return Err(StormError::Protocol(format!(
+                            "iSCSI response {:#04x} (target failure)",
+                            r.response
+                        )));
+                    }
+                    if r.status != 0 {
+                        return Err(StormError::WriteStatus {
+                            lba,
+                            status: r.status,
+                        });
+                    }
+                    return Ok(());
+                }
+                Bhs::NopIn(n) if n.itt == NO_TAG => self.answer_nop(n.ttt, n.lun).await?,
+                other => {
+                    return Err(StormError::Protocol(format!(
+                        "unexpected PDU while waiting for write task {itt:#x}: {other:?}"
+                    )))
+                }
+            }
+        }
     }
 
     /// What iPXE does before its first READ: TEST UNIT READY until GOOD (a new I_T nexus
@@ -452,35 +667,42 @@ fn status_sn(b: &Bhs) -> Option<u32> {
     }
 }
 
-fn load_trace(path: &PathBuf) -> Result<Vec<(u64, u32)>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// Parse a trace: `LBA BLOCKS` (a read, the original format) or `R|W LBA BLOCKS` per line,
+/// `#` comments.
+fn parse_trace(text: &str) -> Result<Vec<TraceOp>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut it = line.split_whitespace();
-        let parsed = match (it.next(), it.next(), it.next()) {
-            (Some(a), Some(b), None) => a.parse::<u64>().ok().zip(b.parse::<u32>().ok()),
-            _ => None,
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (write, nums) = match f.as_slice() {
+            [a, b] => (false, (a, b)),
+            ["R" | "r", a, b] => (false, (a, b)),
+            ["W" | "w", a, b] => (true, (a, b)),
+            _ => (false, (&"x", &"x")),
         };
-        match parsed {
-            Some((lba, blocks)) if blocks > 0 => out.push((lba, blocks)),
+        match (nums.0.parse::<u64>(), nums.1.parse::<u32>()) {
+            (Ok(lba), Ok(blocks)) if blocks > 0 => out.push(TraceOp { write, lba, blocks }),
             _ => {
                 return Err(format!(
-                    "{}:{}: expected 'LBA BLOCKS', got {line:?}",
-                    path.display(),
+                    "line {}: expected 'LBA BLOCKS' or 'R|W LBA BLOCKS', got {line:?}",
                     i + 1
                 ))
             }
         }
     }
     if out.is_empty() {
-        return Err(format!("{}: no reads in the trace", path.display()));
+        return Err("no commands in the trace".into());
     }
     Ok(out)
+}
+
+fn load_trace(path: &PathBuf) -> Result<Vec<TraceOp>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_trace(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// What one client measured.
@@ -490,11 +712,15 @@ struct ClientStats {
     done_at: Duration,
     latencies_us: Vec<u32>,
     bytes: u64,
+    written: u64,
+    writes: usize,
+    /// Blocks read back and checked after the trace.
+    checked: u64,
 }
 
 struct Shared {
     args: Args,
-    trace: Vec<(u64, u32)>,
+    trace: Vec<TraceOp>,
     verify: Option<std::fs::File>,
     start: Instant,
     gate: Option<tokio::sync::Semaphore>,
@@ -512,7 +738,12 @@ async fn login_client(sh: &Shared, index: usize) -> Result<Conn, StormError> {
     let timeout = Duration::from_secs(sh.args.timeout_secs);
     let mut c = Conn::connect(&sh.args.portal, index, timeout).await?;
     let name = format!("{}{index}", sh.args.initiator_prefix);
-    c.login(&name, &sh.args.target, sh.args.mrdsl).await?;
+    let target = if sh.args.target_per_client {
+        format!("{}{index}", sh.args.target)
+    } else {
+        sh.args.target.clone()
+    };
+    c.login(&name, &target, sh.args.mrdsl).await?;
     Ok(c)
 }
 
@@ -524,14 +755,22 @@ async fn storm_client(sh: Arc<Shared>, index: usize) -> Result<ClientStats, Stor
         latencies_us: Vec::with_capacity(sh.trace.len()),
         ..Default::default()
     };
-    replay(&sh, &mut c, &mut st).await?;
+    let written = replay(&sh, index, &mut c, &mut st).await?;
     st.done_at = sh.start.elapsed();
+    readback(&sh, index, &mut c, &written, &mut st).await?;
     c.logout().await?;
     Ok(st)
 }
 
-/// TEST UNIT READY / READ CAPACITY, then every READ of the trace, one at a time.
-async fn replay(sh: &Shared, c: &mut Conn, st: &mut ClientStats) -> Result<(), StormError> {
+/// TEST UNIT READY / READ CAPACITY, then every command of the trace, one at a time. Reads
+/// of blocks this client wrote are checked against its pattern; the other blocks against
+/// `--verify` when given. Returns what the client wrote.
+async fn replay(
+    sh: &Shared,
+    client: usize,
+    c: &mut Conn,
+    st: &mut ClientStats,
+) -> Result<Written, StormError> {
     let lun = lun_from_index(sh.args.lun);
     let bs = sh.args.block_size;
     let reported = c.prepare(lun).await?;
@@ -540,21 +779,79 @@ async fn replay(sh: &Shared, c: &mut Conn, st: &mut ClientStats) -> Result<(), S
             "the LUN has {reported}-byte blocks, the trace assumes {bs}"
         )));
     }
-    let mut keep = sh.verify.as_ref().map(|_| Vec::new());
+    let mut written = Written::default();
+    let has_writes = sh.trace.iter().any(|o| o.write);
+    let mut keep = (sh.verify.is_some() || has_writes).then(Vec::new);
     let mut want = Vec::new();
-    for &(lba, blocks) in &sh.trace {
+    let mut wbuf = Vec::new();
+    let mut scratch = Vec::new();
+    for op in &sh.trace {
+        let (lba, blocks) = (op.lba, op.blocks);
+        if op.write {
+            wbuf.resize(blocks as usize * bs as usize, 0);
+            written.next_write(client, lba, bs as usize, &mut wbuf);
+            let t = Instant::now();
+            c.write(lun, lba, bs, &wbuf).await?;
+            st.latencies_us
+                .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+            st.written += wbuf.len() as u64;
+            st.writes += 1;
+            continue;
+        }
         let t = Instant::now();
         let n = c.read(lun, lba, blocks, bs, keep.as_mut()).await?;
         st.latencies_us
             .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
         st.bytes += n as u64;
-        if let (Some(f), Some(got)) = (&sh.verify, &keep) {
+        let Some(got) = &keep else { continue };
+        if let Some(b) = written.check(client, lba, bs as usize, got, &mut scratch) {
+            return Err(StormError::Pattern {
+                client,
+                lba: b,
+                when: "read during the trace",
+            });
+        }
+        if let Some(f) = &sh.verify {
             want.resize(got.len(), 0);
             f.read_exact_at(&mut want, lba * u64::from(bs))?;
-            if want != *got {
-                return Err(StormError::Mismatch(lba));
+            // Blocks this client wrote were checked above; compare the rest.
+            for (i, (g, w)) in got
+                .chunks(bs as usize)
+                .zip(want.chunks(bs as usize))
+                .enumerate()
+            {
+                let b = lba + i as u64;
+                if g != w && !written.gens.contains_key(&b) {
+                    return Err(StormError::Mismatch(b));
+                }
             }
         }
+    }
+    Ok(written)
+}
+
+/// Read back every block the client wrote (runs of up to 128 blocks) and check the pattern.
+async fn readback(
+    sh: &Shared,
+    client: usize,
+    c: &mut Conn,
+    written: &Written,
+    st: &mut ClientStats,
+) -> Result<(), StormError> {
+    let lun = lun_from_index(sh.args.lun);
+    let bs = sh.args.block_size;
+    let mut got = Vec::new();
+    let mut scratch = Vec::new();
+    for (lba, blocks) in written.runs(128) {
+        c.read(lun, lba, blocks, bs, Some(&mut got)).await?;
+        if let Some(b) = written.check(client, lba, bs as usize, &got, &mut scratch) {
+            return Err(StormError::Pattern {
+                client,
+                lba: b,
+                when: "read-back after the trace",
+            });
+        }
+        st.checked += u64::from(blocks);
     }
     Ok(())
 }
@@ -562,7 +859,7 @@ async fn replay(sh: &Shared, c: &mut Conn, st: &mut ClientStats) -> Result<(), S
 async fn idle_client(sh: Arc<Shared>, index: usize) -> Result<Conn, StormError> {
     let mut c = login_client(&sh, index).await?;
     if !sh.trace.is_empty() {
-        replay(&sh, &mut c, &mut ClientStats::default()).await?;
+        replay(&sh, index, &mut c, &mut ClientStats::default()).await?;
     }
     Ok(c)
 }
@@ -686,16 +983,19 @@ async fn run_storm(sh: Arc<Shared>) -> Result<(), String> {
         .as_secs_f64();
     let bytes: u64 = stats.iter().map(|s| s.bytes).sum();
     let mib = bytes as f64 / 1048576.0;
+    let wmib = stats.iter().map(|s| s.written).sum::<u64>() as f64 / 1048576.0;
+    let checked: u64 = stats.iter().map(|s| s.checked).sum();
+    let writes = sh.trace.iter().filter(|o| o.write).count();
     let (p50, p99, max) = (
         percentile(&lat, 50.0),
         percentile(&lat, 99.0),
         lat.last().copied().unwrap_or(0),
     );
     println!(
-        "clients: {n} ({} ok, {} failed), trace: {} reads per client",
+        "clients: {n} ({} ok, {} failed), trace: {} reads and {writes} writes per client",
         stats.len(),
         errors.len(),
-        sh.trace.len()
+        sh.trace.len() - writes
     );
     println!(
         "last client done: {last:.3} s (first: {first:.3} s, wall {:.3} s)",
@@ -714,8 +1014,13 @@ async fn run_storm(sh: Arc<Shared>) -> Result<(), String> {
         "read: {mib:.1} MiB in total, {:.1} MiB/s aggregate",
         if last > 0.0 { mib / last } else { 0.0 }
     );
+    if writes > 0 {
+        println!(
+            "write: {wmib:.1} MiB in total; read back and checked after the trace: {checked} blocks"
+        );
+    }
     println!(
-        "RESULT mode=storm clients={n} ok={} failed={} last_done_s={last:.3} p50_us={p50} p99_us={p99} max_us={max} mib={mib:.1} commands={}",
+        "RESULT mode=storm clients={n} ok={} failed={} last_done_s={last:.3} p50_us={p50} p99_us={p99} max_us={max} mib={mib:.1} wmib={wmib:.1} checked_blocks={checked} commands={}",
         stats.len(),
         errors.len(),
         lat.len()
@@ -770,4 +1075,66 @@ fn setup(args: Args) -> Result<(), String> {
             None => run_storm(sh).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_and_new_trace_lines_parse() {
+        let t = parse_trace("# c\n64 4\nR 0 1\nW 2048 8\n\nw 5 1\n").unwrap();
+        assert_eq!(
+            t,
+            vec![
+                TraceOp {
+                    write: false,
+                    lba: 64,
+                    blocks: 4
+                },
+                TraceOp {
+                    write: false,
+                    lba: 0,
+                    blocks: 1
+                },
+                TraceOp {
+                    write: true,
+                    lba: 2048,
+                    blocks: 8
+                },
+                TraceOp {
+                    write: true,
+                    lba: 5,
+                    blocks: 1
+                },
+            ]
+        );
+        assert!(parse_trace("X 1 2\n").is_err());
+        assert!(parse_trace("1 0\n").is_err());
+        assert!(parse_trace("# only\n").is_err());
+    }
+
+    #[test]
+    fn patterns_differ_per_client_block_and_write_and_check_finds_the_last() {
+        let mut a = vec![0u8; 512];
+        let mut b = vec![0u8; 512];
+        fill_pattern(1, 10, 1, &mut a);
+        for (c, l, g) in [(2, 10, 1), (1, 11, 1), (1, 10, 2)] {
+            fill_pattern(c, l, g, &mut b);
+            assert_ne!(a, b);
+        }
+        let mut w = Written::default();
+        let mut buf = vec![0u8; 4 * 512];
+        w.next_write(3, 100, 512, &mut buf);
+        let first = buf.clone();
+        let mut two = vec![0u8; 2 * 512];
+        w.next_write(3, 102, 512, &mut two);
+        let mut scratch = Vec::new();
+        // Blocks 100-101 still hold the first write; 102-103 the second.
+        assert_eq!(w.check(3, 100, 512, &first[..1024], &mut scratch), None);
+        assert_eq!(w.check(3, 102, 512, &two, &mut scratch), None);
+        assert_eq!(w.check(3, 100, 512, &first, &mut scratch), Some(102));
+        assert_eq!(w.check(4, 102, 512, &two, &mut scratch), Some(102));
+        assert_eq!(w.runs(3), vec![(100, 3), (103, 1)]);
+    }
 }

@@ -239,6 +239,12 @@ pub struct SettingsConfig {
     pub materialize_depth: u32,
     /// The flat copy reads and writes at most this many bytes a second (0 = no limit).
     pub materialize_rate: ByteSize,
+    /// Boot read-ahead (docs/performance.md, "Cold starts"): learn the chunks a plain golden
+    /// image's first boots read in this many seconds from its first read, save them in the
+    /// state directory, and read them ahead when the image is opened again (0 = off).
+    pub boot_readahead_secs: u64,
+    /// At most this much of each image is learned and read ahead.
+    pub boot_readahead_max: ByteSize,
 }
 
 impl Default for SettingsConfig {
@@ -265,6 +271,8 @@ impl Default for SettingsConfig {
             sanitize_overwrite_rate: ByteSize(256 << 20),
             materialize_depth: 4,
             materialize_rate: ByteSize(64 << 20),
+            boot_readahead_secs: 0,
+            boot_readahead_max: ByteSize(512 << 20),
         }
     }
 }

@@ -484,6 +484,8 @@ pub struct Metrics {
     flat_running: Gauge,
     cluster: Family<ClusterLabels, Gauge>,
     uptime: Gauge<f64, AtomicU64>,
+    readahead_bytes: Gauge,
+    readset_chunks: Gauge,
     open_fds: Gauge,
     rss: Gauge,
     initiators: Mutex<HashSet<String>>,
@@ -737,6 +739,18 @@ impl Metrics {
             "This node in its cluster (only with a cluster section): registered (lease alive, 0/1), nodes (live), clients (owned here), draining (0/1)",
             cluster.clone(),
         );
+        let readahead_bytes = Gauge::default();
+        r.register(
+            "diskless_boot_readahead_bytes",
+            "Bytes of learned boot read sets read ahead (POSIX_FADV_WILLNEED) since the start",
+            readahead_bytes.clone(),
+        );
+        let readset_chunks = Gauge::default();
+        r.register(
+            "diskless_boot_readset_chunks",
+            "1 MiB chunks of boot read sets learned and saved since the start",
+            readset_chunks.clone(),
+        );
         let uptime = Gauge::<f64, AtomicU64>::default();
         r.register_with_unit(
             "diskless_uptime",
@@ -809,6 +823,8 @@ impl Metrics {
             flat_running,
             cluster,
             uptime,
+            readahead_bytes,
+            readset_chunks,
             open_fds,
             rss,
             initiators: Mutex::new(HashSet::new()),
@@ -1131,6 +1147,14 @@ impl Metrics {
         self.sessions_open.set(state.sessions_open as i64);
         self.connections_open.set(state.connections_open as i64);
         self.uptime.set(self.started.elapsed().as_secs_f64());
+        {
+            use crate::storage::readahead::{LEARNED_CHUNKS, READAHEAD_BYTES};
+            use std::sync::atomic::Ordering::Relaxed;
+            let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.readahead_bytes
+                .set(clamp(READAHEAD_BYTES.load(Relaxed)));
+            self.readset_chunks.set(clamp(LEARNED_CHUNKS.load(Relaxed)));
+        }
         self.client_boots.clear();
         self.client_resets.clear();
         self.client_sessions.clear();

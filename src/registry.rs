@@ -391,6 +391,17 @@ impl Registry {
             let mut golden = GoldenImage::open(&im.name, &path, im.block_size)
                 .map_err(|m| ConfigError::invalid(file, format!("images[{i}]"), m))?;
             golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
+            golden.store = crate::storage::readahead::start(
+                golden.store.clone(),
+                &path,
+                &golden.id,
+                &im.name,
+                &registry.state_dir,
+                crate::storage::readahead::ReadAheadConfig {
+                    window: std::time::Duration::from_secs(config.settings.boot_readahead_secs),
+                    max_bytes: config.settings.boot_readahead_max.0,
+                },
+            );
             images.insert(im.name.clone(), Arc::new(golden));
         }
         // Versioned images (`name`, `name@N`, `name:channel` not in `images:`), resolved

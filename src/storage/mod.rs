@@ -7,6 +7,7 @@ mod memory;
 mod overlay;
 #[cfg(feature = "rbd")]
 pub mod rbd;
+pub mod readahead;
 pub mod s3;
 pub mod versions;
 
