@@ -319,6 +319,10 @@ pub enum AttachError {
     DirectBusy { image: String, holder: String },
     #[error("{0}")]
     Storage(String),
+    /// The client's shared disk (RBD) is held by another node that this node may not fence,
+    /// or its store cannot be reached: refuse the login, the initiator may retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Mutable bookkeeping of one client: its lifecycle (durable part in `lifecycle.yaml`).
@@ -1147,6 +1151,8 @@ pub struct BootTarget {
     overrides: DashMap<String, Override>,
     /// One override change at a time per target (file and memory agree).
     override_lock: Mutex<()>,
+    /// Where persistent and install disks of some images live outside the node (RBD).
+    shared: Option<Arc<dyn crate::storage::SharedDisks>>,
 }
 
 /// An override and the image it names, resolved when it was set or loaded (None: the
@@ -1200,7 +1206,17 @@ impl BootTarget {
             images: BTreeMap::new(),
             overrides: DashMap::new(),
             override_lock: Mutex::new(()),
+            shared: None,
         }
+    }
+
+    /// Persistent and install disks of the images `shared` holds live there (RBD).
+    pub fn with_shared_disks(
+        mut self,
+        shared: Option<Arc<dyn crate::storage::SharedDisks>>,
+    ) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// The images a next-boot override may name (besides versioned images), and the
@@ -1415,8 +1431,21 @@ impl BootTarget {
         }
     }
 
-    /// The client disk of `initiator`, created on first use.
+    /// The client disk of `initiator`, created on first use. A shared disk (RBD) held by
+    /// another node is not taken (see [`BootTarget::attach_with`]).
     pub fn attach(&self, initiator: &str) -> Result<Arc<Client>, AttachError> {
+        self.attach_with(initiator, &|| {
+            Err("not a login placed on this node: no fencing".to_string())
+        })
+    }
+
+    /// As [`BootTarget::attach`], for a login: `may_fence` says whether this node may fence
+    /// the previous holder of the client's shared disk (it owns the client now).
+    pub fn attach_with(
+        &self,
+        initiator: &str,
+        may_fence: crate::storage::FenceGuard<'_>,
+    ) -> Result<Arc<Client>, AttachError> {
         let key = initiator.to_ascii_lowercase();
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
@@ -1501,12 +1530,42 @@ impl BootTarget {
             }
         }
         let mut created = false;
-        if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
+        // A persistent or install disk in shared storage (RBD): the whole client disk is
+        // there, locked by this node; no overlay on the node's disk.
+        let shared = match &self.shared {
+            Some(sh)
+                if matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
+                    && sh.holds(&image.name) =>
+            {
+                let (store, new) = sh
+                    .open(&self.name, &key, &image.name, image.store.size(), may_fence)
+                    .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+                created = new;
+                Some(store)
+            }
+            _ => None,
+        };
+        if let Some(store) = shared {
+            image = Arc::new(GoldenImage {
+                name: image.name.clone(),
+                path: image.path.clone(),
+                block_size: image.block_size,
+                physical_block_size: image.physical_block_size,
+                store,
+                id: image.id.clone(),
+                version: image.version,
+            });
+        } else if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
             // Its disk was kept by a switch that a crash interrupted before the new disk
             // existed: back in place (the next boot switches again).
             restore_kept(&client_dir, &key, &dir, &image);
         }
         let overlay = match mode {
+            _ if self.shared.as_ref().is_some_and(|sh| sh.holds(&image.name))
+                && matches!(mode, OverlayMode::Persistent | OverlayMode::Install) =>
+            {
+                None
+            }
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
                 let (o, new) = open_overlay(&dir, &image, mode)?;
                 created = new;

@@ -105,6 +105,44 @@ pub trait BlockStore: Send + Sync + 'static {
     }
 }
 
+/// Why a shared client disk (Ceph RBD) cannot be served by this node.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedDiskError {
+    /// Another node holds the disk's lock and this node may not fence it (it cannot
+    /// confirm it owns the client), or the fencing failed.
+    #[error("client disk {disk} is held by another node ({holder}): {why}")]
+    Held {
+        disk: String,
+        holder: String,
+        why: String,
+    },
+    /// The store could not be reached or refused the operation.
+    #[error("client disk {disk}: {reason}")]
+    Failed { disk: String, reason: String },
+}
+
+/// Asked before a shared disk's previous holder is fenced: Ok only if this node owns the
+/// client now (in a cluster: its ownership key in etcd, under a live lease).
+pub type FenceGuard<'a> = &'a (dyn Fn() -> Result<(), String> + Sync);
+
+/// Persistent (and install) client disks kept outside the node, so that any node can serve
+/// them (Ceph RBD, `storage::rbd::RbdClientDisks`). The opened disk is held by this node
+/// alone (an exclusive lock); a previous holder is fenced first.
+pub trait SharedDisks: Send + Sync + 'static {
+    /// Whether the persistent and install disks of image `image` live here.
+    fn holds(&self, image: &str) -> bool;
+    /// The disk of `initiator` (of boot target `target`) on `image`, `size` bytes, created
+    /// on first use, locked for this node. Returns the disk and whether it was created now.
+    fn open(
+        &self,
+        target: &str,
+        initiator: &str,
+        image: &str,
+        size: u64,
+        may_fence: FenceGuard<'_>,
+    ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
+}
+
 /// Bytes an unprivileged writer may still allocate on the filesystem holding `file`
 /// (fstatvfs: f_bavail × f_frsize); None when the filesystem cannot tell.
 pub(crate) fn fs_available(file: &std::fs::File) -> Option<u64> {
