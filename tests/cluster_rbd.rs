@@ -9,7 +9,9 @@
 //! 2. That node is paused with SIGSTOP past its lease; the client boots onto the third node,
 //!    which fences it and writes; the paused node continues: its write on its still open
 //!    session fails with CHECK CONDITION, and the new owner's data is intact.
-//! 3. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
+//! 3. The third node is killed: the client comes back to the once paused node, which opens
+//!    the disk again, fences the dead node and serves every acknowledged write.
+//! 4. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
 //!    the one of the node that etcd names the client's owner.
 #![cfg(feature = "rbd")]
 
@@ -104,8 +106,7 @@ fn lockers(ceph: &Ceph, image: &str) -> Vec<String> {
 fn node_rados_client(node: &Node) -> Option<String> {
     node.stderr()
         .lines()
-        .filter(|l| l.contains("client disk in RBD opened and locked"))
-        .last()
+        .rfind(|l| l.contains("client disk in RBD opened and locked"))
         .and_then(|l| {
             let i = l.find("client.")?;
             let tail = &l[i..];
@@ -299,5 +300,33 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
             .then_some(())
     });
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[z]);
+
+    // 3. The third node dies too: the client comes back to the once fenced node, which
+    //    opens the disk again (a new RADOS client), fences the dead one and serves it.
+    nodes[z].server.take().expect("running").kill9();
+    drop(s3);
+    drop(s);
+    let port = wait_for("the client placed on the resumed node", || {
+        let (_, p) = nodes[y].script(mac);
+        (p == nodes[y].iscsi).then_some(p)
+    });
+    let mut s = login(port, &who);
+    assert!(
+        nodes[y]
+            .stderr()
+            .contains("the client's shared disk was fenced by another node: opening it again"),
+        "{}",
+        nodes[y].stderr()
+    );
+    assert_eq!(s.read10(400, 8), new_data, "the third node's synced write");
+    assert_eq!(s.read10(300, 8), before_pause);
+    let last = common::random_bytes(8 * 512, 26);
+    let r = write_fua(&mut s, 600, &last);
+    assert_eq!(
+        r.status, 0,
+        "the node writes again once it holds the lock: {r:?}"
+    );
+    assert_eq!(s.read10(600, 8), last);
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
     eprintln!("measured: whole test {:?}", started.elapsed());
 }

@@ -498,6 +498,12 @@ impl Client {
         Arc::new(LunTable::new(table))
     }
 
+    /// Whether LUN 0 is a shared disk (RBD) that another node fenced this node from.
+    fn shared_disk_fenced(&self) -> bool {
+        let d = read(&self.disk);
+        d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+    }
+
     /// LUN numbers of this client's disks, ascending (LUN 0 first).
     pub fn lun_numbers(&self) -> Vec<u16> {
         std::iter::once(0)
@@ -1447,8 +1453,14 @@ impl BootTarget {
         may_fence: crate::storage::FenceGuard<'_>,
     ) -> Result<Arc<Client>, AttachError> {
         let key = initiator.to_ascii_lowercase();
-        if let Some(c) = self.clients.get(&key) {
-            return Ok(c.clone());
+        if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
+            if !c.shared_disk_fenced() {
+                return Ok(c);
+            }
+            // Another node took the client's shared disk (RBD) and fenced this one: its
+            // sessions here can only fail; the disk is opened (and locked) again.
+            tracing::warn!(initiator = %key, "the client's shared disk was fenced by another node: opening it again");
+            self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
         }
         let binding = self
             .binding(initiator)
@@ -1538,7 +1550,14 @@ impl BootTarget {
                     && sh.holds(&image.name) =>
             {
                 let (store, new) = sh
-                    .open(&self.name, &key, &image.name, image.store.size(), may_fence)
+                    .open(
+                        &self.name,
+                        &key,
+                        &image.name,
+                        image.store.size(),
+                        image.block_size,
+                        may_fence,
+                    )
                     .map_err(|e| AttachError::Unavailable(e.to_string()))?;
                 created = new;
                 Some(store)

@@ -103,6 +103,11 @@ pub trait BlockStore: Send + Sync + 'static {
     fn discard_changes(&self) -> Result<bool, StorageError> {
         Ok(false)
     }
+    /// Whether this node lost the right to write the store: a shared disk (RBD) whose lock
+    /// another node broke (fenced). Such a store is reopened at the client's next login.
+    fn fenced(&self) -> bool {
+        false
+    }
 }
 
 /// Why a shared client disk (Ceph RBD) cannot be served by this node.
@@ -131,7 +136,8 @@ pub type FenceGuard<'a> = &'a (dyn Fn() -> Result<(), String> + Sync);
 pub trait SharedDisks: Send + Sync + 'static {
     /// Whether the persistent and install disks of image `image` live here.
     fn holds(&self, image: &str) -> bool;
-    /// The disk of `initiator` (of boot target `target`) on `image`, `size` bytes, created
+    /// The disk of `initiator` (of boot target `target`) on `image`, `size` bytes in blocks
+    /// of `block_size`, created
     /// on first use, locked for this node. Returns the disk and whether it was created now.
     fn open(
         &self,
@@ -139,6 +145,7 @@ pub trait SharedDisks: Send + Sync + 'static {
         initiator: &str,
         image: &str,
         size: u64,
+        block_size: u32,
         may_fence: FenceGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
 }

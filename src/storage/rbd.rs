@@ -130,6 +130,7 @@ pub struct RbdDisk {
     io: rados_ioctx_t,
     image: rbd_image_t,
     size: u64,
+    block_size: u32,
 }
 
 // SAFETY: librados handles and librbd image handles are thread-safe for concurrent I/O
@@ -169,6 +170,7 @@ impl RbdDisk {
             io: std::ptr::null_mut(),
             image: std::ptr::null_mut(),
             size: 0,
+            block_size: 512,
         };
         let mut options = vec![
             // A fenced client must fail its I/O, not wait forever for the OSDs.
@@ -379,7 +381,7 @@ fn io(e: RbdError) -> StorageError {
 
 impl BlockStore for RbdDisk {
     fn block_size(&self) -> u32 {
-        512
+        self.block_size
     }
     fn size(&self) -> u64 {
         self.size
@@ -425,6 +427,10 @@ impl BlockStore for RbdDisk {
     }
     fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
         Ok((true, self.size.saturating_sub(offset)))
+    }
+    fn fenced(&self) -> bool {
+        // Not the owner any more (lock broken by another node) or blocklisted (an error).
+        !matches!(self.is_owner(), Ok(true))
     }
 }
 
@@ -492,6 +498,7 @@ impl super::SharedDisks for RbdClientDisks {
         initiator: &str,
         image: &str,
         size: u64,
+        block_size: u32,
         may_fence: super::FenceGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), super::SharedDiskError> {
         let name = client_image_name(&self.prefix, target, initiator);
@@ -504,7 +511,9 @@ impl super::SharedDisks for RbdClientDisks {
             .parents
             .get(image)
             .map(|(i, s)| (i.as_str(), s.as_str()));
-        let (d, created) = RbdDisk::open_or_clone(&self.connect, &name, parent).map_err(failed)?;
+        let (mut d, created) =
+            RbdDisk::open_or_clone(&self.connect, &name, parent).map_err(failed)?;
+        d.block_size = block_size;
         if created {
             tracing::info!(%disk, parent = ?parent, initiator, "client disk created in RBD (a clone of the image's snapshot)");
         }
