@@ -2328,6 +2328,85 @@ targets:
     }
 
     #[test]
+    fn rbd_section() {
+        let conf = tempfile::NamedTempFile::new().unwrap();
+        let conf = conf.path().display().to_string();
+        let cluster = "cluster: {name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}\n";
+        let image =
+            |rbd: &str| format!("images:\n  - {{name: g, path: g.img, create_size: 64MiB{rbd}}}\n");
+        let with = |top: &str, rbd: &str, cl: &str| parse(&format!("{ONE}{cl}{top}{}", image(rbd)));
+        let top = format!("rbd: {{pool: diskless, conf: {conf}}}\n");
+        let ok = with(&top, ", rbd: {parent: golden@v1}", cluster).unwrap();
+        let r = ok.rbd.unwrap();
+        assert_eq!((r.id.as_str(), r.prefix.as_str()), ("diskless", "diskless"));
+        assert_eq!(
+            ok.images[0].rbd.as_ref().unwrap().parent_parts(),
+            Some(("golden", "v1"))
+        );
+        for (top, rbd, cl, path) in [
+            // Fencing follows the placement: no cluster, no RBD disks.
+            (top.clone(), "", "", "need cluster:"),
+            (
+                String::new(),
+                ", rbd: {parent: golden@v1}",
+                cluster,
+                "images[0].rbd",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: golden}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: \"a/b@v1\"}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: \"a@\"}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                format!("rbd: {{pool: \"a b\", conf: {conf}}}\n"),
+                "",
+                cluster,
+                "rbd.pool",
+            ),
+            (
+                format!("rbd: {{pool: p, id: \"\", conf: {conf}}}\n"),
+                "",
+                cluster,
+                "rbd.id",
+            ),
+            (
+                "rbd: {pool: p, conf: /nonexistent/ceph.conf}\n".into(),
+                "",
+                cluster,
+                "rbd.conf",
+            ),
+            (
+                format!("rbd: {{pool: p, conf: {conf}, keyring: /nonexistent/k}}\n"),
+                "",
+                cluster,
+                "rbd.keyring",
+            ),
+        ] {
+            let e = with(&top, rbd, cl).unwrap_err().to_string();
+            assert!(e.contains(path), "{top} {rbd}: {e}");
+        }
+        assert!(with(
+            &format!("rbd: {{pool: p, conf: {conf}, user: x}}\n"),
+            "",
+            cluster
+        )
+        .is_err());
+    }
+
+    #[test]
     fn portals() {
         assert_eq!(Portal::parse("0.0.0.0:3260").unwrap().0.port(), 3260);
         assert_eq!(Portal::parse("10.0.0.1").unwrap().0.port(), 3260);

@@ -330,3 +330,35 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
     eprintln!("measured: whole test {:?}", started.elapsed());
 }
+
+/// Client disk names: readable, one RBD name component, distinct per (target, initiator).
+#[test]
+fn client_image_names() {
+    use diskless::storage::rbd::client_image_name;
+    let a = client_image_name(
+        "diskless",
+        TARGET,
+        "iqn.2026-12.org.diskless:mac-525400000d01",
+    );
+    assert!(
+        a.starts_with("diskless.iqn.2026-12.org.diskless_mac-525400000d01."),
+        "{a}"
+    );
+    assert!(!a.contains(['/', '@', ' ']));
+    // The mapping merges ':' and '_'; the hash keeps them apart.
+    assert_ne!(
+        client_image_name("diskless", TARGET, "iqn.x:a"),
+        client_image_name("diskless", TARGET, "iqn.x_a")
+    );
+    // Another target, another disk; case does not matter (initiator names are not).
+    assert_ne!(
+        client_image_name("diskless", "iqn.other", "iqn.x:a"),
+        client_image_name("diskless", TARGET, "iqn.x:a")
+    );
+    assert_eq!(
+        client_image_name("diskless", TARGET, "IQN.X:A"),
+        client_image_name("diskless", TARGET, "iqn.x:a")
+    );
+    let long = "iqn.x:".to_string() + &"a".repeat(300);
+    assert!(client_image_name("diskless", TARGET, &long).len() < 160);
+}
