@@ -498,6 +498,12 @@ impl Client {
         Arc::new(LunTable::new(table))
     }
 
+    /// Whether LUN 0 is a shared disk (RBD): a persistent or install disk without overlay.
+    fn shared_disk(&self) -> bool {
+        let d = read(&self.disk);
+        d.overlay.is_none() && matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
+    }
+
     /// Whether LUN 0 is a shared disk (RBD) that another node fenced this node from.
     fn shared_disk_fenced(&self) -> bool {
         let d = read(&self.disk);
@@ -622,6 +628,14 @@ impl Client {
     pub fn reset(&self) -> Result<(), String> {
         let scope = lock(&self.reset_scope).take().unwrap_or(ResetScope::Boot);
         let covered = scope.covers(0, self.mode());
+        if covered && self.shared_disk() {
+            // Not discarded behind the operator's back: the whole disk is in RBD.
+            return Err(format!(
+                "client {}'s disk is in Ceph RBD, not an overlay on this node: recreate it with \
+                 `rbd rm` while the client is off (it is cloned again at its next login)",
+                self.initiator
+            ));
+        }
         // At a new boot LUN 0 also moves when it takes a pending disk (a next-boot override,
         // or a new version where the disk has no overlay to keep).
         if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {

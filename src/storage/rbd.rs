@@ -175,6 +175,10 @@ impl RbdDisk {
         let mut options = vec![
             // A fenced client must fail its I/O, not wait forever for the OSDs.
             ("rados_osd_op_timeout", "10".to_string()),
+            // Nor wait for unreachable monitors (connecting: 300 s by default; the
+            // blocklist command of a fencing): a login is refused instead.
+            ("client_mount_timeout", "10".to_string()),
+            ("rados_mon_op_timeout", "10".to_string()),
             // No write-back cache in librbd: a write is acknowledged only once the OSDs
             // have it, so a fenced node's write fails at once (CHECK CONDITION) instead of
             // being accepted into a cache whose write-back then fails.
