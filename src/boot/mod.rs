@@ -1451,20 +1451,20 @@ impl BootTarget {
         }
     }
 
-    /// The client disk of `initiator`, created on first use. A shared disk (RBD) held by
-    /// another node is not taken (see [`BootTarget::attach_with`]).
+    /// The client disk of `initiator`, created on first use. A shared disk (RBD) is not
+    /// opened here (see [`BootTarget::attach_with`]).
     pub fn attach(&self, initiator: &str) -> Result<Arc<Client>, AttachError> {
         self.attach_with(initiator, &|| {
-            Err("not a login placed on this node: no fencing".to_string())
+            Err("a shared disk is opened only by a login or boot script fetch placed on the client's owner node".to_string())
         })
     }
 
-    /// As [`BootTarget::attach`], for a login: `may_fence` says whether this node may fence
-    /// the previous holder of the client's shared disk (it owns the client now).
+    /// As [`BootTarget::attach`], for a login: `may_lock` says whether this node may open
+    /// and lock the client's shared disk, fencing its previous holder (it owns the client).
     pub fn attach_with(
         &self,
         initiator: &str,
-        may_fence: crate::storage::FenceGuard<'_>,
+        may_lock: crate::storage::LockGuard<'_>,
     ) -> Result<Arc<Client>, AttachError> {
         let key = initiator.to_ascii_lowercase();
         if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
@@ -1570,7 +1570,7 @@ impl BootTarget {
                         &image.name,
                         image.store.size(),
                         image.block_size,
-                        may_fence,
+                        may_lock,
                     )
                     .map_err(|e| AttachError::Unavailable(e.to_string()))?;
                 created = new;
@@ -1578,6 +1578,7 @@ impl BootTarget {
             }
             _ => None,
         };
+        let in_shared = shared.is_some();
         if let Some(store) = shared {
             image = Arc::new(GoldenImage {
                 name: image.name.clone(),
@@ -1594,11 +1595,7 @@ impl BootTarget {
             restore_kept(&client_dir, &key, &dir, &image);
         }
         let overlay = match mode {
-            _ if self.shared.as_ref().is_some_and(|sh| sh.holds(&image.name))
-                && matches!(mode, OverlayMode::Persistent | OverlayMode::Install) =>
-            {
-                None
-            }
+            _ if in_shared => None,
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
                 let (o, new) = open_overlay(&dir, &image, mode)?;
                 created = new;

@@ -318,16 +318,17 @@ impl Server {
         }
     }
 
-    /// What a client's shared disk (RBD) asks before fencing its previous holder: in a
-    /// cluster, etcd must say now that this node owns `initiator` under a live lease; a
-    /// single node never fences. Called on a blocking thread (it waits for etcd).
+    /// What a client's shared disk (RBD) asks before it is opened and locked (fencing its
+    /// previous holder): in a cluster, etcd must say now that this node owns `initiator`
+    /// under a live lease; a single node never opens one (check-config requires a cluster).
+    /// Called on a blocking thread (it waits for etcd).
     fn fence_guard(&self, initiator: &str) -> impl Fn() -> Result<(), String> + Send + Sync {
         let cluster = self.cluster().cloned();
         let handle = tokio::runtime::Handle::current();
         let who = initiator.to_string();
         move || match &cluster {
             Some(c) => handle.block_on(c.confirm_owner(&who)),
-            None => Err("not in a cluster: no fencing".to_string()),
+            None => Err("not in a cluster".to_string()),
         }
     }
 

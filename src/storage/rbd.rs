@@ -503,10 +503,15 @@ impl super::SharedDisks for RbdClientDisks {
         image: &str,
         size: u64,
         block_size: u32,
-        may_fence: super::FenceGuard<'_>,
+        may_lock: super::LockGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), super::SharedDiskError> {
         let name = client_image_name(&self.prefix, target, initiator);
         let disk = format!("{}/{name}", self.connect.pool);
+        // Only the client's owner opens (and creates, and locks) its disk; etcd is asked
+        // now, not at the login's placement: the lease may have run out since.
+        if let Err(why) = may_lock() {
+            return Err(super::SharedDiskError::NotOwner { disk, why });
+        }
         let failed = |e: RbdError| super::SharedDiskError::Failed {
             disk: disk.clone(),
             reason: e.to_string(),
@@ -533,8 +538,7 @@ impl super::SharedDisks for RbdClientDisks {
         }
         // A holder is asked first, not left to rbd_lock_acquire: against a holder that died
         // or is paused, librbd waits for its watch to time out (30 s) and then breaks the
-        // lock on its own, without asking whether this node may. Here the break is ours,
-        // at once, and only once the cluster says the client is ours.
+        // lock on its own. Here the break is ours, at once (the owner check passed above).
         let holders = d.owners().map_err(failed)?;
         let attempt = if holders.is_empty() {
             d.lock()
@@ -543,12 +547,9 @@ impl super::SharedDisks for RbdClientDisks {
         };
         match attempt {
             Ok(()) => {}
-            Err(RbdError::Locked(holder)) => {
+            Err(RbdError::Locked(_)) => {
                 // Another RADOS client holds the lock: a node that served the client
-                // before. Fence it only if the cluster says the client is ours now.
-                if let Err(why) = may_fence() {
-                    return Err(super::SharedDiskError::Held { disk, holder, why });
-                }
+                // before, which the cluster says lost it (the client is ours): fence it.
                 match d.fence_and_lock() {
                     Ok(fenced) => tracing::warn!(%disk, initiator, fenced = ?fenced,
                         "fenced the previous holder of the client disk (lock broken, its RADOS client blocklisted)"),
