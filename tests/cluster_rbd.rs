@@ -11,7 +11,8 @@
 //!    session fails with CHECK CONDITION, and the new owner's data is intact.
 //! 3. The third node is killed: the client comes back to the once paused node, which opens
 //!    the disk again, fences the dead node and serves every acknowledged write.
-//! 4. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
+//! 4. A new client whose disk cannot be created is refused with status 0x0301, logged.
+//! 5. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
 //!    the one of the node that etcd names the client's owner.
 #![cfg(feature = "rbd")]
 
@@ -328,6 +329,26 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     );
     assert_eq!(s.read10(600, 8), last);
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
+
+    // 4. A disk the node cannot open (the parent snapshot is gone for a new client's
+    //    clone): the login is refused with 0x0301 (service unavailable), logged.
+    ceph.tool("rbd", &["mv", "rbd/golden", "rbd/golden-moved"])
+        .ok();
+    let (other, port) = nodes[y].script("52:54:00:00:0d:02");
+    assert_eq!(port, nodes[y].iscsi);
+    let mut c = Client::connect(port);
+    assert_eq!(
+        c.login(&other, TARGET),
+        Err((3, 1)),
+        "refused: service unavailable"
+    );
+    let log = nodes[y].stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("no disk for this client") && l.contains("rbd_clone")),
+        "{log}"
+    );
+    assert_eq!(s.read10(600, 8), last, "the other client is served on");
     eprintln!("measured: whole test {:?}", started.elapsed());
 }
 
