@@ -319,8 +319,8 @@ pub enum AttachError {
     DirectBusy { image: String, holder: String },
     #[error("{0}")]
     Storage(String),
-    /// The client's shared disk (RBD) is held by another node that this node may not fence,
-    /// or its store cannot be reached: refuse the login, the initiator may retry.
+    /// The client's shared disk (RBD) cannot be served here: this node cannot confirm it
+    /// owns the client, or the store failed. The login is refused; the initiator may retry.
     #[error("{0}")]
     Unavailable(String),
 }
@@ -1173,6 +1173,9 @@ pub struct BootTarget {
     override_lock: Mutex<()>,
     /// Where persistent and install disks of some images live outside the node (RBD).
     shared: Option<Arc<dyn crate::storage::SharedDisks>>,
+    /// One attach at a time per client when disks may be shared: two opens of one RBD disk
+    /// would fence each other (a login racing its boot script fetch).
+    opening: DashMap<String, Arc<Mutex<()>>>,
 }
 
 /// An override and the image it names, resolved when it was set or loaded (None: the
@@ -1227,6 +1230,7 @@ impl BootTarget {
             overrides: DashMap::new(),
             override_lock: Mutex::new(()),
             shared: None,
+            opening: DashMap::new(),
         }
     }
 
@@ -1467,6 +1471,11 @@ impl BootTarget {
         may_lock: crate::storage::LockGuard<'_>,
     ) -> Result<Arc<Client>, AttachError> {
         let key = initiator.to_ascii_lowercase();
+        let one = self
+            .shared
+            .as_ref()
+            .map(|_| self.opening.entry(key.clone()).or_default().clone());
+        let _one = one.as_deref().map(lock);
         if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
             if !c.shared_disk_fenced() {
                 return Ok(c);
