@@ -195,6 +195,10 @@ pub struct Config {
     /// Several nodes placed through etcd (docs/scale-out.md). Absent: a single node.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// Ceph RBD for persistent and install client disks of the images with `rbd:`
+    /// (docs/scale-out.md). Needs `cluster:` (fencing follows the placement).
+    #[serde(default)]
+    pub rbd: Option<RbdConfig>,
     /// Directory relative image paths are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -480,6 +484,67 @@ pub struct ImageConfig {
     /// Create a sparse image of this size if missing (demo use).
     #[serde(default)]
     pub create_size: Option<ByteSize>,
+    /// Persistent and install client disks of this image live in Ceph RBD (top-level
+    /// `rbd:`), each a clone of this snapshot; volatile ones stay node-local.
+    #[serde(default)]
+    pub rbd: Option<ImageRbdConfig>,
+}
+
+/// `images[].rbd`: the RBD snapshot holding the image's bytes (`rbd import`, `rbd snap
+/// create`, `rbd snap protect`), parent of the clients' disks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRbdConfig {
+    /// `IMAGE@SNAPSHOT` in the `rbd.pool`.
+    pub parent: String,
+}
+
+impl ImageRbdConfig {
+    /// (image, snapshot).
+    pub fn parent_parts(&self) -> Option<(&str, &str)> {
+        let (i, s) = self.parent.split_once('@')?;
+        (is_rbd_name(i) && is_rbd_name(s)).then_some((i, s))
+    }
+}
+
+/// `rbd:` how this node reaches Ceph for RBD client disks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdConfig {
+    /// The pool holding the images' snapshots and the clients' disks.
+    pub pool: String,
+    /// The cephx user (`client.<id>`); its caps must allow blocklisting (`profile rbd`).
+    #[serde(default = "default_rbd_id")]
+    pub id: String,
+    /// Ceph configuration file (monitor addresses).
+    #[serde(default = "default_rbd_conf")]
+    pub conf: PathBuf,
+    /// Keyring of the user (default: what `conf` says).
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// Prefix of the clients' RBD image names (`<prefix>.<initiator>.<hash>`).
+    #[serde(default = "default_rbd_prefix")]
+    pub prefix: String,
+}
+
+fn default_rbd_id() -> String {
+    "diskless".into()
+}
+
+fn default_rbd_conf() -> PathBuf {
+    PathBuf::from("/etc/ceph/ceph.conf")
+}
+
+fn default_rbd_prefix() -> String {
+    "diskless".into()
+}
+
+/// RBD pool, image, snapshot and user names kept to a safe set (no '/', '@', spaces).
+fn is_rbd_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 96
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// `images[].s3`: one immutable image version in an S3-compatible object store, read through
@@ -1699,6 +1764,7 @@ impl Config {
             api: None,
             chunk_cache: ChunkCacheConfig::default(),
             cluster: None,
+            rbd: None,
             base_dir: PathBuf::from("."),
             source: QUICK_SOURCE.to_string(),
         }
@@ -1731,6 +1797,7 @@ impl Config {
             block_size,
             physical_block_size: None,
             create_size: None,
+            rbd: None,
         }];
         if let Some(t) = c.targets.first_mut() {
             t.luns.clear();
@@ -1832,6 +1899,7 @@ impl Config {
         if let Some(c) = &self.cluster {
             c.validate(file)?;
         }
+        self.validate_rbd()?;
         if let Some(n) = &self.netboot {
             n.validate(file, self.boot_http.is_some())?;
         }
@@ -1909,6 +1977,71 @@ impl Config {
                         format!("duplicate LUN {}", l.lun),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `rbd:` and `images[].rbd`: names, the configuration files, and `cluster:` (a node
+    /// fences another's RBD lock only when etcd says it owns the client).
+    fn validate_rbd(&self) -> Result<(), ConfigError> {
+        let file = self.source.as_str();
+        if let Some(r) = &self.rbd {
+            for (key, v) in [("pool", &r.pool), ("id", &r.id), ("prefix", &r.prefix)] {
+                if !is_rbd_name(v) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("rbd.{key}"),
+                        format!("{v:?} must be 1-96 letters, digits, '-', '_' or '.'"),
+                    ));
+                }
+            }
+            let conf = self.image_path(&r.conf);
+            if !conf.is_file() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "rbd.conf",
+                    format!("{} is not a file", conf.display()),
+                ));
+            }
+            if let Some(k) = &r.keyring {
+                let k = self.image_path(k);
+                if !k.is_file() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "rbd.keyring",
+                        format!("{} is not a file", k.display()),
+                    ));
+                }
+            }
+            if self.cluster.is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "rbd",
+                    "RBD client disks need cluster: (a node fences a disk's previous holder \
+                     only when etcd says the client is its own)",
+                ));
+            }
+        }
+        for (i, im) in self.images.iter().enumerate() {
+            let Some(ir) = &im.rbd else { continue };
+            let path = format!("images[{i}].rbd");
+            if self.rbd.is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    path,
+                    "needs the top-level rbd: section (pool, id, conf)",
+                ));
+            }
+            if ir.parent_parts().is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{path}.parent"),
+                    format!(
+                        "{:?} must be IMAGE@SNAPSHOT (letters, digits, '-', '_', '.')",
+                        ir.parent
+                    ),
+                ));
             }
         }
         Ok(())
@@ -2207,6 +2340,85 @@ targets:
             assert!(e.contains(path), "{bad}: {e}");
         }
         assert!(with("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", extra: 1}").is_err());
+    }
+
+    #[test]
+    fn rbd_section() {
+        let conf = tempfile::NamedTempFile::new().unwrap();
+        let conf = conf.path().display().to_string();
+        let cluster = "cluster: {name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\"}\n";
+        let image =
+            |rbd: &str| format!("images:\n  - {{name: g, path: g.img, create_size: 64MiB{rbd}}}\n");
+        let with = |top: &str, rbd: &str, cl: &str| parse(&format!("{ONE}{cl}{top}{}", image(rbd)));
+        let top = format!("rbd: {{pool: diskless, conf: {conf}}}\n");
+        let ok = with(&top, ", rbd: {parent: golden@v1}", cluster).unwrap();
+        let r = ok.rbd.unwrap();
+        assert_eq!((r.id.as_str(), r.prefix.as_str()), ("diskless", "diskless"));
+        assert_eq!(
+            ok.images[0].rbd.as_ref().unwrap().parent_parts(),
+            Some(("golden", "v1"))
+        );
+        for (top, rbd, cl, path) in [
+            // Fencing follows the placement: no cluster, no RBD disks.
+            (top.clone(), "", "", "need cluster:"),
+            (
+                String::new(),
+                ", rbd: {parent: golden@v1}",
+                cluster,
+                "images[0].rbd",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: golden}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: \"a/b@v1\"}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                top.clone(),
+                ", rbd: {parent: \"a@\"}",
+                cluster,
+                "images[0].rbd.parent",
+            ),
+            (
+                format!("rbd: {{pool: \"a b\", conf: {conf}}}\n"),
+                "",
+                cluster,
+                "rbd.pool",
+            ),
+            (
+                format!("rbd: {{pool: p, id: \"\", conf: {conf}}}\n"),
+                "",
+                cluster,
+                "rbd.id",
+            ),
+            (
+                "rbd: {pool: p, conf: /nonexistent/ceph.conf}\n".into(),
+                "",
+                cluster,
+                "rbd.conf",
+            ),
+            (
+                format!("rbd: {{pool: p, conf: {conf}, keyring: /nonexistent/k}}\n"),
+                "",
+                cluster,
+                "rbd.keyring",
+            ),
+        ] {
+            let e = with(&top, rbd, cl).unwrap_err().to_string();
+            assert!(e.contains(path), "{top} {rbd}: {e}");
+        }
+        assert!(with(
+            &format!("rbd: {{pool: p, conf: {conf}, user: x}}\n"),
+            "",
+            cluster
+        )
+        .is_err());
     }
 
     #[test]

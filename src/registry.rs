@@ -438,6 +438,7 @@ impl Registry {
                 images.insert(spec.to_string(), Arc::new(golden));
             }
         }
+        let shared = shared_disks(config, file)?;
         for (ti, tc) in config.targets.iter().enumerate() {
             let Some(boot) = &tc.boot else { continue };
             let (bindings, default) =
@@ -450,7 +451,8 @@ impl Registry {
                     registry.state_dir.clone(),
                     std::time::Duration::from_secs(registry.settings.reboot_gap_secs),
                 )
-                .with_images(images.clone());
+                .with_images(images.clone())
+                .with_shared_disks(shared.clone());
                 bt.identity = tc.identity.unwrap_or_default();
                 t.boot = Some(Arc::new(bt));
             }
@@ -748,6 +750,50 @@ fn node_chunk_cache(config: &Config) -> Result<Arc<ChunkCache>, String> {
     let cache = Arc::new(cache);
     *node = Some((dir, mem, disk, cache.clone()));
     Ok(cache)
+}
+
+/// The RBD client disks of the images with `rbd:` (None: every disk is node-local).
+#[cfg(feature = "rbd")]
+fn shared_disks(
+    config: &Config,
+    _file: &str,
+) -> Result<Option<Arc<dyn crate::storage::SharedDisks>>, ConfigError> {
+    let Some(r) = &config.rbd else {
+        return Ok(None);
+    };
+    let parents: BTreeMap<String, (String, String)> = config
+        .images
+        .iter()
+        .filter_map(|im| {
+            let (i, s) = im.rbd.as_ref()?.parent_parts()?;
+            Some((im.name.clone(), (i.to_string(), s.to_string())))
+        })
+        .collect();
+    let connect = crate::storage::rbd::RbdConnect {
+        conf: config.image_path(&r.conf),
+        id: r.id.clone(),
+        keyring: r.keyring.as_ref().map(|k| config.image_path(k)),
+        pool: r.pool.clone(),
+    };
+    Ok(Some(Arc::new(crate::storage::rbd::RbdClientDisks::new(
+        connect, &r.prefix, parents,
+    ))))
+}
+
+/// Without the `rbd` feature an `rbd:` section cannot be served.
+#[cfg(not(feature = "rbd"))]
+fn shared_disks(
+    config: &Config,
+    file: &str,
+) -> Result<Option<Arc<dyn crate::storage::SharedDisks>>, ConfigError> {
+    if config.rbd.is_some() || config.images.iter().any(|i| i.rbd.is_some()) {
+        return Err(ConfigError::invalid(
+            file,
+            "rbd",
+            "this build has no Ceph RBD support (build with `cargo build --features rbd`)",
+        ));
+    }
+    Ok(None)
 }
 
 /// Where an `images[].s3` entry lives: a client for its store, its location, the retry

@@ -481,3 +481,35 @@ fn s3_images_are_validated_and_their_credentials_never_printed() {
     let e = Config::load(&p).unwrap_err().to_string();
     assert!(e.contains("direct is not possible"), "{e}");
 }
+
+/// `rbd:` is checked by check-config on any build; a build without the cargo feature `rbd`
+/// refuses to serve it (exit 2, with the reason) instead of serving node-local disks.
+#[cfg(not(feature = "rbd"))]
+#[test]
+fn rbd_disks_need_a_build_with_the_rbd_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ceph.conf", "[global]\n");
+    let cfg = write(
+        dir.path(),
+        "targets.yaml",
+        "portals: [\"127.0.0.1:0\"]\n\
+         cluster: {name: lab, node_id: n1, etcd: [\"http://127.0.0.1:9\"], advertise: \"127.0.0.1:3260\"}\n\
+         rbd: {pool: diskless, conf: ceph.conf}\n\
+         images:\n  - {name: g, path: g.img, create_size: 1MiB, rbd: {parent: g@v1}}\n\
+         targets:\n  - name: iqn.2026-12.org.diskless:rbd\n    boot: {default: {image: g, mode: persistent}}\n",
+    );
+    let out = bin()
+        .args(["check-config", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin().args(["serve", "-c"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no Ceph RBD support"), "{err}");
+}

@@ -79,3 +79,87 @@ fn exclusive_lock_and_fencing_by_blocklist() {
     b.read_at(&mut seen, 0).unwrap();
     assert!(seen == late);
 }
+
+/// The client disks `serve` uses (`RbdClientDisks`): a clone of the image's snapshot per
+/// client, created at the first open; opened only when the owner check passes; a second
+/// owner fences the first (whose writes then fail); a clone whose size differs from the
+/// image is refused.
+#[test]
+fn client_disks_are_clones_locked_by_their_owner() {
+    use diskless::storage::rbd::{client_image_name, RbdClientDisks, RbdConnect};
+    use diskless::storage::{SharedDiskError, SharedDisks};
+    common::require("rbd", "ceph-common");
+    let ceph = Ceph::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    let bytes = common::random_bytes(4 << 20, 3);
+    std::fs::write(&golden, &bytes).unwrap();
+    ceph.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
+        .ok();
+    ceph.tool("rbd", &["pool", "init", "rbd"]).ok();
+    ceph.tool("rbd", &["import", golden.to_str().unwrap(), "rbd/golden"])
+        .ok();
+    ceph.tool("rbd", &["snap", "create", "rbd/golden@v1"]).ok();
+    ceph.tool("rbd", &["snap", "protect", "rbd/golden@v1"]).ok();
+    let disks = || {
+        RbdClientDisks::new(
+            RbdConnect {
+                conf: ceph.conf().to_path_buf(),
+                id: "admin".into(),
+                keyring: None,
+                pool: "rbd".into(),
+            },
+            "t",
+            [("g".to_string(), ("golden".to_string(), "v1".to_string()))].into(),
+        )
+    };
+    let (a, b) = (disks(), disks());
+    assert!(a.holds("g") && !a.holds("other"));
+    let owner = || Ok(());
+    let not_owner = || Err("the client is owned by node n2".to_string());
+    let size = bytes.len() as u64;
+
+    // Not the owner: nothing is created.
+    match a.open("tgt", "iqn.x:c1", "g", size, 512, &not_owner) {
+        Err(SharedDiskError::NotOwner { why, .. }) => assert!(why.contains("n2")),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened by a node that does not own the client"),
+    }
+    let name = client_image_name("t", "tgt", "iqn.x:c1");
+    let ls = ceph.tool("rbd", &["ls", "rbd"]).ok();
+    assert!(!ls.stdout.contains(&name), "{}", ls.stdout);
+
+    // The owner: a new clone that reads as the golden image, locked.
+    let (d1, created) = a.open("tgt", "iqn.x:c1", "g", size, 512, &owner).unwrap();
+    assert!(created);
+    let mut seen = vec![0u8; 64 << 10];
+    d1.read_at(&mut seen, 0).unwrap();
+    assert!(seen == bytes[..64 << 10]);
+    let mine = common::random_bytes(4096, 4);
+    d1.write_at(&mine, 8192, true).unwrap();
+    assert!(!d1.fenced());
+    let info = ceph.tool("rbd", &["info", &format!("rbd/{name}")]).ok();
+    assert!(
+        info.stdout.contains("parent: rbd/golden@v1"),
+        "{}",
+        info.stdout
+    );
+
+    // Another node asked to take the client: it fences the first, which can no longer write.
+    let (d2, created) = b.open("tgt", "iqn.x:c1", "g", size, 512, &owner).unwrap();
+    assert!(!created);
+    assert!(d1.fenced(), "the first holder knows it lost the disk");
+    assert!(d1.write_at(&mine, 0, true).is_err());
+    let mut back = vec![0u8; 4096];
+    d2.read_at(&mut back, 8192).unwrap();
+    assert!(back == mine, "the acknowledged write is there");
+    d2.read_at(&mut back, 0).unwrap();
+    assert!(back == bytes[..4096], "the fenced write is not");
+
+    // A clone of another size than the image (its snapshot is not the image): refused.
+    match a.open("tgt", "iqn.x:c2", "g", size + 512, 512, &owner) {
+        Err(SharedDiskError::Failed { reason, .. }) => assert!(reason.contains("bytes")),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a disk of the wrong size was served"),
+    }
+}

@@ -66,6 +66,7 @@ async fn open_client(
             crate::boot::AttachError::DirectBusy { .. } => ApiError::Conflict(e.to_string()),
             crate::boot::AttachError::NoBinding(_) => ApiError::NotFound(e.to_string()),
             crate::boot::AttachError::Storage(_) => ApiError::Internal(e.to_string()),
+            crate::boot::AttachError::Unavailable(_) => ApiError::Conflict(e.to_string()),
         })
 }
 

@@ -319,6 +319,10 @@ pub enum AttachError {
     DirectBusy { image: String, holder: String },
     #[error("{0}")]
     Storage(String),
+    /// The client's shared disk (RBD) cannot be served here: this node cannot confirm it
+    /// owns the client, or the store failed. The login is refused; the initiator may retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Mutable bookkeeping of one client: its lifecycle (durable part in `lifecycle.yaml`).
@@ -494,6 +498,18 @@ impl Client {
         Arc::new(LunTable::new(table))
     }
 
+    /// Whether LUN 0 is a shared disk (RBD): a persistent or install disk without overlay.
+    fn shared_disk(&self) -> bool {
+        let d = read(&self.disk);
+        d.overlay.is_none() && matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
+    }
+
+    /// Whether LUN 0 is a shared disk (RBD) that another node fenced this node from.
+    fn shared_disk_fenced(&self) -> bool {
+        let d = read(&self.disk);
+        d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+    }
+
     /// LUN numbers of this client's disks, ascending (LUN 0 first).
     pub fn lun_numbers(&self) -> Vec<u16> {
         std::iter::once(0)
@@ -612,6 +628,14 @@ impl Client {
     pub fn reset(&self) -> Result<(), String> {
         let scope = lock(&self.reset_scope).take().unwrap_or(ResetScope::Boot);
         let covered = scope.covers(0, self.mode());
+        if covered && self.shared_disk() {
+            // Not discarded behind the operator's back: the whole disk is in RBD.
+            return Err(format!(
+                "client {}'s disk is in Ceph RBD, not an overlay on this node: recreate it with \
+                 `rbd rm` while the client is off (it is cloned again at its next login)",
+                self.initiator
+            ));
+        }
         // At a new boot LUN 0 also moves when it takes a pending disk (a next-boot override,
         // or a new version where the disk has no overlay to keep).
         if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {
@@ -1147,6 +1171,11 @@ pub struct BootTarget {
     overrides: DashMap<String, Override>,
     /// One override change at a time per target (file and memory agree).
     override_lock: Mutex<()>,
+    /// Where persistent and install disks of some images live outside the node (RBD).
+    shared: Option<Arc<dyn crate::storage::SharedDisks>>,
+    /// One attach at a time per client when disks may be shared: two opens of one RBD disk
+    /// would fence each other (a login racing its boot script fetch).
+    opening: DashMap<String, Arc<Mutex<()>>>,
 }
 
 /// An override and the image it names, resolved when it was set or loaded (None: the
@@ -1200,7 +1229,18 @@ impl BootTarget {
             images: BTreeMap::new(),
             overrides: DashMap::new(),
             override_lock: Mutex::new(()),
+            shared: None,
+            opening: DashMap::new(),
         }
+    }
+
+    /// Persistent and install disks of the images `shared` holds live there (RBD).
+    pub fn with_shared_disks(
+        mut self,
+        shared: Option<Arc<dyn crate::storage::SharedDisks>>,
+    ) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// The images a next-boot override may name (besides versioned images), and the
@@ -1415,11 +1455,35 @@ impl BootTarget {
         }
     }
 
-    /// The client disk of `initiator`, created on first use.
+    /// The client disk of `initiator`, created on first use. A shared disk (RBD) is not
+    /// opened here (see [`BootTarget::attach_with`]).
     pub fn attach(&self, initiator: &str) -> Result<Arc<Client>, AttachError> {
+        self.attach_with(initiator, &|| {
+            Err("a shared disk is opened only by a login or boot script fetch placed on the client's owner node".to_string())
+        })
+    }
+
+    /// As [`BootTarget::attach`], for a login: `may_lock` says whether this node may open
+    /// and lock the client's shared disk, fencing its previous holder (it owns the client).
+    pub fn attach_with(
+        &self,
+        initiator: &str,
+        may_lock: crate::storage::LockGuard<'_>,
+    ) -> Result<Arc<Client>, AttachError> {
         let key = initiator.to_ascii_lowercase();
-        if let Some(c) = self.clients.get(&key) {
-            return Ok(c.clone());
+        let one = self
+            .shared
+            .as_ref()
+            .map(|_| self.opening.entry(key.clone()).or_default().clone());
+        let _one = one.as_deref().map(lock);
+        if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
+            if !c.shared_disk_fenced() {
+                return Ok(c);
+            }
+            // Another node took the client's shared disk (RBD) and fenced this one: its
+            // sessions here can only fail; the disk is opened (and locked) again.
+            tracing::warn!(initiator = %key, "the client's shared disk was fenced by another node: opening it again");
+            self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
         }
         let binding = self
             .binding(initiator)
@@ -1501,12 +1565,46 @@ impl BootTarget {
             }
         }
         let mut created = false;
-        if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
+        // A persistent or install disk in shared storage (RBD): the whole client disk is
+        // there, locked by this node; no overlay on the node's disk.
+        let shared = match &self.shared {
+            Some(sh)
+                if matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
+                    && sh.holds(&image.name) =>
+            {
+                let (store, new) = sh
+                    .open(
+                        &self.name,
+                        &key,
+                        &image.name,
+                        image.store.size(),
+                        image.block_size,
+                        may_lock,
+                    )
+                    .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+                created = new;
+                Some(store)
+            }
+            _ => None,
+        };
+        let in_shared = shared.is_some();
+        if let Some(store) = shared {
+            image = Arc::new(GoldenImage {
+                name: image.name.clone(),
+                path: image.path.clone(),
+                block_size: image.block_size,
+                physical_block_size: image.physical_block_size,
+                store,
+                id: image.id.clone(),
+                version: image.version,
+            });
+        } else if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
             // Its disk was kept by a switch that a crash interrupted before the new disk
             // existed: back in place (the next boot switches again).
             restore_kept(&client_dir, &key, &dir, &image);
         }
         let overlay = match mode {
+            _ if in_shared => None,
             OverlayMode::Volatile | OverlayMode::Persistent | OverlayMode::Install => {
                 let (o, new) = open_overlay(&dir, &image, mode)?;
                 created = new;

@@ -275,6 +275,22 @@ impl Cluster {
         }
     }
 
+    /// The fencing check (docs/scale-out.md, "Ceph RBD client disks"): Ok only if etcd says,
+    /// now, that this node owns `initiator`, and this node's lease is surely alive. A node
+    /// breaks another's lock on a client's shared disk only after this: the other node then
+    /// lost the client (its lease ran out, or it released it), so it may no longer write.
+    pub async fn confirm_owner(&self, initiator: &str) -> Result<(), String> {
+        match self.read_owner(initiator).await {
+            None => Err("etcd unreachable: cannot confirm this node owns the client".into()),
+            Some(None) => Err("the client has no owner in etcd".into()),
+            Some(Some(o)) if o != self.me => Err(format!("the client is owned by node {o}")),
+            Some(Some(_)) if !self.registered() => {
+                Err("this node's lease is not surely alive".into())
+            }
+            Some(Some(_)) => Ok(()),
+        }
+    }
+
     /// Create the client's ownership key for `node` on `lease`, only if absent.
     async fn claim(
         &self,

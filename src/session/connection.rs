@@ -342,6 +342,10 @@ async fn login(
                                     AttachError::NoBinding(_) => status::AUTHORIZATION_FAILURE,
                                     AttachError::DirectBusy { .. } => status::SERVICE_UNAVAILABLE,
                                     AttachError::Storage(_) => status::TARGET_ERROR,
+                                    // A shared disk another node holds (not fenced: this
+                                    // node could not confirm it owns the client) or Ceph
+                                    // unreachable: 0x0301, the initiator may retry.
+                                    AttachError::Unavailable(_) => status::SERVICE_UNAVAILABLE,
                                 };
                                 server.metrics().login_failed(
                                     peer,

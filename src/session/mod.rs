@@ -318,6 +318,20 @@ impl Server {
         }
     }
 
+    /// What a client's shared disk (RBD) asks before it is opened and locked (fencing its
+    /// previous holder): in a cluster, etcd must say now that this node owns `initiator`
+    /// under a live lease; a single node never opens one (check-config requires a cluster).
+    /// Called on a blocking thread (it waits for etcd).
+    fn fence_guard(&self, initiator: &str) -> impl Fn() -> Result<(), String> + Send + Sync {
+        let cluster = self.cluster().cloned();
+        let handle = tokio::runtime::Handle::current();
+        let who = initiator.to_string();
+        move || match &cluster {
+            Some(c) => handle.block_on(c.confirm_owner(&who)),
+            None => Err("not in a cluster".to_string()),
+        }
+    }
+
     /// The client disk for a login of `initiator` with `isid` from `peer` to a boot target,
     /// as the client's lifecycle decides (docs/overlays.md): the sessions it names are
     /// closed (a previous boot's; the firmware's orphans after the hand-off) and a volatile
@@ -336,8 +350,9 @@ impl Server {
         let (client, decision, session) = {
             let (boot, who, isid) = (boot.clone(), initiator.to_string(), *isid);
             let keys = keys.to_vec();
+            let guard = self.fence_guard(initiator);
             tokio::task::spawn_blocking(move || {
-                let c = boot.attach(&who)?;
+                let c = boot.attach_with(&who, &guard)?;
                 let (d, s) = c.login(&isid, peer, &keys);
                 Ok::<_, AttachError>((c, d, s))
             })
@@ -425,8 +440,9 @@ impl Server {
             }
             let decided = {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
+                let guard = self.fence_guard(&initiator);
                 tokio::task::spawn_blocking(move || {
-                    b.attach(&who).map(|c| {
+                    b.attach_with(&who, &guard).map(|c| {
                         let d = c.script_fetched(from);
                         (c, d)
                     })

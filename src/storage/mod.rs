@@ -104,6 +104,55 @@ pub trait BlockStore: Send + Sync + 'static {
     fn discard_changes(&self) -> Result<bool, StorageError> {
         Ok(false)
     }
+    /// Whether this node lost the right to write the store: a shared disk (RBD) whose lock
+    /// another node broke (fenced). Such a store is reopened at the client's next login.
+    fn fenced(&self) -> bool {
+        false
+    }
+}
+
+/// Why a shared client disk (Ceph RBD) cannot be served by this node.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedDiskError {
+    /// Another node took the disk's lock again while this one was fencing.
+    #[error("client disk {disk} is held by another node ({holder}): {why}")]
+    Held {
+        disk: String,
+        holder: String,
+        why: String,
+    },
+    /// This node may not take the disk: it cannot confirm it owns the client.
+    #[error("client disk {disk} not opened: {why}")]
+    NotOwner { disk: String, why: String },
+    /// The store could not be reached or refused the operation.
+    #[error("client disk {disk}: {reason}")]
+    Failed { disk: String, reason: String },
+}
+
+/// Asked before a shared disk is opened and locked (and its previous holder fenced): Ok
+/// only if this node owns the client now (in a cluster: its ownership key in etcd, under a
+/// live lease).
+pub type LockGuard<'a> = &'a (dyn Fn() -> Result<(), String> + Sync);
+
+/// Persistent (and install) client disks kept outside the node, so that any node can serve
+/// them (Ceph RBD, `storage::rbd::RbdClientDisks`). The opened disk is held by this node
+/// alone (an exclusive lock); a previous holder is fenced first.
+pub trait SharedDisks: Send + Sync + 'static {
+    /// Whether the persistent and install disks of image `image` live here.
+    fn holds(&self, image: &str) -> bool;
+    /// The disk of `initiator` (of boot target `target`) on `image`, `size` bytes in blocks
+    /// of `block_size`, created
+    /// on first use, locked for this node, once `may_lock` said this node owns the client.
+    /// Returns the disk and whether it was created now.
+    fn open(
+        &self,
+        target: &str,
+        initiator: &str,
+        image: &str,
+        size: u64,
+        block_size: u32,
+        may_lock: LockGuard<'_>,
+    ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
 }
 
 /// Bytes an unprivileged writer may still allocate on the filesystem holding `file`

@@ -5,7 +5,9 @@
 //! client** (`rbd_blocklist_on_break`, default true): from then on every write of the old
 //! owner fails with `ESHUTDOWN` (EBLOCKLISTED) at the OSDs, so two nodes never write one disk.
 //!
-//! Not wired into the configuration yet: nothing in `serve` opens an RBD disk.
+//! [`RbdClientDisks`] puts persistent and install client disks there (`rbd:` and
+//! `images[].rbd`, docs/scale-out.md): one RBD clone per client of the image's protected
+//! snapshot, opened and locked at login by the client's owner node.
 
 use super::{BlockStore, StorageError};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -20,6 +22,19 @@ type rbd_image_t = *mut c_void;
 
 /// `RBD_LOCK_MODE_EXCLUSIVE` (librbd.h).
 const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+/// `RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK` (librbd/features.h): a clone needs
+/// layering; the exclusive lock is what fencing breaks.
+const CLONE_FEATURES: u64 = 1 | 4;
+
+/// How to reach the cluster: `client.<id>` with a configuration file and, optionally, a
+/// keyring (cephx).
+#[derive(Debug, Clone)]
+pub struct RbdConnect {
+    pub conf: std::path::PathBuf,
+    pub id: String,
+    pub keyring: Option<std::path::PathBuf>,
+    pub pool: String,
+}
 
 #[link(name = "rados")]
 extern "C" {
@@ -35,6 +50,7 @@ extern "C" {
     ) -> c_int;
     fn rados_ioctx_destroy(io: rados_ioctx_t);
     fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+    fn rados_get_instance_id(cluster: rados_t) -> u64;
     fn rados_buffer_free(buf: *mut c_char);
 }
 
@@ -47,6 +63,15 @@ extern "C" {
         snap: *const c_char,
     ) -> c_int;
     fn rbd_close(image: rbd_image_t) -> c_int;
+    fn rbd_clone(
+        p_ioctx: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snapname: *const c_char,
+        c_ioctx: rados_ioctx_t,
+        c_name: *const c_char,
+        features: u64,
+        c_order: *mut c_int,
+    ) -> c_int;
     fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     fn rbd_read(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     fn rbd_write(image: rbd_image_t, ofs: u64, len: usize, buf: *const c_char) -> isize;
@@ -105,6 +130,7 @@ pub struct RbdDisk {
     io: rados_ioctx_t,
     image: rbd_image_t,
     size: u64,
+    block_size: u32,
 }
 
 // SAFETY: librados handles and librbd image handles are thread-safe for concurrent I/O
@@ -116,10 +142,27 @@ unsafe impl Sync for RbdDisk {}
 impl RbdDisk {
     /// Connect as `client.<id>` with the configuration file `conf` and open `pool/name`.
     pub fn open(conf: &Path, id: &str, pool: &str, name: &str) -> Result<RbdDisk, RbdError> {
-        let conf_c = cstr("configuration path", &conf.to_string_lossy())?;
+        let c = RbdConnect {
+            conf: conf.to_path_buf(),
+            id: id.to_string(),
+            keyring: None,
+            pool: pool.to_string(),
+        };
+        RbdDisk::open_or_clone(&c, name, None).map(|(d, _)| d)
+    }
+
+    /// Open `pool/name`; if it does not exist and `parent` (image, snapshot) is given,
+    /// create it first as a clone of that protected snapshot in the same pool. Returns the
+    /// disk and whether it was created now.
+    pub fn open_or_clone(
+        c: &RbdConnect,
+        name: &str,
+        parent: Option<(&str, &str)>,
+    ) -> Result<(RbdDisk, bool), RbdError> {
+        let conf_c = cstr("configuration path", &c.conf.to_string_lossy())?;
         let (id_c, pool_c, name_c) = (
-            cstr("client id", id)?,
-            cstr("pool", pool)?,
+            cstr("client id", &c.id)?,
+            cstr("pool", &c.pool)?,
             cstr("image", name)?,
         );
         let mut d = RbdDisk {
@@ -127,7 +170,24 @@ impl RbdDisk {
             io: std::ptr::null_mut(),
             image: std::ptr::null_mut(),
             size: 0,
+            block_size: 512,
         };
+        let mut options = vec![
+            // A fenced client must fail its I/O, not wait forever for the OSDs.
+            ("rados_osd_op_timeout", "10".to_string()),
+            // Nor wait for unreachable monitors (connecting: 300 s by default; the
+            // blocklist command of a fencing): a login is refused instead.
+            ("client_mount_timeout", "10".to_string()),
+            ("rados_mon_op_timeout", "10".to_string()),
+            // No write-back cache in librbd: a write is acknowledged only once the OSDs
+            // have it, so a fenced node's write fails at once (CHECK CONDITION) instead of
+            // being accepted into a cache whose write-back then fails.
+            ("rbd_cache", "false".to_string()),
+        ];
+        if let Some(k) = &c.keyring {
+            options.push(("keyring", k.to_string_lossy().into_owned()));
+        }
+        let mut created = false;
         // SAFETY: each call gets valid NUL-terminated strings and out-pointers to our own
         // fields; Drop releases whatever was created, in reverse order, if a later step fails.
         unsafe {
@@ -136,27 +196,50 @@ impl RbdDisk {
                 "rados_conf_read_file",
                 rados_conf_read_file(d.cluster, conf_c.as_ptr()),
             )?;
-            // A fenced client must fail its I/O, not wait forever for the OSDs.
-            let (k, v) = (
-                cstr("option", "rados_osd_op_timeout")?,
-                cstr("value", "10")?,
-            );
-            check(
-                "rados_conf_set",
-                rados_conf_set(d.cluster, k.as_ptr(), v.as_ptr()),
-            )?;
+            for (k, v) in &options {
+                let (k, v) = (cstr("option", k)?, cstr("value", v)?);
+                check(
+                    "rados_conf_set",
+                    rados_conf_set(d.cluster, k.as_ptr(), v.as_ptr()),
+                )?;
+            }
             check("rados_connect", rados_connect(d.cluster))?;
             check(
                 "rados_ioctx_create",
                 rados_ioctx_create(d.cluster, pool_c.as_ptr(), &mut d.io),
             )?;
-            check(
-                "rbd_open",
-                rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null()),
-            )?;
+            let mut r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null());
+            if r == -libc::ENOENT {
+                if let Some((pimg, psnap)) = parent {
+                    let (p_c, s_c) = (cstr("parent image", pimg)?, cstr("parent snapshot", psnap)?);
+                    let mut order: c_int = 0;
+                    let rc = rbd_clone(
+                        d.io,
+                        p_c.as_ptr(),
+                        s_c.as_ptr(),
+                        d.io,
+                        name_c.as_ptr(),
+                        CLONE_FEATURES,
+                        &mut order,
+                    );
+                    // EEXIST: another node's clone won the race; open that one.
+                    if rc != -libc::EEXIST {
+                        check("rbd_clone", rc)?;
+                        created = true;
+                    }
+                    r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null());
+                }
+            }
+            check("rbd_open", r)?;
             check("rbd_get_size", rbd_get_size(d.image, &mut d.size))?;
         }
-        Ok(d)
+        Ok((d, created))
+    }
+
+    /// The name the monitors and `rbd lock ls` give this RADOS client (`client.<id>`).
+    pub fn client_name(&self) -> String {
+        // SAFETY: the cluster handle is connected.
+        format!("client.{}", unsafe { rados_get_instance_id(self.cluster) })
     }
 
     /// Take the image's exclusive lock (needed before the first write is acknowledged).
@@ -302,7 +385,7 @@ fn io(e: RbdError) -> StorageError {
 
 impl BlockStore for RbdDisk {
     fn block_size(&self) -> u32 {
-        512
+        self.block_size
     }
     fn size(&self) -> u64 {
         self.size
@@ -348,5 +431,142 @@ impl BlockStore for RbdDisk {
     }
     fn allocation(&self, offset: u64) -> Result<(bool, u64), StorageError> {
         Ok((true, self.size.saturating_sub(offset)))
+    }
+    fn fenced(&self) -> bool {
+        // Not the owner any more (lock broken by another node) or blocklisted (an error).
+        !matches!(self.is_owner(), Ok(true))
+    }
+}
+
+/// Persistent and install client disks in one RBD pool: per client, a clone of its image's
+/// protected snapshot (created at the client's first login on any node), opened and locked
+/// by the node that serves the client, which fences a previous holder only once the
+/// cluster confirms it owns the client (docs/scale-out.md).
+pub struct RbdClientDisks {
+    connect: RbdConnect,
+    /// Prefix of the clients' image names.
+    prefix: String,
+    /// Image entry name → (parent RBD image, snapshot) in the pool.
+    parents: std::collections::BTreeMap<String, (String, String)>,
+}
+
+impl RbdClientDisks {
+    pub fn new(
+        connect: RbdConnect,
+        prefix: &str,
+        parents: std::collections::BTreeMap<String, (String, String)>,
+    ) -> RbdClientDisks {
+        RbdClientDisks {
+            connect,
+            prefix: prefix.to_string(),
+            parents,
+        }
+    }
+}
+
+/// The RBD image name of a client's disk: `<prefix>.<initiator>.<hash>`, the initiator
+/// lowercased with anything but letters, digits, '.', '-' as '_', and a hash of target and
+/// initiator (FNV-1a, 32 bits) that keeps distinct what the mapping merges.
+pub fn client_image_name(prefix: &str, target: &str, initiator: &str) -> String {
+    let clean: String = initiator
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut h: u32 = 0x811c_9dc5;
+    for b in target
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(initiator.to_ascii_lowercase().bytes())
+    {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{prefix}.{clean}.{h:08x}")
+}
+
+impl super::SharedDisks for RbdClientDisks {
+    fn holds(&self, image: &str) -> bool {
+        self.parents.contains_key(image)
+    }
+
+    fn open(
+        &self,
+        target: &str,
+        initiator: &str,
+        image: &str,
+        size: u64,
+        block_size: u32,
+        may_lock: super::LockGuard<'_>,
+    ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), super::SharedDiskError> {
+        let name = client_image_name(&self.prefix, target, initiator);
+        let disk = format!("{}/{name}", self.connect.pool);
+        // Only the client's owner opens (and creates, and locks) its disk; etcd is asked
+        // now, not at the login's placement: the lease may have run out since.
+        if let Err(why) = may_lock() {
+            return Err(super::SharedDiskError::NotOwner { disk, why });
+        }
+        let failed = |e: RbdError| super::SharedDiskError::Failed {
+            disk: disk.clone(),
+            reason: e.to_string(),
+        };
+        let parent = self
+            .parents
+            .get(image)
+            .map(|(i, s)| (i.as_str(), s.as_str()));
+        let (mut d, created) =
+            RbdDisk::open_or_clone(&self.connect, &name, parent).map_err(failed)?;
+        d.block_size = block_size;
+        if created {
+            tracing::info!(%disk, parent = ?parent, initiator, "client disk created in RBD (a clone of the image's snapshot)");
+        }
+        if d.size != size {
+            return Err(super::SharedDiskError::Failed {
+                disk,
+                reason: format!(
+                    "it is {} bytes, the image {image} {size}: the RBD snapshot must hold \
+                     the image's bytes",
+                    d.size
+                ),
+            });
+        }
+        // A holder is asked first, not left to rbd_lock_acquire: against a holder that died
+        // or is paused, librbd waits for its watch to time out (30 s) and then breaks the
+        // lock on its own. Here the break is ours, at once (the owner check passed above).
+        let holders = d.owners().map_err(failed)?;
+        let attempt = if holders.is_empty() {
+            d.lock()
+        } else {
+            Err(RbdError::Locked(holders.join(", ")))
+        };
+        match attempt {
+            Ok(()) => {}
+            Err(RbdError::Locked(_)) => {
+                // Another RADOS client holds the lock: a node that served the client
+                // before, which the cluster says lost it (the client is ours): fence it.
+                match d.fence_and_lock() {
+                    Ok(fenced) => tracing::warn!(%disk, initiator, fenced = ?fenced,
+                        "fenced the previous holder of the client disk (lock broken, its RADOS client blocklisted)"),
+                    Err(RbdError::Locked(holder)) => {
+                        return Err(super::SharedDiskError::Held {
+                            disk,
+                            holder,
+                            why: "the lock was taken again while fencing".into(),
+                        })
+                    }
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        }
+        tracing::info!(%disk, initiator, rados_client = %d.client_name(),
+            "client disk in RBD opened and locked by this node");
+        Ok((std::sync::Arc::new(d), created))
     }
 }

@@ -37,6 +37,11 @@ pub struct Node {
 #[allow(dead_code)]
 impl Node {
     pub fn start(root: &Path, id: &str, spec: &Spec) -> Node {
+        Node::start_mode(root, id, spec, "volatile")
+    }
+
+    /// A node whose default binding gives each client a disk in `mode` (e.g. `persistent`).
+    pub fn start_mode(root: &Path, id: &str, spec: &Spec, mode: &str) -> Node {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).expect("node directory");
         let (iscsi, http) = (crate::common::free_port(), crate::common::free_port());
@@ -46,7 +51,7 @@ impl Node {
              settings: {{nop_in_interval_secs: 0}}\n\
              {extra}\
              images:\n{images}\
-             targets:\n  - name: {target}\n    boot:\n      default: {{image: {image}, mode: volatile}}\n\
+             targets:\n  - name: {target}\n    boot:\n      default: {{image: {image}, mode: {mode}}}\n\
              boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
              api: {{listen: \"127.0.0.1:0\"}}\n\
              cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {ttl}}}\n",

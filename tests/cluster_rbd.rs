@@ -1,0 +1,385 @@
+//! Persistent client disks in Ceph RBD, served by a cluster of nodes placed through etcd and
+//! fenced by the placement (issue 13; docs/scale-out.md "Ceph RBD client disks"). Cargo
+//! feature `rbd`: `cargo test --features rbd --test cluster_rbd`. Real Ceph (one monitor, one
+//! in-memory OSD: tests/common/ceph.rs) and a real etcd, three nodes on 127.0.0.1:
+//!
+//! 1. A persistent client writes, acknowledged by SYNCHRONIZE CACHE and by a FUA write; its
+//!    node is killed with SIGKILL; the client boots again onto another node, which fences the
+//!    dead node's lock, and reads back every acknowledged write.
+//! 2. That node is paused with SIGSTOP past its lease; the client boots onto the third node,
+//!    which fences it and writes; the paused node continues: its write on its still open
+//!    session fails with CHECK CONDITION, and the new owner's data is intact.
+//! 3. The third node is killed: the client comes back to the once paused node, which opens
+//!    the disk again, fences the dead node and serves every acknowledged write.
+//! 4. A new client whose disk cannot be created is refused with status 0x0301, logged.
+//! 5. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
+//!    the one of the node that etcd names the client's owner.
+#![cfg(feature = "rbd")]
+
+#[path = "common/ceph.rs"]
+mod ceph;
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+#[path = "common/http.rs"]
+mod http;
+#[path = "common/raw.rs"]
+mod raw;
+
+use ceph::Ceph;
+use cluster::Node;
+use etcd::Etcd;
+use raw::Client;
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "iqn.2026-12.org.diskless:rbd";
+const CLUSTER: &str = "r";
+const GOLDEN_SIZE: usize = 8 << 20;
+const TTL: u64 = 2;
+const WAIT: Duration = Duration::from_secs(40);
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a server this test started and has not reaped.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig})");
+}
+
+/// Runs a closure when dropped (a paused process must not outlive a failed test).
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn login(port: u16, who: &str) -> Client {
+    let mut c = Client::connect(port);
+    c.login(who, TARGET)
+        .unwrap_or_else(|e| panic!("login of {who} on port {port} refused: {e:?}"));
+    c
+}
+
+/// WRITE(10) then SYNCHRONIZE CACHE(10) (SBC-3 §5.22): both must succeed.
+fn write_synced(c: &mut Client, lba: u32, data: &[u8]) {
+    c.write10(lba, data);
+    let r = c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(r.status, 0, "SYNCHRONIZE CACHE failed: {r:?}");
+}
+
+/// WRITE(10) with FUA (SBC-3 §5.40: byte 1 bit 3): the outcome.
+fn write_fua(c: &mut Client, lba: u32, data: &[u8]) -> raw::ScsiResult {
+    let mut cdb = raw::write10_cdb(lba, (data.len() / 512) as u16);
+    cdb[1] |= 0x08;
+    c.run(&cdb, data.len() as u32, Some(data))
+}
+
+/// The RADOS clients holding the lock of `pool/image` (`rbd lock ls`: `client.N`).
+fn lockers(ceph: &Ceph, image: &str) -> Vec<String> {
+    let out = ceph
+        .tool("rbd", &["lock", "ls", &format!("rbd/{image}")])
+        .ok();
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.starts_with("client."))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The RADOS client with which `node` last locked a client disk (from its log).
+fn node_rados_client(node: &Node) -> Option<String> {
+    node.stderr()
+        .lines()
+        .rfind(|l| l.contains("client disk in RBD opened and locked"))
+        .and_then(|l| {
+            let i = l.find("client.")?;
+            let tail = &l[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+                .unwrap_or(tail.len());
+            Some(tail[..end].to_string())
+        })
+}
+
+/// Exactly one lock holder in Ceph, and it is the node etcd names the client's owner.
+fn check_single_writer(ceph: &Ceph, etcd: &Etcd, image: &str, who: &str, owner: &Node) {
+    let owners = etcd.owners(CLUSTER);
+    assert_eq!(
+        owners.get(who).map(String::as_str),
+        Some(owner.id.as_str()),
+        "etcd owner of {who}"
+    );
+    let held = lockers(ceph, image);
+    let mine = node_rados_client(owner).expect("the owner logged its RADOS client");
+    assert_eq!(
+        held,
+        vec![mine.clone()],
+        "the disk's lock is held by {held:?}, the owner {} is {mine}",
+        owner.id
+    );
+}
+
+#[test]
+fn rbd_disks_survive_kill_and_fence_a_paused_node() {
+    common::require("rbd", "ceph-common");
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 11);
+    std::fs::write(&golden, &golden_bytes).unwrap();
+
+    let ceph = Ceph::start();
+    let etcd = Etcd::start(tmp.path());
+    // The golden image in RBD as a protected snapshot, parent of the clients' disks.
+    ceph.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
+        .ok();
+    ceph.tool("rbd", &["pool", "init", "rbd"]).ok();
+    ceph.tool(
+        "rbd",
+        &[
+            "import",
+            "--image-feature",
+            "layering,exclusive-lock",
+            golden.to_str().unwrap(),
+            "rbd/golden",
+        ],
+    )
+    .ok();
+    ceph.tool("rbd", &["snap", "create", "rbd/golden@v1"]).ok();
+    ceph.tool("rbd", &["snap", "protect", "rbd/golden@v1"]).ok();
+
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: format!(
+            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n",
+            golden.display()
+        ),
+        image: "golden",
+        extra: format!(
+            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
+            ceph.conf().display()
+        ),
+    };
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| Node::start_mode(tmp.path(), id, &spec, "persistent"))
+        .collect();
+    cluster::wait_for_views(nodes.iter(), WAIT);
+    eprintln!(
+        "measured: Ceph, etcd and 3 nodes up in {:?}",
+        started.elapsed()
+    );
+
+    // 1. The client boots on the node the placement picks, writes, and is acknowledged.
+    let mac = "52:54:00:00:0d:01";
+    let (who, port) = nodes[0].script(mac);
+    let image = diskless::storage::rbd::client_image_name("diskless", TARGET, &who);
+    let x = nodes.iter().position(|n| n.iscsi == port).expect("a node");
+    let mut s = login(port, &who);
+    assert_eq!(
+        s.read10(0, 16),
+        golden_bytes[..16 * 512],
+        "a new client disk reads as the golden image"
+    );
+    let synced = common::random_bytes(8 * 512, 21);
+    write_synced(&mut s, 100, &synced);
+    let fua = common::random_bytes(8 * 512, 22);
+    let r = write_fua(&mut s, 200, &fua);
+    assert_eq!(r.status, 0, "FUA write: {r:?}");
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[x]);
+
+    // SIGKILL its node; the client boots again: another node, once the lease ran out.
+    let t = Instant::now();
+    nodes[x].server.take().expect("running").kill9();
+    drop(s);
+    let other = (x + 1) % 3;
+    let port = wait_for("the client placed on a live node", || {
+        let (_, p) = nodes[other].script(mac);
+        (p != nodes[x].iscsi).then_some(p)
+    });
+    let y = nodes.iter().position(|n| n.iscsi == port).expect("a node");
+    let mut s = login(port, &who);
+    eprintln!(
+        "measured: SIGKILL to the disk served again by {} in {:?}",
+        nodes[y].id,
+        t.elapsed()
+    );
+    assert_eq!(s.read10(100, 8), synced, "the synced write survived");
+    assert_eq!(s.read10(200, 8), fua, "the FUA write survived");
+    assert_eq!(s.read10(0, 16), golden_bytes[..16 * 512]);
+    assert!(
+        nodes[y]
+            .stderr()
+            .contains("fenced the previous holder of the client disk"),
+        "{}",
+        nodes[y].stderr()
+    );
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
+
+    // 2. Pause the new owner past its lease: the client boots onto the third node.
+    let before_pause = common::random_bytes(8 * 512, 23);
+    write_synced(&mut s, 300, &before_pause);
+    let z = 3 - x - y;
+    let pid = nodes[y].server.as_ref().expect("running").pid();
+    signal(pid, libc::SIGSTOP);
+    let resumed = std::cell::Cell::new(false);
+    let _cont = Guard(|| {
+        if !resumed.get() {
+            signal(pid, libc::SIGCONT)
+        }
+    });
+    let port = wait_for("the client placed on the third node", || {
+        let (_, p) = nodes[z].script(mac);
+        (p == nodes[z].iscsi).then_some(p)
+    });
+    let mut s3 = login(port, &who);
+    assert_eq!(
+        s3.read10(300, 8),
+        before_pause,
+        "the paused node's synced write"
+    );
+    let new_data = common::random_bytes(8 * 512, 24);
+    write_synced(&mut s3, 400, &new_data);
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[z]);
+
+    // The paused node continues: its session is still open, but it can never write again.
+    signal(pid, libc::SIGCONT);
+    resumed.set(true);
+    let late = common::random_bytes(8 * 512, 25);
+    let r = write_fua(&mut s, 400, &late);
+    assert_eq!(
+        r.status, 2,
+        "the fenced node's write is CHECK CONDITION: {r:?}"
+    );
+    eprintln!(
+        "measured: the fenced node's FUA write answered CHECK CONDITION, sense {:?}",
+        r.sense_triplet()
+    );
+    let r = s.run(&raw::write10_cdb(500, 1), 512, Some(&late[..512]));
+    assert_eq!(
+        r.status, 2,
+        "the fenced node's write is CHECK CONDITION: {r:?}"
+    );
+    let r = s.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None);
+    assert_eq!(
+        r.status, 2,
+        "the fenced node's SYNCHRONIZE CACHE fails: {r:?}"
+    );
+    assert_eq!(
+        s3.read10(400, 8),
+        new_data,
+        "the new owner's data is intact"
+    );
+    assert_eq!(s3.read10(500, 1), golden_bytes[500 * 512..501 * 512]);
+    assert_eq!(s3.read10(100, 8), synced);
+    assert_eq!(s3.read10(200, 8), fua);
+    // The resumed node registers again but does not take the client back.
+    wait_for("the resumed node registered again", || {
+        nodes[y]
+            .stderr()
+            .contains("lease expired at etcd: registering again")
+            .then_some(())
+    });
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[z]);
+
+    // 3. The third node dies too: the client comes back to the once fenced node, which
+    //    opens the disk again (a new RADOS client), fences the dead one and serves it.
+    nodes[z].server.take().expect("running").kill9();
+    drop(s3);
+    drop(s);
+    let port = wait_for("the client placed on the resumed node", || {
+        let (_, p) = nodes[y].script(mac);
+        (p == nodes[y].iscsi).then_some(p)
+    });
+    let mut s = login(port, &who);
+    assert!(
+        nodes[y]
+            .stderr()
+            .contains("the client's shared disk was fenced by another node: opening it again"),
+        "{}",
+        nodes[y].stderr()
+    );
+    assert_eq!(s.read10(400, 8), new_data, "the third node's synced write");
+    assert_eq!(s.read10(300, 8), before_pause);
+    let last = common::random_bytes(8 * 512, 26);
+    let r = write_fua(&mut s, 600, &last);
+    assert_eq!(
+        r.status, 0,
+        "the node writes again once it holds the lock: {r:?}"
+    );
+    assert_eq!(s.read10(600, 8), last);
+    check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
+
+    // 4. A disk the node cannot open (the parent snapshot is gone for a new client's
+    //    clone): the login is refused with 0x0301 (service unavailable), logged.
+    ceph.tool("rbd", &["mv", "rbd/golden", "rbd/golden-moved"])
+        .ok();
+    let (other, port) = nodes[y].script("52:54:00:00:0d:02");
+    assert_eq!(port, nodes[y].iscsi);
+    let mut c = Client::connect(port);
+    assert_eq!(
+        c.login(&other, TARGET),
+        Err((3, 1)),
+        "refused: service unavailable"
+    );
+    let log = nodes[y].stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("no disk for this client") && l.contains("rbd_clone")),
+        "{log}"
+    );
+    assert_eq!(s.read10(600, 8), last, "the other client is served on");
+    eprintln!("measured: whole test {:?}", started.elapsed());
+}
+
+/// Client disk names: readable, one RBD name component, distinct per (target, initiator).
+#[test]
+fn client_image_names() {
+    use diskless::storage::rbd::client_image_name;
+    let a = client_image_name(
+        "diskless",
+        TARGET,
+        "iqn.2026-12.org.diskless:mac-525400000d01",
+    );
+    assert!(
+        a.starts_with("diskless.iqn.2026-12.org.diskless_mac-525400000d01."),
+        "{a}"
+    );
+    assert!(!a.contains(['/', '@', ' ']));
+    // The mapping merges ':' and '_'; the hash keeps them apart.
+    assert_ne!(
+        client_image_name("diskless", TARGET, "iqn.x:a"),
+        client_image_name("diskless", TARGET, "iqn.x_a")
+    );
+    // Another target, another disk; case does not matter (initiator names are not).
+    assert_ne!(
+        client_image_name("diskless", "iqn.other", "iqn.x:a"),
+        client_image_name("diskless", TARGET, "iqn.x:a")
+    );
+    assert_eq!(
+        client_image_name("diskless", TARGET, "IQN.X:A"),
+        client_image_name("diskless", TARGET, "iqn.x:a")
+    );
+    let long = "iqn.x:".to_string() + &"a".repeat(300);
+    assert!(client_image_name("diskless", TARGET, &long).len() < 160);
+}
