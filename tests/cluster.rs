@@ -12,6 +12,11 @@
 //!   and writing, new logins are refused with status 0x0301 (service unavailable) once the
 //!   node's lease may have run out; etcd back: logins are placed again.
 //!
+//! - `tls_and_credentials`: etcd with TLS, client certificates and `auth enable`; a node with
+//!   the right CA, certificate and password joins and places a client; a node with a wrong
+//!   password and one that trusts another CA are refused with errors that say so (in their
+//!   log and from `diskless cluster status`); `check-config` names a missing or non-PEM file.
+//!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 #[path = "common/cluster.rs"]
@@ -56,6 +61,11 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// A node of the test's cluster serving `golden` (a file) as the default volatile image.
 fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
+    start_node_with(root, id, etcd, golden, "")
+}
+
+/// As [`start_node`], with more keys in its `cluster:` mapping (`, tls: ..., auth: ...`).
+fn start_node_with(root: &Path, id: &str, etcd: &Etcd, golden: &Path, cluster_extra: &str) -> Node {
     let spec = cluster::Spec {
         cluster: CLUSTER,
         target: TARGET,
@@ -64,6 +74,7 @@ fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
         images: format!("  - {{name: base, path: {}}}\n", golden.display()),
         image: "base",
         extra: String::new(),
+        cluster_extra: cluster_extra.to_string(),
     };
     Node::start(root, id, &spec)
 }
@@ -529,5 +540,91 @@ struct Guard<F: FnMut()>(F);
 impl<F: FnMut()> Drop for Guard<F> {
     fn drop(&mut self) {
         (self.0)()
+    }
+}
+
+#[test]
+fn tls_and_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let pki = etcd::Pki::make(&root.join("pki"), "diskless-test-ca");
+    let rogue = etcd::Pki::make(&root.join("rogue"), "rogue-ca");
+    let mut etcd = Etcd::start_with(&root.join("etcd"), Some(pki.clone()));
+    etcd.enable_auth("diskless", "s3cret-pw");
+    std::fs::write(root.join("good.pass"), "s3cret-pw\n").unwrap();
+    std::fs::write(root.join("bad.pass"), "not-the-password\n").unwrap();
+    let golden = root.join("golden.img");
+    std::fs::write(&golden, vec![7u8; GOLDEN_SIZE]).unwrap();
+    let security = |ca: &etcd::Pki, pass: &str| {
+        format!(
+            ", tls: {{ca: {}, cert: {}, key: {}}}, auth: {{user: diskless, password_file: {}}}",
+            ca.path("ca.pem").display(),
+            ca.path("client.pem").display(),
+            ca.path("client.key").display(),
+            root.join(pass).display()
+        )
+    };
+
+    let n1 = start_node_with(root, "n1", &etcd, &golden, &security(&pki, "good.pass"));
+    let n2 = start_node_with(root, "n2", &etcd, &golden, &security(&pki, "bad.pass"));
+    let n3 = start_node_with(root, "n3", &etcd, &golden, &security(&rogue, "good.pass"));
+
+    // n1 joins over TLS with its credentials and places a client on itself.
+    wait_for("n1 in cluster status over TLS", || {
+        status(&n1.config()).filter(|s| s.keys().eq(["n1"]))
+    });
+    let (who, port) = n1.script(&mac(1));
+    assert_eq!(port, n1.iscsi, "the only live node serves the client");
+    assert_eq!(
+        etcd.owners(CLUSTER).get(&who).map(String::as_str),
+        Some("n1")
+    );
+
+    // n2 (wrong password) and n3 (trusts another CA) are refused, and say why.
+    wait_for("n2 to log the refused credentials", || {
+        n2.stderr()
+            .contains("etcd refused the credentials of cluster.auth")
+            .then_some(())
+    });
+    wait_for("n3 to log the TLS failure", || {
+        n3.stderr().contains("TLS with etcd failed").then_some(())
+    });
+    let (ok, out) = cli(&n2.config(), &["cluster", "status"]);
+    assert!(
+        !ok && out.contains("etcd refused the credentials of cluster.auth"),
+        "{out}"
+    );
+    assert!(out.contains("authentication failed"), "{out}");
+    let (ok, out) = cli(&n3.config(), &["cluster", "status"]);
+    assert!(!ok && out.contains("TLS with etcd failed"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("certificate"), "{out}");
+    // Neither got in: n1 is still alone, and n2's script endpoint cannot place anyone.
+    assert_eq!(status(&n1.config()).map(|s| s.len()), Some(1));
+    assert!(!n2.stderr().contains("registered in the cluster"));
+    assert!(!n3.stderr().contains("registered in the cluster"));
+
+    // check-config names a missing CA file and a key file that is not PEM.
+    let yaml = std::fs::read_to_string(n1.config()).unwrap();
+    for (from, to, says) in [
+        (
+            pki.path("ca.pem").display().to_string(),
+            root.join("missing.pem").display().to_string(),
+            "cluster.tls.ca",
+        ),
+        (
+            pki.path("client.key").display().to_string(),
+            root.join("good.pass").display().to_string(),
+            "cluster.tls.key",
+        ),
+    ] {
+        let bad = root.join("bad.yaml");
+        std::fs::write(&bad, yaml.replace(&from, &to)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+            .args(["check-config", "-c"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
     }
 }

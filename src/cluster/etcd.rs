@@ -15,18 +15,28 @@ use super::placement::{
 };
 use crate::config::ClusterConfig;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", explain(.0))]
     Etcd(#[from] etcd_client::Error),
+    /// etcd refused the user and password (`cluster.auth`).
+    #[error("etcd refused the credentials of cluster.auth: {0}")]
+    Credentials(String),
+    /// The TLS handshake with etcd failed (`cluster.tls`: unknown CA, wrong name, no or
+    /// a refused client certificate).
+    #[error("TLS with etcd failed (check cluster.tls): {0}")]
+    Tls(String),
+    /// `cluster.tls` / `cluster.auth` name a missing or malformed file.
+    #[error("{0}: {1}")]
+    Config(&'static str, String),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("etcd: the lease of node {0} is gone")]
@@ -65,7 +75,9 @@ pub struct Cluster {
     portals: Vec<SocketAddr>,
     ttl: Duration,
     op_timeout: Duration,
-    client: Client,
+    cfg: ClusterConfig,
+    /// Connected on first use (and again after a refused authentication).
+    client: tokio::sync::Mutex<Option<Client>>,
     state: Mutex<State>,
     local: OnceLock<LocalSessions>,
 }
@@ -84,15 +96,83 @@ fn op_timeout(ttl: Duration) -> Duration {
     (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
-/// A client for the configured endpoints. Connections are made on first use: etcd may be
-/// down when this is called.
-pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+/// An etcd error with its causes (tonic hides the TLS reason in the source chain).
+fn explain(e: &etcd_client::Error) -> String {
+    let mut text = match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    };
+    let mut src = std::error::Error::source(e);
+    if let etcd_client::Error::GRpcStatus(s) = e {
+        src = std::error::Error::source(s);
+    }
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        src = cause.source();
+    }
+    text
+}
+
+/// Sort an etcd error: refused credentials and TLS failures are configuration faults the
+/// operator must see as such, not "etcd unreachable".
+fn classify(e: etcd_client::Error) -> ClusterError {
+    let text = explain(&e);
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("authentication failed")
+        || lower.contains("invalid user id or password")
+        || lower.contains("user name is empty")
+        || lower.contains("permission denied")
+    {
+        ClusterError::Credentials(text)
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("unknownissuer")
+    {
+        ClusterError::Tls(text)
+    } else {
+        ClusterError::Etcd(e)
+    }
+}
+
+/// Connection options for the configured endpoints: timeouts, TLS (`cluster.tls`) and the
+/// user (`cluster.auth`). Files are read here: a missing or malformed one is an error.
+pub fn connect_options(cfg: &ClusterConfig) -> Result<ConnectOptions, ClusterError> {
     let t = op_timeout(Duration::from_secs(cfg.lease_ttl));
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(t)
         .with_timeout(t)
         .with_keep_alive(t, t);
-    Ok(Client::connect(&cfg.etcd, Some(opts)).await?)
+    let secrets = cfg.secrets().map_err(|(k, m)| ClusterError::Config(k, m))?;
+    if let Some(ca) = secrets.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = secrets.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(d) = secrets.domain {
+            tls = tls.domain_name(d);
+        }
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = secrets.user {
+        opts = opts.with_user(user, password);
+    }
+    Ok(opts)
+}
+
+/// A client for the configured endpoints. Without a user, connections are made on first
+/// use; with one, this authenticates (and fails if etcd is down or refuses the user).
+pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+    let opts = connect_options(cfg)?;
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl)) * 2;
+    match tokio::time::timeout(limit, Client::connect(&cfg.etcd, Some(opts))).await {
+        Ok(r) => r.map_err(classify),
+        Err(_) => Err(ClusterError::Timeout(limit)),
+    }
 }
 
 async fn bounded<T>(
@@ -100,7 +180,7 @@ async fn bounded<T>(
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, ClusterError> {
     match tokio::time::timeout(limit, f).await {
-        Ok(r) => r.map_err(ClusterError::from),
+        Ok(r) => r.map_err(classify),
         Err(_) => Err(ClusterError::Timeout(limit)),
     }
 }
@@ -142,7 +222,8 @@ impl Cluster {
         cfg: &ClusterConfig,
         portals: Vec<SocketAddr>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let client = connect(cfg).await?;
+        // Read the TLS and password files now: a missing one fails `serve` at once.
+        connect_options(cfg)?;
         let ttl = Duration::from_secs(cfg.lease_ttl);
         Ok(Arc::new(Cluster {
             keys: Keys::new(&cfg.name),
@@ -151,10 +232,22 @@ impl Cluster {
             portals,
             ttl,
             op_timeout: op_timeout(ttl),
-            client,
+            cfg: cfg.clone(),
+            client: tokio::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
             local: OnceLock::new(),
         }))
+    }
+
+    /// The etcd client, connected (and authenticated) on first use.
+    async fn client(&self) -> Result<Client, ClusterError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = connect(&self.cfg).await?;
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     /// Tell the cluster which sessions this node has open (load, and the clients it claims
@@ -260,8 +353,11 @@ impl Cluster {
 
     /// The owner as etcd says now; None when etcd cannot be read.
     async fn read_owner(&self, initiator: &str) -> Option<Option<NodeId>> {
-        let mut c = self.client.clone();
-        match bounded(self.op_timeout, c.get(self.keys.owner(initiator), None)).await {
+        let got = match self.client().await {
+            Ok(mut c) => bounded(self.op_timeout, c.get(self.keys.owner(initiator), None)).await,
+            Err(e) => Err(e),
+        };
+        match got {
             Ok(resp) => Some(
                 resp.kvs()
                     .first()
@@ -291,7 +387,7 @@ impl Cluster {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         let resp = match bounded(self.op_timeout, c.txn(txn)).await {
             Ok(r) => r,
             Err(ClusterError::Etcd(e)) if lease_gone(&e) => {
@@ -322,7 +418,7 @@ impl Cluster {
                 self.me.as_str(),
             )])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         bounded(self.op_timeout, c.txn(txn)).await.map(|_| ())
     }
 
@@ -341,7 +437,7 @@ impl Cluster {
 
     /// Grant a lease, write the record, and claim back the clients this node serves.
     async fn register(&self) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         let sent = Instant::now();
         let grant = bounded(
             self.op_timeout,
@@ -384,7 +480,7 @@ impl Cluster {
     /// Write this node's record, bound to `lease` (it goes when the lease expires).
     async fn put_record(&self, rec: &NodeRecord, lease: i64) -> Result<(), ClusterError> {
         let value = serde_json::to_vec(rec).unwrap_or_default();
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         bounded(
             self.op_timeout,
             c.put(
@@ -449,6 +545,21 @@ impl Cluster {
                     warn!(node = %self.me, "lease expired at etcd: registering again");
                     self.forget_lease();
                 }
+                Err(
+                    e @ (ClusterError::Credentials(_)
+                    | ClusterError::Tls(_)
+                    | ClusterError::Config(..)),
+                ) => {
+                    // etcd refuses this node: a configuration fault, not an outage. Connect
+                    // (and authenticate) afresh at the next attempt.
+                    keeper = None;
+                    *self.client.lock().await = None;
+                    self.lock().reachable = false;
+                    if !down_logged {
+                        error!(error = %e, "cannot join the cluster: open sessions go on; new clients are refused");
+                        down_logged = true;
+                    }
+                }
                 Err(e) => {
                     keeper = None;
                     self.lock().reachable = false;
@@ -468,7 +579,7 @@ impl Cluster {
         keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
     ) -> Result<(), ClusterError> {
         if keeper.is_none() {
-            let mut c = self.client.clone();
+            let mut c = self.client().await?;
             *keeper = Some(bounded(self.op_timeout, c.lease_keep_alive(id)).await?);
         }
         let Some((k, s)) = keeper.as_mut() else {
@@ -510,7 +621,11 @@ impl Cluster {
     async fn watch_loop(self: Arc<Self>) {
         let backoff = (self.ttl / 4).max(Duration::from_millis(200));
         loop {
-            let (view, rev) = match list(&self.client, &self.keys, self.op_timeout).await {
+            let listed = match self.client().await {
+                Ok(c) => list(&c, &self.keys, self.op_timeout).await.map(|l| (l, c)),
+                Err(e) => Err(e),
+            };
+            let ((view, rev), mut c) = match listed {
                 Ok(v) => v,
                 Err(_) => {
                     tokio::time::sleep(backoff).await;
@@ -518,7 +633,6 @@ impl Cluster {
                 }
             };
             self.lock().view = view;
-            let mut c = self.client.clone();
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(rev + 1);
@@ -561,8 +675,11 @@ impl Cluster {
     pub async fn leave(&self) {
         let lease = self.lock().lease.take();
         if let Some(id) = lease {
-            let mut c = self.client.clone();
-            match bounded(self.op_timeout, c.lease_revoke(id)).await {
+            let revoked = match self.client().await {
+                Ok(mut c) => bounded(self.op_timeout, c.lease_revoke(id)).await,
+                Err(e) => Err(e),
+            };
+            match revoked {
                 Ok(_) => info!(node = %self.me, "left the cluster"),
                 Err(e) => warn!(error = %e, "could not revoke the lease; it runs out by itself"),
             }
