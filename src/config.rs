@@ -657,6 +657,48 @@ pub struct ClusterConfig {
     pub auth: Option<EtcdAuthConfig>,
 }
 
+/// Top-level keys of targets.yaml that belong to one node: the shared configuration in
+/// etcd (`diskless cluster config push`) never carries them.
+pub const NODE_KEYS: &[&str] = &[
+    "portals",
+    "state_dir",
+    "cluster",
+    "api",
+    "boot_http",
+    "netboot",
+];
+
+/// A node's configuration text with the cluster's shared document laid over it: each
+/// top-level key of `shared` replaces the node's. Refuses a shared document with a node key.
+pub fn merge_shared(local: &str, shared: &str) -> Result<String, String> {
+    use serde_yaml::{Mapping, Value};
+    let map = |text: &str, what: &str| -> Result<Mapping, String> {
+        if text.trim().is_empty() {
+            return Ok(Mapping::new());
+        }
+        match serde_yaml::from_str::<Value>(text).map_err(|e| format!("{what}: {e}"))? {
+            Value::Mapping(m) => Ok(m),
+            Value::Null => Ok(Mapping::new()),
+            _ => Err(format!("{what}: not a mapping of keys")),
+        }
+    };
+    let mut out = map(local, "the node's configuration")?;
+    for (k, v) in map(shared, "the shared configuration")? {
+        let name = k
+            .as_str()
+            .ok_or("the shared configuration: top-level keys must be names")?;
+        if NODE_KEYS.contains(&name) {
+            return Err(format!(
+                "the shared configuration has {name}:, which belongs to each node's own file \
+                 (node keys: {})",
+                NODE_KEYS.join(", ")
+            ));
+        }
+        out.insert(k, v);
+    }
+    serde_yaml::to_string(&out).map_err(|e| e.to_string())
+}
+
 /// `cluster.tls`: how a node checks etcd's certificate and, with `--client-cert-auth`,
 /// which certificate it shows. Paths are relative to the configuration file.
 #[derive(Debug, Clone, Deserialize)]

@@ -11,7 +11,7 @@
 //! sessions and refuses what it cannot place safely ([`super::placement::decide`]).
 
 use super::placement::{
-    self, Change, Decision, Input, Keys, NodeId, NodeRecord, Refusal, View, Why,
+    self, Change, Decision, Input, Keys, NodeId, NodeRecord, Refusal, SharedKey, View, Why,
 };
 use crate::config::ClusterConfig;
 use etcd_client::{
@@ -55,6 +55,15 @@ pub enum Admission {
 /// The initiator names of this node's open Normal sessions (given by the session layer).
 pub type LocalSessions = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
+/// The layer that owns the client state and the configuration, told what the cluster's
+/// shared keys say (at each listing, and at each change seen by the watch).
+pub trait Shared: Send + Sync {
+    /// A client's next-boot override as stored in etcd (JSON), or None when cleared.
+    fn next_boot(&self, target: &str, initiator: &str, value: Option<&[u8]>);
+    /// The shared configuration document changed (YAML), or None when removed.
+    fn config(&self, yaml: Option<Vec<u8>>);
+}
+
 #[derive(Default)]
 struct State {
     view: View,
@@ -65,6 +74,10 @@ struct State {
     published: Option<NodeRecord>,
     /// Whether the last request to etcd succeeded (for logs and status).
     reachable: bool,
+    /// The shared configuration as last seen in etcd (None: none pushed).
+    seen_config: Option<Vec<u8>>,
+    /// The shared configuration in force on this node (accepted by [`Shared::config`]).
+    shared_config: Option<Vec<u8>>,
 }
 
 /// One node's membership in the cluster.
@@ -80,6 +93,7 @@ pub struct Cluster {
     client: tokio::sync::Mutex<Option<Client>>,
     state: Mutex<State>,
     local: OnceLock<LocalSessions>,
+    shared: OnceLock<Arc<dyn Shared>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -189,8 +203,13 @@ fn lease_gone(e: &etcd_client::Error) -> bool {
     e.to_string().contains("lease not found")
 }
 
-/// Every key under the cluster's prefix, as a view, and the revision it was read at.
-async fn list(client: &Client, keys: &Keys, limit: Duration) -> Result<(View, i64), ClusterError> {
+/// Every key under the cluster's prefix, as a view, the revision it was read at, and the
+/// keys as changes (for the shared records).
+async fn list(
+    client: &Client,
+    keys: &Keys,
+    limit: Duration,
+) -> Result<(View, i64, Vec<Change>), ClusterError> {
     let mut c = client.clone();
     let resp = bounded(
         limit,
@@ -198,17 +217,17 @@ async fn list(client: &Client, keys: &Keys, limit: Duration) -> Result<(View, i6
     )
     .await?;
     let mut view = View::default();
+    let mut all = Vec::with_capacity(resp.kvs().len());
     for kv in resp.kvs() {
-        view.apply(
-            keys,
-            &Change::Put {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-            },
-        );
+        let change = Change::Put {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+        };
+        view.apply(keys, &change);
+        all.push(change);
     }
     let rev = resp.header().map_or(0, |h| h.revision());
-    Ok((view, rev))
+    Ok((view, rev, all))
 }
 
 enum Claimed {
@@ -236,6 +255,7 @@ impl Cluster {
             client: tokio::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
             local: OnceLock::new(),
+            shared: OnceLock::new(),
         }))
     }
 
@@ -248,6 +268,69 @@ impl Cluster {
         let c = connect(&self.cfg).await?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Hand the shared records (next-boot overrides, shared configuration) to `s`.
+    pub fn set_shared(&self, s: Arc<dyn Shared>) {
+        let _ = self.shared.set(s);
+    }
+
+    /// The shared configuration this node runs with (None: its own file only).
+    pub fn shared_config(&self) -> Option<Vec<u8>> {
+        self.lock().shared_config.clone()
+    }
+
+    /// Record that the node now runs with `yaml` laid over its own file.
+    pub fn accept_shared_config(&self, yaml: Option<Vec<u8>>) {
+        self.lock().shared_config = yaml;
+    }
+
+    /// Hand one change of a shared record to the state's owner. A listing repeats every
+    /// record: the owner ignores what it already has; the configuration is handed over
+    /// only when it differs from the one last seen.
+    fn dispatch(&self, change: &Change) {
+        let (key, value) = match change {
+            Change::Put { key, value } => (key, Some(value.as_slice())),
+            Change::Delete { key } => (key, None),
+        };
+        let Some(which) = self.keys.shared(key) else {
+            return;
+        };
+        let Some(sh) = self.shared.get() else { return };
+        match which {
+            SharedKey::NextBoot { target, initiator } => sh.next_boot(&target, &initiator, value),
+            SharedKey::Config => {
+                let v = value.map(<[u8]>::to_vec);
+                {
+                    let mut st = self.lock();
+                    if st.seen_config == v {
+                        return;
+                    }
+                    st.seen_config = v.clone();
+                }
+                sh.config(v);
+            }
+        }
+    }
+
+    /// Store (Some) or clear (None) a client's next-boot override in etcd, for whichever
+    /// node the client boots on next.
+    pub async fn put_next_boot(
+        &self,
+        target: &str,
+        initiator: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), ClusterError> {
+        let key = self.keys.next_boot(target, initiator);
+        let mut c = self.client().await?;
+        match value {
+            Some(v) => bounded(self.op_timeout, c.put(key, v, None))
+                .await
+                .map(|_| ()),
+            None => bounded(self.op_timeout, c.delete(key, None))
+                .await
+                .map(|_| ()),
+        }
     }
 
     /// Tell the cluster which sessions this node has open (load, and the clients it claims
@@ -625,7 +708,7 @@ impl Cluster {
                 Ok(c) => list(&c, &self.keys, self.op_timeout).await.map(|l| (l, c)),
                 Err(e) => Err(e),
             };
-            let ((view, rev), mut c) = match listed {
+            let ((view, rev, all), mut c) = match listed {
                 Ok(v) => v,
                 Err(_) => {
                     tokio::time::sleep(backoff).await;
@@ -633,6 +716,9 @@ impl Cluster {
                 }
             };
             self.lock().view = view;
+            for change in &all {
+                self.dispatch(change);
+            }
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(rev + 1);
@@ -652,18 +738,25 @@ impl Cluster {
                 if resp.canceled() {
                     break;
                 }
-                let mut st = self.lock();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let change = match ev.event_type() {
-                        EventType::Put => Change::Put {
-                            key,
-                            value: kv.value().to_vec(),
-                        },
-                        EventType::Delete => Change::Delete { key },
-                    };
-                    st.view.apply(&self.keys, &change);
+                let mut changes = Vec::new();
+                {
+                    let mut st = self.lock();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let change = match ev.event_type() {
+                            EventType::Put => Change::Put {
+                                key,
+                                value: kv.value().to_vec(),
+                            },
+                            EventType::Delete => Change::Delete { key },
+                        };
+                        st.view.apply(&self.keys, &change);
+                        changes.push(change);
+                    }
+                }
+                for change in &changes {
+                    self.dispatch(change);
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -690,7 +783,7 @@ impl Cluster {
 /// `diskless cluster status`: the cluster's keys, read once.
 pub async fn read_status(cfg: &ClusterConfig) -> Result<placement::Status, ClusterError> {
     let client = connect(cfg).await?;
-    let (view, _) = list(
+    let (view, _, _) = list(
         &client,
         &Keys::new(&cfg.name),
         op_timeout(Duration::from_secs(cfg.lease_ttl)),
@@ -710,6 +803,18 @@ pub async fn set_drain(cfg: &ClusterConfig, node: &str, on: bool) -> Result<usiz
     } else {
         bounded(limit, client.delete(keys.drain(node), None)).await?;
     }
-    let (view, _) = list(&client, &keys, limit).await?;
+    let (view, _, _) = list(&client, &keys, limit).await?;
     Ok(view.owners.values().filter(|o| o.as_str() == node).count())
+}
+
+/// `diskless cluster config push FILE` (Some) or `... config clear` (None): store the shared
+/// configuration every node lays over its own file (checked by the caller first).
+pub async fn push_config(cfg: &ClusterConfig, yaml: Option<Vec<u8>>) -> Result<(), ClusterError> {
+    let mut client = connect(cfg).await?;
+    let key = Keys::new(&cfg.name).shared_config();
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    match yaml {
+        Some(y) => bounded(limit, client.put(key, y, None)).await.map(|_| ()),
+        None => bounded(limit, client.delete(key, None)).await.map(|_| ()),
+    }
 }
