@@ -95,6 +95,7 @@ NEEDS=(
 	"ceph ceph-common"
 	"etcd etcd-server"
 	"etcdctl etcd-client"
+	"openssl openssl"
 	"protoc protobuf-compiler"
 	"/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
 	"/usr/include/rbd/librbd.h librbd-dev"

@@ -74,6 +74,25 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The configuration every node lays over its own file (docs/scale-out.md).
+    #[command(subcommand)]
+    Config(SharedConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SharedConfigCommand {
+    /// Check FILE against this node's configuration and store it in etcd: every node
+    /// reloads with it (and refuses it, with the reason, if it does not fit the node).
+    Push {
+        file: PathBuf,
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Remove the shared configuration: every node goes back to its own file.
+    Clear {
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +447,12 @@ pub fn run(command: Command) -> Result<(), CliError> {
             )
         }
         Command::Cluster(ClusterCommand::Status { config, json }) => cluster_status(&config, json),
+        Command::Cluster(ClusterCommand::Config(SharedConfigCommand::Push { file, config })) => {
+            shared_config(&config, Some(&file))
+        }
+        Command::Cluster(ClusterCommand::Config(SharedConfigCommand::Clear { config })) => {
+            shared_config(&config, None)
+        }
         Command::Node(NodeCommand::Drain { node, config, undo }) => {
             node_drain(&config, node.as_deref(), !undo)
         }
@@ -600,6 +625,37 @@ fn cluster_status(path: &Path, json: bool) -> Result<(), CliError> {
             status.orphans
         )
         .map_err(w)?;
+    }
+    Ok(())
+}
+
+/// `diskless cluster config push FILE` / `clear`: checked against this node's file first.
+fn shared_config(path: &Path, file: Option<&Path>) -> Result<(), CliError> {
+    let cfg = cluster_config(path)?;
+    let yaml = match file {
+        Some(f) => {
+            let text =
+                std::fs::read(f).map_err(|e| CliError::Io(format!("{}: {e}", f.display())))?;
+            let c = crate::control::load_with_shared(path, Some(&text)).map_err(CliError::Io)?;
+            registry::plan(&c)?;
+            Some(text)
+        }
+        None => None,
+    };
+    let pushed = yaml.is_some();
+    small_runtime()?
+        .block_on(crate::cluster::etcd::push_config(&cfg, yaml))
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    if pushed {
+        println!(
+            "diskless: shared configuration stored in cluster {}; every node reloads with it",
+            cfg.name
+        );
+    } else {
+        println!(
+            "diskless: shared configuration removed from cluster {}; nodes use their own files",
+            cfg.name
+        );
     }
     Ok(())
 }
@@ -846,6 +902,12 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
                 .await
                 .map_err(|e| CliError::Io(format!("cluster: {e}")))?;
             server.set_cluster(cluster.clone());
+            if args.image.is_none() {
+                cluster.set_shared(crate::control::ClusterShared::new(
+                    server.clone(),
+                    args.config.clone(),
+                ));
+            }
             cluster.spawn(&mut aux);
             println!(
                 "diskless: cluster {} node {} (etcd {}), clients sent to {}",

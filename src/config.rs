@@ -729,6 +729,122 @@ pub struct ClusterConfig {
     /// membership and its clients after this long.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: u64,
+    /// TLS towards etcd (`https://` endpoints).
+    #[serde(default)]
+    pub tls: Option<EtcdTlsConfig>,
+    /// etcd user and password (etcd's `auth enable`).
+    #[serde(default)]
+    pub auth: Option<EtcdAuthConfig>,
+}
+
+/// Top-level keys of targets.yaml that belong to one node: the shared configuration in
+/// etcd (`diskless cluster config push`) never carries them.
+pub const NODE_KEYS: &[&str] = &[
+    "portals",
+    "state_dir",
+    "cluster",
+    "api",
+    "boot_http",
+    "netboot",
+];
+
+/// A node's configuration text with the cluster's shared document laid over it: each
+/// top-level key of `shared` replaces the node's. Refuses a shared document with a node key.
+pub fn merge_shared(local: &str, shared: &str) -> Result<String, String> {
+    use serde_yaml::{Mapping, Value};
+    let map = |text: &str, what: &str| -> Result<Mapping, String> {
+        if text.trim().is_empty() {
+            return Ok(Mapping::new());
+        }
+        match serde_yaml::from_str::<Value>(text).map_err(|e| format!("{what}: {e}"))? {
+            Value::Mapping(m) => Ok(m),
+            Value::Null => Ok(Mapping::new()),
+            _ => Err(format!("{what}: not a mapping of keys")),
+        }
+    };
+    let mut out = map(local, "the node's configuration")?;
+    for (k, v) in map(shared, "the shared configuration")? {
+        let name = k
+            .as_str()
+            .ok_or("the shared configuration: top-level keys must be names")?;
+        if NODE_KEYS.contains(&name) {
+            return Err(format!(
+                "the shared configuration has {name}:, which belongs to each node's own file \
+                 (node keys: {})",
+                NODE_KEYS.join(", ")
+            ));
+        }
+        out.insert(k, v);
+    }
+    serde_yaml::to_string(&out).map_err(|e| e.to_string())
+}
+
+/// `cluster.tls`: how a node checks etcd's certificate and, with `--client-cert-auth`,
+/// which certificate it shows. Paths are relative to the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// PEM certificate(s) of the CA that signed etcd's server certificate.
+    pub ca: PathBuf,
+    /// PEM client certificate and its private key (both or neither).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate must carry (default: the endpoint's host).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// `cluster.auth`: an etcd user; the password is read from a file, never from the YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdAuthConfig {
+    pub user: String,
+    /// A file whose first line is the password (keep it mode 0600).
+    pub password_file: PathBuf,
+}
+
+/// What `cluster.tls` and `cluster.auth` name, read and checked. Debug never shows the
+/// password or the key.
+#[derive(Clone, Default)]
+pub struct EtcdSecrets {
+    pub ca: Option<Vec<u8>>,
+    /// (certificate, key), PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub domain: Option<String>,
+    /// (user, password).
+    pub user: Option<(String, String)>,
+}
+
+impl fmt::Debug for EtcdSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSecrets")
+            .field("tls", &self.ca.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|u| &u.0))
+            .finish()
+    }
+}
+
+/// Read a PEM file that must hold a block whose label ends with `label`
+/// (`CERTIFICATE`, `PRIVATE KEY`).
+fn read_pem(path: &Path, label: &str) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text.lines().any(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|r| r.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    });
+    if !found {
+        return Err(format!(
+            "{}: not a PEM file with a {label} (-----BEGIN ...{label}-----)",
+            path.display()
+        ));
+    }
+    Ok(bytes)
 }
 
 fn default_lease_ttl() -> u64 {
@@ -801,7 +917,98 @@ impl ClusterConfig {
                 format!("{} must be 2..300 seconds", self.lease_ttl),
             ));
         }
+        let https = self
+            .etcd
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        match (&self.tls, https) {
+            (Some(_), n) if n != self.etcd.len() => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "cluster.etcd",
+                    "with cluster.tls every endpoint must be https://",
+                ))
+            }
+            (None, n) if n > 0 => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "cluster.tls",
+                    "https:// endpoints need cluster.tls.ca (the CA of etcd's certificate)",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(a) = &self.auth {
+            if a.user.is_empty() || a.user.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "cluster.auth.user",
+                    "empty or has control characters",
+                ));
+            }
+        }
+        self.secrets()
+            .map_err(|(path, m)| ConfigError::invalid(file, path, m))?;
         Ok(())
+    }
+
+    /// Make the TLS and password file paths absolute (relative to the file's directory).
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(t) = &mut self.tls {
+            abs(&mut t.ca);
+            t.cert.as_mut().map(abs);
+            t.key.as_mut().map(abs);
+        }
+        if let Some(a) = &mut self.auth {
+            abs(&mut a.password_file);
+        }
+    }
+
+    /// Read the CA, the client certificate and key, and the password. Errors name the key
+    /// and the file, never a secret.
+    pub fn secrets(&self) -> Result<EtcdSecrets, (&'static str, String)> {
+        let mut out = EtcdSecrets::default();
+        if let Some(t) = &self.tls {
+            out.ca = Some(read_pem(&t.ca, "CERTIFICATE").map_err(|m| ("cluster.tls.ca", m))?);
+            out.identity = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => Some((
+                    read_pem(c, "CERTIFICATE").map_err(|m| ("cluster.tls.cert", m))?,
+                    read_pem(k, "PRIVATE KEY").map_err(|m| ("cluster.tls.key", m))?,
+                )),
+                (None, None) => None,
+                _ => {
+                    return Err((
+                        "cluster.tls",
+                        "cert and key go together (a client certificate and its key)".into(),
+                    ))
+                }
+            };
+            out.domain = t.domain.clone();
+        }
+        if let Some(a) = &self.auth {
+            let p = &a.password_file;
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                (
+                    "cluster.auth.password_file",
+                    format!("{}: {e}", p.display()),
+                )
+            })?;
+            let pw = text.lines().next().unwrap_or("").to_string();
+            if pw.is_empty() {
+                return Err((
+                    "cluster.auth.password_file",
+                    format!("{}: the first line (the password) is empty", p.display()),
+                ));
+            }
+            out.user = Some((a.user.clone(), pw));
+        }
+        Ok(out)
     }
 }
 
@@ -1725,6 +1932,9 @@ impl Config {
         })?;
         config.base_dir = base_dir.to_path_buf();
         config.source = file.to_string();
+        if let Some(c) = config.cluster.as_mut() {
+            c.resolve_paths(base_dir);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -2335,6 +2545,10 @@ targets:
             ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"0.0.0.0:3260\"}", "cluster.advertise"),
             ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:0\"}", "cluster.advertise"),
             ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", lease_ttl: 1}", "cluster.lease_ttl"),
+            ("{name: lab, node_id: n, etcd: [\"https://h:1\"], advertise: \"10.0.0.1:3260\"}", "cluster.tls"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", tls: {ca: /nonexistent.pem}}", "cluster.etcd"),
+            ("{name: lab, node_id: n, etcd: [\"https://h:1\"], advertise: \"10.0.0.1:3260\", tls: {ca: /nonexistent.pem}}", "cluster.tls.ca"),
+            ("{name: lab, node_id: n, etcd: [\"http://h:1\"], advertise: \"10.0.0.1:3260\", auth: {user: u, password_file: /nonexistent}}", "cluster.auth.password_file"),
         ] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains(path), "{bad}: {e}");

@@ -27,8 +27,39 @@ const MAX_LINE: usize = 4096;
 /// unit attentions carry over), sessions of a target whose LUNs changed are fenced (unit
 /// attention, then asked to log out), and client disks whose binding did not change are
 /// carried over with their open overlays.
+///
+/// In a cluster, the shared configuration in force (from etcd) is laid over the file again.
 pub fn reload(server: &Server, config_path: &Path) -> Result<String, String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let shared = server.cluster().and_then(|c| c.shared_config());
+    reload_with(server, config_path, shared.as_deref())
+}
+
+/// The node's file with the cluster's shared configuration laid over it (docs/scale-out.md,
+/// "Shared configuration"); errors say which of the two is wrong.
+pub fn load_with_shared(config_path: &Path, shared: Option<&[u8]>) -> Result<Config, String> {
+    let Some(shared) = shared else {
+        return Config::load(config_path).map_err(|e| e.to_string());
+    };
+    let local = std::fs::read_to_string(config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let shared = std::str::from_utf8(shared)
+        .map_err(|_| "the shared configuration is not UTF-8 text".to_string())?;
+    let merged = crate::config::merge_shared(&local, shared)?;
+    let base = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let label = format!("{} + shared configuration", config_path.display());
+    Config::from_yaml(&merged, &label, base).map_err(|e| e.to_string())
+}
+
+/// [`reload`] with an explicit shared configuration (None: the file alone).
+pub fn reload_with(
+    server: &Server,
+    config_path: &Path,
+    shared: Option<&[u8]>,
+) -> Result<String, String> {
+    let config = load_with_shared(config_path, shared)?;
     let old = server.registry();
     let (new, changed) =
         Registry::from_config_reusing(&config, Some(&old)).map_err(|e| e.to_string())?;
@@ -81,6 +112,16 @@ pub async fn set_next_boot(
         Some(cur) if !Arc::ptr_eq(&cur, boot) => run(cur, req).await?,
         _ => set,
     };
+    // In a cluster, the override goes to etcd too: whichever node the client boots on next
+    // takes it. The local copy is stored already; a node cut off from etcd says so.
+    let mut shared_note = String::new();
+    if let Some(c) = server.cluster() {
+        let value = set.as_ref().and_then(|nb| serde_json::to_vec(nb).ok());
+        if let Err(e) = c.put_next_boot(&boot.name, initiator, value).await {
+            warn!(initiator, error = %e, "next-boot override not stored in etcd: only this node knows it");
+            shared_note = format!(" (only on this node: etcd: {e})");
+        }
+    }
     let what = match &set {
         Some(nb) => format!(
             "next boot: image {}, mode {}",
@@ -90,6 +131,7 @@ pub async fn set_next_boot(
         ),
         None => "next boot: override cleared, the binding applies".to_string(),
     };
+    let what = what + &shared_note;
     server.metrics().emit(
         "next_boot",
         Some(initiator),
@@ -530,6 +572,81 @@ pub fn request(socket: &Path, line: &str) -> std::io::Result<Result<String, Stri
         Some(body) => Ok(body.to_string()),
         None => Err(answer.trim().trim_start_matches("error: ").to_string()),
     })
+}
+
+/// The cluster's shared records, applied on this node: next-boot overrides set on any node,
+/// and the shared configuration (reloaded as `reload` does; an invalid one is refused with
+/// its reason and the running configuration stays).
+pub struct ClusterShared {
+    server: Arc<Server>,
+    config_path: PathBuf,
+}
+
+impl ClusterShared {
+    pub fn new(server: Arc<Server>, config_path: PathBuf) -> Arc<Self> {
+        Arc::new(ClusterShared {
+            server,
+            config_path,
+        })
+    }
+}
+
+impl crate::cluster::Shared for ClusterShared {
+    fn next_boot(&self, target: &str, initiator: &str, value: Option<&[u8]>) {
+        use crate::boot::nextboot::{NextBoot, Request};
+        let want: Option<NextBoot> = match value.map(serde_json::from_slice::<NextBoot>) {
+            None => None,
+            Some(Ok(nb)) => Some(nb),
+            Some(Err(e)) => {
+                warn!(target, initiator, error = %e, "next-boot override in etcd is malformed: ignored");
+                return;
+            }
+        };
+        let Some(boot) = self.server.registry().boot_target(target) else {
+            return;
+        };
+        if boot.next_boot(initiator) == want {
+            return;
+        }
+        let (who, tname) = (initiator.to_string(), target.to_string());
+        tokio::task::spawn_blocking(move || {
+            let (req, by, since) = match &want {
+                Some(nb) => (
+                    Request::Set {
+                        image: nb.image.clone(),
+                        mode: nb.mode,
+                    },
+                    nb.by.clone(),
+                    nb.since_ms,
+                ),
+                None => (Request::Clear, "cluster".to_string(), crate::boot::now_ms()),
+            };
+            match boot.set_next_boot(&who, req, &by, since) {
+                Ok(nb) => info!(target = %tname, initiator = %who, set = nb.is_some(),
+                    "next-boot override from the cluster taken"),
+                Err(e) => warn!(target = %tname, initiator = %who, error = %e,
+                    "next-boot override from the cluster cannot be taken here"),
+            }
+        });
+    }
+
+    fn config(&self, yaml: Option<Vec<u8>>) {
+        let (server, path) = (self.server.clone(), self.config_path.clone());
+        tokio::task::spawn_blocking(move || match reload_with(&server, &path, yaml.as_deref()) {
+            Ok(msg) => {
+                if let Some(c) = server.cluster() {
+                    c.accept_shared_config(yaml.clone());
+                }
+                info!(
+                    shared = yaml.is_some(),
+                    "shared configuration from etcd applied: {}",
+                    msg.trim()
+                );
+            }
+            Err(e) => tracing::error!(error = %e,
+                "shared configuration from etcd refused; the running configuration stays"),
+        });
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,17 @@
 //!   and writing, new logins are refused with status 0x0301 (service unavailable) once the
 //!   node's lease may have run out; etcd back: logins are placed again.
 //!
+//! - `tls_and_credentials`: etcd with TLS, client certificates and `auth enable`; a node with
+//!   the right CA, certificate and password joins and places a client; a node with a wrong
+//!   password and one that trusts another CA are refused with errors that say so (in their
+//!   log and from `diskless cluster status`); `check-config` names a missing or non-PEM file.
+//! - `shared_next_boot_and_configuration`: a next-boot override set on one node reaches the
+//!   client's owner through etcd (stored in its state directory; the client's boot there
+//!   gets the other image) and its clearing too; `diskless cluster config push` adds a
+//!   target on every node, a document with a node key is refused at push, an invalid one
+//!   written into etcd is refused by every node with the reason (the running configuration
+//!   stays), `cluster config clear` brings each node back to its own file.
+//!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 #[path = "common/cluster.rs"]
@@ -56,6 +67,11 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// A node of the test's cluster serving `golden` (a file) as the default volatile image.
 fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
+    start_node_with(root, id, etcd, golden, "")
+}
+
+/// As [`start_node`], with more keys in its `cluster:` mapping (`, tls: ..., auth: ...`).
+fn start_node_with(root: &Path, id: &str, etcd: &Etcd, golden: &Path, cluster_extra: &str) -> Node {
     let spec = cluster::Spec {
         cluster: CLUSTER,
         target: TARGET,
@@ -64,6 +80,7 @@ fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
         images: format!("  - {{name: base, path: {}}}\n", golden.display()),
         image: "base",
         extra: String::new(),
+        cluster_extra: cluster_extra.to_string(),
     };
     Node::start(root, id, &spec)
 }
@@ -530,4 +547,241 @@ impl<F: FnMut()> Drop for Guard<F> {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+#[test]
+fn tls_and_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let pki = etcd::Pki::make(&root.join("pki"), "diskless-test-ca");
+    let rogue = etcd::Pki::make(&root.join("rogue"), "rogue-ca");
+    let mut etcd = Etcd::start_with(&root.join("etcd"), Some(pki.clone()));
+    etcd.enable_auth("diskless", "s3cret-pw");
+    std::fs::write(root.join("good.pass"), "s3cret-pw\n").unwrap();
+    std::fs::write(root.join("bad.pass"), "not-the-password\n").unwrap();
+    let golden = root.join("golden.img");
+    std::fs::write(&golden, vec![7u8; GOLDEN_SIZE]).unwrap();
+    let security = |ca: &etcd::Pki, pass: &str| {
+        format!(
+            ", tls: {{ca: {}, cert: {}, key: {}}}, auth: {{user: diskless, password_file: {}}}",
+            ca.path("ca.pem").display(),
+            ca.path("client.pem").display(),
+            ca.path("client.key").display(),
+            root.join(pass).display()
+        )
+    };
+
+    let n1 = start_node_with(root, "n1", &etcd, &golden, &security(&pki, "good.pass"));
+    let n2 = start_node_with(root, "n2", &etcd, &golden, &security(&pki, "bad.pass"));
+    let n3 = start_node_with(root, "n3", &etcd, &golden, &security(&rogue, "good.pass"));
+
+    // n1 joins over TLS with its credentials and places a client on itself.
+    wait_for("n1 in cluster status over TLS", || {
+        status(&n1.config()).filter(|s| s.keys().eq(["n1"]))
+    });
+    let (who, port) = n1.script(&mac(1));
+    assert_eq!(port, n1.iscsi, "the only live node serves the client");
+    assert_eq!(
+        etcd.owners(CLUSTER).get(&who).map(String::as_str),
+        Some("n1")
+    );
+
+    // n2 (wrong password) and n3 (trusts another CA) are refused, and say why.
+    wait_for("n2 to log the refused credentials", || {
+        n2.stderr()
+            .contains("etcd refused the credentials of cluster.auth")
+            .then_some(())
+    });
+    wait_for("n3 to log the TLS failure", || {
+        n3.stderr().contains("TLS with etcd failed").then_some(())
+    });
+    let (ok, out) = cli(&n2.config(), &["cluster", "status"]);
+    assert!(
+        !ok && out.contains("etcd refused the credentials of cluster.auth"),
+        "{out}"
+    );
+    assert!(out.contains("authentication failed"), "{out}");
+    let (ok, out) = cli(&n3.config(), &["cluster", "status"]);
+    assert!(!ok && out.contains("TLS with etcd failed"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("certificate"), "{out}");
+    // Neither got in: n1 is still alone, and n2's script endpoint cannot place anyone.
+    assert_eq!(status(&n1.config()).map(|s| s.len()), Some(1));
+    assert!(!n2.stderr().contains("registered in the cluster"));
+    assert!(!n3.stderr().contains("registered in the cluster"));
+
+    // check-config names a missing CA file and a key file that is not PEM.
+    let yaml = std::fs::read_to_string(n1.config()).unwrap();
+    for (from, to, says) in [
+        (
+            pki.path("ca.pem").display().to_string(),
+            root.join("missing.pem").display().to_string(),
+            "cluster.tls.ca",
+        ),
+        (
+            pki.path("client.key").display().to_string(),
+            root.join("good.pass").display().to_string(),
+            "cluster.tls.key",
+        ),
+    ] {
+        let bad = root.join("bad.yaml");
+        std::fs::write(&bad, yaml.replace(&from, &to)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+            .args(["check-config", "-c"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+    }
+}
+
+/// `dir_name` of src/boot/mod.rs: how a target or initiator name becomes a directory.
+fn dir_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn shared_next_boot_and_configuration() {
+    const SHARED_TARGET: &str = "iqn.2026-11.org.diskless:shared";
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let etcd = Etcd::start(root);
+    let (base, alt) = (root.join("base.img"), root.join("alt.img"));
+    std::fs::write(&base, vec![7u8; GOLDEN_SIZE]).unwrap();
+    std::fs::write(&alt, vec![9u8; GOLDEN_SIZE]).unwrap();
+    let images = format!(
+        "  - {{name: base, path: {}}}\n  - {{name: alt, path: {}}}\n",
+        base.display(),
+        alt.display()
+    );
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: images.clone(),
+        image: "base",
+        extra: String::new(),
+        cluster_extra: String::new(),
+    };
+    let n1 = Node::start(root, "n1", &spec);
+    let n2 = Node::start(root, "n2", &spec);
+    wait_for_members(&[&n1, &n2]);
+
+    // A client placed on one node gets a next-boot override set on the *other* node.
+    let (who, port) = n1.script(&mac(5));
+    let (owner, other) = if port == n1.iscsi {
+        (&n1, &n2)
+    } else {
+        (&n2, &n1)
+    };
+    assert_eq!(port, owner.iscsi);
+    let (ok, out) = cli(
+        &other.config(),
+        &["client", "next-boot", &who, "--image", "alt"],
+    );
+    assert!(ok, "next-boot on {}: {out}", other.id);
+    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/next-boot");
+    let stored = etcd.ctl_out(&["get", "--print-value-only", &key]).unwrap();
+    assert!(stored.contains("\"image\":\"alt\""), "{key}: {stored}");
+    // The owner takes it from etcd (stored in its own state directory, so it outlives a
+    // loss of etcd and a restart) and the client's boot there gets the other image.
+    let file = owner
+        .dir
+        .join("state/clients")
+        .join(dir_name(TARGET))
+        .join(dir_name(&who))
+        .join("next-boot.yaml");
+    wait_for("the owner to store the override from etcd", || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.contains("alt"))
+    });
+    let mut c = login(owner.iscsi, &who);
+    assert_eq!(
+        c.read10(0, 1),
+        vec![9u8; 512],
+        "the boot on the owner takes alt"
+    );
+    drop(c);
+    // Cleared on the other node: cleared on the owner too.
+    let (ok, out) = cli(&other.config(), &["client", "next-boot", &who, "--clear"]);
+    assert!(ok, "{out}");
+    wait_for("the owner to drop the override", || {
+        (!file.exists()).then_some(())
+    });
+
+    // Shared configuration: one more target, pushed once, served by both nodes.
+    let shared = format!(
+        "images:\n{images}targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n  \
+         - name: {SHARED_TARGET}\n    boot:\n      default: {{image: alt, mode: volatile}}\n"
+    );
+    let doc = root.join("shared.yaml");
+    assert!(Client::connect(owner.iscsi)
+        .login(&who, SHARED_TARGET)
+        .is_err());
+    std::fs::write(&doc, &shared).unwrap();
+    let (ok, out) = cli(
+        &n1.config(),
+        &["cluster", "config", "push", doc.to_str().unwrap()],
+    );
+    assert!(ok, "push: {out}");
+    for n in [&n1, &n2] {
+        wait_for("the shared configuration to be applied", || {
+            n.stderr()
+                .contains("shared configuration from etcd applied")
+                .then_some(())
+        });
+    }
+    let mut c = login(owner.iscsi, &who);
+    drop(c.read10(0, 1));
+    let mut s = Client::connect(owner.iscsi);
+    s.login(&who, SHARED_TARGET)
+        .unwrap_or_else(|e| panic!("login to the shared target: {e:?}"));
+    assert_eq!(s.read10(0, 1), vec![9u8; 512]);
+    drop(s);
+
+    // A document with a node's own key is refused at push, naming it.
+    std::fs::write(&doc, format!("portals: [\"127.0.0.1:1\"]\n{shared}")).unwrap();
+    let (ok, out) = cli(
+        &n1.config(),
+        &["cluster", "config", "push", doc.to_str().unwrap()],
+    );
+    assert!(!ok && out.contains("portals"), "{out}");
+    // One that slips past (written straight into etcd) is refused by each node with the
+    // reason; the running configuration stays.
+    assert!(etcd.ctl(&[
+        "put",
+        &format!("/diskless/{CLUSTER}/shared/config"),
+        "targets: 5\n"
+    ]));
+    for n in [&n1, &n2] {
+        wait_for("the invalid shared configuration to be refused", || {
+            n.stderr()
+                .contains("shared configuration from etcd refused")
+                .then_some(())
+        });
+    }
+    let mut s = Client::connect(owner.iscsi);
+    s.login(&who, SHARED_TARGET)
+        .unwrap_or_else(|e| panic!("the running configuration stays: {e:?}"));
+    drop(s);
+    // Cleared: each node goes back to its own file (the shared target is gone).
+    let (ok, out) = cli(&n1.config(), &["cluster", "config", "clear"]);
+    assert!(ok, "{out}");
+    wait_for("the shared target to go", || {
+        Client::connect(owner.iscsi)
+            .login(&who, SHARED_TARGET)
+            .is_err()
+            .then_some(())
+    });
+    drop(c);
 }

@@ -89,6 +89,7 @@ fn start_node(root: &Path, id: &str, etcd: &Etcd, ceph: &Ceph) -> Node {
         images: images(ceph),
         image: "golden",
         extra: "chunk_cache: {memory: 128MiB, disk: 128MiB}\n".to_string(),
+        cluster_extra: String::new(),
     };
     Node::start(root, id, &spec)
 }

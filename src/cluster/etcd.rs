@@ -11,22 +11,32 @@
 //! sessions and refuses what it cannot place safely ([`super::placement::decide`]).
 
 use super::placement::{
-    self, Change, Decision, Input, Keys, NodeId, NodeRecord, Refusal, View, Why,
+    self, Change, Decision, Input, Keys, NodeId, NodeRecord, Refusal, SharedKey, View, Why,
 };
 use crate::config::ClusterConfig;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", explain(.0))]
     Etcd(#[from] etcd_client::Error),
+    /// etcd refused the user and password (`cluster.auth`).
+    #[error("etcd refused the credentials of cluster.auth: {0}")]
+    Credentials(String),
+    /// The TLS handshake with etcd failed (`cluster.tls`: unknown CA, wrong name, no or
+    /// a refused client certificate).
+    #[error("TLS with etcd failed (check cluster.tls): {0}")]
+    Tls(String),
+    /// `cluster.tls` / `cluster.auth` name a missing or malformed file.
+    #[error("{0}: {1}")]
+    Config(&'static str, String),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("etcd: the lease of node {0} is gone")]
@@ -45,6 +55,15 @@ pub enum Admission {
 /// The initiator names of this node's open Normal sessions (given by the session layer).
 pub type LocalSessions = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
+/// The layer that owns the client state and the configuration, told what the cluster's
+/// shared keys say (at each listing, and at each change seen by the watch).
+pub trait Shared: Send + Sync {
+    /// A client's next-boot override as stored in etcd (JSON), or None when cleared.
+    fn next_boot(&self, target: &str, initiator: &str, value: Option<&[u8]>);
+    /// The shared configuration document changed (YAML), or None when removed.
+    fn config(&self, yaml: Option<Vec<u8>>);
+}
+
 #[derive(Default)]
 struct State {
     view: View,
@@ -55,6 +74,10 @@ struct State {
     published: Option<NodeRecord>,
     /// Whether the last request to etcd succeeded (for logs and status).
     reachable: bool,
+    /// The shared configuration as last seen in etcd (None: none pushed).
+    seen_config: Option<Vec<u8>>,
+    /// The shared configuration in force on this node (accepted by [`Shared::config`]).
+    shared_config: Option<Vec<u8>>,
 }
 
 /// One node's membership in the cluster.
@@ -65,9 +88,12 @@ pub struct Cluster {
     portals: Vec<SocketAddr>,
     ttl: Duration,
     op_timeout: Duration,
-    client: Client,
+    cfg: ClusterConfig,
+    /// Connected on first use (and again after a refused authentication).
+    client: tokio::sync::Mutex<Option<Client>>,
     state: Mutex<State>,
     local: OnceLock<LocalSessions>,
+    shared: OnceLock<Arc<dyn Shared>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -84,15 +110,83 @@ fn op_timeout(ttl: Duration) -> Duration {
     (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
-/// A client for the configured endpoints. Connections are made on first use: etcd may be
-/// down when this is called.
-pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+/// An etcd error with its causes (tonic hides the TLS reason in the source chain).
+fn explain(e: &etcd_client::Error) -> String {
+    let mut text = match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    };
+    let mut src = std::error::Error::source(e);
+    if let etcd_client::Error::GRpcStatus(s) = e {
+        src = std::error::Error::source(s);
+    }
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        src = cause.source();
+    }
+    text
+}
+
+/// Sort an etcd error: refused credentials and TLS failures are configuration faults the
+/// operator must see as such, not "etcd unreachable".
+fn classify(e: etcd_client::Error) -> ClusterError {
+    let text = explain(&e);
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("authentication failed")
+        || lower.contains("invalid user id or password")
+        || lower.contains("user name is empty")
+        || lower.contains("permission denied")
+    {
+        ClusterError::Credentials(text)
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("unknownissuer")
+    {
+        ClusterError::Tls(text)
+    } else {
+        ClusterError::Etcd(e)
+    }
+}
+
+/// Connection options for the configured endpoints: timeouts, TLS (`cluster.tls`) and the
+/// user (`cluster.auth`). Files are read here: a missing or malformed one is an error.
+pub fn connect_options(cfg: &ClusterConfig) -> Result<ConnectOptions, ClusterError> {
     let t = op_timeout(Duration::from_secs(cfg.lease_ttl));
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(t)
         .with_timeout(t)
         .with_keep_alive(t, t);
-    Ok(Client::connect(&cfg.etcd, Some(opts)).await?)
+    let secrets = cfg.secrets().map_err(|(k, m)| ClusterError::Config(k, m))?;
+    if let Some(ca) = secrets.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = secrets.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(d) = secrets.domain {
+            tls = tls.domain_name(d);
+        }
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = secrets.user {
+        opts = opts.with_user(user, password);
+    }
+    Ok(opts)
+}
+
+/// A client for the configured endpoints. Without a user, connections are made on first
+/// use; with one, this authenticates (and fails if etcd is down or refuses the user).
+pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+    let opts = connect_options(cfg)?;
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl)) * 2;
+    match tokio::time::timeout(limit, Client::connect(&cfg.etcd, Some(opts))).await {
+        Ok(r) => r.map_err(classify),
+        Err(_) => Err(ClusterError::Timeout(limit)),
+    }
 }
 
 async fn bounded<T>(
@@ -100,7 +194,7 @@ async fn bounded<T>(
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, ClusterError> {
     match tokio::time::timeout(limit, f).await {
-        Ok(r) => r.map_err(ClusterError::from),
+        Ok(r) => r.map_err(classify),
         Err(_) => Err(ClusterError::Timeout(limit)),
     }
 }
@@ -109,8 +203,13 @@ fn lease_gone(e: &etcd_client::Error) -> bool {
     e.to_string().contains("lease not found")
 }
 
-/// Every key under the cluster's prefix, as a view, and the revision it was read at.
-async fn list(client: &Client, keys: &Keys, limit: Duration) -> Result<(View, i64), ClusterError> {
+/// Every key under the cluster's prefix, as a view, the revision it was read at, and the
+/// keys as changes (for the shared records).
+async fn list(
+    client: &Client,
+    keys: &Keys,
+    limit: Duration,
+) -> Result<(View, i64, Vec<Change>), ClusterError> {
     let mut c = client.clone();
     let resp = bounded(
         limit,
@@ -118,17 +217,17 @@ async fn list(client: &Client, keys: &Keys, limit: Duration) -> Result<(View, i6
     )
     .await?;
     let mut view = View::default();
+    let mut all = Vec::with_capacity(resp.kvs().len());
     for kv in resp.kvs() {
-        view.apply(
-            keys,
-            &Change::Put {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-            },
-        );
+        let change = Change::Put {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+        };
+        view.apply(keys, &change);
+        all.push(change);
     }
     let rev = resp.header().map_or(0, |h| h.revision());
-    Ok((view, rev))
+    Ok((view, rev, all))
 }
 
 enum Claimed {
@@ -142,7 +241,8 @@ impl Cluster {
         cfg: &ClusterConfig,
         portals: Vec<SocketAddr>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let client = connect(cfg).await?;
+        // Read the TLS and password files now: a missing one fails `serve` at once.
+        connect_options(cfg)?;
         let ttl = Duration::from_secs(cfg.lease_ttl);
         Ok(Arc::new(Cluster {
             keys: Keys::new(&cfg.name),
@@ -151,10 +251,86 @@ impl Cluster {
             portals,
             ttl,
             op_timeout: op_timeout(ttl),
-            client,
+            cfg: cfg.clone(),
+            client: tokio::sync::Mutex::new(None),
             state: Mutex::new(State::default()),
             local: OnceLock::new(),
+            shared: OnceLock::new(),
         }))
+    }
+
+    /// The etcd client, connected (and authenticated) on first use.
+    async fn client(&self) -> Result<Client, ClusterError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = connect(&self.cfg).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Hand the shared records (next-boot overrides, shared configuration) to `s`.
+    pub fn set_shared(&self, s: Arc<dyn Shared>) {
+        let _ = self.shared.set(s);
+    }
+
+    /// The shared configuration this node runs with (None: its own file only).
+    pub fn shared_config(&self) -> Option<Vec<u8>> {
+        self.lock().shared_config.clone()
+    }
+
+    /// Record that the node now runs with `yaml` laid over its own file.
+    pub fn accept_shared_config(&self, yaml: Option<Vec<u8>>) {
+        self.lock().shared_config = yaml;
+    }
+
+    /// Hand one change of a shared record to the state's owner. A listing repeats every
+    /// record: the owner ignores what it already has; the configuration is handed over
+    /// only when it differs from the one last seen.
+    fn dispatch(&self, change: &Change) {
+        let (key, value) = match change {
+            Change::Put { key, value } => (key, Some(value.as_slice())),
+            Change::Delete { key } => (key, None),
+        };
+        let Some(which) = self.keys.shared(key) else {
+            return;
+        };
+        let Some(sh) = self.shared.get() else { return };
+        match which {
+            SharedKey::NextBoot { target, initiator } => sh.next_boot(&target, &initiator, value),
+            SharedKey::Config => {
+                let v = value.map(<[u8]>::to_vec);
+                {
+                    let mut st = self.lock();
+                    if st.seen_config == v {
+                        return;
+                    }
+                    st.seen_config = v.clone();
+                }
+                sh.config(v);
+            }
+        }
+    }
+
+    /// Store (Some) or clear (None) a client's next-boot override in etcd, for whichever
+    /// node the client boots on next.
+    pub async fn put_next_boot(
+        &self,
+        target: &str,
+        initiator: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), ClusterError> {
+        let key = self.keys.next_boot(target, initiator);
+        let mut c = self.client().await?;
+        match value {
+            Some(v) => bounded(self.op_timeout, c.put(key, v, None))
+                .await
+                .map(|_| ()),
+            None => bounded(self.op_timeout, c.delete(key, None))
+                .await
+                .map(|_| ()),
+        }
     }
 
     /// Tell the cluster which sessions this node has open (load, and the clients it claims
@@ -260,8 +436,11 @@ impl Cluster {
 
     /// The owner as etcd says now; None when etcd cannot be read.
     async fn read_owner(&self, initiator: &str) -> Option<Option<NodeId>> {
-        let mut c = self.client.clone();
-        match bounded(self.op_timeout, c.get(self.keys.owner(initiator), None)).await {
+        let got = match self.client().await {
+            Ok(mut c) => bounded(self.op_timeout, c.get(self.keys.owner(initiator), None)).await,
+            Err(e) => Err(e),
+        };
+        match got {
             Ok(resp) => Some(
                 resp.kvs()
                     .first()
@@ -307,7 +486,7 @@ impl Cluster {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         let resp = match bounded(self.op_timeout, c.txn(txn)).await {
             Ok(r) => r,
             Err(ClusterError::Etcd(e)) if lease_gone(&e) => {
@@ -338,7 +517,7 @@ impl Cluster {
                 self.me.as_str(),
             )])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         bounded(self.op_timeout, c.txn(txn)).await.map(|_| ())
     }
 
@@ -357,7 +536,7 @@ impl Cluster {
 
     /// Grant a lease, write the record, and claim back the clients this node serves.
     async fn register(&self) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         let sent = Instant::now();
         let grant = bounded(
             self.op_timeout,
@@ -400,7 +579,7 @@ impl Cluster {
     /// Write this node's record, bound to `lease` (it goes when the lease expires).
     async fn put_record(&self, rec: &NodeRecord, lease: i64) -> Result<(), ClusterError> {
         let value = serde_json::to_vec(rec).unwrap_or_default();
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         bounded(
             self.op_timeout,
             c.put(
@@ -465,6 +644,21 @@ impl Cluster {
                     warn!(node = %self.me, "lease expired at etcd: registering again");
                     self.forget_lease();
                 }
+                Err(
+                    e @ (ClusterError::Credentials(_)
+                    | ClusterError::Tls(_)
+                    | ClusterError::Config(..)),
+                ) => {
+                    // etcd refuses this node: a configuration fault, not an outage. Connect
+                    // (and authenticate) afresh at the next attempt.
+                    keeper = None;
+                    *self.client.lock().await = None;
+                    self.lock().reachable = false;
+                    if !down_logged {
+                        error!(error = %e, "cannot join the cluster: open sessions go on; new clients are refused");
+                        down_logged = true;
+                    }
+                }
                 Err(e) => {
                     keeper = None;
                     self.lock().reachable = false;
@@ -484,7 +678,7 @@ impl Cluster {
         keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
     ) -> Result<(), ClusterError> {
         if keeper.is_none() {
-            let mut c = self.client.clone();
+            let mut c = self.client().await?;
             *keeper = Some(bounded(self.op_timeout, c.lease_keep_alive(id)).await?);
         }
         let Some((k, s)) = keeper.as_mut() else {
@@ -526,7 +720,11 @@ impl Cluster {
     async fn watch_loop(self: Arc<Self>) {
         let backoff = (self.ttl / 4).max(Duration::from_millis(200));
         loop {
-            let (view, rev) = match list(&self.client, &self.keys, self.op_timeout).await {
+            let listed = match self.client().await {
+                Ok(c) => list(&c, &self.keys, self.op_timeout).await.map(|l| (l, c)),
+                Err(e) => Err(e),
+            };
+            let ((view, rev, all), mut c) = match listed {
                 Ok(v) => v,
                 Err(_) => {
                     tokio::time::sleep(backoff).await;
@@ -534,7 +732,9 @@ impl Cluster {
                 }
             };
             self.lock().view = view;
-            let mut c = self.client.clone();
+            for change in &all {
+                self.dispatch(change);
+            }
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(rev + 1);
@@ -554,18 +754,25 @@ impl Cluster {
                 if resp.canceled() {
                     break;
                 }
-                let mut st = self.lock();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let change = match ev.event_type() {
-                        EventType::Put => Change::Put {
-                            key,
-                            value: kv.value().to_vec(),
-                        },
-                        EventType::Delete => Change::Delete { key },
-                    };
-                    st.view.apply(&self.keys, &change);
+                let mut changes = Vec::new();
+                {
+                    let mut st = self.lock();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let change = match ev.event_type() {
+                            EventType::Put => Change::Put {
+                                key,
+                                value: kv.value().to_vec(),
+                            },
+                            EventType::Delete => Change::Delete { key },
+                        };
+                        st.view.apply(&self.keys, &change);
+                        changes.push(change);
+                    }
+                }
+                for change in &changes {
+                    self.dispatch(change);
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -577,8 +784,11 @@ impl Cluster {
     pub async fn leave(&self) {
         let lease = self.lock().lease.take();
         if let Some(id) = lease {
-            let mut c = self.client.clone();
-            match bounded(self.op_timeout, c.lease_revoke(id)).await {
+            let revoked = match self.client().await {
+                Ok(mut c) => bounded(self.op_timeout, c.lease_revoke(id)).await,
+                Err(e) => Err(e),
+            };
+            match revoked {
                 Ok(_) => info!(node = %self.me, "left the cluster"),
                 Err(e) => warn!(error = %e, "could not revoke the lease; it runs out by itself"),
             }
@@ -589,7 +799,7 @@ impl Cluster {
 /// `diskless cluster status`: the cluster's keys, read once.
 pub async fn read_status(cfg: &ClusterConfig) -> Result<placement::Status, ClusterError> {
     let client = connect(cfg).await?;
-    let (view, _) = list(
+    let (view, _, _) = list(
         &client,
         &Keys::new(&cfg.name),
         op_timeout(Duration::from_secs(cfg.lease_ttl)),
@@ -609,6 +819,18 @@ pub async fn set_drain(cfg: &ClusterConfig, node: &str, on: bool) -> Result<usiz
     } else {
         bounded(limit, client.delete(keys.drain(node), None)).await?;
     }
-    let (view, _) = list(&client, &keys, limit).await?;
+    let (view, _, _) = list(&client, &keys, limit).await?;
     Ok(view.owners.values().filter(|o| o.as_str() == node).count())
+}
+
+/// `diskless cluster config push FILE` (Some) or `... config clear` (None): store the shared
+/// configuration every node lays over its own file (checked by the caller first).
+pub async fn push_config(cfg: &ClusterConfig, yaml: Option<Vec<u8>>) -> Result<(), ClusterError> {
+    let mut client = connect(cfg).await?;
+    let key = Keys::new(&cfg.name).shared_config();
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    match yaml {
+        Some(y) => bounded(limit, client.put(key, y, None)).await.map(|_| ()),
+        None => bounded(limit, client.delete(key, None)).await.map(|_| ()),
+    }
 }

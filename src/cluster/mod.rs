@@ -12,5 +12,5 @@
 pub mod etcd;
 pub mod placement;
 
-pub use etcd::{Admission, Cluster, ClusterError};
+pub use etcd::{Admission, Cluster, ClusterError, Shared};
 pub use placement::{Decision, NodeId, NodeRecord, Refusal, View, Why};

@@ -74,6 +74,41 @@ impl Keys {
     pub fn drain(&self, id: &str) -> String {
         format!("{}drain/{id}", self.prefix)
     }
+    /// A client's next-boot override (JSON of `boot::nextboot::NextBoot`; no lease).
+    pub fn next_boot(&self, target: &str, initiator: &str) -> String {
+        format!(
+            "{}clients/{}/{}/next-boot",
+            self.prefix,
+            target.to_ascii_lowercase(),
+            initiator.to_ascii_lowercase()
+        )
+    }
+    /// The configuration every node lays over its own (YAML; no lease).
+    pub fn shared_config(&self) -> String {
+        format!("{}shared/config", self.prefix)
+    }
+    /// Which shared record `key` is, if any.
+    pub fn shared(&self, key: &str) -> Option<SharedKey> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        if rest == "shared/config" {
+            return Some(SharedKey::Config);
+        }
+        let rest = rest.strip_prefix("clients/")?.strip_suffix("/next-boot")?;
+        let (target, initiator) = rest.split_once('/')?;
+        (!target.is_empty() && !initiator.is_empty() && !initiator.contains('/')).then(|| {
+            SharedKey::NextBoot {
+                target: target.to_string(),
+                initiator: initiator.to_string(),
+            }
+        })
+    }
+}
+
+/// A record of the cluster's shared state (docs/scale-out.md, "Keys").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedKey {
+    NextBoot { target: String, initiator: String },
+    Config,
 }
 
 /// What this node knows of the cluster: a copy of the keys under its prefix.

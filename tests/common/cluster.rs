@@ -24,6 +24,8 @@ pub struct Spec<'a> {
     pub image: &'a str,
     /// More top-level YAML (e.g. `chunk_cache: ...`), each line ending in a newline.
     pub extra: String,
+    /// More keys of the `cluster:` flow mapping (e.g. `, tls: {...}, auth: {...}`).
+    pub cluster_extra: String,
 }
 
 pub struct Node {
@@ -54,7 +56,7 @@ impl Node {
              targets:\n  - name: {target}\n    boot:\n      default: {{image: {image}, mode: {mode}}}\n\
              boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
              api: {{listen: \"127.0.0.1:0\"}}\n\
-             cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {ttl}}}\n",
+             cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {ttl}{cextra}}}\n",
             state = dir.join("state").display(),
             extra = spec.extra,
             images = spec.images,
@@ -63,6 +65,7 @@ impl Node {
             cluster = spec.cluster,
             ep = spec.etcd,
             ttl = spec.ttl,
+            cextra = spec.cluster_extra,
         );
         let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
         assert_eq!(server.port, iscsi);

@@ -22,38 +22,187 @@ pub struct Etcd {
     dir: PathBuf,
     pub client: u16,
     peer: u16,
+    tls: Option<Pki>,
+    /// `user:password` etcdctl uses once auth is enabled.
+    root: Option<String>,
+}
+
+/// Certificates made at test time with the `openssl` CLI: a CA, etcd's server certificate
+/// (for 127.0.0.1) and a client certificate, all PEM, in one directory.
+#[derive(Clone)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA named `name` with a server and a client certificate signed by it.
+    pub fn make(dir: &Path, name: &str) -> Pki {
+        common::require("openssl", "openssl");
+        std::fs::create_dir_all(dir).unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let cn = format!("/CN={name}");
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", &cn,
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        for who in ["server", "client"] {
+            let (key, csr, pem) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+            );
+            let subj = format!("/CN={who}");
+            run(&[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subj],
+            ]
+            .concat());
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ]);
+        }
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
 }
 
 impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
+        Self::start_with(dir, None)
+    }
+
+    /// With `tls`: client URLs are https, the server certificate is `tls`'s, and clients
+    /// must show a certificate signed by its CA (`--client-cert-auth`).
+    pub fn start_with(dir: &Path, tls: Option<Pki>) -> Etcd {
         common::require("etcd", "etcd-server");
         common::require("etcdctl", "etcd-client");
+        std::fs::create_dir_all(dir).expect("etcd directory");
         let mut e = Etcd {
             child: None,
             dir: dir.to_path_buf(),
             client: free_port(),
             peer: free_port(),
+            tls,
+            root: None,
         };
         e.spawn();
         e
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
+    }
+
+    /// Turn on etcd's authentication: a `root` user (for etcdctl here) and `user` with
+    /// read-write access to `/diskless/` only.
+    pub fn enable_auth(&mut self, user: &str, password: &str) {
+        let root_pw = "root-secret";
+        for args in [
+            &[
+                "user",
+                "add",
+                "root",
+                "--new-user-password",
+                root_pw,
+                "--interactive=false",
+            ][..],
+            &[
+                "user",
+                "add",
+                user,
+                "--new-user-password",
+                password,
+                "--interactive=false",
+            ],
+            &["role", "add", "diskless"],
+            &[
+                "role",
+                "grant-permission",
+                "diskless",
+                "--prefix=true",
+                "readwrite",
+                "/diskless/",
+            ],
+            &["user", "grant-role", user, "diskless"],
+            &["auth", "enable"],
+        ] {
+            assert!(self.ctl(args), "etcdctl {args:?} failed");
+        }
+        self.root = Some(format!("root:{root_pw}"));
+        assert!(self.ctl(&["get", "x"]), "etcdctl as root after auth enable");
     }
 
     /// Start (again, on the same data directory and ports) and wait until it answers.
     pub fn spawn(&mut self) {
-        let (c, p) = (self.client, self.peer);
+        let (p, client_url) = (self.peer, self.endpoint());
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(pki) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(pki.path("server.pem"))
+                .arg("--key-file")
+                .arg(pki.path("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(pki.path("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "n1", "--data-dir"])
             .arg(self.dir.join("etcd-data"))
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{c}"),
+                &client_url,
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{c}"),
+                &client_url,
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{p}"),
                 "--initial-advertise-peer-urls",
@@ -78,7 +227,19 @@ impl Etcd {
     }
 
     pub fn ctl_out(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("etcdctl")
+        let mut cmd = Command::new("etcdctl");
+        if let Some(pki) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(pki.path("ca.pem"))
+                .arg("--cert")
+                .arg(pki.path("client.pem"))
+                .arg("--key")
+                .arg(pki.path("client.key"));
+        }
+        if let Some(root) = &self.root {
+            cmd.args(["--user", root]);
+        }
+        let out = cmd
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.endpoint(), "--command-timeout=2s"])
             .args(args)
