@@ -175,6 +175,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
             golden.display()
         ),
         image: "golden",
+        cluster_extra: String::new(),
         extra: format!(
             "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
             ceph.conf().display()
