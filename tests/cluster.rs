@@ -51,18 +51,8 @@ const TTL: u64 = 2;
 /// Longest wait for any condition.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    http::wait_for(WAIT, what, f)
 }
 
 /// A node of the test's cluster serving `golden` (a file) as the default volatile image.

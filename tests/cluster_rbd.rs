@@ -40,18 +40,8 @@ const GOLDEN_SIZE: usize = 8 << 20;
 const TTL: u64 = 2;
 const WAIT: Duration = Duration::from_secs(40);
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    http::wait_for(WAIT, what, f)
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
