@@ -10,6 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+use common::check_config;
+
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -227,18 +230,8 @@ fn bin() -> Command {
 fn check_config_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = write(dir.path(), "good.yaml", TWO_TARGETS);
-    let out = bin()
-        .args(["check-config", "-c"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = check_config(&good).ok();
+    let stdout = &out.stdout;
     assert!(
         stdout.contains("iqn.2026-11.org.diskless:ipxe-only"),
         "{stdout}"
@@ -251,24 +244,16 @@ fn check_config_exit_codes() {
         "bad.yaml",
         &TWO_TARGETS.replace("lun: 1", "lun: 20000"),
     );
-    let out = bin()
-        .args(["check-config", "-c"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = check_config(&bad);
+    assert_eq!(out.code, Some(2), "{out}");
+    let stderr = &out.stderr;
     assert!(
         stderr.contains("targets[1].luns[1]: LUN 20000 is above 16383"),
         "{stderr}"
     );
 
-    let out = bin()
-        .args(["check-config", "-c"])
-        .arg(dir.path().join("none.yaml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let out = check_config(&dir.path().join("none.yaml"));
+    assert_eq!(out.code, Some(2), "{out}");
 
     let out = bin().args(["check-config", "--bogus"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -414,18 +399,9 @@ fn s3_images_are_validated_and_their_credentials_never_printed() {
         "targets.yaml",
         &good(base, "chunk_cache: {memory: 32MiB, disk: 1GiB}\n"),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["check-config", "-c", p.to_str().unwrap()])
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let out = check_config(&p);
+    let text = out.all();
+    assert!(out.success(), "{text}");
     assert!(
         text.contains("golden: s3 http://127.0.0.1:7480 bucket golden-images key /golden/v1"),
         "{text}"
@@ -498,16 +474,7 @@ fn rbd_disks_need_a_build_with_the_rbd_feature() {
          images:\n  - {name: g, path: g.img, create_size: 1MiB, rbd: {parent: g@v1}}\n\
          targets:\n  - name: iqn.2026-12.org.diskless:rbd\n    boot: {default: {image: g, mode: persistent}}\n",
     );
-    let out = bin()
-        .args(["check-config", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_config(&cfg).ok();
     let out = bin().args(["serve", "-c"]).arg(&cfg).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

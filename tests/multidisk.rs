@@ -493,14 +493,9 @@ fn check_config_refuses_bad_disk_lists() {
     for (i, (disks, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.yaml"));
         std::fs::write(&path, format!("{base}{disks}")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "accepted {disks}: {text}");
+        let out = common::check_config(&path);
+        let text = out.all();
+        assert!(!out.success(), "accepted {disks}: {text}");
         assert!(text.contains(want), "{disks}: no `{want}` in {text}");
     }
     let good = dir.path().join("good.yaml");
@@ -511,16 +506,7 @@ fn check_config_refuses_bad_disk_lists() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["check-config", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::check_config(&good).ok();
 }
 
 /// A persistent system disk beside a volatile scratch disk: a new boot discards the

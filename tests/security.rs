@@ -56,13 +56,9 @@ fn bad_sources_are_config_errors() {
     let cfg = yaml_with_sources(dir.path(), r#"{"*": ["10.0.0.0/33"]}"#);
     let path = dir.path().join("t.yaml");
     std::fs::write(&path, cfg.to_yaml()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["check-config", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bad source address"));
+    let out = common::check_config(&path);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("bad source address"), "{out}");
 }
 
 #[test]
@@ -124,13 +120,8 @@ fn failed_logins_are_logged_throttled_and_secrets_never_shown() {
         "an offered secret reached the log"
     );
     // check-config never prints secrets either.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["check-config", "-c"])
-        .arg(&server.config_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(SECRET));
+    let out = common::check_config(&server.config_path).ok();
+    assert!(!out.all().contains(SECRET));
 }
 
 #[test]

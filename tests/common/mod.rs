@@ -632,6 +632,25 @@ impl std::fmt::Display for Output {
     }
 }
 
+/// `diskless check-config -c PATH`: its output and exit status. The AWS variables of the
+/// caller's environment are removed so an S3 image's credentials come from the file it names.
+pub fn check_config(path: &Path) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["check-config", "-c"])
+        .arg(path)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run diskless check-config: {e}"));
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        cmdline: format!("diskless check-config -c {}", path.display()),
+    }
+}
+
 /// Run a client with [`CLIENT_TIMEOUT`]; kill it and fail the test if it hangs.
 pub fn run(tool: &str, args: &[&str]) -> Output {
     run_env(tool, args, &[])
