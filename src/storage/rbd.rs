@@ -362,8 +362,18 @@ impl RbdDisk {
     }
 }
 
-impl Drop for RbdDisk {
-    fn drop(&mut self) {
+/// The handles of an [`RbdDisk`], released together.
+struct Handles {
+    cluster: rados_t,
+    io: rados_ioctx_t,
+    image: rbd_image_t,
+}
+
+// SAFETY: as for RbdDisk: librados/librbd handles may be released from any thread.
+unsafe impl Send for Handles {}
+
+impl Handles {
+    fn release(self) {
         // SAFETY: each handle is released once, image before pool context before client.
         unsafe {
             if !self.image.is_null() {
@@ -375,6 +385,23 @@ impl Drop for RbdDisk {
             if !self.cluster.is_null() {
                 rados_shutdown(self.cluster);
             }
+        }
+    }
+}
+
+impl Drop for RbdDisk {
+    fn drop(&mut self) {
+        let h = Handles {
+            cluster: std::mem::replace(&mut self.cluster, std::ptr::null_mut()),
+            io: std::mem::replace(&mut self.io, std::ptr::null_mut()),
+            image: std::mem::replace(&mut self.image, std::ptr::null_mut()),
+        };
+        // Closing a fenced (blocklisted) disk waits for the OSDs up to rados_osd_op_timeout;
+        // the last session of a client often ends on a runtime worker, which must not stall
+        // for that long: the release then goes to the blocking pool.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || h.release())),
+            Err(_) => h.release(),
         }
     }
 }
