@@ -1257,7 +1257,10 @@ pub fn write_summary(
                 s3.bucket,
                 s3.prefix.trim_matches('/'),
                 s3.image.as_deref().unwrap_or(&im.name),
-                s3.version,
+                match s3.pointer() {
+                    Some(p) => format!("<{p} in the cluster's catalogue>"),
+                    None => s3.version.clone(),
+                },
                 s3.credentials_file
                     .as_ref()
                     .map_or("the environment".to_string(), |f| f.display().to_string()),
