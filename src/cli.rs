@@ -510,7 +510,14 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
                 )));
             };
             // Offline: open the registry (images read-only) and act on the overlay directly;
-            // the overlay's lock refuses this while a server holds it.
+            // the overlay's lock refuses this while a server holds it. Catalogue pointers
+            // name the versions the node served last (its state directory).
+            let mut config = config;
+            if crate::cluster::catalogue::follows_pointers(&config) {
+                let f = crate::cluster::catalogue::Follower::default();
+                f.set_state_dir(&config.state_path());
+                f.resolve(&mut config).map_err(CliError::Io)?;
+            }
             let server = Server::new(
                 Arc::new(Registry::from_config(&config)?),
                 crate::session::Settings::from_config(&config.settings),

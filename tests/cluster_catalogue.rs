@@ -326,6 +326,38 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     let log = ok(&["image", "log", "golden", "-c", cfg]);
     assert!(log.contains("[latest]") && log.contains("test"), "{log}");
 
+    // Two pushes racing: distinct sequence numbers, and `latest` moved through both in turn
+    // (each move names the one before it): the second transaction saw the first.
+    let pushers: Vec<_> = [("v3", "v1.raw"), ("v4", "v2.raw")]
+        .iter()
+        .map(|(v, f)| {
+            let (v, f, c) = (v.to_string(), root.join(f), push_cfg.clone());
+            std::thread::spawn(move || push(&c, &f, &v, "raced"))
+        })
+        .collect();
+    let pushed: Vec<String> = pushers
+        .into_iter()
+        .map(|h| {
+            let (done, text) = h.join().unwrap();
+            assert!(done, "{text}");
+            text
+        })
+        .collect();
+    let recorded = |seq: u64| -> (String, String) {
+        let line = pushed
+            .iter()
+            .flat_map(|t| t.lines())
+            .find(|l| l.contains(&format!("(#{seq})")))
+            .unwrap_or_else(|| panic!("no push recorded as #{seq}: {pushed:?}"));
+        let moved = line.rsplit("latest: ").next().unwrap_or("");
+        let (from, to) = moved.split_once(" -> ").expect("latest: A -> B");
+        (from.to_string(), to.to_string())
+    };
+    let (a_from, a) = recorded(3);
+    let (b_from, b) = recorded(4);
+    assert_eq!((a_from.as_str(), b_from.as_str()), ("v1", a.as_str()), "{pushed:?}");
+    assert_ne!(a, b);
+
     // etcd down: a node restarted now keeps the version it served (v1), from its state
     // directory.
     etcd.kill9();
