@@ -331,6 +331,11 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         results.iter().filter(|r| !r.0).count()
     );
     let log = ok(&["image", "log", "golden", "-c", cfg]);
+    let list = ok(&["image", "list", "-c", cfg]);
+    assert!(
+        list.contains("golden  (catalogue)  latest v1") && list.contains("2 versions"),
+        "{list}"
+    );
     // Tags: `[latest]`, `[test]`, or `[latest, test]` on one version.
     assert!(log.contains("[latest") && log.contains("test]"), "{log}");
 
@@ -369,8 +374,14 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         "{pushed:?}"
     );
     assert_ne!(a, b);
+    // Both nodes take the last one (new boots).
+    for n in &nodes {
+        http::wait_for(WAIT, &format!("{} to follow latest to {b}", n.id), || {
+            n.stderr().contains(&format!("version={b}")).then_some(())
+        });
+    }
 
-    // etcd down: a node restarted now keeps the version it served (v1), from its state
+    // etcd down: a node restarted now keeps the version it served, from its state
     // directory.
     etcd.kill9();
     let mut n2 = nodes.pop().expect("n2");
@@ -378,6 +389,11 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     let n2 = start(root, "n2", &sp);
     http::wait_for(WAIT, "n2 to keep its version", || {
         let e = n2.stderr();
-        (e.contains("keeping the version this node has") && e.contains("v1")).then_some(())
+        e.lines()
+            .any(|l| {
+                l.contains("keeping the version this node has")
+                    && l.contains(&format!("version={b}"))
+            })
+            .then_some(())
     });
 }

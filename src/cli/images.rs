@@ -22,7 +22,7 @@ pub struct StateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VersionCommand {
-    /// List versioned images.
+    /// List versioned images (in a cluster, the catalogue's images too).
     List {
         #[command(flatten)]
         st: StateArgs,
@@ -279,6 +279,24 @@ pub fn format_catalogue(image: &str, e: &crate::cluster::catalogue::ImageEntry) 
 pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
     match cmd {
         VersionCommand::List { st } => {
+            // In a cluster: the catalogue's images first (the same on every node).
+            if let Some(cc) = Config::load(&st.config).ok().and_then(|c| c.cluster) {
+                let cat = runtime()?
+                    .block_on(crate::cluster::catalogue::read_all(&cc))
+                    .map_err(|e| CliError::Io(e.to_string()))?;
+                for (name, e) in &cat.images {
+                    let pointers: Vec<String> = e
+                        .pointers
+                        .iter()
+                        .map(|(p, v)| format!("{p} {}", v.version))
+                        .collect();
+                    println!(
+                        "{name}  (catalogue)  {}  {} versions",
+                        pointers.join("  "),
+                        e.versions.len()
+                    );
+                }
+            }
             let (dir, _) = state_dir(&st)?;
             let images = Images::new(&dir);
             for name in images.list().map_err(io)? {
