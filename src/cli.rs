@@ -269,6 +269,13 @@ pub enum ImageCommand {
         /// Chunk size (power of two, 64KiB..64MiB).
         #[arg(long, value_parser = parse_size, default_value = "4MiB")]
         chunk_size: u64,
+        /// The new version's name (default: the entry's `version`; required when the entry
+        /// follows `latest` or a channel of the cluster's catalogue).
+        #[arg(long = "version", value_name = "NAME")]
+        new_version: Option<String>,
+        /// The version's message in the cluster's catalogue.
+        #[arg(short, long, default_value = "")]
+        message: String,
     },
     #[command(flatten)]
     Versions(images::VersionCommand),
@@ -368,7 +375,9 @@ pub fn run(command: Command) -> Result<(), CliError> {
             config,
             image,
             chunk_size,
-        }) => image_push(&file, &config, &image, chunk_size),
+            new_version,
+            message,
+        }) => image_push(&file, &config, &image, chunk_size, new_version, &message),
         Command::Image(ImageCommand::Versions(cmd)) => images::run(cmd),
         Command::Clients(ctl) => control(&ctl, "clients", None),
         Command::Sessions(ctl) => control(&ctl, "sessions", None),
@@ -501,7 +510,14 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
                 )));
             };
             // Offline: open the registry (images read-only) and act on the overlay directly;
-            // the overlay's lock refuses this while a server holds it.
+            // the overlay's lock refuses this while a server holds it. Catalogue pointers
+            // name the versions the node served last (its state directory).
+            let mut config = config;
+            if crate::cluster::catalogue::follows_pointers(&config) {
+                let f = crate::cluster::catalogue::Follower::default();
+                f.set_state_dir(&config.state_path());
+                f.resolve(&mut config).map_err(CliError::Io)?;
+            }
             let server = Server::new(
                 Arc::new(Registry::from_config(&config)?),
                 crate::session::Settings::from_config(&config.settings),
@@ -519,7 +535,18 @@ fn control(ctl: &ControlArgs, request: &str, offline_client: Option<&str>) -> Re
     }
 }
 
-fn image_push(file: &Path, config: &Path, image: &str, chunk_size: u64) -> Result<(), CliError> {
+/// `diskless image push`: upload the version to the object store (chunks, then the manifest
+/// only if absent); in a cluster, then record it in the catalogue and move `latest` to it
+/// (S3 first, etcd second). A version already in the store, checked against the file, is
+/// recorded without uploading anything: the way to finish a push whose record failed.
+fn image_push(
+    file: &Path,
+    config: &Path,
+    image: &str,
+    chunk_size: u64,
+    new_version: Option<String>,
+    message: &str,
+) -> Result<(), CliError> {
     let c = Config::load(config)?;
     let Some((i, im)) = c.images.iter().enumerate().find(|(_, i)| i.name == image) else {
         return Err(
@@ -532,36 +559,118 @@ fn image_push(file: &Path, config: &Path, image: &str, chunk_size: u64) -> Resul
         );
     };
     let at = format!("images[{i}].s3");
+    let mut s3 = s3.clone();
+    let version = match (new_version, s3.pointer()) {
+        (Some(v), _) => v,
+        (None, None) => s3.version.clone(),
+        (None, Some(p)) => {
+            return Err(CliError::Io(format!(
+                "image push: {at} follows {p} of the catalogue: name the new version with --version"
+            )))
+        }
+    };
+    if version.is_empty()
+        || version == crate::config::S3_LATEST
+        || !version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || version == "."
+        || version == ".."
+    {
+        return Err(CliError::Io(format!(
+            "image push: version {version:?} must be letters, digits, '-', '_' or '.' (not latest)"
+        )));
+    }
+    s3.version = version.clone();
+    s3.channel = None;
     let (store, location, policy) =
-        registry::s3_target(&c, image, s3).map_err(|m| ConfigError::invalid(&c.source, at, m))?;
+        registry::s3_target(&c, image, &s3).map_err(|m| ConfigError::invalid(&c.source, at, m))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Io(e.to_string()))?;
     let started = std::time::Instant::now();
-    let (_, r) = rt
-        .block_on(crate::storage::s3::push(
-            store,
-            &location,
-            file,
-            chunk_size,
-            im.block_size,
-            policy,
-        ))
-        .map_err(|e| CliError::Io(format!("image push: {e}")))?;
-    println!(
-        "diskless: pushed {} to {}/{} ({}, {} chunks of {}, {} stored, {} uploaded in {:.1} s)",
-        file.display(),
-        s3.bucket,
-        location.manifest(),
-        ByteSize(r.size),
-        r.chunks,
-        ByteSize(chunk_size),
-        r.uploaded,
-        ByteSize(r.bytes_uploaded),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    let pushed = rt.block_on(crate::storage::s3::push(
+        store.clone(),
+        &location,
+        file,
+        chunk_size,
+        im.block_size,
+        policy,
+    ));
+    let (manifest, r) = match (pushed, &c.cluster) {
+        (Ok((m, r)), _) => (m, Some(r)),
+        // Already in the store: in a cluster, record it if the catalogue lacks it.
+        (Err(crate::storage::s3::S3Error::Exists(_)), Some(_)) => {
+            let m = rt
+                .block_on(crate::storage::s3::verify_pushed(
+                    store,
+                    &location,
+                    file,
+                    chunk_size,
+                    im.block_size,
+                    policy,
+                ))
+                .map_err(|e| CliError::Io(format!("image push: {e}")))?;
+            println!(
+                "diskless: {}/{} is in the object store already and matches {} (nothing uploaded)",
+                s3.bucket,
+                location.manifest(),
+                file.display()
+            );
+            (m, None)
+        }
+        (Err(e), _) => return Err(CliError::Io(format!("image push: {e}"))),
+    };
+    if let Some(r) = r {
+        println!(
+            "diskless: pushed {} to {}/{} ({}, {} chunks of {}, {} stored, {} uploaded in {:.1} s)",
+            file.display(),
+            s3.bucket,
+            location.manifest(),
+            ByteSize(r.size),
+            r.chunks,
+            ByteSize(chunk_size),
+            r.uploaded,
+            ByteSize(r.bytes_uploaded),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let Some(cc) = &c.cluster else {
+        return Ok(());
+    };
+    let name = s3.image_name(image).to_string();
+    let rec = crate::cluster::catalogue::VersionRecord {
+        version: version.clone(),
+        seq: 0,
+        time_ms: crate::boot::now_ms(),
+        author: images::author(),
+        message: message.to_string(),
+        size: manifest.size,
+        chunk_size: manifest.chunk_size,
+        block_size: manifest.block_size,
+        uid: manifest.uid(),
+        manifest: format!("{}/{}", s3.bucket, location.manifest()),
+    };
+    use crate::cluster::catalogue::{record, Recorded};
+    match rt.block_on(record(cc, &name, rec)) {
+        Ok(Recorded::New { seq, previous }) => {
+            println!(
+                "diskless: recorded {name}@{version} (#{seq}) in the catalogue of cluster {}; latest: {} -> {version}",
+                cc.name,
+                previous.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        Ok(Recorded::Already { seq }) => Err(CliError::Io(format!(
+            "image push: image version {name}@{version} already exists (in the object store and in the catalogue as #{seq}; versions are immutable)"
+        ))),
+        Err(e) => Err(CliError::Io(format!(
+            "image push: {name}@{version} is in the object store but NOT in the catalogue of cluster {}: {e}. \
+             Run the same push again once etcd answers: it checks the stored version against the file and records it without uploading again",
+            cc.name
+        ))),
+    }
 }
 
 fn cluster_config(path: &Path) -> Result<crate::config::ClusterConfig, CliError> {
@@ -862,7 +971,33 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         for w in config.warnings() {
             tracing::warn!("{w}");
         }
+        let mut config = config;
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                crate::cluster::Cluster::new(c, bound.clone())
+                    .await
+                    .map_err(|e| CliError::Io(format!("cluster: {e}")))?,
+            ),
+            None => None,
+        };
+        // Images that follow the catalogue's pointers take the versions they name now (read
+        // once here; the cluster's watch follows them from then on), or the versions this
+        // node served before when etcd does not answer.
+        let mut resolved = None;
+        if let (Some(cl), Some(cc)) = (&cluster, &config.cluster) {
+            cl.catalogue().set_state_dir(&config.state_path());
+            if crate::cluster::catalogue::follows_pointers(&config) {
+                match crate::cluster::catalogue::read_all(cc).await {
+                    Ok(cat) => cl.catalogue().seed(cat),
+                    Err(e) => tracing::warn!(error = %e, "image catalogue unreadable at start"),
+                }
+                resolved = Some(cl.catalogue().resolve(&mut config).map_err(CliError::Io)?);
+            }
+        }
         let registry = Registry::from_config(&config)?.with_portals(bound.clone());
+        if let (Some(cl), Some(r)) = (&cluster, resolved) {
+            cl.catalogue().commit(r);
+        }
         // Deep versions get a flat copy in the background (docs/images.md, "Flat copies").
         crate::storage::versions::flat::apply_settings(&config.settings);
         let settings = crate::session::Settings::from_config(registry.settings());
@@ -897,10 +1032,7 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         let server = Server::new(Arc::new(registry), settings);
         let mut aux = tokio::task::JoinSet::new();
         // In a cluster, register (in the background: etcd may be down now) before serving.
-        if let Some(c) = &config.cluster {
-            let cluster = crate::cluster::Cluster::new(c, bound.clone())
-                .await
-                .map_err(|e| CliError::Io(format!("cluster: {e}")))?;
+        if let (Some(c), Some(cluster)) = (&config.cluster, cluster) {
             server.set_cluster(cluster.clone());
             if args.image.is_none() {
                 cluster.set_shared(crate::control::ClusterShared::new(
@@ -1132,7 +1264,10 @@ pub fn write_summary(
                 s3.bucket,
                 s3.prefix.trim_matches('/'),
                 s3.image.as_deref().unwrap_or(&im.name),
-                s3.version,
+                match s3.pointer() {
+                    Some(p) => format!("<{p} in the cluster's catalogue>"),
+                    None => s3.version.clone(),
+                },
                 s3.credentials_file
                     .as_ref()
                     .map_or("the environment".to_string(), |f| f.display().to_string()),

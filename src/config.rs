@@ -563,7 +563,17 @@ pub struct S3ImageConfig {
     /// The image's name in the bucket (default: the entry's `name`).
     #[serde(default)]
     pub image: Option<String>,
+    /// A version name, or `latest`: the version the cluster's catalogue calls latest
+    /// (docs/scale-out.md, "Image catalogue"); empty with `channel`.
+    #[serde(default)]
     pub version: String,
+    /// Follow a channel of the cluster's catalogue (e.g. `production`) instead of a version.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// The catalogue's sequence number of `version` once a pointer (`latest`, `channel`) was
+    /// resolved: the image is then a series whose clients move at their next boot.
+    #[serde(skip)]
+    pub resolved_seq: Option<u64>,
     /// A file of `access_key_id = ...`, `secret_access_key = ...` (and optionally
     /// `session_token = ...`) lines; default: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`
     /// from the environment. The keys are never logged or printed.
@@ -601,7 +611,24 @@ impl fmt::Debug for S3Credentials {
     }
 }
 
+/// `images[].s3.version: latest`: the catalogue's `latest` pointer.
+pub const S3_LATEST: &str = "latest";
+
 impl S3ImageConfig {
+    /// The catalogue pointer this entry follows (`latest` or a channel), if any.
+    pub fn pointer(&self) -> Option<&str> {
+        match &self.channel {
+            Some(c) => Some(c),
+            None if self.version == S3_LATEST => Some(S3_LATEST),
+            None => None,
+        }
+    }
+
+    /// The image's name in the bucket (and in the catalogue).
+    pub fn image_name<'a>(&'a self, entry: &'a str) -> &'a str {
+        self.image.as_deref().unwrap_or(entry)
+    }
+
     /// Read the credentials: from `credentials_file` (resolved by `resolve`) or the
     /// environment. Errors name the file or variable, never a secret.
     pub fn credentials(&self, resolve: impl Fn(&Path) -> PathBuf) -> Result<S3Credentials, String> {
@@ -692,7 +719,25 @@ impl S3ImageConfig {
             }
         };
         key_part("prefix", &self.prefix, true)?;
-        key_part("version", &self.version, false)?;
+        match &self.channel {
+            Some(c) if !self.version.is_empty() => {
+                return Err(format!(
+                    "version {:?} and channel {c:?}: give one",
+                    self.version
+                ))
+            }
+            Some(c) => {
+                key_part("channel", c, false)?;
+                if c.contains('/') || c == S3_LATEST {
+                    return Err(format!("channel {c:?} must be a plain name, not latest"));
+                }
+            }
+            None if self.version.is_empty() => {
+                return Err("needs version (a name, or latest) or channel".into())
+            }
+            None => {}
+        }
+        key_part("version", &self.version, true)?;
         if self.version.contains('/') {
             return Err(format!("version {:?} must not contain '/'", self.version));
         }
@@ -2285,6 +2330,13 @@ impl Config {
                 }
                 s3.validate()
                     .map_err(|m| ConfigError::invalid(file, format!("{path}.s3"), m))?;
+                if s3.pointer().is_some() && self.cluster.is_none() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{path}.s3"),
+                        "version: latest and channel: follow the cluster's image catalogue: they need cluster:",
+                    ));
+                }
                 s3.credentials(|p| self.image_path(p))
                     .map_err(|m| ConfigError::invalid(file, format!("{path}.s3"), m))?;
                 continue;

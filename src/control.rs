@@ -59,7 +59,13 @@ pub fn reload_with(
     config_path: &Path,
     shared: Option<&[u8]>,
 ) -> Result<String, String> {
-    let config = load_with_shared(config_path, shared)?;
+    let mut config = load_with_shared(config_path, shared)?;
+    // Images that follow the cluster's catalogue (`version: latest`, `channel:`) take the
+    // versions its pointers name now (or keep theirs when etcd is out of reach).
+    let resolved = match server.cluster() {
+        Some(c) => Some(c.catalogue().resolve(&mut config)?),
+        None => None,
+    };
     let old = server.registry();
     let (new, changed) =
         Registry::from_config_reusing(&config, Some(&old)).map_err(|e| e.to_string())?;
@@ -68,6 +74,9 @@ pub fn reload_with(
     new.adopt_clients(&old);
     let targets = new.targets().count();
     server.set_registry(Arc::new(new));
+    if let (Some(c), Some(r)) = (server.cluster(), resolved) {
+        c.catalogue().commit(r);
+    }
     // A target whose LUNs changed: its sessions from before must not live beside the new
     // logical units (a cluster node would miss the reservation): unit attention, then logout.
     for target in &changed {
@@ -626,6 +635,27 @@ impl crate::cluster::Shared for ClusterShared {
                     "next-boot override from the cluster taken"),
                 Err(e) => warn!(target = %tname, initiator = %who, error = %e,
                     "next-boot override from the cluster cannot be taken here"),
+            }
+        });
+    }
+
+    fn catalogue(&self) {
+        let (server, path) = (self.server.clone(), self.config_path.clone());
+        tokio::task::spawn_blocking(move || {
+            let Some(cluster) = server.cluster().cloned() else {
+                return;
+            };
+            let shared = cluster.shared_config();
+            let moves = load_with_shared(&path, shared.as_deref())
+                .map(|c| cluster.catalogue().moves(&c))
+                .unwrap_or(false);
+            if !moves {
+                return;
+            }
+            match reload_with(&server, &path, shared.as_deref()) {
+                Ok(msg) => info!("image catalogue changed: {}", msg.trim()),
+                Err(e) => tracing::error!(error = %e,
+                    "image catalogue changed but the reload failed; the running versions stay"),
             }
         });
     }

@@ -362,6 +362,9 @@ impl Registry {
                 let (mut golden, store) = open_s3_image(config, &im.name, s3, im.block_size, cache)
                     .map_err(|m| ConfigError::invalid(file, format!("images[{i}].s3"), m))?;
                 golden.physical_block_size = im.physical_block_size.unwrap_or(im.block_size);
+                // Following a catalogue pointer: a series whose clients move to the version
+                // the pointer names at their next boot (cluster::catalogue).
+                golden.version = s3.resolved_seq;
                 registry.s3_stores.push(store);
                 images.insert(im.name.clone(), Arc::new(golden));
                 continue;

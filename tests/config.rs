@@ -415,6 +415,11 @@ fn s3_images_are_validated_and_their_credentials_never_printed() {
         ("endpoint: \"ftp://x\", bucket: golden-images, version: v1, credentials_file: s3.cred", "https:// or http://"),
         ("endpoint: \"http://x\", bucket: Golden_Images, version: v1, credentials_file: s3.cred", "not a valid bucket name"),
         ("endpoint: \"http://x\", bucket: golden-images, version: \"../v1\", credentials_file: s3.cred", "version"),
+        ("endpoint: \"http://x\", bucket: golden-images, credentials_file: s3.cred", "needs version"),
+        ("endpoint: \"http://x\", bucket: golden-images, version: v1, channel: test, credentials_file: s3.cred", "give one"),
+        ("endpoint: \"http://x\", bucket: golden-images, channel: latest, credentials_file: s3.cred", "not latest"),
+        // Pointers follow the cluster's catalogue: no cluster, no pointer.
+        ("endpoint: \"http://x\", bucket: golden-images, version: latest, credentials_file: s3.cred", "need cluster:"),
         ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: missing.cred", "missing.cred"),
         ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: s3.cred, timeout_secs: 0", "timeout_secs"),
         ("endpoint: \"http://x\", bucket: golden-images, version: v1, credentials_file: s3.cred, retries: 99", "retries"),

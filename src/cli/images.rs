@@ -22,22 +22,28 @@ pub struct StateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VersionCommand {
-    /// List versioned images.
+    /// List versioned images (in a cluster, the catalogue's images too).
     List {
         #[command(flatten)]
         st: StateArgs,
     },
     /// The versions of an image: number, parent, time, author, size of the change, clients
-    /// on it, message; which one is latest and which channels point where.
+    /// on it, message; which one is latest and which channels point where. For an image in
+    /// an object store (an `images:` entry with `s3:`) of a cluster: its versions in the
+    /// cluster's catalogue (etcd), the same on every node.
     Log {
         image: String,
         #[command(flatten)]
         st: StateArgs,
     },
-    /// Make `latest` point at VERSION again (later versions stay until `image gc`).
+    /// Make `latest` point at VERSION again (later versions stay until `image gc`). In a
+    /// cluster's catalogue: a compare-and-swap in etcd; every node's new boots follow.
     Rollback {
         image: String,
-        version: u64,
+        version: String,
+        /// Only if latest names this version now (catalogue only).
+        #[arg(long, value_name = "VERSION")]
+        expect: Option<String>,
         #[command(flatten)]
         st: StateArgs,
     },
@@ -46,9 +52,12 @@ pub enum VersionCommand {
         image: String,
         channel: String,
         /// The version (omit with --remove).
-        version: Option<u64>,
+        version: Option<String>,
         #[arg(long, conflicts_with = "version")]
         remove: bool,
+        /// Only if the channel names this version now (catalogue only).
+        #[arg(long, value_name = "VERSION")]
+        expect: Option<String>,
         #[command(flatten)]
         st: StateArgs,
     },
@@ -150,9 +159,144 @@ fn offline_pins(dir: &Path, config: Option<&Config>, image: &str) -> BTreeSet<u6
     pins
 }
 
+/// A local version number.
+fn number(v: &str) -> Result<u64, CliError> {
+    v.parse().map_err(|_| {
+        CliError::Io(format!(
+            "version {v:?}: a local image's versions are numbers"
+        ))
+    })
+}
+
+/// When IMAGE is an `images:` entry in an object store (or its name in the bucket) and the
+/// configuration has `cluster:`: the cluster and the image's name in the catalogue.
+fn catalogue_of(st: &StateArgs, image: &str) -> Option<(crate::config::ClusterConfig, String)> {
+    let c = Config::load(&st.config).ok()?;
+    let cluster = c.cluster.clone()?;
+    c.images.iter().find_map(|im| {
+        let s3 = im.s3.as_ref()?;
+        let name = s3.image_name(&im.name);
+        (im.name == image || name == image).then(|| (cluster.clone(), name.to_string()))
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))
+}
+
+/// Move a catalogue pointer; say what moved.
+fn move_pointer(
+    cc: &crate::config::ClusterConfig,
+    image: &str,
+    pointer: &str,
+    to: Option<&str>,
+    expect: Option<&str>,
+) -> Result<(), CliError> {
+    let by = author();
+    let moved = runtime()?
+        .block_on(crate::cluster::catalogue::move_pointer(
+            cc,
+            image,
+            pointer,
+            to,
+            expect,
+            &by,
+            crate::boot::now_ms(),
+        ))
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let was = moved.previous.as_deref().unwrap_or("unset");
+    match (to, moved.unchanged) {
+        (Some(v), true) => println!("{image}:{pointer} is {v} already (nothing changed)"),
+        (None, true) => println!("{image}:{pointer} is not set (nothing changed)"),
+        (Some(v), false) => println!(
+            "{image}:{pointer} -> {v} (was {was}) in the catalogue of cluster {}: every node's clients take it at their next boot",
+            cc.name
+        ),
+        (None, false) => println!("{image}:{pointer} removed (was {was})"),
+    }
+    Ok(())
+}
+
+/// The `image log` table of a catalogue image, newest first.
+pub fn format_catalogue(image: &str, e: &crate::cluster::catalogue::ImageEntry) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let latest = e
+        .pointers
+        .get(crate::cluster::catalogue::LATEST)
+        .map_or("-", |p| p.version.as_str());
+    let _ = writeln!(
+        out,
+        "image {image} (catalogue): {} versions, latest = {latest}",
+        e.versions.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:16} {:19} {:10} {:>10} {:>7} {:16}  MESSAGE",
+        "SEQ", "VERSION", "TIME (UTC)", "AUTHOR", "SIZE", "CHUNK", "UID"
+    );
+    for v in e.in_order().iter().rev() {
+        let tags: Vec<&str> = e
+            .pointers
+            .iter()
+            .filter(|(_, p)| p.version == v.version)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let tags = if tags.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", tags.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} {:16} {:19} {:10} {:>10} {:>7} {:16}  {}{}",
+            v.seq,
+            v.version,
+            crate::control::utc(v.time_ms),
+            v.author,
+            crate::config::ByteSize(v.size).to_string(),
+            crate::config::ByteSize(v.chunk_size).to_string(),
+            v.uid,
+            v.message,
+            tags
+        );
+    }
+    for (n, p) in &e.pointers {
+        if !e.versions.contains_key(&p.version) {
+            let _ = writeln!(
+                out,
+                "warning: {n} names {}, not in the catalogue",
+                p.version
+            );
+        }
+    }
+    out
+}
+
 pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
     match cmd {
         VersionCommand::List { st } => {
+            // In a cluster: the catalogue's images first (the same on every node).
+            if let Some(cc) = Config::load(&st.config).ok().and_then(|c| c.cluster) {
+                let cat = runtime()?
+                    .block_on(crate::cluster::catalogue::read_all(&cc))
+                    .map_err(|e| CliError::Io(e.to_string()))?;
+                for (name, e) in &cat.images {
+                    let pointers: Vec<String> = e
+                        .pointers
+                        .iter()
+                        .map(|(p, v)| format!("{p} {}", v.version))
+                        .collect();
+                    println!(
+                        "{name}  (catalogue)  {}  {} versions",
+                        pointers.join("  "),
+                        e.versions.len()
+                    );
+                }
+            }
             let (dir, _) = state_dir(&st)?;
             let images = Images::new(&dir);
             for name in images.list().map_err(io)? {
@@ -167,6 +311,13 @@ pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
             Ok(())
         }
         VersionCommand::Log { image, st } => {
+            if let Some((cc, name)) = catalogue_of(&st, &image) {
+                let e = runtime()?
+                    .block_on(crate::cluster::catalogue::read_image_entry(&cc, &name))
+                    .map_err(|e| CliError::Io(e.to_string()))?;
+                print!("{}", format_catalogue(&name, &e));
+                return Ok(());
+            }
             let (dir, _) = state_dir(&st)?;
             let log = Images::new(&dir).log(&image).map_err(io)?;
             print!(
@@ -175,7 +326,22 @@ pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
             );
             Ok(())
         }
-        VersionCommand::Rollback { image, version, st } => {
+        VersionCommand::Rollback {
+            image,
+            version,
+            expect,
+            st,
+        } => {
+            if let Some((cc, name)) = catalogue_of(&st, &image) {
+                return move_pointer(
+                    &cc,
+                    &name,
+                    crate::cluster::catalogue::LATEST,
+                    Some(&version),
+                    expect.as_deref(),
+                );
+            }
+            let version = number(&version)?;
             let (dir, _) = state_dir(&st)?;
             Images::new(&dir).rollback(&image, version).map_err(io)?;
             println!(
@@ -190,12 +356,22 @@ pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
             channel,
             version,
             remove,
+            expect,
             st,
         } => {
-            let (dir, _) = state_dir(&st)?;
             if version.is_none() && !remove {
                 return Err(CliError::Io("give a VERSION or --remove".into()));
             }
+            if let Some((cc, name)) = catalogue_of(&st, &image) {
+                if channel == crate::cluster::catalogue::LATEST {
+                    return Err(CliError::Io(
+                        "latest is not a channel: use `diskless image rollback`".into(),
+                    ));
+                }
+                return move_pointer(&cc, &name, &channel, version.as_deref(), expect.as_deref());
+            }
+            let version = version.as_deref().map(number).transpose()?;
+            let (dir, _) = state_dir(&st)?;
             Images::new(&dir)
                 .set_channel(&image, &channel, version)
                 .map_err(io)?;

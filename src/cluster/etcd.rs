@@ -62,6 +62,9 @@ pub trait Shared: Send + Sync {
     fn next_boot(&self, target: &str, initiator: &str, value: Option<&[u8]>);
     /// The shared configuration document changed (YAML), or None when removed.
     fn config(&self, yaml: Option<Vec<u8>>);
+    /// The image catalogue changed (a version recorded, a pointer moved): see whether the
+    /// versions this node serves move (super::catalogue).
+    fn catalogue(&self) {}
 }
 
 #[derive(Default)]
@@ -94,6 +97,8 @@ pub struct Cluster {
     state: Mutex<State>,
     local: OnceLock<LocalSessions>,
     shared: OnceLock<Arc<dyn Shared>>,
+    /// The image catalogue as the watch sees it (super::catalogue).
+    catalogue: super::catalogue::Follower,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -106,7 +111,7 @@ impl std::fmt::Debug for Cluster {
 }
 
 /// Per-request timeout: long enough for a loaded etcd, short against the lease.
-fn op_timeout(ttl: Duration) -> Duration {
+pub(super) fn op_timeout(ttl: Duration) -> Duration {
     (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
@@ -189,7 +194,7 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
     }
 }
 
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, ClusterError> {
@@ -256,7 +261,13 @@ impl Cluster {
             state: Mutex::new(State::default()),
             local: OnceLock::new(),
             shared: OnceLock::new(),
+            catalogue: super::catalogue::Follower::default(),
         }))
+    }
+
+    /// The image catalogue this node follows.
+    pub fn catalogue(&self) -> &super::catalogue::Follower {
+        &self.catalogue
     }
 
     /// The etcd client, connected (and authenticated) on first use.
@@ -310,6 +321,12 @@ impl Cluster {
                 }
                 sh.config(v);
             }
+        }
+    }
+
+    fn catalogue_changed(&self, changed: bool) {
+        if let (true, Some(sh)) = (changed, self.shared.get()) {
+            sh.catalogue();
         }
     }
 
@@ -732,9 +749,11 @@ impl Cluster {
                 }
             };
             self.lock().view = view;
+            let relisted = self.catalogue.relist(&self.keys, &all);
             for change in &all {
                 self.dispatch(change);
             }
+            self.catalogue_changed(relisted);
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(rev + 1);
@@ -771,9 +790,12 @@ impl Cluster {
                         changes.push(change);
                     }
                 }
+                let mut cat = false;
                 for change in &changes {
+                    cat |= self.catalogue.apply(&self.keys, change);
                     self.dispatch(change);
                 }
+                self.catalogue_changed(cat);
             }
             tokio::time::sleep(backoff).await;
         }

@@ -9,6 +9,7 @@
 //! Imports only `config` (and nothing above it): the session layer and the boot script
 //! endpoint ask [`etcd::Cluster::admit`] and act on the answer.
 
+pub mod catalogue;
 pub mod etcd;
 pub mod placement;
 

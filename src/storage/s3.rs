@@ -117,6 +117,15 @@ impl Manifest {
         Ok(m)
     }
 
+    /// A digest of the manifest (first 16 hex digits of SHA-256 of its JSON as this crate
+    /// writes it): names one upload of a version in the cluster's catalogue.
+    pub fn uid(&self) -> String {
+        use sha2::Digest as _;
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let d = sha2::Sha256::digest(&body);
+        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The length of chunk `index` (the last one may be short).
     pub fn chunk_len(&self, index: u64) -> u64 {
         (self.size - index * self.chunk_size).min(self.chunk_size)
@@ -715,6 +724,57 @@ pub async fn push(
         ) => Err(S3Error::Exists(location.manifest().to_string())),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The manifest of a version already in the store, checked against the raw file it should
+/// have been pushed from (size, chunk size, block size, and each chunk's CRC32C, or zero):
+/// `diskless image push` run again after the catalogue record failed records the version
+/// without uploading anything (docs/scale-out.md, "Image catalogue").
+pub async fn verify_pushed(
+    store: Arc<dyn ObjectStore>,
+    location: &Location,
+    file: &std::path::Path,
+    chunk_size: u64,
+    block_size: u32,
+    policy: RetryPolicy,
+) -> Result<Manifest, S3Error> {
+    use std::os::unix::fs::FileExt;
+    let name = location.manifest().to_string();
+    let failed = AtomicU64::new(0);
+    let bytes = get_with_retry(store.as_ref(), &location.manifest(), policy, &failed).await?;
+    let m = Manifest::parse(&name, &bytes)?;
+    let differs = |what: String| {
+        S3Error::BadManifest(
+            name.clone(),
+            format!("the version in the store is not {}: {what}", file.display()),
+        )
+    };
+    let f = Arc::new(std::fs::File::open(file)?);
+    let size = f.metadata()?.len();
+    if (m.size, m.chunk_size, m.block_size) != (size, chunk_size, block_size) {
+        return Err(differs(format!(
+            "size/chunk size/block size {}/{}/{} in the store, {size}/{chunk_size}/{block_size} here",
+            m.size, m.chunk_size, m.block_size
+        )));
+    }
+    for (index, want) in m.chunks.iter().enumerate() {
+        let (off, len) = (
+            index as u64 * chunk_size,
+            m.chunk_len(index as u64) as usize,
+        );
+        let f2 = f.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            f2.read_exact_at(&mut buf, off).map(|()| buf)
+        })
+        .await
+        .map_err(|e| S3Error::Config(format!("reader task: {e}")))??;
+        let got = (!data.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(&data));
+        if got != *want {
+            return Err(differs(format!("chunk {index} differs")));
+        }
+    }
+    Ok(m)
 }
 
 #[cfg(test)]
