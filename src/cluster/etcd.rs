@@ -106,7 +106,7 @@ impl std::fmt::Debug for Cluster {
 }
 
 /// Per-request timeout: long enough for a loaded etcd, short against the lease.
-fn op_timeout(ttl: Duration) -> Duration {
+pub(super) fn op_timeout(ttl: Duration) -> Duration {
     (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
@@ -189,7 +189,7 @@ pub async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
     }
 }
 
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, ClusterError> {
@@ -341,6 +341,26 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.me
+    }
+
+    /// The cluster's keys (for `super::clients`).
+    pub(super) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The etcd client (for `super::clients`).
+    pub(super) async fn etcd(&self) -> Result<Client, ClusterError> {
+        self.client().await
+    }
+
+    /// The bound of one etcd request.
+    pub(super) fn request_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// This node's lease now, if it holds one.
+    pub(super) fn lease_id(&self) -> Option<i64> {
+        self.lock().lease
     }
 
     pub fn advertise(&self) -> SocketAddr {
