@@ -1552,9 +1552,18 @@ impl BootTarget {
             boots = st.boots, phase = %st.phase, reset_pending = st.reset_pending,
             disk = %rec.disk.image, "client lifecycle taken over from the cluster's record");
         match client {
-            // Sessions open here (a node that was paused while the client moved on): the
-            // disk stays, the lifecycle continues from the record.
-            Some(c) if c.sessions() > 0 => c.take_state(st, rec),
+            // Sessions open here (a node that was paused while the client moved on), or the
+            // disk the record names is the one open here: the disk stays (a shared disk
+            // another node fenced is opened again by the attach), the lifecycle continues
+            // from the record.
+            Some(c)
+                if c.sessions() > 0 || {
+                    let d = c.disk_summary();
+                    d.image == rec.disk.image && d.mode == rec.disk.mode
+                } =>
+            {
+                c.take_state(st, rec)
+            }
             Some(c) => {
                 // Reopened from the state below, on the disk the record names.
                 self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
