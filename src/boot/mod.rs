@@ -2055,4 +2055,98 @@ mod tests {
         assert_eq!(dir_name(""), "_");
         assert!(dir_name(&"x".repeat(500)).len() <= 120);
     }
+
+    /// Collects the records a client sends (the cluster's writer in a node).
+    struct Sink(String, Mutex<Vec<record::ClientRecord>>);
+
+    impl record::RecordSink for Sink {
+        fn node(&self) -> &str {
+            &self.0
+        }
+        fn send(&self, rec: record::ClientRecord) {
+            lock(&self.1).push(rec);
+        }
+    }
+
+    const IPXE: [u8; 6] = [0x40, 0x00, 0x27, 0x23, 0x00, 0x01];
+    const OS: [u8; 6] = [0x00, 0x02, 0x3d, 0x00, 0x00, 0x01];
+
+    #[test]
+    fn take_over_continues_the_boot_count_and_a_pending_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("base.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
+        let plan = BindingPlan {
+            initiator: None,
+            matcher: None,
+            image: golden,
+            mode: OverlayMode::Volatile,
+            mac: None,
+            uuid: None,
+            chap: None,
+            reset: ResetPolicy::default(),
+            firmware_isid: None,
+            disks: Vec::new(),
+            os: ClientOs::default(),
+            gateway: GatewayPolicy::default(),
+        };
+        let node = |sub: &str| {
+            BootTarget::new(
+                "iqn.t:boot",
+                Vec::new(),
+                Some(plan.clone()),
+                dir.path().join(sub),
+                Duration::from_secs(600),
+            )
+        };
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let who = "iqn.x:c1";
+
+        // Node A: a boot (iPXE, then the OS); every change goes to the sink.
+        let a = node("a");
+        let sink_a = Arc::new(Sink("A".into(), Mutex::new(Vec::new())));
+        let c = a.attach(who).unwrap();
+        c.set_record_sink(sink_a.clone());
+        c.login(&IPXE, peer, &[]);
+        c.login(&OS, peer, &[]);
+        let mut rec = lock(&sink_a.1).last().cloned().unwrap();
+        assert_eq!((rec.node.as_str(), rec.state.boots), ("A", 1));
+        assert_eq!(rec.state.phase, Phase::Os);
+        assert_eq!(rec.disk.lun0, record::Lun0::Overlay);
+        let seqs: Vec<u64> = lock(&sink_a.1).iter().map(|r| r.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        // A decided a reset and died before applying it.
+        rec.state.reset_pending = true;
+
+        // Node B never saw the client: it takes the record, applies the reset at the attach
+        // and goes on counting; a firmware login after the OS phase is boot 2.
+        let b = node("b");
+        assert!(b.take_over(who, rec.clone(), "B"));
+        let c = b.attach(who).unwrap();
+        let sink_b = Arc::new(Sink("B".into(), Mutex::new(Vec::new())));
+        c.set_record_sink(sink_b.clone());
+        let i = c.info();
+        assert_eq!((i.boots, i.phase), (1, Phase::Os));
+        assert!(
+            i.history.iter().any(|h| h.verdict == "taken over"),
+            "{:?}",
+            i.history
+        );
+        let first = lock(&sink_b.1).last().cloned().unwrap();
+        assert!(!first.state.reset_pending, "the pending reset was applied");
+        assert_eq!(first.node, "B");
+        assert!(first.seq > rec.seq, "B continues A's write numbers");
+        let (d, _) = c.login(&[0x40, 0x00, 0x27, 0x23, 0x00, 0x02], peer, &[]);
+        assert!(d.new_boot);
+        assert_eq!(c.info().boots, 2);
+        // The same record again: B's own state goes on.
+        assert!(!b.take_over(who, rec.clone(), "B"));
+        // Its own record: never taken over its state.
+        let own = lock(&sink_b.1).last().cloned().unwrap();
+        assert!(!b.take_over(who, own.clone(), "B"));
+        // A, once the client went back there, takes B's record over its stale state.
+        assert!(a.take_over(who, own, "A"));
+        assert_eq!(a.attach(who).unwrap().info().boots, 2);
+    }
 }
