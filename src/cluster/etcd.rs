@@ -399,6 +399,7 @@ impl Cluster {
     pub async fn admit(&self, initiator: &str, why: Why) -> Admission {
         let mut owner = self.read_owner(initiator).await;
         let mut exclude: Vec<NodeId> = Vec::new();
+        let mut reread = false;
         for _ in 0..4 {
             let decision = {
                 let st = self.lock();
@@ -416,6 +417,12 @@ impl Cluster {
             match decision {
                 Decision::Serve => return Admission::Serve,
                 Decision::Redirect { portal, .. } => return Admission::Redirect(portal),
+                // The owner was read before the watch saw its node's lease run out (the
+                // record and the ownership key go together): read the owner once more.
+                Decision::Refuse(Refusal::OwnerUnknown(_)) if !reread => {
+                    reread = true;
+                    owner = self.read_owner(initiator).await;
+                }
                 Decision::Refuse(r) => return Admission::Refuse(r),
                 Decision::Claim { node, lease } => {
                     match self.claim(initiator, &node, lease).await {
