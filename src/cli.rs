@@ -77,6 +77,15 @@ pub enum ClusterCommand {
     /// The configuration every node lays over its own file (docs/scale-out.md).
     #[command(subcommand)]
     Config(SharedConfigCommand),
+    /// Every client's lifecycle record in etcd: the node it was last on, its owner now,
+    /// its disk, boot count and phase.
+    Clients {
+        #[arg(short, long, default_value = "targets.yaml", value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -456,6 +465,9 @@ pub fn run(command: Command) -> Result<(), CliError> {
             )
         }
         Command::Cluster(ClusterCommand::Status { config, json }) => cluster_status(&config, json),
+        Command::Cluster(ClusterCommand::Clients { config, json }) => {
+            cluster_clients(&config, json)
+        }
         Command::Cluster(ClusterCommand::Config(SharedConfigCommand::Push { file, config })) => {
             shared_config(&config, Some(&file))
         }
@@ -732,6 +744,74 @@ fn cluster_status(path: &Path, json: bool) -> Result<(), CliError> {
             out,
             "warning: {} ownership key(s) name a node that is not live",
             status.orphans
+        )
+        .map_err(w)?;
+    }
+    Ok(())
+}
+
+/// `diskless cluster clients`: the lifecycle records in etcd, with each client's owner now.
+fn cluster_clients(path: &Path, json: bool) -> Result<(), CliError> {
+    use crate::boot::record::{ClientRecord, Lun0};
+    let cfg = cluster_config(path)?;
+    let (raw, owners) = small_runtime()?
+        .block_on(crate::cluster::clients::read_all(&cfg))
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    let w = |e: std::io::Error| CliError::Io(format!("stdout: {e}"));
+    let mut records = Vec::with_capacity(raw.len());
+    for (key, value) in raw {
+        match serde_json::from_slice::<ClientRecord>(&value) {
+            Ok(r) => records.push(r),
+            Err(e) => eprintln!("diskless: {key}: not a client record: {e}"),
+        }
+    }
+    let owner = |r: &ClientRecord| {
+        owners
+            .iter()
+            .find(|(who, _)| who.eq_ignore_ascii_case(&r.initiator))
+            .map(|(_, n)| n.clone())
+    };
+    if json {
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("owner".into(), serde_json::json!(owner(r)));
+                }
+                v
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&list).map_err(|e| CliError::Io(e.to_string()))?;
+        writeln!(out, "{text}").map_err(w)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<36} {:<12} {:<12} {:<16} {:<10} {:<8} {:>5} {:<9} LAST BOOT (UTC)",
+        "INITIATOR", "LAST NODE", "OWNER", "IMAGE", "MODE", "LUN 0", "BOOTS", "PHASE"
+    )
+    .map_err(w)?;
+    for r in &records {
+        let lun0 = match &r.disk.lun0 {
+            Lun0::Overlay => "overlay".to_string(),
+            Lun0::Rbd { name } => format!("rbd:{name}"),
+            Lun0::Image => "image".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<36} {:<12} {:<12} {:<16} {:<10} {:<8} {:>5} {:<9} {}",
+            r.initiator,
+            r.node,
+            owner(r).unwrap_or_else(|| "-".into()),
+            r.disk.image,
+            r.disk.mode.to_string(),
+            lun0,
+            r.state.boots,
+            r.state.phase.to_string(),
+            r.last_boot_ms
+                .map_or_else(|| "-".to_string(), crate::control::utc)
         )
         .map_err(w)?;
     }

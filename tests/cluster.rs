@@ -22,6 +22,11 @@
 //!   target on every node, a document with a node key is refused at push, an invalid one
 //!   written into etcd is refused by every node with the reason (the running configuration
 //!   stays), `cluster config clear` brings each node back to its own file.
+//! - `lifecycle_record_follows_the_client`: a client's lifecycle record in etcd names the
+//!   node that serves it and its disk; its node killed with SIGKILL, the client's next boot on
+//!   another node continues from the record (boot 2, not a first boot); `diskless cluster
+//!   clients` shows it; that node paused (SIGSTOP) past its lease, the client moves on (boot
+//!   3), and the paused node's late write is refused by the ownership comparison.
 //!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
@@ -774,4 +779,182 @@ fn shared_next_boot_and_configuration() {
             .then_some(())
     });
     drop(c);
+}
+
+/// iPXE's ISID (IANA format, enterprise 0x002723) with qualifier `q`.
+fn ipxe_isid(q: u8) -> [u8; 6] {
+    [0x40, 0x00, 0x27, 0x23, 0x00, q]
+}
+
+/// open-iscsi's ISID (OUI 00:02:3d).
+const OS_ISID: [u8; 6] = [0x00, 0x02, 0x3d, 0x00, 0x00, 0x01];
+
+/// Log in as `who` on `port` with this ISID.
+fn login_isid(port: u16, who: &str, isid: [u8; 6]) -> Client {
+    let mut c = Client::connect(port);
+    c.isid = isid;
+    c.login(who, TARGET)
+        .unwrap_or_else(|e| panic!("login of {who} on port {port} refused: {e:?}"));
+    c
+}
+
+/// A client's lifecycle record in etcd (JSON), if it has one.
+fn lifecycle_record(etcd: &Etcd, who: &str) -> Option<serde_json::Value> {
+    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/lifecycle");
+    let text = etcd.ctl_out(&["get", &key, "--print-value-only"])?;
+    serde_json::from_str(text.trim()).ok()
+}
+
+/// (writer node, boot count) of a record.
+fn writer_and_boots(r: &serde_json::Value) -> (String, u64) {
+    (
+        r["node"].as_str().unwrap_or("").to_string(),
+        r["state"]["boots"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Wait until `who`'s record in etcd was written by `node` and counts `boots` boots; on
+/// timeout, say what etcd has and what the node logged.
+fn wait_for_record(etcd: &Etcd, who: &str, node: &Node, boots: u64) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let rec = lifecycle_record(etcd, who);
+        if let Some(r) = rec
+            .as_ref()
+            .filter(|r| writer_and_boots(r) == (node.id.clone(), boots))
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record of boot {boots} by {}: etcd has {rec:?}\n{}",
+            node.id,
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn lifecycle_record_follows_the_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 11)).unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| start_node(tmp.path(), id, &etcd, &golden))
+        .collect();
+    wait_for_members(&nodes.iter().collect::<Vec<_>>());
+    let m = mac(1);
+    let by_port = |nodes: &[Node], p: u16| -> usize {
+        nodes
+            .iter()
+            .position(|n| n.iscsi == p)
+            .unwrap_or_else(|| panic!("no node has port {p}"))
+    };
+
+    // The client boots on its node A: its script, iPXE's login, then its OS's (the boot's
+    // phases as tests/lifecycle.rs drives them).
+    let (who, p) = nodes[0].script(&m);
+    let a = by_port(&nodes, p);
+    assert_eq!(nodes[a].script(&m).1, p);
+    let _fw = login_isid(p, &who, ipxe_isid(1));
+    let mut s = login_isid(p, &who, OS_ISID);
+    s.write10(3, &marker(3));
+    let rec = wait_for_record(&etcd, &who, &nodes[a], 1);
+    assert_eq!(rec["state"]["phase"], "os", "{rec}");
+    assert_eq!(rec["disk"]["image"], "base", "{rec}");
+    assert_eq!(rec["disk"]["mode"], "volatile", "{rec}");
+    assert_eq!(rec["disk"]["lun0"]["kind"], "overlay", "{rec}");
+    assert_eq!(rec["target"], TARGET, "{rec}");
+
+    // A dies (SIGKILL): once its lease ran out, the client's next boot lands on B, which
+    // continues the lifecycle from the record: boot 2, not a first boot.
+    let killed_id = nodes[a].id.clone();
+    nodes[a].server.take().unwrap().kill9();
+    let killed_at = Instant::now();
+    let other = (a + 1) % 3;
+    let p = wait_for("the client placed on a live node", || {
+        let (_, p) = nodes[other].script(&m);
+        (p != nodes[a].iscsi).then_some(p)
+    });
+    let b = by_port(&nodes, p);
+    assert_eq!(nodes[b].script(&m).1, p);
+    let _fw = login_isid(p, &who, ipxe_isid(2));
+    let mut sb = login_isid(p, &who, OS_ISID);
+    // A new boot on a node of its own: the volatile disk is the golden image again.
+    let g = std::fs::read(&golden).unwrap();
+    assert_eq!(sb.read10(3, 1), g[3 * 512..4 * 512].to_vec());
+    let rec = wait_for_record(&etcd, &who, &nodes[b], 2);
+    let took_b = killed_at.elapsed();
+    assert_eq!(rec["disk"]["image"], "base", "{rec}");
+    assert_eq!(rec["disk"]["mode"], "volatile", "{rec}");
+    let log = nodes[b].stderr();
+    assert!(
+        log.contains("client lifecycle taken over from the cluster's record")
+            && log.contains(&format!("from={killed_id}")),
+        "{log}"
+    );
+    // `diskless cluster clients` shows where the client was last and who owns it now.
+    let c = (0..3).find(|&i| i != a && i != b).unwrap();
+    let (ok, out) = cli(&nodes[c].config(), &["cluster", "clients", "--json"]);
+    assert!(ok, "{out}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mine = list
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["initiator"] == who.as_str()))
+        .unwrap_or_else(|| panic!("{who} not in {out}"));
+    assert_eq!(mine["node"], nodes[b].id.as_str(), "{out}");
+    assert_eq!(mine["owner"], nodes[b].id.as_str(), "{out}");
+    assert_eq!(mine["state"]["boots"], 2, "{out}");
+    let (ok, table) = cli(&nodes[c].config(), &["cluster", "clients"]);
+    assert!(
+        ok && table.contains(&who) && table.contains("overlay"),
+        "{table}"
+    );
+
+    // B is paused (SIGSTOP) with the session open, past its lease: the client boots on C
+    // (boot 3). When B continues, its session's end changes its (stale) state: its write
+    // is refused by the ownership comparison, and the record stays C's.
+    let pid = nodes[b].server.as_ref().unwrap().pid();
+    signal(pid, libc::SIGSTOP);
+    let paused_at = Instant::now();
+    let resumed = std::cell::Cell::new(false);
+    let _cont = Guard(|| {
+        if !resumed.get() {
+            signal(pid, libc::SIGCONT)
+        }
+    });
+    let b_id = nodes[b].id.clone();
+    wait_for("the paused node's lease to run out", || {
+        (!etcd.owners(CLUSTER).values().any(|o| *o == b_id)).then_some(())
+    });
+    assert_eq!(nodes[c].script(&m).1, nodes[c].iscsi);
+    let _sc = login_isid(nodes[c].iscsi, &who, ipxe_isid(3));
+    wait_for_record(&etcd, &who, &nodes[c], 3);
+    let took_c = paused_at.elapsed();
+    signal(pid, libc::SIGCONT);
+    resumed.set(true);
+    sb.logout();
+    wait_for("B's refused write", || {
+        nodes[b]
+            .stderr()
+            .contains(
+                "this node does not own the client (any more): its lifecycle record is not written",
+            )
+            .then_some(())
+    });
+    let rec = lifecycle_record(&etcd, &who).unwrap();
+    assert_eq!(writer_and_boots(&rec), (nodes[c].id.clone(), 3), "{rec}");
+    // Each write adds one to seq, whichever node writes: writes per boot, for sizing.
+    eprintln!(
+        "measured: {} lifecycle record writes for 3 boots (script fetch + logins + session ends) \
+         on 3 nodes, takeovers {:?} after SIGKILL and {:?} after SIGSTOP",
+        rec["seq"], took_b, took_c
+    );
+    assert_eq!(
+        etcd.owners(CLUSTER).get(&who).map(String::as_str),
+        Some(nodes[c].id.as_str())
+    );
 }

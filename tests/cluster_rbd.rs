@@ -126,6 +126,17 @@ fn check_single_writer(ceph: &Ceph, etcd: &Etcd, image: &str, who: &str, owner: 
     );
 }
 
+/// The client's lifecycle record in etcd (docs/scale-out.md, "Client lifecycle records"),
+/// once written by `node`.
+fn record_by(etcd: &Etcd, who: &str, node: &Node) -> serde_json::Value {
+    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/lifecycle");
+    wait_for(&format!("{}'s lifecycle record of {who}", node.id), || {
+        let text = etcd.ctl_out(&["get", &key, "--print-value-only"])?;
+        let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+        (v["node"] == node.id.as_str()).then_some(v)
+    })
+}
+
 #[test]
 fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     common::require("rbd", "ceph-common");
@@ -198,6 +209,13 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     let r = write_fua(&mut s, 200, &fua);
     assert_eq!(r.status, 0, "FUA write: {r:?}");
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[x]);
+    // The lifecycle record names the clone, for whichever node serves the client next.
+    let rec = record_by(&etcd, &who, &nodes[x]);
+    assert_eq!(rec["disk"]["lun0"]["kind"], "rbd", "{rec}");
+    assert_eq!(rec["disk"]["lun0"]["name"], format!("rbd/{image}"), "{rec}");
+    assert_eq!(rec["disk"]["mode"], "persistent", "{rec}");
+    let boots = rec["state"]["boots"].as_u64().unwrap_or(0);
+    assert!(boots >= 1, "{rec}");
 
     // SIGKILL its node; the client boots again: another node, once the lease ran out.
     let t = Instant::now();
@@ -226,6 +244,18 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
         nodes[y].stderr()
     );
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
+    // The new node continued the client's lifecycle from the dead node's record.
+    let rec = record_by(&etcd, &who, &nodes[y]);
+    assert_eq!(rec["disk"]["lun0"]["name"], format!("rbd/{image}"), "{rec}");
+    assert!(
+        rec["state"]["boots"].as_u64().unwrap_or(0) >= boots,
+        "{rec}"
+    );
+    assert!(
+        nodes[y].stderr().contains(&format!("from={}", nodes[x].id)),
+        "{}",
+        nodes[y].stderr()
+    );
 
     // 2. Pause the new owner past its lease: the client boots onto the third node.
     let before_pause = common::random_bytes(8 * 512, 23);
@@ -320,6 +350,9 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     );
     assert_eq!(s.read10(600, 8), last);
     check_single_writer(&ceph, &etcd, &image, &who, &nodes[y]);
+    // The record went z → y: y took z's record over (not its own stale state).
+    let rec = record_by(&etcd, &who, &nodes[y]);
+    assert!(rec["state"]["taken"][0] == nodes[z].id.as_str(), "{rec}");
 
     // 4. A disk the node cannot open (the parent snapshot is gone for a new client's
     //    clone): the login is refused with 0x0301 (service unavailable), logged.

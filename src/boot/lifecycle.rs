@@ -502,6 +502,18 @@ pub struct BootState {
     /// one, and the next boot moves on. None: the binding's disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<super::nextboot::DiskRecord>,
+    /// In a cluster: the write number of the last lifecycle record this node sent or took
+    /// (`boot::record`; 0: none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_seq: u64,
+    /// In a cluster: the record (writer node, write number) this state was last taken
+    /// over from (`boot::record::should_take`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken: Option<(String, u64)>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn parse_hex(s: &str) -> Option<Isid> {

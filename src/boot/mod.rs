@@ -8,6 +8,7 @@
 pub mod http;
 pub mod lifecycle;
 pub mod nextboot;
+pub mod record;
 pub mod state;
 
 use crate::config::{
@@ -332,6 +333,8 @@ struct ClientState {
     policy: Policy,
     /// Handles for the model's sessions (never reused within a process).
     next_session: u64,
+    /// The lifecycle record last sent to the cluster, or taken from it (`record`).
+    shared: Option<record::ClientRecord>,
 }
 
 /// One client disk: a binding made concrete for one initiator.
@@ -355,6 +358,10 @@ pub struct Client {
     extra: Vec<ExtraDisk>,
     /// What the next [`Client::reset`] discards (set by the operator's reset).
     reset_scope: Mutex<Option<ResetScope>>,
+    /// The RBD image of LUN 0 when it is a shared disk.
+    shared_name: Option<String>,
+    /// In a cluster: where changed lifecycle records go (set at the first placed login).
+    sink: std::sync::OnceLock<Arc<dyn record::RecordSink>>,
 }
 
 /// What `Client::info` reports (operator commands, the API).
@@ -556,10 +563,72 @@ impl Client {
         d
     }
 
-    fn persist(&self, st: &ClientState) {
+    /// Save the boot state; in a cluster, then hand a changed lifecycle record to the sink
+    /// (after the local durable write: the node's own state is never behind its record).
+    fn persist(&self, st: &mut ClientState) {
+        let mut rec = None;
+        if let Some(sink) = self.sink.get() {
+            let now = now_ms();
+            let r = record::ClientRecord::new(
+                &self.target,
+                &self.initiator,
+                sink.node(),
+                st.lifecycle.state.shared_seq + 1,
+                now,
+                self.disk_summary(),
+                &st.lifecycle.state,
+            );
+            if r.differs(st.shared.as_ref()) {
+                st.lifecycle.state.shared_seq = r.seq;
+                rec = Some(r);
+            }
+        }
         if let Err(e) = state::save(&self.state_path, &st.lifecycle.state) {
             tracing::error!(initiator = %self.initiator, error = %e, "boot state not saved");
+            return;
         }
+        if let (Some(r), Some(sink)) = (rec, self.sink.get()) {
+            st.shared = Some(r.clone());
+            sink.send(r);
+        }
+    }
+
+    /// In a cluster: send this client's lifecycle records to `sink` from now on (once; the
+    /// first change, or this call if the record differs from the last one, writes).
+    pub fn set_record_sink(&self, sink: Arc<dyn record::RecordSink>) {
+        if self.sink.set(sink).is_ok() {
+            let mut st = lock(&self.state);
+            self.persist(&mut st);
+        }
+    }
+
+    /// LUN 0 as the cluster's record names it.
+    pub fn disk_summary(&self) -> record::DiskSummary {
+        let d = read(&self.disk);
+        let lun0 = match (&d.overlay, &self.shared_name) {
+            (Some(_), _) => record::Lun0::Overlay,
+            (None, Some(name)) if d.mode != OverlayMode::Direct => {
+                record::Lun0::Rbd { name: name.clone() }
+            }
+            _ => record::Lun0::Image,
+        };
+        record::DiskSummary {
+            image: d.image.label(),
+            version: d.image.version,
+            mode: d.mode,
+            lun0,
+        }
+    }
+
+    /// Continue from a lifecycle state another node left (`record::taken_state`): the
+    /// sessions this node still has of the client are forgotten by the model (stale: the
+    /// client was served elsewhere since).
+    fn take_state(&self, state: lifecycle::BootState, rec: record::ClientRecord) {
+        let mut st = lock(&self.state);
+        let (l, _) = Lifecycle::load(state, now_ms());
+        st.lifecycle = l;
+        st.shared = Some(rec);
+        self.persist(&mut st);
     }
 
     /// A login of this client completed: the decision (reset, sessions to close) and the
@@ -657,7 +726,7 @@ impl Client {
         *lock(&self.luns) = fresh;
         let mut st = lock(&self.state);
         st.lifecycle.reset_done();
-        self.persist(&st);
+        self.persist(&mut st);
         Ok(())
     }
 
@@ -787,7 +856,7 @@ impl Client {
             ));
         }
         st.lifecycle.note(now, "disk switched", &why);
-        self.persist(&st);
+        self.persist(&mut st);
         Ok(())
     }
 
@@ -1455,6 +1524,62 @@ impl BootTarget {
         }
     }
 
+    /// In a cluster, before a login or boot script fetch placed on this node is served:
+    /// continue `initiator`'s lifecycle from the cluster's record if another node served it
+    /// since (`record::should_take`): its boot count, phase, pending reset and the disk an
+    /// override put it on go on here instead of starting afresh. Returns whether the record
+    /// was taken.
+    pub fn take_over(&self, initiator: &str, rec: record::ClientRecord, me: &str) -> bool {
+        let key = initiator.to_ascii_lowercase();
+        let path = self.client_dir(&key).join(state::FILE);
+        let client = self.clients.get(&key).map(|c| c.clone());
+        let local = match &client {
+            Some(c) => Some(lock(&c.state).lifecycle.state.clone()),
+            None => match state::load(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(initiator = %key, error = %e, "boot state unreadable: the cluster's record is taken");
+                    None
+                }
+            },
+        };
+        if !record::should_take(&rec, me, local.as_ref()) {
+            return false;
+        }
+        let now = now_ms();
+        let st = record::taken_state(&rec, local.as_ref(), now);
+        tracing::info!(initiator = %key, target = %self.name, from = %rec.node, seq = rec.seq,
+            boots = st.boots, phase = %st.phase, reset_pending = st.reset_pending,
+            disk = %rec.disk.image, "client lifecycle taken over from the cluster's record");
+        match client {
+            // Sessions open here (a node that was paused while the client moved on), or the
+            // disk the record names is the one open here: the disk stays (a shared disk
+            // another node fenced is opened again by the attach), the lifecycle continues
+            // from the record.
+            Some(c)
+                if c.sessions() > 0 || {
+                    let d = c.disk_summary();
+                    d.image == rec.disk.image && d.mode == rec.disk.mode
+                } =>
+            {
+                c.take_state(st, rec)
+            }
+            Some(c) => {
+                // Reopened from the state below, on the disk the record names.
+                self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
+                if let Err(e) = state::save(&path, &st) {
+                    tracing::error!(initiator = %key, error = %e, "boot state not saved");
+                }
+            }
+            None => {
+                if let Err(e) = state::save(&path, &st) {
+                    tracing::error!(initiator = %key, error = %e, "boot state not saved");
+                }
+            }
+        }
+        true
+    }
+
     /// The client disk of `initiator`, created on first use. A shared disk (RBD) is not
     /// opened here (see [`BootTarget::attach_with`]).
     pub fn attach(&self, initiator: &str) -> Result<Arc<Client>, AttachError> {
@@ -1565,6 +1690,7 @@ impl BootTarget {
             }
         }
         let mut created = false;
+        let mut shared_name = None;
         // A persistent or install disk in shared storage (RBD): the whole client disk is
         // there, locked by this node; no overlay on the node's disk.
         let shared = match &self.shared {
@@ -1572,6 +1698,7 @@ impl BootTarget {
                 if matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
                     && sh.holds(&image.name) =>
             {
+                shared_name = sh.disk_name(&self.name, &key);
                 let (store, new) = sh
                     .open(
                         &self.name,
@@ -1664,12 +1791,15 @@ impl BootTarget {
                 lifecycle,
                 policy,
                 next_session: 0,
+                shared: None,
             }),
             state_path,
             serial: crate::identity::default_serial(&who, 0),
             naa: crate::identity::naa_in(self.identity, &who, 0),
             extra,
             reset_scope: Mutex::new(None),
+            shared_name,
+            sink: std::sync::OnceLock::new(),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
@@ -1700,9 +1830,9 @@ impl BootTarget {
                 *lock(&client.reset_scope) = Some(scope);
                 client.reset().map_err(AttachError::Storage)?;
             } else {
-                let st = lock(&client.state);
+                let mut st = lock(&client.state);
                 if fresh_state || st.lifecycle.state.interrupted {
-                    client.persist(&st);
+                    client.persist(&mut st);
                 }
             }
         }
@@ -1924,5 +2054,99 @@ mod tests {
         assert_eq!(dir_name(".."), "_..");
         assert_eq!(dir_name(""), "_");
         assert!(dir_name(&"x".repeat(500)).len() <= 120);
+    }
+
+    /// Collects the records a client sends (the cluster's writer in a node).
+    struct Sink(String, Mutex<Vec<record::ClientRecord>>);
+
+    impl record::RecordSink for Sink {
+        fn node(&self) -> &str {
+            &self.0
+        }
+        fn send(&self, rec: record::ClientRecord) {
+            lock(&self.1).push(rec);
+        }
+    }
+
+    const IPXE: [u8; 6] = [0x40, 0x00, 0x27, 0x23, 0x00, 0x01];
+    const OS: [u8; 6] = [0x00, 0x02, 0x3d, 0x00, 0x00, 0x01];
+
+    #[test]
+    fn take_over_continues_the_boot_count_and_a_pending_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("base.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
+        let plan = BindingPlan {
+            initiator: None,
+            matcher: None,
+            image: golden,
+            mode: OverlayMode::Volatile,
+            mac: None,
+            uuid: None,
+            chap: None,
+            reset: ResetPolicy::default(),
+            firmware_isid: None,
+            disks: Vec::new(),
+            os: ClientOs::default(),
+            gateway: GatewayPolicy::default(),
+        };
+        let node = |sub: &str| {
+            BootTarget::new(
+                "iqn.t:boot",
+                Vec::new(),
+                Some(plan.clone()),
+                dir.path().join(sub),
+                Duration::from_secs(600),
+            )
+        };
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let who = "iqn.x:c1";
+
+        // Node A: a boot (iPXE, then the OS); every change goes to the sink.
+        let a = node("a");
+        let sink_a = Arc::new(Sink("A".into(), Mutex::new(Vec::new())));
+        let c = a.attach(who).unwrap();
+        c.set_record_sink(sink_a.clone());
+        c.login(&IPXE, peer, &[]);
+        c.login(&OS, peer, &[]);
+        let mut rec = lock(&sink_a.1).last().cloned().unwrap();
+        assert_eq!((rec.node.as_str(), rec.state.boots), ("A", 1));
+        assert_eq!(rec.state.phase, Phase::Os);
+        assert_eq!(rec.disk.lun0, record::Lun0::Overlay);
+        let seqs: Vec<u64> = lock(&sink_a.1).iter().map(|r| r.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        // A decided a reset and died before applying it.
+        rec.state.reset_pending = true;
+
+        // Node B never saw the client: it takes the record, applies the reset at the attach
+        // and goes on counting; a firmware login after the OS phase is boot 2.
+        let b = node("b");
+        assert!(b.take_over(who, rec.clone(), "B"));
+        let c = b.attach(who).unwrap();
+        let sink_b = Arc::new(Sink("B".into(), Mutex::new(Vec::new())));
+        c.set_record_sink(sink_b.clone());
+        let i = c.info();
+        assert_eq!((i.boots, i.phase), (1, Phase::Os));
+        assert!(
+            i.history.iter().any(|h| h.verdict == "taken over"),
+            "{:?}",
+            i.history
+        );
+        let first = lock(&sink_b.1).last().cloned().unwrap();
+        assert!(!first.state.reset_pending, "the pending reset was applied");
+        assert_eq!(first.node, "B");
+        assert!(first.seq > rec.seq, "B continues A's write numbers");
+        let (d, _) = c.login(&[0x40, 0x00, 0x27, 0x23, 0x00, 0x02], peer, &[]);
+        assert!(d.new_boot);
+        assert_eq!(c.info().boots, 2);
+        // The same record again: B's own state goes on.
+        assert!(!b.take_over(who, rec.clone(), "B"));
+        // Its own record: never taken over its state.
+        let own = lock(&sink_b.1).last().cloned().unwrap();
+        assert!(!b.take_over(who, own.clone(), "B"));
+        // A, once the client went back there, takes B's record over its stale state.
+        assert!(a.take_over(who, own, "A"));
+        assert_eq!(a.attach(who).unwrap().info().boots, 2);
     }
 }

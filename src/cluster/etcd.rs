@@ -360,6 +360,26 @@ impl Cluster {
         &self.me
     }
 
+    /// The cluster's keys (for `super::clients`).
+    pub(super) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The etcd client (for `super::clients`).
+    pub(super) async fn etcd(&self) -> Result<Client, ClusterError> {
+        self.client().await
+    }
+
+    /// The bound of one etcd request.
+    pub(super) fn request_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// This node's lease now, if it holds one.
+    pub(super) fn lease_id(&self) -> Option<i64> {
+        self.lock().lease
+    }
+
     pub fn advertise(&self) -> SocketAddr {
         self.advertise
     }
@@ -396,6 +416,7 @@ impl Cluster {
     pub async fn admit(&self, initiator: &str, why: Why) -> Admission {
         let mut owner = self.read_owner(initiator).await;
         let mut exclude: Vec<NodeId> = Vec::new();
+        let mut reread = false;
         for _ in 0..4 {
             let decision = {
                 let st = self.lock();
@@ -413,6 +434,12 @@ impl Cluster {
             match decision {
                 Decision::Serve => return Admission::Serve,
                 Decision::Redirect { portal, .. } => return Admission::Redirect(portal),
+                // The owner was read before the watch saw its node's lease run out (the
+                // record and the ownership key go together): read the owner once more.
+                Decision::Refuse(Refusal::OwnerUnknown(_)) if !reread => {
+                    reread = true;
+                    owner = self.read_owner(initiator).await;
+                }
                 Decision::Refuse(r) => return Admission::Refuse(r),
                 Decision::Claim { node, lease } => {
                     match self.claim(initiator, &node, lease).await {

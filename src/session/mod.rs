@@ -115,6 +115,8 @@ pub struct Server {
     metrics: Arc<crate::metrics::Metrics>,
     /// This node's cluster membership (docs/scale-out.md); unset on a single node.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The clients' lifecycle records in etcd (with `cluster`).
+    records: std::sync::OnceLock<Arc<crate::cluster::clients::Records>>,
 }
 
 impl Server {
@@ -128,6 +130,7 @@ impl Server {
             shutdown: watch::Sender::new(false),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             cluster: std::sync::OnceLock::new(),
+            records: std::sync::OnceLock::new(),
         })
     }
 
@@ -139,7 +142,48 @@ impl Server {
             Some(s) => s.normal_session_initiators(),
             None => Vec::new(),
         }));
+        let _ = self
+            .records
+            .set(crate::cluster::clients::Records::start(cluster.clone()));
         let _ = self.cluster.set(cluster);
+    }
+
+    /// In a cluster, before a client placed here is served: its lifecycle record in etcd
+    /// (to be taken over if another node wrote it) and the sink its changes go to. etcd
+    /// unreachable: no record (the placement served the client only because this node owned
+    /// it under a live lease, so its own state is the newest).
+    async fn cluster_lifecycle(
+        &self,
+        target: &str,
+        initiator: &str,
+    ) -> Option<(
+        Option<(crate::boot::record::ClientRecord, String)>,
+        Arc<dyn crate::boot::record::RecordSink>,
+    )> {
+        let (cluster, records) = (self.cluster()?, self.records.get()?);
+        let me = cluster.node_id().to_string();
+        let rec = match records.load(target, initiator).await {
+            Ok(Some(bytes)) => {
+                match serde_json::from_slice::<crate::boot::record::ClientRecord>(&bytes) {
+                    Ok(r) => Some((r, me.clone())),
+                    Err(e) => {
+                        warn!(initiator, error = %e, "client lifecycle record in etcd is malformed: ignored");
+                        None
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(initiator, error = %e, "cannot read the client's lifecycle record: continuing from this node's state");
+                None
+            }
+        };
+        let sink: Arc<dyn crate::boot::record::RecordSink> = Arc::new(RecordSink {
+            records: records.clone(),
+            node: me,
+            owner_name: initiator.to_string(),
+        });
+        Some((rec, sink))
     }
 
     /// The cluster this node belongs to, if any.
@@ -351,8 +395,18 @@ impl Server {
             let (boot, who, isid) = (boot.clone(), initiator.to_string(), *isid);
             let keys = keys.to_vec();
             let guard = self.fence_guard(initiator);
+            let shared = self.cluster_lifecycle(&boot.name, initiator).await;
             tokio::task::spawn_blocking(move || {
+                let sink = shared.map(|(rec, sink)| {
+                    if let Some((rec, me)) = rec {
+                        boot.take_over(&who, rec, &me);
+                    }
+                    sink
+                });
                 let c = boot.attach_with(&who, &guard)?;
+                if let Some(sink) = sink {
+                    c.set_record_sink(sink);
+                }
                 let (d, s) = c.login(&isid, peer, &keys);
                 Ok::<_, AttachError>((c, d, s))
             })
@@ -441,8 +495,18 @@ impl Server {
             let decided = {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
                 let guard = self.fence_guard(&initiator);
+                let shared = self.cluster_lifecycle(&boot.name, &initiator).await;
                 tokio::task::spawn_blocking(move || {
+                    let sink = shared.map(|(rec, sink)| {
+                        if let Some((rec, me)) = rec {
+                            b.take_over(&who, rec, &me);
+                        }
+                        sink
+                    });
                     b.attach_with(&who, &guard).map(|c| {
+                        if let Some(sink) = sink {
+                            c.set_record_sink(sink);
+                        }
                         let d = c.script_fetched(from);
                         (c, d)
                     })
@@ -567,5 +631,30 @@ mod tests {
         assert_eq!(s.cmd_window, 32);
         assert!(!s.params.allow_header_digest);
         assert!(s.params.allow_data_digest);
+    }
+}
+
+/// A client's lifecycle records, to etcd through this node's writer.
+struct RecordSink {
+    records: Arc<crate::cluster::clients::Records>,
+    node: String,
+    /// The name its ownership key has (as the client was placed).
+    owner_name: String,
+}
+
+impl crate::boot::record::RecordSink for RecordSink {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn send(&self, rec: crate::boot::record::ClientRecord) {
+        match serde_json::to_vec(&rec) {
+            Ok(v) => self
+                .records
+                .send(&rec.target, &rec.initiator, &self.owner_name, v),
+            Err(e) => {
+                warn!(initiator = %rec.initiator, error = %e, "client lifecycle record not encoded")
+            }
+        }
     }
 }

@@ -153,6 +153,10 @@ pub trait SharedDisks: Send + Sync + 'static {
         block_size: u32,
         may_lock: LockGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
+    /// The name of `initiator`'s disk in the store (for the cluster's client records).
+    fn disk_name(&self, _target: &str, _initiator: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Bytes an unprivileged writer may still allocate on the filesystem holding `file`

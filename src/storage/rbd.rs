@@ -523,6 +523,14 @@ impl super::SharedDisks for RbdClientDisks {
         self.parents.contains_key(image)
     }
 
+    fn disk_name(&self, target: &str, initiator: &str) -> Option<String> {
+        Some(format!(
+            "{}/{}",
+            self.connect.pool,
+            client_image_name(&self.prefix, target, initiator)
+        ))
+    }
+
     fn open(
         &self,
         target: &str,
