@@ -116,6 +116,24 @@ impl GoldenImage {
         })
     }
 
+    /// Version `v` of the series `image` belongs to, for a persistent disk made on it. An
+    /// image in an object store following a catalogue pointer has only the version the
+    /// pointer names open (docs/scale-out.md, "Image catalogue"): say so.
+    fn open_older(state_dir: &Path, image: &GoldenImage, v: u64) -> Result<GoldenImage, String> {
+        if image.path.to_string_lossy().starts_with("s3://") {
+            return Err(format!(
+                "the persistent disk is on {}@{v}, a version the catalogue pointer has left                  (this node opens only {}): reset the disk (`diskless client reset`) or pin                  its binding to that version",
+                image.name,
+                image.label()
+            ));
+        }
+        let images = versions::Images::new(state_dir);
+        images
+            .log(&image.name)
+            .map_err(|e| e.to_string())
+            .and_then(|log| GoldenImage::open_exact(&images, &log, v))
+    }
+
     /// The overlay directory name of a disk on this image: one per version (`NAME.vN`), so a
     /// disk moving to a new version never shares a directory with the old overlay that
     /// sessions of the previous boot may still hold.
@@ -1142,12 +1160,8 @@ fn open_disk(
         // A persistent disk stays on the version it was created on (docs/images.md).
         if let Some(v) = disk_version(dir, &image.name) {
             if Some(v) != image.version {
-                let images = versions::Images::new(state_dir);
-                let opened = images
-                    .log(&image.name)
-                    .map_err(|e| e.to_string())
-                    .and_then(|log| GoldenImage::open_exact(&images, &log, v))
-                    .map_err(AttachError::Storage)?;
+                let opened =
+                    GoldenImage::open_older(state_dir, &image, v).map_err(AttachError::Storage)?;
                 tracing::info!(initiator = %initiator, on = %opened.label(), binding = %image.label(),
                     "persistent disk stays on the version it was made on");
                 next_image = Some(image);
@@ -1665,11 +1679,7 @@ impl BootTarget {
             // A persistent disk stays on the version it was created on (docs/images.md).
             if let Some(v) = disk_version(&client_dir, &image.name) {
                 if Some(v) != image.version {
-                    let images = versions::Images::new(&self.state_dir);
-                    let opened = images
-                        .log(&image.name)
-                        .map_err(|e| e.to_string())
-                        .and_then(|log| GoldenImage::open_exact(&images, &log, v))
+                    let opened = GoldenImage::open_older(&self.state_dir, &image, v)
                         .map_err(AttachError::Storage)?;
                     tracing::info!(initiator = %key, on = %opened.label(), binding = %image.label(),
                         "persistent disk stays on the version it was made on");
