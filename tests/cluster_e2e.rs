@@ -384,10 +384,26 @@ fn checker(
 /// succeeded, its output, the cleaned serial log).
 fn boot_guest(dir: &Path, http: u16, log: &Path) -> (bool, String, String) {
     let url = format!("http://10.0.2.2:{http}/boot.ipxe?mac=${{net0/mac}}&platform=${{platform}}");
+    run_guest(dir, &["--chain", &url], log)
+}
+
+/// A QEMU guest (BIOS) whose iPXE runs `sanboot iscsi:10.0.2.2::PORT:0:TARGET` itself, as the
+/// guest's initiator: pointed at one node, whatever the placement says.
+fn boot_guest_at(dir: &Path, port: u16, log: &Path) -> (bool, String, String) {
+    let (port, who) = (port.to_string(), initiator_of(GUEST_MAC));
+    run_guest(
+        dir,
+        &["--port", &port, "--target", TARGET, "--initiator", &who],
+        log,
+    )
+}
+
+fn run_guest(dir: &Path, how: &[&str], log: &Path) -> (bool, String, String) {
     let (ok, out) = guest::run_limited(
         Command::new("bash")
             .arg(repo().join("scripts/boot/run-qemu.sh"))
-            .args(["--mode", "bios", "--chain", &url, "--mac", GUEST_MAC])
+            .args(["--mode", "bios", "--mac", GUEST_MAC])
+            .args(how)
             .args(["--timeout", &BOOT_TIMEOUT_SECS.to_string()])
             .arg("--log")
             .arg(log)
@@ -730,20 +746,56 @@ fn sixty_clients_with_a_qemu_guest_and_rbd_disks_survive_a_killed_node() {
         nodes[victim].server.take().expect("victim running").kill9();
         go.wait();
 
-        // The guest is reset and boots again, from a surviving node's script, once its node's
-        // lease ran out (until then the script names the dead node, as for any client).
+        // The guest is reset and boots again once its node's lease ran out (until then its
+        // script names the dead node, as for any client). Its script, fetched from a
+        // surviving node, places it on a surviving node A; its firmware is then pointed
+        // straight at the other surviving node B (a stale DHCP answer, a hard-wired sanboot):
+        // B answers the login with 0x0101 and TargetAddress=10.0.2.2:A, iPXE follows it and
+        // boots from A, and Linux logs in from the iBFT (which names A).
         wait_for("the dead node's clients free in etcd", || {
             (!etcd.owners(CLUSTER).contains_key(&guest_who)).then_some(())
         });
         let freed = t_kill.elapsed();
+        let (again, a_port) = script(nodes[other].http, GUEST_MAC);
+        assert_eq!(again, guest_who);
+        let a = by_port[&a_port];
+        assert_ne!(a, victim, "the guest is placed on a surviving node");
+        let b = (0..3)
+            .find(|&k| k != victim && k != a)
+            .expect("two surviving nodes");
         let t2 = Instant::now();
-        let r2 = boot_guest(root, nodes[other].http, &serial2);
-        assert_booted("second boot (after the kill)", &r2, &nodes_tail(&views));
+        let r2 = boot_guest_at(root, nodes[b].iscsi, &serial2);
+        assert_booted(
+            "second boot (after the kill, redirected)",
+            &r2,
+            &nodes_tail(&views),
+        );
         let boot2 = t2.elapsed();
-        let guest_owner = etcd.owners(CLUSTER).get(&guest_who).cloned();
+        let redirected = nodes[b]
+            .stderr()
+            .lines()
+            .filter(|l| {
+                l.contains("login redirected to the client's node")
+                    && l.contains(&guest_who)
+                    && l.contains(&format!("10.0.2.2:{a_port}"))
+            })
+            .count();
         assert!(
-            guest_owner.is_some() && guest_owner.as_deref() != Some(nodes[victim].id.as_str()),
-            "the guest's second boot is on a surviving node: {guest_owner:?}"
+            redirected >= 1,
+            "{} redirected the guest's login to {}: {}",
+            nodes[b].id,
+            nodes[a].id,
+            nodes_tail(&views)
+        );
+        let guest_owner = etcd.owners(CLUSTER).get(&guest_who).cloned();
+        assert_eq!(
+            guest_owner.as_deref(),
+            Some(nodes[a].id.as_str()),
+            "the guest's second boot is on the node it was placed on"
+        );
+        let guest_node = format!(
+            "{} (its firmware sent to {}, {redirected} login(s) redirected)",
+            nodes[a].id, nodes[b].id
         );
 
         let raw_final: Vec<(u16, bool)> = raw_threads
@@ -824,7 +876,7 @@ fn sixty_clients_with_a_qemu_guest_and_rbd_disks_survive_a_killed_node() {
              checker: {} rounds ({} after the kill), {} lock samples, no split brain; whole test {:?}",
             nodes[victim].id,
             moved.load(Ordering::SeqCst),
-            guest_owner.unwrap_or_default(),
+            guest_node,
             s3.join(", "),
             touched.len(),
             checked.rounds,
