@@ -276,6 +276,8 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
         r.status, 2,
         "the fenced node's SYNCHRONIZE CACHE fails: {r:?}"
     );
+    // Said once in the fenced node's log (its failures after it within 10 s only counted).
+    assert_eq!(io_failures_logged(&nodes[y]), 1, "{}", nodes[y].stderr());
     assert_eq!(
         s3.read10(400, 8),
         new_data,
@@ -426,6 +428,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     //    MEDIUM ERROR / WRITE ERROR (03/0C/00) once the OSD request gives up
     //    (rados_osd_op_timeout, 10 s), logged, and the node is not stuck: its boot script
     //    endpoint answers while the write waits.
+    let logged_before = io_failures_logged(&nodes[y]);
     ceph.stop_daemon("osd");
     let t = Instant::now();
     let late = common::random_bytes(8 * 512, 27);
@@ -442,6 +445,12 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     let (r, failed_after) = writer.join().expect("writer thread");
     assert_eq!(r.status, 2, "CHECK CONDITION with the OSD down: {r:?}");
     assert_eq!(r.sense_triplet(), Some((3, 0x0c, 0)), "WRITE ERROR: {r:?}");
+    assert_eq!(
+        io_failures_logged(&nodes[y]),
+        logged_before + 1,
+        "the failure is logged: {}",
+        nodes[y].stderr()
+    );
     assert!(
         failed_after < Duration::from_secs(40),
         "bounded by rados_osd_op_timeout: {failed_after:?}"
@@ -481,6 +490,19 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
          the client's boot script (its disk reopening) a retry script after {script_took:?}"
     );
     eprintln!("measured: whole test {:?}", started.elapsed());
+}
+
+/// WARN lines `I/O on the client disk in RBD failed` in the node's log (printed).
+fn io_failures_logged(node: &Node) -> usize {
+    let log = node.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("I/O on the client disk in RBD failed"))
+        .collect();
+    if let Some(l) = lines.last() {
+        eprintln!("measured: {} logged: {l}", node.id);
+    }
+    lines.len()
 }
 
 /// Client disk names: readable, one RBD name component, distinct per (target, initiator).
