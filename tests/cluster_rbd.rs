@@ -308,7 +308,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     assert!(
         nodes[y]
             .stderr()
-            .contains("the client's shared disk was fenced by another node: opening it again"),
+            .contains("the client's shared disk lost its lock (fenced by another node, or Ceph unreachable): opening it again"),
         "{}",
         nodes[y].stderr()
     );
