@@ -146,7 +146,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     let golden_bytes = common::random_bytes(GOLDEN_SIZE, 11);
     std::fs::write(&golden, &golden_bytes).unwrap();
 
-    let ceph = Ceph::start();
+    let mut ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
     // The golden image in RBD as a protected snapshot, parent of the clients' disks.
     ceph.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
@@ -306,6 +306,8 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
         r.status, 2,
         "the fenced node's SYNCHRONIZE CACHE fails: {r:?}"
     );
+    // Said once in the fenced node's log (its failures after it within 10 s only counted).
+    assert_eq!(io_failures_logged(&nodes[y]), 1, "{}", nodes[y].stderr());
     assert_eq!(
         s3.read10(400, 8),
         new_data,
@@ -336,7 +338,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     assert!(
         nodes[y]
             .stderr()
-            .contains("the client's shared disk was fenced by another node: opening it again"),
+            .contains("the client's shared disk lost its lock (fenced by another node, or Ceph unreachable): opening it again"),
         "{}",
         nodes[y].stderr()
     );
@@ -373,7 +375,167 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
         "{log}"
     );
     assert_eq!(s.read10(600, 8), last, "the other client is served on");
+
+    // 5. Ceph unreachable. A node whose configuration names a monitor nobody answers on:
+    //    a client placed there is refused with 0x0301 once the RADOS connection gives up
+    //    (client_mount_timeout, 10 s), logged with the reason, and the node answers other
+    //    requests meanwhile.
+    let conf = std::fs::read_to_string(ceph.conf()).unwrap();
+    let (a, b) = (ceph::free_port(), ceph::free_port());
+    let bad_conf = tmp.path().join("wrong-mon.conf");
+    std::fs::write(
+        &bad_conf,
+        conf.lines()
+            .map(|l| {
+                if l.starts_with("mon host") {
+                    format!("mon host = [v2:127.0.0.1:{a},v1:127.0.0.1:{b}]")
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let bad_spec = cluster::Spec {
+        extra: format!(
+            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
+            bad_conf.display()
+        ),
+        ..spec
+    };
+    let n4 = Node::start_mode(tmp.path(), "n4", &bad_spec, "persistent");
+    cluster::wait_for_views([&n4, &nodes[y]], WAIT);
+    // n4 owns nothing, the survivor one client: the new client goes to n4.
+    let t_n4 = Instant::now();
+    let (lost, port) = n4.script("52:54:00:00:0d:03");
+    let script_n4 = t_n4.elapsed();
+    assert_eq!(port, n4.iscsi, "placed on the new node");
+    let t = Instant::now();
+    let login = std::thread::spawn(move || {
+        // One Login Request straight to the operational stage; the answer comes once the
+        // node gave up on the monitor (longer than the raw client's usual 5 s).
+        let mut c = Client::connect(port);
+        let mut keys = vec![
+            ("InitiatorName", lost.as_str()),
+            ("TargetName", TARGET),
+            ("SessionType", "Normal"),
+        ];
+        keys.extend_from_slice(raw::DEFAULT_KEYS);
+        c.login_request(1, 3, true, false, raw::keys_text(&keys))
+            .expect("send the login");
+        let (r, _) = c.login_response(Duration::from_secs(60));
+        ((r.status_class, r.status_detail), t.elapsed())
+    });
+    wait_for("n4 trying to reach the monitor", || {
+        (t.elapsed() > Duration::from_secs(2)).then_some(())
+    });
+    let t_metrics = Instant::now();
+    n4.metrics();
+    let metrics_took = t_metrics.elapsed();
+    let (r, refused_after) = login.join().expect("login thread");
+    assert_eq!(r, (3, 1), "refused: service unavailable");
+    assert!(
+        refused_after < Duration::from_secs(30),
+        "bounded by the RADOS timeouts: {refused_after:?}"
+    );
+    assert!(
+        metrics_took < Duration::from_secs(2),
+        "the node answered meanwhile: {metrics_took:?}"
+    );
+    let log = n4.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("no disk for this client")
+            && l.contains("rados_connect")),
+        "{log}"
+    );
+    // The script fetch opens the disk too: it gives up with the RADOS connection (10 s) and
+    // serves the script (the login then decides), within the script's own limit.
+    assert!(
+        script_n4 < Duration::from_secs(25),
+        "the script waited for Ceph within bounds: {script_n4:?}"
+    );
+
+    // 6. The OSD stops under an open session: its next write answers CHECK CONDITION,
+    //    MEDIUM ERROR / WRITE ERROR (03/0C/00) once the OSD request gives up
+    //    (rados_osd_op_timeout, 10 s), logged, and the node is not stuck: its boot script
+    //    endpoint answers while the write waits.
+    let logged_before = io_failures_logged(&nodes[y]);
+    ceph.stop_daemon("osd");
+    let t = Instant::now();
+    let late = common::random_bytes(8 * 512, 27);
+    let writer = std::thread::spawn(move || {
+        let r = write_fua(&mut s, 700, &late);
+        (r, t.elapsed())
+    });
+    wait_for("the write waiting for the OSD", || {
+        (t.elapsed() > Duration::from_secs(2)).then_some(())
+    });
+    let t_metrics = Instant::now();
+    nodes[y].metrics();
+    let osd_metrics_took = t_metrics.elapsed();
+    let (r, failed_after) = writer.join().expect("writer thread");
+    assert_eq!(r.status, 2, "CHECK CONDITION with the OSD down: {r:?}");
+    assert_eq!(r.sense_triplet(), Some((3, 0x0c, 0)), "WRITE ERROR: {r:?}");
+    assert_eq!(
+        io_failures_logged(&nodes[y]),
+        logged_before + 1,
+        "the failure is logged: {}",
+        nodes[y].stderr()
+    );
+    assert!(
+        failed_after < Duration::from_secs(40),
+        "bounded by rados_osd_op_timeout: {failed_after:?}"
+    );
+    assert!(
+        osd_metrics_took < Duration::from_secs(2),
+        "the node answered meanwhile: {osd_metrics_took:?}"
+    );
+    // The client reboots: its node opens its disk again (a new RADOS client), which waits
+    // for the OSD; the boot script does not wait past SCRIPT_ATTACH_LIMIT (15 s): it says to
+    // come back (a retry script), and the node's log says why.
+    let t_script = Instant::now();
+    let r = http::request(
+        &format!("http://127.0.0.1:{}/", nodes[y].http),
+        "GET",
+        &format!("/boot.ipxe?mac={mac}"),
+        &[],
+        None,
+    );
+    let script_took = t_script.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        !r.body.contains("sanboot") && script_took < Duration::from_secs(25),
+        "a retry script, in bounded time ({script_took:?}): {}",
+        r.body
+    );
+    assert!(
+        nodes[y]
+            .stderr()
+            .contains("the client's disk did not open in time"),
+        "{}",
+        nodes[y].stderr()
+    );
+    eprintln!(
+        "measured: wrong monitor: boot script after {script_n4:?}, login refused (0x0301) after {refused_after:?}, /metrics meanwhile in {metrics_took:?}; \
+         OSD stopped: FUA write CHECK CONDITION 03/0C/00 after {failed_after:?}, /metrics meanwhile in {osd_metrics_took:?}, \
+         the client's boot script (its disk reopening) a retry script after {script_took:?}"
+    );
     eprintln!("measured: whole test {:?}", started.elapsed());
+}
+
+/// WARN lines `I/O on the client disk in RBD failed` in the node's log (printed).
+fn io_failures_logged(node: &Node) -> usize {
+    let log = node.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("I/O on the client disk in RBD failed"))
+        .collect();
+    if let Some(l) = lines.last() {
+        eprintln!("measured: {} logged: {l}", node.id);
+    }
+    lines.len()
 }
 
 /// Client disk names: readable, one RBD name component, distinct per (target, initiator).

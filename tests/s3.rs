@@ -8,6 +8,8 @@
 #[path = "common/ceph.rs"]
 mod ceph;
 mod common;
+#[path = "common/faultproxy.rs"]
+mod faultproxy;
 #[path = "common/http.rs"]
 mod http;
 #[path = "common/raw.rs"]
@@ -236,5 +238,179 @@ fn an_image_in_ceph_rgw_is_served_fetched_once_and_checked() {
     assert_eq!(c.read10(lba6, 8), data[6 * MIB..6 * MIB + 4096]);
     drop((c, g));
     server.stop();
+
+    faults_between_the_node_and_the_store(&d.join("proxied"), &ceph, &data);
     drop(ceph);
+}
+
+/// READ(10) of 8 blocks at the start of 1 MiB chunk `chunk`.
+fn read_chunk(c: &mut Client, chunk: usize) -> raw::ScsiResult {
+    c.run(&raw::read10_cdb((chunk * MIB / 512) as u32, 8), 4096, None)
+}
+
+/// CHECK CONDITION, MEDIUM ERROR / UNRECOVERED READ ERROR (03/11/00).
+fn assert_medium_error(r: &raw::ScsiResult, what: &str) {
+    assert_eq!(r.status, 2, "{what}: CHECK CONDITION expected: {r:?}");
+    assert_eq!(r.sense_triplet(), Some((3, 0x11, 0)), "{what}: {r:?}");
+}
+
+/// A second server reads the same version through a fault-injecting proxy in front of the
+/// gateway (tests/common/faultproxy.rs), faults on chunk objects only: 503s and stalls that
+/// the retries absorb are invisible to the initiator; ones that outlast them give MEDIUM
+/// ERROR within the bounded time (never a hang, never other bytes); nothing bad is cached,
+/// and cached chunks keep serving while a fetch is stalled.
+fn faults_between_the_node_and_the_store(dir: &Path, ceph: &Ceph, data: &[u8]) {
+    use faultproxy::{FaultProxy, Faults};
+    use std::time::{Duration, Instant};
+    std::fs::create_dir_all(dir).unwrap();
+    ceph::write_credentials(dir);
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", ceph.rgw_port), "/chunks/");
+    let yaml = format!(
+        "portals: [\"127.0.0.1:0\"]\n\
+         state_dir: {state}\n\
+         settings: {{nop_in_interval_secs: 0}}\n\
+         api: {{listen: \"127.0.0.1:0\"}}\n\
+         chunk_cache: {{memory: 64MiB, disk: 0}}\n\
+         images:\n\
+         \x20 - name: golden\n    s3: {{endpoint: \"{ep}\", bucket: golden, prefix: diskless, version: v1, credentials_file: s3.cred, timeout_secs: 1, retries: 2}}\n\
+         targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n",
+        state = dir.join("state").display(),
+        ep = proxy.endpoint(),
+    );
+    let server = Server::start(dir, &Config::yaml(&yaml));
+    let api = Api {
+        base: server.api_url(),
+        token: None,
+    };
+    let m = |name: &str| {
+        metric(
+            &api,
+            &format!("diskless_s3_{name}_total{{version=\"golden/diskless/golden/v1\"}}"),
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let mut c = Client::connect(server.port);
+    c.login("iqn.2026-12.test:proxied-1", TARGET).unwrap();
+    let block = |chunk: usize| &data[chunk * MIB..chunk * MIB + 4096];
+
+    // Two 503s, then the store answers: the third attempt serves, the initiator sees GOOD.
+    proxy.set(Faults {
+        fail_next: 2,
+        ..Faults::default()
+    });
+    let r = read_chunk(&mut c, 0);
+    assert_eq!(r.status, 0, "two 503s are retried: {r:?}");
+    assert_eq!(r.data, block(0));
+    assert_eq!(proxy.seen().failed, 2);
+    assert_eq!(m("failed_attempts"), 2);
+    assert_eq!(m("read_errors"), 0);
+    let log = server.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("S3 read failed; retrying") && l.contains("503")),
+        "the 503 is logged with the retry: {log}"
+    );
+
+    // 503 for good: the read fails after 1 + 2 attempts, MEDIUM ERROR, nothing cached; once
+    // the store answers again the same read serves the right bytes.
+    proxy.set(Faults {
+        fail_all: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    assert_medium_error(&read_chunk(&mut c, 1), "503 on every attempt");
+    let failed_after = t.elapsed();
+    assert_eq!(proxy.seen().failed, 5, "1 + retries attempts");
+    assert_eq!(m("read_errors"), 1);
+    let log = server.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("S3 read failed after its retries")
+            && l.contains("chunk=1")
+            && l.contains("503")),
+        "the final failure is logged with its cause: {log}"
+    );
+    proxy.set(Faults::default());
+    let r = read_chunk(&mut c, 1);
+    assert_eq!(r.status, 0, "served once the store is back: {r:?}");
+    assert_eq!(r.data, block(1));
+
+    // A stall longer than timeout_secs on the first attempt: timed out, retried, served.
+    proxy.set(Faults {
+        delay_next: 1,
+        delay: Duration::from_secs(3),
+        ..Faults::default()
+    });
+    let r = read_chunk(&mut c, 2);
+    assert_eq!(r.status, 0, "a stalled attempt is retried: {r:?}");
+    assert_eq!(r.data, block(2));
+    assert!(
+        server
+            .stderr()
+            .lines()
+            .any(|l| l.contains("S3 read failed; retrying") && l.contains("chunks/00000002")),
+        "the stalled attempt is logged with the retry: {}",
+        server.stderr()
+    );
+
+    // Every attempt stalls: MEDIUM ERROR after about (1 + retries) x timeout + backoff, and
+    // meanwhile another initiator's read of a cached chunk is served at once.
+    proxy.set(Faults {
+        delay_all: true,
+        delay: Duration::from_secs(3),
+        ..Faults::default()
+    });
+    let port = server.port;
+    let t = Instant::now();
+    let stalled = std::thread::spawn(move || {
+        let r = read_chunk(&mut c, 4);
+        (c, r, t.elapsed())
+    });
+    let mut g = Client::connect(port);
+    g.login("iqn.2026-12.test:proxied-2", TARGET).unwrap();
+    wait_for_stall(&proxy, 1);
+    let t_cached = Instant::now();
+    assert_eq!(
+        g.read10(0, 8),
+        block(0),
+        "a cached chunk during a stalled fetch"
+    );
+    let cached = t_cached.elapsed();
+    let (mut c, r, stalled_for) = stalled.join().expect("stalled read");
+    assert_medium_error(&r, "every attempt stalled");
+    assert!(
+        stalled_for >= Duration::from_secs(3) && stalled_for < Duration::from_secs(10),
+        "bounded by 3 x timeout_secs + backoff: {stalled_for:?}"
+    );
+    assert!(
+        cached < Duration::from_secs(1),
+        "cached read took {cached:?}"
+    );
+    assert!(
+        server
+            .stderr()
+            .lines()
+            .any(|l| l.contains("S3 read failed after its retries") && l.contains("chunk=4")),
+        "the final failure is logged: {}",
+        server.stderr()
+    );
+    proxy.set(Faults::default());
+    let r = read_chunk(&mut c, 4);
+    assert_eq!(r.status, 0, "served once the store is fast again: {r:?}");
+    assert_eq!(r.data, block(4));
+    eprintln!(
+        "figure: through the fault proxy: 503 x3 -> MEDIUM ERROR after {failed_after:?}; every attempt stalled -> MEDIUM ERROR after {stalled_for:?} (timeout_secs 1, retries 2); a cached read meanwhile {cached:?}; proxy saw {:?}",
+        proxy.seen()
+    );
+    drop((c, g));
+    server.stop();
+}
+
+/// Until the proxy holds more than `before` delayed requests (a stalled fetch has started).
+fn wait_for_stall(proxy: &faultproxy::FaultProxy, before: usize) {
+    http::wait_for(
+        std::time::Duration::from_secs(10),
+        "a stalled request at the proxy",
+        || (proxy.seen().delayed > before).then_some(()),
+    );
 }

@@ -1619,9 +1619,10 @@ impl BootTarget {
             if !c.shared_disk_fenced() {
                 return Ok(c);
             }
-            // Another node took the client's shared disk (RBD) and fenced this one: its
-            // sessions here can only fail; the disk is opened (and locked) again.
-            tracing::warn!(initiator = %key, "the client's shared disk was fenced by another node: opening it again");
+            // This node lost the lock of the client's shared disk (RBD): another node fenced
+            // it, or Ceph was unreachable long enough for librbd to drop it. Its sessions here
+            // can only fail; the disk is opened (and locked) again.
+            tracing::warn!(initiator = %key, "the client's shared disk lost its lock (fenced by another node, or Ceph unreachable): opening it again");
             self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
         }
         let binding = self

@@ -103,6 +103,9 @@ struct Failures {
 /// After this many failed logins from one address in a minute, each further failure is
 /// answered a second late (slows CHAP guessing) and only every tenth is logged.
 const FAILURES_BEFORE_THROTTLE: u32 = 10;
+/// How long a boot script fetch waits for the client's disk to open (attach) before it
+/// answers with a retry script: under the boot HTTP connection's 30 s limit.
+const SCRIPT_ATTACH_LIMIT: Duration = Duration::from_secs(15);
 
 /// The iSCSI server: accepts connections on the listeners and runs sessions.
 pub struct Server {
@@ -496,7 +499,7 @@ impl Server {
                 let (b, who, from) = (boot.clone(), initiator.clone(), peer.ip());
                 let guard = self.fence_guard(&initiator);
                 let shared = self.cluster_lifecycle(&boot.name, &initiator).await;
-                tokio::task::spawn_blocking(move || {
+                let task = tokio::task::spawn_blocking(move || {
                     let sink = shared.map(|(rec, sink)| {
                         if let Some((rec, me)) = rec {
                             b.take_over(&who, rec, &me);
@@ -510,8 +513,20 @@ impl Server {
                         let d = c.script_fetched(from);
                         (c, d)
                     })
-                })
-                .await
+                });
+                // Opening a disk on shared storage (RBD) waits for Ceph (each request gives up
+                // after 10 s, an open makes several): the answer is not held past the HTTP
+                // connection's own limit (30 s), it says to come back.
+                match tokio::time::timeout(SCRIPT_ATTACH_LIMIT, task).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        warn!(%initiator, limit = ?SCRIPT_ATTACH_LIMIT,
+                            "boot script: the client's disk did not open in time (storage slow or unreachable); answering with a retry script");
+                        return Some(crate::boot::http::ipxe_retry_script(
+                            "the client's disk is not available yet",
+                        ));
+                    }
+                }
             };
             if let Ok(Ok((client, d))) = decided {
                 if !d.close.is_empty() {

@@ -12,6 +12,9 @@
 use super::{BlockStore, StorageError};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 #[allow(non_camel_case_types)]
 type rados_t = *mut c_void;
@@ -131,7 +134,16 @@ pub struct RbdDisk {
     image: rbd_image_t,
     size: u64,
     block_size: u32,
+    /// `pool/name`, for the log.
+    name: String,
+    /// I/O failures not logged yet, and when the last line was (at most one per
+    /// [`ERROR_LOG_EVERY`]: a fenced node's OS may retry its writes many times a second).
+    unlogged: AtomicU64,
+    logged_at: Mutex<Option<Instant>>,
 }
+
+/// At most one log line per disk for its I/O failures in this time.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 // SAFETY: librados handles and librbd image handles are thread-safe for concurrent I/O
 // (librbd serialises internally); the handles are only closed in Drop, with &mut self.
@@ -171,6 +183,9 @@ impl RbdDisk {
             image: std::ptr::null_mut(),
             size: 0,
             block_size: 512,
+            name: format!("{}/{name}", c.pool),
+            unlogged: AtomicU64::new(0),
+            logged_at: Mutex::new(None),
         };
         let mut options = vec![
             // A fenced client must fail its I/O, not wait forever for the OSDs.
@@ -410,6 +425,23 @@ fn io(e: RbdError) -> StorageError {
     StorageError::Io(std::io::Error::other(e))
 }
 
+impl RbdDisk {
+    /// A failed read, write or flush: the initiator gets CHECK CONDITION; the operator gets a
+    /// WARN line (Ceph unreachable, this node fenced), at most one per `ERROR_LOG_EVERY`.
+    fn failed(&self, op: &'static str, e: RbdError) -> StorageError {
+        let before = self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut at = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY) {
+            *at = Some(now);
+            self.unlogged.store(0, Ordering::Relaxed);
+            tracing::warn!(disk = %self.name, op, error = %e, failures_not_logged = before,
+                "I/O on the client disk in RBD failed (Ceph unreachable or this node fenced): answered CHECK CONDITION");
+        }
+        io(e)
+    }
+}
+
 impl BlockStore for RbdDisk {
     fn block_size(&self) -> u32 {
         self.block_size
@@ -427,7 +459,7 @@ impl BlockStore for RbdDisk {
                 len: buf.len() as u64,
             });
         }
-        self.read(buf, offset).map_err(io)
+        self.read(buf, offset).map_err(|e| self.failed("read", e))
     }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
         if offset.saturating_add(data.len() as u64) > self.size {
@@ -436,14 +468,15 @@ impl BlockStore for RbdDisk {
                 len: data.len() as u64,
             });
         }
-        self.write(data, offset).map_err(io)?;
+        self.write(data, offset)
+            .map_err(|e| self.failed("write", e))?;
         if fua {
-            self.flush_disk().map_err(io)?;
+            self.flush_disk().map_err(|e| self.failed("flush", e))?;
         }
         Ok(())
     }
     fn flush(&self) -> Result<(), StorageError> {
-        self.flush_disk().map_err(io)
+        self.flush_disk().map_err(|e| self.failed("flush", e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
         // SAFETY: the image handle is open. RBD discards read back as zeroes.

@@ -481,6 +481,10 @@ impl S3Store {
             }
             Err(e) => {
                 self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                // Once per failed fetch (its waiters share the outcome): the initiator gets
+                // MEDIUM ERROR, and the operator must see why.
+                tracing::error!(image = %self.key, chunk = index, error = %e,
+                    "S3 read failed after its retries; answered as a read error, nothing cached");
                 Err(read_error(e.to_string()))
             }
         }

@@ -221,7 +221,12 @@ impl Ceph {
 
     /// Stop the gateway (by the PID we started), leaving the cluster up.
     pub fn stop_rgw(&mut self) {
-        if let Some(i) = self.daemons.iter().position(|(n, _)| *n == "rgw") {
+        self.stop_daemon("rgw");
+    }
+
+    /// Stop one daemon (`mon`, `osd`, `rgw`) by the PID we started (SIGKILL).
+    pub fn stop_daemon(&mut self, name: &str) {
+        if let Some(i) = self.daemons.iter().position(|(n, _)| *n == name) {
             let (_, mut c) = self.daemons.remove(i);
             let _ = c.kill();
             let _ = c.wait();

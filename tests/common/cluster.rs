@@ -44,6 +44,24 @@ impl Node {
 
     /// A node whose default binding gives each client a disk in `mode` (e.g. `persistent`).
     pub fn start_mode(root: &Path, id: &str, spec: &Spec, mode: &str) -> Node {
+        let boot = format!(
+            "      default: {{image: {image}, mode: {mode}}}\n",
+            image = spec.image
+        );
+        Node::start_custom(root, id, spec, &boot, "127.0.0.1")
+    }
+
+    /// A node whose boot target's `boot:` mapping is `boot` (indented lines, e.g.
+    /// `bindings:` and `default:`) and whose advertised portal is `advertise_host:PORT`
+    /// (`10.0.2.2`: the host as QEMU guests on user networking reach it; its connections
+    /// arrive on 127.0.0.1).
+    pub fn start_custom(
+        root: &Path,
+        id: &str,
+        spec: &Spec,
+        boot: &str,
+        advertise_host: &str,
+    ) -> Node {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).expect("node directory");
         let (iscsi, http) = (crate::common::free_port(), crate::common::free_port());
@@ -53,15 +71,14 @@ impl Node {
              settings: {{nop_in_interval_secs: 0}}\n\
              {extra}\
              images:\n{images}\
-             targets:\n  - name: {target}\n    boot:\n      default: {{image: {image}, mode: {mode}}}\n\
+             targets:\n  - name: {target}\n    boot:\n{boot}\
              boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
              api: {{listen: \"127.0.0.1:0\"}}\n\
-             cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {ttl}{cextra}}}\n",
+             cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"{advertise_host}:{iscsi}\", lease_ttl: {ttl}{cextra}}}\n",
             state = dir.join("state").display(),
             extra = spec.extra,
             images = spec.images,
             target = spec.target,
-            image = spec.image,
             cluster = spec.cluster,
             ep = spec.etcd,
             ttl = spec.ttl,
