@@ -85,9 +85,12 @@ impl ClientRecord {
     }
 
     /// Whether `self` says something `prev` did not: another node, disk, boot count,
-    /// phase, pending reset... The write bookkeeping (seq, time) and the last activity time
-    /// (every event moves it) do not count: a record is written when the lifecycle changes,
-    /// not at every event.
+    /// phase, pending reset, ISIDs... A record is written when the lifecycle changes, not at
+    /// every event, so these do not count: the write bookkeeping (seq, time), the last
+    /// activity time, the live session count and the "interrupted" mark (every login and
+    /// session end moves them; a stale count in a taken record only marks the sessions as
+    /// interrupted, which keeps the disk in doubt), and a boot script fetch (the login
+    /// that follows it goes to the node that served the script, which has it).
     pub fn differs(&self, prev: Option<&ClientRecord>) -> bool {
         let Some(prev) = prev else { return true };
         let strip = |r: &ClientRecord| {
@@ -95,6 +98,9 @@ impl ClientRecord {
             r.seq = 0;
             r.updated_ms = 0;
             r.state.last_activity_ms = 0;
+            r.state.live_sessions = 0;
+            r.state.interrupted = false;
+            r.state.script_at_ms = None;
             r.state.shared_seq = 0;
             r.state.taken = None;
             r
@@ -206,10 +212,12 @@ mod tests {
         assert!(a.differs(None));
         let mut st = state(1);
         st.last_activity_ms = 12345;
+        st.live_sessions = 2;
+        st.script_at_ms = Some(5);
         let b = ClientRecord::new("t", "i", "n1", 2, 20, disk(), &st);
         assert!(
             !b.differs(Some(&a)),
-            "activity time and write bookkeeping only"
+            "activity, sessions, script fetch and write bookkeeping only"
         );
         let c = ClientRecord::new("t", "i", "n2", 2, 20, disk(), &st);
         assert!(c.differs(Some(&a)), "another node");

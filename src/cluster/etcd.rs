@@ -375,6 +375,12 @@ impl Cluster {
         self.op_timeout
     }
 
+    /// Whether the last request to etcd was answered (the lease keeper sets it again once
+    /// etcd answers).
+    pub fn reachable(&self) -> bool {
+        self.lock().reachable
+    }
+
     /// This node's lease now, if it holds one.
     pub(super) fn lease_id(&self) -> Option<i64> {
         self.lock().lease

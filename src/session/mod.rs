@@ -165,17 +165,34 @@ impl Server {
     )> {
         let (cluster, records) = (self.cluster()?, self.records.get()?);
         let me = cluster.node_id().to_string();
-        let rec = match records.load(target, initiator).await {
-            Ok(Some(bytes)) => {
-                match serde_json::from_slice::<crate::boot::record::ClientRecord>(&bytes) {
-                    Ok(r) => Some((r, me.clone())),
-                    Err(e) => {
-                        warn!(initiator, error = %e, "client lifecycle record in etcd is malformed: ignored");
-                        None
+        // etcd did not answer the placement just now: do not wait for it a second time.
+        let load = async {
+            if cluster.reachable() {
+                records.load(target, initiator).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let rec = match load.await {
+            Ok(None) => {
+                info!(
+                    initiator,
+                    "etcd unreachable: the client's lifecycle continues from this node's state"
+                );
+                None
+            }
+            Ok(Some(found)) => match found {
+                Some(bytes) => {
+                    match serde_json::from_slice::<crate::boot::record::ClientRecord>(&bytes) {
+                        Ok(r) => Some((r, me.clone())),
+                        Err(e) => {
+                            warn!(initiator, error = %e, "client lifecycle record in etcd is malformed: ignored");
+                            None
+                        }
                     }
                 }
-            }
-            Ok(None) => None,
+                None => None,
+            },
             Err(e) => {
                 warn!(initiator, error = %e, "cannot read the client's lifecycle record: continuing from this node's state");
                 None
