@@ -55,6 +55,10 @@ pub struct ScsiResult {
     /// Data for the initiator (already limited by the CDB's allocation/transfer length; the
     /// transport truncates further to its expected transfer length and reports residuals).
     pub data_in: Bytes,
+    /// Instead of `data_in` (then empty): the data lie in this range of a file, all in the
+    /// page cache, for the transport to send with `sendfile(2)`. Only READs of at least
+    /// 64 KiB, and only inside [`crate::storage::with_file_slices`].
+    pub data_file: Option<crate::storage::FileSlice>,
     /// Sense data (fixed or descriptor format) when status is CHECK CONDITION.
     pub sense: Option<Bytes>,
     /// I_T nexuses (ids) whose tasks on this logical unit the transport must abort before it
@@ -63,6 +67,16 @@ pub struct ScsiResult {
     /// commands get no status; the transport then calls
     /// [`LogicalUnit::commands_cleared`] for the nexuses that had commands aborted.
     pub abort_nexuses: Vec<u64>,
+}
+
+impl ScsiResult {
+    /// Bytes of data for the initiator, in memory or in the file.
+    pub fn data_len(&self) -> usize {
+        match &self.data_file {
+            Some(f) => f.len,
+            None => self.data_in.len(),
+        }
+    }
 }
 
 /// Data direction and length a CDB implies, so the transport can collect Data-Out before

@@ -88,6 +88,7 @@ impl LunTable {
                 Ok(v) => ScsiResult {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
+                    data_file: None,
                     sense: None,
                     abort_nexuses: Vec::new(),
                 },
@@ -112,6 +113,7 @@ impl LunTable {
                 ScsiResult {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
+                    data_file: None,
                     sense: None,
                     abort_nexuses: Vec::new(),
                 }
@@ -122,6 +124,7 @@ impl LunTable {
                 ScsiResult {
                     status: status::GOOD,
                     data_in: Bytes::from(v),
+                    data_file: None,
                     sense: None,
                     abort_nexuses: Vec::new(),
                 }

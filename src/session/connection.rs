@@ -504,10 +504,11 @@ struct PendingWrite {
 const INLINE_READ_MAX: u32 = 256 * 1024;
 
 /// Commands that are idempotent reads or touch no storage, cheap enough to run inline.
-fn runs_inline(cdb: &[u8], edtl: u32) -> bool {
+fn runs_inline(cdb: &[u8], edtl: u32, file_slices: bool) -> bool {
     match cdb.first() {
-        // READ(6/10/12/16)
-        Some(0x08 | 0x28 | 0xa8 | 0x88) => edtl <= INLINE_READ_MAX,
+        // READ(6/10/12/16); any size when its data may go by sendfile (then the command
+        // itself only checks that the range is cached: no copy on the event loop).
+        Some(0x08 | 0x28 | 0xa8 | 0x88) => file_slices || edtl <= INLINE_READ_MAX,
         // TEST UNIT READY, REQUEST SENSE, INQUIRY, MODE SENSE(6/10), READ CAPACITY(10),
         // READ CAPACITY(16) / SERVICE ACTION IN(16), REPORT LUNS, REPORT SUPPORTED OPCODES
         Some(0x00 | 0x03 | 0x12 | 0x1a | 0x5a | 0x25 | 0xa0 | 0xa3) => true,
@@ -1251,6 +1252,7 @@ impl Conn {
             let result = ScsiResult {
                 status: scsi::status::CHECK_CONDITION,
                 data_in: Bytes::new(),
+                data_file: None,
                 sense: Some(Bytes::copy_from_slice(&[
                     0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, ascq, 0, 0, 0, 0,
                 ])),
@@ -1337,13 +1339,16 @@ impl Conn {
         );
         let (itt, lun, edtl) = (c.itt, c.lun, c.expected_data_transfer_length);
         let cdb = c.cdb;
-        if runs_inline(&cdb, edtl) {
+        // Without a data digest over it, a large read's data can go from the page cache to
+        // the socket (sendfile) and never pass through our memory.
+        let slices = !self.params.data_digest;
+        if runs_inline(&cdb, edtl, slices) {
             // Hot reads and commands without I/O run right here: no thread hop, which is most
             // of a 4 KiB read's latency. A read that would wait for the disk falls through to
             // the blocking pool (storage::try_nonblocking).
-            if let Some(result) =
-                crate::storage::try_nonblocking(|| luns.execute(&nexus, lun, &cdb, &data))
-            {
+            if let Some(result) = crate::storage::try_nonblocking(|| {
+                crate::storage::with_file_slices(slices, || luns.execute(&nexus, lun, &cdb, &data))
+            }) {
                 return self
                     .on_done(Done {
                         itt,
@@ -1373,7 +1378,8 @@ impl Conn {
             return Ok(());
         }
         tokio::task::spawn_blocking(move || {
-            let result = luns.execute(&nexus, lun, &cdb, &data);
+            let result =
+                crate::storage::with_file_slices(slices, || luns.execute(&nexus, lun, &cdb, &data));
             let _ = done.send(Done {
                 itt,
                 lun,
@@ -1434,7 +1440,7 @@ impl Conn {
             let moved = match (d.result.status == scsi::status::GOOD, d.write_len) {
                 (false, _) => 0,
                 (true, Some(n)) => n.min(d.edtl),
-                (true, None) => (d.result.data_in.len() as u32).min(d.edtl),
+                (true, None) => (d.result.data_len() as u32).min(d.edtl),
             };
             self.io
                 .command_done(d.lun, r.op, u64::from(moved), r.start.elapsed());
@@ -1480,10 +1486,32 @@ impl Conn {
         // The task is over: its window slot opens in this very response.
         self.window.set_busy(self.busy());
         self.sync_seq();
+        if let (None, Some(file)) = (write_len, &r.data_file) {
+            // Sent from the page cache (sendfile): see storage::FileSlice.
+            let send = file.len.min(edtl as usize);
+            let file = file.slice(0, send);
+            let pdus = Completion {
+                itt,
+                lun,
+                status: r.status,
+                sense: None,
+                data: Bytes::new(),
+                residual: Residual::of(r.data_len() as u32, edtl),
+                r2t_count,
+            }
+            .into_file_pdus(
+                &file,
+                self.params.initiator_max_recv_data_segment_length,
+                self.params.max_burst_length,
+            );
+            if !pdus.is_empty() {
+                return self.queue(Out::File(pdus)).await;
+            }
+        }
         let (data, residual) = match write_len {
             Some(n) => (Bytes::new(), Residual::of(n, edtl)),
             None => {
-                let produced = r.data_in.len() as u32;
+                let produced = r.data_len() as u32;
                 let send = produced.min(edtl) as usize;
                 (r.data_in.slice(..send), Residual::of(produced, edtl))
             }

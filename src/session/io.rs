@@ -3,6 +3,7 @@
 //! payload and trailer with vectored writes.
 
 use crate::pdu::{self, Bhs, Digests, Pdu, PduError};
+use crate::storage::FileSlice;
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -140,6 +141,8 @@ impl SeqState {
 pub enum Out {
     Pdu(Pdu),
     Pdus(Vec<Pdu>),
+    /// Data-In PDUs whose data segments are sent from a file (`sendfile`), no data digest.
+    File(Vec<(Pdu, FileSlice)>),
     /// Flush, then report through the channel (e.g. before closing after a Logout Response).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -150,6 +153,7 @@ impl Out {
         match self {
             Out::Pdu(p) => p.data.len(),
             Out::Pdus(ps) => ps.iter().map(|p| p.data.len()).sum(),
+            Out::File(ps) => ps.iter().map(|(_, f)| f.len).sum(),
             Out::Flush(_) => 0,
         }
     }
@@ -195,7 +199,7 @@ const COPY_LIMIT: usize = 16 * 1024;
 const BATCH_LIMIT: usize = 512 * 1024;
 
 /// The writer task of one connection. Batches whatever is queued into one write.
-pub async fn writer<W: AsyncWrite + Unpin>(
+pub async fn writer<W: Sink>(
     mut w: W,
     mut rx: mpsc::Receiver<Out>,
     digests: Digests,
@@ -214,6 +218,11 @@ pub async fn writer<W: AsyncWrite + Unpin>(
                 Out::Pdus(ps) => {
                     for p in ps {
                         put(&mut w, &mut batch, p, digests, &seq, &mut stat_sn).await?;
+                    }
+                }
+                Out::File(ps) => {
+                    for (p, f) in ps {
+                        put_file(&mut w, &mut batch, p, &f, digests, &seq, &mut stat_sn).await?;
                     }
                 }
                 Out::Flush(done) => {
@@ -265,6 +274,91 @@ async fn put<W: AsyncWrite + Unpin>(
     write_all_vectored(w, &[&batched, &p.data, &trailer]).await?;
     *batch = batched;
     batch.clear();
+    Ok(())
+}
+
+/// The socket a writer writes to, for sending from files with `sendfile(2)`.
+pub trait Sink: AsyncWrite + Unpin {
+    /// The TCP socket under this writer, if there is one (else file data is read and copied).
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+impl Sink for tokio::net::tcp::OwnedWriteHalf {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Sink for tokio::io::DuplexStream {}
+
+/// A PDU whose data segment lies in `file`: the header goes out with whatever is batched,
+/// then the data straight from the page cache. No data digest (the transport only asks for
+/// file slices without one; should one be on anyway, the data is read and copied).
+async fn put_file<W: Sink>(
+    w: &mut W,
+    batch: &mut BytesMut,
+    mut p: Pdu,
+    file: &FileSlice,
+    digests: Digests,
+    seq: &SeqState,
+    stat_sn: &mut u32,
+) -> std::io::Result<()> {
+    if w.tcp().is_none() || digests.data {
+        // Only writers without a socket (tests over an in-memory pipe) get here; the range
+        // was cached when the command ran.
+        p.data = Bytes::from(file.read()?);
+        return put(w, batch, p, digests, seq, stat_sn).await;
+    }
+    let exp = seq.exp_cmd_sn.load(Ordering::Acquire);
+    let max = seq.max_cmd_sn.load(Ordering::Acquire);
+    stamp(&mut p.bhs, stat_sn, exp, max);
+    let header = pdu::encode_header(&p.bhs, file.len as u32, digests);
+    batch.extend_from_slice(&header);
+    w.write_all(batch).await?;
+    batch.clear();
+    if let Some(tcp) = w.tcp() {
+        send_file(tcp, file).await?;
+    }
+    // The data segment is padded to a multiple of 4 bytes (RFC 7143 §11.1).
+    let pad = (4 - file.len % 4) % 4;
+    if pad > 0 {
+        batch.extend_from_slice(&[0u8; 3][..pad]);
+    }
+    Ok(())
+}
+
+/// Send all of `file` to the socket with `sendfile(2)`: the page-cache pages go into the
+/// socket's buffers without a copy through user memory. The range was in the page cache
+/// when the command ran (`storage::FileStore::file_slice`); a page evicted since is read
+/// from the disk here, on the event loop: rare, and bounded by one PDU.
+async fn send_file(tcp: &tokio::net::TcpStream, file: &FileSlice) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut off = libc::off_t::try_from(file.offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut left = file.len;
+    while left > 0 {
+        tcp.writable().await?;
+        let r = tcp.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: sendfile between two fds we hold open; it writes only `off`, a live
+            // local.
+            let n =
+                unsafe { libc::sendfile(tcp.as_raw_fd(), file.file.as_raw_fd(), &mut off, left) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n.min(left),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 use crate::login::SessionParams;
 use crate::pdu::{Bhs, DataIn, DataOut, Pdu, R2t, ScsiResponse};
+use crate::storage::FileSlice;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 
@@ -270,10 +271,16 @@ pub struct Completion<'a> {
 }
 
 impl Completion<'_> {
-    pub fn into_pdus(self, max_seg: u32, max_burst: u32, out: &mut Vec<Pdu>) {
+    /// The Data-In headers for `total` bytes and the range of the data each carries.
+    fn data_in(
+        &self,
+        total: usize,
+        max_seg: u32,
+        max_burst: u32,
+        mut each: impl FnMut(DataIn, usize, usize),
+    ) -> u32 {
         let max_seg = max_seg.max(512) as usize;
         let max_burst = max_burst.max(512) as usize;
-        let total = self.data.len();
         let (o, u, residual_count) = self.residual.flags();
         let collapse = self.sense.is_none() && total > 0;
         let mut offset = 0usize;
@@ -286,8 +293,8 @@ impl Completion<'_> {
             let last = end == total;
             let burst_end = last || end % max_burst == 0;
             let status_here = last && collapse;
-            out.push(Pdu {
-                bhs: Bhs::DataIn(DataIn {
+            each(
+                DataIn {
                     final_: burst_end,
                     status_present: status_here,
                     status: if status_here { self.status } else { 0 },
@@ -300,12 +307,48 @@ impl Completion<'_> {
                     data_sn,
                     buffer_offset: offset as u32,
                     ..Default::default()
-                }),
-                data: self.data.slice(offset..end),
-            });
+                },
+                offset,
+                end,
+            );
             data_sn = data_sn.wrapping_add(1);
             offset = end;
         }
+        data_sn
+    }
+
+    /// The Data-In PDUs of a result whose data lie in `file` (all of it, already cut to the
+    /// EDTL; `self.data` unused): each PDU's data segment is its part of the file, to be
+    /// sent with `sendfile`. Status is in the last one (no sense: a GOOD read).
+    pub fn into_file_pdus(
+        self,
+        file: &FileSlice,
+        max_seg: u32,
+        max_burst: u32,
+    ) -> Vec<(Pdu, FileSlice)> {
+        let mut out = Vec::with_capacity(file.len / max_seg.max(512) as usize + 1);
+        self.data_in(file.len, max_seg, max_burst, |d, from, to| {
+            out.push((
+                Pdu {
+                    bhs: Bhs::DataIn(d),
+                    data: Bytes::new(),
+                },
+                file.slice(from, to),
+            ))
+        });
+        out
+    }
+
+    pub fn into_pdus(self, max_seg: u32, max_burst: u32, out: &mut Vec<Pdu>) {
+        let total = self.data.len();
+        let (o, u, residual_count) = self.residual.flags();
+        let collapse = self.sense.is_none() && total > 0;
+        let data_sn = self.data_in(total, max_seg, max_burst, |d, from, to| {
+            out.push(Pdu {
+                bhs: Bhs::DataIn(d),
+                data: self.data.slice(from..to),
+            })
+        });
         if collapse {
             return;
         }

@@ -2,20 +2,22 @@
 //! SEEK_DATA/SEEK_HOLE. One `File` is shared by every thread: positional calls never touch the
 //! file offset, so no lock is needed (the `lseek` in `allocation` moves the offset, which no
 //! other call uses).
-use super::{BlockStore, StorageError};
+use super::{BlockStore, FileSlice, StorageError};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Largest chunk of zeroes written at once when hole punching is not available.
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// A raw image file (or block device) served as a block device.
 pub struct FileStore {
-    file: File,
+    /// Shared with the [`FileSlice`]s that Data-In is sent from.
+    file: Arc<File>,
     path: PathBuf,
     size: u64,
     block_size: u32,
@@ -66,7 +68,7 @@ impl FileStore {
             small_folios(&file);
         }
         Ok(FileStore {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             size,
             block_size,
@@ -210,7 +212,77 @@ impl FileStore {
     }
 }
 
+/// Whether `cachestat(2)` (Linux 6.5+) works here; cleared at its first failure, after
+/// which no [`FileSlice`] is offered (reads are copied, as before).
+static CACHESTAT: AtomicBool = AtomicBool::new(true);
+
+/// Whether every page of `len` bytes at `offset` of `file` is in the page cache now:
+/// `cachestat(2)` counts them without touching the data. Sending uncached pages with
+/// `sendfile` would make the event loop wait for the disk.
+fn all_cached(file: &File, offset: u64, len: u64) -> bool {
+    /// `__NR_cachestat`: the same number on every architecture (new syscalls share one table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 || !CACHESTAT.load(Ordering::Relaxed) {
+        return false;
+    }
+    let range = Range { off: offset, len };
+    let mut st = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `st`, both live and of the kernel's layout
+    // (include/uapi/linux/mman.h); the fd is open for the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+        ) {
+            CACHESTAT.store(false, Ordering::Relaxed);
+        }
+        return false;
+    }
+    // nr_cache counts pages (PAGE_SIZE); the range may start and end inside a page.
+    // SAFETY: sysconf has no memory arguments.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let first = offset / page;
+    let last = (offset + len).div_ceil(page);
+    st.nr_cache >= last - first
+}
+
 impl BlockStore for FileStore {
+    fn file_slice(&self, offset: u64, len: u64) -> Option<FileSlice> {
+        self.check(offset, len).ok()?;
+        if !all_cached(&self.file, offset, len) {
+            return None;
+        }
+        Some(FileSlice {
+            file: self.file.clone(),
+            offset,
+            len: usize::try_from(len).ok()?,
+        })
+    }
+
     fn space(&self) -> Option<super::Space> {
         use std::os::unix::fs::MetadataExt;
         let used = self.file.metadata().ok()?.blocks().saturating_mul(512);

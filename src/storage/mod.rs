@@ -109,6 +109,71 @@ pub trait BlockStore: Send + Sync + 'static {
     fn fenced(&self) -> bool {
         false
     }
+    /// Where `len` bytes at `offset` lie in one open file whose pages are all in the page
+    /// cache now, so the transport can send them with `sendfile(2)` instead of reading them
+    /// into memory first. None (the default): read them with `read_at`.
+    fn file_slice(&self, _offset: u64, _len: u64) -> Option<FileSlice> {
+        None
+    }
+}
+
+/// A byte range of an open file that a Data-In may be sent from directly (`sendfile(2)`):
+/// see [`BlockStore::file_slice`]. The pages are read when the transport sends them, so a
+/// write that lands between the READ and its Data-In shows in the data: the same as a
+/// read and a write of the same blocks in flight together (SAM-5 §8.6: SIMPLE tasks have
+/// no order).
+#[derive(Debug, Clone)]
+pub struct FileSlice {
+    pub file: std::sync::Arc<std::fs::File>,
+    pub offset: u64,
+    pub len: usize,
+}
+
+impl FileSlice {
+    /// The part `from..to` of this slice (bounds clamped to it).
+    pub fn slice(&self, from: usize, to: usize) -> FileSlice {
+        let to = to.min(self.len);
+        let from = from.min(to);
+        FileSlice {
+            file: self.file.clone(),
+            offset: self.offset + from as u64,
+            len: to - from,
+        }
+    }
+
+    /// Read the slice into memory (where the transport cannot send from the file).
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; self.len];
+        self.file.read_exact_at(&mut v, self.offset)?;
+        Ok(v)
+    }
+}
+
+impl PartialEq for FileSlice {
+    fn eq(&self, o: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.file, &o.file) && self.offset == o.offset && self.len == o.len
+    }
+}
+impl Eq for FileSlice {}
+
+thread_local! {
+    /// Set while [`with_file_slices`] runs on this thread.
+    static SLICES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` telling the SCSI layer that this transport can send READ data straight from a
+/// file (no data digest to compute over it): large reads may then return a [`FileSlice`].
+pub fn with_file_slices<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let was = SLICES.with(|s| s.replace(on));
+    let r = f();
+    SLICES.with(|s| s.set(was));
+    r
+}
+
+/// Whether the caller of this command can take a [`FileSlice`] (inside [`with_file_slices`]).
+pub fn file_slices_wanted() -> bool {
+    SLICES.with(|s| s.get())
 }
 
 /// Why a shared client disk (Ceph RBD) cannot be served by this node.

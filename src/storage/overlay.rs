@@ -1027,6 +1027,25 @@ impl BlockStore for Overlay {
         false
     }
 
+    /// Only a range that lies wholly in the golden image (read-only: its pages stay what
+    /// they are); anything the client wrote is read and copied as before.
+    fn file_slice(&self, offset: u64, len: u64) -> Option<super::FileSlice> {
+        self.check_range(offset, len).ok()?;
+        if len == 0 {
+            return None;
+        }
+        let _gate = self.gate.read().ok()?;
+        let runs = {
+            let live = self.live.read().ok()?;
+            live.map
+                .runs(offset / self.chunk, (offset + len).div_ceil(self.chunk))
+        };
+        match runs.as_slice() {
+            [(_, _, ChunkState::Golden)] => self.golden.file_slice(offset, len),
+            _ => None,
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {

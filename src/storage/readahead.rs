@@ -206,6 +206,11 @@ impl BlockStore for LearningStore {
         self.note(offset, buf.len() as u64);
         self.inner.read_at(buf, offset)
     }
+    fn file_slice(&self, offset: u64, len: u64) -> Option<super::FileSlice> {
+        let s = self.inner.file_slice(offset, len)?;
+        self.note(offset, len);
+        Some(s)
+    }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
         self.inner.write_at(data, offset, fua)
     }
