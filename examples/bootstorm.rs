@@ -763,7 +763,11 @@ async fn replay(
     let mut want = Vec::new();
     let mut wbuf = Vec::new();
     let mut scratch = Vec::new();
-    let passes = sh.trace.iter().cycle().take(sh.trace.len() * sh.args.passes as usize);
+    let passes = sh
+        .trace
+        .iter()
+        .cycle()
+        .take(sh.trace.len() * sh.args.passes as usize);
     for op in passes {
         let (lba, blocks) = (op.lba, op.blocks);
         if op.write {

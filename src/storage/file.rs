@@ -197,12 +197,11 @@ pub(crate) fn read_file_nowait(
             iov_base: rest.as_mut_ptr().cast(),
             iov_len: rest.len(),
         };
-        let off = libc::off_t::try_from(offset + done as u64).map_err(|_| {
-            StorageError::OutOfRange {
+        let off =
+            libc::off_t::try_from(offset + done as u64).map_err(|_| StorageError::OutOfRange {
                 offset,
                 len: buf.len() as u64,
-            }
-        })?;
+            })?;
         // SAFETY: one iovec over a live, exclusively borrowed buffer of iov_len bytes.
         let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
         if n < 0 {
