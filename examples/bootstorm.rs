@@ -82,6 +82,10 @@ struct Args {
     /// client its own copy of the image, one target per copy).
     #[arg(long)]
     target_per_client: bool,
+    /// Each client replays the trace this many times in its session (a longer storm, for
+    /// side-by-side timings that rise above the noise; the first pass is the boot).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    passes: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -400,21 +404,8 @@ impl Conn {
         block_size: u32,
         keep: Option<&mut Vec<u8>>,
     ) -> Result<usize, StormError> {
-        let mut cdb = vec![0u8; 16];
-        match (u32::try_from(lba), u16::try_from(blocks)) {
-            (Ok(l), Ok(b)) => {
-                // READ(10), SBC-3 §5.11: what iPXE sends for disks under 2 TiB.
-                cdb[0] = 0x28;
-                cdb[2..6].copy_from_slice(&l.to_be_bytes());
-                cdb[7..9].copy_from_slice(&b.to_be_bytes());
-            }
-            _ => {
-                // READ(16), SBC-3 §5.13.
-                cdb[0] = 0x88;
-                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-                cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
-            }
-        }
+        // READ(10), SBC-3 §5.11 (what iPXE sends for disks under 2 TiB), else READ(16) §5.13.
+        let cdb = rw_cdb(0x28, 0x88, lba, blocks);
         let (status, got) = self
             .exec(lun, cdb, blocks.saturating_mul(block_size), keep)
             .await?;
@@ -437,21 +428,8 @@ impl Conn {
     ) -> Result<(), StormError> {
         let blocks = u32::try_from(data.len() / block_size as usize)
             .map_err(|_| StormError::Protocol("write too large".into()))?;
-        let mut cdb = vec![0u8; 16];
-        match (u32::try_from(lba), u16::try_from(blocks)) {
-            (Ok(l), Ok(b)) => {
-                // WRITE(10), SBC-3 §5.32.
-                cdb[0] = 0x2a;
-                cdb[2..6].copy_from_slice(&l.to_be_bytes());
-                cdb[7..9].copy_from_slice(&b.to_be_bytes());
-            }
-            _ => {
-                // WRITE(16), SBC-3 §5.34.
-                cdb[0] = 0x8a;
-                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-                cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
-            }
-        }
+        // WRITE(10), SBC-3 §5.32, else WRITE(16) §5.34.
+        let cdb = rw_cdb(0x2a, 0x8a, lba, blocks);
         let itt = self.itt();
         let cmd = Pdu::header_only(Bhs::ScsiCommand(ScsiCommand {
             immediate: false,
@@ -752,7 +730,7 @@ async fn storm_client(sh: Arc<Shared>, index: usize) -> Result<ClientStats, Stor
     let mut c = login_client(&sh, index).await?;
     let mut st = ClientStats {
         login: t0.elapsed(),
-        latencies_us: Vec::with_capacity(sh.trace.len()),
+        latencies_us: Vec::with_capacity(sh.trace.len() * sh.args.passes as usize),
         ..Default::default()
     };
     let written = replay(&sh, index, &mut c, &mut st).await?;
@@ -785,7 +763,12 @@ async fn replay(
     let mut want = Vec::new();
     let mut wbuf = Vec::new();
     let mut scratch = Vec::new();
-    for op in &sh.trace {
+    let passes = sh
+        .trace
+        .iter()
+        .cycle()
+        .take(sh.trace.len() * sh.args.passes as usize);
+    for op in passes {
         let (lba, blocks) = (op.lba, op.blocks);
         if op.write {
             wbuf.resize(blocks as usize * bs as usize, 0);
@@ -874,6 +857,26 @@ async fn hold(mut c: Conn) {
             }
         }
     }
+}
+
+/// The CDB of a READ or WRITE: the 10-byte form (`op10`) when the LBA fits 32 bits and the
+/// length 16 bits, else the 16-byte form (`op16`); both in a 16-byte buffer (SBC-3 §5.11,
+/// §5.13, §5.32, §5.34: LBA at byte 2, length at 7 (10) or 10 (16), big-endian).
+fn rw_cdb(op10: u8, op16: u8, lba: u64, blocks: u32) -> Vec<u8> {
+    let mut cdb = vec![0u8; 16];
+    match (u32::try_from(lba), u16::try_from(blocks)) {
+        (Ok(l), Ok(b)) => {
+            cdb[0] = op10;
+            cdb[2..6].copy_from_slice(&l.to_be_bytes());
+            cdb[7..9].copy_from_slice(&b.to_be_bytes());
+        }
+        _ => {
+            cdb[0] = op16;
+            cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+            cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+        }
+    }
+    cdb
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -992,10 +995,11 @@ async fn run_storm(sh: Arc<Shared>) -> Result<(), String> {
         lat.last().copied().unwrap_or(0),
     );
     println!(
-        "clients: {n} ({} ok, {} failed), trace: {} reads and {writes} writes per client",
+        "clients: {n} ({} ok, {} failed), trace: {} reads and {writes} writes per client and pass, {} passes",
         stats.len(),
         errors.len(),
-        sh.trace.len() - writes
+        sh.trace.len() - writes,
+        sh.args.passes
     );
     println!(
         "last client done: {last:.3} s (first: {first:.3} s, wall {:.3} s)",

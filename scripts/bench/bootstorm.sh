@@ -5,7 +5,7 @@
 #
 #   scripts/bench/bootstorm.sh [--clients "8 32 128"] [--rounds N] [--trace FILE]
 #                              [--cache warm|cold|both] [--readahead SECS] [--plain]
-#                              [--bin DIR] [--keep]
+#                              [--no-tgt] [--bin DIR] [--keep]
 #   scripts/bench/bootstorm.sh --record-trace PCAP [> tests/fixtures/boot-trace.txt]
 #   scripts/bench/bootstorm.sh --record-debian PCAP [--debian-image IMG]
 #
@@ -20,7 +20,11 @@
 # serving the image as a plain shared LUN (`serve --image`, no overlays). --readahead SECS adds
 # diskless-ra: diskless with `boot_readahead_secs: SECS`, which first learns the read set from
 # one client's boot; before each cold run it is restarted (after the drop) and the storm starts
-# as soon as it logged that the read-ahead was issued (not when it finished).
+# as soon as it logged that the read-ahead was issued (not when it finished); with --readahead
+# the plain diskless server is restarted after each drop too (both cold runs are first boots
+# after a server start), and a second table gives the per-round ratios cold/warm,
+# cold read-ahead/warm and cold read-ahead/cold (medians and ranges over the rounds).
+# --no-tgt leaves tgt out (for the cold/warm/read-ahead comparison alone).
 # --record-debian boots the Debian test image (scripts/boot/debian-image.sh; default: the newest
 # in target/boot-cache/debian) once under QEMU from diskless (volatile) and captures its network
 # traffic (QEMU filter-dump) into PCAP, for --record-trace.
@@ -45,7 +49,8 @@ RECORD_DEBIAN=""
 DEBIAN_IMG=""
 CACHE_MODES=warm
 RA=0
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+TGT=1
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
 	case "$1" in
@@ -55,6 +60,7 @@ while (($#)); do
 	--bin) BIN_DIR=${2:?}; shift ;;
 	--keep) KEEP=1 ;;
 	--plain) PLAIN=1 ;;
+	--no-tgt) TGT=0 ;;
 	--record-trace) RECORD=${2:?}; shift ;;
 	--record-debian) RECORD_DEBIAN=${2:?}; shift ;;
 	--debian-image) DEBIAN_IMG=${2:?}; shift ;;
@@ -322,13 +328,14 @@ start_diskless() { # tag args...
 start_diskless diskless serve -c "$W/targets.yaml"
 DL_PID=$STARTED_PID
 DL_PORT=$STARTED_PORT
-TARGETS="diskless tgt"
+TARGETS="diskless"
+((TGT)) && TARGETS="diskless tgt"
 if ((PLAIN)); then
 	start_diskless diskless-plain serve --image "$IMG"
 	PL_PID=$STARTED_PID
 	PL_PORT=$STARTED_PORT
 	PL_IQN="iqn.2026-11.org.diskless:$(basename "${IMG%.*}")"
-	TARGETS="diskless tgt diskless-plain"
+	TARGETS="$TARGETS diskless-plain"
 fi
 [[ $RA =~ ^[0-9]+$ ]] || dl_die "--readahead SECS: a number of seconds"
 stop_pid() {
@@ -359,12 +366,18 @@ if ((RA > 0)); then
 	TARGETS="$TARGETS diskless-ra"
 fi
 
-TGT_PORT=$(dl_free_port)
-dl_start_tgtd "$TGT_PORT" "$W/tgt"
+TGT_PORT=""
 TGT_IQN=iqn.2026-11.test:storm-tgt
 A=(tgtadm -C "$TGT_CTL" --lld iscsi)
 TGT_TIDS=""
-if ((WRITES)); then
+if ((TGT)); then
+	TGT_PORT=$(dl_free_port)
+	dl_start_tgtd "$TGT_PORT" "$W/tgt"
+	A=(tgtadm -C "$TGT_CTL" --lld iscsi)
+fi
+if ((!TGT)); then
+	:
+elif ((WRITES)); then
 	# One target per client (tgt has no per-client overlays), each with its own sparse copy of
 	# the golden image: made by tgt_copies before each run, deleted after it.
 	TGT_IQN=iqn.2026-11.test:storm-tgt-
@@ -437,6 +450,13 @@ run_one() { # round clients target cache
 		# Write back what is dirty, then drop the page cache: the servers read from the disk.
 		sync
 		echo 3 >/proc/sys/vm/drop_caches
+		if [[ $target == diskless ]] && ((RA > 0)); then
+			# The same server start on a cold cache, without read-ahead.
+			stop_pid "$DL_PID"
+			start_diskless diskless serve -c "$W/targets.yaml"
+			DL_PID=$STARTED_PID DL_PORT=$STARTED_PORT
+			pid=$DL_PID port=$DL_PORT
+		fi
 		if [[ $target == diskless-ra ]]; then
 			# A server start on a cold cache: the learned set is read ahead at open.
 			stop_pid "$RA_PID"
@@ -488,13 +508,17 @@ run_one() { # round clients target cache
 	sleep 1
 }
 
-k=0
 for ((r = 1; r <= ROUNDS; r++)); do
+	ni=0
 	for n in $CLIENTS; do
-		# Alternate which target goes first so drift on a shared machine hits both.
-		if ((k % 2)); then order=$(tr ' ' '\n' <<<"$TARGETS" | tac | tr '\n' ' '); else order=$TARGETS; fi
-		k=$((k + 1))
-		for cache in $CACHE_MODES; do
+		# Alternate, for each N from round to round, which target goes first (every round)
+		# and which cache state goes first (every other round), so that drift on a shared
+		# machine hits all of them alike.
+		order=$TARGETS caches=$CACHE_MODES
+		(((r + ni) % 2)) && order=$(tr ' ' '\n' <<<"$TARGETS" | tac | tr '\n' ' ')
+		((((r - 1) / 2 + ni) % 2)) && caches=$(tr ' ' '\n' <<<"$CACHE_MODES" | tac | tr '\n' ' ')
+		ni=$((ni + 1))
+		for cache in $caches; do
 			for t in $order; do run_one "$r" "$n" "$t" "$cache"; done
 		done
 	done
@@ -540,5 +564,26 @@ for n in sorted({k[0] for k in by}):
                 w = by.get((n, "warm", name), [])
                 line += f" {med(rs, 'last_done_s') / med(w, 'last_done_s'):.2f} |" if c == "cold" and w else " |"
             print(line)
+# Per-round ratios (same round, same N: storms minutes apart at most), medians and ranges.
+rounds = sorted({int(r["round"]) for r in rows})
+def last(n, rd, c, t):
+    rs = [r for r in rows if int(r["clients"]) == n and int(r["round"]) == rd and r["cache"] == c and r["target"] == t]
+    return float(rs[0]["last_done_s"]) if rs else None
+pairs = [("cold/warm, no read-ahead", ("cold", "diskless"), ("warm", "diskless")),
+         ("cold with read-ahead/warm", ("cold", "diskless-ra"), ("warm", "diskless-ra")),
+         ("cold with/without read-ahead", ("cold", "diskless-ra"), ("cold", "diskless")),
+         ("warm, the two servers (noise)", ("warm", "diskless-ra"), ("warm", "diskless"))]
+if cw and any(k[2] == "diskless-ra" for k in by):
+    print()
+    print(f"Per-round ratios of storm time ({len(rounds)} rounds): median (range)")
+    print()
+    print("| clients | " + " | ".join(p[0] for p in pairs) + " |")
+    print("|---:|" + "---:|" * len(pairs))
+    for n in sorted({k[0] for k in by}):
+        cells = []
+        for _, a, b in pairs:
+            xs = [x / y for x, y in ((last(n, rd, *a), last(n, rd, *b)) for rd in rounds) if x and y]
+            cells.append(f"**{statistics.median(xs):.2f}** ({min(xs):.2f}-{max(xs):.2f})" if xs else "-")
+        print(f"| {n} | " + " | ".join(cells) + " |")
 PY
 dl_log "table written to $OUT_DIR/bootstorm.md"

@@ -3,15 +3,21 @@
 # (issue 11: a read through a version chain costs one merged-map lookup, whatever the depth).
 # One server, two boot targets: `flat` (version 1 only) and `deep` (version 1 + 10 layers,
 # each rewriting 2 % of the 4 KiB chunks in runs of 1 to --run chunks at random places; --run 1
-# scatters single chunks, the worst case). N clients replay the recorded boot read trace on
-# each, alternating which goes first, and the table shows deep/flat.
+# scatters single chunks, the worst case). For each N, 2 x --rounds storms alternate strictly
+# flat, deep, flat, deep... (ABAB); each client replays the recorded boot read trace --passes
+# times in its session, so that one storm lasts seconds, not 0.3 s. The table gives, per N,
+# the median over all adjacent (flat, deep) pairs of deep/flat storm time and of deep/flat
+# server CPU time (utime+stime from /proc/PID/stat around each storm: far steadier than wall
+# time on a shared machine), with the spread of the pair ratios.
 # With materialization on (settings.materialize_depth, default 4 here as in the server), a
 # first storm on `deep` runs while its flat copy is written (reported as "during copy"), then
-# the timed rounds start once the server logs "version materialized"; --materialize-depth 0
+# the timed rounds start once the server logs "version materialized"; deep's chain files are
+# then dropped from the page cache and, after the rounds, `fincore` shows how much of them the
+# timed storms read back (about 0 when reads go to the flat copy). --materialize-depth 0
 # measures the chain itself.
 #
-#   scripts/bench/versions.sh [--clients "32 128"] [--rounds N] [--layers 10] [--run 32]
-#                             [--materialize-depth 4] [--materialize-rate 64MiB]
+#   scripts/bench/versions.sh [--clients "32 128"] [--rounds 10] [--passes 3] [--layers 10]
+#                             [--run 32] [--materialize-depth 4] [--materialize-rate 64MiB]
 #                             [--bin DIR] [--keep]
 set -euo pipefail
 
@@ -21,7 +27,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 ROOT=$(dl_repo_root)
 
 CLIENTS="32 128"
-ROUNDS=3
+ROUNDS=10
+PASSES=3
 LAYERS=10
 RUN=32
 TRACE=$ROOT/tests/fixtures/boot-trace.txt
@@ -32,11 +39,12 @@ IMG_SIZE=$((256 << 20))
 MDEPTH=4
 MRATE=64MiB
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
 	case "$1" in
 	--clients) CLIENTS=${2:?}; shift ;;
 	--rounds) ROUNDS=${2:?}; shift ;;
+	--passes) PASSES=${2:?}; shift ;;
 	--layers) LAYERS=${2:?}; shift ;;
 	--run) RUN=${2:?}; shift ;;
 	--materialize-depth) MDEPTH=${2:?}; shift ;;
@@ -49,11 +57,12 @@ while (($#)); do
 	shift
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || dl_die "--rounds must be a positive integer"
+[[ $PASSES =~ ^[1-9][0-9]*$ ]] || dl_die "--passes must be a positive integer"
 [[ $LAYERS =~ ^[0-9]+$ ]] || dl_die "--layers must be a number"
 [[ $MDEPTH =~ ^[0-9]+$ ]] || dl_die "--materialize-depth must be a number"
 for n in $CLIENTS; do [[ $n =~ ^[1-9][0-9]*$ ]] || dl_die "--clients: '$n' is not a positive integer"; done
 [[ -f $TRACE ]] || dl_die "no trace at $TRACE"
-dl_require python3 mktemp timeout qemu-img
+dl_require python3 mktemp timeout qemu-img fincore dd
 
 if [[ -z $BIN_DIR ]]; then
 	dl_log "building diskless, examples/bootstorm and examples/mklayers (release)"
@@ -120,21 +129,23 @@ done
 [[ -n $PORT ]] || dl_die "diskless did not print 'diskless: listening on'"
 
 RESULTS=$W/results.tsv
-printf 'round\tclients\timage\tlast_done_s\tp50_us\tp99_us\tcpu_ticks\n' >"$RESULTS"
+printf 'seq\tround\tclients\timage\tlast_done_s\tp50_us\tp99_us\tcpu_ticks\n' >"$RESULTS"
+SEQ=0
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run_one() { # round clients image
 	local r=$1 n=$2 img=$3 c0 c1 res kv
+	SEQ=$((SEQ + 1))
 	c0=$(cpu_ticks "$DL_PID")
-	timeout 600 "$STORM" --portal "127.0.0.1:$PORT" --target "iqn.2026-11.org.diskless:$img" --lun 0 \
-		--clients "$n" --trace "$TRACE" --initiator-prefix "iqn.2026-11.test:v-r$r-n$n-$img-" \
+	timeout 900 "$STORM" --portal "127.0.0.1:$PORT" --target "iqn.2026-11.org.diskless:$img" --lun 0 \
+		--clients "$n" --trace "$TRACE" --passes "$PASSES" --initiator-prefix "iqn.2026-11.test:v-r$r-n$n-$img-" \
 		>"$W/out" 2>"$W/err" || { cat "$W/out" "$W/err" >&2; dl_die "storm on $img failed"; }
 	c1=$(cpu_ticks "$DL_PID")
 	res=$(grep '^RESULT ' "$W/out") || dl_die "no RESULT line from bootstorm"
 	kv=${res#RESULT }
 	get() { tr ' ' '\n' <<<"$kv" | sed -n "s/^$1=//p"; }
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$n" "$img" "$(get last_done_s)" "$(get p50_us)" \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$SEQ" "$r" "$n" "$img" "$(get last_done_s)" "$(get p50_us)" \
 		"$(get p99_us)" "$((c1 - c0))" >>"$RESULTS"
-	dl_log "round $r, $n clients, $img: last done $(get last_done_s) s, p50 $(get p50_us) µs"
+	dl_log "round $r, $n clients, $img: last done $(get last_done_s) s, p50 $(get p50_us) µs, $((c1 - c0)) CPU ticks"
 	sleep 1
 }
 # The first read of `deep` starts its flat copy (when its depth reaches --materialize-depth):
@@ -151,35 +162,80 @@ if ((MDEPTH > 0 && LAYERS >= MDEPTH)); then
 	done
 	grep -q 'version materialized' "$W/dl.err" || dl_die "no flat copy of deep after 600 s"
 	grep 'version materialized' "$W/dl.err" | tail -n 1 | sed 's/^/  /' >&2
-	# Warm like the version files above.
-	cat "$W"/state/images/deep/flat/*.flat >/dev/null
 fi
-k=0
-for ((r = 1; r <= ROUNDS; r++)); do
-	for n in $CLIENTS; do
-		if ((k % 2)); then order="deep flat"; else order="flat deep"; fi
-		k=$((k + 1))
-		for img in $order; do run_one "$r" "$n" "$img"; done
+# The files the timed storms read, cached alike: each dropped from the page cache and read
+# once by `cat` (the import's writes and the flat copy's copy_file_range leave folios of other
+# sizes, and a read's cost depends on the folios it meets: docs/performance.md, "Third round").
+# With a flat copy, deep's chain (base and layers) is left out of the cache, so that what the
+# timed storms read from it shows in `fincore` afterwards (nothing, when reads go to the copy).
+chain_files() { find "$W/state/images/deep" -maxdepth 1 \( -name '*.base' -o -name '*.layer' \) -print; }
+chain_resident() { chain_files | xargs fincore --bytes --noheadings --output RES | awk '{s += $1} END {print s + 0}'; }
+evict() { for f; do dd if="$f" iflag=nocache count=0 status=none; done; }
+sync
+MATERIALIZED=0
+((MDEPTH > 0 && LAYERS >= MDEPTH)) && MATERIALIZED=1
+if ((MATERIALIZED)); then
+	TIMED_FILES="$W/state/images/flat/v1.base $(echo "$W"/state/images/deep/flat/*.flat)"
+	# shellcheck disable=SC2046
+	evict $(chain_files)
+	dl_log "deep's chain files resident before the timed rounds: $(chain_resident) bytes"
+else
+	TIMED_FILES="$W/state/images/flat/v1.base $(chain_files | tr '\n' ' ')"
+fi
+# shellcheck disable=SC2086
+evict $TIMED_FILES
+# shellcheck disable=SC2086
+cat $TIMED_FILES >/dev/null
+# Strictly alternating storms, flat first: flat deep flat deep ... for each N.
+for n in $CLIENTS; do
+	for ((r = 1; r <= ROUNDS; r++)); do
+		for img in flat deep; do run_one "$r" "$n" "$img"; done
 	done
 done
+CHAIN_READ=-1
+if ((MATERIALIZED)); then
+	CHAIN_READ=$(chain_resident)
+	dl_log "deep's chain files resident after the timed rounds: $CHAIN_READ bytes (read by the storms)"
+fi
 
-python3 - "$RESULTS" "$(getconf CLK_TCK)" "$LAYERS" <<'PY' | tee "$OUT_DIR/versions.md"
+python3 - "$RESULTS" "$(getconf CLK_TCK)" "$LAYERS" "$PASSES" "$CHAIN_READ" <<'PY' | tee "$OUT_DIR/versions.md"
 import csv, statistics, sys
 allrows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 rows = [r for r in allrows if r["round"] != "0"]
 during = [r for r in allrows if r["round"] == "0"]
-tck, layers = int(sys.argv[2]), sys.argv[3]
+tck, layers, passes, chain_read = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 med = lambda rs, k: statistics.median(float(r[k]) for r in rs)
-print(f"| clients | image | last done s | p50 µs | p99 µs | server CPU s | deep/flat time |")
-print("|---:|---|---:|---:|---:|---:|---:|")
+def pairs(n):
+    """deep/flat ratios of every adjacent (flat, deep) pair in the run order (ABAB: half the
+    pairs have flat first, half deep first), for storm time and server CPU."""
+    seq = sorted((r for r in rows if int(r["clients"]) == n), key=lambda r: int(r["seq"]))
+    t, c = [], []
+    for a, b in zip(seq, seq[1:]):
+        if a["image"] == b["image"]:
+            continue
+        f, d = (a, b) if a["image"] == "flat" else (b, a)
+        t.append(float(d["last_done_s"]) / float(f["last_done_s"]))
+        if int(f["cpu_ticks"]) > 0:
+            c.append(int(d["cpu_ticks"]) / int(f["cpu_ticks"]))
+    return t, c
+span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
+print(f"Each client replays the trace {passes} times; medians over the rounds; pair ratios: median "
+      "(range) over all adjacent flat/deep storms.")
+print()
+print("| clients | image | storms | last done s | p50 µs | p99 µs | server CPU s | deep/flat time, pairs | deep/flat CPU, pairs |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for n in sorted({int(r["clients"]) for r in rows}):
     f = [r for r in rows if int(r["clients"]) == n and r["image"] == "flat"]
     d = [r for r in rows if int(r["clients"]) == n and r["image"] == "deep"]
+    t, c = pairs(n)
     for name, rs in (("flat", f), (f"{layers} layers", d)):
-        ratio = f"**{med(d, 'last_done_s') / med(f, 'last_done_s'):.3f}**" if name != "flat" else ""
-        print(f"| {n} | {name} | {med(rs, 'last_done_s'):.3f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {ratio} |")
+        rt = f"**{statistics.median(t):.3f}** ({span(t)}, {len(t)} pairs)" if name != "flat" and t else ""
+        rc = f"**{statistics.median(c):.3f}** ({span(c)})" if name != "flat" and c else ""
+        print(f"| {n} | {name} | {len(rs)} | {med(rs, 'last_done_s'):.3f} | {med(rs, 'p50_us'):.0f} | {med(rs, 'p99_us'):.0f} | {med(rs, 'cpu_ticks') / tck:.2f} | {rt} | {rc} |")
     for r in (x for x in during if int(x["clients"]) == n):
-        f = [x for x in rows if int(x["clients"]) == n and x["image"] == "flat"]
-        print(f"| {n} | {layers} layers, during its flat copy (1 run) | {float(r['last_done_s']):.3f} | {float(r['p50_us']):.0f} | {float(r['p99_us']):.0f} | {int(r['cpu_ticks']) / tck:.2f} | {float(r['last_done_s']) / med(f, 'last_done_s'):.3f} |")
+        print(f"| {n} | {layers} layers, during its flat copy (1 storm) | 1 | {float(r['last_done_s']):.3f} | {float(r['p50_us']):.0f} | {float(r['p99_us']):.0f} | {int(r['cpu_ticks']) / tck:.2f} | {float(r['last_done_s']) / med(f, 'last_done_s'):.3f} (vs flat median) | |")
+if chain_read >= 0:
+    print()
+    print(f"Bytes of deep's chain files (base + layers) the timed storms brought into the page cache: {chain_read}")
 PY
 dl_log "table written to $OUT_DIR/versions.md"

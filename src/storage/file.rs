@@ -168,47 +168,9 @@ fn small_folios(file: &File) {
 }
 
 impl FileStore {
-    /// A read that never waits for the disk (RWF_NOWAIT, Linux 4.14+): EAGAIN means the data
-    /// is not in the page cache; the caller retries on a thread that may block.
+    /// A read that never waits for the disk: [`read_file_nowait`].
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let iov = libc::iovec {
-                iov_base: rest.as_mut_ptr().cast(),
-                iov_len: rest.len(),
-            };
-            let off = libc::off_t::try_from(offset + done as u64).map_err(|_| {
-                StorageError::OutOfRange {
-                    offset,
-                    len: buf.len() as u64,
-                }
-            })?;
-            // SAFETY: one iovec over a live, exclusively borrowed buffer of iov_len bytes.
-            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN)
-                    | Some(libc::EOPNOTSUPP)
-                    | Some(libc::ENOSYS)
-                    | Some(libc::EINVAL) => {
-                        super::note_would_block();
-                        return Err(StorageError::Io(io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            e,
-                        )));
-                    }
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(e.into()),
-                }
-            }
-            if n == 0 {
-                return Err(StorageError::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            done += n as usize;
-        }
-        Ok(())
+        read_file_nowait(&self.file, buf, offset)
     }
 }
 
@@ -268,6 +230,63 @@ fn all_cached(file: &File, offset: u64, len: u64) -> bool {
     let first = offset / page;
     let last = (offset + len).div_ceil(page);
     st.nr_cache >= last - first
+}
+
+/// `read_exact_at` of `file` that honours [`super::try_nonblocking`]: inside it, the read
+/// never waits for the disk ([`read_file_nowait`]). For files read directly rather than
+/// through a [`FileStore`] (the layers of an image version).
+pub(crate) fn read_file_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+    if super::nowait() {
+        return read_file_nowait(file, buf, offset);
+    }
+    file.read_exact_at(buf, offset)?;
+    Ok(())
+}
+
+/// A read that never waits for the disk (RWF_NOWAIT, Linux 4.14+): EAGAIN means the data
+/// is not in the page cache; the caller retries on a thread that may block.
+pub(crate) fn read_file_nowait(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), StorageError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let off =
+            libc::off_t::try_from(offset + done as u64).map_err(|_| StorageError::OutOfRange {
+                offset,
+                len: buf.len() as u64,
+            })?;
+        // SAFETY: one iovec over a live, exclusively borrowed buffer of iov_len bytes.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN)
+                | Some(libc::EOPNOTSUPP)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL) => {
+                    super::note_would_block();
+                    return Err(StorageError::Io(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        e,
+                    )));
+                }
+                Some(libc::EINTR) => continue,
+                _ => return Err(e.into()),
+            }
+        }
+        if n == 0 {
+            return Err(StorageError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 impl BlockStore for FileStore {

@@ -596,7 +596,9 @@ impl VersionStore {
                         .layers
                         .get(idx as usize)
                         .ok_or(StorageError::Unsupported("layer index"))?;
-                    f.read_exact_at(part, off)?;
+                    // Like the base (a FileStore): never waits for the disk inside
+                    // `try_nonblocking`, so a cold layer read cannot stall the event loop.
+                    super::file::read_file_at(f, part, off)?;
                 }
             }
             pos = run_end;

@@ -419,3 +419,22 @@ proptest! {
         check(&s)?;
     }
 }
+
+#[test]
+fn chain_reads_work_inside_try_nonblocking() {
+    // A read across base, layer and zero runs, on the event loop's path (RWF_NOWAIT):
+    // the files were just written, so the page cache serves it and the data is the model's.
+    let dir = tempfile::tempdir().expect("tmp");
+    let (images, base) = new_image(dir.path());
+    let chain = deep_chain(&images, &base, 3);
+    let (v, want) = chain.last().expect("chain").clone();
+    let s = images.open("img", v).expect("open");
+    assert!(s.map_runs() > 1, "a read crosses runs");
+    let mut buf = vec![0u8; SIZE as usize];
+    match crate::storage::try_nonblocking(|| s.read_at(&mut buf, 0)) {
+        Some(r) => r.expect("read"),
+        // A file system that cannot say (no RWF_NOWAIT): the blocking path reads it.
+        None => s.read_at(&mut buf, 0).expect("read"),
+    }
+    assert_eq!(buf, want);
+}
