@@ -4,10 +4,12 @@
 //! asserts: the test waits for the file and the log line.
 
 mod common;
+#[path = "common/http.rs"]
+mod http;
 
 use common::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TARGET: &str = "iqn.2026-11.test:readahead";
 
@@ -23,15 +25,8 @@ fn config(dir: &Path, image: &Path) -> Config {
 }
 
 /// Wait up to 60 s for `f` to return Some.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    http::wait_for(Duration::from_secs(60), what, f)
 }
 
 #[test]
@@ -71,8 +66,11 @@ fn a_second_start_reads_ahead_what_the_first_boot_read() {
     assert!(text.starts_with("diskless-readset 1\n"), "{text}");
     // All eight 1 MiB chunks, as one run.
     assert!(text.ends_with("\n0 8\n"), "{text}");
-    let first_log = server.stderr();
-    assert!(first_log.contains("boot read set learned"), "{first_log}");
+    // The file is renamed into place just before the line is logged: wait for the line too.
+    let first_log = wait_for("the 'boot read set learned' log line", || {
+        let log = server.stderr();
+        log.contains("boot read set learned").then_some(log)
+    });
     assert!(!first_log.contains("read-ahead issued"), "{first_log}");
     server.stop();
 
