@@ -27,7 +27,11 @@
 //!   another node continues from the record (boot 2, not a first boot); `diskless cluster
 //!   clients` shows it; that node paused (SIGSTOP) past its lease, the client moves on (boot
 //!   3), and the paused node's late write is refused by the ownership comparison.
-//!
+//! - `slow_etcd_is_bounded`: etcd stops answering one node (a proxy holds its connections
+//!   open and silent: slow, not refused): that node answers a new login with 0x0301 within
+//!   the raw client's 5 s answer limit (never a hang), its open session goes on reading and
+//!   writing, the other node places the new client; etcd answers again: the node places
+//!   logins again, and no client has two owners.//!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 #[path = "common/cluster.rs"]
@@ -39,6 +43,8 @@ mod etcd;
 mod http;
 #[path = "common/raw.rs"]
 mod raw;
+#[path = "common/stallproxy.rs"]
+mod stallproxy;
 
 use cluster::Node;
 use etcd::Etcd;
@@ -464,6 +470,61 @@ fn etcd_loss_keeps_sessions_refuses_new_logins() {
         }
     });
     assert_eq!(running.read10(8, 1), marker(2));
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+}
+
+#[test]
+fn slow_etcd_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 9)).unwrap();
+    let etcd = Etcd::start(tmp.path());
+    let proxy = stallproxy::StallProxy::start(etcd.endpoint().trim_start_matches("http://"));
+    // n1 reaches etcd only through the proxy; n2 directly.
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: format!("http://127.0.0.1:{}", proxy.port),
+        ttl: TTL,
+        images: format!("  - {{name: base, path: {}}}\n", golden.display()),
+        image: "base",
+        extra: String::new(),
+        cluster_extra: String::new(),
+    };
+    let n1 = Node::start(tmp.path(), "n1", &spec);
+    let n2 = start_node(tmp.path(), "n2", &etcd, &golden);
+    wait_for_members(&[&n1, &n2]);
+    let (who, port) = n1.script(&mac(1));
+    assert_eq!(port, n1.iscsi);
+    let mut running = login(port, &who);
+    running.write10(3, &marker(3));
+
+    proxy.stall(true);
+    // A client etcd never saw: n1 cannot place it; the answer comes (first_answer waits at
+    // most raw::ANSWER) and says service unavailable.
+    let t = Instant::now();
+    let (st, _) = first_answer(n1.iscsi, "iqn.2026-11.test:while-slow");
+    println!("measured: login answered by the node with a silent etcd in {:?}", t.elapsed());
+    assert_eq!(st, (3, 1), "service unavailable while etcd does not answer");
+    assert!(n1.stderr().contains("login refused: cannot place the client"));
+    // The open session goes on.
+    assert_eq!(running.read10(3, 1), marker(3));
+    running.write10(4, &marker(4));
+    assert_eq!(running.read10(4, 1), marker(4));
+    // The healthy node places new clients meanwhile.
+    let (st, _) = first_answer(n2.iscsi, "iqn.2026-11.test:to-n2");
+    assert!(st == (0, 0) || st == (1, 1), "n2 serves or redirects: {st:?}");
+
+    proxy.stall(false);
+    wait_for("n1 to place a new login again", || {
+        let (st, keys) = first_answer(n1.iscsi, "iqn.2026-11.test:after-slow");
+        match st {
+            (0, 0) => Some(()),
+            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
+            _ => None,
+        }
+    });
+    assert_eq!(running.read10(4, 1), marker(4));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
 
