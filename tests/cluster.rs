@@ -31,7 +31,10 @@
 //!   open and silent: slow, not refused): that node answers a new login with 0x0301 within
 //!   the raw client's 5 s answer limit (never a hang), its open session goes on reading and
 //!   writing, the other node places the new client; etcd answers again: the node places
-//!   logins again, and no client has two owners.//!
+//!   logins again, and no client has two owners.//! - `etcd_errors_refuse_placement_clearly`: etcd answers with errors (its space quota
+//!   exceeded: the NOSPACE alarm refuses writes): a new client's login is refused with 0x0301
+//!   and the node's log names etcd's error; the open session goes on; once the operator frees
+//!   space (delete, compact, defrag, disarm) the node places logins again.//!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 #[path = "common/cluster.rs"]
@@ -504,16 +507,24 @@ fn slow_etcd_is_bounded() {
     // most raw::ANSWER) and says service unavailable.
     let t = Instant::now();
     let (st, _) = first_answer(n1.iscsi, "iqn.2026-11.test:while-slow");
-    println!("measured: login answered by the node with a silent etcd in {:?}", t.elapsed());
+    println!(
+        "measured: login answered by the node with a silent etcd in {:?}",
+        t.elapsed()
+    );
     assert_eq!(st, (3, 1), "service unavailable while etcd does not answer");
-    assert!(n1.stderr().contains("login refused: cannot place the client"));
+    assert!(n1
+        .stderr()
+        .contains("login refused: cannot place the client"));
     // The open session goes on.
     assert_eq!(running.read10(3, 1), marker(3));
     running.write10(4, &marker(4));
     assert_eq!(running.read10(4, 1), marker(4));
     // The healthy node places new clients meanwhile.
     let (st, _) = first_answer(n2.iscsi, "iqn.2026-11.test:to-n2");
-    assert!(st == (0, 0) || st == (1, 1), "n2 serves or redirects: {st:?}");
+    assert!(
+        st == (0, 0) || st == (1, 1),
+        "n2 serves or redirects: {st:?}"
+    );
 
     proxy.stall(false);
     wait_for("n1 to place a new login again", || {
@@ -525,6 +536,64 @@ fn slow_etcd_is_bounded() {
         }
     });
     assert_eq!(running.read10(4, 1), marker(4));
+    check_no_split_brain(&etcd, &[&n1, &n2]);
+}
+
+#[test]
+fn etcd_errors_refuse_placement_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    std::fs::write(&golden, common::random_bytes(GOLDEN_SIZE, 10)).unwrap();
+    // A small space quota, so that the test can fill it (etcd then raises NOSPACE and refuses
+    // every write: puts, transactions that put, lease grants).
+    let etcd = Etcd::start_args(tmp.path(), &["--quota-backend-bytes=4194304"]);
+    let n1 = start_node(tmp.path(), "n1", &etcd, &golden);
+    let n2 = start_node(tmp.path(), "n2", &etcd, &golden);
+    wait_for_members(&[&n1, &n2]);
+    let (who, port) = n1.script(&mac(1));
+    let mut running = login(port, &who);
+    running.write10(5, &marker(5));
+
+    let value = "x".repeat(120 * 1024);
+    let mut i = 0;
+    wait_for("etcd's NOSPACE alarm", || {
+        i += 1;
+        etcd.ctl(&["put", &format!("/fill/{i}"), &value]);
+        etcd.ctl_out(&["alarm", "list"])
+            .filter(|a| a.contains("NOSPACE"))
+    });
+    let (st, _) = first_answer(n1.iscsi, "iqn.2026-11.test:while-full");
+    assert_eq!(st, (3, 1), "service unavailable while etcd refuses writes");
+    wait_for("n1's log to name etcd's error", || {
+        n1.stderr()
+            .contains("database space exceeded")
+            .then_some(())
+    });
+    assert_eq!(running.read10(5, 1), marker(5));
+    running.write10(6, &marker(6));
+    assert_eq!(running.read10(6, 1), marker(6));
+
+    // The operator's remedy: free the space, compact, defragment, disarm.
+    assert!(etcd.ctl(&["del", "/fill/", "--prefix"]));
+    let status = etcd
+        .ctl_out(&["endpoint", "status", "-w", "json"])
+        .expect("endpoint status");
+    let rev = serde_json::from_str::<serde_json::Value>(&status)
+        .ok()
+        .and_then(|v| v[0]["Status"]["header"]["revision"].as_u64())
+        .expect("revision");
+    assert!(etcd.ctl(&["compact", &rev.to_string()]));
+    assert!(etcd.ctl(&["defrag"]));
+    assert!(etcd.ctl(&["alarm", "disarm"]));
+    wait_for("n1 to place a new login again", || {
+        let (st, keys) = first_answer(n1.iscsi, "iqn.2026-11.test:after-full");
+        match st {
+            (0, 0) => Some(()),
+            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
+            _ => None,
+        }
+    });
+    assert_eq!(running.read10(6, 1), marker(6));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
 

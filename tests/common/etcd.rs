@@ -25,6 +25,8 @@ pub struct Etcd {
     tls: Option<Pki>,
     /// `user:password` etcdctl uses once auth is enabled.
     root: Option<String>,
+    /// More command-line options of etcd (e.g. `--quota-backend-bytes=...`).
+    args: Vec<String>,
 }
 
 /// Certificates made at test time with the `openssl` CLI: a CA, etcd's server certificate
@@ -122,6 +124,15 @@ impl Etcd {
     /// With `tls`: client URLs are https, the server certificate is `tls`'s, and clients
     /// must show a certificate signed by its CA (`--client-cert-auth`).
     pub fn start_with(dir: &Path, tls: Option<Pki>) -> Etcd {
+        Self::launch(dir, tls, &[])
+    }
+
+    /// A plain etcd started with more command-line options.
+    pub fn start_args(dir: &Path, args: &[&str]) -> Etcd {
+        Self::launch(dir, None, args)
+    }
+
+    fn launch(dir: &Path, tls: Option<Pki>, args: &[&str]) -> Etcd {
         common::require("etcd", "etcd-server");
         common::require("etcdctl", "etcd-client");
         std::fs::create_dir_all(dir).expect("etcd directory");
@@ -132,6 +143,7 @@ impl Etcd {
             peer: free_port(),
             tls,
             root: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         e.spawn();
         e
@@ -210,6 +222,7 @@ impl Etcd {
                 "--initial-cluster",
                 &format!("n1=http://127.0.0.1:{p}"),
             ])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
