@@ -159,7 +159,7 @@ impl FileStore {
 /// `POSIX_FADV_RANDOM` turns readahead off for this open file: a read that misses the cache
 /// reads exactly the range asked for, into order-0 folios. Folios other readers made (a
 /// `cat`, a `cp`) stay as they are until evicted. Advice only: a refusal changes nothing.
-fn small_folios(file: &File) {
+pub(crate) fn small_folios(file: &File) {
     // SAFETY: posix_fadvise on a file descriptor we own; no memory is passed.
     let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
     if r != 0 {
