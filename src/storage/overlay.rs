@@ -1132,7 +1132,7 @@ impl BlockStore for Overlay {
         }
         let _gate = self.gate.read().ok()?;
         let runs = {
-            let live = self.live.read().ok()?;
+            let live = self.core.live.read().ok()?;
             live.map
                 .runs(offset / self.chunk, (offset + len).div_ceil(self.chunk))
         };
