@@ -387,13 +387,18 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     let mut n2 = nodes.pop().expect("n2");
     n2.server.take().expect("n2 running").kill9();
     let n2 = start(root, "n2", &sp);
-    http::wait_for(WAIT, "n2 to keep its version", || {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         let e = n2.stderr();
-        e.lines()
-            .any(|l| {
-                l.contains("keeping the version this node has")
-                    && l.contains(&format!("version={b}"))
-            })
-            .then_some(())
-    });
+        if e.lines().any(|l| {
+            l.contains("keeping the version this node has") && l.contains(&format!("version={b}"))
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n2 did not keep version {b} with etcd down; its log:\n{e}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

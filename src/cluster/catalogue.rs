@@ -386,19 +386,10 @@ impl Follower {
         }
     }
 
-    /// The registry now serves `r`: log what moved, and save it.
+    /// The registry now serves `r`: save it, then log what moved (saved first, so that
+    /// a node killed after the line was logged restarts on what the line said).
     pub fn commit(&self, r: Resolution) {
         let old = std::mem::replace(&mut self.lock().in_force, r.clone());
-        for (entry, now) in &r {
-            match old.get(entry) {
-                Some(o) if o == now => {}
-                o => {
-                    info!(image = %entry, pointer = %now.pointer, version = %now.version, seq = now.seq,
-                    before = o.map_or("-", |o| o.version.as_str()),
-                    "image catalogue: new boots take this version; running clients keep theirs until their next boot")
-                }
-            }
-        }
         if r == old {
             return;
         }
@@ -413,6 +404,16 @@ impl Follower {
                 .and_then(|()| std::fs::rename(&tmp, path));
             if let Err(e) = res {
                 warn!(file = %path.display(), error = %e, "cannot save the versions in force");
+            }
+        }
+        for (entry, now) in &r {
+            match old.get(entry) {
+                Some(o) if o == now => {}
+                o => {
+                    info!(image = %entry, pointer = %now.pointer, version = %now.version, seq = now.seq,
+                    before = o.map_or("-", |o| o.version.as_str()),
+                    "image catalogue: new boots take this version; running clients keep theirs until their next boot")
+                }
             }
         }
     }
