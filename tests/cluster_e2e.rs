@@ -72,32 +72,6 @@ fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     http::wait_for(WAIT, what, f)
 }
 
-/// The boot trace: (LBA, blocks) of 512-byte blocks, in order.
-fn trace() -> Vec<(u64, u32)> {
-    let text = std::fs::read_to_string(repo().join("tests/fixtures/boot-trace.txt"))
-        .expect("tests/fixtures/boot-trace.txt");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            let lba = f.next().and_then(|x| x.parse().ok()).expect("trace LBA");
-            let n = f.next().and_then(|x| x.parse().ok()).expect("trace blocks");
-            (lba, n)
-        })
-        .collect()
-}
-
-fn chunks_touched(reads: &[(u64, u32)]) -> BTreeSet<usize> {
-    reads
-        .iter()
-        .flat_map(|&(lba, n)| {
-            let a = lba as usize * 512;
-            let b = a + n as usize * 512 - 1;
-            (a / MIB)..=(b / MIB)
-        })
-        .collect()
-}
-
 /// The golden image in the gateway's bucket (`golden`), and the same bytes as the parent of
 /// the persistent clients' RBD clones (`golden-rbd`).
 fn images(ceph: &Ceph) -> String {
@@ -233,16 +207,9 @@ fn sessions(control: &Path) -> Option<Vec<String>> {
         .arg(control)
         .output()
         .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                (f.len() == 4 && !f[3].is_empty()).then(|| f[1].to_string())
-            })
-            .collect()
-    })
+    out.status
+        .success()
+        .then(|| cluster::session_initiators(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// RADOS client (`client.N`) → node id, from every node's log line
@@ -462,9 +429,9 @@ fn sixty_clients_with_a_qemu_guest_and_rbd_disks_survive_a_killed_node() {
     common::require("qemu-system-x86_64", "qemu-system-x86");
     common::require("/usr/lib/ipxe/qemu/pxe-virtio.rom", "ipxe-qemu");
     let started = Instant::now();
-    let trace = trace();
+    let trace = cluster::boot_trace();
     let half = trace.len() / 2;
-    let touched = chunks_touched(&trace);
+    let touched = cluster::chunks_touched(&trace, MIB);
 
     // The bootable image (scripts/boot/build-image.sh; cached under target/boot-cache).
     let golden = std::fs::read(guest::images("boot-images").join("bios.img")).expect("bios.img");

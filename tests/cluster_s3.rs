@@ -31,7 +31,7 @@ use ceph::Ceph;
 use cluster::{script, Node};
 use etcd::Etcd;
 use raw::Client;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Barrier};
@@ -47,33 +47,6 @@ const CHUNK: usize = MIB;
 const IMAGE_SIZE: usize = 72 * MIB;
 /// Raw clients in the storm of the test (20 per node).
 const CLIENTS: usize = 60;
-
-/// The boot trace: (LBA, blocks) of 512-byte blocks, in order.
-fn trace() -> Vec<(u64, u32)> {
-    let text = std::fs::read_to_string(common::repo().join("tests/fixtures/boot-trace.txt"))
-        .expect("tests/fixtures/boot-trace.txt");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            let lba = f.next().and_then(|x| x.parse().ok()).expect("trace LBA");
-            let n = f.next().and_then(|x| x.parse().ok()).expect("trace blocks");
-            (lba, n)
-        })
-        .collect()
-}
-
-/// Indexes of the chunks `reads` touch.
-fn chunks_touched(reads: &[(u64, u32)]) -> BTreeSet<usize> {
-    reads
-        .iter()
-        .flat_map(|&(lba, n)| {
-            let a = lba as usize * 512;
-            let b = a + n as usize * 512 - 1;
-            (a / CHUNK)..=(b / CHUNK)
-        })
-        .collect()
-}
 
 /// A node of the test's cluster, serving the golden image from the gateway's bucket through a
 /// node-local chunk cache.
@@ -186,10 +159,10 @@ fn bench_storm() {
 /// node is killed with SIGKILL when every client is half way through.
 fn storm(count: usize, clients: usize, kill: bool) {
     assert!(count >= 1 && (!kill || count >= 2));
-    let trace = trace();
+    let trace = cluster::boot_trace();
     let half = trace.len() / 2;
-    let touched = chunks_touched(&trace);
-    let touched_half = chunks_touched(&trace[..half]);
+    let touched = cluster::chunks_touched(&trace, CHUNK);
+    let touched_half = cluster::chunks_touched(&trace[..half], CHUNK);
 
     // The golden image: random where the trace reads, zeros elsewhere (zero chunks are not
     // stored, so every stored chunk is one the trace needs).

@@ -142,14 +142,7 @@ impl Node {
             "diskless sessions: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                (f.len() == 4 && !f[3].is_empty()).then(|| f[1].to_string())
-            })
-            .collect()
+        session_initiators(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Resident memory of the node, KiB.
@@ -208,4 +201,47 @@ pub fn script(http: u16, mac: &str) -> (String, u16) {
         r.body
     );
     crate::common::script_placement(&r.body)
+}
+
+/// Initiators of the Normal sessions in the output of `diskless sessions` (tab-separated,
+/// one header line; a discovery session has no target).
+pub fn session_initiators(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 4 && !f[3].is_empty()).then(|| f[1].to_string())
+        })
+        .collect()
+}
+
+/// The recorded boot read trace (tests/fixtures/boot-trace.txt): (LBA, blocks) of 512-byte
+/// blocks, in order.
+#[allow(dead_code)] // not every test file that includes this replays the trace
+pub fn boot_trace() -> Vec<(u64, u32)> {
+    let text = std::fs::read_to_string(crate::common::repo().join("tests/fixtures/boot-trace.txt"))
+        .expect("tests/fixtures/boot-trace.txt");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let lba = f.next().and_then(|x| x.parse().ok()).expect("trace LBA");
+            let n = f.next().and_then(|x| x.parse().ok()).expect("trace blocks");
+            (lba, n)
+        })
+        .collect()
+}
+
+/// Indexes of the `chunk`-byte chunks `reads` touch.
+#[allow(dead_code)] // not every test file that includes this replays the trace
+pub fn chunks_touched(reads: &[(u64, u32)], chunk: usize) -> std::collections::BTreeSet<usize> {
+    reads
+        .iter()
+        .flat_map(|&(lba, n)| {
+            let a = lba as usize * 512;
+            let b = a + n as usize * 512 - 1;
+            (a / chunk)..=(b / chunk)
+        })
+        .collect()
 }
