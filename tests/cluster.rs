@@ -169,6 +169,19 @@ fn first_answer(port: u16, who: &str) -> ((u8, u8), Vec<(String, String)>) {
     ((r.status_class, r.status_detail), raw::parse_keys(&data))
 }
 
+/// Wait until `node` places a new login of `who` again: it serves it (0x0000) or redirects it
+/// to the owner with a `TargetAddress` (0x0101).
+fn wait_placed(node: &Node, who: &str, what: &str) {
+    wait_for(what, || {
+        let (st, keys) = first_answer(node.iscsi, who);
+        match st {
+            (0, 0) => Some(()),
+            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
+            _ => None,
+        }
+    });
+}
+
 fn marker(i: u8) -> Vec<u8> {
     vec![i; 512]
 }
@@ -464,14 +477,7 @@ fn etcd_loss_keeps_sessions_refuses_new_logins() {
 
     // etcd back (same data): the nodes renew or re-register and place logins again.
     etcd.spawn();
-    wait_for("a new client placed again", || {
-        let (st, keys) = first_answer(n2.iscsi, "iqn.2026-11.test:after");
-        match st {
-            (0, 0) => Some(()),
-            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
-            _ => None,
-        }
-    });
+    wait_placed(&n2, "iqn.2026-11.test:after", "a new client placed again");
     assert_eq!(running.read10(8, 1), marker(2));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
@@ -527,14 +533,11 @@ fn slow_etcd_is_bounded() {
     );
 
     proxy.stall(false);
-    wait_for("n1 to place a new login again", || {
-        let (st, keys) = first_answer(n1.iscsi, "iqn.2026-11.test:after-slow");
-        match st {
-            (0, 0) => Some(()),
-            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
-            _ => None,
-        }
-    });
+    wait_placed(
+        &n1,
+        "iqn.2026-11.test:after-slow",
+        "n1 to place a new login again",
+    );
     assert_eq!(running.read10(4, 1), marker(4));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
@@ -585,14 +588,11 @@ fn etcd_errors_refuse_placement_clearly() {
     assert!(etcd.ctl(&["compact", &rev.to_string()]));
     assert!(etcd.ctl(&["defrag"]));
     assert!(etcd.ctl(&["alarm", "disarm"]));
-    wait_for("n1 to place a new login again", || {
-        let (st, keys) = first_answer(n1.iscsi, "iqn.2026-11.test:after-full");
-        match st {
-            (0, 0) => Some(()),
-            (1, 1) => keys.iter().any(|(k, _)| k == "TargetAddress").then_some(()),
-            _ => None,
-        }
-    });
+    wait_placed(
+        &n1,
+        "iqn.2026-11.test:after-full",
+        "n1 to place a new login again",
+    );
     assert_eq!(running.read10(6, 1), marker(6));
     check_no_split_brain(&etcd, &[&n1, &n2]);
 }
