@@ -449,29 +449,7 @@ fn sixty_clients_with_a_qemu_guest_and_rbd_disks_survive_a_killed_node() {
     let raw_file = root.join("golden.raw");
     std::fs::write(&raw_file, &golden).unwrap();
     ceph::write_credentials(root);
-    std::fs::write(
-        root.join("push.yaml"),
-        format!(
-            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n",
-            root.join("push-state").display(),
-            s3_image(&ceph)
-        ),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["image", "push"])
-        .arg(&raw_file)
-        .arg("--config")
-        .arg(root.join("push.yaml"))
-        .args(["--image", "golden", "--chunk-size", "1MiB"])
-        .output()
-        .unwrap();
-    let push_out = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "image push: {push_out}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let push_out = cluster::push_golden(root, &raw_file, &s3_image(&ceph), TARGET);
     // "..., N stored, ..."
     let stored: u64 = push_out
         .split(", ")

@@ -182,29 +182,7 @@ fn storm(count: usize, clients: usize, kill: bool) {
     let root = tmp.path();
     std::fs::write(root.join("golden.raw"), &golden[..]).unwrap();
     ceph::write_credentials(root);
-    std::fs::write(
-        root.join("push.yaml"),
-        format!(
-            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n",
-            root.join("push-state").display(),
-            images(&ceph)
-        ),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["image", "push"])
-        .arg(root.join("golden.raw"))
-        .arg("--config")
-        .arg(root.join("push.yaml"))
-        .args(["--image", "golden", "--chunk-size", "1MiB"])
-        .output()
-        .unwrap();
-    let push_out = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "image push: {push_out}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let push_out = cluster::push_golden(root, &root.join("golden.raw"), &images(&ceph), TARGET);
     assert!(
         push_out.contains(&format!("{} stored", touched.len())),
         "every chunk the trace touches is stored, no other: {push_out}"

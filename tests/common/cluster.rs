@@ -245,3 +245,34 @@ pub fn chunks_touched(reads: &[(u64, u32)], chunk: usize) -> std::collections::B
         })
         .collect()
 }
+
+/// `diskless image push RAW --image golden --chunk-size 1MiB` with a configuration in `root`
+/// whose `images:` are `images` (the golden image's `s3:` entry) and whose default binding
+/// on `target` is that image; the push must succeed. Its standard output.
+#[allow(dead_code)] // only the tests that push a golden image to S3 call it
+pub fn push_golden(root: &Path, raw: &Path, images: &str, target: &str) -> String {
+    let config = root.join("push.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{images}targets:\n  - name: {target}\n    boot:\n      default: {{image: golden, mode: volatile}}\n",
+            root.join("push-state").display(),
+        ),
+    )
+    .expect("write push.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["image", "push"])
+        .arg(raw)
+        .arg("--config")
+        .arg(&config)
+        .args(["--image", "golden", "--chunk-size", "1MiB"])
+        .output()
+        .expect("run diskless image push");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "image push: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
