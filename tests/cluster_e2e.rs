@@ -457,22 +457,7 @@ fn sixty_clients_with_a_qemu_guest_and_rbd_disks_survive_a_killed_node() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no 'N stored' in {push_out}"));
     // The same bytes in RBD, as the protected snapshot the persistent disks are clones of.
-    ceph.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
-        .ok();
-    ceph.tool("rbd", &["pool", "init", "rbd"]).ok();
-    ceph.tool(
-        "rbd",
-        &[
-            "import",
-            "--image-feature",
-            "layering,exclusive-lock",
-            raw_file.to_str().unwrap(),
-            "rbd/golden",
-        ],
-    )
-    .ok();
-    ceph.tool("rbd", &["snap", "create", "rbd/golden@v1"]).ok();
-    ceph.tool("rbd", &["snap", "protect", "rbd/golden@v1"]).ok();
+    ceph.rbd_parent(&raw_file, "golden");
     // From here the image exists only in S3 (and as the RBD parent).
     std::fs::remove_file(&raw_file).unwrap();
 

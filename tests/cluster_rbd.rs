@@ -149,22 +149,7 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     let mut ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
     // The golden image in RBD as a protected snapshot, parent of the clients' disks.
-    ceph.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
-        .ok();
-    ceph.tool("rbd", &["pool", "init", "rbd"]).ok();
-    ceph.tool(
-        "rbd",
-        &[
-            "import",
-            "--image-feature",
-            "layering,exclusive-lock",
-            golden.to_str().unwrap(),
-            "rbd/golden",
-        ],
-    )
-    .ok();
-    ceph.tool("rbd", &["snap", "create", "rbd/golden@v1"]).ok();
-    ceph.tool("rbd", &["snap", "protect", "rbd/golden@v1"]).ok();
+    ceph.rbd_parent(&golden, "golden");
 
     let spec = cluster::Spec {
         cluster: CLUSTER,

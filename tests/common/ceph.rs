@@ -31,6 +31,22 @@ pub struct Ceph {
 }
 
 impl Ceph {
+    /// The golden image `raw` as the protected snapshot `rbd/NAME@v1` that client disks are
+    /// cloned from (pool `rbd` created and initialised; layering and exclusive-lock).
+    pub fn rbd_parent(&self, raw: &Path, name: &str) {
+        self.tool("ceph", &["osd", "pool", "create", "rbd", "8"])
+            .ok();
+        self.tool("rbd", &["pool", "init", "rbd"]).ok();
+        let image = format!("rbd/{name}");
+        let raw = raw.to_str().expect("UTF-8 path");
+        let features = "layering,exclusive-lock";
+        self.tool("rbd", &["import", "--image-feature", features, raw, &image])
+            .ok();
+        let snap = format!("{image}@v1");
+        self.tool("rbd", &["snap", "create", &snap]).ok();
+        self.tool("rbd", &["snap", "protect", &snap]).ok();
+    }
+
     pub fn tool(&self, tool: &str, args: &[&str]) -> common::Output {
         let mut a = vec!["-c", self.conf.to_str().unwrap()];
         a.extend_from_slice(args);
