@@ -245,11 +245,7 @@ pub fn format_catalogue(image: &str, e: &crate::cluster::catalogue::ImageEntry) 
             .filter(|(_, p)| p.version == v.version)
             .map(|(n, _)| n.as_str())
             .collect();
-        let tags = if tags.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", tags.join(", "))
-        };
+        let tags = tag_suffix(&tags);
         let _ = writeln!(
             out,
             "{:>4} {:16} {:19} {:10} {:>10} {:>7} {:16}  {}{}",
@@ -555,11 +551,7 @@ pub fn format_log(log: &versions::ImageLog, used: &std::collections::BTreeMap<u6
                 tags.push(c.clone());
             }
         }
-        let tags = if tags.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", tags.join(", "))
-        };
+        let tags = tag_suffix(&tags);
         let _ = writeln!(
             out,
             "{:>4} {:>6} {:5} {:19} {:10} {:>12} {:>7}  {}{}",
@@ -578,4 +570,13 @@ pub fn format_log(log: &versions::ImageLog, used: &std::collections::BTreeMap<u6
         );
     }
     out
+}
+
+/// ` [latest, test]` after a version in `image log`: the pointers that name it, or nothing.
+fn tag_suffix<S: AsRef<str>>(tags: &[S]) -> String {
+    if tags.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = tags.iter().map(AsRef::as_ref).collect();
+    format!(" [{}]", names.join(", "))
 }
