@@ -376,8 +376,14 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     assert_ne!(a, b);
     // Both nodes take the last one (new boots).
     for n in &nodes {
+        // The node's last move (an earlier step may have logged version={b} already).
         http::wait_for(WAIT, &format!("{} to follow latest to {b}", n.id), || {
-            n.stderr().contains(&format!("version={b}")).then_some(())
+            let e = n.stderr();
+            let last = e
+                .lines()
+                .filter(|l| l.contains("new boots take this version"))
+                .last()?;
+            last.contains(&format!("version={b} ")).then_some(())
         });
     }
 
