@@ -12,8 +12,9 @@
 # (each stage's time is printed, and a table of them at the end):
 #   1. npm ci in tests/browser; cargo build + cargo test --no-run, while the Debian image of
 #      tests/debian.rs builds in the background
-#   2. cargo test  (unit tests, real clients, QEMU boots, netboot, Ceph, Chromium), while the
-#      fuzzers' instrumented build runs in the background at the lowest priority
+#   2. cargo test  (unit tests, real clients, QEMU boots, netboot, Ceph, Chromium; among them
+#      tests/cluster_uefi.rs: OVMF's IScsiDxe redirected through a 3-node cluster, image in S3),
+#      while the fuzzers' instrumented build runs in the background at the lowest priority
 #   3. scripts/conformance.sh  (the whole libiscsi iscsi-test-cu suite; skipped by --quick)
 #   4. scripts/fuzz.sh 30      (every fuzz target for FUZZ_SECS=30 s; skipped by --quick)
 # The last line is "test.sh: N passed, N failed"; the exit status is 0 only when nothing failed.
