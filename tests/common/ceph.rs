@@ -294,6 +294,17 @@ impl Ceph {
     }
 }
 
+impl Ceph {
+    /// CPU time (user + system) each running daemon used so far (`mon`, `osd`, `rgw`), from
+    /// /proc/PID/stat: what Ceph itself costs during a benchmark.
+    pub fn daemon_cpu(&self) -> Vec<(&'static str, Duration)> {
+        self.daemons
+            .iter()
+            .map(|(name, c)| (*name, common::process_cpu(c.id())))
+            .collect()
+    }
+}
+
 impl Drop for Ceph {
     fn drop(&mut self) {
         // Gateway first, the monitor last; each by the PID we started.
