@@ -13,7 +13,7 @@ mod common;
 mod guest;
 
 use common::*;
-use guest::{clean, images, run_limited, tail};
+use guest::{clean, images, iscsidxe_vars, run_limited, tail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -435,138 +435,6 @@ fn bios_sanboot_of_unknown_target_fails_fast() {
     );
     let status = server.stop();
     assert!(status.success(), "diskless exited {status:?}");
-}
-
-/// EFI_GUID as stored: u32, u16, u16 little endian, then 8 bytes.
-fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[..4].copy_from_slice(&a.to_le_bytes());
-    g[4..6].copy_from_slice(&b.to_le_bytes());
-    g[6..8].copy_from_slice(&c.to_le_bytes());
-    g[8..].copy_from_slice(&d);
-    g
-}
-
-/// Append NV+BS variables to a copy of OVMF's variable store (an authenticated variable
-/// store inside a firmware volume; edk2 MdeModulePkg/Include/Guid/VariableFormat.h): each an
-/// AUTHENTICATED_VARIABLE_HEADER (60 bytes, State 0x3F = added), the UTF-16 name with its NUL,
-/// the data, 4-byte aligned.
-fn write_efi_vars(template: &Path, out: &Path, vars: &[(&str, [u8; 16], Vec<u8>)]) {
-    let mut fd = std::fs::read(template).unwrap();
-    let fv_header_len = u16::from_le_bytes([fd[48], fd[49]]) as usize;
-    assert_eq!(
-        &fd[40..44],
-        b"_FVH",
-        "{} is not a firmware volume",
-        template.display()
-    );
-    let auth_guid = guid(
-        0xaaf32c78,
-        0x947b,
-        0x439a,
-        [0xa1, 0x80, 0x2e, 0x14, 0x4e, 0xc3, 0x77, 0x92],
-    );
-    assert_eq!(
-        fd[fv_header_len..fv_header_len + 16],
-        auth_guid,
-        "not an authenticated variable store"
-    );
-    let store_end = fv_header_len
-        + u32::from_le_bytes(
-            fd[fv_header_len + 16..fv_header_len + 20]
-                .try_into()
-                .unwrap(),
-        ) as usize;
-    let align = |n: usize| (n + 3) & !3;
-    let mut at = align(fv_header_len + 28);
-    while u16::from_le_bytes([fd[at], fd[at + 1]]) == 0x55aa {
-        let name = u32::from_le_bytes(fd[at + 36..at + 40].try_into().unwrap()) as usize;
-        let data = u32::from_le_bytes(fd[at + 40..at + 44].try_into().unwrap()) as usize;
-        at = align(at + 60 + name + data);
-    }
-    for (name, vendor, data) in vars {
-        let name16: Vec<u8> = name
-            .encode_utf16()
-            .chain(std::iter::once(0))
-            .flat_map(|u| u.to_le_bytes())
-            .collect();
-        let mut v = Vec::new();
-        v.extend_from_slice(&0x55aau16.to_le_bytes());
-        v.push(0x3f); // VAR_ADDED
-        v.push(0);
-        v.extend_from_slice(&3u32.to_le_bytes()); // NON_VOLATILE | BOOTSERVICE_ACCESS
-        v.extend_from_slice(&[0; 8 + 16 + 4]); // MonotonicCount, TimeStamp, PubKeyIndex
-        v.extend_from_slice(&(name16.len() as u32).to_le_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        v.extend_from_slice(vendor);
-        v.extend_from_slice(&name16);
-        v.extend_from_slice(data);
-        assert!(at + v.len() <= store_end, "variable store full");
-        fd[at..at + v.len()].copy_from_slice(&v);
-        at = align(at + v.len());
-    }
-    std::fs::write(out, fd).unwrap();
-}
-
-/// OVMF variables that make edk2's IScsiDxe log in to `target` at 10.0.2.2:`port` with a
-/// static address, as `initiator`, on the NIC with `mac` (edk2 NetworkPkg/IScsiDxe:
-/// ISCSI_ATTEMPT_CONFIG_NVDATA of IScsiConfig.h and ISCSI_SESSION_CONFIG_NVDATA of IScsiMisc.h,
-/// pack(1), 1049 bytes in edk2-stable202211 as Debian 12 ships it).
-fn iscsidxe_vars(out: &Path, mac: [u8; 6], initiator: &str, target: &str, port: u16) {
-    let name_guid = guid(
-        0x59324945,
-        0xec44,
-        0x4c0d,
-        [0xb1, 0xcd, 0x9d, 0xb1, 0x39, 0xdf, 0x07, 0x0c],
-    );
-    let config_guid = guid(
-        0x4b47d616,
-        0xa8d6,
-        0x4552,
-        [0x9d, 0x44, 0xcc, 0xad, 0x2e, 0x0f, 0x4c, 0xf9],
-    );
-    let put =
-        |a: &mut Vec<u8>, at: usize, bytes: &[u8]| a[at..at + bytes.len()].copy_from_slice(bytes);
-    let mut a = vec![0u8; 1049];
-    a[17] = 1; // AttemptConfigIndex
-    put(&mut a, 26, b"Attempt 1"); // AttemptName[12]
-    let mac_text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-    put(&mut a, 38, mac_text.join(":").as_bytes()); // MacString[96]
-    let s = 182; // SessionConfigData
-    put(&mut a, s, &port.to_le_bytes()); // TargetPort
-    a[s + 2] = 1; // Enabled (ISCSI_ENABLED)
-    a[s + 3] = 0; // IpMode: IPv4
-    put(&mut a, s + 4, &[10, 0, 2, 15]); // LocalIp
-    put(&mut a, s + 20, &[255, 255, 255, 0]); // SubnetMask
-    put(&mut a, s + 24, &[10, 0, 2, 2]); // Gateway
-                                         // InitiatorInfoFromDhcp, TargetInfoFromDhcp: 0 (static: no DHCP wait)
-    put(&mut a, s + 42, target.as_bytes()); // TargetName[224]
-    put(&mut a, s + 266, &[10, 0, 2, 2]); // TargetIp
-    a[s + 282] = 24; // PrefixLength
-                     // BootLun[8] at s+283: LUN 0
-    put(&mut a, s + 291, &1000u16.to_le_bytes()); // ConnectTimeout (ms)
-    a[s + 293] = 2; // ConnectRetryCount
-    let mut isid = mac;
-    isid[0] &= 0x3f;
-    put(&mut a, s + 294, &isid); // IsId: the MAC-derived one IScsiDxe itself uses
-                                 // AuthenticationType at 757: 0 = none; AutoConfigureSuccess at 1047
-    a[1048] = 1; // Actived
-    let mut iname = initiator.as_bytes().to_vec();
-    iname.push(0);
-    write_efi_vars(
-        Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"),
-        out,
-        &[
-            ("I_NAME", name_guid, iname),
-            (
-                "InitialAttemptOrder",
-                config_guid,
-                vec![1, 2, 3, 4, 5, 6, 7, 8],
-            ),
-            ("AttemptOrder", config_guid, vec![1]),
-            ("Attempt 1", name_guid, a),
-        ],
-    );
 }
 
 /// OVMF's own iSCSI initiator (edk2 IScsiDxe, no iPXE anywhere) boots a volatile client disk:

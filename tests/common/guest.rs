@@ -1,5 +1,5 @@
-//! QEMU guest boots shared by tests/boot.rs and tests/netboot.rs: the test images, commands
-//! run under a hard time limit, serial logs made readable.
+//! QEMU guest boots shared by tests/boot.rs, tests/netboot.rs and tests/cluster_uefi.rs: the test images,
+//! commands run under a hard time limit, serial logs made readable, OVMF variable stores for IScsiDxe.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use super::{boot_cache, repo};
@@ -123,7 +123,7 @@ pub fn efi_guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
 /// Append NV+BS variables to a copy of OVMF's variable store `template` (an authenticated
 /// variable store inside a firmware volume; edk2 MdeModulePkg/Include/Guid/VariableFormat.h):
 /// each an AUTHENTICATED_VARIABLE_HEADER (60 bytes, State 0x3F = added), the UTF-16 name with
-/// its NUL, the data, 4-byte aligned. (The same writer as tests/boot.rs's.)
+/// its NUL, the data, 4-byte aligned.
 pub fn write_efi_vars(template: &Path, out: &Path, vars: &[(&str, [u8; 16], Vec<u8>)]) {
     let mut fd = std::fs::read(template)
         .unwrap_or_else(|e| panic!("{}: {e} (Debian package ovmf)", template.display()));
@@ -182,7 +182,7 @@ pub fn write_efi_vars(template: &Path, out: &Path, vars: &[(&str, [u8; 16], Vec<
 /// networking) with the static address 10.0.2.15, as `initiator`, on the NIC with `mac`, LUN 0
 /// (edk2 NetworkPkg/IScsiDxe: ISCSI_ATTEMPT_CONFIG_NVDATA of IScsiConfig.h and
 /// ISCSI_SESSION_CONFIG_NVDATA of IScsiMisc.h, pack(1), 1049 bytes in edk2-stable202211 as
-/// Debian 12 ships it). The same layout as tests/boot.rs's.
+/// Debian 12 ships it).
 pub fn iscsidxe_vars(out: &Path, mac: [u8; 6], initiator: &str, target: &str, port: u16) {
     let name_guid = efi_guid(
         0x59324945,
