@@ -211,7 +211,10 @@ fn every_node_answers_for_the_cluster() {
     assert_eq!(n1_row["portal"], format!("127.0.0.1:{}", n1.iscsi), "{c}");
     // The catalogue key is there (null: this cluster has no catalogue images).
     let imgs = api(&n2).get_json("/api/v1/images");
-    assert!(imgs.as_object().unwrap().contains_key("catalogue"), "{imgs}");
+    assert!(
+        imgs.as_object().unwrap().contains_key("catalogue"),
+        "{imgs}"
+    );
 
     // Hostile input on the new paths: 4xx, never a panic, nothing applied.
     let reset_path = format!("/api/v1/clients/{}/reset", seg(&who));
@@ -296,17 +299,29 @@ fn every_node_answers_for_the_cluster() {
         "{r}"
     );
     assert_eq!(r["node"], "n1", "{r}");
-    assert!(r["boots"].as_u64().unwrap_or(0) >= 1, "from the record: {r}");
+    assert!(
+        r["boots"].as_u64().unwrap_or(0) >= 1,
+        "from the record: {r}"
+    );
     let t0 = Instant::now();
     let c = api(&n2).get_json("/api/v1/cluster");
     let took = t0.elapsed();
     assert!(took < VIEW_BOUND, "n2's cluster view took {took:?}");
-    if let Some(n) = c["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "n1") {
+    if let Some(n) = c["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "n1")
+    {
         assert_eq!(n["answering"], false, "{c}");
     }
     let t0 = Instant::now();
     let d = api(&n2).get_json(&format!("/api/v1/clients/{}", seg(&who)));
-    assert!(t0.elapsed() < VIEW_BOUND, "n2's client view took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < VIEW_BOUND,
+        "n2's client view took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(d["stale"], true, "{d}");
 
     // Its lease gone, nobody owns the client: nobody resets it (nothing applied on n2).

@@ -101,7 +101,9 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), PeerError> {
     let mut chunked = false;
     let mut length = None;
     for l in lines {
-        let Some((k, v)) = l.split_once(':') else { continue };
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
         let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
         if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
             chunked = true;
@@ -120,7 +122,9 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), PeerError> {
                 .ok_or_else(|| bad("truncated chunk"))?;
             let size = std::str::from_utf8(&rest[at..at + eol])
                 .ok()
-                .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+                .and_then(|s| {
+                    usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok()
+                })
                 .ok_or_else(|| bad("bad chunk size"))?;
             at += eol + 2;
             if size == 0 {
@@ -232,13 +236,15 @@ async fn records(cl: &Cluster) -> Result<BTreeMap<String, ClientRecord>, String>
         .map_err(|e| e.to_string())?;
     Ok(raw
         .into_iter()
-        .filter_map(|(key, value)| match serde_json::from_slice::<ClientRecord>(&value) {
-            Ok(r) => Some((r.initiator.to_ascii_lowercase(), r)),
-            Err(e) => {
-                warn!(%key, error = %e, "unreadable client lifecycle record: not listed");
-                None
-            }
-        })
+        .filter_map(
+            |(key, value)| match serde_json::from_slice::<ClientRecord>(&value) {
+                Ok(r) => Some((r.initiator.to_ascii_lowercase(), r)),
+                Err(e) => {
+                    warn!(%key, error = %e, "unreadable client lifecycle record: not listed");
+                    None
+                }
+            },
+        )
         .collect())
 }
 
@@ -442,7 +448,11 @@ pub async fn clients(api: &Api, local_only: bool) -> Value {
 
 /// `GET /clients/{id}` for a client another node owns: that node's answer (bounded), else
 /// its record in etcd, marked stale. None: this node answers itself.
-pub async fn client(api: &Api, initiator: &str, forwarded: bool) -> Option<Result<Value, ApiError>> {
+pub async fn client(
+    api: &Api,
+    initiator: &str,
+    forwarded: bool,
+) -> Option<Result<Value, ApiError>> {
     let cl = api.server.cluster()?;
     let me = cl.node_id().to_string();
     let (node, addr) = match owner(api, initiator) {
@@ -462,10 +472,18 @@ pub async fn client(api: &Api, initiator: &str, forwarded: bool) -> Option<Resul
     let path = format!("/api/v1/clients/{}", encode(initiator));
     let why = match addr {
         None => PeerError::NoAddress(node.clone()).to_string(),
-        Some(a) => match exchange(a, "GET", &path, api.peer_token(), &me, None, PEER_TIMEOUT).await {
+        Some(a) => match exchange(a, "GET", &path, api.peer_token(), &me, None, PEER_TIMEOUT).await
+        {
             Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
                 Ok(mut v) => {
-                    set(&mut v, &[("node", json!(node)), ("owner", json!(node)), ("stale", json!(false))]);
+                    set(
+                        &mut v,
+                        &[
+                            ("node", json!(node)),
+                            ("owner", json!(node)),
+                            ("stale", json!(false)),
+                        ],
+                    );
                     return Some(Ok(v));
                 }
                 Err(e) => format!("malformed JSON: {e}"),
@@ -484,7 +502,12 @@ pub async fn client(api: &Api, initiator: &str, forwarded: bool) -> Option<Resul
     )))
 }
 
-fn detail_from_record(initiator: &str, r: Option<&ClientRecord>, owner: Option<&str>, why: String) -> Value {
+fn detail_from_record(
+    initiator: &str,
+    r: Option<&ClientRecord>,
+    owner: Option<&str>,
+    why: String,
+) -> Value {
     let mut v = record_row(initiator, r, owner, Some(why));
     set(
         &mut v,
@@ -532,17 +555,17 @@ pub async fn forward_action(
         Owner::Nobody => Some(Err(match view::find_client(api, initiator) {
             Err(e) => e,
             Ok(_) => ApiError::Conflict(format!(
-            "no node owns client {initiator} now: nothing is applied (its disk is held by \
+                "no node owns client {initiator} now: nothing is applied (its disk is held by \
              nobody; its next boot places it on a node, ask again then)"
             )),
         })),
-        Owner::Elsewhere { node, .. } if forwarded_by.is_some() => Some(Err(ApiError::Conflict(
-            format!(
+        Owner::Elsewhere { node, .. } if forwarded_by.is_some() => {
+            Some(Err(ApiError::Conflict(format!(
                 "client {initiator} is owned by node {node}, not this one ({}): not applied \
                  (a forwarded action is never forwarded again)",
                 cl.node_id()
-            ),
-        ))),
+            ))))
+        }
         Owner::Elsewhere { node, api: None } => Some(Err(ApiError::Unavailable(
             PeerError::NoAddress(node).to_string(),
         ))),
@@ -748,7 +771,9 @@ mod tests {
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_response(b"garbage\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
     }
 
     #[test]
@@ -762,7 +787,12 @@ mod tests {
 
     #[test]
     fn a_record_row_says_what_etcd_has() {
-        let row = record_row("iqn.x:a", None, Some("n1"), Some("node n1 did not answer".into()));
+        let row = record_row(
+            "iqn.x:a",
+            None,
+            Some("n1"),
+            Some("node n1 did not answer".into()),
+        );
         assert_eq!(row["owner"], "n1");
         assert_eq!(row["stale"], true);
         assert_eq!(row["state"], "offline");

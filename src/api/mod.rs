@@ -419,7 +419,9 @@ async fn route(
             };
             Ok(json_response(StatusCode::OK, &v))
         }
-        (Method::GET, ["cluster"]) => Ok(json_response(StatusCode::OK, &cluster::cluster(api).await?)),
+        (Method::GET, ["cluster"]) => {
+            Ok(json_response(StatusCode::OK, &cluster::cluster(api).await?))
+        }
         (Method::GET, ["sessions"]) => Ok(json_response(StatusCode::OK, &view::sessions(api))),
         (Method::GET, ["targets"]) => Ok(json_response(StatusCode::OK, &view::targets(api))),
         (Method::GET, ["images"]) => {
@@ -438,13 +440,29 @@ async fn route(
             let id = percent_decode(id)?;
             let fwd = cluster::forwarded_by(&req);
             let body = json_body(req).await?;
-            let what = format!("clear next-boot client {id}{}", forwarded_note(fwd.as_deref()));
+            let what = format!(
+                "clear next-boot client {id}{}",
+                forwarded_note(fwd.as_deref())
+            );
             let result = match body.as_object().map(|o| o.is_empty()) {
                 Some(true) => {
                     let by = who(api, peer);
-                    match cluster::forward_action(api, &id, "DELETE", &path, "next-boot", &body, fwd.as_deref()).await {
+                    match cluster::forward_action(
+                        api,
+                        &id,
+                        "DELETE",
+                        &path,
+                        "next-boot",
+                        &body,
+                        fwd.as_deref(),
+                    )
+                    .await
+                    {
                         Some(r) => r,
-                        None => actions::next_boot(api, &id, &serde_json::json!({"clear": true}), &by).await,
+                        None => {
+                            actions::next_boot(api, &id, &serde_json::json!({"clear": true}), &by)
+                                .await
+                        }
                     }
                 }
                 _ => Err(ApiError::BadRequest(
@@ -470,14 +488,27 @@ async fn route(
                     let known = matches!(action, "reset" | "commit" | "next-boot");
                     // In a cluster, the client's owner applies it (src/api/cluster.rs).
                     let forwarded = match known {
-                        true => cluster::forward_action(api, &id, "POST", &path, action, &body, fwd.as_deref()).await,
+                        true => {
+                            cluster::forward_action(
+                                api,
+                                &id,
+                                "POST",
+                                &path,
+                                action,
+                                &body,
+                                fwd.as_deref(),
+                            )
+                            .await
+                        }
                         false => None,
                     };
                     let r = match (forwarded, action) {
                         (Some(r), _) => r,
                         (None, "reset") => actions::reset(api, &id, &body).await,
                         (None, "commit") => actions::commit(api, &id, &body).await,
-                        (None, "next-boot") => actions::next_boot(api, &id, &body, &who(api, peer)).await,
+                        (None, "next-boot") => {
+                            actions::next_boot(api, &id, &body, &who(api, peer)).await
+                        }
                         _ => Err(ApiError::NotFound(format!("no action {action:?}"))),
                     };
                     (what, r)
