@@ -192,6 +192,8 @@ fn every_node_answers_for_the_cluster() {
         assert!(r["boots"].as_u64().unwrap_or(0) >= 1, "{r}");
         assert!(r["write_bytes"].as_u64().unwrap_or(0) >= 512, "{r}");
     }
+    let (_, healthy) = row(&n2, &who);
+    eprintln!("cluster view timing: n2 GET /api/v1/clients, all nodes answering: {healthy:?}");
     // Its page on n3: n1's detail, its session included.
     let d = api(&n3).get_json(&format!("/api/v1/clients/{}", seg(&who)));
     assert_eq!(d["node"], "n1", "{d}");
@@ -293,6 +295,7 @@ fn every_node_answers_for_the_cluster() {
     let (r, took) = row(&n2, &who);
     let r = r.unwrap_or_else(|| panic!("n2 no longer lists {who}"));
     assert!(took < VIEW_BOUND, "n2's clients view took {took:?}");
+    eprintln!("cluster view timing: n2 GET /api/v1/clients, n1 paused: {took:?}");
     assert_eq!(r["stale"], true, "{r}");
     assert!(
         r["stale_reason"].as_str().unwrap_or("").contains("n1"),
@@ -307,6 +310,7 @@ fn every_node_answers_for_the_cluster() {
     let c = api(&n2).get_json("/api/v1/cluster");
     let took = t0.elapsed();
     assert!(took < VIEW_BOUND, "n2's cluster view took {took:?}");
+    eprintln!("cluster view timing: n2 GET /api/v1/cluster, n1 paused: {took:?}");
     if let Some(n) = c["nodes"]
         .as_array()
         .unwrap()
