@@ -329,6 +329,73 @@ fn initiator_of(row: &Value) -> String {
         .to_ascii_lowercase()
 }
 
+/// The other nodes' answers to `GET /clients?scope=local`: node id → (JSON or why not, ms).
+pub type Answers = BTreeMap<String, (Result<Value, String>, u64)>;
+
+/// The cluster-wide list (pure): each client once, as the node its ownership key names
+/// (`owners`, lowercased initiator → node) has it: that node's own row when it answered
+/// (`answers`; this node's are `local_rows`), else its lifecycle record (`recs`) marked stale
+/// with the reason; clients nobody owns from their last record, stale.
+pub fn merge(
+    me: &str,
+    owners: &BTreeMap<String, String>,
+    local_rows: Vec<Value>,
+    answers: &Answers,
+    recs: &BTreeMap<String, ClientRecord>,
+) -> Vec<Value> {
+    let mut rows: Vec<Value> = Vec::new();
+    let mut listed: BTreeSet<String> = BTreeSet::new();
+    // The owners' own rows first: live and authoritative.
+    for (id, (answer, ms)) in answers {
+        let Ok(a) = answer else { continue };
+        for r in a["clients"].as_array().into_iter().flatten() {
+            let i = initiator_of(r);
+            if owners.get(&i) == Some(id) && listed.insert(i) {
+                let mut r = r.clone();
+                set(&mut r, &[("node", json!(id)), ("answer_ms", json!(ms))]);
+                rows.push(r);
+            }
+        }
+    }
+    // This node's: the clients it owns, and those nobody owns that it knows (bindings).
+    for r in local_rows {
+        let i = initiator_of(&r);
+        let mine = match owners.get(&i) {
+            Some(o) => o == me,
+            None => !recs.contains_key(&i),
+        };
+        if mine && listed.insert(i) {
+            rows.push(r);
+        }
+    }
+    // Clients of the other nodes that did not answer for them, from etcd.
+    for (i, o) in owners {
+        if listed.contains(i) {
+            continue;
+        }
+        let stale = match answers.get(o) {
+            Some((Ok(_), _)) => None,
+            Some((Err(e), _)) => Some(format!("node {o} did not answer: {e}")),
+            None if o == me => None,
+            None => Some(format!("node {o} is not live in etcd")),
+        };
+        listed.insert(i.clone());
+        rows.push(record_row(i, recs.get(i), Some(o), stale));
+    }
+    // Clients nobody owns now (their node died or left): their last record.
+    for (i, r) in recs {
+        if listed.insert(i.clone()) {
+            let why = format!(
+                "no node owns it now (last written by node {} at {})",
+                r.node,
+                super::audit::rfc3339(r.updated_ms)
+            );
+            rows.push(record_row(i, Some(r), None, Some(why)));
+        }
+    }
+    rows
+}
+
 /// `GET /clients`: outside a cluster (or with `?scope=local`) this node's clients; in a
 /// cluster every client of the cluster with its owning node (see the module doc).
 pub async fn clients(api: &Api, local_only: bool) -> Value {
@@ -377,56 +444,7 @@ pub async fn clients(api: &Api, local_only: bool) -> Value {
         Ok(r) => (r, None),
         Err(e) => (BTreeMap::new(), Some(e)),
     };
-    let mut rows: Vec<Value> = Vec::new();
-    let mut listed: BTreeSet<String> = BTreeSet::new();
-    // The owners' own rows first: live and authoritative.
-    for (id, (answer, ms)) in &answers {
-        let Ok(a) = answer else { continue };
-        for r in a["clients"].as_array().into_iter().flatten() {
-            let i = initiator_of(r);
-            if owners.get(&i) == Some(id) && listed.insert(i) {
-                let mut r = r.clone();
-                set(&mut r, &[("node", json!(id)), ("answer_ms", json!(ms))]);
-                rows.push(r);
-            }
-        }
-    }
-    // This node's: the clients it owns, and those nobody owns that it knows (bindings).
-    for r in local_rows {
-        let i = initiator_of(&r);
-        let mine = match owners.get(&i) {
-            Some(o) => *o == me,
-            None => !recs.contains_key(&i),
-        };
-        if mine && listed.insert(i) {
-            rows.push(r);
-        }
-    }
-    // Clients of the other nodes that did not answer for them, from etcd.
-    for (i, o) in &owners {
-        if listed.contains(i) {
-            continue;
-        }
-        let stale = match answers.get(o) {
-            Some((Ok(_), _)) => None,
-            Some((Err(e), _)) => Some(format!("node {o} did not answer: {e}")),
-            None if *o == me => None,
-            None => Some(format!("node {o} is not live in etcd")),
-        };
-        listed.insert(i.clone());
-        rows.push(record_row(i, recs.get(i), Some(o), stale));
-    }
-    // Clients nobody owns now (their node died or left): their last record.
-    for (i, r) in &recs {
-        if listed.insert(i.clone()) {
-            let why = format!(
-                "no node owns it now (last written by node {} at {})",
-                r.node,
-                super::audit::rfc3339(r.updated_ms)
-            );
-            rows.push(record_row(i, Some(r), None, Some(why)));
-        }
-    }
+    let rows = merge(&me, &owners, local_rows, &answers, &recs);
     let stale_nodes: Vec<&String> = answers
         .iter()
         .filter(|(_, (a, _))| a.is_err())
@@ -783,6 +801,95 @@ mod tests {
             super::super::percent_decode(&encode("a b/c:d%")).unwrap(),
             "a b/c:d%"
         );
+    }
+
+    fn rec(initiator: &str, node: &str, boots: u64, live: u32) -> ClientRecord {
+        let state = crate::boot::lifecycle::BootState {
+            boots,
+            live_sessions: live,
+            phase: crate::boot::lifecycle::Phase::Os,
+            ..Default::default()
+        };
+        let disk = crate::boot::record::DiskSummary {
+            image: "win11@3".into(),
+            version: Some(3),
+            mode: crate::config::OverlayMode::Volatile,
+            lun0: Lun0::Overlay,
+        };
+        ClientRecord::new("iqn.t:boot", initiator, node, 1, 1_000, disk, &state)
+    }
+
+    fn live_row(initiator: &str, node: &str) -> Value {
+        json!({"initiator": initiator, "target": "iqn.t:boot", "state": "running",
+               "sessions": 1, "node": node, "stale": false})
+    }
+
+    #[test]
+    fn each_client_once_from_its_owner_else_stale_from_etcd() {
+        let owners: BTreeMap<String, String> = [
+            ("iqn.x:a", "n1"), // n1 answered
+            ("iqn.x:b", "n2"), // n2 did not answer
+            ("iqn.x:c", "n3"), // n3 is this node
+            ("iqn.x:d", "n4"), // n4 not live (no answer asked)
+        ]
+        .iter()
+        .map(|(i, n)| (i.to_string(), n.to_string()))
+        .collect();
+        let mut answers = Answers::new();
+        // n1 also lists a client it has a disk of but that n3 owns now: not taken from n1.
+        answers.insert(
+            "n1".into(),
+            (
+                Ok(json!({"clients": [live_row("IQN.X:A", "n1"), live_row("iqn.x:c", "n1")]})),
+                4,
+            ),
+        );
+        answers.insert("n2".into(), (Err("no answer within 1.5s".into()), 1500));
+        let recs: BTreeMap<String, ClientRecord> = [
+            rec("iqn.x:b", "n2", 4, 1),
+            rec("iqn.x:d", "n4", 2, 0),
+            rec("iqn.x:e", "n1", 7, 0), // nobody owns it now
+        ]
+        .into_iter()
+        .map(|r| (r.initiator.clone(), r))
+        .collect();
+        let local = vec![
+            live_row("iqn.x:c", "n3"),
+            live_row("iqn.x:f", "n3"), // a binding here, never placed: listed, not stale
+            live_row("iqn.x:e", "n3"), // nobody owns it, but it has a record: the record speaks
+        ];
+        let rows = merge("n3", &owners, local, &answers, &recs);
+        let by: BTreeMap<String, &Value> = rows.iter().map(|r| (initiator_of(r), r)).collect();
+        assert_eq!(rows.len(), 6, "{rows:#?}");
+        assert_eq!(by.len(), 6, "each client once: {rows:#?}");
+        assert_eq!(by["iqn.x:a"]["node"], "n1");
+        assert_eq!(by["iqn.x:a"]["stale"], false);
+        assert_eq!(by["iqn.x:a"]["answer_ms"], 4);
+        let b = by["iqn.x:b"];
+        assert_eq!(
+            (b["stale"].clone(), b["owner"].clone()),
+            (json!(true), json!("n2"))
+        );
+        assert!(b["stale_reason"].as_str().unwrap().contains("1.5s"), "{b}");
+        assert_eq!(
+            (b["boots"].clone(), b["state"].clone()),
+            (json!(4), json!("running"))
+        );
+        assert_eq!(b["version"], 3);
+        assert_eq!(by["iqn.x:c"]["node"], "n3", "this node's own row, not n1's");
+        let d = by["iqn.x:d"];
+        assert_eq!(d["stale"], true);
+        assert!(
+            d["stale_reason"].as_str().unwrap().contains("not live"),
+            "{d}"
+        );
+        assert_eq!(d["state"], "offline");
+        let e = by["iqn.x:e"];
+        assert!(e["owner"].is_null(), "{e}");
+        assert_eq!(e["node"], "n1", "its last node");
+        assert_eq!(e["stale"], true);
+        assert_eq!(e["boots"], 7);
+        assert_eq!(by["iqn.x:f"]["stale"], false);
     }
 
     #[test]
