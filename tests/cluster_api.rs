@@ -253,6 +253,72 @@ fn every_node_answers_for_the_cluster() {
     assert_eq!(r.status, 409, "{r:?}");
     assert_eq!(s.read10(5, 1), vec![0xa5; 512], "nothing was reset yet");
 
+    // The catalogue (written here as `diskless image push` and `image channel` would) with
+    // the clients on each version, from the lifecycle records (a client of a gone node on
+    // win11@v2, put as its node would have written it).
+    let cat = format!("/diskless/{CLUSTER}/catalogue/win11");
+    for (v, seq) in [("v1", 1), ("v2", 2)] {
+        let rec = format!(
+            "{{\"version\":\"{v}\",\"seq\":{seq},\"time_ms\":{seq}000,\"author\":\"alice\",\"message\":\"m{seq}\",\"size\":1048576,\"chunk_size\":1048576,\"block_size\":512,\"uid\":\"u{seq}\",\"manifest\":\"b/k{seq}\"}}"
+        );
+        assert!(etcd.ctl(&["put", &format!("{cat}/versions/{v}"), &rec]));
+    }
+    for (p, v) in [("latest", "v2"), ("production", "v1")] {
+        let ptr = format!("{{\"version\":\"{v}\",\"by\":\"alice\",\"time_ms\":3000}}");
+        assert!(etcd.ctl(&["put", &format!("{cat}/pointers/{p}"), &ptr]));
+    }
+    let ghost = "iqn.2026-11.test:ghost";
+    let ghost_rec = format!(
+        "{{\"target\":\"{TARGET}\",\"initiator\":\"{ghost}\",\"node\":\"n9\",\"seq\":1,\"updated_ms\":1000,\"disk\":{{\"image\":\"win11@v2\",\"version\":2,\"mode\":\"volatile\",\"lun0\":{{\"kind\":\"overlay\"}}}},\"state\":{{\"boots\":5}}}}"
+    );
+    assert!(etcd.ctl(&[
+        "put",
+        &format!("/diskless/{CLUSTER}/clients/{TARGET}/{ghost}/lifecycle"),
+        &ghost_rec
+    ]));
+    let img = wait_for("n2's catalogue to show win11's two versions", || {
+        let v = api(&n2).get_json("/api/v1/images");
+        let img = v["catalogue"]["images"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == "win11")?
+            .clone();
+        (img["versions"].as_array()?.len() == 2).then_some(img)
+    });
+    assert_eq!(img["versions"][0]["version"], "v1", "{img}");
+    assert_eq!(img["versions"][1]["clients"], 1, "{img}");
+    assert_eq!(img["versions"][0]["clients"], 0, "{img}");
+    assert_eq!(img["pointers"]["latest"]["version"], "v2", "{img}");
+    assert_eq!(img["pointers"]["production"]["version"], "v1", "{img}");
+    // The gone node's client: listed from its record, nobody owns it, stale.
+    let (g, _) = row(&n3, ghost);
+    let g = g.unwrap_or_else(|| panic!("n3 does not list {ghost}"));
+    assert_eq!(
+        (g["stale"].clone(), g["boots"].clone()),
+        (Value::Bool(true), 5.into()),
+        "{g}"
+    );
+    assert!(g["owner"].is_null(), "{g}");
+    assert_eq!(g["node"], "n9", "{g}");
+    let r = api(&n3).post(&format!("/api/v1/clients/{}/reset", seg(ghost)), "{}");
+    assert!(
+        (400..500).contains(&r.status),
+        "nobody resets a client nobody owns: {r:?}"
+    );
+
+    // A next-boot override asked on n2 and cleared on n3: both applied by n1.
+    let nb_path = format!("/api/v1/clients/{}/next-boot", seg(&who));
+    let r = api(&n2).post(&nb_path, "{\"mode\": \"persistent\"}");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["forwarded_to"], "n1");
+    let d = api(&n1).get_json(&format!("/api/v1/clients/{}", seg(&who)));
+    assert_eq!(d["next_boot"]["mode"], "persistent", "{d}");
+    let r = api(&n3).delete(&nb_path);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["result"], "cleared");
+    let d = api(&n1).get_json(&format!("/api/v1/clients/{}", seg(&who)));
+    assert!(d["next_boot"].is_null(), "{d}");
+
     // A reset asked on n3 is applied by n1, the owner.
     let r = api(&n3).post(&reset_path, "{}");
     assert_eq!(r.status, 200, "{r:?}");

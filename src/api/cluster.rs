@@ -794,6 +794,22 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_silent_node_costs_the_bound_only() {
+        // Accepted by the kernel, never answered (as a SIGSTOPped node's API).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let limit = Duration::from_millis(300);
+        let t0 = Instant::now();
+        let r = exchange(addr, "GET", "/api/v1/health", None, "n2", None, limit).await;
+        assert!(matches!(r, Err(PeerError::Timeout(_))), "{r:?}");
+        assert!(t0.elapsed() < limit * 3, "{:?}", t0.elapsed());
+        drop(l);
+        // Nobody listening: refused at once.
+        let r = exchange(addr, "GET", "/", None, "n2", None, limit).await;
+        assert!(matches!(r, Err(PeerError::Io(_))), "{r:?}");
+    }
+
     #[test]
     fn segments_encode() {
         assert_eq!(encode("iqn.2026-11.lab:pc-07"), "iqn.2026-11.lab%3Apc-07");
