@@ -12,7 +12,8 @@
 //!   resets its client (4xx, nothing applied); n1 continued (SIGCONT): live again.
 //! - `console_shows_the_nodes_and_a_remote_client`: the web console of n2 in Debian's headless
 //!   Chromium (tests/browser/cluster.mjs, playwright-core) shows the nodes table and the
-//!   card of a client n1 serves, marked with its node, and its page.
+//!   card of a client n1 serves, marked with its node, and its page; n1 paused (SIGSTOP), the
+//!   card is marked stale with a reason naming n1.
 //!
 //! Waits are for conditions, never fixed sleeps.
 
@@ -33,8 +34,10 @@ use etcd::Etcd;
 use http::seg;
 use raw::Client;
 use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.org.diskless:boot";
@@ -462,32 +465,62 @@ fn console_shows_the_nodes_and_a_remote_client() {
         .env("OWNER", "n1")
         .env("NODES", "n1,n2")
         .env("SHOTS", &shots)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start node");
+    let stdout = child.stdout.take().expect("node stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
     let started = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for node") {
-            break st;
+    let mut seen = Vec::new();
+    // Lines until `want` (or the script's end, or the limit): whether it came.
+    let expect = |want: &str, seen: &mut Vec<String>| loop {
+        let left = Duration::from_secs(180).saturating_sub(started.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(l) if l == want => return true,
+            Ok(l) => seen.push(l),
+            Err(_) => return false,
         }
-        if started.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("node output");
-            panic!(
-                "the browser script did not end within 180 s: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
     };
-    let out = child.wait_with_output().expect("node output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fail = |child: &mut std::process::Child, step: &str, seen: &[String]| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!("the browser never reached {step:?} (stdout {seen:?}); its stderr:\n{err}");
+    };
+    if !expect("STEP shown", &mut seen) {
+        fail(&mut child, "STEP shown", &seen);
+    }
+    // n1 paused: n2's console marks its client stale.
+    let pid = n1.server.as_ref().unwrap().pid();
+    signal(pid, libc::SIGSTOP);
+    let _cont = Guard(|| signal(pid, libc::SIGCONT));
+    if let Some(stdin) = child.stdin.as_mut() {
+        writeln!(stdin, "paused").expect("write to the browser script");
+    }
+    if !expect("STEP done", &mut seen) {
+        fail(&mut child, "STEP done", &seen);
+    }
+    let status = child.wait().expect("node exit");
     assert!(
-        status.success() && stdout.contains("STEP done"),
-        "browser script failed ({status}): {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "browser script: {status} (stdout {seen:?})"
     );
-    assert!(shots.join("01-nodes-and-remote-client.png").exists());
+    for f in [
+        "01-nodes-and-remote-client.png",
+        "03-owner-paused-stale.png",
+    ] {
+        assert!(shots.join(f).exists(), "no screenshot {f}");
+    }
 }

@@ -1,12 +1,15 @@
 // Browser test of the diskless web console in a cluster, in Debian's headless Chromium
 // (playwright-core). Run by tests/cluster_api.rs, which starts etcd and the nodes and places a
-// client on another node than the one whose console this opens. Prints "STEP done" when the
-// console showed the nodes and the remote client; exits non-zero otherwise.
+// client on another node than the one whose console this opens. Prints "STEP shown" when the
+// console showed the nodes and the remote client, then waits for the line "paused" on stdin
+// (the test has paused the client's node) and prints "STEP done" once the console marks the
+// client stale; exits non-zero otherwise.
 //
 // Environment: CONSOLE_URL, CONSOLE_TOKEN, CLIENT (initiator name), OWNER (node serving it),
 // NODES (comma-separated node ids), SHOTS (screenshot dir).
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
+import { createInterface } from "node:readline";
 
 const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, OWNER, NODES, SHOTS } = process.env;
 if (!CONSOLE_URL || !CONSOLE_TOKEN || !CLIENT || !OWNER || !NODES || !SHOTS) {
@@ -15,6 +18,11 @@ if (!CONSOLE_URL || !CONSOLE_TOKEN || !CLIENT || !OWNER || !NODES || !SHOTS) {
 }
 mkdirSync(SHOTS, { recursive: true });
 const WAIT = 20000;
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function expectLine(want) {
+  const { value, done } = await lines.next();
+  if (done || value.trim() !== want) throw new Error(`expected "${want}" from the test, got ${done ? "EOF" : JSON.stringify(value)}`);
+}
 
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
@@ -48,6 +56,17 @@ try {
   await page.locator("#client-node", { hasText: OWNER }).waitFor({ timeout: WAIT });
   await page.locator("#client-sessions", { hasText: "1" }).waitFor({ timeout: WAIT });
   await page.screenshot({ path: `${SHOTS}/02-remote-client-page.png`, fullPage: true });
+  console.log("STEP shown");
+
+  // The owner paused: back on the clients page, the card is marked stale (from etcd).
+  await expectLine("paused");
+  await page.goto(CONSOLE_URL + "#/clients");
+  await page.reload();
+  const stale = page.locator(`.card.stale[data-initiator="${CLIENT}"]`);
+  await stale.locator(".stale-mark", { hasText: "stale" }).waitFor({ timeout: WAIT });
+  const why = await stale.getAttribute("title");
+  if (!why || !why.includes(OWNER)) throw new Error(`stale card's reason does not name ${OWNER}: ${why}`);
+  await page.screenshot({ path: `${SHOTS}/03-owner-paused-stale.png`, fullPage: true });
   if (failed) throw new Error("the page reported errors");
   console.log("STEP done");
 } catch (e) {
