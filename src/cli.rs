@@ -1120,6 +1120,10 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
                     args.config.clone(),
                 ));
             }
+            // Published in the node's record: the other nodes' APIs ask it for its clients.
+            if let Some(Ok(a)) = api_listeners.as_ref().map(|(m, _, _)| m.local_addr()) {
+                cluster.set_api(a);
+            }
             cluster.spawn(&mut aux);
             println!(
                 "diskless: cluster {} node {} (etcd {}), clients sent to {}",
@@ -1135,6 +1139,7 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Io(format!("state_dir {}: {e}", state_dir.display())))?;
             let config_path = args.image.is_none().then(|| args.config.clone());
             let api = crate::api::Api::new(server.clone(), config_path, token, state_dir.clone());
+            api.set_peer_token(config.api.as_ref().and_then(|a| a.token.clone()));
             let addr = main.local_addr().map_err(|e| CliError::Io(e.to_string()))?;
             println!("diskless: api on http://{addr}/");
             if let Some(m) = metrics {

@@ -16,6 +16,7 @@
 
 pub mod actions;
 pub mod audit;
+pub mod cluster;
 pub mod view;
 
 use crate::session::Server;
@@ -110,6 +111,9 @@ pub struct Api {
     pub guard: actions::Guard,
     pub rates: view::Rates,
     streams: AtomicUsize,
+    /// The admin token itself (`api.token`), sent to the other nodes of a cluster when this
+    /// node asks for their clients or forwards an action ([`cluster`]).
+    peer_token: std::sync::OnceLock<String>,
 }
 
 impl Api {
@@ -127,7 +131,19 @@ impl Api {
             guard: actions::Guard::default(),
             rates: view::Rates::default(),
             streams: AtomicUsize::new(0),
+            peer_token: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The token to present to the other nodes' APIs (None: ask them without one).
+    pub fn set_peer_token(&self, token: Option<String>) {
+        if let Some(t) = token {
+            let _ = self.peer_token.set(t);
+        }
+    }
+
+    pub fn peer_token(&self) -> Option<&str> {
+        self.peer_token.get().map(String::as_str)
     }
 
     /// Whether the request carries the admin credential (always true without one).
@@ -382,14 +398,37 @@ async fn route(
     let segs: Vec<&str> = rest.split('/').collect();
     match (method, segs.as_slice()) {
         (Method::GET, ["health"]) => Ok(json_response(StatusCode::OK, &view::health(api))),
-        (Method::GET, ["clients"]) => Ok(json_response(StatusCode::OK, &view::clients(api))),
+        (Method::GET, ["clients"]) => {
+            // In a cluster: the whole cluster's clients, unless `?scope=local` (what the
+            // other nodes ask for).
+            let local = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "scope=local"));
+            Ok(json_response(
+                StatusCode::OK,
+                &cluster::clients(api, local).await,
+            ))
+        }
         (Method::GET, ["clients", id]) => {
             let id = percent_decode(id)?;
-            Ok(json_response(StatusCode::OK, &view::client(api, &id)?))
+            let forwarded = cluster::forwarded_by(&req).is_some();
+            let v = match cluster::client(api, &id, forwarded).await {
+                Some(r) => r?,
+                None => view::client(api, &id)?,
+            };
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        (Method::GET, ["cluster"]) => {
+            Ok(json_response(StatusCode::OK, &cluster::cluster(api).await?))
         }
         (Method::GET, ["sessions"]) => Ok(json_response(StatusCode::OK, &view::sessions(api))),
         (Method::GET, ["targets"]) => Ok(json_response(StatusCode::OK, &view::targets(api))),
-        (Method::GET, ["images"]) => Ok(json_response(StatusCode::OK, &view::images(api))),
+        (Method::GET, ["images"]) => {
+            let mut v = view::images(api);
+            v["catalogue"] = cluster::catalogue(api).await;
+            Ok(json_response(StatusCode::OK, &v))
+        }
         (Method::GET, ["events", "recent"]) => {
             Ok(json_response(StatusCode::OK, &view::recent_events(api)))
         }
@@ -399,12 +438,32 @@ async fn route(
             // DELETE = POST {"clear": true}, with the same cross-site checks and audit.
             check_same_origin(&req)?;
             let id = percent_decode(id)?;
+            let fwd = cluster::forwarded_by(&req);
             let body = json_body(req).await?;
-            let what = format!("clear next-boot client {id}");
+            let what = format!(
+                "clear next-boot client {id}{}",
+                forwarded_note(fwd.as_deref())
+            );
             let result = match body.as_object().map(|o| o.is_empty()) {
                 Some(true) => {
                     let by = who(api, peer);
-                    actions::next_boot(api, &id, &serde_json::json!({"clear": true}), &by).await
+                    match cluster::forward_action(
+                        api,
+                        &id,
+                        "DELETE",
+                        &path,
+                        "next-boot",
+                        &body,
+                        fwd.as_deref(),
+                    )
+                    .await
+                    {
+                        Some(r) => r,
+                        None => {
+                            actions::next_boot(api, &id, &serde_json::json!({"clear": true}), &by)
+                                .await
+                        }
+                    }
                 }
                 _ => Err(ApiError::BadRequest(
                     "DELETE next-boot takes no fields (it clears the override)".into(),
@@ -420,15 +479,36 @@ async fn route(
         (Method::POST, segs) => {
             check_same_origin(&req)?;
             let segs: Vec<String> = segs.iter().map(|s| s.to_string()).collect();
+            let fwd = cluster::forwarded_by(&req);
             let body = json_body(req).await?;
             let (what, result) = match segs.iter().map(String::as_str).collect::<Vec<_>>()[..] {
                 ["clients", id, action] => {
                     let id = percent_decode(id)?;
-                    let what = format!("{action} client {id}");
-                    let r = match action {
-                        "reset" => actions::reset(api, &id, &body).await,
-                        "commit" => actions::commit(api, &id, &body).await,
-                        "next-boot" => actions::next_boot(api, &id, &body, &who(api, peer)).await,
+                    let what = format!("{action} client {id}{}", forwarded_note(fwd.as_deref()));
+                    let known = matches!(action, "reset" | "commit" | "next-boot");
+                    // In a cluster, the client's owner applies it (src/api/cluster.rs).
+                    let forwarded = match known {
+                        true => {
+                            cluster::forward_action(
+                                api,
+                                &id,
+                                "POST",
+                                &path,
+                                action,
+                                &body,
+                                fwd.as_deref(),
+                            )
+                            .await
+                        }
+                        false => None,
+                    };
+                    let r = match (forwarded, action) {
+                        (Some(r), _) => r,
+                        (None, "reset") => actions::reset(api, &id, &body).await,
+                        (None, "commit") => actions::commit(api, &id, &body).await,
+                        (None, "next-boot") => {
+                            actions::next_boot(api, &id, &body, &who(api, peer)).await
+                        }
                         _ => Err(ApiError::NotFound(format!("no action {action:?}"))),
                     };
                     (what, r)
@@ -460,6 +540,12 @@ async fn route(
         (Method::GET, _) => Err(ApiError::NotFound(format!("no such resource {path}"))),
         _ => Err(ApiError::MethodNotAllowed),
     }
+}
+
+/// The audit log's note of a forwarded action.
+fn forwarded_note(by: Option<&str>) -> String {
+    by.map(|n| format!(" (forwarded by node {n})"))
+        .unwrap_or_default()
 }
 
 /// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the classic
@@ -663,6 +749,7 @@ mod tests {
         for p in [
             "/health",
             "/clients",
+            "/cluster",
             "/clients/{initiator}",
             "/clients/{initiator}/reset",
             "/clients/{initiator}/commit",

@@ -213,6 +213,27 @@ pub async fn read_all(
     Ok((records, owners))
 }
 
+/// Every client record of the cluster (key, JSON), read with this node's etcd client in
+/// one request bounded by the request timeout (the API's cluster-wide clients view).
+pub async fn read_records(cluster: &Cluster) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+    let prefix = format!("{}clients/", cluster.keys().prefix);
+    let mut c = cluster.etcd().await?;
+    let resp = bounded(
+        cluster.request_timeout(),
+        c.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            key.ends_with("/lifecycle")
+                .then(|| (key, kv.value().to_vec()))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

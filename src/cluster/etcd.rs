@@ -99,6 +99,8 @@ pub struct Cluster {
     shared: OnceLock<Arc<dyn Shared>>,
     /// The image catalogue as the watch sees it (super::catalogue).
     catalogue: super::catalogue::Follower,
+    /// This node's operator API, published in its record (set once the API listens).
+    api: OnceLock<SocketAddr>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -262,6 +264,7 @@ impl Cluster {
             local: OnceLock::new(),
             shared: OnceLock::new(),
             catalogue: super::catalogue::Follower::default(),
+            api: OnceLock::new(),
         }))
     }
 
@@ -354,6 +357,22 @@ impl Cluster {
     /// back after losing its lease).
     pub fn set_local_sessions(&self, f: LocalSessions) {
         let _ = self.local.set(f);
+    }
+
+    /// Publish this node's operator API address in its record (the lease keeper writes
+    /// the record again when it changes). An unspecified listen address (0.0.0.0) is
+    /// published with the advertised portal's address.
+    pub fn set_api(&self, listen: SocketAddr) {
+        let mut addr = listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(self.advertise.ip());
+        }
+        let _ = self.api.set(addr);
+    }
+
+    /// The cluster's name (`cluster.name`).
+    pub fn name(&self) -> &str {
+        &self.cfg.name
     }
 
     pub fn node_id(&self) -> &str {
@@ -581,6 +600,7 @@ impl Cluster {
             load,
             draining,
             lease,
+            api: self.api.get().copied(),
         }
     }
 

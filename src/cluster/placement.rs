@@ -43,6 +43,10 @@ pub struct NodeRecord {
     /// on this node to it.
     #[serde(default)]
     pub lease: i64,
+    /// The node's operator API (`api.listen`; docs/operations.md, "In a cluster"): where
+    /// another node's API asks for its clients' live details and forwards actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<SocketAddr>,
 }
 
 /// One change of a key under the cluster's prefix (from a listing or a watch).
@@ -372,6 +376,7 @@ mod tests {
             load: 0,
             draining: false,
             lease,
+            api: None,
         }
     }
 

@@ -131,12 +131,17 @@ async function act(path, body, okText) {
 // ---- pages -----------------------------------------------------------------------------------
 const pages = {
   async clients() {
-    const { clients } = await api("/clients");
+    // In a cluster: every node's clients (each with its owning node) and the nodes.
+    const [{ clients, cluster }, nodes] = await Promise.all([api("/clients"), clusterNodes()]);
+    state.cluster = cluster || null;
     state.clients = new Map(clients.map((c) => [c.target + "|" + c.initiator, c]));
     const grid = h("div", { class: "matrix", id: "matrix" });
     for (const c of clients) grid.append(card(c));
-    return [h("h2", {}, "Clients ", h("span", { class: "muted" }, "(" + clients.length + ")")),
-      clients.length ? grid : h("p", { class: "muted" }, "No boot clients configured.")];
+    const out = [];
+    if (nodes) out.push(nodesTable(nodes));
+    out.push(h("h2", {}, "Clients ", h("span", { class: "muted" }, "(" + clients.length + ")")),
+      clients.length ? grid : h("p", { class: "muted" }, "No boot clients configured."));
+    return out;
   },
   async client(id) {
     const c = await api("/clients/" + encodeURIComponent(id));
@@ -145,6 +150,7 @@ const pages = {
       h("dt", {}, "State"), h("dd", {}, h("span", { class: "state " + c.state, id: "client-state" }, c.state),
         c.since_ms ? " since " + when(c.since_ms) : ""),
       h("dt", {}, "Target"), h("dd", {}, c.target),
+      c.node ? [h("dt", {}, "Node"), h("dd", { id: "client-node" }, c.node + (c.stale ? " — stale: " + (c.stale_reason || "") : ""))] : null,
       h("dt", {}, "Image / mode"), h("dd", {}, c.image + " / " + c.mode),
       h("dt", {}, "Next boot"), h("dd", { id: "client-next-boot" }, c.next_boot
         ? (c.next_boot.image || "binding's image") + " / " + (c.next_boot.mode || "binding's mode") +
@@ -156,7 +162,7 @@ const pages = {
       h("dt", {}, "Sessions"), h("dd", { id: "client-sessions" }, c.sessions),
       h("dt", {}, "Boots"), h("dd", { id: "client-boots" }, c.boots),
       h("dt", {}, "Read / written"), h("dd", {}, bytes(c.read_bytes) + " / " + bytes(c.write_bytes)),
-      h("dt", {}, "Now"), h("dd", {}, rate(c.read_bps) + " read, " + rate(c.write_bps) + " write, " + c.iops + " IOPS"),
+      h("dt", {}, "Now"), h("dd", {}, rate(c.read_bps) + " read, " + rate(c.write_bps) + " write, " + (c.iops ?? "–") + " IOPS"),
       h("dt", {}, "Overlay"), h("dd", {}, c.overlay ? bytes(c.overlay.bytes_written) + " written" : "none"),
       h("dt", {}, "Overlay dir"), h("dd", {}, c.overlay_dir || "–"));
     const actions = h("div", { class: "actions" },
@@ -179,8 +185,9 @@ const pages = {
           (r) => r.result === "cleared" ? "next-boot override cleared" : "next boot set: " + r.note);
       } }, "Change next boot…"));
     const sess = table(["TSIH", "ISID", "Kind", "Peer", "Since", "Read", "Written", ""],
-      c.session_list.map((s) => [s.tsih, s.isid, s.firmware ? "firmware" : "OS", s.peer, when(s.since_ms),
+      (c.session_list || []).map((s) => [s.tsih, s.isid, s.firmware ? "firmware" : "OS", s.peer, when(s.since_ms),
         bytes(s.read_bytes), bytes(s.write_bytes), closeButton(s)]));
+    c.timeline = c.timeline || [];
     const tl = h("ul", { class: "timeline", id: "timeline" },
       c.timeline.slice().reverse().map((e) => h("li", { class: e.kind },
         h("span", { class: "kind" }, e.kind), " ", h("span", { class: "muted" }, when(e.time_ms)), h("br"), e.detail)));
@@ -189,9 +196,17 @@ const pages = {
         h("div", {}, h("h2", {}, "Boot timeline"), c.timeline.length ? tl : h("p", { class: "muted" }, "No events since the server started.")))];
   },
   async images() {
-    const { images } = await api("/images");
-    return [h("h2", {}, "Images"), table(["Name", "Kind", "Path", "Size", "Block", "Used by"],
+    const { images, catalogue } = await api("/images");
+    const out = [h("h2", {}, "Images"), table(["Name", "Kind", "Path", "Size", "Block", "Used by"],
       images.map((i) => [i.name, i.kind, i.path, bytes(i.size), i.block_size, i.used_by.join(", ")]))];
+    if (catalogue) {
+      // The cluster's catalogue (read-only): versions, pointers, clients on each version.
+      out.push(h("h2", {}, "Catalogue"), table(["Image", "Version", "Pointers", "Recorded", "By", "Message", "Size", "Clients"],
+        catalogue.images.flatMap((i) => i.versions.slice().reverse().map((v) => [i.name, v.version,
+          Object.entries(i.pointers).filter(([, p]) => p.version === v.version).map(([n]) => n).join(", "),
+          when(v.time_ms), v.author, v.message, bytes(v.size), v.clients]))));
+    }
+    return out;
   },
   async targets() {
     const { targets } = await api("/targets");
@@ -236,12 +251,26 @@ function eventTable(events) {
   return table(["Time", "Event", "Initiator", "Target", "Peer", "Detail"],
     events.slice().reverse().map((e) => [when(e.time_ms), e.kind, e.initiator || "", e.target || "", e.peer || "", e.detail]));
 }
+// The cluster's nodes (null outside a cluster: /cluster answers 404).
+async function clusterNodes() {
+  try { return await api("/cluster"); } catch (e) { return null; }
+}
+function nodesTable(cl) {
+  return h("section", { id: "nodes" }, h("h2", {}, "Nodes ", h("span", { class: "muted" }, "(cluster " + cl.name + ", this is " + cl.node + ")")),
+    table(["Node", "Portal", "API", "Sessions", "Clients", "Drained", "Lease", "Answers"],
+      cl.nodes.map((n) => [n.id + (n.me ? " (this node)" : ""), n.portal, n.api || "–", n.load, n.clients,
+        n.draining ? "draining" : "no", n.lease_alive ? "alive " + (n.lease || "") : "lost",
+        n.answering ? (n.answer_ms ?? 0) + " ms" : "no: " + (n.error || "?")])));
+}
 function card(c) {
   const href = "#/client/" + encodeURIComponent(c.initiator);
-  return h("div", { class: "card " + c.state, "data-initiator": c.initiator, onclick: () => { location.hash = href; } },
+  return h("div", { class: "card " + c.state + (c.stale ? " stale" : ""), "data-initiator": c.initiator, "data-node": c.node || null,
+      title: c.stale ? "stale: " + (c.stale_reason || "") : null, onclick: () => { location.hash = href; } },
     h("div", { class: "row" }, h("span", { class: "state " + c.state }, c.state), h("span", {}, c.image + " · " + c.mode)),
     h("div", { class: "name" }, c.initiator),
-    h("div", { class: "row" }, h("span", { class: "rates" }, "↓ " + rate(c.read_bps) + "  ↑ " + rate(c.write_bps)), h("span", {}, c.iops + " IOPS")),
+    c.node || c.stale ? h("div", { class: "row" }, h("span", { class: "node" }, c.node ? "on " + c.node : "no node"),
+      c.stale ? h("span", { class: "stale-mark" }, "stale") : null) : null,
+    h("div", { class: "row" }, h("span", { class: "rates" }, "↓ " + rate(c.read_bps) + "  ↑ " + rate(c.write_bps)), h("span", {}, (c.iops ?? "–") + " IOPS")),
     h("div", { class: "row" }, h("span", {}, "boots " + c.boots), h("span", {}, c.overlay ? bytes(c.overlay.bytes_written) + " written" : "")));
 }
 
@@ -324,7 +353,12 @@ function updateMatrix(rows) {
   const grid = $("#matrix");
   if (!grid) return;
   const known = new Set(Array.from(grid.children).map((el) => el.dataset.initiator));
-  if (rows.some((r) => !known.has(r.initiator))) { render(); return; }
+  if (rows.some((r) => !known.has(r.initiator))) {
+    // In a cluster the view is built from every node: a new client shows at most every 5 s.
+    if (!state.cluster || Date.now() - (updateMatrix.last || 0) > 5000) { updateMatrix.last = Date.now(); render(); }
+    return;
+  }
+  if (state.cluster) rows = rows.filter((r) => { const c = state.clients.get(r.target + "|" + r.initiator); return !c || !c.node || c.node === state.cluster.node; });
   for (const r of rows) {
     const old = Array.from(grid.children).find((el) => el.dataset.initiator === r.initiator);
     const c = Object.assign({}, state.clients.get(r.target + "|" + r.initiator) || {}, r);
