@@ -139,6 +139,23 @@ fn writes_of(etcd: &Etcd, key: &str) -> u64 {
     v["kvs"][0]["version"].as_u64().unwrap_or(0)
 }
 
+/// Wait until the node's log satisfies `done`; fail with the log.
+fn wait_log(n: &Node, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let e = n.stderr();
+        if done(&e) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {} {what}; its log:\n{e}",
+            n.id
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn catalogue_push_log_rollback_race_and_next_boot() {
     let v1 = common::random_bytes(SIZE, 1);
@@ -246,9 +263,7 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     ]);
     assert!(text.contains("golden:latest -> v1 (was v2)"), "{text}");
     for n in &nodes {
-        http::wait_for(WAIT, &format!("{} to take the rollback", n.id), || {
-            n.stderr().contains("image catalogue changed").then_some(())
-        });
+        wait_log(n, "to take the rollback", |e| e.contains("image catalogue changed"));
     }
     // The running boot keeps v2: the firmware's session and the OS after the hand-off.
     assert!(reads(&mut fw, &v2), "a running session keeps its version");
@@ -377,13 +392,11 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     // Both nodes take the last one (new boots).
     for n in &nodes {
         // The node's last move (an earlier step may have logged version={b} already).
-        http::wait_for(WAIT, &format!("{} to follow latest to {b}", n.id), || {
-            let e = n.stderr();
-            let last = e
-                .lines()
+        wait_log(n, &format!("to follow latest to {b}"), |e| {
+            e.lines()
                 .filter(|l| l.contains("new boots take this version"))
-                .last()?;
-            last.contains(&format!("version={b} ")).then_some(())
+                .last()
+                .is_some_and(|last| last.contains(&format!("version={b} ")))
         });
     }
 
@@ -392,6 +405,16 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     etcd.kill9();
     let mut n2 = nodes.pop().expect("n2");
     n2.server.take().expect("n2 running").kill9();
+    // The killed node's catalogue lines (its log file is replaced by the restart): what it
+    // committed last, for the failure message.
+    let moves_before: Vec<String> = std::fs::read_to_string(n2.dir.join("server.stderr"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("image catalogue"))
+        .map(str::to_string)
+        .collect();
+    let saved = std::fs::read_to_string(n2.dir.join("state/catalogue-in-force.json"))
+        .unwrap_or_default();
     let n2 = start(root, "n2", &sp);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -403,7 +426,9 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "n2 did not keep version {b} with etcd down; its log:\n{e}"
+            "n2 did not keep version {b} with etcd down; its log:\n{e}\n\
+             its catalogue lines before the restart:\n{}\nsaved in force: {saved}",
+            moves_before.join("\n")
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -312,7 +312,19 @@ pub struct Follower {
 #[derive(Debug, Default)]
 struct FollowerState {
     view: Option<Catalogue>,
+    /// Counts the changes of `view`: a [`Ticket`] says which copy it was resolved from.
+    view_gen: u64,
     in_force: Resolution,
+    /// The `view_gen` of the resolution in force.
+    committed_gen: u64,
+}
+
+/// A resolution made from one copy of the catalogue ([`Follower::resolve`]), to be
+/// committed once the registry serves it ([`Follower::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub resolution: Resolution,
+    gen: u64,
 }
 
 /// The file, in the state directory, of the versions a node serves for pointers.
@@ -341,6 +353,9 @@ impl Follower {
         let c = Catalogue::from_changes(keys, changes);
         let mut st = self.lock();
         let changed = st.view.as_ref() != Some(&c);
+        if changed {
+            st.view_gen += 1;
+        }
         st.view = Some(c);
         changed
     }
@@ -348,10 +363,14 @@ impl Follower {
     /// One watched change; true when it is a catalogue record.
     pub fn apply(&self, keys: &Keys, change: &Change) -> bool {
         let mut st = self.lock();
-        match st.view.as_mut() {
+        let applied = match st.view.as_mut() {
             Some(v) => v.apply(keys, change),
             None => false,
+        };
+        if applied {
+            st.view_gen += 1;
         }
+        applied
     }
 
     /// Install a catalogue read once (at start, before the watch lists it).
@@ -359,6 +378,7 @@ impl Follower {
         let mut st = self.lock();
         if st.view.is_none() {
             st.view = Some(c);
+            st.view_gen += 1;
         }
     }
 
@@ -371,27 +391,46 @@ impl Follower {
     }
 
     /// [`resolve_config`] with this node's copy and the versions it serves now.
-    pub fn resolve(&self, config: &mut Config) -> Result<Resolution, String> {
+    pub fn resolve(&self, config: &mut Config) -> Result<Ticket, String> {
         let st = self.lock();
-        resolve_config(config, st.view.as_ref(), &st.in_force)
+        let resolution = resolve_config(config, st.view.as_ref(), &st.in_force)?;
+        Ok(Ticket {
+            resolution,
+            gen: st.view_gen,
+        })
     }
 
     /// Whether resolving `config` now gives other versions than those in force.
     pub fn moves(&self, config: &Config) -> bool {
         let mut c = config.clone();
         match self.resolve(&mut c) {
-            Ok(r) => r != self.in_force(),
+            Ok(t) => t.resolution != self.in_force(),
             // A reload will say why.
             Err(_) => true,
         }
     }
 
-    /// The registry now serves `r`: save it, then log what moved (saved first, so that
-    /// a node killed after the line was logged restarts on what the line said).
-    pub fn commit(&self, r: Resolution) {
-        let old = std::mem::replace(&mut self.lock().in_force, r.clone());
+    /// The registry now serves `t`: save it, then log what moved (saved first, so that a
+    /// node killed after the line was logged restarts on what the line said). A ticket
+    /// resolved from an older copy of the catalogue than the one in force is refused
+    /// (false): two reloads finishing out of order must not leave the older pointer in
+    /// force, nor in the state directory. Saving and logging happen under the lock, so the
+    /// file and the log follow the order of the commits.
+    pub fn commit(&self, t: Ticket) -> bool {
+        let mut st = self.lock();
+        if t.gen < st.committed_gen {
+            warn!(
+                resolved_from = t.gen,
+                in_force_from = st.committed_gen,
+                "image catalogue: a resolution older than the one in force is not committed"
+            );
+            return false;
+        }
+        st.committed_gen = t.gen;
+        let r = t.resolution;
+        let old = std::mem::replace(&mut st.in_force, r.clone());
         if r == old {
-            return;
+            return true;
         }
         if let Some(path) = self.cache.get() {
             if let Some(d) = path.parent() {
@@ -416,6 +455,7 @@ impl Follower {
                 }
             }
         }
+        true
     }
 }
 
@@ -883,6 +923,49 @@ mod tests {
         g.set_state_dir(dir.path());
         assert_eq!(g.in_force()["win"].version, "v2");
         let mut c = cfg.clone();
-        assert_eq!(g.resolve(&mut c).expect("kept")["win"].seq, 2);
+        assert_eq!(g.resolve(&mut c).expect("kept").resolution["win"].seq, 2);
+    }
+
+    /// Two pushes race (tests/cluster_catalogue.rs): `latest` moves to v3, then to v4, and
+    /// each watch event starts a reload. The reload started by the first event resolved v3;
+    /// if it finishes last, its commit must not put v3 back in force (nor in the state
+    /// directory, where a node restarted without etcd would find it).
+    #[test]
+    fn follower_keeps_the_newest_of_two_racing_reloads() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let keys = Keys::new("lab");
+        let f = Follower::default();
+        f.set_state_dir(dir.path());
+        let cfg = config(&format!(
+            "  - name: win\n    s3: {{{S3}, version: latest}}\n"
+        ));
+        let mut listing: Vec<Change> = (1..=4)
+            .map(|i| put(version_key(&keys, "win", &format!("v{i}")), &rec(&format!("v{i}"), i)))
+            .collect();
+        listing.push(put(pointer_key(&keys, "win", LATEST), &ptr("v2")));
+        f.relist(&keys, &listing);
+        assert!(f.commit(f.resolve(&mut cfg.clone()).expect("v2")));
+
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v3"))));
+        let first = f.resolve(&mut cfg.clone()).expect("v3");
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v4"))));
+        let second = f.resolve(&mut cfg.clone()).expect("v4");
+        assert_eq!(first.resolution["win"].version, "v3");
+        assert_eq!(second.resolution["win"].version, "v4");
+        // The second reload finishes first; the first one's commit comes late.
+        assert!(f.commit(second));
+        assert!(!f.commit(first), "a stale resolution is refused");
+        assert_eq!(f.in_force()["win"].version, "v4");
+        assert!(!f.moves(&cfg));
+        let g = Follower::default();
+        g.set_state_dir(dir.path());
+        assert_eq!(g.in_force()["win"].version, "v4", "the state directory says v4");
+
+        // In order, both commits are taken.
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v1"))));
+        let t = f.resolve(&mut cfg.clone()).expect("v1");
+        assert!(f.commit(t));
+        assert_eq!(f.in_force()["win"].version, "v1");
+        assert!(!f.moves(&cfg));
     }
 }
