@@ -940,7 +940,12 @@ mod tests {
             "  - name: win\n    s3: {{{S3}, version: latest}}\n"
         ));
         let mut listing: Vec<Change> = (1..=4)
-            .map(|i| put(version_key(&keys, "win", &format!("v{i}")), &rec(&format!("v{i}"), i)))
+            .map(|i| {
+                put(
+                    version_key(&keys, "win", &format!("v{i}")),
+                    &rec(&format!("v{i}"), i),
+                )
+            })
             .collect();
         listing.push(put(pointer_key(&keys, "win", LATEST), &ptr("v2")));
         f.relist(&keys, &listing);
@@ -959,7 +964,11 @@ mod tests {
         assert!(!f.moves(&cfg));
         let g = Follower::default();
         g.set_state_dir(dir.path());
-        assert_eq!(g.in_force()["win"].version, "v4", "the state directory says v4");
+        assert_eq!(
+            g.in_force()["win"].version,
+            "v4",
+            "the state directory says v4"
+        );
 
         // In order, both commits are taken.
         assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v1"))));

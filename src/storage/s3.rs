@@ -625,7 +625,11 @@ struct RawChunks {
 impl RawChunks {
     /// Open `file` for chunks of `chunk_size` (a power of two in 64 KiB..64 MiB); its size
     /// must be a positive multiple of `block_size`.
-    fn open(file: &std::path::Path, chunk_size: u64, block_size: u32) -> Result<RawChunks, S3Error> {
+    fn open(
+        file: &std::path::Path,
+        chunk_size: u64,
+        block_size: u32,
+    ) -> Result<RawChunks, S3Error> {
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
             return Err(S3Error::Config(format!(
                 "chunk size {chunk_size} is not a power of two in 64 KiB..64 MiB"
