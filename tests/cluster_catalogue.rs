@@ -112,6 +112,20 @@ fn push(config: &Path, file: &Path, version: &str, message: &str) -> (bool, Stri
     ])
 }
 
+/// [`login`] on `node`, failing with its log.
+fn login_on(node: &Node, who: &str, isid: [u8; 6]) -> Client {
+    let mut c = Client::connect(node.iscsi);
+    c.isid = isid;
+    if let Err(e) = c.login(who, TARGET) {
+        panic!(
+            "login of {who} on {} refused: {e:?}; its log:\n{}",
+            node.id,
+            node.stderr()
+        );
+    }
+    c
+}
+
 fn login(port: u16, who: &str, isid: [u8; 6]) -> Client {
     let mut c = Client::connect(port);
     c.isid = isid;
@@ -263,7 +277,9 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     ]);
     assert!(text.contains("golden:latest -> v1 (was v2)"), "{text}");
     for n in &nodes {
-        wait_log(n, "to take the rollback", |e| e.contains("image catalogue changed"));
+        wait_log(n, "to take the rollback", |e| {
+            e.contains("image catalogue changed")
+        });
     }
     // The running boot keeps v2: the firmware's session and the OS after the hand-off.
     assert!(reads(&mut fw, &v2), "a running session keeps its version");
@@ -413,8 +429,8 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         .filter(|l| l.contains("image catalogue"))
         .map(str::to_string)
         .collect();
-    let saved = std::fs::read_to_string(n2.dir.join("state/catalogue-in-force.json"))
-        .unwrap_or_default();
+    let saved =
+        std::fs::read_to_string(n2.dir.join("state/catalogue-in-force.json")).unwrap_or_default();
     let n2 = start(root, "n2", &sp);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -432,4 +448,103 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A persistent disk made on a version that `latest` has left reopens after the node
+/// restarts: the version is immutable in S3 and its disk records which one it is (before,
+/// the login was refused: "the persistent disk is on golden@1, a version the catalogue
+/// pointer has left").
+#[test]
+fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
+    let v1 = common::random_bytes(SIZE, 11);
+    let v2 = common::random_bytes(SIZE, 12);
+    let ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("v1.raw"), &v1).unwrap();
+    std::fs::write(root.join("v2.raw"), &v2).unwrap();
+    ceph::write_credentials(root);
+    let etcd = Etcd::start(root);
+    let push_cfg = root.join("push.yaml");
+    std::fs::write(
+        &push_cfg,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: persistent}}\n\
+             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
+            root.join("push-state").display(),
+            s3_entry(&ceph),
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let (done, text) = push(&push_cfg, &root.join("v1.raw"), "p1", "first");
+    assert!(done, "{text}");
+
+    let sp = spec(&ceph, &etcd);
+    let start_persistent = || {
+        let dir = root.join("n1");
+        std::fs::create_dir_all(&dir).unwrap();
+        ceph::write_credentials(&dir);
+        Node::start_mode(root, "n1", &sp, "persistent")
+    };
+    let mut node = start_persistent();
+    cluster::wait_for_views([&node], WAIT);
+    let mac = "52:54:00:00:0d:01";
+    let (who, port) = script(node.http, mac);
+    assert_eq!(port, node.iscsi);
+    let mark = vec![0x5au8; 512];
+    let mut c = login_on(&node, &who, firmware_isid(1));
+    assert!(reads(&mut c, &v1), "the disk is made on p1");
+    c.write10(1, &mark);
+    // SYNCHRONIZE CACHE(10) (SBC-3 5.22): the write is durable, as an OS makes it.
+    assert_eq!(c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
+    drop(c);
+
+    // latest moves to p2: the persistent disk stays on p1 while the node runs.
+    let (done, text) = push(&push_cfg, &root.join("v2.raw"), "p2", "second");
+    assert!(done, "{text}");
+    wait_log(&node, "to follow latest to p2", |e| {
+        e.lines()
+            .filter(|l| l.contains("new boots take this version"))
+            .last()
+            .is_some_and(|l| l.contains("version=p2 "))
+    });
+    let check = |node: &Node, isid: u16| {
+        let (w, p) = script(node.http, mac);
+        assert_eq!((w.as_str(), p), (who.as_str(), node.iscsi));
+        let mut c = login_on(node, &w, firmware_isid(isid));
+        let got = c.read10(1, 1);
+        let which = if got == v1[512..1024] {
+            "p1's"
+        } else if got == v2[512..1024] {
+            "p2's"
+        } else {
+            "other"
+        };
+        assert!(
+            got == mark,
+            "boot {isid}: the client's write is not on its disk (block 1 is {which}); log:\n{}",
+            node.stderr()
+        );
+        let mut image = v1.clone();
+        image[512..1024].copy_from_slice(&mark);
+        assert!(reads(&mut c, &image), "the disk reads p1 under its writes");
+    };
+    check(&node, 2);
+
+    // The node restarts (etcd up, latest = p2): the disk reopens on p1.
+    node.server.take().expect("running").kill9();
+    let node = start_persistent();
+    check(&node, 3);
+    let log = node.stderr();
+    assert!(
+        log.contains("persistent disk stays on the version it was made on"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("a version the catalogue pointer has left"),
+        "{log}"
+    );
 }
