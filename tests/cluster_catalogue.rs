@@ -547,4 +547,94 @@ fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
         !log.contains("a version the catalogue pointer has left"),
         "{log}"
     );
+
+    // `image gc` keeps p1: the client's record in etcd says its disk is on #1.
+    let c = push_cfg.to_str().unwrap();
+    let plan = ok(&["image", "gc", "golden", "--keep", "0", "--dry-run", "-c", c]);
+    assert!(
+        plan.contains("nothing to delete") && plan.contains("#1"),
+        "{plan}"
+    );
+}
+
+/// `image gc` of a catalogue image: keeps the newest `--keep`, the versions a pointer
+/// names; `--dry-run` deletes nothing; a deleted version is gone from the catalogue (no
+/// pointer can name it) and from the bucket (the same push uploads it again).
+#[test]
+fn catalogue_gc_deletes_versions_nothing_uses() {
+    let v1 = common::random_bytes(SIZE, 21);
+    let v2 = common::random_bytes(SIZE, 22);
+    let ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("v1.raw"), &v1).unwrap();
+    std::fs::write(root.join("v2.raw"), &v2).unwrap();
+    ceph::write_credentials(root);
+    let etcd = Etcd::start(root);
+    let cfg = root.join("push.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n\
+             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
+            root.join("push-state").display(),
+            s3_entry(&ceph),
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    for (v, f) in [
+        ("g1", "v1.raw"),
+        ("g2", "v2.raw"),
+        ("g3", "v1.raw"),
+        ("g4", "v2.raw"),
+    ] {
+        let (done, text) = push(&cfg, &root.join(f), v, "gc");
+        assert!(done, "{text}");
+    }
+    ok(&["image", "channel", "golden", "test", "g1", "-c", c]);
+
+    let plan = ok(&["image", "gc", "golden", "--keep", "2", "--dry-run", "-c", c]);
+    assert!(plan.contains("would delete golden@g2 (#2)"), "{plan}");
+    for kept in ["golden@g1", "golden@g3", "golden@g4"] {
+        assert!(!plan.contains(kept), "{kept} is kept: {plan}");
+    }
+    assert!(ok(&["image", "log", "golden", "-c", c]).contains("g2"));
+
+    let done = ok(&["image", "gc", "golden", "--keep", "2", "-c", c]);
+    assert!(done.contains("deleted golden@g2 (#2)"), "{done}");
+    let log = ok(&["image", "log", "golden", "-c", c]);
+    assert!(
+        !log.contains("g2") && log.contains("g1") && log.contains("g3"),
+        "{log}"
+    );
+    let (moved, text) = diskless(&["image", "channel", "golden", "test", "g2", "-c", c]);
+    assert!(!moved && text.contains("no version"), "{text}");
+    // The objects are gone: the same push uploads the version again (a new record).
+    let (again, text) = push(&cfg, &root.join("v2.raw"), "g2", "again");
+    assert!(
+        again && text.contains("pushed") && text.contains("recorded golden@g2 (#5)"),
+        "{text}"
+    );
+    // Nothing more to delete with the default --keep 3 (g1 test, g3, g4, g2 latest).
+    let again = ok(&["image", "gc", "golden", "-c", c]);
+    assert!(again.contains("nothing to delete"), "{again}");
+
+    // A version marked deleting (a gc interrupted after its compare-and-swap): no pointer
+    // may name it, and the next gc finishes it.
+    let key = format!("/diskless/{CLUSTER}/catalogue/golden/versions/g3");
+    let text = etcd
+        .ctl_out(&["get", &key, "--print-value-only"])
+        .expect("etcdctl get");
+    let mut rec: serde_json::Value = serde_json::from_str(text.trim()).expect("record");
+    rec["deleting"] = serde_json::Value::Bool(true);
+    assert!(etcd.ctl(&["put", &key, &rec.to_string()]));
+    let (moved, text) = diskless(&["image", "rollback", "golden", "g3", "-c", c]);
+    assert!(!moved && text.contains("being deleted"), "{text}");
+    let done = ok(&["image", "gc", "golden", "-c", c]);
+    assert!(done.contains("deleted golden@g3 (#3)"), "{done}");
+    assert!(!ok(&["image", "log", "golden", "-c", c]).contains("g3"));
 }
