@@ -410,8 +410,8 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         // The node's last move (an earlier step may have logged version={b} already).
         wait_log(n, &format!("to follow latest to {b}"), |e| {
             e.lines()
-                .filter(|l| l.contains("new boots take this version"))
-                .last()
+                .rev()
+                .find(|l| l.contains("new boots take this version"))
                 .is_some_and(|last| last.contains(&format!("version={b} ")))
         });
     }
@@ -507,8 +507,8 @@ fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
     assert!(done, "{text}");
     wait_log(&node, "to follow latest to p2", |e| {
         e.lines()
-            .filter(|l| l.contains("new boots take this version"))
-            .last()
+            .rev()
+            .find(|l| l.contains("new boots take this version"))
             .is_some_and(|l| l.contains("version=p2 "))
     });
     let check = |node: &Node, isid: u16| {
