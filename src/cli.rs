@@ -663,6 +663,7 @@ fn image_push(
         block_size: manifest.block_size,
         uid: manifest.uid(),
         manifest: format!("{}/{}", s3.bucket, location.manifest()),
+        deleting: false,
     };
     use crate::cluster::catalogue::{record, Recorded};
     match rt.block_on(record(cc, &name, rec)) {

@@ -59,6 +59,24 @@ pub fn reload_with(
     config_path: &Path,
     shared: Option<&[u8]>,
 ) -> Result<String, String> {
+    let _one_at_a_time = reload_lock();
+    reload_locked(server, config_path, shared)
+}
+
+/// Reloads run one at a time: each resolves the catalogue's pointers, builds a registry (slow:
+/// S3 manifests) and swaps it in. Two at once (a watch event each, e.g. two racing pushes)
+/// could finish out of order and leave the older registry serving, and the older pointer
+/// saved as in force (docs/scale-out.md, "Image catalogue").
+fn reload_lock() -> std::sync::MutexGuard<'static, ()> {
+    static RELOADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RELOADS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn reload_locked(
+    server: &Server,
+    config_path: &Path,
+    shared: Option<&[u8]>,
+) -> Result<String, String> {
     let mut config = load_with_shared(config_path, shared)?;
     // Images that follow the cluster's catalogue (`version: latest`, `channel:`) take the
     // versions its pointers name now (or keep theirs when etcd is out of reach).
@@ -645,6 +663,9 @@ impl crate::cluster::Shared for ClusterShared {
             let Some(cluster) = server.cluster().cloned() else {
                 return;
             };
+            // Whether the pointers moved is asked with the reload lock held: a reload in
+            // flight may already serve what this event says.
+            let _one_at_a_time = reload_lock();
             let shared = cluster.shared_config();
             let moves = load_with_shared(&path, shared.as_deref())
                 .map(|c| cluster.catalogue().moves(&c))
@@ -652,7 +673,7 @@ impl crate::cluster::Shared for ClusterShared {
             if !moves {
                 return;
             }
-            match reload_with(&server, &path, shared.as_deref()) {
+            match reload_locked(&server, &path, shared.as_deref()) {
                 Ok(msg) => info!("image catalogue changed: {}", msg.trim()),
                 Err(e) => tracing::error!(error = %e,
                     "image catalogue changed but the reload failed; the running versions stay"),

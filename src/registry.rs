@@ -846,7 +846,8 @@ fn open_s3_image(
             .as_ref()
             .trim_end_matches("/manifest.json")
     );
-    let opened = S3Store::open(store, location, &key, cache, policy).map_err(|e| e.to_string())?;
+    let opened =
+        S3Store::open(store, location, &key, cache.clone(), policy).map_err(|e| e.to_string())?;
     if opened.block_size() != block_size {
         return Err(format!(
             "{key}: the version has block size {}, the configuration says {block_size}",
@@ -854,14 +855,66 @@ fn open_s3_image(
         ));
     }
     let opened = Arc::new(opened);
-    let golden = GoldenImage::from_store(
+    let mut golden = GoldenImage::from_store(
         name,
         PathBuf::from(format!("s3://{key}")),
         block_size,
         opened.clone(),
         format!("s3|{}|{key}|{}", s3.endpoint, opened.size()),
     );
+    // Following a catalogue pointer (resolved: `version` names what it points at now).
+    if s3.resolved_seq.is_some() {
+        let (config, name, s3) = (config.clone(), name.to_string(), s3.clone());
+        golden.older = Some(Arc::new(move |id: &str, seq: u64| {
+            open_recorded_s3(&config, &name, &s3, block_size, cache.clone(), id, seq)
+        }));
+    }
     Ok((golden, opened))
+}
+
+/// The version of an object-store image a persistent disk recorded (`id`, the golden id its
+/// overlay was made on: `s3|ENDPOINT|BUCKET/PREFIX/IMAGE/VERSION|SIZE`), opened again after
+/// the catalogue pointer left it: versions are immutable in the store, and its chunks go
+/// through the node's chunk cache like the pointer's version (docs/scale-out.md, "Image
+/// catalogue").
+fn open_recorded_s3(
+    config: &Config,
+    name: &str,
+    s3: &crate::config::S3ImageConfig,
+    block_size: u32,
+    cache: Arc<ChunkCache>,
+    id: &str,
+    seq: u64,
+) -> Result<GoldenImage, String> {
+    let mut parts = id.split('|');
+    let (Some("s3"), Some(endpoint), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{id:?} is not a version in an object store"));
+    };
+    if endpoint != s3.endpoint {
+        return Err(format!(
+            "the disk was made on {endpoint}, this node reads {}",
+            s3.endpoint
+        ));
+    }
+    let version = key
+        .rsplit('/')
+        .next()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{id:?} names no version"))?;
+    let mut older = s3.clone();
+    older.version = version.to_string();
+    older.channel = None;
+    older.resolved_seq = None;
+    let (mut golden, _) = open_s3_image(config, name, &older, block_size, cache)?;
+    if golden.id != id {
+        return Err(format!(
+            "the store has {}, the disk was made on {id}",
+            golden.id
+        ));
+    }
+    golden.version = Some(seq);
+    golden.older = None;
+    Ok(golden)
 }
 
 #[cfg(test)]

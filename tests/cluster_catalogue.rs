@@ -112,6 +112,20 @@ fn push(config: &Path, file: &Path, version: &str, message: &str) -> (bool, Stri
     ])
 }
 
+/// [`login`] on `node`, failing with its log.
+fn login_on(node: &Node, who: &str, isid: [u8; 6]) -> Client {
+    let mut c = Client::connect(node.iscsi);
+    c.isid = isid;
+    if let Err(e) = c.login(who, TARGET) {
+        panic!(
+            "login of {who} on {} refused: {e:?}; its log:\n{}",
+            node.id,
+            node.stderr()
+        );
+    }
+    c
+}
+
 fn login(port: u16, who: &str, isid: [u8; 6]) -> Client {
     let mut c = Client::connect(port);
     c.isid = isid;
@@ -137,6 +151,23 @@ fn writes_of(etcd: &Etcd, key: &str) -> u64 {
         .expect("etcdctl get");
     let v: serde_json::Value = serde_json::from_str(&text).expect("etcdctl json");
     v["kvs"][0]["version"].as_u64().unwrap_or(0)
+}
+
+/// Wait until the node's log satisfies `done`; fail with the log.
+fn wait_log(n: &Node, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let e = n.stderr();
+        if done(&e) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {} {what}; its log:\n{e}",
+            n.id
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -246,8 +277,8 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     ]);
     assert!(text.contains("golden:latest -> v1 (was v2)"), "{text}");
     for n in &nodes {
-        http::wait_for(WAIT, &format!("{} to take the rollback", n.id), || {
-            n.stderr().contains("image catalogue changed").then_some(())
+        wait_log(n, "to take the rollback", |e| {
+            e.contains("image catalogue changed")
         });
     }
     // The running boot keeps v2: the firmware's session and the OS after the hand-off.
@@ -377,13 +408,11 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     // Both nodes take the last one (new boots).
     for n in &nodes {
         // The node's last move (an earlier step may have logged version={b} already).
-        http::wait_for(WAIT, &format!("{} to follow latest to {b}", n.id), || {
-            let e = n.stderr();
-            let last = e
-                .lines()
-                .filter(|l| l.contains("new boots take this version"))
-                .last()?;
-            last.contains(&format!("version={b} ")).then_some(())
+        wait_log(n, &format!("to follow latest to {b}"), |e| {
+            e.lines()
+                .rev()
+                .find(|l| l.contains("new boots take this version"))
+                .is_some_and(|last| last.contains(&format!("version={b} ")))
         });
     }
 
@@ -392,6 +421,16 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     etcd.kill9();
     let mut n2 = nodes.pop().expect("n2");
     n2.server.take().expect("n2 running").kill9();
+    // The killed node's catalogue lines (its log file is replaced by the restart): what it
+    // committed last, for the failure message.
+    let moves_before: Vec<String> = std::fs::read_to_string(n2.dir.join("server.stderr"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("image catalogue"))
+        .map(str::to_string)
+        .collect();
+    let saved =
+        std::fs::read_to_string(n2.dir.join("state/catalogue-in-force.json")).unwrap_or_default();
     let n2 = start(root, "n2", &sp);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -403,8 +442,199 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "n2 did not keep version {b} with etcd down; its log:\n{e}"
+            "n2 did not keep version {b} with etcd down; its log:\n{e}\n\
+             its catalogue lines before the restart:\n{}\nsaved in force: {saved}",
+            moves_before.join("\n")
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A persistent disk made on a version that `latest` has left reopens after the node
+/// restarts: the version is immutable in S3 and its disk records which one it is (before,
+/// the login was refused: "the persistent disk is on golden@1, a version the catalogue
+/// pointer has left").
+#[test]
+fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
+    let v1 = common::random_bytes(SIZE, 11);
+    let v2 = common::random_bytes(SIZE, 12);
+    let ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("v1.raw"), &v1).unwrap();
+    std::fs::write(root.join("v2.raw"), &v2).unwrap();
+    ceph::write_credentials(root);
+    let etcd = Etcd::start(root);
+    let push_cfg = root.join("push.yaml");
+    std::fs::write(
+        &push_cfg,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: persistent}}\n\
+             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
+            root.join("push-state").display(),
+            s3_entry(&ceph),
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let (done, text) = push(&push_cfg, &root.join("v1.raw"), "p1", "first");
+    assert!(done, "{text}");
+
+    let sp = spec(&ceph, &etcd);
+    let start_persistent = || {
+        let dir = root.join("n1");
+        std::fs::create_dir_all(&dir).unwrap();
+        ceph::write_credentials(&dir);
+        Node::start_mode(root, "n1", &sp, "persistent")
+    };
+    let mut node = start_persistent();
+    cluster::wait_for_views([&node], WAIT);
+    let mac = "52:54:00:00:0d:01";
+    let (who, port) = script(node.http, mac);
+    assert_eq!(port, node.iscsi);
+    let mark = vec![0x5au8; 512];
+    let mut c = login_on(&node, &who, firmware_isid(1));
+    assert!(reads(&mut c, &v1), "the disk is made on p1");
+    c.write10(1, &mark);
+    // SYNCHRONIZE CACHE(10) (SBC-3 5.22): the write is durable, as an OS makes it.
+    assert_eq!(c.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None).status, 0);
+    drop(c);
+
+    // latest moves to p2: the persistent disk stays on p1 while the node runs.
+    let (done, text) = push(&push_cfg, &root.join("v2.raw"), "p2", "second");
+    assert!(done, "{text}");
+    wait_log(&node, "to follow latest to p2", |e| {
+        e.lines()
+            .rev()
+            .find(|l| l.contains("new boots take this version"))
+            .is_some_and(|l| l.contains("version=p2 "))
+    });
+    let check = |node: &Node, isid: u16| {
+        let (w, p) = script(node.http, mac);
+        assert_eq!((w.as_str(), p), (who.as_str(), node.iscsi));
+        let mut c = login_on(node, &w, firmware_isid(isid));
+        let got = c.read10(1, 1);
+        let which = if got == v1[512..1024] {
+            "p1's"
+        } else if got == v2[512..1024] {
+            "p2's"
+        } else {
+            "other"
+        };
+        assert!(
+            got == mark,
+            "boot {isid}: the client's write is not on its disk (block 1 is {which}); log:\n{}",
+            node.stderr()
+        );
+        let mut image = v1.clone();
+        image[512..1024].copy_from_slice(&mark);
+        assert!(reads(&mut c, &image), "the disk reads p1 under its writes");
+    };
+    check(&node, 2);
+
+    // The node restarts (etcd up, latest = p2): the disk reopens on p1.
+    node.server.take().expect("running").kill9();
+    let node = start_persistent();
+    check(&node, 3);
+    let log = node.stderr();
+    assert!(
+        log.contains("persistent disk stays on the version it was made on"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("a version the catalogue pointer has left"),
+        "{log}"
+    );
+
+    // `image gc` keeps p1: the client's record in etcd says its disk is on #1.
+    let c = push_cfg.to_str().unwrap();
+    let plan = ok(&["image", "gc", "golden", "--keep", "0", "--dry-run", "-c", c]);
+    assert!(
+        plan.contains("nothing to delete") && plan.contains("#1"),
+        "{plan}"
+    );
+}
+
+/// `image gc` of a catalogue image: keeps the newest `--keep`, the versions a pointer
+/// names; `--dry-run` deletes nothing; a deleted version is gone from the catalogue (no
+/// pointer can name it) and from the bucket (the same push uploads it again).
+#[test]
+fn catalogue_gc_deletes_versions_nothing_uses() {
+    let v1 = common::random_bytes(SIZE, 21);
+    let v2 = common::random_bytes(SIZE, 22);
+    let ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("v1.raw"), &v1).unwrap();
+    std::fs::write(root.join("v2.raw"), &v2).unwrap();
+    ceph::write_credentials(root);
+    let etcd = Etcd::start(root);
+    let cfg = root.join("push.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n\
+             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
+            root.join("push-state").display(),
+            s3_entry(&ceph),
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    for (v, f) in [
+        ("g1", "v1.raw"),
+        ("g2", "v2.raw"),
+        ("g3", "v1.raw"),
+        ("g4", "v2.raw"),
+    ] {
+        let (done, text) = push(&cfg, &root.join(f), v, "gc");
+        assert!(done, "{text}");
+    }
+    ok(&["image", "channel", "golden", "test", "g1", "-c", c]);
+
+    let plan = ok(&["image", "gc", "golden", "--keep", "2", "--dry-run", "-c", c]);
+    assert!(plan.contains("would delete golden@g2 (#2)"), "{plan}");
+    for kept in ["golden@g1", "golden@g3", "golden@g4"] {
+        assert!(!plan.contains(kept), "{kept} is kept: {plan}");
+    }
+    assert!(ok(&["image", "log", "golden", "-c", c]).contains("g2"));
+
+    let done = ok(&["image", "gc", "golden", "--keep", "2", "-c", c]);
+    assert!(done.contains("deleted golden@g2 (#2)"), "{done}");
+    let log = ok(&["image", "log", "golden", "-c", c]);
+    assert!(
+        !log.contains("g2") && log.contains("g1") && log.contains("g3"),
+        "{log}"
+    );
+    let (moved, text) = diskless(&["image", "channel", "golden", "test", "g2", "-c", c]);
+    assert!(!moved && text.contains("no version"), "{text}");
+    // The objects are gone: the same push uploads the version again (a new record).
+    let (again, text) = push(&cfg, &root.join("v2.raw"), "g2", "again");
+    assert!(
+        again && text.contains("pushed") && text.contains("recorded golden@g2 (#5)"),
+        "{text}"
+    );
+    // Nothing more to delete with the default --keep 3 (g1 test, g3, g4, g2 latest).
+    let again = ok(&["image", "gc", "golden", "-c", c]);
+    assert!(again.contains("nothing to delete"), "{again}");
+
+    // A version marked deleting (a gc interrupted after its compare-and-swap): no pointer
+    // may name it, and the next gc finishes it.
+    let key = format!("/diskless/{CLUSTER}/catalogue/golden/versions/g3");
+    let text = etcd
+        .ctl_out(&["get", &key, "--print-value-only"])
+        .expect("etcdctl get");
+    let mut rec: serde_json::Value = serde_json::from_str(text.trim()).expect("record");
+    rec["deleting"] = serde_json::Value::Bool(true);
+    assert!(etcd.ctl(&["put", &key, &rec.to_string()]));
+    let (moved, text) = diskless(&["image", "rollback", "golden", "g3", "-c", c]);
+    assert!(!moved && text.contains("being deleted"), "{text}");
+    let done = ok(&["image", "gc", "golden", "-c", c]);
+    assert!(done.contains("deleted golden@g3 (#3)"), "{done}");
+    assert!(!ok(&["image", "log", "golden", "-c", c]).contains("g3"));
 }

@@ -44,7 +44,14 @@ pub struct GoldenImage {
     /// The version when the image is a versioned one (`STATE_DIR/images/<name>`,
     /// docs/images.md); None for a plain file from `images:`.
     pub version: Option<u64>,
+    /// Opens another version of the series from the golden id a disk recorded and its
+    /// version number (an object-store image following a catalogue pointer: a persistent
+    /// disk made on a version the pointer has left).
+    pub older: Option<Arc<OpenOlder>>,
 }
+
+/// See [`GoldenImage::older`]: (recorded golden id, version) → that version.
+pub type OpenOlder = dyn Fn(&str, u64) -> Result<GoldenImage, String> + Send + Sync;
 
 impl GoldenImage {
     /// An image behind any store (an object store version: `path` is its `s3://` name and
@@ -64,6 +71,7 @@ impl GoldenImage {
             store,
             id,
             version: None,
+            older: None,
         }
     }
 
@@ -84,6 +92,7 @@ impl GoldenImage {
             store: Arc::new(store),
             id: format!("{}|{}|{}", path.display(), meta.len(), mtime),
             version: None,
+            older: None,
         })
     }
 
@@ -113,19 +122,40 @@ impl GoldenImage {
             store: Arc::new(store),
             id: versions::Images::version_id(log, info),
             version: Some(v),
+            older: None,
         })
     }
 
-    /// Version `v` of the series `image` belongs to, for a persistent disk made on it. An
-    /// image in an object store following a catalogue pointer has only the version the
-    /// pointer names open (docs/scale-out.md, "Image catalogue"): say so.
-    fn open_older(state_dir: &Path, image: &GoldenImage, v: u64) -> Result<GoldenImage, String> {
+    /// Version `v` of the series `image` belongs to, for a persistent disk made on it (in
+    /// `client_dir`). An image in an object store following a catalogue pointer opens the
+    /// version the disk recorded (immutable in the store) until the operator resets the
+    /// disk (docs/scale-out.md, "Image catalogue").
+    fn open_older(
+        state_dir: &Path,
+        client_dir: &Path,
+        image: &GoldenImage,
+        v: u64,
+    ) -> Result<GoldenImage, String> {
         if image.path.to_string_lossy().starts_with("s3://") {
-            return Err(format!(
-                "the persistent disk is on {}@{v}, a version the catalogue pointer has left                  (this node opens only {}): reset the disk (`diskless client reset`) or pin                  its binding to that version",
-                image.name,
-                image.label()
-            ));
+            let refused = |why: String| {
+                format!(
+                    "the persistent disk is on {}@{v}, a version the catalogue pointer has left, \
+                     and it cannot be opened ({why}): reset the disk (`diskless client reset`) \
+                     or pin its binding to that version",
+                    image.name
+                )
+            };
+            let disk = client_dir.join(dir_name(&format!("{}.v{v}", image.name)));
+            let id = Overlay::recorded_golden_id(&disk)
+                .map_err(|e| refused(e.to_string()))?
+                .ok_or_else(|| refused("its disk records no image".into()))?;
+            let open = image
+                .older
+                .as_ref()
+                .ok_or_else(|| refused(format!("this node opens only {}", image.label())))?;
+            let mut opened = open(&id, v).map_err(refused)?;
+            opened.physical_block_size = image.physical_block_size;
+            return Ok(opened);
         }
         let images = versions::Images::new(state_dir);
         images
@@ -194,6 +224,7 @@ fn direct_image(image: &GoldenImage) -> Result<Arc<GoldenImage>, String> {
         store: Arc::new(store),
         id: image.id.clone(),
         version: None,
+        older: None,
     }))
 }
 
@@ -1160,8 +1191,8 @@ fn open_disk(
         // A persistent disk stays on the version it was created on (docs/images.md).
         if let Some(v) = disk_version(dir, &image.name) {
             if Some(v) != image.version {
-                let opened =
-                    GoldenImage::open_older(state_dir, &image, v).map_err(AttachError::Storage)?;
+                let opened = GoldenImage::open_older(state_dir, dir, &image, v)
+                    .map_err(AttachError::Storage)?;
                 tracing::info!(initiator = %initiator, on = %opened.label(), binding = %image.label(),
                     "persistent disk stays on the version it was made on");
                 next_image = Some(image);
@@ -1680,7 +1711,7 @@ impl BootTarget {
             // A persistent disk stays on the version it was created on (docs/images.md).
             if let Some(v) = disk_version(&client_dir, &image.name) {
                 if Some(v) != image.version {
-                    let opened = GoldenImage::open_older(&self.state_dir, &image, v)
+                    let opened = GoldenImage::open_older(&self.state_dir, &client_dir, &image, v)
                         .map_err(AttachError::Storage)?;
                     tracing::info!(initiator = %key, on = %opened.label(), binding = %image.label(),
                         "persistent disk stays on the version it was made on");
@@ -1735,6 +1766,7 @@ impl BootTarget {
                 store,
                 id: image.id.clone(),
                 version: image.version,
+                older: image.older.clone(),
             });
         } else if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
             // Its disk was kept by a switch that a crash interrupted before the new disk

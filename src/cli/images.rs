@@ -69,9 +69,17 @@ pub enum VersionCommand {
         st: StateArgs,
     },
     /// Delete versions nothing needs (never latest, a channel's, one a binding names, one a
-    /// client boots now, one an overlay sits on) and files of interrupted commits.
+    /// client boots now, one an overlay sits on) and files of interrupted commits. For an
+    /// image in a cluster's catalogue: versions no pointer names and no client record uses,
+    /// beyond the newest --keep (each marked deleting in etcd, then its objects deleted).
     Gc {
         image: String,
+        /// Catalogue images: how many of the newest versions are always kept.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+        /// Catalogue images: print the plan, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         st: StateArgs,
     },
@@ -185,6 +193,141 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))
+}
+
+/// `image gc` of a catalogue image (docs/images.md, "Garbage collection in a cluster"): the
+/// plan from the catalogue and the cluster's client records; each version is marked deleting
+/// in etcd (compare-and-swap: a pointer moved to it meanwhile refuses the mark), then its
+/// objects are deleted (the manifest first: a version without one is never read), then its
+/// record.
+fn catalogue_gc(
+    st: &StateArgs,
+    cc: &crate::config::ClusterConfig,
+    name: &str,
+    keep: usize,
+    dry_run: bool,
+) -> Result<(), CliError> {
+    use crate::cluster::catalogue;
+    use object_store::ObjectStoreExt;
+    let c = Config::load(&st.config)?;
+    // The `images:` entries on this image in the bucket (client records name the entry).
+    let entries: Vec<&crate::config::ImageConfig> = c
+        .images
+        .iter()
+        .filter(|im| {
+            im.s3
+                .as_ref()
+                .is_some_and(|s| s.image_name(&im.name) == name)
+        })
+        .collect();
+    let Some(first) = entries.first() else {
+        return Err(CliError::Io(format!("no images: entry on {name}")));
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io)?;
+    let entry = rt
+        .block_on(catalogue::read_image_entry(cc, name))
+        .map_err(io)?;
+    let (records, _) = rt
+        .block_on(crate::cluster::clients::read_all(cc))
+        .map_err(io)?;
+    let mut in_use = BTreeSet::new();
+    for (key, bytes) in &records {
+        let r = match serde_json::from_slice::<crate::boot::record::ClientRecord>(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(CliError::Io(format!(
+                    "client record {key} unreadable ({e}): nothing deleted"
+                )))
+            }
+        };
+        // `name` or `name@N`.
+        let on = r.disk.image.split('@').next().unwrap_or_default();
+        if entries.iter().any(|im| im.name == on) {
+            if let Some(v) = r.disk.version {
+                in_use.insert(v);
+            }
+        }
+    }
+    let plan = catalogue::gc_plan(&entry, keep, &in_use);
+    let seqs: Vec<String> = in_use.iter().map(|v| format!("#{v}")).collect();
+    println!(
+        "{name}: {} versions, keeping the newest {keep}, those a pointer names and those client disks use ({})",
+        entry.versions.len(),
+        if seqs.is_empty() { "none".into() } else { seqs.join(" ") }
+    );
+    if plan.is_empty() {
+        println!("nothing to delete");
+        return Ok(());
+    }
+    for r in &plan {
+        println!(
+            "{} {name}@{} (#{})",
+            if dry_run { "would delete" } else { "deleting" },
+            r.version,
+            r.seq
+        );
+    }
+    if dry_run {
+        return Ok(());
+    }
+    let first_s3 = first
+        .s3
+        .clone()
+        .ok_or_else(|| CliError::Io("no s3".into()))?;
+    let mut failed = 0;
+    for r in &plan {
+        if let Err(e) = rt.block_on(catalogue::mark_deleting(cc, name, &r.version)) {
+            println!("kept {name}@{}: {e}", r.version);
+            failed += 1;
+            continue;
+        }
+        let mut s3 = first_s3.clone();
+        s3.version = r.version.clone();
+        s3.channel = None;
+        let (store, location, _) =
+            crate::registry::s3_target(&c, &first.name, &s3).map_err(CliError::Io)?;
+        // Chunk objects live under the version's own name (`<version>/chunks/N`): no other
+        // version shares them. All-zero chunks were never stored (NotFound is fine).
+        let chunks = r.size.div_ceil(r.chunk_size.max(1));
+        let deleted = rt.block_on(async {
+            let mut paths = vec![location.manifest()];
+            paths.extend((0..chunks).map(|i| location.chunk(i)));
+            let mut n = 0u64;
+            for p in &paths {
+                match store.delete(p).await {
+                    Ok(()) => n += 1,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(n)
+        });
+        match deleted {
+            Ok(n) => {
+                rt.block_on(catalogue::forget(cc, name, &r.version))
+                    .map_err(io)?;
+                println!(
+                    "deleted {name}@{} (#{}): its manifest and chunk objects ({n} keys)",
+                    r.version, r.seq
+                );
+            }
+            Err(e) => {
+                println!(
+                    "{name}@{} is marked deleting but its objects were not all deleted ({e}): run gc again",
+                    r.version
+                );
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::Io(format!("{failed} version(s) not deleted")));
+    }
+    Ok(())
 }
 
 /// Move a catalogue pointer; say what moved.
@@ -388,7 +531,20 @@ pub fn run(cmd: VersionCommand) -> Result<(), CliError> {
             println!("{image}@{v} is flat (run `diskless image gc {image}` to free its chain)");
             Ok(())
         }
-        VersionCommand::Gc { image, st } => {
+        VersionCommand::Gc {
+            image,
+            keep,
+            dry_run,
+            st,
+        } => {
+            if let Some((cc, name)) = catalogue_of(&st, &image) {
+                return catalogue_gc(&st, &cc, &name, keep, dry_run);
+            }
+            if dry_run {
+                return Err(CliError::Io(
+                    "--dry-run is for images in a cluster's catalogue".into(),
+                ));
+            }
             let (dir, config) = state_dir(&st)?;
             // With the server running, it knows the clients booted now: let it collect.
             let sock = dir.join(crate::control::SOCKET);

@@ -20,7 +20,7 @@ use super::placement::{Change, Keys};
 use crate::config::{ClusterConfig, Config};
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -46,6 +46,10 @@ pub struct VersionRecord {
     pub uid: String,
     /// `bucket/key` of the manifest.
     pub manifest: String,
+    /// Marked by `image gc` before its objects are deleted: no pointer may name it again
+    /// and no node resolves to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// A movable pointer (`pointers/<name>`).
@@ -223,12 +227,19 @@ impl Catalogue {
             .pointers
             .get(pointer)
             .ok_or_else(|| format!("{image}:{pointer} is not set in the catalogue"))?;
-        e.versions.get(&p.version).ok_or_else(|| {
+        let r = e.versions.get(&p.version).ok_or_else(|| {
             format!(
                 "{image}:{pointer} names version {}, which is not in the catalogue",
                 p.version
             )
-        })
+        })?;
+        if r.deleting {
+            return Err(format!(
+                "{image}:{pointer} names version {}, which `image gc` is deleting",
+                p.version
+            ));
+        }
+        Ok(r)
     }
 }
 
@@ -312,7 +323,19 @@ pub struct Follower {
 #[derive(Debug, Default)]
 struct FollowerState {
     view: Option<Catalogue>,
+    /// Counts the changes of `view`: a [`Ticket`] says which copy it was resolved from.
+    view_gen: u64,
     in_force: Resolution,
+    /// The `view_gen` of the resolution in force.
+    committed_gen: u64,
+}
+
+/// A resolution made from one copy of the catalogue ([`Follower::resolve`]), to be
+/// committed once the registry serves it ([`Follower::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub resolution: Resolution,
+    gen: u64,
 }
 
 /// The file, in the state directory, of the versions a node serves for pointers.
@@ -341,6 +364,9 @@ impl Follower {
         let c = Catalogue::from_changes(keys, changes);
         let mut st = self.lock();
         let changed = st.view.as_ref() != Some(&c);
+        if changed {
+            st.view_gen += 1;
+        }
         st.view = Some(c);
         changed
     }
@@ -348,10 +374,14 @@ impl Follower {
     /// One watched change; true when it is a catalogue record.
     pub fn apply(&self, keys: &Keys, change: &Change) -> bool {
         let mut st = self.lock();
-        match st.view.as_mut() {
+        let applied = match st.view.as_mut() {
             Some(v) => v.apply(keys, change),
             None => false,
+        };
+        if applied {
+            st.view_gen += 1;
         }
+        applied
     }
 
     /// Install a catalogue read once (at start, before the watch lists it).
@@ -359,6 +389,7 @@ impl Follower {
         let mut st = self.lock();
         if st.view.is_none() {
             st.view = Some(c);
+            st.view_gen += 1;
         }
     }
 
@@ -371,27 +402,46 @@ impl Follower {
     }
 
     /// [`resolve_config`] with this node's copy and the versions it serves now.
-    pub fn resolve(&self, config: &mut Config) -> Result<Resolution, String> {
+    pub fn resolve(&self, config: &mut Config) -> Result<Ticket, String> {
         let st = self.lock();
-        resolve_config(config, st.view.as_ref(), &st.in_force)
+        let resolution = resolve_config(config, st.view.as_ref(), &st.in_force)?;
+        Ok(Ticket {
+            resolution,
+            gen: st.view_gen,
+        })
     }
 
     /// Whether resolving `config` now gives other versions than those in force.
     pub fn moves(&self, config: &Config) -> bool {
         let mut c = config.clone();
         match self.resolve(&mut c) {
-            Ok(r) => r != self.in_force(),
+            Ok(t) => t.resolution != self.in_force(),
             // A reload will say why.
             Err(_) => true,
         }
     }
 
-    /// The registry now serves `r`: save it, then log what moved (saved first, so that
-    /// a node killed after the line was logged restarts on what the line said).
-    pub fn commit(&self, r: Resolution) {
-        let old = std::mem::replace(&mut self.lock().in_force, r.clone());
+    /// The registry now serves `t`: save it, then log what moved (saved first, so that a
+    /// node killed after the line was logged restarts on what the line said). A ticket
+    /// resolved from an older copy of the catalogue than the one in force is refused
+    /// (false): two reloads finishing out of order must not leave the older pointer in
+    /// force, nor in the state directory. Saving and logging happen under the lock, so the
+    /// file and the log follow the order of the commits.
+    pub fn commit(&self, t: Ticket) -> bool {
+        let mut st = self.lock();
+        if t.gen < st.committed_gen {
+            warn!(
+                resolved_from = t.gen,
+                in_force_from = st.committed_gen,
+                "image catalogue: a resolution older than the one in force is not committed"
+            );
+            return false;
+        }
+        st.committed_gen = t.gen;
+        let r = t.resolution;
+        let old = std::mem::replace(&mut st.in_force, r.clone());
         if r == old {
-            return;
+            return true;
         }
         if let Some(path) = self.cache.get() {
             if let Some(d) = path.parent() {
@@ -416,6 +466,7 @@ impl Follower {
                 }
             }
         }
+        true
     }
 }
 
@@ -446,6 +497,8 @@ struct Read {
     entry: ImageEntry,
     /// Mod revision of each pointer key.
     pointer_rev: BTreeMap<String, i64>,
+    /// Mod revision of each version key.
+    version_rev: BTreeMap<String, i64>,
     seq: u64,
     seq_rev: i64,
 }
@@ -466,6 +519,7 @@ async fn read_image(
     let mut read = Read {
         entry: ImageEntry::default(),
         pointer_rev: BTreeMap::new(),
+        version_rev: BTreeMap::new(),
         seq: 0,
         seq_rev: 0,
     };
@@ -481,6 +535,9 @@ async fn read_image(
             }
             Some(CatKey::Pointer(_, p)) => {
                 read.pointer_rev.insert(p, kv.mod_revision());
+            }
+            Some(CatKey::Version(_, v)) => {
+                read.version_rev.insert(v, kv.mod_revision());
             }
             _ => {}
         }
@@ -633,6 +690,11 @@ pub async fn move_pointer(
     let rev = read.pointer_rev.get(pointer).copied().unwrap_or(0);
     let txn = match to {
         Some(v) => {
+            if read.entry.versions.get(v).is_some_and(|r| r.deleting) {
+                return Err(CatalogueError::Refused(format!(
+                    "{image}@{v} is being deleted by `image gc`: no pointer may name it"
+                )));
+            }
             if !read.entry.versions.contains_key(v) {
                 let known: Vec<&str> = read
                     .entry
@@ -656,13 +718,22 @@ pub async fn move_pointer(
                 time_ms: now_ms,
                 previous: current.clone(),
             };
+            // The version's record is written again (unchanged) in the same transaction,
+            // which compares its mod revision: a move racing `image gc`'s mark of the
+            // version fails, and the mark (which compares it too) fails after a move.
             let vkey = version_key(&keys, image, v);
+            let vrev = read.version_rev.get(v).copied().unwrap_or(0);
+            let vrec = read.entry.versions.get(v).map(json).unwrap_or_default();
             Txn::new()
                 .when([
                     Compare::mod_revision(pkey.as_str(), CompareOp::Equal, rev),
+                    Compare::mod_revision(vkey.as_str(), CompareOp::Equal, vrev),
                     Compare::create_revision(vkey.as_str(), CompareOp::Greater, 0),
                 ])
-                .and_then([TxnOp::put(pkey.as_str(), json(&p), None)])
+                .and_then([
+                    TxnOp::put(pkey.as_str(), json(&p), None),
+                    TxnOp::put(vkey.as_str(), vrec, None),
+                ])
         }
         None if pointer == LATEST => {
             return Err(CatalogueError::Refused(
@@ -687,6 +758,114 @@ pub async fn move_pointer(
     Err(conflict(now))
 }
 
+/// The versions `image gc` deletes, oldest first: none that a pointer names, none in
+/// `in_use` (sequence numbers a client disk record or a session uses), none of the newest
+/// `keep`; a version marked deleting already (an interrupted gc) is always in the plan.
+pub fn gc_plan(entry: &ImageEntry, keep: usize, in_use: &BTreeSet<u64>) -> Vec<VersionRecord> {
+    let named: BTreeSet<&str> = entry
+        .pointers
+        .values()
+        .map(|p| p.version.as_str())
+        .collect();
+    let order = entry.in_order();
+    let newest: BTreeSet<&str> = order
+        .iter()
+        .rev()
+        .take(keep)
+        .map(|r| r.version.as_str())
+        .collect();
+    order
+        .into_iter()
+        .filter(|r| {
+            r.deleting
+                || !(named.contains(r.version.as_str())
+                    || newest.contains(r.version.as_str())
+                    || in_use.contains(&r.seq))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Mark `version` of `image` deleting, by a transaction that compares the version's record
+/// and every pointer with what was read here: a pointer moved (to it) meanwhile refuses the
+/// mark (the move rewrites the record), and once marked, a move to it is refused.
+pub async fn mark_deleting(
+    cfg: &ClusterConfig,
+    image: &str,
+    version: &str,
+) -> Result<VersionRecord, CatalogueError> {
+    let keys = Keys::new(&cfg.name);
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    let mut c = connect(cfg).await?;
+    let read = read_image(&mut c, &keys, image, limit).await?;
+    let Some(mut rec) = read.entry.versions.get(version).cloned() else {
+        return Err(CatalogueError::NoVersion {
+            image: image.into(),
+            version: version.into(),
+            known: "see image log".into(),
+        });
+    };
+    if rec.deleting {
+        return Ok(rec);
+    }
+    if let Some((p, _)) = read
+        .entry
+        .pointers
+        .iter()
+        .find(|(_, p)| p.version == version)
+    {
+        return Err(CatalogueError::Refused(format!(
+            "{image}:{p} names {version}: not deleted"
+        )));
+    }
+    rec.deleting = true;
+    let vkey = version_key(&keys, image, version);
+    let vrev = read.version_rev.get(version).copied().unwrap_or(0);
+    let mut when = vec![Compare::mod_revision(vkey.as_str(), CompareOp::Equal, vrev)];
+    for (p, rev) in &read.pointer_rev {
+        when.push(Compare::mod_revision(
+            pointer_key(&keys, image, p),
+            CompareOp::Equal,
+            *rev,
+        ));
+    }
+    let txn = Txn::new()
+        .when(when)
+        .and_then([TxnOp::put(vkey.as_str(), json(&rec), None)]);
+    if bounded(limit, c.txn(txn)).await?.succeeded() {
+        Ok(rec)
+    } else {
+        Err(CatalogueError::Conflict {
+            image: image.into(),
+            pointer: format!("{version} (a pointer or the version's record)"),
+            now: None,
+        })
+    }
+}
+
+/// Remove the record of `version`, marked deleting (its objects are gone).
+pub async fn forget(cfg: &ClusterConfig, image: &str, version: &str) -> Result<(), CatalogueError> {
+    let keys = Keys::new(&cfg.name);
+    let limit = op_timeout(Duration::from_secs(cfg.lease_ttl));
+    let mut c = connect(cfg).await?;
+    let read = read_image(&mut c, &keys, image, limit).await?;
+    if !read.entry.versions.get(version).is_some_and(|r| r.deleting) {
+        return Err(CatalogueError::Refused(format!(
+            "{image}@{version} is not marked deleting"
+        )));
+    }
+    let vkey = version_key(&keys, image, version);
+    let vrev = read.version_rev.get(version).copied().unwrap_or(0);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(vkey.as_str(), CompareOp::Equal, vrev)])
+        .and_then([TxnOp::delete(vkey.as_str(), None)]);
+    if bounded(limit, c.txn(txn)).await?.succeeded() {
+        Ok(())
+    } else {
+        Err(CatalogueError::Busy)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,7 +882,45 @@ mod tests {
             block_size: 512,
             uid: format!("u{seq}"),
             manifest: format!("b/img/{v}/manifest.json"),
+            deleting: false,
         }
+    }
+
+    #[test]
+    fn gc_plans_keep_pointers_newest_and_used_versions() {
+        let keys = Keys::new("lab");
+        let mut changes: Vec<Change> = (1..=6)
+            .map(|i| {
+                let v = format!("v{i}");
+                put(version_key(&keys, "win", &v), &rec(&v, i))
+            })
+            .collect();
+        changes.push(put(pointer_key(&keys, "win", LATEST), &ptr("v6")));
+        changes.push(put(pointer_key(&keys, "win", "production"), &ptr("v1")));
+        let c = Catalogue::from_changes(&keys, &changes);
+        let e = &c.images["win"];
+        let plan = |keep, used: &[u64]| -> Vec<String> {
+            gc_plan(e, keep, &used.iter().copied().collect())
+                .into_iter()
+                .map(|r| r.version)
+                .collect()
+        };
+        assert_eq!(plan(3, &[]), ["v2", "v3"]);
+        assert_eq!(plan(3, &[2]), ["v3"], "a client disk on v2 keeps it");
+        assert_eq!(plan(1, &[]), ["v2", "v3", "v4", "v5"]);
+        assert_eq!(plan(10, &[]), Vec::<String>::new());
+        // A version marked deleting is resolved by no pointer and stays in the plan.
+        let mut d = rec("v5", 5);
+        d.deleting = true;
+        let mut c2 = c.clone();
+        c2.apply(&keys, &put(version_key(&keys, "win", "v5"), &d));
+        c2.apply(&keys, &put(pointer_key(&keys, "win", "test"), &ptr("v5")));
+        assert!(c2.resolve("win", "test").is_err());
+        let in_plan: Vec<String> = gc_plan(&c2.images["win"], 3, &BTreeSet::new())
+            .into_iter()
+            .map(|r| r.version)
+            .collect();
+        assert!(in_plan.contains(&"v5".to_string()), "{in_plan:?}");
     }
 
     fn put(key: String, v: &impl Serialize) -> Change {
@@ -883,6 +1100,58 @@ mod tests {
         g.set_state_dir(dir.path());
         assert_eq!(g.in_force()["win"].version, "v2");
         let mut c = cfg.clone();
-        assert_eq!(g.resolve(&mut c).expect("kept")["win"].seq, 2);
+        assert_eq!(g.resolve(&mut c).expect("kept").resolution["win"].seq, 2);
+    }
+
+    /// Two pushes race (tests/cluster_catalogue.rs): `latest` moves to v3, then to v4, and
+    /// each watch event starts a reload. The reload started by the first event resolved v3;
+    /// if it finishes last, its commit must not put v3 back in force (nor in the state
+    /// directory, where a node restarted without etcd would find it).
+    #[test]
+    fn follower_keeps_the_newest_of_two_racing_reloads() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let keys = Keys::new("lab");
+        let f = Follower::default();
+        f.set_state_dir(dir.path());
+        let cfg = config(&format!(
+            "  - name: win\n    s3: {{{S3}, version: latest}}\n"
+        ));
+        let mut listing: Vec<Change> = (1..=4)
+            .map(|i| {
+                put(
+                    version_key(&keys, "win", &format!("v{i}")),
+                    &rec(&format!("v{i}"), i),
+                )
+            })
+            .collect();
+        listing.push(put(pointer_key(&keys, "win", LATEST), &ptr("v2")));
+        f.relist(&keys, &listing);
+        assert!(f.commit(f.resolve(&mut cfg.clone()).expect("v2")));
+
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v3"))));
+        let first = f.resolve(&mut cfg.clone()).expect("v3");
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v4"))));
+        let second = f.resolve(&mut cfg.clone()).expect("v4");
+        assert_eq!(first.resolution["win"].version, "v3");
+        assert_eq!(second.resolution["win"].version, "v4");
+        // The second reload finishes first; the first one's commit comes late.
+        assert!(f.commit(second));
+        assert!(!f.commit(first), "a stale resolution is refused");
+        assert_eq!(f.in_force()["win"].version, "v4");
+        assert!(!f.moves(&cfg));
+        let g = Follower::default();
+        g.set_state_dir(dir.path());
+        assert_eq!(
+            g.in_force()["win"].version,
+            "v4",
+            "the state directory says v4"
+        );
+
+        // In order, both commits are taken.
+        assert!(f.apply(&keys, &put(pointer_key(&keys, "win", LATEST), &ptr("v1"))));
+        let t = f.resolve(&mut cfg.clone()).expect("v1");
+        assert!(f.commit(t));
+        assert_eq!(f.in_force()["win"].version, "v1");
+        assert!(!f.moves(&cfg));
     }
 }

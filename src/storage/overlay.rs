@@ -332,6 +332,12 @@ impl Overlay {
         Self::open_with_id(dir, golden, None)
     }
 
+    /// The golden image id recorded in the overlay in `dir` (None: made without one); its
+    /// snapshot is read, nothing is opened for writing.
+    pub fn recorded_golden_id(dir: &Path) -> Result<Option<String>, OverlayError> {
+        Ok(read_meta(dir)?.golden_id)
+    }
+
     /// Whether the overlay in `dir` was made for the golden image `golden_id` (its snapshot
     /// is read, nothing is opened for writing).
     pub fn check_golden_id(dir: &Path, golden_id: &str) -> Result<(), OverlayError> {

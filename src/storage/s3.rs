@@ -613,6 +613,70 @@ pub struct PushReport {
     pub bytes_uploaded: u64,
 }
 
+/// A raw image file read chunk by chunk, as [`push`] stores it and [`verify_pushed`] checks
+/// it: each chunk with its CRC32C, or None when it is all zero (not stored).
+struct RawChunks {
+    f: Arc<std::fs::File>,
+    size: u64,
+    chunk_size: u64,
+    next: u64,
+}
+
+impl RawChunks {
+    /// Open `file` for chunks of `chunk_size` (a power of two in 64 KiB..64 MiB); its size
+    /// must be a positive multiple of `block_size`.
+    fn open(
+        file: &std::path::Path,
+        chunk_size: u64,
+        block_size: u32,
+    ) -> Result<RawChunks, S3Error> {
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
+            return Err(S3Error::Config(format!(
+                "chunk size {chunk_size} is not a power of two in 64 KiB..64 MiB"
+            )));
+        }
+        let f = Arc::new(std::fs::File::open(file)?);
+        let size = f.metadata()?.len();
+        if size == 0 || size % u64::from(block_size) != 0 {
+            return Err(S3Error::Config(format!(
+                "{}: size {size} is not a positive multiple of {block_size}",
+                file.display()
+            )));
+        }
+        Ok(RawChunks {
+            f,
+            size,
+            chunk_size,
+            next: 0,
+        })
+    }
+
+    fn count(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    /// The next chunk: (index, bytes, CRC32C or None when all zero); None at the end.
+    async fn next(&mut self) -> Result<Option<(u64, Vec<u8>, Option<u32>)>, S3Error> {
+        use std::os::unix::fs::FileExt;
+        let index = self.next;
+        if index >= self.count() {
+            return Ok(None);
+        }
+        self.next += 1;
+        let off = index * self.chunk_size;
+        let len = (self.size - off).min(self.chunk_size) as usize;
+        let f = self.f.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off).map(|()| buf)
+        })
+        .await
+        .map_err(|e| S3Error::Config(format!("reader task: {e}")))??;
+        let crc = (!data.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(&data));
+        Ok(Some((index, data, crc)))
+    }
+}
+
 /// Upload a raw image as a new, immutable version: its non-zero chunks, then the manifest
 /// (created only if absent, so two pushes of one version cannot both succeed; a version
 /// without a manifest is incomplete and never read).
@@ -624,26 +688,14 @@ pub async fn push(
     block_size: u32,
     policy: RetryPolicy,
 ) -> Result<(Manifest, PushReport), S3Error> {
-    use std::os::unix::fs::FileExt;
-    if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
-        return Err(S3Error::Config(format!(
-            "chunk size {chunk_size} is not a power of two in 64 KiB..64 MiB"
-        )));
-    }
-    let f = Arc::new(std::fs::File::open(file)?);
-    let size = f.metadata()?.len();
-    if size == 0 || size % u64::from(block_size) != 0 {
-        return Err(S3Error::Config(format!(
-            "{}: size {size} is not a positive multiple of {block_size}",
-            file.display()
-        )));
-    }
+    let mut raw = RawChunks::open(file, chunk_size, block_size)?;
+    let size = raw.size;
     match store.head(&location.manifest()).await {
         Ok(_) => return Err(S3Error::Exists(location.manifest().to_string())),
         Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let count = size.div_ceil(chunk_size);
+    let count = raw.count();
     let mut chunks = vec![None; count as usize];
     let mut report = PushReport {
         size,
@@ -675,21 +727,13 @@ pub async fn push(
             attempt += 1;
         }
     };
-    for index in 0..count {
-        let len = (size - index * chunk_size).min(chunk_size) as usize;
-        let f2 = f.clone();
-        let data = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            f2.read_exact_at(&mut buf, index * chunk_size).map(|()| buf)
-        })
-        .await
-        .map_err(|e| S3Error::Config(format!("reader task: {e}")))??;
-        if data.iter().all(|&b| b == 0) {
+    while let Some((index, data, crc)) = raw.next().await? {
+        if crc.is_none() {
             continue;
         }
-        chunks[index as usize] = Some(crc32c::crc32c(&data));
+        chunks[index as usize] = crc;
         report.uploaded += 1;
-        report.bytes_uploaded += len as u64;
+        report.bytes_uploaded += data.len() as u64;
         // At most 8 uploads in flight.
         while tasks.len() >= 8 {
             if let Some(r) = tasks.join_next().await {
@@ -742,7 +786,6 @@ pub async fn verify_pushed(
     block_size: u32,
     policy: RetryPolicy,
 ) -> Result<Manifest, S3Error> {
-    use std::os::unix::fs::FileExt;
     let name = location.manifest().to_string();
     let failed = AtomicU64::new(0);
     let bytes = get_with_retry(store.as_ref(), &location.manifest(), policy, &failed).await?;
@@ -753,28 +796,17 @@ pub async fn verify_pushed(
             format!("the version in the store is not {}: {what}", file.display()),
         )
     };
-    let f = Arc::new(std::fs::File::open(file)?);
-    let size = f.metadata()?.len();
+    let mut raw = RawChunks::open(file, chunk_size, block_size)?;
+    let size = raw.size;
     if (m.size, m.chunk_size, m.block_size) != (size, chunk_size, block_size) {
         return Err(differs(format!(
             "size/chunk size/block size {}/{}/{} in the store, {size}/{chunk_size}/{block_size} here",
             m.size, m.chunk_size, m.block_size
         )));
     }
-    for (index, want) in m.chunks.iter().enumerate() {
-        let (off, len) = (
-            index as u64 * chunk_size,
-            m.chunk_len(index as u64) as usize,
-        );
-        let f2 = f.clone();
-        let data = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            f2.read_exact_at(&mut buf, off).map(|()| buf)
-        })
-        .await
-        .map_err(|e| S3Error::Config(format!("reader task: {e}")))??;
-        let got = (!data.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(&data));
-        if got != *want {
+    // Manifest::parse checked that it lists size / chunk_size chunks.
+    while let Some((index, _, got)) = raw.next().await? {
+        if m.chunks.get(index as usize) != Some(&got) {
             return Err(differs(format!("chunk {index} differs")));
         }
     }
