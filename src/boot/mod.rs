@@ -216,6 +216,37 @@ struct ExtraDisk {
     dir: PathBuf,
     serial: String,
     naa: [u8; 16],
+    /// The RBD image of this disk when it is a shared disk (persistent or install, `rbd:`).
+    shared_name: Option<String>,
+}
+
+impl ExtraDisk {
+    /// What the cluster's record says of this disk.
+    fn summary(&self) -> record::LunSummary {
+        let d = read(&self.disk);
+        record::LunSummary {
+            lun: self.lun,
+            image: d.image.label(),
+            mode: self.mode,
+            disk: lun_kind(&d, self.shared_name.as_ref()),
+        }
+    }
+
+    /// Whether this disk is a shared disk (RBD) that another node fenced this node from.
+    fn fenced(&self) -> bool {
+        self.shared_name.is_some() && read(&self.disk).image.store.fenced()
+    }
+}
+
+/// What a disk is on, for the cluster's record.
+fn lun_kind(d: &Disk, shared_name: Option<&String>) -> record::Lun0 {
+    match (&d.overlay, shared_name) {
+        (Some(_), _) => record::Lun0::Overlay,
+        (None, Some(name)) if d.mode != OverlayMode::Direct => {
+            record::Lun0::Rbd { name: name.clone() }
+        }
+        _ => record::Lun0::Image,
+    }
 }
 
 /// What a reset discards (docs/overlays.md, "Several disks per client").
@@ -529,10 +560,14 @@ impl Client {
         d.overlay.is_none() && matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
     }
 
-    /// Whether LUN 0 is a shared disk (RBD) that another node fenced this node from.
+    /// Whether any of the client's shared disks (RBD, every LUN) is one another node fenced
+    /// this node from: the client's disks are then all opened (and locked) again together.
     fn shared_disk_fenced(&self) -> bool {
-        let d = read(&self.disk);
-        d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+        let lun0 = {
+            let d = read(&self.disk);
+            d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+        };
+        lun0 || self.extra.iter().any(ExtraDisk::fenced)
     }
 
     /// LUN numbers of this client's disks, ascending (LUN 0 first).
@@ -620,21 +655,15 @@ impl Client {
         }
     }
 
-    /// LUN 0 as the cluster's record names it.
+    /// The client's disks (LUN 0, then its data disks) as the cluster's record names them.
     pub fn disk_summary(&self) -> record::DiskSummary {
         let d = read(&self.disk);
-        let lun0 = match (&d.overlay, &self.shared_name) {
-            (Some(_), _) => record::Lun0::Overlay,
-            (None, Some(name)) if d.mode != OverlayMode::Direct => {
-                record::Lun0::Rbd { name: name.clone() }
-            }
-            _ => record::Lun0::Image,
-        };
         record::DiskSummary {
             image: d.image.label(),
             version: d.image.version,
             mode: d.mode,
-            lun0,
+            lun0: lun_kind(&d, self.shared_name.as_ref()),
+            luns: self.extra.iter().map(ExtraDisk::summary).collect(),
         }
     }
 
@@ -727,6 +756,19 @@ impl Client {
         // or a new version where the disk has no overlay to keep).
         if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {
             self.reset_lun0()?;
+        }
+        if let Some(x) = self
+            .extra
+            .iter()
+            .find(|x| x.shared_name.is_some() && scope.covers(x.lun, x.mode))
+        {
+            return Err(format!(
+                "client {}'s LUN {} is in Ceph RBD ({}), not an overlay on this node: recreate \
+                 it with `rbd rm` while the client is off (it is cloned again at its next login)",
+                self.initiator,
+                x.lun,
+                x.shared_name.as_deref().unwrap_or("?")
+            ));
         }
         for x in &self.extra {
             if scope.covers(x.lun, x.mode) {
@@ -1709,11 +1751,12 @@ impl BootTarget {
                 if matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
                     && sh.holds(&image.name) =>
             {
-                shared_name = sh.disk_name(&self.name, &key);
+                shared_name = sh.disk_name(&self.name, &key, 0);
                 let (store, new) = sh
                     .open(
                         &self.name,
                         &key,
+                        0,
                         &image.name,
                         image.store.size(),
                         image.block_size,
@@ -1727,15 +1770,7 @@ impl BootTarget {
         };
         let in_shared = shared.is_some();
         if let Some(store) = shared {
-            image = Arc::new(GoldenImage {
-                name: image.name.clone(),
-                path: image.path.clone(),
-                block_size: image.block_size,
-                physical_block_size: image.physical_block_size,
-                store,
-                id: image.id.clone(),
-                version: image.version,
-            });
+            image = on_store(&image, store);
         } else if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
             // Its disk was kept by a switch that a crash interrupted before the new disk
             // existed: back in place (the next boot switches again).
@@ -1756,7 +1791,35 @@ impl BootTarget {
         let mut extra = Vec::with_capacity(binding.disks.len());
         for d in &binding.disks {
             let dir = client_dir.join(lun_dir_name(d.lun));
-            let (disk, next, new) = open_disk(&self.state_dir, &key, &dir, &d.image, d.mode)?;
+            let mut lun_shared = None;
+            let (disk, next, new) = match &self.shared {
+                // A persistent or install data disk in shared storage (RBD): its own clone,
+                // opened and locked with LUN 0's (a take-over fences them all).
+                Some(sh)
+                    if matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
+                        && sh.holds(&d.image.name) =>
+                {
+                    lun_shared = sh.disk_name(&self.name, &key, d.lun);
+                    let (store, new) = sh
+                        .open(
+                            &self.name,
+                            &key,
+                            d.lun,
+                            &d.image.name,
+                            d.image.store.size(),
+                            d.image.block_size,
+                            may_lock,
+                        )
+                        .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+                    let disk = Disk {
+                        image: on_store(&d.image, store),
+                        mode: d.mode,
+                        overlay: None,
+                    };
+                    (disk, None, new)
+                }
+                _ => open_disk(&self.state_dir, &key, &dir, &d.image, d.mode)?,
+            };
             // The first boot has nothing to discard only when every overlay is new.
             created &= new || disk.overlay.is_none();
             extra.push(ExtraDisk {
@@ -1767,6 +1830,7 @@ impl BootTarget {
                 dir,
                 serial: crate::identity::default_serial(&who, d.lun),
                 naa: crate::identity::naa_in(self.identity, &who, d.lun),
+                shared_name: lun_shared,
             });
         }
         let fresh_state = saved.is_none();
@@ -1851,6 +1915,19 @@ impl BootTarget {
         // Two logins racing: keep whichever got in first.
         Ok(self.clients.entry(key).or_insert(client).clone())
     }
+}
+
+/// `image` served from `store` (a client's disk in shared storage) under the same name and id.
+fn on_store(image: &GoldenImage, store: Arc<dyn crate::storage::BlockStore>) -> Arc<GoldenImage> {
+    Arc::new(GoldenImage {
+        name: image.name.clone(),
+        path: image.path.clone(),
+        block_size: image.block_size,
+        physical_block_size: image.physical_block_size,
+        store,
+        id: image.id.clone(),
+        version: image.version,
+    })
 }
 
 /// Coming back to a persistent disk this client left: the newest kept one of `image`
