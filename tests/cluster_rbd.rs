@@ -572,7 +572,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     assert_eq!(image1, format!("{image0}.lun1"));
     let x = nodes.iter().position(|n| n.iscsi == port).expect("a node");
     let mut s = login(port, &who);
-    s.lun = 1;
+    s.lun = diskless::pdu::lun_from_index(1);
     assert_eq!(
         s.read10(0, 16),
         data_bytes[..16 * 512],
@@ -581,7 +581,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     let d1 = common::random_bytes(8 * 512, 41);
     let r = write_fua(&mut s, 100, &d1);
     assert_eq!(r.status, 0, "LUN 1 FUA write: {r:?}");
-    s.lun = 0;
+    s.lun = diskless::pdu::lun_from_index(0);
     let d0 = common::random_bytes(8 * 512, 42);
     let r = write_fua(&mut s, 100, &d0);
     assert_eq!(r.status, 0, "LUN 0 FUA write: {r:?}");
@@ -617,7 +617,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
         t.elapsed()
     );
     assert_eq!(s.read10(100, 8), d0, "LUN 0's FUA write survived");
-    s.lun = 1;
+    s.lun = diskless::pdu::lun_from_index(1);
     assert_eq!(s.read10(100, 8), d1, "LUN 1's FUA write survived");
     assert_eq!(s.read10(0, 16), data_bytes[..16 * 512]);
     let fenced = nodes[y]
@@ -648,7 +648,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
         (p == nodes[z].iscsi).then_some(p)
     });
     let mut s3 = login(port, &who);
-    s3.lun = 1;
+    s3.lun = diskless::pdu::lun_from_index(1);
     assert_eq!(s3.read10(300, 8), before_pause, "the paused node's FUA write");
     let new_data = common::random_bytes(8 * 512, 44);
     let r = write_fua(&mut s3, 400, &new_data);
@@ -665,7 +665,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     );
     assert_eq!(s3.read10(400, 8), new_data, "the new owner's LUN 1 data is intact");
     assert_eq!(s3.read10(100, 8), d1);
-    s3.lun = 0;
+    s3.lun = diskless::pdu::lun_from_index(0);
     assert_eq!(s3.read10(100, 8), d0);
     eprintln!("measured: data disk test {:?}", started.elapsed());
 }
