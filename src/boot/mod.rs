@@ -1021,8 +1021,35 @@ impl Client {
         self.commit_lun_to(0, path)
     }
 
+    /// The RBD image of the disk on `lun` when it is a shared disk.
+    fn shared_name_of(&self, lun: u16) -> Option<&str> {
+        if lun == 0 {
+            return self.shared_disk().then_some(self.shared_name.as_deref()).flatten();
+        }
+        self.extra
+            .iter()
+            .find(|x| x.lun == lun)
+            .and_then(|x| x.shared_name.as_deref())
+    }
+
+    /// Why a commit of the disk on `lun` is refused when it is in RBD (not done yet:
+    /// docs/scale-out.md, "Not done for RBD disks").
+    fn refuse_rbd_commit(&self, lun: u16) -> Result<(), String> {
+        match self.shared_name_of(lun) {
+            Some(name) => Err(format!(
+                "client {}'s LUN {lun} is the RBD clone {name}, not an overlay on this node: \
+                 `diskless client commit` of RBD disks is not supported yet; with the client \
+                 off, `rbd snap create {name}@S`, `rbd snap protect {name}@S` and name it as \
+                 an image's `rbd: {{parent: ...@S}}`",
+                self.initiator
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// [`Client::commit_to`] of the disk on `lun`.
     pub fn commit_lun_to(&self, lun: u16, path: &Path) -> Result<(), String> {
+        self.refuse_rbd_commit(lun)?;
         let (_, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -1065,6 +1092,7 @@ impl Client {
         image: &str,
         stamp: &versions::Stamp,
     ) -> Result<u64, String> {
+        self.refuse_rbd_commit(lun)?;
         let (cur, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -2121,6 +2149,7 @@ pub fn plan_bindings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn firmware_isid() {
@@ -2154,6 +2183,161 @@ mod tests {
         fn send(&self, rec: record::ClientRecord) {
             lock(&self.1).push(rec);
         }
+    }
+
+    /// A shared disk in memory that a test can fence.
+    struct FakeDisk(crate::storage::MemStore, AtomicBool);
+
+    impl crate::storage::BlockStore for FakeDisk {
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), crate::storage::StorageError> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(
+            &self,
+            data: &[u8],
+            offset: u64,
+            fua: bool,
+        ) -> Result<(), crate::storage::StorageError> {
+            self.0.write_at(data, offset, fua)
+        }
+        fn flush(&self) -> Result<(), crate::storage::StorageError> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), crate::storage::StorageError> {
+            self.0.discard(offset, len)
+        }
+        fn thin_provisioned(&self) -> bool {
+            false
+        }
+        fn allocation(&self, offset: u64) -> Result<(bool, u64), crate::storage::StorageError> {
+            self.0.allocation(offset)
+        }
+        fn fenced(&self) -> bool {
+            self.1.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Shared disks (as RBD's) in memory: the opens per LUN, the disk last opened per LUN.
+    #[derive(Default)]
+    struct FakeShared(Mutex<Vec<(u16, Arc<FakeDisk>)>>);
+
+    impl crate::storage::SharedDisks for FakeShared {
+        fn holds(&self, _image: &str) -> bool {
+            true
+        }
+        fn disk_name(&self, _target: &str, initiator: &str, lun: u16) -> Option<String> {
+            Some(format!("pool/{initiator}.lun{lun}"))
+        }
+        fn open(
+            &self,
+            _target: &str,
+            _initiator: &str,
+            lun: u16,
+            _image: &str,
+            size: u64,
+            block_size: u32,
+            may_lock: crate::storage::LockGuard<'_>,
+        ) -> Result<(Arc<dyn crate::storage::BlockStore>, bool), crate::storage::SharedDiskError>
+        {
+            may_lock().map_err(|why| crate::storage::SharedDiskError::NotOwner {
+                disk: lun.to_string(),
+                why,
+            })?;
+            let d = Arc::new(FakeDisk(
+                crate::storage::MemStore::new(size, block_size, false),
+                AtomicBool::new(false),
+            ));
+            let mut opened = lock(&self.0);
+            let new = !opened.iter().any(|(l, _)| *l == lun);
+            opened.push((lun, d.clone()));
+            Ok((d, new))
+        }
+    }
+
+    #[test]
+    fn shared_data_disks_are_opened_fenced_and_recorded_per_lun() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("base.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
+        let data = dir.path().join("data.img");
+        std::fs::write(&data, vec![9u8; 1 << 20]).unwrap();
+        let data = Arc::new(GoldenImage::open("data", &data, 512).unwrap());
+        let plan = BindingPlan {
+            initiator: None,
+            matcher: None,
+            image: golden,
+            mode: OverlayMode::Persistent,
+            mac: None,
+            uuid: None,
+            chap: None,
+            reset: ResetPolicy::default(),
+            firmware_isid: None,
+            disks: vec![DiskPlan {
+                lun: 1,
+                image: data,
+                mode: OverlayMode::Persistent,
+            }],
+            os: ClientOs::default(),
+            gateway: GatewayPolicy::default(),
+        };
+        let shared = Arc::new(FakeShared::default());
+        let t = BootTarget::new(
+            "iqn.t:boot",
+            Vec::new(),
+            Some(plan),
+            dir.path().join("n"),
+            Duration::from_secs(600),
+        )
+        .with_shared_disks(Some(shared.clone()));
+        let who = "iqn.x:c1";
+        let owner = || Ok(());
+        assert!(t.attach(who).is_err(), "not opened without the owner check");
+        let c = t.attach_with(who, &owner).unwrap();
+        let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
+        assert_eq!(luns, vec![0, 1], "one shared disk per LUN");
+        assert!(c.overlay().is_none());
+        let sum = c.disk_summary();
+        assert_eq!(
+            sum.lun0,
+            record::Lun0::Rbd {
+                name: "pool/iqn.x:c1.lun0".into()
+            }
+        );
+        assert_eq!(sum.luns.len(), 1);
+        assert_eq!(sum.luns[0].lun, 1);
+        assert_eq!(
+            sum.luns[0].disk,
+            record::Lun0::Rbd {
+                name: "pool/iqn.x:c1.lun1".into()
+            }
+        );
+        // Still held: the same client, nothing opened again.
+        assert!(Arc::ptr_eq(&c, &t.attach_with(who, &owner).unwrap()));
+        assert_eq!(lock(&shared.0).len(), 2);
+        // LUN 1 alone fenced by another node: both disks are opened (and locked) again.
+        lock(&shared.0)[1].1 .1.store(true, Ordering::SeqCst);
+        let c2 = t.attach_with(who, &owner).unwrap();
+        assert!(!Arc::ptr_eq(&c, &c2));
+        let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
+        assert_eq!(luns, vec![0, 1, 0, 1]);
+        // Reset and commit of a disk in RBD are refused with the reason.
+        c2.operator_reset_scope(ResetScope::Lun(1));
+        let e = c2.reset().unwrap_err();
+        assert!(e.contains("LUN 1 is in Ceph RBD"), "{e}");
+        let e = c2.commit_lun_to(1, &dir.path().join("x.img")).unwrap_err();
+        assert!(e.contains("RBD clone pool/iqn.x:c1.lun1"), "{e}");
+        let e = c2.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
+        assert!(e.contains("not supported yet"), "{e}");
     }
 
     const IPXE: [u8; 6] = [0x40, 0x00, 0x27, 0x23, 0x00, 0x01];
