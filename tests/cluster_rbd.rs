@@ -93,11 +93,12 @@ fn lockers(ceph: &Ceph, image: &str) -> Vec<String> {
         .collect()
 }
 
-/// The RADOS client with which `node` last locked a client disk (from its log).
-fn node_rados_client(node: &Node) -> Option<String> {
+/// The RADOS client with which `node` last locked the client disk `image` (from its log).
+fn node_rados_client(node: &Node, image: &str) -> Option<String> {
+    let disk = format!("disk=rbd/{image} ");
     node.stderr()
         .lines()
-        .rfind(|l| l.contains("client disk in RBD opened and locked"))
+        .rfind(|l| l.contains("client disk in RBD opened and locked") && l.contains(&disk))
         .and_then(|l| {
             let i = l.find("client.")?;
             let tail = &l[i..];
@@ -117,7 +118,7 @@ fn check_single_writer(ceph: &Ceph, etcd: &Etcd, image: &str, who: &str, owner: 
         "etcd owner of {who}"
     );
     let held = lockers(ceph, image);
-    let mine = node_rados_client(owner).expect("the owner logged its RADOS client");
+    let mine = node_rados_client(owner, image).expect("the owner logged its RADOS client");
     assert_eq!(
         held,
         vec![mine.clone()],
@@ -508,6 +509,165 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
          the client's boot script (its disk reopening) a retry script after {script_took:?}"
     );
     eprintln!("measured: whole test {:?}", started.elapsed());
+}
+
+/// A client with LUN 0 and a persistent data disk (LUN 1, a binding's `disks:`), both in
+/// RBD: each its own clone, written with FUA; its node is killed with SIGKILL; on another
+/// node both LUNs read every acknowledged write; that node is paused past its lease and
+/// the third node takes both disks over: the paused node's LUN 1 write then fails.
+#[test]
+fn rbd_data_disk_survives_kill_and_is_fenced() {
+    common::require("rbd", "ceph-common");
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 31);
+    std::fs::write(&golden, &golden_bytes).unwrap();
+    let data = tmp.path().join("data.img");
+    let data_bytes = common::random_bytes(4 << 20, 32);
+    std::fs::write(&data, &data_bytes).unwrap();
+
+    let ceph = Ceph::start();
+    let etcd = Etcd::start(tmp.path());
+    ceph.rbd_parent(&golden, "golden");
+    // The data disks' parent in the same pool (created by `rbd_parent` above).
+    let raw = data.to_str().expect("UTF-8 path");
+    ceph.tool(
+        "rbd",
+        &["import", "--image-feature", "layering,exclusive-lock", raw, "rbd/data"],
+    )
+    .ok();
+    ceph.tool("rbd", &["snap", "create", "rbd/data@v1"]).ok();
+    ceph.tool("rbd", &["snap", "protect", "rbd/data@v1"]).ok();
+
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: format!(
+            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
+             - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
+            golden.display(),
+            data.display()
+        ),
+        image: "golden",
+        cluster_extra: String::new(),
+        extra: format!(
+            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
+            ceph.conf().display()
+        ),
+    };
+    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| Node::start_custom(tmp.path(), id, &spec, boot, "127.0.0.1"))
+        .collect();
+    cluster::wait_for_views(nodes.iter(), WAIT);
+
+    let mac = "52:54:00:00:0d:11";
+    let (who, port) = nodes[0].script(mac);
+    let image0 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 0);
+    let image1 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 1);
+    assert_eq!(image1, format!("{image0}.lun1"));
+    let x = nodes.iter().position(|n| n.iscsi == port).expect("a node");
+    let mut s = login(port, &who);
+    s.lun = diskless::pdu::lun_from_index(1);
+    assert_eq!(
+        s.read10(0, 16),
+        data_bytes[..16 * 512],
+        "a new data disk reads as its image"
+    );
+    let d1 = common::random_bytes(8 * 512, 41);
+    let r = write_fua(&mut s, 100, &d1);
+    assert_eq!(r.status, 0, "LUN 1 FUA write: {r:?}");
+    s.lun = diskless::pdu::lun_from_index(0);
+    let d0 = common::random_bytes(8 * 512, 42);
+    let r = write_fua(&mut s, 100, &d0);
+    assert_eq!(r.status, 0, "LUN 0 FUA write: {r:?}");
+    check_single_writer(&ceph, &etcd, &image0, &who, &nodes[x]);
+    check_single_writer(&ceph, &etcd, &image1, &who, &nodes[x]);
+    let info = ceph.tool("rbd", &["info", &format!("rbd/{image1}")]).ok();
+    assert!(info.stdout.contains("parent: rbd/data@v1"), "{}", info.stdout);
+    // The record lists LUN 1's clone (LUN 0 stays in `lun0`, as older records have it).
+    let rec = record_by(&etcd, &who, &nodes[x]);
+    assert_eq!(rec["disk"]["lun0"]["name"], format!("rbd/{image0}"), "{rec}");
+    assert_eq!(rec["disk"]["luns"][0]["lun"], 1, "{rec}");
+    assert_eq!(rec["disk"]["luns"][0]["disk"]["kind"], "rbd", "{rec}");
+    assert_eq!(
+        rec["disk"]["luns"][0]["disk"]["name"],
+        format!("rbd/{image1}"),
+        "{rec}"
+    );
+
+    // SIGKILL its node: another node fences both disks and serves every acknowledged write.
+    let t = Instant::now();
+    nodes[x].server.take().expect("running").kill9();
+    drop(s);
+    let other = (x + 1) % 3;
+    let port = wait_for("the client placed on a live node", || {
+        let (_, p) = nodes[other].script(mac);
+        (p != nodes[x].iscsi).then_some(p)
+    });
+    let y = nodes.iter().position(|n| n.iscsi == port).expect("a node");
+    let mut s = login(port, &who);
+    eprintln!(
+        "measured: SIGKILL to both LUNs served again by {} in {:?}",
+        nodes[y].id,
+        t.elapsed()
+    );
+    assert_eq!(s.read10(100, 8), d0, "LUN 0's FUA write survived");
+    s.lun = diskless::pdu::lun_from_index(1);
+    assert_eq!(s.read10(100, 8), d1, "LUN 1's FUA write survived");
+    assert_eq!(s.read10(0, 16), data_bytes[..16 * 512]);
+    let fenced = nodes[y]
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("fenced the previous holder of the client disk"))
+        .count();
+    assert_eq!(fenced, 2, "both disks fenced: {}", nodes[y].stderr());
+    check_single_writer(&ceph, &etcd, &image0, &who, &nodes[y]);
+    check_single_writer(&ceph, &etcd, &image1, &who, &nodes[y]);
+    let before_pause = common::random_bytes(8 * 512, 43);
+    let r = write_fua(&mut s, 300, &before_pause);
+    assert_eq!(r.status, 0, "LUN 1 FUA write on the new node: {r:?}");
+
+    // Pause that node past its lease: the third node takes both disks over; the paused
+    // node's LUN 1 write then fails.
+    let z = 3 - x - y;
+    let pid = nodes[y].server.as_ref().expect("running").pid();
+    signal(pid, libc::SIGSTOP);
+    let resumed = std::cell::Cell::new(false);
+    let _cont = Guard(|| {
+        if !resumed.get() {
+            signal(pid, libc::SIGCONT)
+        }
+    });
+    let port = wait_for("the client placed on the third node", || {
+        let (_, p) = nodes[z].script(mac);
+        (p == nodes[z].iscsi).then_some(p)
+    });
+    let mut s3 = login(port, &who);
+    s3.lun = diskless::pdu::lun_from_index(1);
+    assert_eq!(s3.read10(300, 8), before_pause, "the paused node's FUA write");
+    let new_data = common::random_bytes(8 * 512, 44);
+    let r = write_fua(&mut s3, 400, &new_data);
+    assert_eq!(r.status, 0, "{r:?}");
+    check_single_writer(&ceph, &etcd, &image1, &who, &nodes[z]);
+    check_single_writer(&ceph, &etcd, &image0, &who, &nodes[z]);
+    signal(pid, libc::SIGCONT);
+    resumed.set(true);
+    let late = common::random_bytes(8 * 512, 45);
+    let r = write_fua(&mut s, 400, &late);
+    assert_eq!(
+        r.status, 2,
+        "the fenced node's LUN 1 write is CHECK CONDITION: {r:?}"
+    );
+    assert_eq!(s3.read10(400, 8), new_data, "the new owner's LUN 1 data is intact");
+    assert_eq!(s3.read10(100, 8), d1);
+    s3.lun = diskless::pdu::lun_from_index(0);
+    assert_eq!(s3.read10(100, 8), d0);
+    eprintln!("measured: data disk test {:?}", started.elapsed());
 }
 
 /// WARN lines `I/O on the client disk in RBD failed` in the node's log (printed).

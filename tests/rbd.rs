@@ -120,7 +120,7 @@ fn client_disks_are_clones_locked_by_their_owner() {
     let size = bytes.len() as u64;
 
     // Not the owner: nothing is created.
-    match a.open("tgt", "iqn.x:c1", "g", size, 512, &not_owner) {
+    match a.open("tgt", "iqn.x:c1", 0, "g", size, 512, &not_owner) {
         Err(SharedDiskError::NotOwner { why, .. }) => assert!(why.contains("n2")),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened by a node that does not own the client"),
@@ -130,7 +130,7 @@ fn client_disks_are_clones_locked_by_their_owner() {
     assert!(!ls.stdout.contains(&name), "{}", ls.stdout);
 
     // The owner: a new clone that reads as the golden image, locked.
-    let (d1, created) = a.open("tgt", "iqn.x:c1", "g", size, 512, &owner).unwrap();
+    let (d1, created) = a.open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner).unwrap();
     assert!(created);
     let mut seen = vec![0u8; 64 << 10];
     d1.read_at(&mut seen, 0).unwrap();
@@ -146,7 +146,7 @@ fn client_disks_are_clones_locked_by_their_owner() {
     );
 
     // Another node asked to take the client: it fences the first, which can no longer write.
-    let (d2, created) = b.open("tgt", "iqn.x:c1", "g", size, 512, &owner).unwrap();
+    let (d2, created) = b.open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner).unwrap();
     assert!(!created);
     assert!(d1.fenced(), "the first holder knows it lost the disk");
     assert!(d1.write_at(&mine, 0, true).is_err());
@@ -156,8 +156,28 @@ fn client_disks_are_clones_locked_by_their_owner() {
     d2.read_at(&mut back, 0).unwrap();
     assert!(back == bytes[..4096], "the fenced write is not");
 
+    // A data disk (LUN 1) of the same client: its own clone, named after LUN 0's, locked and
+    // fenced apart from it (each disk has its own RADOS client).
+    assert_eq!(
+        b.disk_name("tgt", "iqn.x:c1", 1),
+        Some(format!("rbd/{name}.lun1"))
+    );
+    let (l1, created) = b.open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner).unwrap();
+    assert!(created, "LUN 1 is a clone of its own");
+    let data = common::random_bytes(4096, 5);
+    l1.write_at(&data, 0, true).unwrap();
+    let (l1a, created) = a.open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner).unwrap();
+    assert!(!created);
+    assert!(l1.fenced(), "LUN 1's first holder is fenced");
+    assert!(l1.write_at(&data, 4096, true).is_err());
+    l1a.read_at(&mut back, 0).unwrap();
+    assert!(back == data, "LUN 1's acknowledged write is there");
+    d2.read_at(&mut back, 0).unwrap();
+    assert!(back == bytes[..4096], "LUN 0 is another disk");
+    assert!(!d2.fenced());
+
     // A clone of another size than the image (its snapshot is not the image): refused.
-    match a.open("tgt", "iqn.x:c2", "g", size + 512, 512, &owner) {
+    match a.open("tgt", "iqn.x:c2", 0, "g", size + 512, 512, &owner) {
         Err(SharedDiskError::Failed { reason, .. }) => assert!(reason.contains("bytes")),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a disk of the wrong size was served"),

@@ -247,6 +247,37 @@ struct ExtraDisk {
     dir: PathBuf,
     serial: String,
     naa: [u8; 16],
+    /// The RBD image of this disk when it is a shared disk (persistent or install, `rbd:`).
+    shared_name: Option<String>,
+}
+
+impl ExtraDisk {
+    /// What the cluster's record says of this disk.
+    fn summary(&self) -> record::LunSummary {
+        let d = read(&self.disk);
+        record::LunSummary {
+            lun: self.lun,
+            image: d.image.label(),
+            mode: self.mode,
+            disk: lun_kind(&d, self.shared_name.as_ref()),
+        }
+    }
+
+    /// Whether this disk is a shared disk (RBD) that another node fenced this node from.
+    fn fenced(&self) -> bool {
+        self.shared_name.is_some() && read(&self.disk).image.store.fenced()
+    }
+}
+
+/// What a disk is on, for the cluster's record.
+fn lun_kind(d: &Disk, shared_name: Option<&String>) -> record::Lun0 {
+    match (&d.overlay, shared_name) {
+        (Some(_), _) => record::Lun0::Overlay,
+        (None, Some(name)) if d.mode != OverlayMode::Direct => {
+            record::Lun0::Rbd { name: name.clone() }
+        }
+        _ => record::Lun0::Image,
+    }
 }
 
 /// What a reset discards (docs/overlays.md, "Several disks per client").
@@ -560,10 +591,14 @@ impl Client {
         d.overlay.is_none() && matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
     }
 
-    /// Whether LUN 0 is a shared disk (RBD) that another node fenced this node from.
+    /// Whether any of the client's shared disks (RBD, every LUN) is one another node fenced
+    /// this node from: the client's disks are then all opened (and locked) again together.
     fn shared_disk_fenced(&self) -> bool {
-        let d = read(&self.disk);
-        d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+        let lun0 = {
+            let d = read(&self.disk);
+            d.overlay.is_none() && d.mode != OverlayMode::Direct && d.image.store.fenced()
+        };
+        lun0 || self.extra.iter().any(ExtraDisk::fenced)
     }
 
     /// LUN numbers of this client's disks, ascending (LUN 0 first).
@@ -651,21 +686,15 @@ impl Client {
         }
     }
 
-    /// LUN 0 as the cluster's record names it.
+    /// The client's disks (LUN 0, then its data disks) as the cluster's record names them.
     pub fn disk_summary(&self) -> record::DiskSummary {
         let d = read(&self.disk);
-        let lun0 = match (&d.overlay, &self.shared_name) {
-            (Some(_), _) => record::Lun0::Overlay,
-            (None, Some(name)) if d.mode != OverlayMode::Direct => {
-                record::Lun0::Rbd { name: name.clone() }
-            }
-            _ => record::Lun0::Image,
-        };
         record::DiskSummary {
             image: d.image.label(),
             version: d.image.version,
             mode: d.mode,
-            lun0,
+            lun0: lun_kind(&d, self.shared_name.as_ref()),
+            luns: self.extra.iter().map(ExtraDisk::summary).collect(),
         }
     }
 
@@ -758,6 +787,19 @@ impl Client {
         // or a new version where the disk has no overlay to keep).
         if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {
             self.reset_lun0()?;
+        }
+        if let Some(x) = self
+            .extra
+            .iter()
+            .find(|x| x.shared_name.is_some() && scope.covers(x.lun, x.mode))
+        {
+            return Err(format!(
+                "client {}'s LUN {} is in Ceph RBD ({}), not an overlay on this node: recreate \
+                 it with `rbd rm` while the client is off (it is cloned again at its next login)",
+                self.initiator,
+                x.lun,
+                x.shared_name.as_deref().unwrap_or("?")
+            ));
         }
         for x in &self.extra {
             if scope.covers(x.lun, x.mode) {
@@ -1010,8 +1052,35 @@ impl Client {
         self.commit_lun_to(0, path)
     }
 
+    /// The RBD image of the disk on `lun` when it is a shared disk.
+    fn shared_name_of(&self, lun: u16) -> Option<&str> {
+        if lun == 0 {
+            return self.shared_disk().then_some(self.shared_name.as_deref()).flatten();
+        }
+        self.extra
+            .iter()
+            .find(|x| x.lun == lun)
+            .and_then(|x| x.shared_name.as_deref())
+    }
+
+    /// Why a commit of the disk on `lun` is refused when it is in RBD (not done yet:
+    /// docs/scale-out.md, "Not done for RBD disks").
+    fn refuse_rbd_commit(&self, lun: u16) -> Result<(), String> {
+        match self.shared_name_of(lun) {
+            Some(name) => Err(format!(
+                "client {}'s LUN {lun} is the RBD clone {name}, not an overlay on this node: \
+                 `diskless client commit` of RBD disks is not supported yet; with the client \
+                 off, `rbd snap create {name}@S`, `rbd snap protect {name}@S` and name it as \
+                 an image's `rbd: {{parent: ...@S}}`",
+                self.initiator
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// [`Client::commit_to`] of the disk on `lun`.
     pub fn commit_lun_to(&self, lun: u16, path: &Path) -> Result<(), String> {
+        self.refuse_rbd_commit(lun)?;
         let (_, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -1054,6 +1123,7 @@ impl Client {
         image: &str,
         stamp: &versions::Stamp,
     ) -> Result<u64, String> {
+        self.refuse_rbd_commit(lun)?;
         let (cur, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -1740,11 +1810,12 @@ impl BootTarget {
                 if matches!(mode, OverlayMode::Persistent | OverlayMode::Install)
                     && sh.holds(&image.name) =>
             {
-                shared_name = sh.disk_name(&self.name, &key);
+                shared_name = sh.disk_name(&self.name, &key, 0);
                 let (store, new) = sh
                     .open(
                         &self.name,
                         &key,
+                        0,
                         &image.name,
                         image.store.size(),
                         image.block_size,
@@ -1758,16 +1829,7 @@ impl BootTarget {
         };
         let in_shared = shared.is_some();
         if let Some(store) = shared {
-            image = Arc::new(GoldenImage {
-                name: image.name.clone(),
-                path: image.path.clone(),
-                block_size: image.block_size,
-                physical_block_size: image.physical_block_size,
-                store,
-                id: image.id.clone(),
-                version: image.version,
-                older: image.older.clone(),
-            });
+            image = on_store(&image, store);
         } else if matches!(mode, OverlayMode::Persistent | OverlayMode::Install) {
             // Its disk was kept by a switch that a crash interrupted before the new disk
             // existed: back in place (the next boot switches again).
@@ -1788,7 +1850,35 @@ impl BootTarget {
         let mut extra = Vec::with_capacity(binding.disks.len());
         for d in &binding.disks {
             let dir = client_dir.join(lun_dir_name(d.lun));
-            let (disk, next, new) = open_disk(&self.state_dir, &key, &dir, &d.image, d.mode)?;
+            let mut lun_shared = None;
+            let (disk, next, new) = match &self.shared {
+                // A persistent or install data disk in shared storage (RBD): its own clone,
+                // opened and locked with LUN 0's (a take-over fences them all).
+                Some(sh)
+                    if matches!(d.mode, OverlayMode::Persistent | OverlayMode::Install)
+                        && sh.holds(&d.image.name) =>
+                {
+                    lun_shared = sh.disk_name(&self.name, &key, d.lun);
+                    let (store, new) = sh
+                        .open(
+                            &self.name,
+                            &key,
+                            d.lun,
+                            &d.image.name,
+                            d.image.store.size(),
+                            d.image.block_size,
+                            may_lock,
+                        )
+                        .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+                    let disk = Disk {
+                        image: on_store(&d.image, store),
+                        mode: d.mode,
+                        overlay: None,
+                    };
+                    (disk, None, new)
+                }
+                _ => open_disk(&self.state_dir, &key, &dir, &d.image, d.mode)?,
+            };
             // The first boot has nothing to discard only when every overlay is new.
             created &= new || disk.overlay.is_none();
             extra.push(ExtraDisk {
@@ -1799,6 +1889,7 @@ impl BootTarget {
                 dir,
                 serial: crate::identity::default_serial(&who, d.lun),
                 naa: crate::identity::naa_in(self.identity, &who, d.lun),
+                shared_name: lun_shared,
             });
         }
         let fresh_state = saved.is_none();
@@ -1883,6 +1974,20 @@ impl BootTarget {
         // Two logins racing: keep whichever got in first.
         Ok(self.clients.entry(key).or_insert(client).clone())
     }
+}
+
+/// `image` served from `store` (a client's disk in shared storage) under the same name and id.
+fn on_store(image: &GoldenImage, store: Arc<dyn crate::storage::BlockStore>) -> Arc<GoldenImage> {
+    Arc::new(GoldenImage {
+        name: image.name.clone(),
+        path: image.path.clone(),
+        block_size: image.block_size,
+        physical_block_size: image.physical_block_size,
+        store,
+        id: image.id.clone(),
+        version: image.version,
+        older: image.older.clone(),
+    })
 }
 
 /// Coming back to a persistent disk this client left: the newest kept one of `image`
@@ -2076,6 +2181,7 @@ pub fn plan_bindings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn firmware_isid() {
@@ -2109,6 +2215,161 @@ mod tests {
         fn send(&self, rec: record::ClientRecord) {
             lock(&self.1).push(rec);
         }
+    }
+
+    /// A shared disk in memory that a test can fence.
+    struct FakeDisk(crate::storage::MemStore, AtomicBool);
+
+    impl crate::storage::BlockStore for FakeDisk {
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), crate::storage::StorageError> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(
+            &self,
+            data: &[u8],
+            offset: u64,
+            fua: bool,
+        ) -> Result<(), crate::storage::StorageError> {
+            self.0.write_at(data, offset, fua)
+        }
+        fn flush(&self) -> Result<(), crate::storage::StorageError> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), crate::storage::StorageError> {
+            self.0.discard(offset, len)
+        }
+        fn thin_provisioned(&self) -> bool {
+            false
+        }
+        fn allocation(&self, offset: u64) -> Result<(bool, u64), crate::storage::StorageError> {
+            self.0.allocation(offset)
+        }
+        fn fenced(&self) -> bool {
+            self.1.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Shared disks (as RBD's) in memory: the opens per LUN, the disk last opened per LUN.
+    #[derive(Default)]
+    struct FakeShared(Mutex<Vec<(u16, Arc<FakeDisk>)>>);
+
+    impl crate::storage::SharedDisks for FakeShared {
+        fn holds(&self, _image: &str) -> bool {
+            true
+        }
+        fn disk_name(&self, _target: &str, initiator: &str, lun: u16) -> Option<String> {
+            Some(format!("pool/{initiator}.lun{lun}"))
+        }
+        fn open(
+            &self,
+            _target: &str,
+            _initiator: &str,
+            lun: u16,
+            _image: &str,
+            size: u64,
+            block_size: u32,
+            may_lock: crate::storage::LockGuard<'_>,
+        ) -> Result<(Arc<dyn crate::storage::BlockStore>, bool), crate::storage::SharedDiskError>
+        {
+            may_lock().map_err(|why| crate::storage::SharedDiskError::NotOwner {
+                disk: lun.to_string(),
+                why,
+            })?;
+            let d = Arc::new(FakeDisk(
+                crate::storage::MemStore::new(size, block_size, false),
+                AtomicBool::new(false),
+            ));
+            let mut opened = lock(&self.0);
+            let new = !opened.iter().any(|(l, _)| *l == lun);
+            opened.push((lun, d.clone()));
+            Ok((d, new))
+        }
+    }
+
+    #[test]
+    fn shared_data_disks_are_opened_fenced_and_recorded_per_lun() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("base.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
+        let data = dir.path().join("data.img");
+        std::fs::write(&data, vec![9u8; 1 << 20]).unwrap();
+        let data = Arc::new(GoldenImage::open("data", &data, 512).unwrap());
+        let plan = BindingPlan {
+            initiator: None,
+            matcher: None,
+            image: golden,
+            mode: OverlayMode::Persistent,
+            mac: None,
+            uuid: None,
+            chap: None,
+            reset: ResetPolicy::default(),
+            firmware_isid: None,
+            disks: vec![DiskPlan {
+                lun: 1,
+                image: data,
+                mode: OverlayMode::Persistent,
+            }],
+            os: ClientOs::default(),
+            gateway: GatewayPolicy::default(),
+        };
+        let shared = Arc::new(FakeShared::default());
+        let t = BootTarget::new(
+            "iqn.t:boot",
+            Vec::new(),
+            Some(plan),
+            dir.path().join("n"),
+            Duration::from_secs(600),
+        )
+        .with_shared_disks(Some(shared.clone()));
+        let who = "iqn.x:c1";
+        let owner = || Ok(());
+        assert!(t.attach(who).is_err(), "not opened without the owner check");
+        let c = t.attach_with(who, &owner).unwrap();
+        let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
+        assert_eq!(luns, vec![0, 1], "one shared disk per LUN");
+        assert!(c.overlay().is_none());
+        let sum = c.disk_summary();
+        assert_eq!(
+            sum.lun0,
+            record::Lun0::Rbd {
+                name: "pool/iqn.x:c1.lun0".into()
+            }
+        );
+        assert_eq!(sum.luns.len(), 1);
+        assert_eq!(sum.luns[0].lun, 1);
+        assert_eq!(
+            sum.luns[0].disk,
+            record::Lun0::Rbd {
+                name: "pool/iqn.x:c1.lun1".into()
+            }
+        );
+        // Still held: the same client, nothing opened again.
+        assert!(Arc::ptr_eq(&c, &t.attach_with(who, &owner).unwrap()));
+        assert_eq!(lock(&shared.0).len(), 2);
+        // LUN 1 alone fenced by another node: both disks are opened (and locked) again.
+        lock(&shared.0)[1].1 .1.store(true, Ordering::SeqCst);
+        let c2 = t.attach_with(who, &owner).unwrap();
+        assert!(!Arc::ptr_eq(&c, &c2));
+        let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
+        assert_eq!(luns, vec![0, 1, 0, 1]);
+        // Reset and commit of a disk in RBD are refused with the reason.
+        c2.operator_reset_scope(ResetScope::Lun(1));
+        let e = c2.reset().unwrap_err();
+        assert!(e.contains("LUN 1 is in Ceph RBD"), "{e}");
+        let e = c2.commit_lun_to(1, &dir.path().join("x.img")).unwrap_err();
+        assert!(e.contains("RBD clone pool/iqn.x:c1.lun1"), "{e}");
+        let e = c2.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
+        assert!(e.contains("not supported yet"), "{e}");
     }
 
     const IPXE: [u8; 6] = [0x40, 0x00, 0x27, 0x23, 0x00, 0x01];

@@ -11,7 +11,7 @@ use super::lifecycle::BootState;
 use crate::config::OverlayMode;
 use serde::{Deserialize, Serialize};
 
-/// What LUN 0 of the client is on.
+/// What one LUN of the client is on (named for LUN 0, the only one records had first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Lun0 {
@@ -23,7 +23,7 @@ pub enum Lun0 {
     Image,
 }
 
-/// The disk of the client (LUN 0).
+/// The disk of the client (LUN 0), and its data disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSummary {
     /// `name` or `name@N`.
@@ -32,6 +32,20 @@ pub struct DiskSummary {
     pub version: Option<u64>,
     pub mode: OverlayMode,
     pub lun0: Lun0,
+    /// LUN 1 and up (a binding's `disks:`), ascending; absent in records written before
+    /// data disks were listed (read as none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub luns: Vec<LunSummary>,
+}
+
+/// One data disk of the client (LUN 1 and up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LunSummary {
+    pub lun: u16,
+    /// `name` or `name@N`.
+    pub image: String,
+    pub mode: OverlayMode,
+    pub disk: Lun0,
 }
 
 /// One client's record in etcd (JSON).
@@ -167,7 +181,36 @@ mod tests {
             version: None,
             mode: OverlayMode::Volatile,
             lun0: Lun0::Overlay,
+            luns: Vec::new(),
         }
+    }
+
+    #[test]
+    fn data_disks_listed_and_old_records_read() {
+        let mut d = disk();
+        d.luns.push(LunSummary {
+            lun: 1,
+            image: "data".into(),
+            mode: OverlayMode::Persistent,
+            disk: Lun0::Rbd {
+                name: "rbd/x.lun1".into(),
+            },
+        });
+        let r = ClientRecord::new("t", "i", "n1", 1, 9, d, &state(1));
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            text.contains(
+                "\"luns\":[{\"lun\":1,\"image\":\"data\",\"mode\":\"persistent\",\"disk\":{\"kind\":\"rbd\",\"name\":\"rbd/x.lun1\"}}]"
+            ),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<ClientRecord>(&text).unwrap(), r);
+        // A record of a node that knew only LUN 0.
+        let old = ClientRecord::new("t", "i", "n1", 1, 9, disk(), &state(1));
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("luns"), "{text}");
+        let read: ClientRecord = serde_json::from_str(&text).unwrap();
+        assert!(read.disk.luns.is_empty());
     }
 
     fn state(boots: u64) -> BootState {

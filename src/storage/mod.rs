@@ -205,21 +205,23 @@ pub type LockGuard<'a> = &'a (dyn Fn() -> Result<(), String> + Sync);
 pub trait SharedDisks: Send + Sync + 'static {
     /// Whether the persistent and install disks of image `image` live here.
     fn holds(&self, image: &str) -> bool;
-    /// The disk of `initiator` (of boot target `target`) on `image`, `size` bytes in blocks
-    /// of `block_size`, created
-    /// on first use, locked for this node, once `may_lock` said this node owns the client.
+    /// The disk on `lun` of `initiator` (of boot target `target`) on `image`, `size` bytes in
+    /// blocks of `block_size`, created on first use, locked for this node, once `may_lock`
+    /// said this node owns the client. One disk per (target, initiator, LUN).
     /// Returns the disk and whether it was created now.
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
         target: &str,
         initiator: &str,
+        lun: u16,
         image: &str,
         size: u64,
         block_size: u32,
         may_lock: LockGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
-    /// The name of `initiator`'s disk in the store (for the cluster's client records).
-    fn disk_name(&self, _target: &str, _initiator: &str) -> Option<String> {
+    /// The name of `initiator`'s disk on `lun` in the store (for the cluster's client records).
+    fn disk_name(&self, _target: &str, _initiator: &str, _lun: u16) -> Option<String> {
         None
     }
 }

@@ -551,16 +551,27 @@ pub fn client_image_name(prefix: &str, target: &str, initiator: &str) -> String 
     format!("{prefix}.{clean}.{h:08x}")
 }
 
+/// The RBD image name of a client's disk on `lun`: LUN 0 is [`client_image_name`] (the
+/// name disks had before data disks lived in RBD), LUN N its name with `.lunN` appended.
+pub fn client_disk_name(prefix: &str, target: &str, initiator: &str, lun: u16) -> String {
+    let base = client_image_name(prefix, target, initiator);
+    if lun == 0 {
+        base
+    } else {
+        format!("{base}.lun{lun}")
+    }
+}
+
 impl super::SharedDisks for RbdClientDisks {
     fn holds(&self, image: &str) -> bool {
         self.parents.contains_key(image)
     }
 
-    fn disk_name(&self, target: &str, initiator: &str) -> Option<String> {
+    fn disk_name(&self, target: &str, initiator: &str, lun: u16) -> Option<String> {
         Some(format!(
             "{}/{}",
             self.connect.pool,
-            client_image_name(&self.prefix, target, initiator)
+            client_disk_name(&self.prefix, target, initiator, lun)
         ))
     }
 
@@ -568,12 +579,13 @@ impl super::SharedDisks for RbdClientDisks {
         &self,
         target: &str,
         initiator: &str,
+        lun: u16,
         image: &str,
         size: u64,
         block_size: u32,
         may_lock: super::LockGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), super::SharedDiskError> {
-        let name = client_image_name(&self.prefix, target, initiator);
+        let name = client_disk_name(&self.prefix, target, initiator, lun);
         let disk = format!("{}/{name}", self.connect.pool);
         // Only the client's owner opens (and creates, and locks) its disk; etcd is asked
         // now, not at the login's placement: the lease may have run out since.
@@ -592,7 +604,7 @@ impl super::SharedDisks for RbdClientDisks {
             RbdDisk::open_or_clone(&self.connect, &name, parent).map_err(failed)?;
         d.block_size = block_size;
         if created {
-            tracing::info!(%disk, parent = ?parent, initiator, "client disk created in RBD (a clone of the image's snapshot)");
+            tracing::info!(%disk, parent = ?parent, initiator, lun, "client disk created in RBD (a clone of the image's snapshot)");
         }
         if d.size != size {
             return Err(super::SharedDiskError::Failed {
@@ -619,7 +631,7 @@ impl super::SharedDisks for RbdClientDisks {
                 // Another RADOS client holds the lock: a node that served the client
                 // before, which the cluster says lost it (the client is ours): fence it.
                 match d.fence_and_lock() {
-                    Ok(fenced) => tracing::warn!(%disk, initiator, fenced = ?fenced,
+                    Ok(fenced) => tracing::warn!(%disk, initiator, lun, fenced = ?fenced,
                         "fenced the previous holder of the client disk (lock broken, its RADOS client blocklisted)"),
                     Err(RbdError::Locked(holder)) => {
                         return Err(super::SharedDiskError::Held {
@@ -633,7 +645,7 @@ impl super::SharedDisks for RbdClientDisks {
             }
             Err(e) => return Err(failed(e)),
         }
-        tracing::info!(%disk, initiator, rados_client = %d.client_name(),
+        tracing::info!(%disk, initiator, lun, rados_client = %d.client_name(),
             "client disk in RBD opened and locked by this node");
         Ok((std::sync::Arc::new(d), created))
     }

@@ -200,7 +200,11 @@ pub fn script_placement(script: &str) -> (String, u16) {
         .to_string();
     let port = script
         .lines()
-        .find_map(|l| l.strip_prefix("sanboot iscsi:127.0.0.1::"))
+        .find_map(|l| {
+            // One disk: `sanboot URI`; several: LUN 0 is `sanhook --drive 0x80 URI`.
+            l.strip_prefix("sanboot iscsi:127.0.0.1::")
+                .or_else(|| l.strip_prefix("sanhook --drive 0x80 iscsi:127.0.0.1::"))
+        })
         .and_then(|rest| rest.split(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no sanboot portal in {script}"));
