@@ -44,7 +44,12 @@ fn cpu_us() -> f64 {
 
 /// One layout of the `fs` probe: returns (CPU µs per write, wall µs per write, fdatasync CPU
 /// ms, fdatasync wall ms).
-fn fs_layout(path: &std::path::Path, offs: &[u64], sparse: u64, falloc: u64) -> (f64, f64, f64, f64) {
+fn fs_layout(
+    path: &std::path::Path,
+    offs: &[u64],
+    sparse: u64,
+    falloc: u64,
+) -> (f64, f64, f64, f64) {
     use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
     let _ = std::fs::remove_file(path);
@@ -98,19 +103,31 @@ fn fs_probe(dir: &std::path::Path, n: usize) {
     let appended: Vec<u64> = (0..n as u64).map(|i| i * 4096).collect();
     let p = dir.join("probe.data");
     println!("{n} first writes of 4 KiB, then one fdatasync (CPU of this process; one thread)");
-    println!("{:34} {:>10} {:>10} {:>12} {:>12}", "layout", "CPU µs/w", "wall µs/w", "sync CPU ms", "sync wall ms");
+    println!(
+        "{:34} {:>10} {:>10} {:>12} {:>12}",
+        "layout", "CPU µs/w", "wall µs/w", "sync CPU ms", "sync wall ms"
+    );
     let row = |name: &str, r: (f64, f64, f64, f64)| {
-        println!("{name:34} {:10.2} {:10.2} {:12.1} {:12.1}", r.0, r.1, r.2, r.3)
+        println!(
+            "{name:34} {:10.2} {:10.2} {:12.1} {:12.1}",
+            r.0, r.1, r.2, r.3
+        )
     };
     for round in 0..2 {
         println!("round {}", round + 1);
         row("random into holes (v1)", fs_layout(&p, &random, size, 0));
         row("appended slots (v2 dense)", fs_layout(&p, &appended, 0, 0));
-        row("appended, 64 MiB fallocate ahead", fs_layout(&p, &appended, 0, 64 << 20));
+        row(
+            "appended, 64 MiB fallocate ahead",
+            fs_layout(&p, &appended, 0, 64 << 20),
+        );
         // Rewrite of allocated, cached blocks: the file the last layout left, written again.
         {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new().write(true).open(&p).expect("open");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .expect("open");
             let buf = vec![0xa5u8; 4096];
             for &o in &appended {
                 f.write_all_at(&buf, o).expect("write");
@@ -126,7 +143,12 @@ fn fs_probe(dir: &std::path::Path, n: usize) {
             let n = appended.len() as f64;
             row(
                 "rewrite of written blocks (plain)",
-                ((c1 - c0) / n, (t1 - t0).as_secs_f64() * 1e6 / n, (c2 - c1) / 1e3, (t2 - t1).as_secs_f64() * 1e3),
+                (
+                    (c1 - c0) / n,
+                    (t1 - t0).as_secs_f64() * 1e6 / n,
+                    (c2 - c1) / 1e3,
+                    (t2 - t1).as_secs_f64() * 1e3,
+                ),
             );
         }
     }
