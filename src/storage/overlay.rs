@@ -157,6 +157,13 @@ struct Live {
     map: ExtentMap,
     /// State changes whose data may not be durable yet, oldest first.
     pending: Vec<Rec>,
+    /// The slots of overlay chunks the client unmapped in this session (chunk -> slot, as
+    /// `Overlay` runs). Such a chunk keeps its slot: written again, it goes back to the
+    /// same slot, never to a new one. Until its `Zero` record is journaled, a crash brings
+    /// the chunk back as overlay in that slot, and the slot must then hold the chunk's
+    /// latest content, as the data file did in format v1: the zeroes of the unmap (the slot
+    /// is hole-punched at once) or what was written after it.
+    retired: ExtentMap,
 }
 
 /// The durable side, guarded by the flush lock (one flush, compaction or reset at a time,
@@ -200,7 +207,6 @@ pub struct Overlay {
     /// Writers and discards lock the stripes of the chunks they touch (ascending order, so
     /// no deadlock), making copy-on-write of one chunk atomic with respect to other writers.
     stripes: Vec<Mutex<()>>,
-    punch_hole: AtomicBool,
     /// Cleared by `simulate_crash`: Drop then skips its flush.
     flush_on_drop: AtomicBool,
     /// The state filesystem had no room for the snapshot when the overlay was opened: reads
@@ -230,6 +236,8 @@ struct Core {
     written: AtomicU64,
     /// The next free slot of the data file (a chunk's first write takes the next ones).
     next_slot: AtomicU64,
+    /// Cleared when the file system refuses to punch holes (only space is lost then).
+    punch_hole: AtomicBool,
 }
 
 /// Bytes the data file must hold for the overlay chunks of `map`: up to the end of the
@@ -448,6 +456,7 @@ impl Overlay {
             live: RwLock::new(Live {
                 map: rep.map.clone(),
                 pending: Vec::new(),
+                retired: ExtentMap::new(),
             }),
             durable: Mutex::new(Durable {
                 map: rep.map,
@@ -460,6 +469,7 @@ impl Overlay {
             }),
             written: AtomicU64::new(0),
             next_slot: AtomicU64::new(rep.next_slot),
+            punch_hole: AtomicBool::new(true),
         });
         let ov = Overlay {
             dir: dir.to_path_buf(),
@@ -474,7 +484,6 @@ impl Overlay {
             flusher: Mutex::new(None),
             gate: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            punch_hole: AtomicBool::new(true),
             flush_on_drop: AtomicBool::new(true),
             no_space: AtomicBool::new(false),
             retry_at: Mutex::new(None),
@@ -693,6 +702,7 @@ impl Overlay {
         d.map = ExtentMap::new();
         live.map = ExtentMap::new();
         live.pending.clear();
+        live.retired = ExtentMap::new();
         drop(live);
         d.journal_len = 0;
         self.core.rewrite_journal(&mut d)?;
@@ -880,19 +890,50 @@ impl Overlay {
         let cs = offset / self.chunk;
         let ce = end.div_ceil(self.chunk);
         let _stripes = self.lock_stripes(cs, ce)?;
-        let mut runs = {
+        let (found, retired) = {
             let live = self.core.live.read().map_err(|_| OverlayError::Poisoned)?;
-            live.map.runs(cs, ce)
+            let found = live.map.runs(cs, ce);
+            let retired = if live.retired.is_empty() {
+                Vec::new()
+            } else {
+                live.retired.runs(cs, ce)
+            };
+            (found, retired)
         };
         // Chunks turning overlay take the next free slots, in write order (the data file
-        // grows by appends). Under the stripe locks, so no other writer gives them slots.
+        // grows by appends), or, unmapped earlier in this session, their own slot again.
+        // Under the stripe locks, so no other writer gives them slots.
         let mut fresh = false;
-        for r in runs.iter_mut().filter(|r| r.state != ChunkState::Overlay) {
-            r.slot = self
-                .core
-                .next_slot
-                .fetch_add(r.end - r.start, Ordering::SeqCst);
+        let mut runs = Vec::with_capacity(found.len());
+        for r in found {
+            if r.state == ChunkState::Overlay {
+                runs.push(r);
+                continue;
+            }
             fresh = true;
+            let pieces = if r.state == ChunkState::Zero && !retired.is_empty() {
+                retired
+                    .iter()
+                    .filter(|p| p.end > r.start && p.start < r.end)
+                    .map(|p| {
+                        let (s, e) = (p.start.max(r.start), p.end.min(r.end));
+                        let slot = (p.state == ChunkState::Overlay).then(|| p.slot_of(s));
+                        (s, e, slot)
+                    })
+                    .collect()
+            } else {
+                vec![(r.start, r.end, None)]
+            };
+            for (s, e, slot) in pieces {
+                let slot =
+                    slot.unwrap_or_else(|| self.core.next_slot.fetch_add(e - s, Ordering::SeqCst));
+                runs.push(Run {
+                    start: s,
+                    end: e,
+                    state: r.state,
+                    slot,
+                });
+            }
         }
         // The data-file offset of device byte `pos` (inside run `r`).
         let at = |r: &Run, pos: u64| r.slot_of(pos / self.chunk) * self.chunk + pos % self.chunk;
@@ -928,6 +969,9 @@ impl Overlay {
         let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
         for r in runs.iter().filter(|r| r.state != ChunkState::Overlay) {
             live.map.set_slots(r.start, r.end, r.slot);
+            if r.state == ChunkState::Zero {
+                live.retired.set(r.start, r.end, ChunkState::Golden);
+            }
             live.pending.push(Rec {
                 start: r.start,
                 count: r.end - r.start,
@@ -1016,7 +1060,10 @@ impl Overlay {
     fn pending_len(&self) -> usize {
         self.core.live.read().map(|l| l.pending.len()).unwrap_or(0)
     }
+}
 
+impl Core {
+    /// Give the space of data-file bytes `[from, to)` back to the file system.
     fn punch(&self, from: u64, to: u64) {
         if !self.punch_hole.load(Ordering::Relaxed) || to <= from {
             return;
@@ -1041,9 +1088,7 @@ impl Overlay {
             self.punch_hole.store(false, Ordering::Relaxed);
         }
     }
-}
 
-impl Core {
     fn meta_for(&self, d: &Durable) -> Meta {
         Meta {
             block_size: self.block_size,
@@ -1283,26 +1328,31 @@ impl BlockStore for Overlay {
                 self.write_locked(&vec![0u8; (end - b) as usize], b)?;
             }
             let _stripes = self.lock_stripes(cs, ce)?;
-            let freed = {
+            let runs = {
                 let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
                 let runs = live.map.runs(cs, ce);
-                for r in runs.iter().filter(|r| r.state != ChunkState::Zero) {
-                    live.pending.push(Rec {
-                        start: r.start,
-                        count: r.end - r.start,
-                        state: ChunkState::Zero,
-                        slot: 0,
-                    });
+                for r in &runs {
+                    if r.state != ChunkState::Zero {
+                        live.pending.push(Rec {
+                            start: r.start,
+                            count: r.end - r.start,
+                            state: ChunkState::Zero,
+                            slot: 0,
+                        });
+                    }
+                    if r.state == ChunkState::Overlay {
+                        live.retired.set_slots(r.start, r.end, r.slot);
+                    }
                 }
                 live.map.set(cs, ce, ChunkState::Zero);
                 runs
             };
             self.take_ticket();
             // After the flip: a crash before the record is durable reads the old state over a
-            // hole, i.e. zeroes, which is the new content. The freed slots are not handed out
-            // again before `reset` (their space is given back here).
-            for r in freed.iter().filter(|r| r.state == ChunkState::Overlay) {
-                self.punch(
+            // hole, i.e. zeroes, which is the new content (the chunk keeps its slot, see
+            // `Live::retired`).
+            for r in runs.iter().filter(|r| r.state == ChunkState::Overlay) {
+                self.core.punch(
                     r.slot * self.chunk,
                     (r.slot + (r.end - r.start)) * self.chunk,
                 );
