@@ -236,7 +236,7 @@ fn torn_or_corrupt_journal_opens_as_a_prefix() {
     let journal_len = std::fs::metadata(src.join("overlay.journal"))
         .unwrap()
         .len();
-    assert_eq!(journal_len, 32 + 20 * 32);
+    assert_eq!(journal_len, 32 + 20 * 48);
     let mut cases: Vec<(u64, Option<u64>)> =
         (0..journal_len).step_by(5).map(|t| (t, None)).collect();
     cases.extend((0..journal_len).step_by(11).map(|c| (journal_len, Some(c))));
@@ -259,7 +259,7 @@ fn torn_or_corrupt_journal_opens_as_a_prefix() {
             .position(|m| *m == got)
             .unwrap_or_else(|| panic!("trunc {trunc} corrupt {corrupt:?}: not a prefix"));
         // Whole records before the damage survive.
-        let intact = (trunc.min(corrupt.unwrap_or(u64::MAX)).saturating_sub(32)) / 32;
+        let intact = (trunc.min(corrupt.unwrap_or(u64::MAX)).saturating_sub(32)) / 48;
         assert_eq!(
             k as u64,
             intact.min(20),
@@ -464,7 +464,8 @@ fn huge_sparse_golden_image() {
     // The data file is sparse: a few chunks allocated.
     use std::os::unix::fs::MetadataExt;
     let data = std::fs::metadata(ov.join("overlay.data")).unwrap();
-    assert_eq!(data.len(), tib);
+    // Dense: one slot per chunk written (the 1 KiB write at tib / 2 + 3.5 KiB touches two).
+    assert_eq!(data.len(), 5 * 4096);
     assert!(data.blocks() * 512 < 1 << 20);
     let out = dir.path().join("merged.img");
     o.commit_to(&out).unwrap();
@@ -859,4 +860,135 @@ fn group_committed_fua_writes_and_unmaps_survive_a_crash() {
         got[last..last + 4096] == gbytes[last..last + 4096]
             || got[last..last + 4096] == pattern(4096, 7)[..]
     );
+}
+
+/// A version 1 overlay directory as the old code wrote it (chunks at their own offset in a
+/// device-sized data file, 24-byte snapshot extents, 32-byte journal records): overlays on
+/// operators' disks must still open, read what they held, and keep working (format v2 maps
+/// them to the slots of their own index and appends new chunks after them).
+#[test]
+fn opens_a_version_1_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 256 * 1024usize;
+    let (golden, mut model) = golden_mem(size, 512);
+    let le64 = |b: &mut Vec<u8>, v: u64| b.extend_from_slice(&v.to_le_bytes());
+    // Snapshot: chunks 2..4 overlay, 10..12 zero; generation 5, last_seq 9.
+    let id = b"golden-test";
+    let mut m = b"DLOVMETA".to_vec();
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.extend_from_slice(&512u32.to_le_bytes());
+    le64(&mut m, size as u64);
+    m.extend_from_slice(&4096u32.to_le_bytes());
+    m.extend_from_slice(&(id.len() as u32 + 1).to_le_bytes());
+    le64(&mut m, 5);
+    le64(&mut m, 9);
+    le64(&mut m, 2);
+    m.resize(64, 0);
+    m.extend_from_slice(id);
+    for (s, e, st) in [(2u64, 4u64, 1u8), (10, 12, 2)] {
+        le64(&mut m, s);
+        le64(&mut m, e);
+        m.push(st);
+        m.extend_from_slice(&[0; 7]);
+    }
+    let crc = crc32c::crc32c(&m);
+    m.extend_from_slice(&crc.to_le_bytes());
+    std::fs::write(d.join("overlay.meta"), &m).unwrap();
+    // Journal of generation 5: chunk 20 became overlay (seq 10), chunk 3 golden (seq 11).
+    let mut j = b"DLOVJRNL".to_vec();
+    le64(&mut j, 5);
+    j.resize(28, 0);
+    let crc = crc32c::crc32c(&j);
+    j.extend_from_slice(&crc.to_le_bytes());
+    for (seq, s, n, st) in [(10u64, 20u64, 1u64, 1u8), (11, 3, 1, 0)] {
+        let at = j.len();
+        le64(&mut j, seq);
+        le64(&mut j, s);
+        le64(&mut j, n);
+        j.push(st);
+        j.extend_from_slice(&[0; 3]);
+        let crc = crc32c::crc32c(&j[at..]);
+        j.extend_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(d.join("overlay.journal"), &j).unwrap();
+    // Data file: device-sized, chunks at their own offset.
+    let mut data = vec![0u8; size];
+    for c in [2usize, 20] {
+        let p = pattern(4096, 100 + c as u64);
+        data[c * 4096..][..4096].copy_from_slice(&p);
+        model[c * 4096..][..4096].copy_from_slice(&p);
+    }
+    data[3 * 4096..][..4096].fill(0xee); // stale: chunk 3 went back to golden
+    model[10 * 4096..12 * 4096].fill(0);
+    std::fs::write(d.join("overlay.data"), &data).unwrap();
+
+    let rep = Overlay::check(d).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(
+        (rep.version, rep.journal_records, rep.chunks_written),
+        (1, 2, 2)
+    );
+    let o = Overlay::open_with_id(d, golden.clone(), Some("golden-test")).unwrap();
+    assert_eq!(read_all(&o), model);
+    // New first touches go to slots after the device-sized identity region.
+    let w = pattern(8192, 7);
+    o.write_at(&w, 40 * 4096, false).unwrap();
+    model[40 * 4096..][..8192].copy_from_slice(&w);
+    o.write_at(&[9u8; 512], 2 * 4096 + 512, false).unwrap(); // rewrite of an identity chunk
+    model[2 * 4096 + 512..][..512].fill(9);
+    o.flush().unwrap();
+    assert_eq!(read_all(&o), model);
+    assert_eq!(o.stats().data_slots, 64 + 2);
+    drop(o);
+    let rep = Overlay::check(d).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!((rep.version, rep.chunks_written), (2, 4));
+    assert_eq!(rep.data_file_size, (64 + 2) * 4096);
+    let o = Overlay::open(d, golden.clone()).unwrap();
+    assert_eq!(read_all(&o), model);
+    // Reset starts the slots from 0.
+    o.reset().unwrap();
+    assert_eq!(o.stats().data_slots, 0);
+    o.write_at(&w, 0, true).unwrap();
+    drop(o);
+    assert_eq!(Overlay::check(d).unwrap().data_file_size, 8192);
+}
+
+/// First touches in write order share one run of slots (the map stays small for a client that
+/// writes sequentially) and the data file holds exactly the slots handed out.
+#[test]
+fn dense_slots_are_taken_in_write_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, mut model) = golden_mem(1 << 20, 512);
+    let o = Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    // Backwards, chunk by chunk: chunk 200 gets slot 0, 199 slot 1, ...
+    for c in (100..=200u64).rev() {
+        let p = pattern(4096, c);
+        o.write_at(&p, c * 4096, false).unwrap();
+        model[(c * 4096) as usize..][..4096].copy_from_slice(&p);
+    }
+    // Forwards: one run.
+    for c in 0..50u64 {
+        let p = pattern(4096, 1000 + c);
+        o.write_at(&p, c * 4096, false).unwrap();
+        model[(c * 4096) as usize..][..4096].copy_from_slice(&p);
+    }
+    let st = o.stats();
+    assert_eq!((st.chunks_written, st.data_slots), (151, 151));
+    assert!(st.extents <= 102, "{st:?}");
+    // An unmapped chunk keeps its slot: written again, it goes back there (no new slot).
+    o.discard(10 * 4096, 4096).unwrap();
+    model[10 * 4096..11 * 4096].fill(0);
+    o.write_at(&[4u8; 512], 10 * 4096, false).unwrap();
+    model[10 * 4096..10 * 4096 + 512].fill(4);
+    assert_eq!(o.stats().data_slots, 151);
+    assert_eq!(read_all(&o), model);
+    o.flush().unwrap();
+    drop(o);
+    let rep = Overlay::check(dir.path()).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(rep.data_file_size, 151 * 4096);
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    assert_eq!(read_all(&o), model);
 }

@@ -3,16 +3,20 @@
 //!
 //! The device is cut into chunks (default 4 KiB). Each chunk is golden (read from the golden
 //! image), overlay (read from the data file) or zero (unmapped: reads as zeroes, LBPRZ=1,
-//! SBC-3 §4.7.3.4). The data file is a sparse file the size of the device holding overlay
-//! chunks at their own offset. Chunk states live in an extent map (memory scales with what the
-//! client changed) whose changes are appended to a checksummed journal; a snapshot file holds
-//! the compacted map and the golden identity. docs/overlays.md has the format and the
+//! SBC-3 §4.7.3.4). The data file is dense and log-structured (format v2): a chunk's first
+//! write takes the next free slot at the file's end, so first touches are appends (one growing
+//! extent for the file system, not a block allocated in a hole per chunk: docs/performance.md
+//! "Sixth round"); rewrites go to the chunk's slot in place. Chunk states and slots live in an
+//! extent map (memory scales with what the client changed) whose changes are appended to a
+//! checksummed journal; a snapshot file holds the compacted map and the golden identity.
+//! Version 1 overlays (chunks at their own offset) open as identity-mapped slots. docs/overlays.md has the format and the
 //! crash-safety argument; in short, a state record is written to the journal only after the
 //! data it points at was fdatasync'ed, so after a crash every chunk reads its old or its new
 //! content, and anything acknowledged by `flush` or a FUA write reads its new content.
 mod extents;
 mod format;
 
+use extents::Run;
 pub use extents::{ChunkState, ExtentMap};
 
 use super::{BlockStore, StorageError};
@@ -100,6 +104,9 @@ pub struct OverlayStats {
     pub chunks_written: u64,
     /// Bytes allocated for client data (`chunks_written` × chunk size, the last chunk clipped).
     pub bytes_written: u64,
+    /// Slots of the data file handed out (its length in chunks): `chunks_written` plus slots
+    /// left behind by chunks since unmapped, until `reset` (format v2, docs/overlays.md).
+    pub data_slots: u64,
     /// Chunks the client unmapped (read as zeroes, no space used).
     pub chunks_zeroed: u64,
     /// Runs in the in-memory extent map (what memory use scales with).
@@ -130,6 +137,9 @@ pub struct CheckReport {
     /// during compaction; open rewrites it).
     pub journal_stale: bool,
     pub data_file_size: u64,
+    /// The snapshot's on-disk format version (1: chunks at their own offset, 2: dense slots;
+    /// the next open rewrites a version 1 snapshot as version 2).
+    pub version: u32,
     pub chunks_written: u64,
     pub chunks_zeroed: u64,
     /// Real inconsistencies (an empty list means the overlay is sound).
@@ -147,6 +157,13 @@ struct Live {
     map: ExtentMap,
     /// State changes whose data may not be durable yet, oldest first.
     pending: Vec<Rec>,
+    /// The slots of overlay chunks the client unmapped in this session (chunk -> slot, as
+    /// `Overlay` runs). Such a chunk keeps its slot: written again, it goes back to the
+    /// same slot, never to a new one. Until its `Zero` record is journaled, a crash brings
+    /// the chunk back as overlay in that slot, and the slot must then hold the chunk's
+    /// latest content, as the data file did in format v1: the zeroes of the unmap (the slot
+    /// is hole-punched at once) or what was written after it.
+    retired: ExtentMap,
 }
 
 /// The durable side, guarded by the flush lock (one flush, compaction or reset at a time,
@@ -162,6 +179,9 @@ struct Durable {
     /// Group commit: every write with a ticket up to this one is durable (see
     /// [`Overlay::flush_upto`]).
     synced: u64,
+    /// Past every slot the snapshot or a journaled record named (the snapshot's slot
+    /// counter): a journaled slot is never handed out twice, even after a crash.
+    slot_end: u64,
 }
 
 /// A golden image seen through a per-client copy-on-write overlay. See the module docs.
@@ -187,7 +207,6 @@ pub struct Overlay {
     /// Writers and discards lock the stripes of the chunks they touch (ascending order, so
     /// no deadlock), making copy-on-write of one chunk atomic with respect to other writers.
     stripes: Vec<Mutex<()>>,
-    punch_hole: AtomicBool,
     /// Cleared by `simulate_crash`: Drop then skips its flush.
     flush_on_drop: AtomicBool,
     /// The state filesystem had no room for the snapshot when the overlay was opened: reads
@@ -215,6 +234,22 @@ struct Core {
     /// Writes completed so far: a write takes its ticket (this counter, incremented) after
     /// its data and its pending state record are in place.
     written: AtomicU64,
+    /// The next free slot of the data file (a chunk's first write takes the next ones).
+    next_slot: AtomicU64,
+    /// Cleared when the file system refuses to punch holes (only space is lost then).
+    punch_hole: AtomicBool,
+}
+
+/// Bytes the data file must hold for the overlay chunks of `map`: up to the end of the
+/// highest slot, the device's last chunk possibly short.
+fn data_needed(map: &ExtentMap, chunk: u64, size: u64) -> u64 {
+    let chunks = size.div_ceil(chunk);
+    let short = chunks * chunk - size;
+    map.iter()
+        .filter(|r| r.state == ChunkState::Overlay)
+        .map(|r| (r.slot + (r.end - r.start)) * chunk - if r.end == chunks { short } else { 0 })
+        .max()
+        .unwrap_or(0)
 }
 
 /// ENOSPC or EDQUOT, directly or behind a path-annotated error (same kind).
@@ -300,12 +335,12 @@ impl Overlay {
         }
         // Data and journal first; the snapshot's atomic rename is the commit point, so a crash
         // before it leaves a directory `create` may simply redo.
+        // Format v2: the data file starts empty and grows by a slot per first-touched chunk.
         let data = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.join(DATA_FILE))?;
-        data.set_len(size)?;
         data.sync_all()?;
         let mut j = File::create(dir.join(JOURNAL_FILE))?;
         j.write_all(&format::journal_header(1))?;
@@ -319,7 +354,9 @@ impl Overlay {
                 golden_id: options.golden_id.clone(),
                 generation: 1,
                 last_seq: 0,
+                next_slot: 0,
                 extents: Vec::new(),
+                version: format::VERSION,
             },
         )?;
         Self::open_with_id(dir, golden, options.golden_id.as_deref())
@@ -399,21 +436,15 @@ impl Overlay {
                 reason: p.clone(),
             });
         }
+        // Every journaled slot's data was fdatasync'ed before its record: the file reaches
+        // them all (anything past them is slots taken but never journaled, garbage).
         let data_len = data.metadata()?.len();
-        if data_len != meta.golden_size {
-            if rep.map.count(ChunkState::Overlay) == 0 {
-                // A crash inside `reset` (truncate then extend): nothing in it is referenced.
-                data.set_len(meta.golden_size)?;
-                data.sync_all()?;
-            } else {
-                return Err(OverlayError::Corrupt {
-                    path: data_path,
-                    reason: format!(
-                        "data file is {data_len} bytes, expected {}",
-                        meta.golden_size
-                    ),
-                });
-            }
+        let needed = data_needed(&rep.map, u64::from(meta.chunk_size), meta.golden_size);
+        if data_len < needed {
+            return Err(OverlayError::Corrupt {
+                path: data_path,
+                reason: format!("data file is {data_len} bytes, its slots need {needed}"),
+            });
         }
         let journal = OpenOptions::new()
             .read(true)
@@ -431,6 +462,7 @@ impl Overlay {
             live: RwLock::new(Live {
                 map: rep.map.clone(),
                 pending: Vec::new(),
+                retired: ExtentMap::new(),
             }),
             durable: Mutex::new(Durable {
                 map: rep.map,
@@ -439,8 +471,11 @@ impl Overlay {
                 next_seq: rep.next_seq,
                 generation: meta.generation,
                 synced: 0,
+                slot_end: rep.next_slot,
             }),
             written: AtomicU64::new(0),
+            next_slot: AtomicU64::new(rep.next_slot),
+            punch_hole: AtomicBool::new(true),
         });
         let ov = Overlay {
             dir: dir.to_path_buf(),
@@ -455,7 +490,6 @@ impl Overlay {
             flusher: Mutex::new(None),
             gate: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            punch_hole: AtomicBool::new(true),
             flush_on_drop: AtomicBool::new(true),
             no_space: AtomicBool::new(false),
             retry_at: Mutex::new(None),
@@ -591,6 +625,7 @@ impl Overlay {
             ),
             Err(_) => (0, 0, 0, 0, false),
         };
+        let data_slots = self.core.next_slot.load(Ordering::Relaxed);
         let (journal_bytes, generation) = match self.core.durable.lock() {
             Ok(d) => (d.journal_len, d.generation),
             Err(_) => (0, 0),
@@ -602,6 +637,7 @@ impl Overlay {
             chunk_size: self.chunk as u32,
             chunks_written: written,
             bytes_written: bytes,
+            data_slots,
             chunks_zeroed: zeroed,
             extents,
             pending_records: pending,
@@ -628,10 +664,10 @@ impl Overlay {
                 0
             }
         };
-        if data_file_size != meta.golden_size {
+        let needed = data_needed(&rep.map, u64::from(meta.chunk_size), meta.golden_size);
+        if data_file_size < needed {
             problems.push(format!(
-                "data file is {data_file_size} bytes, expected {}",
-                meta.golden_size
+                "data file is {data_file_size} bytes, its slots need {needed}"
             ));
         }
         Ok(CheckReport {
@@ -645,6 +681,7 @@ impl Overlay {
             journal_ignored_bytes: rep.ignored_bytes,
             journal_stale: rep.stale_header,
             data_file_size,
+            version: meta.version,
             chunks_written: rep.map.count(ChunkState::Overlay),
             chunks_zeroed: rep.map.count(ChunkState::Zero),
             problems,
@@ -652,29 +689,33 @@ impl Overlay {
     }
 
     /// Discard every change: the disk reads as the golden image again. Crash-safe: the empty
-    /// snapshot is made durable before any data is dropped, and stale data in the data file
-    /// is harmless because a chunk only becomes overlay after a full-chunk write.
+    /// snapshot (slot counter 0) is made durable before any data is dropped, and stale data in
+    /// the data file is harmless because a chunk only becomes overlay after a full-chunk write
+    /// to its slot.
     pub fn reset(&self) -> Result<(), OverlayError> {
         let _gate = self.gate.write().map_err(|_| OverlayError::Poisoned)?;
         let mut d = lock(&self.core.durable)?;
         let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
         let meta = Meta {
             extents: Vec::new(),
+            next_slot: 0,
             ..self.core.meta_for(&d)
         };
         write_meta(&self.dir, &meta)?;
         d.generation = meta.generation;
+        d.slot_end = 0;
+        self.core.next_slot.store(0, Ordering::SeqCst);
         d.map = ExtentMap::new();
         live.map = ExtentMap::new();
         live.pending.clear();
+        live.retired = ExtentMap::new();
         drop(live);
         d.journal_len = 0;
         self.core.rewrite_journal(&mut d)?;
         // A fresh snapshot and journal: nothing torn is left to append after.
         self.no_space.store(false, Ordering::Release);
-        // Free the space: truncating and extending leaves one big hole.
+        // Free the space: slots are handed out from 0 again.
         self.data.set_len(0)?;
-        self.data.set_len(self.size)?;
         self.data.sync_all()?;
         Ok(())
     }
@@ -733,7 +774,7 @@ impl Overlay {
             .gate
             .write()
             .map_err(|_| VersionError::Storage(OverlayError::Poisoned.into()))?;
-        let runs: Vec<(u64, u64, ChunkState)> = {
+        let runs: Vec<Run> = {
             let live = self
                 .core
                 .live
@@ -742,14 +783,15 @@ impl Overlay {
             live.map.iter().collect()
         };
         let mut bytes = 0;
-        for (s, e, st) in runs {
-            let (start, end) = (s * self.chunk, (e * self.chunk).min(self.size));
+        for r in runs {
+            let (start, end) = (r.start * self.chunk, (r.end * self.chunk).min(self.size));
             if start >= end {
                 continue;
             }
-            match st {
+            match r.state {
                 ChunkState::Overlay => {
-                    w.copy_from(start, end, &self.data, start)?;
+                    // A run's chunks are in consecutive slots: one copy.
+                    w.copy_from(start, end, &self.data, r.slot * self.chunk)?;
                     bytes += end - start;
                 }
                 ChunkState::Zero => w.zero(start, end)?,
@@ -764,16 +806,18 @@ impl Overlay {
         let mut buf = vec![0u8; COPY_BUF];
         let mut pos = 0;
         while pos < self.size {
-            let (state, run_end) = {
+            let run = {
                 let live = self.core.live.read().map_err(|_| OverlayError::Poisoned)?;
-                live.map.run_at(pos / self.chunk, self.chunks)
+                live.map.lookup(pos / self.chunk, self.chunks)
             };
-            let end = (run_end * self.chunk).min(self.size);
-            match state {
+            let end = (run.end * self.chunk).min(self.size);
+            match run.state {
                 ChunkState::Zero => {}
                 ChunkState::Overlay => {
+                    // `pos` is the run's first chunk (runs start at chunk boundaries).
+                    let at = run.slot * self.chunk;
                     self.copy_range(out, &mut buf, pos, end, |b, o| {
-                        Ok(self.data.read_exact_at(b, o)?)
+                        Ok(self.data.read_exact_at(b, at + (o - pos))?)
                     })?;
                 }
                 ChunkState::Golden => {
@@ -852,40 +896,94 @@ impl Overlay {
         let cs = offset / self.chunk;
         let ce = end.div_ceil(self.chunk);
         let _stripes = self.lock_stripes(cs, ce)?;
-        let runs = {
+        let (found, retired) = {
             let live = self.core.live.read().map_err(|_| OverlayError::Poisoned)?;
-            live.map.runs(cs, ce)
+            let found = live.map.runs(cs, ce);
+            let retired = if live.retired.is_empty() {
+                Vec::new()
+            } else {
+                live.retired.runs(cs, ce)
+            };
+            (found, retired)
         };
-        let state_of = |c: u64| {
-            runs.iter()
-                .find(|r| r.0 <= c && c < r.1)
-                .map_or(ChunkState::Golden, |r| r.2)
-        };
-        // Copy-on-write: a chunk turning overlay gets its whole content in the data file
-        // before its state flips, so readers and a post-crash replay never see it half-made.
+        // Chunks turning overlay take the next free slots, in write order (the data file
+        // grows by appends), or, unmapped earlier in this session, their own slot again.
+        // Under the stripe locks, so no other writer gives them slots.
+        let mut fresh = false;
+        let mut runs = Vec::with_capacity(found.len());
+        for r in found {
+            if r.state == ChunkState::Overlay {
+                runs.push(r);
+                continue;
+            }
+            fresh = true;
+            let pieces = if r.state == ChunkState::Zero && !retired.is_empty() {
+                retired
+                    .iter()
+                    .filter(|p| p.end > r.start && p.start < r.end)
+                    .map(|p| {
+                        let (s, e) = (p.start.max(r.start), p.end.min(r.end));
+                        let slot = (p.state == ChunkState::Overlay).then(|| p.slot_of(s));
+                        (s, e, slot)
+                    })
+                    .collect()
+            } else {
+                vec![(r.start, r.end, None)]
+            };
+            for (s, e, slot) in pieces {
+                let slot =
+                    slot.unwrap_or_else(|| self.core.next_slot.fetch_add(e - s, Ordering::SeqCst));
+                runs.push(Run {
+                    start: s,
+                    end: e,
+                    state: r.state,
+                    slot,
+                });
+            }
+        }
+        // The data-file offset of device byte `pos` (inside run `r`).
+        let at = |r: &Run, pos: u64| r.slot_of(pos / self.chunk) * self.chunk + pos % self.chunk;
+        // Copy-on-write: a chunk turning overlay gets its whole content in its slot before
+        // its state flips, so readers and a post-crash replay never see it half-made.
         let first = cs * self.chunk;
-        if offset > first && state_of(cs) != ChunkState::Overlay {
-            self.fill(state_of(cs), first, offset)?;
+        if let Some(r) = runs.first().filter(|r| r.state != ChunkState::Overlay) {
+            if offset > first {
+                self.fill(r.state, first, offset, at(r, first))?;
+            }
         }
         let last_end = (ce * self.chunk).min(self.size);
-        if end < last_end && state_of(ce - 1) != ChunkState::Overlay {
-            self.fill(state_of(ce - 1), end, last_end)?;
+        if let Some(r) = runs.last().filter(|r| r.state != ChunkState::Overlay) {
+            if end < last_end {
+                self.fill(r.state, end, last_end, at(r, end))?;
+            }
         }
-        self.data.write_all_at(data, offset)?;
-        if runs.iter().all(|r| r.2 == ChunkState::Overlay) {
+        for r in &runs {
+            let from = (r.start * self.chunk).max(offset);
+            let to = (r.end * self.chunk).min(end);
+            let part = data
+                .get((from - offset) as usize..(to - offset) as usize)
+                .ok_or(StorageError::OutOfRange {
+                    offset: from,
+                    len: to - from,
+                })?;
+            self.data.write_all_at(part, at(r, from))?;
+        }
+        if !fresh {
             // Rewrite in place: no state change, nothing to journal.
             return Ok(self.take_ticket());
         }
         let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
-        for &(s, e, st) in &runs {
-            if st != ChunkState::Overlay {
-                live.map.set(s, e, ChunkState::Overlay);
-                live.pending.push(Rec {
-                    start: s,
-                    count: e - s,
-                    state: ChunkState::Overlay,
-                });
+        for r in runs.iter().filter(|r| r.state != ChunkState::Overlay) {
+            live.map.set_slots(r.start, r.end, r.slot);
+            if r.state == ChunkState::Zero {
+                live.retired.set(r.start, r.end, ChunkState::Golden);
             }
+            live.pending.push(Rec {
+                start: r.start,
+                count: r.end - r.start,
+                state: ChunkState::Overlay,
+                slot: r.slot,
+            });
         }
         drop(live);
         Ok(self.take_ticket())
@@ -897,13 +995,14 @@ impl Overlay {
         self.core.written.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Write the old content of `[from, to)` (part of one non-overlay chunk) to the data file.
-    fn fill(&self, state: ChunkState, from: u64, to: u64) -> Result<(), OverlayError> {
+    /// Write the old content of device bytes `[from, to)` (part of one non-overlay chunk) to
+    /// the data file at `at` (in the chunk's new slot).
+    fn fill(&self, state: ChunkState, from: u64, to: u64, at: u64) -> Result<(), OverlayError> {
         let mut b = vec![0u8; (to - from) as usize];
         if state == ChunkState::Golden {
             self.golden.read_at(&mut b, from)?;
         }
-        self.data.write_all_at(&b, from)?;
+        self.data.write_all_at(&b, at)?;
         Ok(())
     }
 
@@ -967,7 +1066,10 @@ impl Overlay {
     fn pending_len(&self) -> usize {
         self.core.live.read().map(|l| l.pending.len()).unwrap_or(0)
     }
+}
 
+impl Core {
+    /// Give the space of data-file bytes `[from, to)` back to the file system.
     fn punch(&self, from: u64, to: u64) {
         if !self.punch_hole.load(Ordering::Relaxed) || to <= from {
             return;
@@ -992,9 +1094,7 @@ impl Overlay {
             self.punch_hole.store(false, Ordering::Relaxed);
         }
     }
-}
 
-impl Core {
     fn meta_for(&self, d: &Durable) -> Meta {
         Meta {
             block_size: self.block_size,
@@ -1003,7 +1103,9 @@ impl Core {
             golden_id: self.golden_id.clone(),
             generation: d.generation + 1,
             last_seq: d.next_seq.wrapping_sub(1),
+            next_slot: d.slot_end,
             extents: d.map.iter().collect(),
+            version: format::VERSION,
         }
     }
 
@@ -1097,7 +1199,10 @@ impl Core {
             return Err(e.into());
         }
         for r in recs {
-            d.map.set(r.start, r.start + r.count, r.state);
+            d.map.set_run(r.start, r.start + r.count, r.state, r.slot);
+            if r.state == ChunkState::Overlay {
+                d.slot_end = d.slot_end.max(r.slot + r.count);
+            }
         }
         d.next_seq = d.next_seq.wrapping_add(recs.len() as u64);
         d.journal_len = at + buf.len() as u64;
@@ -1143,7 +1248,7 @@ impl BlockStore for Overlay {
                 .runs(offset / self.chunk, (offset + len).div_ceil(self.chunk))
         };
         match runs.as_slice() {
-            [(_, _, ChunkState::Golden)] => self.golden.file_slice(offset, len),
+            [r] if r.state == ChunkState::Golden => self.golden.file_slice(offset, len),
             _ => None,
         }
     }
@@ -1159,18 +1264,21 @@ impl BlockStore for Overlay {
             let live = self.core.live.read().map_err(|_| OverlayError::Poisoned)?;
             live.map.runs(offset / self.chunk, end.div_ceil(self.chunk))
         };
-        for (s, e, st) in runs {
-            let from = (s * self.chunk).max(offset);
-            let to = (e * self.chunk).min(end);
+        for r in runs {
+            let from = (r.start * self.chunk).max(offset);
+            let to = (r.end * self.chunk).min(end);
             let part = buf
                 .get_mut((from - offset) as usize..(to - offset) as usize)
                 .ok_or(StorageError::OutOfRange {
                     offset: from,
                     len: to - from,
                 })?;
-            match st {
+            match r.state {
                 ChunkState::Golden => self.golden.read_at(part, from)?,
-                ChunkState::Overlay => self.data.read_exact_at(part, from)?,
+                ChunkState::Overlay => self.data.read_exact_at(
+                    part,
+                    r.slot_of(from / self.chunk) * self.chunk + from % self.chunk,
+                )?,
                 ChunkState::Zero => part.fill(0),
             }
         }
@@ -1226,23 +1334,35 @@ impl BlockStore for Overlay {
                 self.write_locked(&vec![0u8; (end - b) as usize], b)?;
             }
             let _stripes = self.lock_stripes(cs, ce)?;
-            {
+            let runs = {
                 let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
-                for (s, e, st) in live.map.runs(cs, ce) {
-                    if st != ChunkState::Zero {
+                let runs = live.map.runs(cs, ce);
+                for r in &runs {
+                    if r.state != ChunkState::Zero {
                         live.pending.push(Rec {
-                            start: s,
-                            count: e - s,
+                            start: r.start,
+                            count: r.end - r.start,
                             state: ChunkState::Zero,
+                            slot: 0,
                         });
+                    }
+                    if r.state == ChunkState::Overlay {
+                        live.retired.set_slots(r.start, r.end, r.slot);
                     }
                 }
                 live.map.set(cs, ce, ChunkState::Zero);
-            }
+                runs
+            };
             self.take_ticket();
             // After the flip: a crash before the record is durable reads the old state over a
-            // hole, i.e. zeroes, which is the new content.
-            self.punch(a, b);
+            // hole, i.e. zeroes, which is the new content (the chunk keeps its slot, see
+            // `Live::retired`).
+            for r in runs.iter().filter(|r| r.state == ChunkState::Overlay) {
+                self.core.punch(
+                    r.slot * self.chunk,
+                    (r.slot + (r.end - r.start)) * self.chunk,
+                );
+            }
         }
         self.after_change()?;
         Ok(())

@@ -33,11 +33,31 @@ impl ChunkState {
     }
 }
 
-/// start chunk -> (end chunk exclusive, state). Invariants: runs do not overlap, no run is
-/// `Golden` (golden is the absence of a run), and adjacent runs of the same state are merged.
+/// One run of the map: chunks `[start, end)` in `state`. For `Overlay` runs the chunks live
+/// in consecutive slots of the data file from `slot` on (chunk `c` in slot
+/// `slot + (c - start)`); `slot` is 0 for other states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub start: u64,
+    pub end: u64,
+    pub state: ChunkState,
+    pub slot: u64,
+}
+
+impl Run {
+    /// The data-file slot of chunk `c` (inside this run; meaningful for `Overlay` runs).
+    pub(crate) fn slot_of(&self, c: u64) -> u64 {
+        self.slot + (c - self.start)
+    }
+}
+
+/// start chunk -> (end chunk exclusive, state, first slot). Invariants: runs do not overlap,
+/// no run is `Golden` (golden is the absence of a run), non-overlay runs have slot 0, and
+/// adjacent runs that could be one (same state, and for `Overlay` consecutive slots) are
+/// merged, so chunks first written in order into consecutive slots stay one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtentMap {
-    runs: BTreeMap<u64, (u64, ChunkState)>,
+    runs: BTreeMap<u64, (u64, ChunkState, u64)>,
 }
 
 impl ExtentMap {
@@ -55,15 +75,31 @@ impl ExtentMap {
         self.runs.is_empty()
     }
 
-    /// Set chunks `[start, end)` to `state`.
+    /// Set chunks `[start, end)` to `state`; `Overlay` chunks are mapped to the slot of their
+    /// own index (the identity layout of format v1).
+    pub fn set(&mut self, start: u64, end: u64, state: ChunkState) {
+        self.set_run(start, end, state, start);
+    }
+
+    /// Set chunks `[start, end)` to `Overlay`, stored in slots `slot..slot + (end - start)`.
+    pub fn set_slots(&mut self, start: u64, end: u64, slot: u64) {
+        self.set_run(start, end, ChunkState::Overlay, slot);
+    }
+
+    /// Set chunks `[start, end)` to `state` (`slot`: the first chunk's slot, for `Overlay`).
     ///
     /// O(k log n) for k runs inside the range: never a pass over the whole map (the first
     /// version split the map off and appended it back, O(n) per call, which made every
     /// first-touch write of a client with many scattered runs cost hundreds of µs).
-    pub fn set(&mut self, start: u64, end: u64, state: ChunkState) {
+    pub(crate) fn set_run(&mut self, start: u64, end: u64, state: ChunkState, slot: u64) {
         if start >= end {
             return;
         }
+        let slot = if state == ChunkState::Overlay {
+            slot
+        } else {
+            0
+        };
         self.split_at(start);
         self.split_at(end);
         // Drop every run inside [start, end): both edges are run boundaries now.
@@ -73,30 +109,39 @@ impl ExtentMap {
         if state == ChunkState::Golden {
             return;
         }
-        let (mut s, mut e) = (start, end);
+        let joins = |a_start: u64, a_end: u64, a_slot: u64, b_slot: u64| {
+            state != ChunkState::Overlay || a_slot.checked_add(a_end - a_start) == Some(b_slot)
+        };
+        let (mut s, mut e, mut first) = (start, end, slot);
         let left = self.runs.range(..start).next_back().map(|(&k, &v)| (k, v));
-        if let Some((ls, (le, lst))) = left {
-            if le == start && lst == state {
+        if let Some((ls, (le, lst, lslot))) = left {
+            if le == start && lst == state && joins(ls, le, lslot, slot) {
                 self.runs.remove(&ls);
                 s = ls;
+                first = lslot;
             }
         }
-        if let Some(&(re, rst)) = self.runs.get(&end) {
-            if rst == state {
+        if let Some(&(re, rst, rslot)) = self.runs.get(&end) {
+            if rst == state && joins(start, end, slot, rslot) {
                 self.runs.remove(&end);
                 e = re;
             }
         }
-        self.runs.insert(s, (e, state));
+        self.runs.insert(s, (e, state, first));
     }
 
     /// Make `at` a run boundary by splitting the run that straddles it.
     fn split_at(&mut self, at: u64) {
         let straddling = self.runs.range(..at).next_back().map(|(&k, &v)| (k, v));
-        if let Some((s, (e, st))) = straddling {
+        if let Some((s, (e, st, slot))) = straddling {
             if e > at {
-                self.runs.insert(s, (at, st));
-                self.runs.insert(at, (e, st));
+                let right = if st == ChunkState::Overlay {
+                    slot + (at - s)
+                } else {
+                    0
+                };
+                self.runs.insert(s, (at, st, slot));
+                self.runs.insert(at, (e, st, right));
             }
         }
     }
@@ -104,9 +149,26 @@ impl ExtentMap {
     /// The state of chunk `c` and the end (exclusive) of the run of that state containing it,
     /// capped at `limit`.
     pub(crate) fn run_at(&self, c: u64, limit: u64) -> (ChunkState, u64) {
-        if let Some((_, &(e, st))) = self.runs.range(..=c).next_back() {
+        let r = self.lookup(c, limit);
+        (r.state, r.end)
+    }
+
+    /// The run containing chunk `c`, starting at `c` (its `slot` is `c`'s slot) and capped at
+    /// `limit`; a golden gap reads as a `Golden` run.
+    pub(crate) fn lookup(&self, c: u64, limit: u64) -> Run {
+        if let Some((&s, &(e, st, slot))) = self.runs.range(..=c).next_back() {
             if e > c {
-                return (st, e.min(limit));
+                let slot = if st == ChunkState::Overlay {
+                    slot + (c - s)
+                } else {
+                    0
+                };
+                return Run {
+                    start: c,
+                    end: e.min(limit),
+                    state: st,
+                    slot,
+                };
             }
         }
         let next = self
@@ -115,43 +177,85 @@ impl ExtentMap {
             .next()
             .map(|(&k, _)| k)
             .unwrap_or(limit);
-        (ChunkState::Golden, next.min(limit))
+        Run {
+            start: c,
+            end: next.min(limit),
+            state: ChunkState::Golden,
+            slot: 0,
+        }
     }
 
-    /// The runs covering chunks `[start, end)`, golden gaps included, in order.
-    pub(crate) fn runs(&self, start: u64, end: u64) -> Vec<(u64, u64, ChunkState)> {
+    /// The runs covering chunks `[start, end)`, golden gaps included, in order, clipped to
+    /// the range (a clipped overlay run's slot is that of its first chunk in the range).
+    pub(crate) fn runs(&self, start: u64, end: u64) -> Vec<Run> {
         let mut out = Vec::new();
         let mut pos = start;
         let from = match self.runs.range(..=start).next_back() {
-            Some((&s, &(e, _))) if e > start => s,
+            Some((&s, &(e, _, _))) if e > start => s,
             _ => start,
         };
-        for (&s, &(e, st)) in self.runs.range(from..end) {
-            let s = s.max(pos);
-            if s > pos {
-                out.push((pos, s, ChunkState::Golden));
+        for (&s, &(e, st, slot)) in self.runs.range(from..end) {
+            let cs = s.max(pos);
+            if cs > pos {
+                out.push(Run {
+                    start: pos,
+                    end: cs,
+                    state: ChunkState::Golden,
+                    slot: 0,
+                });
             }
-            let e = e.min(end);
-            out.push((s, e, st));
-            pos = e;
+            let ce = e.min(end);
+            let slot = if st == ChunkState::Overlay {
+                slot + (cs - s)
+            } else {
+                0
+            };
+            out.push(Run {
+                start: cs,
+                end: ce,
+                state: st,
+                slot,
+            });
+            pos = ce;
         }
         if pos < end {
-            out.push((pos, end, ChunkState::Golden));
+            out.push(Run {
+                start: pos,
+                end,
+                state: ChunkState::Golden,
+                slot: 0,
+            });
         }
         out
     }
 
     /// Every stored (non-golden) run in order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64, ChunkState)> + '_ {
-        self.runs.iter().map(|(&s, &(e, st))| (s, e, st))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Run> + '_ {
+        self.runs.iter().map(|(&start, &(end, state, slot))| Run {
+            start,
+            end,
+            state,
+            slot,
+        })
     }
 
     /// Number of chunks in `state` (not meaningful for `Golden`).
     pub(crate) fn count(&self, state: ChunkState) -> u64 {
         self.iter()
-            .filter(|r| r.2 == state)
-            .map(|(s, e, _)| e - s)
+            .filter(|r| r.state == state)
+            .map(|r| r.end - r.start)
             .sum()
+    }
+
+    /// One past the highest slot an overlay run uses (0 when none): where the data file's
+    /// slots must reach.
+    #[cfg(test)]
+    pub(crate) fn slot_end(&self) -> u64 {
+        self.iter()
+            .filter(|r| r.state == ChunkState::Overlay)
+            .map(|r| r.slot + (r.end - r.start))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -160,11 +264,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn dense(m: &ExtentMap, n: u64) -> Vec<ChunkState> {
+    /// Per chunk: (state, slot), slot 0 unless overlay.
+    fn dense(m: &ExtentMap, n: u64) -> Vec<(ChunkState, u64)> {
         let mut v = Vec::new();
-        for (s, e, st) in m.runs(0, n) {
-            for _ in s..e {
-                v.push(st);
+        for r in m.runs(0, n) {
+            for c in r.start..r.end {
+                let slot = if r.state == ChunkState::Overlay {
+                    r.slot_of(c)
+                } else {
+                    0
+                };
+                v.push((r.state, slot));
             }
         }
         v
@@ -186,31 +296,75 @@ mod tests {
         assert_eq!(m.count(ChunkState::Zero), 1 << 40);
     }
 
+    #[test]
+    fn slots_coalesce_in_write_order() {
+        let mut m = ExtentMap::new();
+        // Chunks 7, 8, 9 first written in that order take slots 0, 1, 2: one run.
+        m.set_slots(8, 9, 1);
+        m.set_slots(7, 8, 0);
+        m.set_slots(9, 10, 2);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.lookup(9, 100).slot, 2);
+        // Chunk 10 in a slot that does not follow: its own run, same state.
+        m.set_slots(10, 11, 40);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.slot_end(), 41);
+        // Splitting keeps each chunk's slot.
+        m.set(8, 9, ChunkState::Zero);
+        assert_eq!(m.lookup(9, 100).slot, 2);
+        assert_eq!(m.lookup(7, 100).slot, 0);
+        assert_eq!(
+            m.runs(9, 11).iter().map(|r| r.slot).collect::<Vec<_>>(),
+            vec![2, 40]
+        );
+    }
+
     proptest! {
         #[test]
-        fn matches_dense_model(ops in proptest::collection::vec((0u64..64, 0u64..64, 0u8..3), 1..60)) {
+        fn matches_dense_model(ops in proptest::collection::vec((0u64..64, 0u64..64, 0u8..3, 0u64..80), 1..60)) {
             let n = 64;
             let mut m = ExtentMap::new();
-            let mut model = vec![ChunkState::Golden; n as usize];
-            for (a, b, s) in ops {
+            let mut model = vec![(ChunkState::Golden, 0u64); n as usize];
+            for (a, b, s, slot) in ops {
                 let (a, b) = (a.min(b), a.max(b));
                 let st = ChunkState::from_byte(s).unwrap();
-                m.set(a, b, st);
-                for c in a..b { model[c as usize] = st; }
+                if st == ChunkState::Overlay {
+                    m.set_slots(a, b, slot);
+                    for c in a..b { model[c as usize] = (st, slot + (c - a)); }
+                } else {
+                    m.set(a, b, st);
+                    for c in a..b { model[c as usize] = (st, 0); }
+                }
                 prop_assert_eq!(dense(&m, n), model.clone());
-                // Invariants: sorted, disjoint, merged, no golden.
+                // Invariants: sorted, disjoint, merged where mergeable, no golden.
                 let runs: Vec<_> = m.iter().collect();
                 for w in runs.windows(2) {
-                    prop_assert!(w[0].1 <= w[1].0);
-                    prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2));
+                    prop_assert!(w[0].end <= w[1].start);
+                    let mergeable = w[0].end == w[1].start && w[0].state == w[1].state
+                        && (w[0].state != ChunkState::Overlay
+                            || w[0].slot + (w[0].end - w[0].start) == w[1].slot);
+                    prop_assert!(!mergeable);
                 }
-                prop_assert!(runs.iter().all(|r| r.2 != ChunkState::Golden && r.0 < r.1));
+                prop_assert!(runs.iter().all(|r| r.state != ChunkState::Golden && r.start < r.end));
+                let want_end = model.iter().filter(|x| x.0 == ChunkState::Overlay).map(|x| x.1 + 1).max().unwrap_or(0);
+                prop_assert_eq!(m.slot_end(), want_end);
                 for c in 0..n {
-                    let (st, end) = m.run_at(c, n);
-                    prop_assert_eq!(st, model[c as usize]);
-                    prop_assert!(end > c && end <= n);
-                    prop_assert!((c..end).all(|x| model[x as usize] == st));
-                    prop_assert!(end == n || model[end as usize] != st || st == ChunkState::Golden);
+                    let r = m.lookup(c, n);
+                    prop_assert_eq!((r.state, if r.state == ChunkState::Overlay { r.slot } else { 0 }), model[c as usize]);
+                    prop_assert!(r.end > c && r.end <= n);
+                    // Every chunk of the returned run has that state and the next slot.
+                    for x in c..r.end {
+                        let want = if r.state == ChunkState::Overlay { r.slot + (x - c) } else { 0 };
+                        prop_assert_eq!(model[x as usize], (r.state, want));
+                    }
+                }
+                // Sub-range views agree with the model too.
+                let (lo, hi) = (a / 2, (b + n) / 2);
+                for r in m.runs(lo, hi) {
+                    for x in r.start..r.end {
+                        let want = if r.state == ChunkState::Overlay { r.slot_of(x) } else { 0 };
+                        prop_assert_eq!(model[x as usize], (r.state, want));
+                    }
                 }
             }
         }
