@@ -831,6 +831,7 @@ mod tests {
             version: Some(3),
             mode: crate::config::OverlayMode::Volatile,
             lun0: Lun0::Overlay,
+            luns: Vec::new(),
         };
         ClientRecord::new("iqn.t:boot", initiator, node, 1, 1_000, disk, &state)
     }
