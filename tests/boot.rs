@@ -13,9 +13,9 @@ mod common;
 mod guest;
 
 use common::*;
-use guest::{clean, images, iscsidxe_vars, run_limited, tail};
+use guest::{clean, images, iscsidxe_vars, run_iscsidxe, run_limited, tail};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -482,82 +482,14 @@ fn uefi_iscsidxe_volatile_disk_is_fresh_at_every_boot() {
 /// the server's log unless the hand-off wrote and read back its marker.
 fn boot_iscsidxe(server: &Server, dir: &Path, vars: &Path, mac: &str) -> String {
     std::fs::create_dir_all(dir).unwrap();
-    let log = dir.join("serial.log");
-    let started = Instant::now();
-    let mut qemu = Command::new("timeout")
-        .args([
-            "-k",
-            "5",
-            &BOOT_TIMEOUT_SECS.to_string(),
-            "qemu-system-x86_64",
-        ])
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args([
-            "-machine", "q35", "-vga", "none", "-display", "none", "-monitor", "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-no-reboot")
-        .args([
-            "-drive",
-            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-        ])
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .args(["-netdev", "user,id=n0,net=10.0.2.0/24,host=10.0.2.2"])
-        .arg("-device")
-        .arg(format!(
-            "virtio-net-pci,netdev=n0,romfile=,mac={mac},bootindex=1"
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 (Debian package qemu-system-x86)");
-    let failures = [
-        "DISKLESS-FAIL",
-        "Kernel panic",
-        "No bootable device",
-        "Boot failed",
-    ];
-    let deadline = Instant::now() + Duration::from_secs(BOOT_TIMEOUT_SECS + 10);
-    let (ok, serial) = loop {
-        let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
-        if serial.contains("DISKLESS-HANDOFF-WRITE-OK") {
-            // The guest powers off right after; let it, then stop it regardless.
-            let until = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < until && matches!(qemu.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(100));
-            }
-            break (true, serial);
-        }
-        if failures.iter().any(|f| serial.contains(f)) || Instant::now() > deadline {
-            break (false, serial);
-        }
-        if let Ok(Some(_)) = qemu.try_wait() {
-            let serial = clean(&std::fs::read_to_string(&log).unwrap_or_default());
-            break (serial.contains("DISKLESS-HANDOFF-WRITE-OK"), serial);
-        }
-        thread::sleep(Duration::from_millis(250));
-    };
-    let _ = qemu.kill();
-    let _ = qemu.wait();
+    let limit = Duration::from_secs(BOOT_TIMEOUT_SECS);
+    let (ok, serial, took) = run_iscsidxe(vars, mac, &dir.join("serial.log"), limit);
     assert!(
         ok && serial.contains("DISKLESS-HANDOFF-READ-OK"),
-        "IScsiDxe boot failed after {:?}:\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
-        started.elapsed(),
+        "IScsiDxe boot failed after {took:?}:\n--- serial (tail) ---\n{}\n--- diskless stderr (tail) ---\n{}",
         tail(&serial, 40),
         tail(&server.stderr(), 30)
     );
-    eprintln!("IScsiDxe boot: {:?}", started.elapsed());
+    eprintln!("IScsiDxe boot: {took:?}");
     serial
 }

@@ -29,7 +29,7 @@ mod http;
 mod raw;
 
 use cluster::Node;
-use common::{repo, Config, Server};
+use common::{repo, require_browser_tools, Config, Server};
 use etcd::Etcd;
 use http::seg;
 use raw::Client;
@@ -418,24 +418,6 @@ fn every_node_answers_for_the_cluster() {
         r.filter(|r| r["owner"] == "n1" && r["stale"] == false)
     });
     assert_eq!(s.read10(6, 1), golden_bytes[6 * 512..7 * 512].to_vec());
-}
-
-fn require_browser_tools() {
-    let node = Command::new("node").arg("--version").output();
-    assert!(
-        node.is_ok_and(|o| o.status.success()),
-        "node not found: install the Debian package nodejs (scripts/test.sh does it as root)"
-    );
-    assert!(
-        Path::new("/usr/bin/chromium").exists(),
-        "/usr/bin/chromium not found: install the Debian package chromium (scripts/test.sh does it as root)"
-    );
-    assert!(
-        repo()
-            .join("tests/browser/node_modules/playwright-core/package.json")
-            .exists(),
-        "playwright-core is not installed: run `npm ci` in tests/browser (scripts/test.sh does it)"
-    );
 }
 
 #[test]

@@ -50,6 +50,25 @@ fn s3_entry(ceph: &Ceph) -> String {
     )
 }
 
+/// The configuration `image push` and `image gc` run with (node id `publisher`, serving
+/// nothing), written to `root/push.yaml`.
+fn publisher(root: &Path, ceph: &Ceph, etcd: &Etcd, mode: &str) -> std::path::PathBuf {
+    let cfg = root.join("push.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: {mode}}}\n\
+             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
+            root.join("push-state").display(),
+            s3_entry(ceph),
+            etcd.endpoint()
+        ),
+    )
+    .expect("push.yaml");
+    cfg
+}
+
 fn spec<'a>(ceph: &Ceph, etcd: &Etcd) -> cluster::Spec<'a> {
     cluster::Spec {
         cluster: CLUSTER,
@@ -182,19 +201,7 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
     std::fs::write(root.join("v2.raw"), &v2).unwrap();
     ceph::write_credentials(root);
     let mut etcd = Etcd::start(root);
-    let push_cfg = root.join("push.yaml");
-    std::fs::write(
-        &push_cfg,
-        format!(
-            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
-             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n\
-             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
-            root.join("push-state").display(),
-            s3_entry(&ceph),
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let push_cfg = publisher(root, &ceph, &etcd, "volatile");
 
     // The entry follows `latest`: a push must name its version.
     let (done, text) = diskless(&[
@@ -466,19 +473,7 @@ fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
     std::fs::write(root.join("v2.raw"), &v2).unwrap();
     ceph::write_credentials(root);
     let etcd = Etcd::start(root);
-    let push_cfg = root.join("push.yaml");
-    std::fs::write(
-        &push_cfg,
-        format!(
-            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
-             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: persistent}}\n\
-             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
-            root.join("push-state").display(),
-            s3_entry(&ceph),
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let push_cfg = publisher(root, &ceph, &etcd, "persistent");
     let (done, text) = push(&push_cfg, &root.join("v1.raw"), "p1", "first");
     assert!(done, "{text}");
 
@@ -572,19 +567,7 @@ fn catalogue_gc_deletes_versions_nothing_uses() {
     std::fs::write(root.join("v2.raw"), &v2).unwrap();
     ceph::write_credentials(root);
     let etcd = Etcd::start(root);
-    let cfg = root.join("push.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "portals: [\"127.0.0.1:0\"]\nstate_dir: {}\nimages:\n{}\
-             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: golden, mode: volatile}}\n\
-             cluster: {{name: {CLUSTER}, node_id: publisher, etcd: [\"{}\"], advertise: \"127.0.0.1:3260\", lease_ttl: {TTL}}}\n",
-            root.join("push-state").display(),
-            s3_entry(&ceph),
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let cfg = publisher(root, &ceph, &etcd, "volatile");
     let c = cfg.to_str().unwrap();
     for (v, f) in [
         ("g1", "v1.raw"),

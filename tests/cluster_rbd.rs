@@ -59,6 +59,18 @@ impl<F: FnMut()> Drop for Guard<F> {
     }
 }
 
+/// SIGKILL node `x` and wait until another node's boot script places client `mac` on a live
+/// node (once the dead node's lease ran out). Returns that node's index.
+fn kill_and_replace(nodes: &mut [Node], x: usize, mac: &str) -> usize {
+    nodes[x].server.take().expect("running").kill9();
+    let other = (x + 1) % nodes.len();
+    let port = wait_for("the client placed on a live node", || {
+        let (_, p) = nodes[other].script(mac);
+        (p != nodes[x].iscsi).then_some(p)
+    });
+    nodes.iter().position(|n| n.iscsi == port).expect("a node")
+}
+
 fn login(port: u16, who: &str) -> Client {
     let mut c = Client::connect(port);
     c.login(who, TARGET)
@@ -205,15 +217,9 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
 
     // SIGKILL its node; the client boots again: another node, once the lease ran out.
     let t = Instant::now();
-    nodes[x].server.take().expect("running").kill9();
+    let y = kill_and_replace(&mut nodes, x, mac);
     drop(s);
-    let other = (x + 1) % 3;
-    let port = wait_for("the client placed on a live node", || {
-        let (_, p) = nodes[other].script(mac);
-        (p != nodes[x].iscsi).then_some(p)
-    });
-    let y = nodes.iter().position(|n| n.iscsi == port).expect("a node");
-    let mut s = login(port, &who);
+    let mut s = login(nodes[y].iscsi, &who);
     eprintln!(
         "measured: SIGKILL to the disk served again by {} in {:?}",
         nodes[y].id,
@@ -602,15 +608,9 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
 
     // SIGKILL its node: another node fences both disks and serves every acknowledged write.
     let t = Instant::now();
-    nodes[x].server.take().expect("running").kill9();
+    let y = kill_and_replace(&mut nodes, x, mac);
     drop(s);
-    let other = (x + 1) % 3;
-    let port = wait_for("the client placed on a live node", || {
-        let (_, p) = nodes[other].script(mac);
-        (p != nodes[x].iscsi).then_some(p)
-    });
-    let y = nodes.iter().position(|n| n.iscsi == port).expect("a node");
-    let mut s = login(port, &who);
+    let mut s = login(nodes[y].iscsi, &who);
     eprintln!(
         "measured: SIGKILL to both LUNs served again by {} in {:?}",
         nodes[y].id,

@@ -14,7 +14,7 @@ mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{repo, Config, Server};
+use common::{repo, require_browser_tools, Config, Server};
 use http::{seg, Api};
 use raw::Client;
 use std::io::{BufRead, BufReader, Write};
@@ -28,24 +28,6 @@ const PC: &str = "iqn.2026-11.test:console-pc";
 const TOKEN: &str = "console-test-token-0123456789";
 /// The whole browser run must end within this.
 const BROWSER_LIMIT: Duration = Duration::from_secs(180);
-
-fn require_browser_tools() {
-    let node = Command::new("node").arg("--version").output();
-    assert!(
-        node.is_ok_and(|o| o.status.success()),
-        "node not found: install the Debian package nodejs (scripts/test.sh does it as root)"
-    );
-    assert!(
-        Path::new("/usr/bin/chromium").exists(),
-        "/usr/bin/chromium not found: install the Debian package chromium (scripts/test.sh does it as root)"
-    );
-    assert!(
-        repo()
-            .join("tests/browser/node_modules/playwright-core/package.json")
-            .exists(),
-        "playwright-core is not installed: run `npm ci` in tests/browser (scripts/test.sh does it)"
-    );
-}
 
 fn login(server: &Server, isid: [u8; 6]) -> Client {
     let mut c = Client::connect(server.port);

@@ -7,33 +7,11 @@
 //
 // Environment: CONSOLE_URL, CONSOLE_TOKEN, CLIENT (initiator name), OWNER (node serving it),
 // NODES (comma-separated node ids), SHOTS (screenshot dir).
-import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
-import { createInterface } from "node:readline";
+import { env, expectLine, runPage, WAIT } from "./harness.mjs";
 
-const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, OWNER, NODES, SHOTS } = process.env;
-if (!CONSOLE_URL || !CONSOLE_TOKEN || !CLIENT || !OWNER || !NODES || !SHOTS) {
-  console.error("cluster.mjs: CONSOLE_URL, CONSOLE_TOKEN, CLIENT, OWNER, NODES and SHOTS must be set");
-  process.exit(2);
-}
-mkdirSync(SHOTS, { recursive: true });
-const WAIT = 20000;
-const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function expectLine(want) {
-  const { value, done } = await lines.next();
-  if (done || value.trim() !== want) throw new Error(`expected "${want}" from the test, got ${done ? "EOF" : JSON.stringify(value)}`);
-}
+const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, OWNER, NODES, SHOTS } = env("cluster.mjs", ["CONSOLE_URL", "CONSOLE_TOKEN", "CLIENT", "OWNER", "NODES", "SHOTS"]);
 
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-});
-let failed = false;
-try {
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  page.on("pageerror", (e) => { console.error("page error: " + e.message); failed = true; });
-  page.on("console", (m) => { if (m.type() === "error") console.error("console error: " + m.text()); });
-  await page.goto(CONSOLE_URL);
+await runPage("cluster.mjs", CONSOLE_URL, 900, async (page, pageFailed) => {
   await page.locator("#login-token").waitFor({ state: "visible", timeout: WAIT });
   await page.fill("#login-token", CONSOLE_TOKEN);
   await page.click("#login-ok");
@@ -67,12 +45,6 @@ try {
   const why = await stale.getAttribute("title");
   if (!why || !why.includes(OWNER)) throw new Error(`stale card's reason does not name ${OWNER}: ${why}`);
   await page.screenshot({ path: `${SHOTS}/03-owner-paused-stale.png`, fullPage: true });
-  if (failed) throw new Error("the page reported errors");
+  if (pageFailed()) throw new Error("the page reported errors");
   console.log("STEP done");
-} catch (e) {
-  console.error(e.stack || String(e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-process.exit(failed ? 1 : 0);
+});

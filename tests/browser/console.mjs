@@ -4,22 +4,9 @@
 // has seen something, and waits for a line on stdin before each next stage.
 //
 // Environment: CONSOLE_URL, CONSOLE_TOKEN, CLIENT (initiator name), SHOTS (screenshot dir).
-import { chromium } from "playwright-core";
-import { createInterface } from "node:readline";
-import { mkdirSync } from "node:fs";
+import { env, expectLine, runPage, WAIT } from "./harness.mjs";
 
-const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, SHOTS } = process.env;
-if (!CONSOLE_URL || !CONSOLE_TOKEN || !CLIENT || !SHOTS) {
-  console.error("console.mjs: CONSOLE_URL, CONSOLE_TOKEN, CLIENT and SHOTS must be set");
-  process.exit(2);
-}
-mkdirSync(SHOTS, { recursive: true });
-const WAIT = 20000;
-const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function expectLine(want) {
-  const { value, done } = await lines.next();
-  if (done || value.trim() !== want) throw new Error(`expected "${want}" from the test, got ${done ? "EOF" : JSON.stringify(value)}`);
-}
+const { CONSOLE_URL, CONSOLE_TOKEN, CLIENT, SHOTS } = env("console.mjs", ["CONSOLE_URL", "CONSOLE_TOKEN", "CLIENT", "SHOTS"]);
 const step = (name) => console.log("STEP " + name);
 let shot = 0;
 async function snap(page, name) {
@@ -27,17 +14,7 @@ async function snap(page, name) {
   await page.screenshot({ path: `${SHOTS}/${String(shot).padStart(2, "0")}-${name}.png`, fullPage: true });
 }
 
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-});
-let failed = false;
-try {
-  const page = await browser.newPage({ viewport: { width: 1366, height: 800 } });
-  page.on("pageerror", (e) => { console.error("page error: " + e.message); failed = true; });
-  page.on("console", (m) => { if (m.type() === "error") console.error("console error: " + m.text()); });
-  await page.goto(CONSOLE_URL);
-
+await runPage("console.mjs", CONSOLE_URL, 800, async (page) => {
   // The server has a token: the console asks for it.
   await page.locator("#login-token").waitFor({ state: "visible", timeout: WAIT });
   await snap(page, "token-prompt");
@@ -109,10 +86,4 @@ try {
   await page.locator("main[data-page=audit] td", { hasText: "reset client " + CLIENT }).first().waitFor({ timeout: WAIT });
   await snap(page, "audit");
   step("done");
-} catch (e) {
-  console.error("console.mjs: " + (e && e.stack ? e.stack : e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-process.exit(failed ? 1 : 0);
+});

@@ -527,6 +527,26 @@ pub fn commit_offline(config: &Path, initiator: &str, out: &Path) {
     );
 }
 
+/// The browser tests (tests/console.rs, tests/cluster_api.rs) need node, Debian's chromium
+/// and playwright-core from `npm ci` in tests/browser: fail, never skip, without them.
+pub fn require_browser_tools() {
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "node not found: install the Debian package nodejs (scripts/test.sh does it as root)"
+    );
+    assert!(
+        Path::new("/usr/bin/chromium").exists(),
+        "/usr/bin/chromium not found: install the Debian package chromium (scripts/test.sh does it as root)"
+    );
+    assert!(
+        repo()
+            .join("tests/browser/node_modules/playwright-core/package.json")
+            .exists(),
+        "playwright-core is not installed: run `npm ci` in tests/browser (scripts/test.sh does it)"
+    );
+}
+
 /// The repository (for scripts/ and fixtures).
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
