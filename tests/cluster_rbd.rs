@@ -540,7 +540,13 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     let raw = data.to_str().expect("UTF-8 path");
     ceph.tool(
         "rbd",
-        &["import", "--image-feature", "layering,exclusive-lock", raw, "rbd/data"],
+        &[
+            "import",
+            "--image-feature",
+            "layering,exclusive-lock",
+            raw,
+            "rbd/data",
+        ],
     )
     .ok();
     ceph.tool("rbd", &["snap", "create", "rbd/data@v1"]).ok();
@@ -594,10 +600,18 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     check_single_writer(&ceph, &etcd, &image0, &who, &nodes[x]);
     check_single_writer(&ceph, &etcd, &image1, &who, &nodes[x]);
     let info = ceph.tool("rbd", &["info", &format!("rbd/{image1}")]).ok();
-    assert!(info.stdout.contains("parent: rbd/data@v1"), "{}", info.stdout);
+    assert!(
+        info.stdout.contains("parent: rbd/data@v1"),
+        "{}",
+        info.stdout
+    );
     // The record lists LUN 1's clone (LUN 0 stays in `lun0`, as older records have it).
     let rec = record_by(&etcd, &who, &nodes[x]);
-    assert_eq!(rec["disk"]["lun0"]["name"], format!("rbd/{image0}"), "{rec}");
+    assert_eq!(
+        rec["disk"]["lun0"]["name"],
+        format!("rbd/{image0}"),
+        "{rec}"
+    );
     assert_eq!(rec["disk"]["luns"][0]["lun"], 1, "{rec}");
     assert_eq!(rec["disk"]["luns"][0]["disk"]["kind"], "rbd", "{rec}");
     assert_eq!(
@@ -649,7 +663,11 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     });
     let mut s3 = login(port, &who);
     s3.lun = diskless::pdu::lun_from_index(1);
-    assert_eq!(s3.read10(300, 8), before_pause, "the paused node's FUA write");
+    assert_eq!(
+        s3.read10(300, 8),
+        before_pause,
+        "the paused node's FUA write"
+    );
     let new_data = common::random_bytes(8 * 512, 44);
     let r = write_fua(&mut s3, 400, &new_data);
     assert_eq!(r.status, 0, "{r:?}");
@@ -663,7 +681,11 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
         r.status, 2,
         "the fenced node's LUN 1 write is CHECK CONDITION: {r:?}"
     );
-    assert_eq!(s3.read10(400, 8), new_data, "the new owner's LUN 1 data is intact");
+    assert_eq!(
+        s3.read10(400, 8),
+        new_data,
+        "the new owner's LUN 1 data is intact"
+    );
     assert_eq!(s3.read10(100, 8), d1);
     s3.lun = diskless::pdu::lun_from_index(0);
     assert_eq!(s3.read10(100, 8), d0);

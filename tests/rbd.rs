@@ -130,7 +130,9 @@ fn client_disks_are_clones_locked_by_their_owner() {
     assert!(!ls.stdout.contains(&name), "{}", ls.stdout);
 
     // The owner: a new clone that reads as the golden image, locked.
-    let (d1, created) = a.open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner).unwrap();
+    let (d1, created) = a
+        .open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner)
+        .unwrap();
     assert!(created);
     let mut seen = vec![0u8; 64 << 10];
     d1.read_at(&mut seen, 0).unwrap();
@@ -146,7 +148,9 @@ fn client_disks_are_clones_locked_by_their_owner() {
     );
 
     // Another node asked to take the client: it fences the first, which can no longer write.
-    let (d2, created) = b.open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner).unwrap();
+    let (d2, created) = b
+        .open("tgt", "iqn.x:c1", 0, "g", size, 512, &owner)
+        .unwrap();
     assert!(!created);
     assert!(d1.fenced(), "the first holder knows it lost the disk");
     assert!(d1.write_at(&mine, 0, true).is_err());
@@ -162,11 +166,15 @@ fn client_disks_are_clones_locked_by_their_owner() {
         b.disk_name("tgt", "iqn.x:c1", 1),
         Some(format!("rbd/{name}.lun1"))
     );
-    let (l1, created) = b.open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner).unwrap();
+    let (l1, created) = b
+        .open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner)
+        .unwrap();
     assert!(created, "LUN 1 is a clone of its own");
     let data = common::random_bytes(4096, 5);
     l1.write_at(&data, 0, true).unwrap();
-    let (l1a, created) = a.open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner).unwrap();
+    let (l1a, created) = a
+        .open("tgt", "iqn.x:c1", 1, "g", size, 512, &owner)
+        .unwrap();
     assert!(!created);
     assert!(l1.fenced(), "LUN 1's first holder is fenced");
     assert!(l1.write_at(&data, 4096, true).is_err());

@@ -1055,7 +1055,10 @@ impl Client {
     /// The RBD image of the disk on `lun` when it is a shared disk.
     fn shared_name_of(&self, lun: u16) -> Option<&str> {
         if lun == 0 {
-            return self.shared_disk().then_some(self.shared_name.as_deref()).flatten();
+            return self
+                .shared_disk()
+                .then_some(self.shared_name.as_deref())
+                .flatten();
         }
         self.extra
             .iter()
