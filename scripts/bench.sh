@@ -251,6 +251,10 @@ fresh_overlay() {
 # --- fio runs --------------------------------------------------------------------------------------
 # CPU ticks (user+system, all threads) a server used, from /proc/PID/stat.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The whole machine's busy ticks (user, nice, system, irq, softirq, steal; not idle or iowait):
+# the server, fio and the kernel's own work for them (writeback, journal), which the server's
+# ticks do not show. Meaningful only when nothing else runs.
+machine_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 
 run_one() { # round target job-name fio-options
 	local round=$1 target=$2 name=$3 opts=$4 url pid
@@ -264,10 +268,12 @@ run_one() { # round target job-name fio-options
 	[[ $name == overlay-firsttouch* ]] && timing="--ramp_time=0"
 	kill -0 "$pid" 2>/dev/null || dl_die "$target (pid $pid) is gone"
 	# Overlay jobs are filed as diskless runs (report.py sets them beside the plain image).
-	local base="$W/$name.${target/overlay/diskless}.r$round" c0 c1
+	local base="$W/$name.${target/overlay/diskless}.r$round" c0 c1 m0 m1
 	# fio's filename syntax needs the colons escaped.
 	local fname=${url//:/\\:}
+	sync
 	c0=$(cpu_ticks "$pid")
+	m0=$(machine_ticks)
 	# shellcheck disable=SC2086
 	if ! timeout $((RUNTIME + RAMP + 60)) "$FIO" --name="$name" --ioengine=libiscsi \
 		--initiator="$INITIATOR" --filename="$fname" $opts $timing \
@@ -277,7 +283,10 @@ run_one() { # round target job-name fio-options
 		dl_die "fio $name against $target failed"
 	fi
 	c1=$(cpu_ticks "$pid")
+	sync
+	m1=$(machine_ticks)
 	echo "$((c1 - c0))" >"$base.ticks"
+	echo "$((m1 - m0))" >"$base.mticks"
 	dl_log "round $round $name $target: $(python3 "$ROOT/scripts/bench/report.py" --one "$base.json")"
 }
 

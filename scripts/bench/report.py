@@ -89,7 +89,7 @@ def main():
         per = {}
         by_round = {}
         for t in TARGETS:
-            figs, cpu, cpu_per_io = [], [], []
+            figs, cpu, cpu_per_io, mcpu_per_io = [], [], [], []
             for path in sorted(glob.glob(os.path.join(a.dir, f"{job}.{t}.r*.json"))):
                 f = job_figures(load(path))
                 figs.append(f)
@@ -106,12 +106,18 @@ def main():
                             else a.runtime + a.ramp)
                     if wall:
                         cpu_per_io.append(secs * 1e6 / (f["iops"] * wall))
+                    mticks_path = path[:-len(".json")] + ".mticks"
+                    if wall and os.path.exists(mticks_path):
+                        with open(mticks_path) as mf:
+                            msecs = int(mf.read().strip()) / a.clk_tck
+                        mcpu_per_io.append(msecs * 1e6 / (f["iops"] * wall))
             if not figs:
                 continue
             m = {k: median([f[k] for f in figs]) for k in ("iops", "bps", "p50", "p99", "client_cpu")}
             m["cpu_secs"] = median(cpu) if cpu else float("nan")
             # CPU per IO, assuming the ramp ran at the measured rate (fio excludes it).
             m["cpu_us_per_io"] = median(cpu_per_io) if cpu_per_io else float("nan")
+            m["mcpu_us_per_io"] = median(mcpu_per_io) if mcpu_per_io else float("nan")
             per[t] = m
         ratios = sorted(v["diskless"] / v["tgt"] for v in by_round.values()
                         if v.get("tgt") and "diskless" in v)
@@ -126,8 +132,8 @@ def main():
                + " 48-byte TCP ping-pong on loopback, p50: "
                + (f"{a.pingpong_us:.1f} µs." if a.pingpong_us else "not measured."))
     out.append("")
-    out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | server CPU µs/IO | diskless/tgt IOPS | share of loopback |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("| job | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s | server CPU µs/IO | machine CPU µs/IO | diskless/tgt IOPS | share of loopback |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for job, per, ratios in rows:
         d, t = per.get("diskless"), per.get("tgt")
         ratio = (d["iops"] / t["iops"]) if d and t and t["iops"] else float("nan")
@@ -140,7 +146,7 @@ def main():
                 share = f"{100.0 * m['bps'] / loop:.0f} %"
             out.append(
                 f"| {job} | {name} | {fmt_int(m['iops'])} | {fmt_f(m['bps'] / 2**20)} | "
-                f"{fmt_f(m['p50'], 0)} | {fmt_f(m['p99'], 0)} | {fmt_f(m['cpu_secs'])} | {fmt_f(m['cpu_us_per_io'])} | "
+                f"{fmt_f(m['p50'], 0)} | {fmt_f(m['p99'], 0)} | {fmt_f(m['cpu_secs'])} | {fmt_f(m['cpu_us_per_io'])} | {fmt_f(m['mcpu_us_per_io'])} | "
                 + (f"**{ratio:.2f}**" if name == "diskless" and ratio == ratio else "")
                 + (f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if name == "diskless" and len(ratios) > 1
                    else "")
@@ -181,7 +187,11 @@ def main():
     out.append("Latency is fio's completion latency (clat) of reads, or of writes for write-only "
                "jobs. Server CPU s = user+system CPU time of the server process (all threads) "
                "during the job, ramp included; \"µs/IO\" divides it by IOPS x (runtime + ramp). "
-               "CPU per IO is less sensitive to the machine's other load than IOPS.")
+               "CPU per IO is less sensitive to the machine's other load than IOPS. Machine CPU "
+               "µs/IO is the same for the whole machine's busy time (/proc/stat: the server, fio "
+               "and the kernel's writeback and journal work for them, the job's dirty pages synced "
+               "before its end tick; idle and iowait excluded), "
+               "meaningful only when nothing else runs.")
     print("\n".join(out))
     return 0
 
