@@ -832,8 +832,14 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     );
     check_single_writer(&ceph, &etcd, &image0, &who, &nodes[x]);
     check_single_writer(&ceph, &etcd, &image1, &who, &nodes[x]);
+    let own = nodes[x]
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("fenced the previous holder"))
+        .count();
     eprintln!(
-        "measured: `client reset --lun 1` {reset_took:?}, the next login (remove + clone) {login_took:?}"
+        "measured: `client reset --lun 1` {reset_took:?}, the next login (remove + clone) {login_took:?}, \
+         this node's own previous handles fenced: {own}"
     );
 
     // 2. A whole reset; the node dies before the client comes back: the other node takes
