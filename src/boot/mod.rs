@@ -1762,6 +1762,14 @@ impl BootTarget {
         let _one = one.as_deref().map(lock);
         if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
             if c.recreate_pending() {
+                // Only the client's owner recreates (and an operator command's attach of a
+                // client not open here never does): the client stays as it is otherwise.
+                may_lock().map_err(|why| {
+                    AttachError::Unavailable(format!(
+                        "client {key}'s disks in RBD are to be recreated (an operator's reset) \
+                         and this node cannot confirm it owns the client: {why}"
+                    ))
+                })?;
                 // An operator's reset of its disks in RBD: they are recreated below, and the
                 // client opened anew from its boot state; this object is done with.
                 tracing::info!(initiator = %key, "the client's disks in RBD are recreated (an operator's reset): opening them again");
@@ -1866,8 +1874,10 @@ impl BootTarget {
             sh.recreate(&self.name, &key, lun, image, may_lock)
                 .map(drop)
                 .map_err(|e| {
-                    tracing::warn!(initiator = %key, lun, error = %e,
-                        "the operator's reset of the client disk in RBD failed: the disk is left as it was, the login refused; tried again at the next one");
+                    if !matches!(e, crate::storage::SharedDiskError::NotOwner { .. }) {
+                        tracing::warn!(initiator = %key, lun, error = %e,
+                            "the operator's reset of the client disk in RBD failed: the disk is left as it was, the login refused; tried again at the next one");
+                    }
                     AttachError::Unavailable(e.to_string())
                 })
         };
@@ -2562,10 +2572,11 @@ mod tests {
             "in the cluster's record too"
         );
 
-        // Not the owner (any more): nothing removed, the login refused.
+        // Not the owner (any more): nothing removed, the login refused, the client as it was.
         let e = t.attach_with(who, &not_owner).err().unwrap();
         assert!(matches!(e, AttachError::Unavailable(_)), "{e}");
         assert!(lock(&shared.2).is_empty());
+        assert!(Arc::ptr_eq(&c, &t.client(who).unwrap()));
         // The store refuses the remove: refused too, the disk as it was, still pending.
         shared.3.store(true, Ordering::SeqCst);
         let e = t.attach_with(who, &owner).err().unwrap();
