@@ -14,6 +14,9 @@
 //! 4. A new client whose disk cannot be created is refused with status 0x0301, logged.
 //! 5. At every step exactly one RADOS client holds the disk's lock (`rbd lock ls`), and it is
 //!    the one of the node that etcd names the client's owner.
+//! 6. `diskless client reset` (whole, `--lun 1`) of RBD disks: the clone is removed and
+//!    created again from its parent snapshot at the client's next login, also on a node that
+//!    takes the client over after the resetting node died.
 #![cfg(feature = "rbd")]
 
 #[path = "common/ceph.rs"]
@@ -690,6 +693,200 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     s3.lun = diskless::pdu::lun_from_index(0);
     assert_eq!(s3.read10(100, 8), d0);
     eprintln!("measured: data disk test {:?}", started.elapsed());
+}
+
+/// `diskless client reset WHO [ARGS]` against `node`'s control socket: must succeed.
+fn client_reset(node: &Node, who: &str, args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["client", "reset", who])
+        .args(args)
+        .arg("--control")
+        .arg(node.dir.join("state/control.sock"))
+        .output()
+        .expect("run diskless client reset");
+    assert!(
+        out.status.success(),
+        "diskless client reset {who} {args:?} on {}: {}",
+        node.id,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `rbd info rbd/IMAGE`: (its id, its parent line).
+fn rbd_info(ceph: &Ceph, image: &str) -> (String, String) {
+    let out = ceph
+        .tool("rbd", &["info", &format!("rbd/{image}")])
+        .ok()
+        .stdout;
+    let field = |k: &str| {
+        out.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in rbd info {image}: {out}"))
+            .trim()
+            .to_string()
+    };
+    (field("id:"), field("parent:"))
+}
+
+/// `diskless client reset` of a persistent client whose LUN 0 and data disk (LUN 1) are RBD
+/// clones (docs/scale-out.md, "Reset of a disk in RBD"): `--lun 1`, then the client's next
+/// login reads the data image's bytes on LUN 1 (a new clone of data@v1) and its own write
+/// on LUN 0; a whole reset, then the node is killed before the client comes back: the node
+/// that takes the client over applies the reset from the cluster's record (fencing the dead
+/// node's lock first), LUN 0 reads the golden image, LUN 1 keeps its write. The parents'
+/// snapshots stay.
+#[test]
+fn rbd_reset_recreates_the_clone_at_the_next_login() {
+    common::require("rbd", "ceph-common");
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 51);
+    std::fs::write(&golden, &golden_bytes).unwrap();
+    let data = tmp.path().join("data.img");
+    let data_bytes = common::random_bytes(4 << 20, 52);
+    std::fs::write(&data, &data_bytes).unwrap();
+
+    let ceph = Ceph::start();
+    let etcd = Etcd::start(tmp.path());
+    ceph.rbd_parent(&golden, "golden");
+    let raw = data.to_str().expect("UTF-8 path");
+    let features = "layering,exclusive-lock";
+    ceph.tool(
+        "rbd",
+        &["import", "--image-feature", features, raw, "rbd/data"],
+    )
+    .ok();
+    ceph.tool("rbd", &["snap", "create", "rbd/data@v1"]).ok();
+    ceph.tool("rbd", &["snap", "protect", "rbd/data@v1"]).ok();
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: format!(
+            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
+             - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
+            golden.display(),
+            data.display()
+        ),
+        image: "golden",
+        cluster_extra: String::new(),
+        extra: format!(
+            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
+            ceph.conf().display()
+        ),
+    };
+    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
+    let mut nodes: Vec<Node> = ["n1", "n2"]
+        .iter()
+        .map(|id| Node::start_custom(tmp.path(), id, &spec, boot, "127.0.0.1"))
+        .collect();
+    cluster::wait_for_views(nodes.iter(), WAIT);
+
+    let mac = "52:54:00:00:0d:21";
+    let (who, port) = nodes[0].script(mac);
+    let image0 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 0);
+    let image1 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 1);
+    let x = nodes.iter().position(|n| n.iscsi == port).expect("a node");
+    let mut s = login(port, &who);
+    let (lun0, lun1) = (
+        diskless::pdu::lun_from_index(0),
+        diskless::pdu::lun_from_index(1),
+    );
+    let w0 = common::random_bytes(8 * 512, 61);
+    write_synced(&mut s, 100, &w0);
+    s.lun = lun1;
+    let w1 = common::random_bytes(8 * 512, 62);
+    write_synced(&mut s, 100, &w1);
+    let (id1, parent1) = rbd_info(&ceph, &image1);
+    assert_eq!(parent1, "rbd/data@v1");
+
+    // 1. `--lun 1`: the session is closed; the next login (same node) gets a new clone of
+    //    data@v1 on LUN 1, LUN 0 as the client left it.
+    let t = Instant::now();
+    client_reset(&nodes[x], &who, &["--lun", "1"]);
+    let reset_took = t.elapsed();
+    drop(s);
+    let t = Instant::now();
+    let mut s = login(nodes[x].iscsi, &who);
+    let login_took = t.elapsed();
+    s.lun = lun1;
+    assert_eq!(
+        s.read10(100, 8),
+        data_bytes[100 * 512..108 * 512],
+        "LUN 1 reads its image's bytes again, not the client's write"
+    );
+    s.lun = lun0;
+    assert_eq!(s.read10(100, 8), w0, "LUN 0 keeps the client's write");
+    let (new_id1, parent1) = rbd_info(&ceph, &image1);
+    assert_ne!(new_id1, id1, "LUN 1's clone was removed and created again");
+    assert_eq!(parent1, "rbd/data@v1", "the same parent");
+    assert!(
+        nodes[x]
+            .stderr()
+            .contains("client disk in RBD removed (an operator's reset)"),
+        "{}",
+        nodes[x].stderr()
+    );
+    check_single_writer(&ceph, &etcd, &image0, &who, &nodes[x]);
+    check_single_writer(&ceph, &etcd, &image1, &who, &nodes[x]);
+    let own = nodes[x]
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("fenced the previous holder"))
+        .count();
+    eprintln!(
+        "measured: `client reset --lun 1` {reset_took:?}, the next login (remove + clone) {login_took:?}, \
+         this node's own previous handles fenced: {own}"
+    );
+
+    // 2. A whole reset; the node dies before the client comes back: the other node takes
+    //    the client over with the reset pending in its record, fences the dead node's locks
+    //    and recreates LUN 0 before serving it.
+    s.lun = lun1;
+    let w1b = common::random_bytes(8 * 512, 63);
+    write_synced(&mut s, 200, &w1b);
+    s.lun = lun0;
+    write_synced(&mut s, 200, &w0);
+    let (id0, _) = rbd_info(&ceph, &image0);
+    client_reset(&nodes[x], &who, &[]);
+    drop(s);
+    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/lifecycle");
+    wait_for("the pending recreate in the client's record", || {
+        let text = etcd.ctl_out(&["get", &key, "--print-value-only"])?;
+        let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+        (v["state"]["rbd_recreate"] == serde_json::json!([0])).then_some(())
+    });
+    let y = kill_and_replace(&mut nodes, x, mac);
+    let mut s = login(nodes[y].iscsi, &who);
+    assert_eq!(
+        s.read10(100, 8),
+        golden_bytes[100 * 512..108 * 512],
+        "LUN 0 reads the golden image again"
+    );
+    assert_eq!(s.read10(200, 8), golden_bytes[200 * 512..208 * 512]);
+    s.lun = lun1;
+    assert_eq!(s.read10(200, 8), w1b, "LUN 1 keeps its write");
+    let (new_id0, parent0) = rbd_info(&ceph, &image0);
+    assert_ne!(new_id0, id0, "LUN 0's clone was removed and created again");
+    assert_eq!(parent0, "rbd/golden@v1");
+    let log = nodes[y].stderr();
+    assert!(
+        log.contains("fenced the previous holder of the client disk before recreating it"),
+        "{log}"
+    );
+    check_single_writer(&ceph, &etcd, &image0, &who, &nodes[y]);
+    check_single_writer(&ceph, &etcd, &image1, &who, &nodes[y]);
+    let rec = record_by(&etcd, &who, &nodes[y]);
+    assert!(rec["state"]["rbd_recreate"].is_null(), "done: {rec}");
+    // The golden snapshots are untouched.
+    for snap in ["rbd/golden", "rbd/data"] {
+        let out = ceph.tool("rbd", &["snap", "ls", snap]).ok().stdout;
+        assert!(out.contains("v1"), "{snap}: {out}");
+    }
+    eprintln!("measured: RBD reset test {:?}", started.elapsed());
 }
 
 /// WARN lines `I/O on the client disk in RBD failed` in the node's log (printed).

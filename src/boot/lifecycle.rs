@@ -492,6 +492,10 @@ pub struct BootState {
     /// A reset was decided and not yet applied to the disk (a crash in between applies it
     /// at the next start).
     pub reset_pending: bool,
+    /// LUNs whose disk in shared storage (Ceph RBD) an operator's reset discarded: removed
+    /// and created again from the image at the client's next attach, before it is served.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rbd_recreate: Vec<u16>,
     pub last_reset_reason: Option<String>,
     pub committed: bool,
     /// The disk is the golden image (reset, no login since): a new boot need not discard it.

@@ -25,6 +25,7 @@ use nextboot::{DiskRecord, NextBoot, NextBootError, Switch};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -442,6 +443,10 @@ pub struct Client {
     shared_name: Option<String>,
     /// In a cluster: where changed lifecycle records go (set at the first placed login).
     sink: std::sync::OnceLock<Arc<dyn record::RecordSink>>,
+    /// Replaced by a new object of the same client (its disks in RBD recreated): this one
+    /// no longer saves the boot state nor resets disks (late session ends, a reset racing
+    /// the new attach).
+    retired: AtomicBool,
 }
 
 /// What `Client::info` reports (operator commands, the API).
@@ -650,6 +655,10 @@ impl Client {
     /// Save the boot state; in a cluster, then hand a changed lifecycle record to the sink
     /// (after the local durable write: the node's own state is never behind its record).
     fn persist(&self, st: &mut ClientState) {
+        if self.retired.load(Ordering::SeqCst) {
+            tracing::debug!(initiator = %self.initiator, "boot state of a replaced client object not saved");
+            return;
+        }
         let mut rec = None;
         if let Some(sink) = self.sink.get() {
             let now = now_ms();
@@ -763,8 +772,40 @@ impl Client {
     /// [`Client::operator_reset`] of what `scope` names (`--lun N`: one disk).
     pub fn operator_reset_scope(&self, scope: ResetScope) -> Decision {
         *lock(&self.reset_scope) = Some(scope);
+        let rbd = self.shared_luns_covered(scope);
         let mut st = lock(&self.state);
+        if !rbd.is_empty() {
+            // Disks in RBD are recreated at the client's next attach (`recreate_pending`),
+            // recorded with the reset in one durable write (and the cluster's record): a
+            // restart, or another node taking the client over, applies it too.
+            let r = &mut st.lifecycle.state.rbd_recreate;
+            r.extend(rbd.iter().copied());
+            r.sort_unstable();
+            r.dedup();
+            tracing::info!(initiator = %self.initiator, luns = ?rbd,
+                "reset of client disks in Ceph RBD: each is removed and cloned again from its image's snapshot at the client's next login");
+        }
         self.event(&mut st, Event::OperatorReset, now_ms())
+    }
+
+    /// The LUNs whose disk is in shared storage (RBD) that `scope` covers.
+    fn shared_luns_covered(&self, scope: ResetScope) -> Vec<u16> {
+        let lun0 =
+            (self.shared_disk() && self.shared_name.is_some() && scope.covers(0, self.mode()))
+                .then_some(0);
+        lun0.into_iter()
+            .chain(
+                self.extra
+                    .iter()
+                    .filter(|x| x.shared_name.is_some() && scope.covers(x.lun, x.mode))
+                    .map(|x| x.lun),
+            )
+            .collect()
+    }
+
+    /// Whether an operator's reset left disks in RBD to recreate (at the next attach).
+    fn recreate_pending(&self) -> bool {
+        !lock(&self.state).lifecycle.state.rbd_recreate.is_empty()
     }
 
     /// Discard the overlay and start with fresh SCSI state (the caller has closed the
@@ -775,34 +816,17 @@ impl Client {
     pub fn reset(&self) -> Result<(), String> {
         let scope = lock(&self.reset_scope).take().unwrap_or(ResetScope::Boot);
         let covered = scope.covers(0, self.mode());
-        if covered && self.shared_disk() {
-            // Not discarded behind the operator's back: the whole disk is in RBD.
-            return Err(format!(
-                "client {}'s disk is in Ceph RBD, not an overlay on this node: recreate it with \
-                 `rbd rm` while the client is off (it is cloned again at its next login)",
-                self.initiator
-            ));
-        }
+        // A disk in RBD is not touched here: the operator's reset marked it to be recreated
+        // at the client's next attach (`operator_reset_scope`, `BootTarget::attach_with`).
+        let lun0_rbd = self.shared_disk() && self.shared_name.is_some();
         // At a new boot LUN 0 also moves when it takes a pending disk (a next-boot override,
         // or a new version where the disk has no overlay to keep).
-        if covered || (scope == ResetScope::Boot && self.boot_takes_pending(covered)) {
+        if (covered && !lun0_rbd) || (scope == ResetScope::Boot && self.boot_takes_pending(covered))
+        {
             self.reset_lun0()?;
         }
-        if let Some(x) = self
-            .extra
-            .iter()
-            .find(|x| x.shared_name.is_some() && scope.covers(x.lun, x.mode))
-        {
-            return Err(format!(
-                "client {}'s LUN {} is in Ceph RBD ({}), not an overlay on this node: recreate \
-                 it with `rbd rm` while the client is off (it is cloned again at its next login)",
-                self.initiator,
-                x.lun,
-                x.shared_name.as_deref().unwrap_or("?")
-            ));
-        }
         for x in &self.extra {
-            if scope.covers(x.lun, x.mode) {
+            if scope.covers(x.lun, x.mode) && x.shared_name.is_none() {
                 reset_disk(
                     &self.initiator,
                     x.lun,
@@ -1698,6 +1722,23 @@ impl BootTarget {
         true
     }
 
+    /// Apply the reset `client`'s lifecycle decided ([`Client::reset`]), one at a time with
+    /// the client's attaches: a client object an attach replaced meanwhile (its disks in
+    /// RBD recreated) is skipped, the new one applied the pending reset when it opened.
+    pub fn reset_client(&self, client: &Client) -> Result<(), String> {
+        let key = client.initiator.to_ascii_lowercase();
+        let one = self
+            .shared
+            .as_ref()
+            .map(|_| self.opening.entry(key.clone()).or_default().clone());
+        let _one = one.as_deref().map(lock);
+        if client.retired.load(Ordering::SeqCst) {
+            tracing::info!(initiator = %key, "reset already applied by the client's new attach");
+            return Ok(());
+        }
+        client.reset()
+    }
+
     /// The client disk of `initiator`, created on first use. A shared disk (RBD) is not
     /// opened here (see [`BootTarget::attach_with`]).
     pub fn attach(&self, initiator: &str) -> Result<Arc<Client>, AttachError> {
@@ -1720,14 +1761,29 @@ impl BootTarget {
             .map(|_| self.opening.entry(key.clone()).or_default().clone());
         let _one = one.as_deref().map(lock);
         if let Some(c) = self.clients.get(&key).map(|c| c.clone()) {
-            if !c.shared_disk_fenced() {
+            if c.recreate_pending() {
+                // Only the client's owner recreates (and an operator command's attach of a
+                // client not open here never does): the client stays as it is otherwise.
+                may_lock().map_err(|why| {
+                    AttachError::Unavailable(format!(
+                        "client {key}'s disks in RBD are to be recreated (an operator's reset) \
+                         and this node cannot confirm it owns the client: {why}"
+                    ))
+                })?;
+                // An operator's reset of its disks in RBD: they are recreated below, and the
+                // client opened anew from its boot state; this object is done with.
+                tracing::info!(initiator = %key, "the client's disks in RBD are recreated (an operator's reset): opening them again");
+                c.retired.store(true, Ordering::SeqCst);
+                self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
+            } else if !c.shared_disk_fenced() {
                 return Ok(c);
+            } else {
+                // This node lost the lock of the client's shared disk (RBD): another node
+                // fenced it, or Ceph was unreachable long enough for librbd to drop it. Its
+                // sessions here can only fail; the disk is opened (and locked) again.
+                tracing::warn!(initiator = %key, "the client's shared disk lost its lock (fenced by another node, or Ceph unreachable): opening it again");
+                self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
             }
-            // This node lost the lock of the client's shared disk (RBD): another node fenced
-            // it, or Ceph was unreachable long enough for librbd to drop it. Its sessions here
-            // can only fail; the disk is opened (and locked) again.
-            tracing::warn!(initiator = %key, "the client's shared disk lost its lock (fenced by another node, or Ceph unreachable): opening it again");
-            self.clients.remove_if(&key, |_, v| Arc::ptr_eq(v, &c));
         }
         let binding = self
             .binding(initiator)
@@ -1804,6 +1860,27 @@ impl BootTarget {
                 }
             }
         }
+        // Disks in RBD an operator's reset discarded: removed now, before they are opened
+        // (cloned again). A failure refuses the attach (the disk stays as it was); the next
+        // attach tries again.
+        let recreate: Vec<u16> = saved
+            .as_ref()
+            .map(|s| s.rbd_recreate.clone())
+            .unwrap_or_default();
+        let recreate_disk = |sh: &Arc<dyn crate::storage::SharedDisks>, lun: u16, image: &str| {
+            if !recreate.contains(&lun) {
+                return Ok(());
+            }
+            sh.recreate(&self.name, &key, lun, image, may_lock)
+                .map(drop)
+                .map_err(|e| {
+                    if !matches!(e, crate::storage::SharedDiskError::NotOwner { .. }) {
+                        tracing::warn!(initiator = %key, lun, error = %e,
+                            "the operator's reset of the client disk in RBD failed: the disk is left as it was, the login refused; tried again at the next one");
+                    }
+                    AttachError::Unavailable(e.to_string())
+                })
+        };
         let mut created = false;
         let mut shared_name = None;
         // A persistent or install disk in shared storage (RBD): the whole client disk is
@@ -1814,6 +1891,7 @@ impl BootTarget {
                     && sh.holds(&image.name) =>
             {
                 shared_name = sh.disk_name(&self.name, &key, 0);
+                recreate_disk(sh, 0, &image.name)?;
                 let (store, new) = sh
                     .open(
                         &self.name,
@@ -1862,6 +1940,7 @@ impl BootTarget {
                         && sh.holds(&d.image.name) =>
                 {
                     lun_shared = sh.disk_name(&self.name, &key, d.lun);
+                    recreate_disk(sh, d.lun, &d.image.name)?;
                     let (store, new) = sh
                         .open(
                             &self.name,
@@ -1937,6 +2016,7 @@ impl BootTarget {
             reset_scope: Mutex::new(None),
             shared_name,
             sink: std::sync::OnceLock::new(),
+            retired: AtomicBool::new(false),
         };
         let fresh = client.build_luns();
         *lock(&client.luns) = fresh;
@@ -1949,6 +2029,12 @@ impl BootTarget {
                     client.set_next(i, mode);
                 }
             }
+        }
+        if !recreate.is_empty() {
+            // Done (a LUN whose disk is no longer in RBD has nothing to recreate).
+            let mut st = lock(&client.state);
+            st.lifecycle.state.rbd_recreate.clear();
+            client.persist(&mut st);
         }
         {
             let pending = lock(&client.state).lifecycle.state.reset_pending;
@@ -2221,7 +2307,7 @@ mod tests {
     }
 
     /// A shared disk in memory that a test can fence.
-    struct FakeDisk(crate::storage::MemStore, AtomicBool);
+    struct FakeDisk(Arc<crate::storage::MemStore>, AtomicBool);
 
     impl crate::storage::BlockStore for FakeDisk {
         fn block_size(&self) -> u32 {
@@ -2261,9 +2347,16 @@ mod tests {
         }
     }
 
-    /// Shared disks (as RBD's) in memory: the opens per LUN, the disk last opened per LUN.
+    /// Shared disks (as RBD's) in memory: the opens per LUN, the disk last opened per LUN;
+    /// each LUN's bytes stay across opens until a recreate removes them (zeroes again).
     #[derive(Default)]
-    struct FakeShared(Mutex<Vec<(u16, Arc<FakeDisk>)>>);
+    struct FakeShared(
+        Mutex<Vec<(u16, Arc<FakeDisk>)>>,
+        Mutex<BTreeMap<u16, Arc<crate::storage::MemStore>>>,
+        /// The LUNs recreated, in order; and whether a recreate fails (the store refuses).
+        Mutex<Vec<u16>>,
+        AtomicBool,
+    );
 
     impl crate::storage::SharedDisks for FakeShared {
         fn holds(&self, _image: &str) -> bool {
@@ -2271,6 +2364,27 @@ mod tests {
         }
         fn disk_name(&self, _target: &str, initiator: &str, lun: u16) -> Option<String> {
             Some(format!("pool/{initiator}.lun{lun}"))
+        }
+        fn recreate(
+            &self,
+            _target: &str,
+            _initiator: &str,
+            lun: u16,
+            _image: &str,
+            may_lock: crate::storage::LockGuard<'_>,
+        ) -> Result<bool, crate::storage::SharedDiskError> {
+            may_lock().map_err(|why| crate::storage::SharedDiskError::NotOwner {
+                disk: lun.to_string(),
+                why,
+            })?;
+            if self.3.load(Ordering::SeqCst) {
+                return Err(crate::storage::SharedDiskError::Failed {
+                    disk: lun.to_string(),
+                    reason: "not recreated: rbd_remove: busy".into(),
+                });
+            }
+            lock(&self.2).push(lun);
+            Ok(lock(&self.1).remove(&lun).is_some())
         }
         fn open(
             &self,
@@ -2287,13 +2401,14 @@ mod tests {
                 disk: lun.to_string(),
                 why,
             })?;
-            let d = Arc::new(FakeDisk(
-                crate::storage::MemStore::new(size, block_size, false),
-                AtomicBool::new(false),
-            ));
-            let mut opened = lock(&self.0);
-            let new = !opened.iter().any(|(l, _)| *l == lun);
-            opened.push((lun, d.clone()));
+            let mut stores = lock(&self.1);
+            let new = !stores.contains_key(&lun);
+            let store = stores
+                .entry(lun)
+                .or_insert_with(|| Arc::new(crate::storage::MemStore::new(size, block_size, false)))
+                .clone();
+            let d = Arc::new(FakeDisk(store, AtomicBool::new(false)));
+            lock(&self.0).push((lun, d.clone()));
             Ok((d, new))
         }
     }
@@ -2365,13 +2480,159 @@ mod tests {
         assert!(!Arc::ptr_eq(&c, &c2));
         let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
         assert_eq!(luns, vec![0, 1, 0, 1]);
-        // Reset and commit of a disk in RBD are refused with the reason.
-        c2.operator_reset_scope(ResetScope::Lun(1));
-        let e = c2.reset().unwrap_err();
-        assert!(e.contains("LUN 1 is in Ceph RBD"), "{e}");
+        // Commit of a disk in RBD is refused with the reason (a reset: the test below).
         let e = c2.commit_lun_to(1, &dir.path().join("x.img")).unwrap_err();
         assert!(e.contains("RBD clone pool/iqn.x:c1.lun1"), "{e}");
         let e = c2.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
+        assert!(e.contains("not supported yet"), "{e}");
+    }
+
+    /// A target (state in `dir/sub`) whose default binding puts LUN 0 and a persistent data
+    /// disk (LUN 1) in `shared`.
+    fn shared_target(dir: &Path, sub: &str, shared: &Arc<FakeShared>) -> BootTarget {
+        let img = dir.join("base.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
+        let data = dir.join("data.img");
+        std::fs::write(&data, vec![9u8; 1 << 20]).unwrap();
+        let data = Arc::new(GoldenImage::open("data", &data, 512).unwrap());
+        let plan = BindingPlan {
+            initiator: None,
+            matcher: None,
+            image: golden,
+            mode: OverlayMode::Persistent,
+            mac: None,
+            uuid: None,
+            chap: None,
+            reset: ResetPolicy::default(),
+            firmware_isid: None,
+            disks: vec![DiskPlan {
+                lun: 1,
+                image: data,
+                mode: OverlayMode::Persistent,
+            }],
+            os: ClientOs::default(),
+            gateway: GatewayPolicy::default(),
+        };
+        BootTarget::new(
+            "iqn.t:boot",
+            Vec::new(),
+            Some(plan),
+            dir.join(sub),
+            Duration::from_secs(600),
+        )
+        .with_shared_disks(Some(shared.clone()))
+    }
+
+    fn write_lun(c: &Client, lun: u16, byte: u8) {
+        let (image, _, _) = c.disk_of(lun).unwrap();
+        image.store.write_at(&[byte; 512], 0, true).unwrap();
+    }
+
+    fn read_lun(c: &Client, lun: u16) -> u8 {
+        let (image, _, _) = c.disk_of(lun).unwrap();
+        let mut b = [0u8; 512];
+        image.store.read_at(&mut b, 0).unwrap();
+        b[0]
+    }
+
+    fn saved(c: &Client) -> lifecycle::BootState {
+        state::load(&c.state_path).unwrap().unwrap()
+    }
+
+    #[test]
+    fn reset_of_rbd_disks_recreates_them_at_the_next_attach() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(FakeShared::default());
+        let t = shared_target(dir.path(), "a", &shared);
+        let who = "iqn.x:c1";
+        let owner = || Ok(());
+        let not_owner = || Err("the lease ran out".to_string());
+        let c = t.attach_with(who, &owner).unwrap();
+        let sink = Arc::new(Sink("A".into(), Mutex::new(Vec::new())));
+        c.set_record_sink(sink.clone());
+        write_lun(&c, 0, 1);
+        write_lun(&c, 1, 2);
+
+        // `--lun 1`: marked to be recreated (boot state and record), nothing removed yet.
+        let d = c.operator_reset_scope(ResetScope::Lun(1));
+        assert!(d.reset);
+        t.reset_client(&c).unwrap();
+        assert!(lock(&shared.2).is_empty());
+        assert_eq!(read_lun(&c, 1), 2, "the open disk is not touched");
+        let st = saved(&c);
+        assert_eq!(
+            (st.rbd_recreate.clone(), st.reset_pending),
+            (vec![1], false)
+        );
+        let rec = lock(&sink.1).last().cloned().unwrap();
+        assert_eq!(
+            rec.state.rbd_recreate,
+            vec![1],
+            "in the cluster's record too"
+        );
+
+        // Not the owner (any more): nothing removed, the login refused, the client as it was.
+        let e = t.attach_with(who, &not_owner).err().unwrap();
+        assert!(matches!(e, AttachError::Unavailable(_)), "{e}");
+        assert!(lock(&shared.2).is_empty());
+        assert!(Arc::ptr_eq(&c, &t.client(who).unwrap()));
+        // The store refuses the remove: refused too, the disk as it was, still pending.
+        shared.3.store(true, Ordering::SeqCst);
+        let e = t.attach_with(who, &owner).err().unwrap();
+        assert!(e.to_string().contains("busy"), "{e}");
+        assert!(lock(&shared.2).is_empty());
+        assert_eq!(saved(&c).rbd_recreate, vec![1]);
+        shared.3.store(false, Ordering::SeqCst);
+
+        // The next attach: LUN 1 removed and created again (the image's bytes: zeroes in the
+        // fake), LUN 0 kept; the mark is cleared.
+        let c2 = t.attach_with(who, &owner).unwrap();
+        assert!(!Arc::ptr_eq(&c, &c2));
+        assert_eq!(*lock(&shared.2), vec![1]);
+        assert_eq!((read_lun(&c2, 0), read_lun(&c2, 1)), (1, 0));
+        assert!(saved(&c2).rbd_recreate.is_empty());
+        // The replaced object saves nothing any more (a late session end), resets nothing.
+        {
+            let mut st = lock(&c.state);
+            c.persist(&mut st);
+        }
+        assert!(saved(&c2).rbd_recreate.is_empty());
+        t.reset_client(&c).unwrap();
+        // Held: the same client, nothing recreated again.
+        assert!(Arc::ptr_eq(&c2, &t.attach_with(who, &owner).unwrap()));
+        assert_eq!(lock(&shared.2).len(), 1);
+
+        // `diskless client reset` (LUN 0), and the server stops before applying it: the
+        // reset and the LUN were saved in one write; the next start recreates LUN 0 alone.
+        write_lun(&c2, 0, 3);
+        write_lun(&c2, 1, 4);
+        c2.operator_reset();
+        let st = saved(&c2);
+        assert_eq!((st.rbd_recreate.clone(), st.reset_pending), (vec![0], true));
+        drop((c, c2, t));
+        let t = shared_target(dir.path(), "a", &shared);
+        let c3 = t.attach_with(who, &owner).unwrap();
+        assert_eq!(*lock(&shared.2), vec![1, 0]);
+        assert_eq!((read_lun(&c3, 0), read_lun(&c3, 1)), (0, 4));
+        let st = saved(&c3);
+        assert!(st.rbd_recreate.is_empty() && !st.reset_pending, "{st:?}");
+
+        // A reset another node decided (its record) is applied by the node taking over.
+        let sink = Arc::new(Sink("A".into(), Mutex::new(Vec::new())));
+        c3.set_record_sink(sink.clone());
+        write_lun(&c3, 1, 5);
+        c3.operator_reset_scope(ResetScope::Lun(1));
+        t.reset_client(&c3).unwrap();
+        let rec = lock(&sink.1).last().cloned().unwrap();
+        let b = shared_target(dir.path(), "b", &shared);
+        assert!(b.take_over(who, rec, "B"));
+        let cb = b.attach_with(who, &owner).unwrap();
+        assert_eq!(*lock(&shared.2), vec![1, 0, 1]);
+        assert_eq!(read_lun(&cb, 1), 0);
+        assert!(saved(&cb).rbd_recreate.is_empty());
+        // Commit stays refused.
+        let e = cb.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
         assert!(e.contains("not supported yet"), "{e}");
     }
 

@@ -438,7 +438,7 @@ impl Server {
                 .await;
         }
         if decision.reset {
-            if let Err(e) = reset_blocking(&client).await {
+            if let Err(e) = reset_blocking(boot, &client).await {
                 ended_blocking(&client, session, End::Dropped).await;
                 return Err(e);
             }
@@ -551,7 +551,7 @@ impl Server {
                         .await;
                 }
                 if d.reset {
-                    if let Err(e) = reset_blocking(&client).await {
+                    if let Err(e) = reset_blocking(&boot, &client).await {
                         warn!(%initiator, error = %e, "overlay reset failed");
                     }
                 }
@@ -597,7 +597,9 @@ impl Server {
             .await
             .map_err(|e| e.to_string())?;
         self.close_sessions(initiator, target, |_| true).await;
-        reset_blocking(&client).await.map_err(|e| e.to_string())
+        reset_blocking(&boot, &client)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Whether the server is stopping (sessions ending now end because of it).
@@ -616,10 +618,11 @@ pub(crate) async fn ended_blocking(client: &Arc<Client>, session: u64, how: End)
     let _ = tokio::task::spawn_blocking(move || c.session_ended(session, how)).await;
 }
 
-/// `Client::reset` (it syncs files) on the blocking pool.
-async fn reset_blocking(client: &Arc<Client>) -> Result<(), AttachError> {
-    let c = client.clone();
-    tokio::task::spawn_blocking(move || c.reset())
+/// `Client::reset` (it syncs files) on the blocking pool, one at a time with the client's
+/// attaches (`BootTarget::reset_client`).
+async fn reset_blocking(boot: &Arc<BootTarget>, client: &Arc<Client>) -> Result<(), AttachError> {
+    let (b, c) = (boot.clone(), client.clone());
+    tokio::task::spawn_blocking(move || b.reset_client(&c))
         .await
         .map_err(|e| AttachError::Storage(e.to_string()))?
         .map_err(AttachError::Storage)

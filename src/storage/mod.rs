@@ -220,6 +220,20 @@ pub trait SharedDisks: Send + Sync + 'static {
         block_size: u32,
         may_lock: LockGuard<'_>,
     ) -> Result<(std::sync::Arc<dyn BlockStore>, bool), SharedDiskError>;
+    /// Remove `initiator`'s disk on `lun` (an operator's reset, applied at the client's next
+    /// attach), so that the next [`SharedDisks::open`] creates it again from `image`. Only
+    /// once `may_lock` said this node owns the client; a holder of the disk's lock (a node
+    /// that served the client before, or a handle of this node's still open) is fenced
+    /// first. Returns whether a disk was removed (none: nothing to do). On error the disk
+    /// is left as it was.
+    fn recreate(
+        &self,
+        target: &str,
+        initiator: &str,
+        lun: u16,
+        image: &str,
+        may_lock: LockGuard<'_>,
+    ) -> Result<bool, SharedDiskError>;
     /// The name of `initiator`'s disk on `lun` in the store (for the cluster's client records).
     fn disk_name(&self, _target: &str, _initiator: &str, _lun: u16) -> Option<String> {
         None

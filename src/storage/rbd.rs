@@ -91,7 +91,39 @@ extern "C" {
     ) -> c_int;
     fn rbd_lock_get_owners_cleanup(owners: *mut *mut c_char, count: usize);
     fn rbd_lock_break(image: rbd_image_t, mode: c_int, owner: *const c_char) -> c_int;
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    fn rbd_get_parent(
+        image: rbd_image_t,
+        parent_image: *mut LinkedImageSpec,
+        parent_snap: *mut SnapSpec,
+    ) -> c_int;
+    fn rbd_linked_image_spec_cleanup(image: *mut LinkedImageSpec);
+    fn rbd_snap_spec_cleanup(snap: *mut SnapSpec);
 }
+
+/// `rbd_linked_image_spec_t` (librbd.h): an image a clone is linked to (its parent).
+#[repr(C)]
+struct LinkedImageSpec {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+/// `rbd_snap_spec_t` (librbd.h): a snapshot (of a clone's parent).
+#[repr(C)]
+struct SnapSpec {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
+/// How long [`RbdDisk::remove`] retries while the image still has watchers: a client whose
+/// lock was just broken (blocklisted) loses its watch once the OSDs have the new OSD map;
+/// a handle of this node being closed (the blocking pool) lets go within moments.
+const REMOVE_WAIT: Duration = Duration::from_secs(15);
 
 /// What librados/librbd answered (a negative errno), with the call.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +134,15 @@ pub enum RbdError {
     Nul(&'static str),
     #[error("the exclusive lock is held by another client ({0})")]
     Locked(String),
+    /// `rbd_remove` answered EBUSY until [`REMOVE_WAIT`] ran out.
+    #[error("rbd_remove: the image still has watchers (a client has it open: `rbd status`)")]
+    Watched,
+    /// `rbd_remove` answered ENOTEMPTY.
+    #[error("rbd_remove: the image has snapshots (`rbd snap ls`): not removed")]
+    HasSnapshots,
+    /// The image is not a clone (flattened, or not made by diskless): never removed here.
+    #[error("{0} has no parent (not a clone, or flattened): not removed")]
+    NotAClone(String),
 }
 
 impl RbdError {
@@ -345,6 +386,78 @@ impl RbdDisk {
         Ok(s)
     }
 
+    /// The parent of this image when it is a clone: (pool, image, snapshot).
+    pub fn parent(&self) -> Result<Option<(String, String, String)>, RbdError> {
+        let mut img = LinkedImageSpec {
+            pool_id: 0,
+            pool_name: std::ptr::null_mut(),
+            pool_namespace: std::ptr::null_mut(),
+            image_id: std::ptr::null_mut(),
+            image_name: std::ptr::null_mut(),
+            trash: false,
+        };
+        let mut snap = SnapSpec {
+            id: 0,
+            namespace_type: 0,
+            name: std::ptr::null_mut(),
+        };
+        // SAFETY: the image handle is open; both out-structs are ours, filled by librbd on
+        // success and then released once with their cleanup functions.
+        let r = unsafe { rbd_get_parent(self.image, &mut img, &mut snap) };
+        if r == -libc::ENOENT {
+            return Ok(None);
+        }
+        check("rbd_get_parent", r)?;
+        let text = |p: *mut c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: librbd returned a NUL-terminated string, alive until cleanup.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        let out = (text(img.pool_name), text(img.image_name), text(snap.name));
+        // SAFETY: filled by a successful rbd_get_parent, released once.
+        unsafe {
+            rbd_linked_image_spec_cleanup(&mut img);
+            rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(Some(out))
+    }
+
+    /// Close the image and remove it (`image`, in this disk's pool): the operator's reset
+    /// of a client disk. Retries while the image still has watchers (EBUSY), up to
+    /// [`REMOVE_WAIT`]. On error the image is left as it was. A clone's removal never
+    /// touches its parent snapshot.
+    pub fn remove(mut self, image: &str) -> Result<(), RbdError> {
+        let name_c = cstr("image", image)?;
+        let handle = std::mem::replace(&mut self.image, std::ptr::null_mut());
+        if !handle.is_null() {
+            // SAFETY: the handle is open and closed once here (Drop skips a null one). Our
+            // own watch and lock go with it: rbd_remove counts this handle as a watcher.
+            check("rbd_close", unsafe { rbd_close(handle) })?;
+        }
+        let until = Instant::now() + REMOVE_WAIT;
+        loop {
+            // SAFETY: the pool context is open; `name_c` is NUL-terminated.
+            let r = unsafe { rbd_remove(self.io, name_c.as_ptr()) };
+            match -r {
+                0 => return Ok(()),
+                libc::EBUSY if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(250))
+                }
+                libc::EBUSY => return Err(RbdError::Watched),
+                libc::ENOTEMPTY => return Err(RbdError::HasSnapshots),
+                errno => {
+                    return Err(RbdError::Call {
+                        call: "rbd_remove",
+                        errno,
+                    })
+                }
+            }
+        }
+    }
+
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), RbdError> {
         // SAFETY: `buf` is valid for `buf.len()` bytes.
         let r = unsafe { rbd_read(self.image, offset, buf.len(), buf.as_mut_ptr().cast()) };
@@ -573,6 +686,65 @@ impl super::SharedDisks for RbdClientDisks {
             self.connect.pool,
             client_disk_name(&self.prefix, target, initiator, lun)
         ))
+    }
+
+    fn recreate(
+        &self,
+        target: &str,
+        initiator: &str,
+        lun: u16,
+        image: &str,
+        may_lock: super::LockGuard<'_>,
+    ) -> Result<bool, super::SharedDiskError> {
+        let name = client_disk_name(&self.prefix, target, initiator, lun);
+        let disk = format!("{}/{name}", self.connect.pool);
+        if let Err(why) = may_lock() {
+            return Err(super::SharedDiskError::NotOwner { disk, why });
+        }
+        let failed = |e: RbdError| super::SharedDiskError::Failed {
+            disk: disk.clone(),
+            reason: format!("not recreated: {e}"),
+        };
+        let Some((pimg, psnap)) = self.parents.get(image) else {
+            return Err(super::SharedDiskError::Failed {
+                disk: disk.clone(),
+                reason: format!("not recreated: image {image} has no RBD parent"),
+            });
+        };
+        let d = match RbdDisk::open_or_clone(&self.connect, &name, None) {
+            Ok((d, _)) => d,
+            // Removed already (a remove whose clone then failed): the open clones it.
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(failed(e)),
+        };
+        // Only a clone is removed: its parent snapshot (the golden image) stays untouched.
+        let old_parent = d
+            .parent()
+            .map_err(failed)?
+            .ok_or_else(|| failed(RbdError::NotAClone(disk.clone())))?;
+        // The lock's holder is fenced as at a take-over (this node owns the client): a node
+        // that served it before, or this node's own handle of the disk before the reset.
+        let holders = d.owners().map_err(failed)?;
+        if !holders.is_empty() {
+            match d.fence_and_lock() {
+                Ok(fenced) => tracing::warn!(%disk, initiator, lun, fenced = ?fenced,
+                    "fenced the previous holder of the client disk before recreating it (lock broken, its RADOS client blocklisted)"),
+                Err(RbdError::Locked(holder)) => {
+                    return Err(super::SharedDiskError::Held {
+                        disk,
+                        holder,
+                        why: "the lock was taken again while fencing".into(),
+                    })
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        d.remove(&name).map_err(failed)?;
+        tracing::info!(%disk, initiator, lun,
+            old_parent = %format!("{}/{}@{}", old_parent.0, old_parent.1, old_parent.2),
+            parent = %format!("{}/{pimg}@{psnap}", self.connect.pool),
+            "client disk in RBD removed (an operator's reset): cloned again from the image's snapshot");
+        Ok(true)
     }
 
     fn open(
