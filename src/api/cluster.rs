@@ -183,6 +183,15 @@ pub fn owner(api: &Api, initiator: &str) -> Owner {
     }
 }
 
+/// The other nodes of `v` and their API addresses (none when a node did not publish one).
+fn peers(v: &crate::cluster::View, me: &str) -> Vec<(String, Option<SocketAddr>)> {
+    v.nodes
+        .iter()
+        .filter(|(id, _)| id.as_str() != me)
+        .map(|(id, n)| (id.clone(), n.api))
+        .collect()
+}
+
 /// GET `path` from each node (bounded, all at once): node id → JSON answer or why not.
 async fn ask_all(
     api: &Api,
@@ -430,12 +439,7 @@ pub async fn clients(api: &Api, local_only: bool) -> Value {
         return json!({ "clients": local_rows, "node": me });
     }
     let t0 = Instant::now();
-    let peers: Vec<(String, Option<SocketAddr>)> = v
-        .nodes
-        .iter()
-        .filter(|(id, _)| **id != me)
-        .map(|(id, n)| (id.clone(), n.api))
-        .collect();
+    let peers = peers(&v, &me);
     let (recs, answers) = tokio::join!(
         records(cl),
         ask_all(api, &me, peers, "/api/v1/clients?scope=local")
@@ -649,12 +653,7 @@ pub async fn cluster(api: &Api) -> Result<Value, ApiError> {
     let t0 = Instant::now();
     let me = cl.node_id().to_string();
     let v = cl.view();
-    let peers: Vec<(String, Option<SocketAddr>)> = v
-        .nodes
-        .iter()
-        .filter(|(id, _)| **id != me)
-        .map(|(id, n)| (id.clone(), n.api))
-        .collect();
+    let peers = peers(&v, &me);
     let answers = ask_all(api, &me, peers, "/api/v1/health").await;
     let status = crate::cluster::placement::status(&v);
     let nodes: Vec<Value> = status

@@ -2416,39 +2416,8 @@ mod tests {
     #[test]
     fn shared_data_disks_are_opened_fenced_and_recorded_per_lun() {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("base.img");
-        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-        let golden = Arc::new(GoldenImage::open("base", &img, 512).unwrap());
-        let data = dir.path().join("data.img");
-        std::fs::write(&data, vec![9u8; 1 << 20]).unwrap();
-        let data = Arc::new(GoldenImage::open("data", &data, 512).unwrap());
-        let plan = BindingPlan {
-            initiator: None,
-            matcher: None,
-            image: golden,
-            mode: OverlayMode::Persistent,
-            mac: None,
-            uuid: None,
-            chap: None,
-            reset: ResetPolicy::default(),
-            firmware_isid: None,
-            disks: vec![DiskPlan {
-                lun: 1,
-                image: data,
-                mode: OverlayMode::Persistent,
-            }],
-            os: ClientOs::default(),
-            gateway: GatewayPolicy::default(),
-        };
         let shared = Arc::new(FakeShared::default());
-        let t = BootTarget::new(
-            "iqn.t:boot",
-            Vec::new(),
-            Some(plan),
-            dir.path().join("n"),
-            Duration::from_secs(600),
-        )
-        .with_shared_disks(Some(shared.clone()));
+        let t = shared_target(dir.path(), "n", &shared);
         let who = "iqn.x:c1";
         let owner = || Ok(());
         assert!(t.attach(who).is_err(), "not opened without the owner check");

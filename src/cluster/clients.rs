@@ -186,15 +186,7 @@ pub async fn read_all(
         client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
     )
     .await?;
-    let records = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            key.ends_with("/lifecycle")
-                .then(|| (key, kv.value().to_vec()))
-        })
-        .collect();
+    let records = lifecycle_records(&resp);
     let prefix = format!("{}owners/", keys.prefix);
     let resp = bounded(
         limit,
@@ -213,6 +205,18 @@ pub async fn read_all(
     Ok((records, owners))
 }
 
+/// The lifecycle records (key, JSON) among the keys under `clients/`.
+fn lifecycle_records(resp: &etcd_client::GetResponse) -> Vec<(String, Vec<u8>)> {
+    resp.kvs()
+        .iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            key.ends_with("/lifecycle")
+                .then(|| (key, kv.value().to_vec()))
+        })
+        .collect()
+}
+
 /// Every client record of the cluster (key, JSON), read with this node's etcd client in
 /// one request bounded by the request timeout (the API's cluster-wide clients view).
 pub async fn read_records(cluster: &Cluster) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
@@ -223,15 +227,7 @@ pub async fn read_records(cluster: &Cluster) -> Result<Vec<(String, Vec<u8>)>, C
         c.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
     )
     .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            key.ends_with("/lifecycle")
-                .then(|| (key, kv.value().to_vec()))
-        })
-        .collect())
+    Ok(lifecycle_records(&resp))
 }
 
 #[cfg(test)]
