@@ -156,6 +156,25 @@ fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(r, 0, "kill({pid}, {sig})");
 }
 
+/// SIGSTOP `pid` and wait until every one of its threads is stopped (state `T` in
+/// /proc/PID/task/*/stat): kill(2) returns once the signal is queued, and a thread that is
+/// running or in an uninterruptible wait stops only when it next returns to user space.
+fn pause(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let stopped = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut all = true;
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            all &= matches!(state, Some(Some('T' | 't')));
+        }
+        all.then_some(())
+    };
+    wait_for("every thread of the paused node stopped", stopped);
+}
+
 /// Runs a closure when dropped (a paused process must not outlive a failed test).
 struct Guard<F: FnMut()>(F);
 
@@ -354,7 +373,7 @@ fn every_node_answers_for_the_cluster() {
 
     // n1 paused: n2's views answer within the bound and mark n1's client stale.
     let pid = n1.server.as_ref().unwrap().pid();
-    signal(pid, libc::SIGSTOP);
+    pause(pid);
     let resumed = std::cell::Cell::new(false);
     let _cont = Guard(|| {
         if !resumed.get() {
@@ -486,7 +505,7 @@ fn console_shows_the_nodes_and_a_remote_client() {
     }
     // n1 paused: n2's console marks its client stale.
     let pid = n1.server.as_ref().unwrap().pid();
-    signal(pid, libc::SIGSTOP);
+    pause(pid);
     let _cont = Guard(|| signal(pid, libc::SIGCONT));
     if let Some(stdin) = child.stdin.as_mut() {
         writeln!(stdin, "paused").expect("write to the browser script");
