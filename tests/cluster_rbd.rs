@@ -35,6 +35,7 @@ use ceph::Ceph;
 use cluster::Node;
 use etcd::Etcd;
 use raw::Client;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-12.org.diskless:rbd";
@@ -60,6 +61,42 @@ impl<F: FnMut()> Drop for Guard<F> {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+/// Nodes `ids` whose default binding is a persistent LUN 0 on `golden` and a persistent data
+/// disk (LUN 1) on `data`, both imported into RBD as the parents of the clients' clones.
+fn data_disk_nodes(
+    root: &Path,
+    ceph: &Ceph,
+    etcd: &Etcd,
+    golden: &Path,
+    data: &Path,
+    ids: &[&str],
+) -> Vec<Node> {
+    ceph.rbd_parent(golden, "golden");
+    ceph.rbd_parent(data, "data");
+    let spec = cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images: format!(
+            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
+             - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
+            golden.display(),
+            data.display()
+        ),
+        image: "golden",
+        cluster_extra: String::new(),
+        extra: format!(
+            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
+            ceph.conf().display()
+        ),
+    };
+    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
+    ids.iter()
+        .map(|id| Node::start_custom(root, id, &spec, boot, "127.0.0.1"))
+        .collect()
 }
 
 /// SIGKILL node `x` and wait until another node's boot script places client `mac` on a live
@@ -538,46 +575,14 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
 
     let ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
-    ceph.rbd_parent(&golden, "golden");
-    // The data disks' parent in the same pool (created by `rbd_parent` above).
-    let raw = data.to_str().expect("UTF-8 path");
-    ceph.tool(
-        "rbd",
-        &[
-            "import",
-            "--image-feature",
-            "layering,exclusive-lock",
-            raw,
-            "rbd/data",
-        ],
-    )
-    .ok();
-    ceph.tool("rbd", &["snap", "create", "rbd/data@v1"]).ok();
-    ceph.tool("rbd", &["snap", "protect", "rbd/data@v1"]).ok();
-
-    let spec = cluster::Spec {
-        cluster: CLUSTER,
-        target: TARGET,
-        etcd: etcd.endpoint(),
-        ttl: TTL,
-        images: format!(
-            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
-             - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
-            golden.display(),
-            data.display()
-        ),
-        image: "golden",
-        cluster_extra: String::new(),
-        extra: format!(
-            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
-            ceph.conf().display()
-        ),
-    };
-    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|id| Node::start_custom(tmp.path(), id, &spec, boot, "127.0.0.1"))
-        .collect();
+    let mut nodes = data_disk_nodes(
+        tmp.path(),
+        &ceph,
+        &etcd,
+        &golden,
+        &data,
+        &["n1", "n2", "n3"],
+    );
     cluster::wait_for_views(nodes.iter(), WAIT);
 
     let mac = "52:54:00:00:0d:11";
@@ -750,39 +755,7 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
 
     let ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
-    ceph.rbd_parent(&golden, "golden");
-    let raw = data.to_str().expect("UTF-8 path");
-    let features = "layering,exclusive-lock";
-    ceph.tool(
-        "rbd",
-        &["import", "--image-feature", features, raw, "rbd/data"],
-    )
-    .ok();
-    ceph.tool("rbd", &["snap", "create", "rbd/data@v1"]).ok();
-    ceph.tool("rbd", &["snap", "protect", "rbd/data@v1"]).ok();
-    let spec = cluster::Spec {
-        cluster: CLUSTER,
-        target: TARGET,
-        etcd: etcd.endpoint(),
-        ttl: TTL,
-        images: format!(
-            "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
-             - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
-            golden.display(),
-            data.display()
-        ),
-        image: "golden",
-        cluster_extra: String::new(),
-        extra: format!(
-            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
-            ceph.conf().display()
-        ),
-    };
-    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
-    let mut nodes: Vec<Node> = ["n1", "n2"]
-        .iter()
-        .map(|id| Node::start_custom(tmp.path(), id, &spec, boot, "127.0.0.1"))
-        .collect();
+    let mut nodes = data_disk_nodes(tmp.path(), &ceph, &etcd, &golden, &data, &["n1", "n2"]);
     cluster::wait_for_views(nodes.iter(), WAIT);
 
     let mac = "52:54:00:00:0d:21";

@@ -637,6 +637,32 @@ impl RbdClientDisks {
     }
 }
 
+/// Fence whoever holds `d`'s exclusive lock and take it (this node owns the client): the
+/// lock is broken and the holder's RADOS client blocklisted. `when` completes the log line; `failed`
+/// words any other error.
+fn fence_holder(
+    d: &RbdDisk,
+    disk: &str,
+    initiator: &str,
+    lun: u16,
+    when: &str,
+    failed: impl Fn(RbdError) -> super::SharedDiskError,
+) -> Result<(), super::SharedDiskError> {
+    match d.fence_and_lock() {
+        Ok(fenced) => {
+            tracing::warn!(%disk, initiator, lun, fenced = ?fenced,
+                "fenced the previous holder of the client disk{when} (lock broken, its RADOS client blocklisted)");
+            Ok(())
+        }
+        Err(RbdError::Locked(holder)) => Err(super::SharedDiskError::Held {
+            disk: disk.to_string(),
+            holder,
+            why: "the lock was taken again while fencing".into(),
+        }),
+        Err(e) => Err(failed(e)),
+    }
+}
+
 /// The RBD image name of a client's disk: `<prefix>.<initiator>.<hash>`, the initiator
 /// lowercased with anything but letters, digits, '.', '-' as '_', and a hash of target and
 /// initiator (FNV-1a, 32 bits) that keeps distinct what the mapping merges.
@@ -726,18 +752,7 @@ impl super::SharedDisks for RbdClientDisks {
         // that served it before, or this node's own handle of the disk before the reset.
         let holders = d.owners().map_err(failed)?;
         if !holders.is_empty() {
-            match d.fence_and_lock() {
-                Ok(fenced) => tracing::warn!(%disk, initiator, lun, fenced = ?fenced,
-                    "fenced the previous holder of the client disk before recreating it (lock broken, its RADOS client blocklisted)"),
-                Err(RbdError::Locked(holder)) => {
-                    return Err(super::SharedDiskError::Held {
-                        disk,
-                        holder,
-                        why: "the lock was taken again while fencing".into(),
-                    })
-                }
-                Err(e) => return Err(failed(e)),
-            }
+            fence_holder(&d, &disk, initiator, lun, " before recreating it", failed)?;
         }
         d.remove(&name).map_err(failed)?;
         tracing::info!(%disk, initiator, lun,
@@ -802,18 +817,7 @@ impl super::SharedDisks for RbdClientDisks {
             Err(RbdError::Locked(_)) => {
                 // Another RADOS client holds the lock: a node that served the client
                 // before, which the cluster says lost it (the client is ours): fence it.
-                match d.fence_and_lock() {
-                    Ok(fenced) => tracing::warn!(%disk, initiator, lun, fenced = ?fenced,
-                        "fenced the previous holder of the client disk (lock broken, its RADOS client blocklisted)"),
-                    Err(RbdError::Locked(holder)) => {
-                        return Err(super::SharedDiskError::Held {
-                            disk,
-                            holder,
-                            why: "the lock was taken again while fencing".into(),
-                        })
-                    }
-                    Err(e) => return Err(failed(e)),
-                }
+                fence_holder(&d, &disk, initiator, lun, "", failed)?;
             }
             Err(e) => return Err(failed(e)),
         }
