@@ -29,15 +29,12 @@ mod http;
 mod raw;
 
 use cluster::Node;
-use common::{repo, require_browser_tools, Config, Server};
+use common::{repo, require_browser_tools, Browser, Config, Server};
 use etcd::Etcd;
 use http::seg;
 use raw::Client;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.org.diskless:boot";
@@ -457,66 +454,31 @@ fn console_shows_the_nodes_and_a_remote_client() {
     });
     let shots = repo().join("target/console-screenshots/cluster");
     let _ = std::fs::remove_dir_all(&shots);
-    let mut child = Command::new("node")
-        .arg(repo().join("tests/browser/cluster.mjs"))
-        .current_dir(repo().join("tests/browser"))
-        .env("CONSOLE_URL", api(&n2).base)
-        .env("CONSOLE_TOKEN", TOKEN)
-        .env("CLIENT", &who)
-        .env("OWNER", "n1")
-        .env("NODES", "n1,n2")
-        .env("SHOTS", &shots)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    let stdout = child.stdout.take().expect("node stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    let started = Instant::now();
-    let mut seen = Vec::new();
-    // Lines until `want` (or the script's end, or the limit): whether it came.
-    let expect = |want: &str, seen: &mut Vec<String>| loop {
-        let left = Duration::from_secs(180).saturating_sub(started.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(l) if l == want => return true,
-            Ok(l) => seen.push(l),
-            Err(_) => return false,
-        }
-    };
-    let fail = |child: &mut std::process::Child, step: &str, seen: &[String]| -> ! {
-        let _ = child.kill();
-        let _ = child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        panic!("the browser never reached {step:?} (stdout {seen:?}); its stderr:\n{err}");
-    };
-    if !expect("STEP shown", &mut seen) {
-        fail(&mut child, "STEP shown", &seen);
-    }
+    let url = api(&n2).base;
+    let mut browser = Browser::start(
+        "cluster.mjs",
+        &[
+            ("CONSOLE_URL", &url),
+            ("CONSOLE_TOKEN", &TOKEN),
+            ("CLIENT", &who),
+            ("OWNER", &"n1"),
+            ("NODES", &"n1,n2"),
+            ("SHOTS", &shots),
+        ],
+        Duration::from_secs(180),
+    );
+    browser.expect("shown");
     // n1 paused: n2's console marks its client stale.
     let pid = n1.server.as_ref().unwrap().pid();
     pause(pid);
     let _cont = Guard(|| signal(pid, libc::SIGCONT));
-    if let Some(stdin) = child.stdin.as_mut() {
-        writeln!(stdin, "paused").expect("write to the browser script");
-    }
-    if !expect("STEP done", &mut seen) {
-        fail(&mut child, "STEP done", &seen);
-    }
-    let status = child.wait().expect("node exit");
+    browser.say("paused");
+    browser.expect("done");
+    let (status, _) = browser.finish();
     assert!(
         status.success(),
-        "browser script: {status} (stdout {seen:?})"
+        "browser script: {status} (stdout {:?})",
+        browser.seen
     );
     for f in [
         "01-nodes-and-remote-client.png",

@@ -14,14 +14,11 @@ mod http;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::{repo, require_browser_tools, Config, Server};
+use common::{repo, require_browser_tools, Browser, Config, Server};
 use http::{seg, Api};
 use raw::Client;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BOOT: &str = "iqn.2026-11.test:boot";
 const PC: &str = "iqn.2026-11.test:console-pc";
@@ -38,64 +35,6 @@ fn login(server: &Server, isid: [u8; 6]) -> Client {
 }
 
 /// The browser script, with its stdout as a channel of lines.
-struct Browser {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    started: Instant,
-}
-
-impl Browser {
-    fn expect(&mut self, step: &str) {
-        let want = format!("STEP {step}");
-        loop {
-            let left = BROWSER_LIMIT.saturating_sub(self.started.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l == want => return,
-                Ok(l) => self.seen.push(l),
-                Err(_) => {
-                    let _ = self.child.kill();
-                    let out = self.child.wait_with_output_stderr();
-                    panic!(
-                        "the browser never reached step {step:?} (stdout {:?}); its stderr:\n{out}",
-                        self.seen
-                    );
-                }
-            }
-        }
-    }
-
-    fn say(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().expect("browser stdin");
-        writeln!(stdin, "{line}").expect("write to the browser script");
-    }
-}
-
-trait StderrText {
-    fn wait_with_output_stderr(&mut self) -> String;
-}
-
-impl StderrText for std::process::Child {
-    fn wait_with_output_stderr(&mut self) -> String {
-        let _ = self.wait();
-        let mut s = String::new();
-        if let Some(mut e) = self.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
     require_browser_tools();
@@ -125,32 +64,17 @@ fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
         .map_or_else(|| repo().join("target"), Path::to_path_buf)
         .join("console-screenshots");
     let _ = std::fs::remove_dir_all(&shots);
-    let mut child = Command::new("node")
-        .arg(repo().join("tests/browser/console.mjs"))
-        .current_dir(repo().join("tests/browser"))
-        .env("CONSOLE_URL", srv.api_url())
-        .env("CONSOLE_TOKEN", TOKEN)
-        .env("CLIENT", PC)
-        .env("SHOTS", &shots)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    let stdout = child.stdout.take().expect("node stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let mut browser = Browser {
-        child,
-        lines: rx,
-        seen: Vec::new(),
-        started: Instant::now(),
-    };
+    let url = srv.api_url();
+    let mut browser = Browser::start(
+        "console.mjs",
+        &[
+            ("CONSOLE_URL", &url),
+            ("CONSOLE_TOKEN", &TOKEN),
+            ("CLIENT", &PC),
+            ("SHOTS", &shots),
+        ],
+        BROWSER_LIMIT,
+    );
 
     browser.expect("ready");
     let mut fw = login(&srv, [0x40, 0x00, 0x27, 0x23, 0, 1]);
@@ -206,8 +130,7 @@ fn console_shows_a_boot_live_and_resets_through_the_confirmation() {
     assert_eq!(again.read10(128, 1), vec![0xa5u8; 512]);
     browser.say("next-boot-checked");
     browser.expect("done");
-    let status = browser.child.wait().expect("node exit");
-    let stderr = browser.child.wait_with_output_stderr();
+    let (status, stderr) = browser.finish();
     assert!(status.success(), "console.mjs failed: {stderr}");
     let pngs = std::fs::read_dir(&shots)
         .map(|d| {

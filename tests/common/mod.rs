@@ -9,7 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -525,6 +525,101 @@ pub fn commit_offline(config: &Path, initiator: &str, out: &Path) {
         "client commit: {}",
         String::from_utf8_lossy(&done.stderr)
     );
+}
+
+/// A browser test script (tests/browser/*.mjs) run by node in tests/browser: it prints
+/// `STEP <name>` lines when it has seen something and reads a line on stdin before each
+/// next stage. Killed when dropped.
+pub struct Browser {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    /// The script's other stdout lines so far.
+    pub seen: Vec<String>,
+    started: Instant,
+    limit: Duration,
+}
+
+impl Browser {
+    /// Start `tests/browser/SCRIPT` with `env`; the whole run must end within `limit`.
+    pub fn start(
+        script: &str,
+        env: &[(&str, &dyn AsRef<std::ffi::OsStr>)],
+        limit: Duration,
+    ) -> Browser {
+        let dir = repo().join("tests/browser");
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join(script)).current_dir(&dir);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node");
+        let stdout = child.stdout.take().expect("node stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Browser {
+            child,
+            lines,
+            seen: Vec::new(),
+            started: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Wait for `STEP <step>`; panics with the script's output if it does not come in time.
+    pub fn expect(&mut self, step: &str) {
+        let want = format!("STEP {step}");
+        loop {
+            let left = self.limit.saturating_sub(self.started.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l == want => return,
+                Ok(l) => self.seen.push(l),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let (_, err) = self.finish();
+                    panic!(
+                        "the browser never reached step {step:?} (stdout {:?}); its stderr:\n{err}",
+                        self.seen
+                    );
+                }
+            }
+        }
+    }
+
+    /// Write `line` to the script's stdin.
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("browser stdin");
+        writeln!(stdin, "{line}").expect("write to the browser script");
+    }
+
+    /// Wait for the script to end: its exit status and stderr.
+    pub fn finish(&mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().expect("node exit");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// The browser tests (tests/console.rs, tests/cluster_api.rs) need node, Debian's chromium
