@@ -50,6 +50,22 @@ fn s3_entry(ceph: &Ceph) -> String {
     )
 }
 
+/// Ceph with a `golden` bucket and credentials, a temporary directory holding `v1.raw` and
+/// `v2.raw` (two versions of SIZE random bytes, seeds `seed` and `seed + 1`), and etcd.
+fn two_versions(seed: u64) -> (Ceph, tempfile::TempDir, Etcd, Vec<u8>, Vec<u8>) {
+    let v1 = common::random_bytes(SIZE, seed);
+    let v2 = common::random_bytes(SIZE, seed + 1);
+    let ceph = Ceph::start();
+    ceph.create_bucket("golden");
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let root = tmp.path();
+    std::fs::write(root.join("v1.raw"), &v1).expect("v1.raw");
+    std::fs::write(root.join("v2.raw"), &v2).expect("v2.raw");
+    ceph::write_credentials(root);
+    let etcd = Etcd::start(root);
+    (ceph, tmp, etcd, v1, v2)
+}
+
 /// The configuration `image push` and `image gc` run with (node id `publisher`, serving
 /// nothing), written to `root/push.yaml`.
 fn publisher(root: &Path, ceph: &Ceph, etcd: &Etcd, mode: &str) -> std::path::PathBuf {
@@ -191,16 +207,8 @@ fn wait_log(n: &Node, what: &str, done: impl Fn(&str) -> bool) {
 
 #[test]
 fn catalogue_push_log_rollback_race_and_next_boot() {
-    let v1 = common::random_bytes(SIZE, 1);
-    let v2 = common::random_bytes(SIZE, 2);
-    let ceph = Ceph::start();
-    ceph.create_bucket("golden");
-    let tmp = tempfile::tempdir().unwrap();
+    let (ceph, tmp, mut etcd, v1, v2) = two_versions(1);
     let root = tmp.path();
-    std::fs::write(root.join("v1.raw"), &v1).unwrap();
-    std::fs::write(root.join("v2.raw"), &v2).unwrap();
-    ceph::write_credentials(root);
-    let mut etcd = Etcd::start(root);
     let push_cfg = publisher(root, &ceph, &etcd, "volatile");
 
     // The entry follows `latest`: a push must name its version.
@@ -463,16 +471,8 @@ fn catalogue_push_log_rollback_race_and_next_boot() {
 /// pointer has left").
 #[test]
 fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
-    let v1 = common::random_bytes(SIZE, 11);
-    let v2 = common::random_bytes(SIZE, 12);
-    let ceph = Ceph::start();
-    ceph.create_bucket("golden");
-    let tmp = tempfile::tempdir().unwrap();
+    let (ceph, tmp, etcd, v1, v2) = two_versions(11);
     let root = tmp.path();
-    std::fs::write(root.join("v1.raw"), &v1).unwrap();
-    std::fs::write(root.join("v2.raw"), &v2).unwrap();
-    ceph::write_credentials(root);
-    let etcd = Etcd::start(root);
     let push_cfg = publisher(root, &ceph, &etcd, "persistent");
     let (done, text) = push(&push_cfg, &root.join("v1.raw"), "p1", "first");
     assert!(done, "{text}");
@@ -557,16 +557,8 @@ fn persistent_disk_on_a_left_version_reopens_after_a_restart() {
 /// pointer can name it) and from the bucket (the same push uploads it again).
 #[test]
 fn catalogue_gc_deletes_versions_nothing_uses() {
-    let v1 = common::random_bytes(SIZE, 21);
-    let v2 = common::random_bytes(SIZE, 22);
-    let ceph = Ceph::start();
-    ceph.create_bucket("golden");
-    let tmp = tempfile::tempdir().unwrap();
+    let (ceph, tmp, etcd, _, _) = two_versions(21);
     let root = tmp.path();
-    std::fs::write(root.join("v1.raw"), &v1).unwrap();
-    std::fs::write(root.join("v2.raw"), &v2).unwrap();
-    ceph::write_credentials(root);
-    let etcd = Etcd::start(root);
     let cfg = publisher(root, &ceph, &etcd, "volatile");
     let c = cfg.to_str().unwrap();
     for (v, f) in [
