@@ -60,22 +60,21 @@ fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
 fn start_node(root: &Path, id: &str, etcd: &Etcd, golden: &Path) -> Node {
     let dir = root.join(id);
     std::fs::create_dir_all(&dir).expect("node directory");
-    let (iscsi, http) = (common::free_port(), common::free_port());
-    let yaml = format!(
-        "portals: [\"127.0.0.1:{iscsi}\"]\n\
-         state_dir: {state}\n\
-         settings: {{nop_in_interval_secs: 0}}\n\
-         images:\n  - {{name: base, path: {golden}}}\n\
-         targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n\
-         boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
-         api: {{listen: \"127.0.0.1:0\", token: {TOKEN}}}\n\
-         cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
-        state = dir.join("state").display(),
-        golden = golden.display(),
-        ep = etcd.endpoint(),
-    );
-    let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
-    assert_eq!(server.port, iscsi);
+    let (server, iscsi, http) = Server::start_on_free_ports(&dir, |iscsi, http| {
+        Config::yaml(&format!(
+            "portals: [\"127.0.0.1:{iscsi}\"]\n\
+             state_dir: {state}\n\
+             settings: {{nop_in_interval_secs: 0}}\n\
+             images:\n  - {{name: base, path: {golden}}}\n\
+             targets:\n  - name: {TARGET}\n    boot:\n      default: {{image: base, mode: volatile}}\n\
+             boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
+             api: {{listen: \"127.0.0.1:0\", token: {TOKEN}}}\n\
+             cluster: {{name: {CLUSTER}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"127.0.0.1:{iscsi}\", lease_ttl: {TTL}}}\n",
+            state = dir.join("state").display(),
+            golden = golden.display(),
+            ep = etcd.endpoint(),
+        ))
+    });
     Node {
         id: id.to_string(),
         dir,

@@ -64,28 +64,27 @@ impl Node {
     ) -> Node {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).expect("node directory");
-        let (iscsi, http) = (crate::common::free_port(), crate::common::free_port());
-        let yaml = format!(
-            "portals: [\"127.0.0.1:{iscsi}\"]\n\
-             state_dir: {state}\n\
-             settings: {{nop_in_interval_secs: 0}}\n\
-             {extra}\
-             images:\n{images}\
-             targets:\n  - name: {target}\n    boot:\n{boot}\
-             boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
-             api: {{listen: \"127.0.0.1:0\"}}\n\
-             cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"{advertise_host}:{iscsi}\", lease_ttl: {ttl}{cextra}}}\n",
-            state = dir.join("state").display(),
-            extra = spec.extra,
-            images = spec.images,
-            target = spec.target,
-            cluster = spec.cluster,
-            ep = spec.etcd,
-            ttl = spec.ttl,
-            cextra = spec.cluster_extra,
-        );
-        let server = Server::start_on_config_portals(&dir, &Config::yaml(&yaml));
-        assert_eq!(server.port, iscsi);
+        let (server, iscsi, http) = Server::start_on_free_ports(&dir, |iscsi, http| {
+            Config::yaml(&format!(
+                "portals: [\"127.0.0.1:{iscsi}\"]\n\
+                 state_dir: {state}\n\
+                 settings: {{nop_in_interval_secs: 0}}\n\
+                 {extra}\
+                 images:\n{images}\
+                 targets:\n  - name: {target}\n    boot:\n{boot}\
+                 boot_http: {{listen: \"127.0.0.1:{http}\"}}\n\
+                 api: {{listen: \"127.0.0.1:0\"}}\n\
+                 cluster: {{name: {cluster}, node_id: {id}, etcd: [\"{ep}\"], advertise: \"{advertise_host}:{iscsi}\", lease_ttl: {ttl}{cextra}}}\n",
+                state = dir.join("state").display(),
+                extra = spec.extra,
+                images = spec.images,
+                target = spec.target,
+                cluster = spec.cluster,
+                ep = spec.etcd,
+                ttl = spec.ttl,
+                cextra = spec.cluster_extra,
+            ))
+        });
         Node {
             id: id.to_string(),
             dir,

@@ -269,16 +269,36 @@ impl Server {
         Self::spawn(bin, dir, cfg, true)
     }
 
-    /// Start on the portals the configuration names (no `--listen 127.0.0.1:0`): for
-    /// configurations that must know their own port (a cluster node's `advertise`).
-    pub fn start_on_config_portals(dir: &Path, cfg: &Config) -> Server {
+    /// Start on two ports the configuration names (`make(iscsi, http)`: a cluster node
+    /// advertises its own portal, so it cannot listen on port 0). Ports are picked free but
+    /// another process may bind one before the server does: then the server exits with
+    /// EADDRINUSE and it is started again on other ports. Returns the server and its ports.
+    pub fn start_on_free_ports(dir: &Path, make: impl Fn(u16, u16) -> Config) -> (Server, u16, u16) {
         let bin = std::env::var_os("DISKLESS_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
-        Self::spawn(&bin, dir, cfg, false)
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (iscsi, http) = (free_port(), free_port());
+            match Self::try_spawn(&bin, dir, &make(iscsi, http), false) {
+                Ok(server) => {
+                    assert_eq!(server.port, iscsi);
+                    return (server, iscsi, http);
+                }
+                Err(e) if e.contains("Address already in use") => last = e,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("five starts on fresh ports all found a port taken; last: {last}")
     }
 
     fn spawn(bin: &Path, dir: &Path, cfg: &Config, listen_anywhere: bool) -> Server {
+        Self::try_spawn(bin, dir, cfg, listen_anywhere).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start the server; Err: it exited or stayed silent before its listening line (the
+    /// message has its stderr).
+    fn try_spawn(bin: &Path, dir: &Path, cfg: &Config, listen_anywhere: bool) -> Result<Server, String> {
         let config_path = dir.join("targets.yaml");
         std::fs::write(&config_path, cfg.to_yaml()).unwrap();
         let stderr_path = dir.join("server.stderr");
@@ -323,24 +343,26 @@ impl Server {
                 Ok(line) => {
                     if let Some(port) = parse_listening_line(&line) {
                         server.port = port;
-                        return server;
+                        return Ok(server);
                     }
                     server.early_lines.push(line);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = server.child.as_mut().and_then(|c| wait_timeout(c, Duration::from_secs(5)));
-                    panic!(
+                    return Err(format!(
                         "{} exited ({status:?}) before printing 'diskless: listening on 127.0.0.1:PORT'; stderr:\n{}",
                         bin.display(),
                         server.stderr()
-                    )
+                    ));
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "{} did not print 'diskless: listening on 127.0.0.1:PORT' within {:?}; stderr:\n{}",
-                    bin.display(),
-                    STARTUP_TIMEOUT,
-                    server.stderr()
-                ),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "{} did not print 'diskless: listening on 127.0.0.1:PORT' within {:?}; stderr:\n{}",
+                        bin.display(),
+                        STARTUP_TIMEOUT,
+                        server.stderr()
+                    ))
+                }
             }
         }
     }
