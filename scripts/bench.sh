@@ -219,11 +219,12 @@ PINGPONG=$OUT_DIR/pingpong
 if [[ ! -x $PINGPONG ]] || [[ $ROOT/examples/pingpong.rs -nt $PINGPONG ]]; then
 	rustc -O --edition 2021 -o "$PINGPONG" "$ROOT/examples/pingpong.rs" || dl_die "rustc examples/pingpong.rs failed"
 fi
-pingpong() { # tag
+pingpong() { # tag [file to append the p50 to]
 	local line p50
 	line=$("$PINGPONG" 20000 2000) || dl_die "pingpong failed"
 	p50=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"$line")
 	dl_log "48-byte TCP ping-pong ($1): $line"
+	if [[ -n ${2:-} ]]; then echo "$p50" >>"$2"; fi
 	if [[ $PING_US == 0 ]] || python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$p50" "$PING_US"; then
 		PING_US=$p50
 	fi
@@ -272,6 +273,10 @@ run_one() { # round target job-name fio-options
 	# fio's filename syntax needs the colons escaped.
 	local fname=${url//:/\\:}
 	sync
+	# QD1 latency is set beside the loopback ping-pong taken in the same minute: right before
+	# and right after this run (the ping-pong itself moves 18-83 µs between minutes on this
+	# kind of shared machine, so a floor from another minute says little).
+	if [[ $name == randread-4k-qd1 ]]; then pingpong "before $name $target r$round" "$base.ping"; fi
 	c0=$(cpu_ticks "$pid")
 	m0=$(machine_ticks)
 	# shellcheck disable=SC2086
@@ -287,6 +292,7 @@ run_one() { # round target job-name fio-options
 	m1=$(machine_ticks)
 	echo "$((c1 - c0))" >"$base.ticks"
 	echo "$((m1 - m0))" >"$base.mticks"
+	if [[ $name == randread-4k-qd1 ]]; then pingpong "after $name $target r$round" "$base.ping"; fi
 	dl_log "round $round $name $target: $(python3 "$ROOT/scripts/bench/report.py" --one "$base.json")"
 }
 
