@@ -992,3 +992,32 @@ fn dense_slots_are_taken_in_write_order() {
     let o = Overlay::open(dir.path(), golden).unwrap();
     assert_eq!(read_all(&o), model);
 }
+
+/// Changes nobody asked to be durable are flushed on their own once the oldest is old
+/// enough (writeback.rs; 35 s by default, 100 ms here), so a crash after that keeps them.
+#[test]
+fn old_changes_are_flushed_on_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, mut model) = golden_mem(256 * 1024, 512);
+    let o = Overlay::create(dir.path(), golden.clone(), opts(4096)).unwrap();
+    o.set_writeback_age(std::time::Duration::from_millis(100));
+    let p = pattern(4096, 11);
+    o.write_at(&p, 8 * 4096, false).unwrap();
+    model[8 * 4096..9 * 4096].copy_from_slice(&p);
+    o.discard(16 * 4096, 2 * 4096).unwrap();
+    model[16 * 4096..18 * 4096].fill(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while o.stats().pending_records > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not flushed on its own: {:?}",
+            o.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    o.simulate_crash();
+    let o = Overlay::open(dir.path(), golden).unwrap();
+    assert_eq!(o.chunk_state(8 * 4096).unwrap(), ChunkState::Overlay);
+    assert_eq!(o.chunk_state(16 * 4096).unwrap(), ChunkState::Zero);
+    assert_eq!(read_all(&o), model);
+}

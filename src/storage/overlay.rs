@@ -15,6 +15,7 @@
 //! content, and anything acknowledged by `flush` or a FUA write reads its new content.
 mod extents;
 mod format;
+mod writeback;
 
 use extents::Run;
 pub use extents::{ChunkState, ExtentMap};
@@ -28,6 +29,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use writeback::{Due, Writeback};
 
 const META_FILE: &str = "overlay.meta";
 const META_TMP: &str = "overlay.meta.tmp";
@@ -37,12 +40,6 @@ const DATA_FILE: &str = "overlay.data";
 const STRIPES: usize = 64;
 /// Compact (snapshot + empty journal) once the journal passes this size.
 const COMPACT_AT: u64 = 8 << 20;
-/// Start a flush on a thread of its own once this many state changes wait, bounding memory
-/// (and the work of the next FUA or SYNCHRONIZE CACHE) for clients that seldom send them.
-const BACKGROUND_AT: usize = 1 << 14;
-/// Flush in the writer itself once this many wait (the background flush cannot keep up):
-/// the hard bound on memory.
-const MAX_PENDING: usize = 1 << 18;
 /// Copy buffer for `commit_to`.
 const COPY_BUF: usize = 1 << 20;
 
@@ -157,6 +154,8 @@ struct Live {
     map: ExtentMap,
     /// State changes whose data may not be durable yet, oldest first.
     pending: Vec<Rec>,
+    /// When the oldest of `pending` was queued (None: nothing waits).
+    since: Option<Instant>,
     /// The slots of overlay chunks the client unmapped in this session (chunk -> slot, as
     /// `Overlay` runs). Such a chunk keeps its slot: written again, it goes back to the
     /// same slot, never to a new one. Until its `Zero` record is journaled, a crash brings
@@ -164,6 +163,16 @@ struct Live {
     /// latest content, as the data file did in format v1: the zeroes of the unmap (the slot
     /// is hole-punched at once) or what was written after it.
     retired: ExtentMap,
+}
+
+impl Live {
+    /// Queue a state change until the next flush.
+    fn queue(&mut self, rec: Rec) {
+        if self.pending.is_empty() {
+            self.since = Some(Instant::now());
+        }
+        self.pending.push(rec);
+    }
 }
 
 /// The durable side, guarded by the flush lock (one flush, compaction or reset at a time,
@@ -197,11 +206,12 @@ pub struct Overlay {
     chunks: u64,
     golden_id: Option<String>,
     data: File,
-    /// The state a flush needs, shared with the background flusher (see
+    /// The state a flush needs, shared with the writeback thread (see
     /// [`Overlay::after_change`]).
     core: Arc<Core>,
-    /// The background flush in progress, if any (one at a time; joined on drop).
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Flushes waiting changes when they are many or old (writeback.rs); stopped before the
+    /// overlay closes.
+    writeback: Writeback,
     /// Shared by I/O, exclusive for `reset` and `commit_to` (point-in-time operations).
     gate: RwLock<()>,
     /// Writers and discards lock the stripes of the chunks they touch (ascending order, so
@@ -462,6 +472,7 @@ impl Overlay {
             live: RwLock::new(Live {
                 map: rep.map.clone(),
                 pending: Vec::new(),
+                since: None,
                 retired: ExtentMap::new(),
             }),
             durable: Mutex::new(Durable {
@@ -477,6 +488,10 @@ impl Overlay {
             next_slot: AtomicU64::new(rep.next_slot),
             punch_hole: AtomicBool::new(true),
         });
+        let writeback = Writeback::start(&dir.display().to_string(), {
+            let core = Arc::clone(&core);
+            move || core.writeback_flush()
+        });
         let ov = Overlay {
             dir: dir.to_path_buf(),
             golden,
@@ -487,7 +502,7 @@ impl Overlay {
             golden_id: meta.golden_id.clone(),
             data,
             core,
-            flusher: Mutex::new(None),
+            writeback,
             gate: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             flush_on_drop: AtomicBool::new(true),
@@ -576,6 +591,7 @@ impl Overlay {
 
     /// Flush, then drop: the orderly shutdown, reporting any error.
     pub fn close(self) -> Result<(), OverlayError> {
+        self.writeback.stop();
         let res = self.core.flush_inner();
         self.flush_on_drop.store(false, Ordering::Relaxed);
         res
@@ -593,7 +609,7 @@ impl Overlay {
     /// Drop without flushing, as a killed server would (for tests and fault drills): state
     /// changes not yet flushed are lost, which recovery must cope with.
     pub fn simulate_crash(self) {
-        self.join_flusher();
+        self.writeback.stop();
         self.flush_on_drop.store(false, Ordering::Relaxed);
     }
 
@@ -708,6 +724,7 @@ impl Overlay {
         d.map = ExtentMap::new();
         live.map = ExtentMap::new();
         live.pending.clear();
+        live.since = None;
         live.retired = ExtentMap::new();
         drop(live);
         d.journal_len = 0;
@@ -978,7 +995,7 @@ impl Overlay {
             if r.state == ChunkState::Zero {
                 live.retired.set(r.start, r.end, ChunkState::Golden);
             }
-            live.pending.push(Rec {
+            live.queue(Rec {
                 start: r.start,
                 count: r.end - r.start,
                 state: ChunkState::Overlay,
@@ -1006,69 +1023,49 @@ impl Overlay {
         Ok(())
     }
 
-    /// After a write or discard that did not flush: bound the waiting state changes. Past
-    /// `BACKGROUND_AT` a flush starts on a thread of its own, so the client's writes go on
-    /// while it fdatasyncs (measured: a flush of 65,536 scattered first touches blocked the
-    /// connection's writes for about a second, docs/performance.md); past `MAX_PENDING` the
-    /// writer flushes itself. Durability is unchanged: a background flush is one more flush,
-    /// with the same ordering (data fdatasync'ed before its records are journaled), and
+    /// After a write or discard that did not flush: bound the waiting state changes by
+    /// number and age (writeback.rs). Past `BACKGROUND_AT`, or once the oldest is
+    /// `MAX_AGE` old, the writeback thread flushes while the client keeps writing; past
+    /// `MAX_PENDING` the writer flushes itself. Durability is unchanged: a flush on its own
+    /// is one more group commit (data fdatasync'ed before its records are journaled) and
     /// acknowledges nothing.
     fn after_change(&self) -> Result<(), OverlayError> {
-        let n = self.pending_len();
-        if n > MAX_PENDING {
+        let (n, since) = match self.core.live.read() {
+            Ok(l) => (l.pending.len(), l.since),
+            Err(_) => return Err(OverlayError::Poisoned),
+        };
+        let max_age = self.writeback.max_age();
+        let age = since.map(|t| t.elapsed());
+        let due = writeback::due(n, age, max_age);
+        if due == Due::Inline || (due == Due::Background && !self.writeback.running()) {
             return self.core.flush_inner();
         }
-        if n > BACKGROUND_AT {
-            self.flush_in_background();
+        if due == Due::Background {
+            self.writeback.kick();
+        } else if let Some(t) = since {
+            self.writeback.arm(t);
         }
         Ok(())
     }
 
-    fn flush_in_background(&self) {
-        let Ok(mut slot) = self.flusher.try_lock() else {
-            return;
-        };
-        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        if let Some(h) = slot.take() {
-            let _ = h.join();
-        }
-        let core = Arc::clone(&self.core);
-        let spawned = std::thread::Builder::new()
-            .name("overlay-flush".into())
-            .spawn(move || {
-                if let Err(e) = core.flush_inner() {
-                    // The records stay queued; the next flush retries and reports.
-                    tracing::warn!(dir = %core.dir.display(), "background overlay flush failed: {e}");
-                }
-            });
-        match spawned {
-            Ok(h) => *slot = Some(h),
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), "cannot start an overlay flush: {e}")
-            }
-        }
-    }
-
-    /// Wait for a background flush to end (before close, crash simulation and drop, so that
-    /// nothing touches the directory afterwards and the data file's lock is released).
-    fn join_flusher(&self) {
-        let h = match self.flusher.lock() {
-            Ok(mut s) => s.take(),
-            Err(p) => p.into_inner().take(),
-        };
-        if let Some(h) = h {
-            let _ = h.join();
-        }
-    }
-
-    fn pending_len(&self) -> usize {
-        self.core.live.read().map(|l| l.pending.len()).unwrap_or(0)
+    /// How long a state change may wait before it is flushed on its own (35 s by default,
+    /// after the kernel's writeback of the data it points at); tests and drills shorten it.
+    pub fn set_writeback_age(&self, age: Duration) {
+        self.writeback.set_max_age(age);
     }
 }
 
 impl Core {
+    /// The writeback thread's flush: everything completed so far; returns when the oldest
+    /// change still waiting (queued meanwhile, or kept by a failed flush) was queued.
+    fn writeback_flush(&self) -> Option<Instant> {
+        if let Err(e) = self.flush_inner() {
+            // The records stay queued; the next flush retries and reports.
+            tracing::warn!(dir = %self.dir.display(), "background overlay flush failed: {e}");
+        }
+        self.live.read().ok().and_then(|l| l.since)
+    }
+
     /// Give the space of data-file bytes `[from, to)` back to the file system.
     fn punch(&self, from: u64, to: u64) {
         if !self.punch_hole.load(Ordering::Relaxed) || to <= from {
@@ -1153,9 +1150,9 @@ impl Core {
         let covered = self.written.load(Ordering::SeqCst);
         // Every pending record was pushed after its pwrite returned, so the fdatasync below
         // covers its data.
-        let recs = {
+        let (recs, since) = {
             let mut live = self.live.write().map_err(|_| OverlayError::Poisoned)?;
-            std::mem::take(&mut live.pending)
+            (std::mem::take(&mut live.pending), live.since.take())
         };
         let res = self.journal_batch(&mut d, &recs);
         if let Err(e) = res {
@@ -1163,6 +1160,7 @@ impl Core {
             if let Ok(mut live) = self.live.write() {
                 let newer = std::mem::replace(&mut live.pending, recs);
                 live.pending.extend(newer);
+                live.since = since.or(live.since);
             }
             return Err(e);
         }
@@ -1212,7 +1210,7 @@ impl Core {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        self.join_flusher();
+        self.writeback.stop();
         if self.flush_on_drop.load(Ordering::Relaxed) {
             if let Err(e) = self.core.flush_inner() {
                 tracing::warn!(dir = %self.dir.display(), "overlay flush on close failed: {e}");
@@ -1339,7 +1337,7 @@ impl BlockStore for Overlay {
                 let runs = live.map.runs(cs, ce);
                 for r in &runs {
                     if r.state != ChunkState::Zero {
-                        live.pending.push(Rec {
+                        live.queue(Rec {
                             start: r.start,
                             count: r.end - r.start,
                             state: ChunkState::Zero,
