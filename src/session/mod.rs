@@ -686,7 +686,7 @@ impl crate::boot::record::RecordSink for RecordSink {
         match serde_json::to_vec(&rec) {
             Ok(v) => self
                 .records
-                .send(&rec.target, &rec.initiator, &self.owner_name, v),
+                .send(&rec.target, &rec.initiator, &self.owner_name, rec.seq, v),
             Err(e) => {
                 warn!(initiator = %rec.initiator, error = %e, "client lifecycle record not encoded")
             }
