@@ -426,16 +426,28 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 Some(n) => crate::boot::ResetScope::Lun(n),
                 None => crate::boot::ResetScope::Operator,
             };
-            server
+            let done = server
                 .reset_client_scope(&boot.name, &c.initiator, scope)
-                .await?;
-            server
-                .metrics()
-                .client_reset(&boot.name, &c.initiator, "operator");
-            Ok(match lun {
+                .await;
+            if !matches!(done, Err(crate::session::ResetError::Failed(_))) {
+                // Applied on this node (a reset not yet durable in etcd too).
+                server
+                    .metrics()
+                    .client_reset(&boot.name, &c.initiator, "operator");
+            }
+            let done = done.map_err(|e| e.to_string())?;
+            let mut out = match lun {
                 Some(n) => format!("reset {} LUN {n}\n", c.initiator),
                 None => format!("reset {}\n", c.initiator),
-            })
+            };
+            if !done.rbd_recreate.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "RBD disk(s) {} recreated from the image at the next login (recorded in etcd)",
+                    crate::session::lun_list(&done.rbd_recreate)
+                );
+            }
+            Ok(out)
         }
         "commit" => {
             let who = words.next().ok_or("usage: commit INITIATOR PATH")?;

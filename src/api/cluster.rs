@@ -28,9 +28,12 @@ use tracing::{debug, warn};
 /// Longest wait for another node's API in a view (its clients are then shown from etcd,
 /// marked stale).
 pub const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Longest wait for the owner's answer to a forwarded action (a reset waits up to 5 s for
-/// the client's sessions to close).
+/// Longest wait for the owner's answer to a forwarded action.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... to a forwarded reset: it waits up to 5 s for the client's sessions to close, then, for
+/// disks in RBD, up to 10 s (twice the longest etcd request timeout) for etcd to store the
+/// client's record carrying the reset (`Records::store_limit`).
+pub const FORWARD_RESET_TIMEOUT: Duration = Duration::from_secs(20);
 /// The header a forwarding node sets (its node id): the receiver never forwards again.
 pub const FORWARDED_BY: &str = "x-diskless-forwarded-by";
 /// Largest answer read from another node.
@@ -604,7 +607,11 @@ pub async fn forward_action(
                 api.peer_token(),
                 me,
                 Some(&text),
-                FORWARD_TIMEOUT,
+                if action == "reset" {
+                    FORWARD_RESET_TIMEOUT
+                } else {
+                    FORWARD_TIMEOUT
+                },
             )
             .await;
             Some(match r {
