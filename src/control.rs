@@ -324,6 +324,13 @@ pub fn format_client(c: &ClientInfo) -> String {
     if let Some(r) = &c.last_reset_reason {
         let _ = writeln!(out, "last reset: {r}");
     }
+    if !c.rbd_recreate_pending.is_empty() {
+        let _ = writeln!(
+            out,
+            "reset pending at next login ({}): the disk in RBD is removed and cloned again from its image",
+            crate::session::lun_list(&c.rbd_recreate_pending)
+        );
+    }
     if c.committed {
         let _ = writeln!(out, "committed: yes (published since its last boot)");
     }
@@ -714,6 +721,50 @@ impl crate::cluster::Shared for ClusterShared {
 
 #[cfg(test)]
 mod tests {
+    use crate::boot::ClientInfo;
+
+    fn info() -> ClientInfo {
+        ClientInfo {
+            initiator: "iqn.x:c1".into(),
+            target: "iqn.t:boot".into(),
+            image: "golden".into(),
+            version: None,
+            next_version: None,
+            mode: crate::config::OverlayMode::Persistent,
+            next_disk: None,
+            next_boot: None,
+            reset_policy: Default::default(),
+            sessions: 0,
+            boots: 2,
+            resets: 1,
+            phase: Default::default(),
+            firmware_isids: Vec::new(),
+            os_isids: Vec::new(),
+            last_activity_ms: 0,
+            last_reset_reason: Some("operator".into()),
+            rbd_recreate_pending: Vec::new(),
+            committed: false,
+            history: Vec::new(),
+            overlay: None,
+            overlay_dir: None,
+            disks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn show_says_which_rbd_disks_a_reset_recreates() {
+        let text = super::format_client(&info());
+        assert!(!text.contains("reset pending"), "{text}");
+        let mut i = info();
+        i.rbd_recreate_pending = vec![0, 1];
+        let text = super::format_client(&i);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("reset pending at next login (LUN 0, 1): ")),
+            "{text}"
+        );
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");

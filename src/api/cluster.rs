@@ -277,6 +277,7 @@ fn record_row(
         "sessions": 0,
         "boots": 0,
         "resets": 0,
+        "rbd_recreate_pending": [],
         "image": "",
         "mode": "",
         "read_bps": null,
@@ -302,6 +303,7 @@ fn record_row(
             ("resets", json!(r.state.resets)),
             ("last_reset_reason", json!(r.state.last_reset_reason)),
             ("reset_pending", json!(r.state.reset_pending)),
+            ("rbd_recreate_pending", json!(r.state.rbd_recreate)),
             ("image", json!(r.disk.image)),
             ("version", json!(r.disk.version)),
             ("mode", json!(r.disk.mode.to_string())),
@@ -929,5 +931,12 @@ mod tests {
         let row = record_row("iqn.x:a", None, None, None);
         assert_eq!(row["stale"], false);
         assert!(row["owner"].is_null());
+        assert_eq!(row["rbd_recreate_pending"], json!([]));
+        // An operator's reset of RBD disks not yet applied (the client not back since).
+        let mut r = rec("iqn.x:a", "n1", 3, 0);
+        r.state.rbd_recreate = vec![0, 1];
+        let row = record_row("iqn.x:a", Some(&r), Some("n1"), None);
+        assert_eq!(row["rbd_recreate_pending"], json!([0, 1]), "{row}");
+        assert_eq!(row["reset_pending"], false);
     }
 }
