@@ -612,12 +612,13 @@ impl Server {
             luns: lun_list(&luns),
             why,
         };
-        // RBD needs a cluster (config check): no record sink means nothing reaches etcd
-        // (the server offline, or the client not placed here through the cluster).
+        // RBD needs a cluster (config check), and a shared disk opens only through the
+        // placement: no record sink means the client was not placed here, nothing of it
+        // reaches etcd from this node.
         let (Some(records), Some(seq)) = (self.records.get(), mark.record_seq) else {
             return Err(not_durable(
-                "this node keeps no record of the client in etcd (it was not placed here \
-                 through the cluster, or the server is not running)"
+                "this node keeps no record of the client in etcd (it was not placed on this \
+                 node through the cluster)"
                     .into(),
             ));
         };
