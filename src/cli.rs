@@ -1458,7 +1458,11 @@ mod tests {
             .lines()
             .map(|l| l.split_whitespace().collect())
             .collect();
-        assert_eq!(rows.len(), 4, "a header, two LUNs of c1, one of c2:\n{table}");
+        assert_eq!(
+            rows.len(),
+            4,
+            "a header, two LUNs of c1, one of c2:\n{table}"
+        );
         assert_eq!(
             rows[0][..5],
             ["INITIATOR", "LAST", "NODE", "OWNER", "LUN"],
@@ -1467,12 +1471,34 @@ mod tests {
         // INITIATOR LAST-NODE OWNER LUN IMAGE MODE DISK BOOTS PHASE NEXT-LOGIN LAST-BOOT
         assert_eq!(
             rows[1][..10],
-            ["iqn.x:c1", "n1", "n1", "0", "golden", "persistent", "rbd:rbd/c1", "4", "off", "-"],
+            [
+                "iqn.x:c1",
+                "n1",
+                "n1",
+                "0",
+                "golden",
+                "persistent",
+                "rbd:rbd/c1",
+                "4",
+                "off",
+                "-"
+            ],
             "{table}"
         );
         assert_eq!(
             rows[2][..10],
-            ["iqn.x:c1", "n1", "n1", "1", "data", "persistent", "rbd:rbd/c1.lun1", "4", "off", "recreate"],
+            [
+                "iqn.x:c1",
+                "n1",
+                "n1",
+                "1",
+                "data",
+                "persistent",
+                "rbd:rbd/c1.lun1",
+                "4",
+                "off",
+                "recreate"
+            ],
             "LUN 1, its reset pending:\n{table}"
         );
         assert_eq!(

@@ -723,7 +723,11 @@ fn client_reset(node: &Node, who: &str, args: &[&str]) -> String {
     let mut a = vec!["client", "reset", who];
     a.extend_from_slice(args);
     let (ok, out, err) = control(node, &a);
-    assert!(ok, "diskless client reset {who} {args:?} on {}: {err}", node.id);
+    assert!(
+        ok,
+        "diskless client reset {who} {args:?} on {}: {err}",
+        node.id
+    );
     out
 }
 
@@ -832,11 +836,17 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     let out = client_reset(&nodes[x], &who, &["--lun", "1"]);
     let reset_took = t.elapsed();
     assert!(
-        out.contains("RBD disk(s) LUN 1 recreated from the image at the next login (recorded in etcd)"),
+        out.contains(
+            "RBD disk(s) LUN 1 recreated from the image at the next login (recorded in etcd)"
+        ),
         "{out}"
     );
     let rec = record_now(&etcd, &who);
-    assert_eq!(rec["state"]["rbd_recreate"], serde_json::json!([1]), "{rec}");
+    assert_eq!(
+        rec["state"]["rbd_recreate"],
+        serde_json::json!([1]),
+        "{rec}"
+    );
     let show = client_show(&nodes[x], &who);
     assert!(
         show.contains("reset pending at next login (LUN 1): "),
@@ -902,7 +912,11 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     drop(s);
     // Acknowledged, so in etcd already: the node may die right away.
     let rec = record_now(&etcd, &who);
-    assert_eq!(rec["state"]["rbd_recreate"], serde_json::json!([0]), "{rec}");
+    assert_eq!(
+        rec["state"]["rbd_recreate"],
+        serde_json::json!([0]),
+        "{rec}"
+    );
     let y = kill_and_replace(&mut nodes, x, mac);
     let mut s = login(nodes[y].iscsi, &who);
     assert_eq!(
@@ -939,13 +953,21 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     let t = Instant::now();
     let (ok, out, err) = control(&nodes[y], &["client", "reset", &who, "--lun", "1"]);
     let failed_after = t.elapsed();
-    assert!(!ok, "a reset etcd does not have must not pass as done: {out}");
     assert!(
-        err.contains("not yet durable in the cluster") && err.contains("(LUN 1)") && err.contains("etcd"),
+        !ok,
+        "a reset etcd does not have must not pass as done: {out}"
+    );
+    assert!(
+        err.contains("not yet durable in the cluster")
+            && err.contains("(LUN 1)")
+            && err.contains("etcd"),
         "{err}"
     );
     let show = client_show(&nodes[y], &who);
-    assert!(show.contains("reset pending at next login (LUN 1): "), "{show}");
+    assert!(
+        show.contains("reset pending at next login (LUN 1): "),
+        "{show}"
+    );
     eprintln!(
         "measured: a reset with etcd down reported as not durable after {failed_after:?}: {}",
         err.trim()
