@@ -753,7 +753,7 @@ fn cluster_status(path: &Path, json: bool) -> Result<(), CliError> {
 
 /// `diskless cluster clients`: the lifecycle records in etcd, with each client's owner now.
 fn cluster_clients(path: &Path, json: bool) -> Result<(), CliError> {
-    use crate::boot::record::{ClientRecord, Lun0};
+    use crate::boot::record::ClientRecord;
     let cfg = cluster_config(path)?;
     let (raw, owners) = small_runtime()?
         .block_on(crate::cluster::clients::read_all(&cfg))
@@ -788,35 +788,75 @@ fn cluster_clients(path: &Path, json: bool) -> Result<(), CliError> {
         writeln!(out, "{text}").map_err(w)?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<36} {:<12} {:<12} {:<16} {:<10} {:<8} {:>5} {:<9} LAST BOOT (UTC)",
-        "INITIATOR", "LAST NODE", "OWNER", "IMAGE", "MODE", "LUN 0", "BOOTS", "PHASE"
-    )
-    .map_err(w)?;
-    for r in &records {
-        let lun0 = match &r.disk.lun0 {
-            Lun0::Overlay => "overlay".to_string(),
-            Lun0::Rbd { name } => format!("rbd:{name}"),
-            Lun0::Image => "image".to_string(),
-        };
-        writeln!(
-            out,
-            "{:<36} {:<12} {:<12} {:<16} {:<10} {:<8} {:>5} {:<9} {}",
-            r.initiator,
-            r.node,
-            owner(r).unwrap_or_else(|| "-".into()),
-            r.disk.image,
-            r.disk.mode.to_string(),
-            lun0,
-            r.state.boots,
-            r.state.phase.to_string(),
-            r.last_boot_ms
-                .map_or_else(|| "-".to_string(), crate::control::utc)
-        )
-        .map_err(w)?;
-    }
+    let table = cluster_clients_table(&records, owner);
+    write!(out, "{table}").map_err(w)?;
     Ok(())
+}
+
+/// The `diskless cluster clients` table: one row per LUN of each client (LUN 0, then its
+/// data disks), the client's columns repeated so that each row stands alone (grep, awk).
+/// `NEXT LOGIN` says `recreate` for a disk in RBD an operator's reset discarded.
+fn cluster_clients_table(
+    records: &[crate::boot::record::ClientRecord],
+    owner: impl Fn(&crate::boot::record::ClientRecord) -> Option<String>,
+) -> String {
+    use crate::boot::record::Lun0;
+    use std::fmt::Write as _;
+    let kind = |d: &Lun0| match d {
+        Lun0::Overlay => "overlay".to_string(),
+        Lun0::Rbd { name } => format!("rbd:{name}"),
+        Lun0::Image => "image".to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<36} {:<12} {:<12} {:>3} {:<16} {:<10} {:<8} {:>5} {:<9} {:<10} LAST BOOT (UTC)",
+        "INITIATOR",
+        "LAST NODE",
+        "OWNER",
+        "LUN",
+        "IMAGE",
+        "MODE",
+        "DISK",
+        "BOOTS",
+        "PHASE",
+        "NEXT LOGIN"
+    );
+    for r in records {
+        let owner = owner(r).unwrap_or_else(|| "-".into());
+        let last_boot = r
+            .last_boot_ms
+            .map_or_else(|| "-".to_string(), crate::control::utc);
+        let lun0 = (0u16, r.disk.image.as_str(), r.disk.mode, &r.disk.lun0);
+        let data = r
+            .disk
+            .luns
+            .iter()
+            .map(|l| (l.lun, l.image.as_str(), l.mode, &l.disk));
+        for (lun, image, mode, disk) in std::iter::once(lun0).chain(data) {
+            let next = if r.state.rbd_recreate.contains(&lun) {
+                "recreate"
+            } else {
+                "-"
+            };
+            let _ = writeln!(
+                out,
+                "{:<36} {:<12} {:<12} {:>3} {:<16} {:<10} {:<8} {:>5} {:<9} {:<10} {}",
+                r.initiator,
+                r.node,
+                owner,
+                lun,
+                image,
+                mode.to_string(),
+                kind(disk),
+                r.state.boots,
+                r.state.phase.to_string(),
+                next,
+                last_boot
+            );
+        }
+    }
+    out
 }
 
 /// `diskless cluster config push FILE` / `clear`: checked against this node's file first.
@@ -1378,6 +1418,94 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_clients_lists_every_lun() {
+        use crate::boot::record::{ClientRecord, DiskSummary, Lun0, LunSummary};
+        use crate::config::OverlayMode;
+        let state = crate::boot::lifecycle::BootState {
+            boots: 4,
+            rbd_recreate: vec![1],
+            ..Default::default()
+        };
+        let rbd = |n: &str| Lun0::Rbd { name: n.into() };
+        let two = DiskSummary {
+            image: "golden".into(),
+            version: None,
+            mode: OverlayMode::Persistent,
+            lun0: rbd("rbd/c1"),
+            luns: vec![LunSummary {
+                lun: 1,
+                image: "data".into(),
+                mode: OverlayMode::Persistent,
+                disk: rbd("rbd/c1.lun1"),
+            }],
+        };
+        let one = DiskSummary {
+            image: "base".into(),
+            version: None,
+            mode: OverlayMode::Volatile,
+            lun0: Lun0::Overlay,
+            luns: Vec::new(),
+        };
+        let recs = [
+            ClientRecord::new("t", "iqn.x:c1", "n1", 3, 9, two, &state),
+            ClientRecord::new("t", "iqn.x:c2", "n2", 1, 9, one, &Default::default()),
+        ];
+        let table = cluster_clients_table(&recs, |r| (r.node == "n1").then(|| "n1".into()));
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows.len(),
+            4,
+            "a header, two LUNs of c1, one of c2:\n{table}"
+        );
+        assert_eq!(
+            rows[0][..5],
+            ["INITIATOR", "LAST", "NODE", "OWNER", "LUN"],
+            "{table}"
+        );
+        // INITIATOR LAST-NODE OWNER LUN IMAGE MODE DISK BOOTS PHASE NEXT-LOGIN LAST-BOOT
+        assert_eq!(
+            rows[1][..10],
+            [
+                "iqn.x:c1",
+                "n1",
+                "n1",
+                "0",
+                "golden",
+                "persistent",
+                "rbd:rbd/c1",
+                "4",
+                "off",
+                "-"
+            ],
+            "{table}"
+        );
+        assert_eq!(
+            rows[2][..10],
+            [
+                "iqn.x:c1",
+                "n1",
+                "n1",
+                "1",
+                "data",
+                "persistent",
+                "rbd:rbd/c1.lun1",
+                "4",
+                "off",
+                "recreate"
+            ],
+            "LUN 1, its reset pending:\n{table}"
+        );
+        assert_eq!(
+            rows[3][..10],
+            ["iqn.x:c2", "n2", "-", "0", "base", "volatile", "overlay", "0", "off", "-"],
+            "{table}"
+        );
     }
 
     #[test]

@@ -324,6 +324,13 @@ pub fn format_client(c: &ClientInfo) -> String {
     if let Some(r) = &c.last_reset_reason {
         let _ = writeln!(out, "last reset: {r}");
     }
+    if !c.rbd_recreate_pending.is_empty() {
+        let _ = writeln!(
+            out,
+            "reset pending at next login ({}): the disk in RBD is removed and cloned again from its image",
+            crate::session::lun_list(&c.rbd_recreate_pending)
+        );
+    }
     if c.committed {
         let _ = writeln!(out, "committed: yes (published since its last boot)");
     }
@@ -426,16 +433,28 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
                 Some(n) => crate::boot::ResetScope::Lun(n),
                 None => crate::boot::ResetScope::Operator,
             };
-            server
+            let done = server
                 .reset_client_scope(&boot.name, &c.initiator, scope)
-                .await?;
-            server
-                .metrics()
-                .client_reset(&boot.name, &c.initiator, "operator");
-            Ok(match lun {
+                .await;
+            if !matches!(done, Err(crate::session::ResetError::Failed(_))) {
+                // Applied on this node (a reset not yet durable in etcd too).
+                server
+                    .metrics()
+                    .client_reset(&boot.name, &c.initiator, "operator");
+            }
+            let done = done.map_err(|e| e.to_string())?;
+            let mut out = match lun {
                 Some(n) => format!("reset {} LUN {n}\n", c.initiator),
                 None => format!("reset {}\n", c.initiator),
-            })
+            };
+            if !done.rbd_recreate.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "RBD disk(s) {} recreated from the image at the next login (recorded in etcd)",
+                    crate::session::lun_list(&done.rbd_recreate)
+                );
+            }
+            Ok(out)
         }
         "commit" => {
             let who = words.next().ok_or("usage: commit INITIATOR PATH")?;
@@ -702,6 +721,50 @@ impl crate::cluster::Shared for ClusterShared {
 
 #[cfg(test)]
 mod tests {
+    use crate::boot::ClientInfo;
+
+    fn info() -> ClientInfo {
+        ClientInfo {
+            initiator: "iqn.x:c1".into(),
+            target: "iqn.t:boot".into(),
+            image: "golden".into(),
+            version: None,
+            next_version: None,
+            mode: crate::config::OverlayMode::Persistent,
+            next_disk: None,
+            next_boot: None,
+            reset_policy: Default::default(),
+            sessions: 0,
+            boots: 2,
+            resets: 1,
+            phase: Default::default(),
+            firmware_isids: Vec::new(),
+            os_isids: Vec::new(),
+            last_activity_ms: 0,
+            last_reset_reason: Some("operator".into()),
+            rbd_recreate_pending: Vec::new(),
+            committed: false,
+            history: Vec::new(),
+            overlay: None,
+            overlay_dir: None,
+            disks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn show_says_which_rbd_disks_a_reset_recreates() {
+        let text = super::format_client(&info());
+        assert!(!text.contains("reset pending"), "{text}");
+        let mut i = info();
+        i.rbd_recreate_pending = vec![0, 1];
+        let text = super::format_client(&i);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("reset pending at next login (LUN 0, 1): ")),
+            "{text}"
+        );
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");

@@ -333,6 +333,8 @@ fn reads_credentials_events_and_metrics() {
     let pc2 = client(&api, PC2);
     assert_eq!(pc2["boots"].as_u64().unwrap(), boots + 1, "{pc2}");
     assert_eq!(pc2["state"], "firmware", "{pc2}");
+    // No disk in RBD: no recreate pending (docs/scale-out.md, "Reset of a disk in RBD").
+    assert_eq!(pc2["rbd_recreate_pending"], serde_json::json!([]), "{pc2}");
     assert_eq!(pc2["overlay"]["bytes_written"], 0, "{pc2}");
 }
 

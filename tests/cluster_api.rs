@@ -343,6 +343,13 @@ fn every_node_answers_for_the_cluster() {
     let v = r.json();
     assert_eq!(v["forwarded_to"], "n1", "{v}");
     assert_eq!(v["result"], "reset", "{v}");
+    // A disk on n1's overlay: nothing to recreate at the next login, nothing waited for.
+    assert_eq!(v["rbd_recreate"], serde_json::json!([]), "{v}");
+    assert_eq!(
+        v["client"]["rbd_recreate_pending"],
+        serde_json::json!([]),
+        "{v}"
+    );
     let audit = api(&n1).get_json("/api/v1/audit");
     assert!(
         audit.to_string().contains("(forwarded by node n3)"),

@@ -16,7 +16,9 @@
 //!    the one of the node that etcd names the client's owner.
 //! 6. `diskless client reset` (whole, `--lun 1`) of RBD disks: the clone is removed and
 //!    created again from its parent snapshot at the client's next login, also on a node that
-//!    takes the client over after the resetting node died.
+//!    takes the client over after the resetting node died; the command answers only once
+//!    etcd has the mark (and fails, saying so, when etcd is gone); `client show` and
+//!    `cluster clients` (one row per LUN) show it pending.
 #![cfg(feature = "rbd")]
 
 #[path = "common/ceph.rs"]
@@ -701,20 +703,69 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
 }
 
 /// `diskless client reset WHO [ARGS]` against `node`'s control socket: must succeed.
-fn client_reset(node: &Node, who: &str, args: &[&str]) {
+/// `diskless ARGS` through the node's control socket: (success, stdout, stderr).
+fn control(node: &Node, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
-        .args(["client", "reset", who])
         .args(args)
         .arg("--control")
         .arg(node.dir.join("state/control.sock"))
         .output()
-        .expect("run diskless client reset");
+        .expect("run diskless");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `diskless client reset WHO ARGS` on the node, which must succeed: its output.
+fn client_reset(node: &Node, who: &str, args: &[&str]) -> String {
+    let mut a = vec!["client", "reset", who];
+    a.extend_from_slice(args);
+    let (ok, out, err) = control(node, &a);
+    assert!(
+        ok,
+        "diskless client reset {who} {args:?} on {}: {err}",
+        node.id
+    );
+    out
+}
+
+/// `diskless client show WHO` on the node.
+fn client_show(node: &Node, who: &str) -> String {
+    let (ok, out, err) = control(node, &["client", "show", who]);
+    assert!(ok, "diskless client show {who} on {}: {err}", node.id);
+    out
+}
+
+/// `diskless cluster clients` with the node's configuration: the rows of `who`, split
+/// into columns (INITIATOR LAST-NODE OWNER LUN IMAGE MODE DISK BOOTS PHASE NEXT-LOGIN ...).
+fn cluster_client_rows(node: &Node, who: &str) -> Vec<Vec<String>> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskless"))
+        .args(["cluster", "clients", "-c"])
+        .arg(node.config())
+        .output()
+        .expect("run diskless cluster clients");
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "diskless client reset {who} {args:?} on {}: {}",
-        node.id,
+        "diskless cluster clients: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text.lines()
+        .filter(|l| l.starts_with(who))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// The client's lifecycle record in etcd now (no waiting: what a node taking the client
+/// over would read at this moment).
+fn record_now(etcd: &Etcd, who: &str) -> serde_json::Value {
+    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/lifecycle");
+    let text = etcd
+        .ctl_out(&["get", &key, "--print-value-only"])
+        .expect("etcdctl get");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{key}: {e}: {text}"))
 }
 
 /// `rbd info rbd/IMAGE`: (its id, its parent line).
@@ -740,7 +791,9 @@ fn rbd_info(ceph: &Ceph, image: &str) -> (String, String) {
 /// on LUN 0; a whole reset, then the node is killed before the client comes back: the node
 /// that takes the client over applies the reset from the cluster's record (fencing the dead
 /// node's lock first), LUN 0 reads the golden image, LUN 1 keeps its write. The parents'
-/// snapshots stay.
+/// snapshots stay. Each reset is in etcd when the command answers (read at once, no
+/// waiting), shown pending by `client show` and `cluster clients`; with etcd killed, a
+/// reset is reported as not durable.
 #[test]
 fn rbd_reset_recreates_the_clone_at_the_next_login() {
     common::require("rbd", "ceph-common");
@@ -777,10 +830,39 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     assert_eq!(parent1, "rbd/data@v1");
 
     // 1. `--lun 1`: the session is closed; the next login (same node) gets a new clone of
-    //    data@v1 on LUN 1, LUN 0 as the client left it.
+    //    data@v1 on LUN 1, LUN 0 as the client left it. The command answers once etcd has
+    //    the mark; `client show` and `cluster clients` show it pending.
     let t = Instant::now();
-    client_reset(&nodes[x], &who, &["--lun", "1"]);
+    let out = client_reset(&nodes[x], &who, &["--lun", "1"]);
     let reset_took = t.elapsed();
+    assert!(
+        out.contains(
+            "RBD disk(s) LUN 1 recreated from the image at the next login (recorded in etcd)"
+        ),
+        "{out}"
+    );
+    let rec = record_now(&etcd, &who);
+    assert_eq!(
+        rec["state"]["rbd_recreate"],
+        serde_json::json!([1]),
+        "{rec}"
+    );
+    let show = client_show(&nodes[x], &who);
+    assert!(
+        show.contains("reset pending at next login (LUN 1): "),
+        "{show}"
+    );
+    let rows = cluster_client_rows(&nodes[x], &who);
+    let cols: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r[3].as_str(), r[6].as_str(), r[9].as_str()))
+        .collect();
+    let (d0, d1) = (format!("rbd:rbd/{image0}"), format!("rbd:rbd/{image1}"));
+    assert_eq!(
+        cols,
+        [("0", d0.as_str(), "-"), ("1", d1.as_str(), "recreate")],
+        "one row per LUN: {rows:?}"
+    );
     drop(s);
     let t = Instant::now();
     let mut s = login(nodes[x].iscsi, &who);
@@ -796,6 +878,8 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     let (new_id1, parent1) = rbd_info(&ceph, &image1);
     assert_ne!(new_id1, id1, "LUN 1's clone was removed and created again");
     assert_eq!(parent1, "rbd/data@v1", "the same parent");
+    let show = client_show(&nodes[x], &who);
+    assert!(!show.contains("reset pending"), "applied: {show}");
     assert!(
         nodes[x]
             .stderr()
@@ -826,12 +910,13 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     let (id0, _) = rbd_info(&ceph, &image0);
     client_reset(&nodes[x], &who, &[]);
     drop(s);
-    let key = format!("/diskless/{CLUSTER}/clients/{TARGET}/{who}/lifecycle");
-    wait_for("the pending recreate in the client's record", || {
-        let text = etcd.ctl_out(&["get", &key, "--print-value-only"])?;
-        let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
-        (v["state"]["rbd_recreate"] == serde_json::json!([0])).then_some(())
-    });
+    // Acknowledged, so in etcd already: the node may die right away.
+    let rec = record_now(&etcd, &who);
+    assert_eq!(
+        rec["state"]["rbd_recreate"],
+        serde_json::json!([0]),
+        "{rec}"
+    );
     let y = kill_and_replace(&mut nodes, x, mac);
     let mut s = login(nodes[y].iscsi, &who);
     assert_eq!(
@@ -859,6 +944,34 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
         let out = ceph.tool("rbd", &["snap", "ls", snap]).ok().stdout;
         assert!(out.contains("v1"), "{snap}: {out}");
     }
+
+    // 3. etcd is gone: a reset cannot be made durable in the cluster. It is applied on the
+    //    node (sessions closed, the mark in its state) but reported as failed, saying why.
+    drop(s);
+    let mut etcd = etcd;
+    etcd.kill9();
+    let t = Instant::now();
+    let (ok, out, err) = control(&nodes[y], &["client", "reset", &who, "--lun", "1"]);
+    let failed_after = t.elapsed();
+    assert!(
+        !ok,
+        "a reset etcd does not have must not pass as done: {out}"
+    );
+    assert!(
+        err.contains("not yet durable in the cluster")
+            && err.contains("(LUN 1)")
+            && err.contains("etcd"),
+        "{err}"
+    );
+    let show = client_show(&nodes[y], &who);
+    assert!(
+        show.contains("reset pending at next login (LUN 1): "),
+        "{show}"
+    );
+    eprintln!(
+        "measured: a reset with etcd down reported as not durable after {failed_after:?}: {}",
+        err.trim()
+    );
     eprintln!("measured: RBD reset test {:?}", started.elapsed());
 }
 

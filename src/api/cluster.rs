@@ -28,9 +28,12 @@ use tracing::{debug, warn};
 /// Longest wait for another node's API in a view (its clients are then shown from etcd,
 /// marked stale).
 pub const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Longest wait for the owner's answer to a forwarded action (a reset waits up to 5 s for
-/// the client's sessions to close).
+/// Longest wait for the owner's answer to a forwarded action.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... to a forwarded reset: it waits up to 5 s for the client's sessions to close, then, for
+/// disks in RBD, up to 10 s (twice the longest etcd request timeout) for etcd to store the
+/// client's record carrying the reset (`Records::store_limit`).
+pub const FORWARD_RESET_TIMEOUT: Duration = Duration::from_secs(20);
 /// The header a forwarding node sets (its node id): the receiver never forwards again.
 pub const FORWARDED_BY: &str = "x-diskless-forwarded-by";
 /// Largest answer read from another node.
@@ -274,6 +277,7 @@ fn record_row(
         "sessions": 0,
         "boots": 0,
         "resets": 0,
+        "rbd_recreate_pending": [],
         "image": "",
         "mode": "",
         "read_bps": null,
@@ -299,6 +303,7 @@ fn record_row(
             ("resets", json!(r.state.resets)),
             ("last_reset_reason", json!(r.state.last_reset_reason)),
             ("reset_pending", json!(r.state.reset_pending)),
+            ("rbd_recreate_pending", json!(r.state.rbd_recreate)),
             ("image", json!(r.disk.image)),
             ("version", json!(r.disk.version)),
             ("mode", json!(r.disk.mode.to_string())),
@@ -604,7 +609,11 @@ pub async fn forward_action(
                 api.peer_token(),
                 me,
                 Some(&text),
-                FORWARD_TIMEOUT,
+                if action == "reset" {
+                    FORWARD_RESET_TIMEOUT
+                } else {
+                    FORWARD_TIMEOUT
+                },
             )
             .await;
             Some(match r {
@@ -922,5 +931,12 @@ mod tests {
         let row = record_row("iqn.x:a", None, None, None);
         assert_eq!(row["stale"], false);
         assert!(row["owner"].is_null());
+        assert_eq!(row["rbd_recreate_pending"], json!([]));
+        // An operator's reset of RBD disks not yet applied (the client not back since).
+        let mut r = rec("iqn.x:a", "n1", 3, 0);
+        r.state.rbd_recreate = vec![0, 1];
+        let row = record_row("iqn.x:a", Some(&r), Some("n1"), None);
+        assert_eq!(row["rbd_recreate_pending"], json!([0, 1]), "{row}");
+        assert_eq!(row["reset_pending"], false);
     }
 }

@@ -285,6 +285,8 @@ fn client_json(api: &Api, boot: &BootTarget, initiator: &str, info: Option<&Clie
         "phase": info.map(|i| i.phase.to_string()),
         "resets": info.map_or(0, |i| i.resets),
         "last_reset_reason": info.and_then(|i| i.last_reset_reason.clone()),
+        // LUNs whose disk in RBD an operator's reset left to recreate at the next login.
+        "rbd_recreate_pending": info.map(|i| i.rbd_recreate_pending.clone()).unwrap_or_default(),
         "read_bytes": totals.read_bytes,
         "write_bytes": totals.write_bytes,
         "commands": totals.commands,

@@ -303,6 +303,18 @@ impl ResetScope {
     }
 }
 
+/// Disks in RBD an operator's reset marked to be recreated at the client's next attach
+/// ([`Client::recreate_mark`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecreateMark {
+    /// Ascending.
+    pub luns: Vec<u16>,
+    /// The write number of the newest record of the client this node handed to the
+    /// cluster's writer, if it carries every LUN of the mark; None: no such record (not
+    /// in a cluster, the client not placed here through it, or its state not saved).
+    pub record_seq: Option<u64>,
+}
+
 /// One disk of a client as the operator sees it (`diskless client show`, the API).
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
@@ -473,6 +485,9 @@ pub struct ClientInfo {
     pub os_isids: Vec<String>,
     pub last_activity_ms: u64,
     pub last_reset_reason: Option<String>,
+    /// LUNs whose disk in RBD an operator's reset discarded, recreated at the client's next
+    /// login (ascending; empty: none pending).
+    pub rbd_recreate_pending: Vec<u16>,
     pub committed: bool,
     /// Oldest first: every reset and every keep with its reason.
     pub history: Vec<HistoryEntry>,
@@ -803,6 +818,28 @@ impl Client {
             .collect()
     }
 
+    /// The disks in RBD an operator's reset left to recreate (None: none), and the newest
+    /// record of this client handed to the cluster's writer that carries them all.
+    pub fn recreate_mark(&self) -> Option<RecreateMark> {
+        let st = lock(&self.state);
+        let luns = st.lifecycle.state.rbd_recreate.clone();
+        if luns.is_empty() {
+            return None;
+        }
+        // `shared` is the last record sent, or one taken from another node (not this node's
+        // write: its writer never stores that number), or older than the mark when the
+        // boot state could not be saved (persist sends nothing then).
+        let record_seq = self
+            .sink
+            .get()
+            .zip(st.shared.as_ref())
+            .filter(|(sink, r)| {
+                r.node == sink.node() && luns.iter().all(|l| r.state.rbd_recreate.contains(l))
+            })
+            .map(|(_, r)| r.seq);
+        Some(RecreateMark { luns, record_seq })
+    }
+
     /// Whether an operator's reset left disks in RBD to recreate (at the next attach).
     fn recreate_pending(&self) -> bool {
         !lock(&self.state).lifecycle.state.rbd_recreate.is_empty()
@@ -1039,6 +1076,7 @@ impl Client {
             os_isids: b.os_isids.clone(),
             last_activity_ms: b.last_activity_ms,
             last_reset_reason: b.last_reset_reason.clone(),
+            rbd_recreate_pending: b.rbd_recreate.clone(),
             committed: b.committed,
             history: b.history.iter().cloned().collect(),
             overlay: self.overlay().map(|o| o.stats()),
@@ -2540,6 +2578,16 @@ mod tests {
             vec![1],
             "in the cluster's record too"
         );
+        // What the reset waits for (the newest record sent carries the mark), and what
+        // `client show` and the API show.
+        assert_eq!(
+            c.recreate_mark(),
+            Some(RecreateMark {
+                luns: vec![1],
+                record_seq: Some(rec.seq)
+            })
+        );
+        assert_eq!(c.info().rbd_recreate_pending, vec![1]);
 
         // Not the owner (any more): nothing removed, the login refused, the client as it was.
         let e = t.attach_with(who, &not_owner).err().unwrap();
@@ -2561,6 +2609,8 @@ mod tests {
         assert_eq!(*lock(&shared.2), vec![1]);
         assert_eq!((read_lun(&c2, 0), read_lun(&c2, 1)), (1, 0));
         assert!(saved(&c2).rbd_recreate.is_empty());
+        assert_eq!(c2.recreate_mark(), None);
+        assert!(c2.info().rbd_recreate_pending.is_empty());
         // The replaced object saves nothing any more (a late session end), resets nothing.
         {
             let mut st = lock(&c.state);
@@ -2579,6 +2629,15 @@ mod tests {
         c2.operator_reset();
         let st = saved(&c2);
         assert_eq!((st.rbd_recreate.clone(), st.reset_pending), (vec![0], true));
+        // No record sink (this object was never given one): no record carries the mark,
+        // so a reset in a cluster cannot be reported durable.
+        assert_eq!(
+            c2.recreate_mark(),
+            Some(RecreateMark {
+                luns: vec![0],
+                record_seq: None
+            })
+        );
         drop((c, c2, t));
         let t = shared_target(dir.path(), "a", &shared);
         let c3 = t.attach_with(who, &owner).unwrap();
@@ -2594,6 +2653,11 @@ mod tests {
         c3.operator_reset_scope(ResetScope::Lun(1));
         t.reset_client(&c3).unwrap();
         let rec = lock(&sink.1).last().cloned().unwrap();
+        assert_eq!(c3.recreate_mark().and_then(|m| m.record_seq), Some(rec.seq));
+        // A record another node wrote (taken over, not yet written again by this node) is
+        // not one this node's writer stores: no write number to wait for.
+        lock(&c3.state).shared.as_mut().unwrap().node = "B".into();
+        assert_eq!(c3.recreate_mark().and_then(|m| m.record_seq), None);
         let b = shared_target(dir.path(), "b", &shared);
         assert!(b.take_over(who, rec, "B"));
         let cb = b.attach_with(who, &owner).unwrap();

@@ -573,33 +573,64 @@ impl Server {
     }
 
     /// Discard a client's overlay now (operator command): its sessions are closed first.
-    pub async fn reset_client(&self, target: &str, initiator: &str) -> Result<(), String> {
+    pub async fn reset_client(&self, target: &str, initiator: &str) -> Result<Reset, ResetError> {
         self.reset_client_scope(target, initiator, crate::boot::ResetScope::Operator)
             .await
     }
 
-    /// [`Server::reset_client`] of what `scope` names (one LUN: `--lun N`).
+    /// [`Server::reset_client`] of what `scope` names (one LUN: `--lun N`). Disks in RBD
+    /// are recreated at the client's next login, on whichever node serves it then: the
+    /// answer waits (bounded) until the client's record in etcd carries the mark, since a
+    /// node that takes the client over knows of the reset only from there.
     pub async fn reset_client_scope(
         &self,
         target: &str,
         initiator: &str,
         scope: crate::boot::ResetScope,
-    ) -> Result<(), String> {
+    ) -> Result<Reset, ResetError> {
         let registry = self.registry();
         let boot = registry
             .boot_target(target)
-            .ok_or_else(|| format!("{target} is not a boot target"))?;
+            .ok_or_else(|| ResetError::Failed(format!("{target} is not a boot target")))?;
         let client = boot
             .client(initiator)
-            .ok_or_else(|| format!("no client {initiator} on {target}"))?;
+            .ok_or_else(|| ResetError::Failed(format!("no client {initiator} on {target}")))?;
         let c = client.clone();
         tokio::task::spawn_blocking(move || c.operator_reset_scope(scope))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ResetError::Failed(e.to_string()))?;
         self.close_sessions(initiator, target, |_| true).await;
         reset_blocking(&boot, &client)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| ResetError::Failed(e.to_string()))?;
+        let Some(mark) = client.recreate_mark() else {
+            return Ok(Reset::default());
+        };
+        let luns = mark.luns.clone();
+        let not_durable = |why: String| ResetError::NotDurable {
+            initiator: client.initiator.clone(),
+            luns: lun_list(&luns),
+            why,
+        };
+        // RBD needs a cluster (config check), and a shared disk opens only through the
+        // placement: no record sink means the client was not placed here, nothing of it
+        // reaches etcd from this node.
+        let (Some(records), Some(seq)) = (self.records.get(), mark.record_seq) else {
+            return Err(not_durable(
+                "this node keeps no record of the client in etcd (it was not placed on this \
+                 node through the cluster)"
+                    .into(),
+            ));
+        };
+        records
+            .stored(&boot.name, &client.initiator, seq)
+            .await
+            .map_err(|e| not_durable(e.to_string()))?;
+        info!(initiator = %client.initiator, luns = ?mark.luns, seq,
+            "reset of client disks in RBD stored in etcd: any node that serves the client next recreates them");
+        Ok(Reset {
+            rbd_recreate: mark.luns,
+        })
     }
 
     /// Whether the server is stopping (sessions ending now end because of it).
@@ -610,6 +641,41 @@ impl Server {
     fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// What an operator's reset left for the client's next login.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reset {
+    /// LUNs whose disk in RBD is recreated then (the mark is in etcd).
+    pub rbd_recreate: Vec<u16>,
+}
+
+/// Why an operator's reset failed, or is not (yet) safe from this node's death.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("{0}")]
+    Failed(String),
+    /// Applied here (sessions closed, the mark in this node's state), but the client's
+    /// record in etcd does not carry it (yet): were this node to die now, the node that
+    /// takes the client over would serve the old disks.
+    #[error(
+        "reset of {initiator} applied on this node, but not yet durable in the cluster: \
+         the recreate of its RBD disk(s) at the next login ({luns}) is not in etcd: {why}. \
+         If this node stops before etcd has it, a node that takes the client over serves the \
+         old disk(s); this node keeps trying to write it while it owns the client. \
+         Check `diskless cluster clients`, or reset again once etcd answers"
+    )]
+    NotDurable {
+        initiator: String,
+        luns: String,
+        why: String,
+    },
+}
+
+/// `LUN 0, 1` (operator text).
+pub fn lun_list(luns: &[u16]) -> String {
+    let n: Vec<String> = luns.iter().map(u16::to_string).collect();
+    format!("LUN {}", n.join(", "))
 }
 
 /// `Client::session_ended` (it saves the boot state) on the blocking pool.
@@ -686,7 +752,7 @@ impl crate::boot::record::RecordSink for RecordSink {
         match serde_json::to_vec(&rec) {
             Ok(v) => self
                 .records
-                .send(&rec.target, &rec.initiator, &self.owner_name, v),
+                .send(&rec.target, &rec.initiator, &self.owner_name, rec.seq, v),
             Err(e) => {
                 warn!(initiator = %rec.initiator, error = %e, "client lifecycle record not encoded")
             }

@@ -161,6 +161,9 @@ const pages = {
       h("dt", {}, "IP"), h("dd", {}, c.ip || "–"),
       h("dt", {}, "Sessions"), h("dd", { id: "client-sessions" }, c.sessions),
       h("dt", {}, "Boots"), h("dd", { id: "client-boots" }, c.boots),
+      // An operator's reset of disks in Ceph RBD, applied when the client next logs in.
+      (c.rbd_recreate_pending || []).length ? [h("dt", {}, "Reset pending"), h("dd", { id: "client-rbd-recreate" },
+        "at next login (LUN " + c.rbd_recreate_pending.join(", ") + "): the RBD disk is cloned again from its image")] : null,
       h("dt", {}, "Read / written"), h("dd", {}, bytes(c.read_bytes) + " / " + bytes(c.write_bytes)),
       h("dt", {}, "Now"), h("dd", {}, rate(c.read_bps) + " read, " + rate(c.write_bps) + " write, " + (c.iops ?? "–") + " IOPS"),
       h("dt", {}, "Overlay"), h("dd", {}, c.overlay ? bytes(c.overlay.bytes_written) + " written" : "none"),
