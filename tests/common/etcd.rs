@@ -145,8 +145,21 @@ impl Etcd {
             root: None,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
-        e.spawn();
-        e
+        // The ports were free when picked, but another process may bind one first: etcd
+        // then exits saying so, and starts again on other ports (and an empty data
+        // directory, which would otherwise remember the old peer URL).
+        for _ in 0..5 {
+            match e.try_spawn() {
+                Ok(()) => return e,
+                Err(log) if log.contains("address already in use") => {
+                    let _ = std::fs::remove_dir_all(e.dir.join("etcd-data"));
+                    e.client = free_port();
+                    e.peer = free_port();
+                }
+                Err(log) => panic!("etcd did not start; its log:\n{log}"),
+            }
+        }
+        panic!("etcd found a port taken five times")
     }
 
     pub fn endpoint(&self) -> String {
@@ -195,6 +208,15 @@ impl Etcd {
 
     /// Start (again, on the same data directory and ports) and wait until it answers.
     pub fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("etcd did not start; its log:\n{log}");
+        }
+    }
+
+    /// Start and wait until it answers; Err(its log) if it exited first. Its own process
+    /// must still run once the endpoint answers: another etcd on a port it could not bind
+    /// must not pass for it.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let (p, client_url) = (self.peer, self.endpoint());
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
         let mut cmd = Command::new("etcd");
@@ -229,9 +251,28 @@ impl Etcd {
             .spawn()
             .expect("cannot start etcd");
         self.child = Some(child);
-        wait_for(Duration::from_secs(30), "etcd to answer", || {
-            self.ctl(&["endpoint", "health"]).then_some(())
+        let log = self.dir.join("etcd.log");
+        let exited = |e: &mut Etcd| {
+            e.child
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+        };
+        let answered = wait_for(Duration::from_secs(30), "etcd to answer or exit", || {
+            if exited(self) {
+                Some(false)
+            } else {
+                self.ctl(&["endpoint", "health"]).then_some(true)
+            }
         });
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        if answered && !exited(self) && !log_text.contains("address already in use") {
+            return Ok(());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Err(log_text)
     }
 
     /// `etcdctl ARGS`: whether it succeeded.
