@@ -58,6 +58,11 @@ impl Run {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtentMap {
     runs: BTreeMap<u64, (u64, ChunkState, u64)>,
+    /// Chunks in `Overlay` and in `Zero` runs, kept as runs change so that [`ExtentMap::count`]
+    /// is O(1): it is polled (space reports, client views) while a randomly written map has
+    /// one run per chunk.
+    overlay: u64,
+    zero: u64,
 }
 
 impl ExtentMap {
@@ -104,11 +109,14 @@ impl ExtentMap {
         self.split_at(end);
         // Drop every run inside [start, end): both edges are run boundaries now.
         while let Some(k) = self.runs.range(start..end).next().map(|(&k, _)| k) {
-            self.runs.remove(&k);
+            if let Some((e, st, _)) = self.runs.remove(&k) {
+                self.tally(st, e - k, false);
+            }
         }
         if state == ChunkState::Golden {
             return;
         }
+        self.tally(state, end - start, true);
         let joins = |a_start: u64, a_end: u64, a_slot: u64, b_slot: u64| {
             state != ChunkState::Overlay || a_slot.checked_add(a_end - a_start) == Some(b_slot)
         };
@@ -128,6 +136,15 @@ impl ExtentMap {
             }
         }
         self.runs.insert(s, (e, state, first));
+    }
+
+    fn tally(&mut self, state: ChunkState, n: u64, add: bool) {
+        let c = match state {
+            ChunkState::Overlay => &mut self.overlay,
+            ChunkState::Zero => &mut self.zero,
+            ChunkState::Golden => return,
+        };
+        *c = if add { *c + n } else { c.saturating_sub(n) };
     }
 
     /// Make `at` a run boundary by splitting the run that straddles it.
@@ -241,10 +258,11 @@ impl ExtentMap {
 
     /// Number of chunks in `state` (not meaningful for `Golden`).
     pub(crate) fn count(&self, state: ChunkState) -> u64 {
-        self.iter()
-            .filter(|r| r.state == state)
-            .map(|r| r.end - r.start)
-            .sum()
+        match state {
+            ChunkState::Overlay => self.overlay,
+            ChunkState::Zero => self.zero,
+            ChunkState::Golden => 0,
+        }
     }
 
     /// One past the highest slot an overlay run uses (0 when none): where the data file's
@@ -348,6 +366,10 @@ mod tests {
                 prop_assert!(runs.iter().all(|r| r.state != ChunkState::Golden && r.start < r.end));
                 let want_end = model.iter().filter(|x| x.0 == ChunkState::Overlay).map(|x| x.1 + 1).max().unwrap_or(0);
                 prop_assert_eq!(m.slot_end(), want_end);
+                for st in [ChunkState::Overlay, ChunkState::Zero] {
+                    let want = model.iter().filter(|x| x.0 == st).count() as u64;
+                    prop_assert_eq!(m.count(st), want);
+                }
                 for c in 0..n {
                     let r = m.lookup(c, n);
                     prop_assert_eq!((r.state, if r.state == ChunkState::Overlay { r.slot } else { 0 }), model[c as usize]);
