@@ -19,6 +19,9 @@
 //!    takes the client over after the resetting node died; the command answers only once
 //!    etcd has the mark (and fails, saying so, when etcd is gone); `client show` and
 //!    `cluster clients` (one row per LUN) show it pending.
+//! 7. `diskless client commit` of a running client's RBD disks, to a file and as a new
+//!    image: a copy of an RBD snapshot, taken while the client stays logged in and removed
+//!    afterwards; writes after the commit are not in the copy.
 #![cfg(feature = "rbd")]
 
 #[path = "common/ceph.rs"]
@@ -976,6 +979,112 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
 }
 
 /// WARN lines `I/O on the client disk in RBD failed` in the node's log (printed).
+/// The snapshots of `rbd/IMAGE` (`rbd snap ls`).
+fn snapshots(ceph: &Ceph, image: &str) -> Vec<String> {
+    let out = ceph
+        .tool("rbd", &["snap", "ls", &format!("rbd/{image}")])
+        .ok()
+        .stdout;
+    // SNAPID NAME SIZE ...: the header line has "NAME".
+    out.lines()
+        .skip_while(|l| !l.contains("NAME"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// `diskless client commit` of a client's RBD disks while it runs: LUN 0 to a new file and
+/// LUN 1 as version 1 of a new image. Each copy is of an RBD snapshot taken at the command
+/// (the session stays logged in and writes on afterwards); no snapshot is left behind.
+#[test]
+fn rbd_commit_copies_a_running_disk() {
+    common::require("rbd", "ceph-common");
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = tmp.path().join("golden.img");
+    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 71);
+    std::fs::write(&golden, &golden_bytes).unwrap();
+    let data = tmp.path().join("data.img");
+    let data_bytes = common::random_bytes(4 << 20, 72);
+    std::fs::write(&data, &data_bytes).unwrap();
+    let ceph = Ceph::start();
+    let etcd = Etcd::start(tmp.path());
+    let nodes = data_disk_nodes(tmp.path(), &ceph, &etcd, &golden, &data, &["n1"]);
+    cluster::wait_for_views(nodes.iter(), WAIT);
+    let n = &nodes[0];
+    let (who, port) = n.script("52:54:00:00:0d:31");
+    let image0 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 0);
+    let image1 = diskless::storage::rbd::client_disk_name("diskless", TARGET, &who, 1);
+    let mut s = login(port, &who);
+    let w0 = common::random_bytes(8 * 512, 73);
+    write_synced(&mut s, 100, &w0);
+    s.lun = diskless::pdu::lun_from_index(1);
+    let w1 = common::random_bytes(8 * 512, 74);
+    write_synced(&mut s, 300, &w1);
+
+    let copy = tmp.path().join("copy.img");
+    let t = Instant::now();
+    let (ok, out, err) = control(n, &["client", "commit", &who, &copy.to_string_lossy()]);
+    assert!(ok, "client commit to a file: {out}{err}");
+    let took = t.elapsed();
+    // Written after the commit: not in the copy.
+    s.lun = diskless::pdu::lun_from_index(0);
+    write_synced(&mut s, 100, &common::random_bytes(8 * 512, 75));
+    let mut want0 = golden_bytes.clone();
+    want0[100 * 512..108 * 512].copy_from_slice(&w0);
+    assert!(
+        std::fs::read(&copy).unwrap() == want0,
+        "the copy is LUN 0 as of the commit"
+    );
+    assert_eq!(
+        snapshots(&ceph, &image0),
+        Vec::<String>::new(),
+        "no snapshot left"
+    );
+    let (ok, _, err) = control(n, &["client", "commit", &who, &copy.to_string_lossy()]);
+    assert!(
+        !ok && err.contains("exists already"),
+        "not over an existing file: {err}"
+    );
+
+    let (ok, out, err) = control(
+        n,
+        &[
+            "client",
+            "commit",
+            &who,
+            "fromrbd",
+            "--lun",
+            "1",
+            "-m",
+            "LUN 1 of an RBD client",
+        ],
+    );
+    assert!(ok, "client commit as a new image: {out}{err}");
+    assert!(
+        out.contains("fromrbd@1") || out.contains("fromrbd"),
+        "{out}"
+    );
+    let images = diskless::storage::versions::Images::new(&n.dir.join("state"));
+    let v = images.open("fromrbd", 1).expect("version 1 of fromrbd");
+    let mut got = vec![0u8; data_bytes.len()];
+    diskless::storage::BlockStore::read_at(&v, &mut got, 0).unwrap();
+    let mut want1 = data_bytes.clone();
+    want1[300 * 512..308 * 512].copy_from_slice(&w1);
+    assert!(
+        got == want1,
+        "version 1 of fromrbd is LUN 1 as of the commit"
+    );
+    assert_eq!(
+        snapshots(&ceph, &image1),
+        Vec::<String>::new(),
+        "no snapshot left"
+    );
+    // The client's session went on through both commits.
+    s.lun = diskless::pdu::lun_from_index(1);
+    assert_eq!(s.read10(300, 8), w1);
+    eprintln!("measured: commit of an 8 MiB RBD disk to a file {took:?}");
+}
+
 fn io_failures_logged(node: &Node) -> usize {
     let log = node.stderr();
     let lines: Vec<&str> = log

@@ -1128,24 +1128,38 @@ impl Client {
             .and_then(|x| x.shared_name.as_deref())
     }
 
-    /// Why a commit of the disk on `lun` is refused when it is in RBD (not done yet:
-    /// docs/scale-out.md, "Not done for RBD disks").
-    fn refuse_rbd_commit(&self, lun: u16) -> Result<(), String> {
-        match self.shared_name_of(lun) {
-            Some(name) => Err(format!(
-                "client {}'s LUN {lun} is the RBD clone {name}, not an overlay on this node: \
-                 `diskless client commit` of RBD disks is not supported yet; with the client \
-                 off, `rbd snap create {name}@S`, `rbd snap protect {name}@S` and name it as \
-                 an image's `rbd: {{parent: ...@S}}`",
+    /// For the disk on `lun` when it is in RBD: a read-only view of it as of now (an RBD
+    /// snapshot, removed when the view is dropped), which a commit copies while the client
+    /// keeps running. Ok(None): the disk is not in RBD.
+    fn rbd_snapshot_of(&self, lun: u16) -> Result<Option<Box<dyn BlockStore>>, String> {
+        let Some(name) = self.shared_name_of(lun) else {
+            return Ok(None);
+        };
+        let (image, _, _) = self
+            .disk_of(lun)
+            .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
+        if image.store.fenced() {
+            return Err(format!(
+                "client {}'s LUN {lun} is the RBD clone {name}, whose lock this node does not hold: commit it on the node that serves the client",
                 self.initiator
-            )),
-            None => Ok(()),
+            ));
+        }
+        match image.store.snapshot() {
+            Ok(Some(view)) => Ok(Some(view)),
+            Ok(None) => Err(format!("the RBD clone {name} cannot be snapshotted")),
+            Err(e) => Err(format!("snapshot of the RBD clone {name}: {e}")),
         }
     }
 
     /// [`Client::commit_to`] of the disk on `lun`.
     pub fn commit_lun_to(&self, lun: u16, path: &Path) -> Result<(), String> {
-        self.refuse_rbd_commit(lun)?;
+        if let Some(view) = self.rbd_snapshot_of(lun)? {
+            crate::storage::copy_to_new_file(view.as_ref(), path).map_err(|e| e.to_string())?;
+            drop(view);
+            let mut st = lock(&self.state);
+            self.event(&mut st, Event::Committed, now_ms());
+            return Ok(());
+        }
         let (_, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -1188,7 +1202,20 @@ impl Client {
         image: &str,
         stamp: &versions::Stamp,
     ) -> Result<u64, String> {
-        self.refuse_rbd_commit(lun)?;
+        let images = versions::Images::new(state_dir);
+        if let Some(view) = self.rbd_snapshot_of(lun)? {
+            // An RBD disk is a clone of an image's snapshot, not a layer on one of this
+            // node's versions: it can only become version 1 of a new image.
+            if images.exists(image) {
+                return Err(format!(
+                    "client {}'s LUN {lun} is in RBD, not on a version of {image}: publish it under a new image name",
+                    self.initiator
+                ));
+            }
+            return self.publish_new(lun, &images, image, stamp, |to| {
+                crate::storage::copy_to_new_file(view.as_ref(), to).map_err(|e| e.to_string())
+            });
+        }
         let (cur, overlay, mode) = self
             .disk_of(lun)
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
@@ -1198,7 +1225,6 @@ impl Client {
                 self.initiator
             )
         })?;
-        let images = versions::Images::new(state_dir);
         let v = if images.exists(image) {
             let parent = match cur.version {
                 Some(v) if cur.name == image => v,
@@ -1215,29 +1241,46 @@ impl Client {
                 .commit_layer(image, parent, stamp, |w| overlay.freeze_into(w).map(|_| ()))
                 .map_err(|e| e.to_string())?
         } else {
-            if !versions::valid_name(image) {
-                return Err(format!(
-                    "{image:?} is not a valid image name (a-z 0-9 - _ .)"
-                ));
-            }
-            let staging = images.staging_path(image).map_err(|e| e.to_string())?;
-            let staged = staging.path.clone();
             overlay.flush().map_err(|e| e.to_string())?;
-            let res = overlay
-                .commit_to(&staged)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    images
-                        .create_from_file(image, &staged, cur.block_size, stamp)
-                        .map_err(|e| e.to_string())
-                });
-            let _ = std::fs::remove_file(&staged);
-            res?;
-            1
+            return self.publish_new(lun, &images, image, stamp, |to| {
+                overlay.commit_to(to).map_err(|e| e.to_string())
+            });
         };
         let mut st = lock(&self.state);
         self.event(&mut st, Event::Committed, now_ms());
         Ok(v)
+    }
+
+    /// Publish the whole disk on LUN `lun` as version 1 of the new image `image`; `copy`
+    /// writes it, as of one point in time, into a new file.
+    fn publish_new(
+        &self,
+        lun: u16,
+        images: &versions::Images,
+        image: &str,
+        stamp: &versions::Stamp,
+        copy: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        if !versions::valid_name(image) {
+            return Err(format!(
+                "{image:?} is not a valid image name (a-z 0-9 - _ .)"
+            ));
+        }
+        let (cur, _, _) = self
+            .disk_of(lun)
+            .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
+        let staging = images.staging_path(image).map_err(|e| e.to_string())?;
+        let staged = staging.path.clone();
+        let res = copy(&staged).and_then(|()| {
+            images
+                .create_from_file(image, &staged, cur.block_size, stamp)
+                .map_err(|e| e.to_string())
+        });
+        let _ = std::fs::remove_file(&staged);
+        res?;
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::Committed, now_ms());
+        Ok(1)
     }
 }
 
@@ -2383,6 +2426,12 @@ mod tests {
         fn fenced(&self) -> bool {
             self.1.load(Ordering::SeqCst)
         }
+        fn snapshot(
+            &self,
+        ) -> Result<Option<Box<dyn crate::storage::BlockStore>>, crate::storage::StorageError>
+        {
+            crate::storage::BlockStore::snapshot(self.0.as_ref())
+        }
     }
 
     /// Shared disks (as RBD's) in memory: the opens per LUN, the disk last opened per LUN;
@@ -2487,11 +2536,22 @@ mod tests {
         assert!(!Arc::ptr_eq(&c, &c2));
         let luns: Vec<u16> = lock(&shared.0).iter().map(|(l, _)| *l).collect();
         assert_eq!(luns, vec![0, 1, 0, 1]);
-        // Commit of a disk in RBD is refused with the reason (a reset: the test below).
-        let e = c2.commit_lun_to(1, &dir.path().join("x.img")).unwrap_err();
-        assert!(e.contains("RBD clone pool/iqn.x:c1.lun1"), "{e}");
-        let e = c2.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
-        assert!(e.contains("not supported yet"), "{e}");
+        // Commit of a disk in RBD copies a snapshot of it (the client keeps running); not
+        // over an existing file, and not from a node whose lock was broken.
+        write_lun(&c2, 1, 0x5a);
+        let out = dir.path().join("x.img");
+        c2.commit_lun_to(1, &out).unwrap();
+        let copied = std::fs::read(&out).unwrap();
+        assert_eq!(copied.len() as u64, 1 << 20);
+        assert_eq!(copied[0], 0x5a);
+        let e = c2.commit_lun_to(1, &out).unwrap_err();
+        assert!(e.contains("exists already"), "{e}");
+        lock(&shared.0)[3].1 .1.store(true, Ordering::SeqCst);
+        let e = c2.commit_lun_to(1, &dir.path().join("y.img")).unwrap_err();
+        assert!(
+            e.contains("RBD clone pool/iqn.x:c1.lun1, whose lock this node does not hold"),
+            "{e}"
+        );
     }
 
     /// A target (state in `dir/sub`) whose default binding puts LUN 0 and a persistent data
@@ -2664,9 +2724,9 @@ mod tests {
         assert_eq!(*lock(&shared.2), vec![1, 0, 1]);
         assert_eq!(read_lun(&cb, 1), 0);
         assert!(saved(&cb).rbd_recreate.is_empty());
-        // Commit stays refused.
-        let e = cb.commit_lun_to(0, &dir.path().join("x.img")).unwrap_err();
-        assert!(e.contains("not supported yet"), "{e}");
+        // Commit copies the recreated disk.
+        cb.commit_lun_to(1, &dir.path().join("x.img")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("x.img")).unwrap()[0], 0);
     }
 
     const IPXE: [u8; 6] = [0x40, 0x00, 0x27, 0x23, 0x00, 0x01];

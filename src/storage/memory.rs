@@ -63,6 +63,18 @@ impl MemStore {
 }
 
 impl BlockStore for MemStore {
+    /// A read-only copy of the contents as of now (tests stand it in for an RBD snapshot).
+    fn snapshot(&self) -> Result<Option<Box<dyn BlockStore>>, StorageError> {
+        let i = self.inner.read().map_err(|_| Self::lock_err())?;
+        Ok(Some(Box::new(MemStore {
+            block_size: self.block_size,
+            read_only: true,
+            inner: RwLock::new(Inner {
+                data: i.data.clone(),
+                mapped: i.mapped.clone(),
+            }),
+        })))
+    }
     fn block_size(&self) -> u32 {
         self.block_size
     }

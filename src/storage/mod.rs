@@ -115,6 +115,88 @@ pub trait BlockStore: Send + Sync + 'static {
     fn file_slice(&self, _offset: u64, _len: u64) -> Option<FileSlice> {
         None
     }
+    /// A read-only view of the store as of now, where the backend can take one while the
+    /// store stays in use (an RBD snapshot, removed when the view is dropped): what a commit
+    /// of a running client's disk copies. None: the backend has no such view.
+    fn snapshot(&self) -> Result<Option<Box<dyn BlockStore>>, StorageError> {
+        Ok(None)
+    }
+}
+
+/// Write a NEW file at `path` (refused if one exists) with `fill`: written to
+/// `PATH.partial`, fsync'ed, then linked into place (so a crash never leaves a half-written
+/// file under the final name) and the directory fsync'ed.
+pub fn write_new_file(
+    path: &std::path::Path,
+    fill: impl FnOnce(&std::fs::File) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    use std::io::ErrorKind;
+    if path.exists() {
+        return Err(std::io::Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists already", path.display()),
+        )
+        .into());
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", partial.display())))?;
+    let res =
+        fill(&out)
+            .and_then(|()| Ok(out.sync_all()?))
+            .and_then(|()| match std::fs::hard_link(&partial, path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(std::io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} exists already", path.display()),
+                )
+                .into()),
+                Err(e) => {
+                    Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())).into())
+                }
+            });
+    let _ = std::fs::remove_file(&partial);
+    res?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Copy every byte of `store` into the new sparse file `path` ([`write_new_file`]):
+/// all-zero 4 KiB pieces are left as holes.
+pub fn copy_to_new_file(
+    store: &dyn BlockStore,
+    path: &std::path::Path,
+) -> Result<(), StorageError> {
+    use std::os::unix::fs::FileExt;
+    write_new_file(path, |out| {
+        let size = store.size();
+        out.set_len(size)?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut pos = 0u64;
+        while pos < size {
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            let b = buf.get_mut(..n).unwrap_or_default();
+            store.read_at(b, pos)?;
+            let mut off = 0u64;
+            for piece in b.chunks(4096) {
+                if piece.iter().any(|&x| x != 0) {
+                    out.write_all_at(piece, pos + off)?;
+                }
+                off += piece.len() as u64;
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    })
 }
 
 /// A byte range of an open file that a Data-In may be sent from directly (`sendfile(2)`):

@@ -748,32 +748,12 @@ impl Overlay {
             return Err(OverlayError::Exists(path.to_path_buf()));
         }
         let _gate = self.gate.write().map_err(|_| OverlayError::Poisoned)?;
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        let out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&partial)
-            .map_err(|e| with_path(e, &partial))?;
-        let res = self
-            .copy_out(&out)
-            .and_then(|()| Ok(out.sync_all()?))
-            .and_then(|()| match std::fs::hard_link(&partial, path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Err(OverlayError::Exists(path.to_path_buf()))
-                }
-                Err(e) => Err(with_path(e, path)),
-            });
-        let _ = std::fs::remove_file(&partial);
-        res?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        fsync_dir(parent)?;
-        Ok(())
+        super::write_new_file(path, |out| Ok(self.copy_out(out)?)).map_err(|e| match e {
+            StorageError::Io(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                OverlayError::Exists(path.to_path_buf())
+            }
+            e => OverlayError::Storage(e),
+        })
     }
 
     /// Freeze what the client changed, as of one point in time, into a version layer

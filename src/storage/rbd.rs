@@ -66,6 +66,8 @@ extern "C" {
         snap: *const c_char,
     ) -> c_int;
     fn rbd_close(image: rbd_image_t) -> c_int;
+    fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
     fn rbd_clone(
         p_ioctx: rados_ioctx_t,
         p_name: *const c_char,
@@ -177,6 +179,12 @@ pub struct RbdDisk {
     block_size: u32,
     /// `pool/name`, for the log.
     name: String,
+    /// How it was opened (a snapshot view opens the same image again).
+    connect: RbdConnect,
+    image_name: String,
+    /// Set for a read-only view of a snapshot ([`BlockStore::snapshot`]): the snapshot's
+    /// name, removed when the view is dropped.
+    snap: Option<String>,
     /// I/O failures not logged yet, and when the last line was (at most one per
     /// [`ERROR_LOG_EVERY`]: a fenced node's OS may retry its writes many times a second).
     unlogged: AtomicU64,
@@ -204,14 +212,27 @@ impl RbdDisk {
         RbdDisk::open_or_clone(&c, name, None).map(|(d, _)| d)
     }
 
-    /// Open `pool/name`; if it does not exist and `parent` (image, snapshot) is given,
-    /// create it first as a clone of that protected snapshot in the same pool. Returns the
-    /// disk and whether it was created now.
+    /// Open `pool/name` if it exists, or create it as a clone of `parent`: see
+    /// [`RbdDisk::connect_open`].
     pub fn open_or_clone(
         c: &RbdConnect,
         name: &str,
         parent: Option<(&str, &str)>,
     ) -> Result<(RbdDisk, bool), RbdError> {
+        RbdDisk::connect_open(c, name, parent, None)
+    }
+
+    /// Open `pool/name` (at snapshot `snap`, read-only, when given); if it does not exist and
+    /// `parent` (image, snapshot) is given, create it first as a clone of that protected
+    /// snapshot in the same pool. Returns the disk and whether it was created now.
+    fn connect_open(
+        c: &RbdConnect,
+        name: &str,
+        parent: Option<(&str, &str)>,
+        snap: Option<&str>,
+    ) -> Result<(RbdDisk, bool), RbdError> {
+        let snap_c = snap.map(|s| cstr("snapshot", s)).transpose()?;
+        let snap_ptr = snap_c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let conf_c = cstr("configuration path", &c.conf.to_string_lossy())?;
         let (id_c, pool_c, name_c) = (
             cstr("client id", &c.id)?,
@@ -225,6 +246,9 @@ impl RbdDisk {
             size: 0,
             block_size: 512,
             name: format!("{}/{name}", c.pool),
+            connect: c.clone(),
+            image_name: name.to_string(),
+            snap: snap.map(str::to_string),
             unlogged: AtomicU64::new(0),
             logged_at: Mutex::new(None),
         };
@@ -264,7 +288,7 @@ impl RbdDisk {
                 "rados_ioctx_create",
                 rados_ioctx_create(d.cluster, pool_c.as_ptr(), &mut d.io),
             )?;
-            let mut r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null());
+            let mut r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, snap_ptr);
             if r == -libc::ENOENT {
                 if let Some((pimg, psnap)) = parent {
                     let (p_c, s_c) = (cstr("parent image", pimg)?, cstr("parent snapshot", psnap)?);
@@ -283,7 +307,7 @@ impl RbdDisk {
                         check("rbd_clone", rc)?;
                         created = true;
                     }
-                    r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, std::ptr::null());
+                    r = rbd_open(d.io, name_c.as_ptr(), &mut d.image, snap_ptr);
                 }
             }
             check("rbd_open", r)?;
@@ -495,6 +519,9 @@ struct Handles {
     cluster: rados_t,
     io: rados_ioctx_t,
     image: rbd_image_t,
+    /// A snapshot view's (image, snapshot) names: the snapshot is removed once its handle
+    /// is closed.
+    remove_snap: Option<(String, String)>,
 }
 
 // SAFETY: as for RbdDisk: librados/librbd handles may be released from any thread.
@@ -502,10 +529,28 @@ unsafe impl Send for Handles {}
 
 impl Handles {
     fn release(self) {
-        // SAFETY: each handle is released once, image before pool context before client.
+        // SAFETY: each handle is released once, image before pool context before client;
+        // the head handle opened to remove a snapshot is closed before the pool context.
         unsafe {
             if !self.image.is_null() {
                 rbd_close(self.image);
+            }
+            if let (Some((image, snap)), false) = (&self.remove_snap, self.io.is_null()) {
+                let removed = (|| -> Result<(), RbdError> {
+                    let (i, s) = (cstr("image", image)?, cstr("snapshot", snap)?);
+                    let mut head: rbd_image_t = std::ptr::null_mut();
+                    check(
+                        "rbd_open",
+                        rbd_open(self.io, i.as_ptr(), &mut head, std::ptr::null()),
+                    )?;
+                    let r = rbd_snap_remove(head, s.as_ptr());
+                    rbd_close(head);
+                    check("rbd_snap_remove", r).map(drop)
+                })();
+                if let Err(e) = removed {
+                    tracing::warn!(image = %image, snapshot = %snap,
+                        "cannot remove the snapshot a copy of the disk was read from (remove it with `rbd snap rm`): {e}");
+                }
             }
             if !self.io.is_null() {
                 rados_ioctx_destroy(self.io);
@@ -523,6 +568,7 @@ impl Drop for RbdDisk {
             cluster: std::mem::replace(&mut self.cluster, std::ptr::null_mut()),
             io: std::mem::replace(&mut self.io, std::ptr::null_mut()),
             image: std::mem::replace(&mut self.image, std::ptr::null_mut()),
+            remove_snap: self.snap.take().map(|s| (self.image_name.clone(), s)),
         };
         // Closing a fenced (blocklisted) disk waits for the OSDs up to rados_osd_op_timeout;
         // the last session of a client often ends on a runtime worker, which must not stall
@@ -563,7 +609,7 @@ impl BlockStore for RbdDisk {
         self.size
     }
     fn read_only(&self) -> bool {
-        false
+        self.snap.is_some()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
         if offset.saturating_add(buf.len() as u64) > self.size {
@@ -575,6 +621,9 @@ impl BlockStore for RbdDisk {
         self.read(buf, offset).map_err(|e| self.failed("read", e))
     }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
+        if self.snap.is_some() {
+            return Err(StorageError::ReadOnly);
+        }
         if offset.saturating_add(data.len() as u64) > self.size {
             return Err(StorageError::OutOfRange {
                 offset,
@@ -592,6 +641,9 @@ impl BlockStore for RbdDisk {
         self.flush_disk().map_err(|e| self.failed("flush", e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        if self.snap.is_some() {
+            return Err(StorageError::ReadOnly);
+        }
         // SAFETY: the image handle is open. RBD discards read back as zeroes.
         check("rbd_discard", unsafe {
             rbd_discard(self.image, offset, len)
@@ -607,7 +659,41 @@ impl BlockStore for RbdDisk {
     }
     fn fenced(&self) -> bool {
         // Not the owner any more (lock broken by another node) or blocklisted (an error).
-        !matches!(self.is_owner(), Ok(true))
+        self.snap.is_none() && !matches!(self.is_owner(), Ok(true))
+    }
+    /// An RBD snapshot of the disk as of now (librbd quiesces the image's writes for it, so
+    /// every write acknowledged before is in it), opened read-only on a RADOS client of its
+    /// own and removed when the view is dropped. The client keeps writing meanwhile.
+    fn snapshot(&self) -> Result<Option<Box<dyn BlockStore>>, StorageError> {
+        if self.snap.is_some() {
+            return Ok(None);
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let snap = format!(
+            "diskless-copy-{stamp}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let snap_c = cstr("snapshot", &snap).map_err(io)?;
+        // SAFETY: the image handle is open; the name is NUL-terminated.
+        check("rbd_snap_create", unsafe {
+            rbd_snap_create(self.image, snap_c.as_ptr())
+        })
+        .map_err(|e| self.failed("snapshot", e))?;
+        match RbdDisk::connect_open(&self.connect, &self.image_name, None, Some(&snap)) {
+            Ok((mut view, _)) => {
+                view.block_size = self.block_size;
+                Ok(Some(Box::new(view)))
+            }
+            Err(e) => {
+                // SAFETY: as above.
+                let _ = unsafe { rbd_snap_remove(self.image, snap_c.as_ptr()) };
+                Err(io(e))
+            }
+        }
     }
 }
 

@@ -273,7 +273,10 @@ impl Server {
     /// advertises its own portal, so it cannot listen on port 0). Ports are picked free but
     /// another process may bind one before the server does: then the server exits with
     /// EADDRINUSE and it is started again on other ports. Returns the server and its ports.
-    pub fn start_on_free_ports(dir: &Path, make: impl Fn(u16, u16) -> Config) -> (Server, u16, u16) {
+    pub fn start_on_free_ports(
+        dir: &Path,
+        make: impl Fn(u16, u16) -> Config,
+    ) -> (Server, u16, u16) {
         let bin = std::env::var_os("DISKLESS_TEST_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_diskless")));
@@ -298,7 +301,12 @@ impl Server {
 
     /// Start the server; Err: it exited or stayed silent before its listening line (the
     /// message has its stderr).
-    fn try_spawn(bin: &Path, dir: &Path, cfg: &Config, listen_anywhere: bool) -> Result<Server, String> {
+    fn try_spawn(
+        bin: &Path,
+        dir: &Path,
+        cfg: &Config,
+        listen_anywhere: bool,
+    ) -> Result<Server, String> {
         let config_path = dir.join("targets.yaml");
         std::fs::write(&config_path, cfg.to_yaml()).unwrap();
         let stderr_path = dir.join("server.stderr");

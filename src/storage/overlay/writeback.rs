@@ -93,7 +93,10 @@ impl Writeback {
         let thread = match spawned {
             Ok(h) => Some(h),
             Err(e) => {
-                tracing::warn!(overlay = name, "cannot start the overlay writeback thread: {e}");
+                tracing::warn!(
+                    overlay = name,
+                    "cannot start the overlay writeback thread: {e}"
+                );
                 None
             }
         };
@@ -220,10 +223,13 @@ mod tests {
         wb.set_max_age(Duration::from_millis(50));
         let t0 = Instant::now();
         wb.arm(t0);
-        let at = rx.recv_timeout(Duration::from_secs(10)).expect("flushed by age");
+        let at = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("flushed by age");
         assert!(at >= t0 + Duration::from_millis(50));
         wb.kick();
-        rx.recv_timeout(Duration::from_secs(10)).expect("flushed when kicked");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("flushed when kicked");
         wb.stop();
         assert!(!wb.running());
         assert!(rx.try_recv().is_err());
