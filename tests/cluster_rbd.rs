@@ -104,6 +104,21 @@ fn data_disk_nodes(
         .collect()
 }
 
+/// The golden image (GOLDEN_SIZE) and the data disk's image (4 MiB) as files in `root`,
+/// random bytes from `seed` and `seed + 1`: (golden, its bytes, data, its bytes).
+fn image_files(
+    root: &Path,
+    seed: u64,
+) -> (std::path::PathBuf, Vec<u8>, std::path::PathBuf, Vec<u8>) {
+    let golden = root.join("golden.img");
+    let golden_bytes = common::random_bytes(GOLDEN_SIZE, seed);
+    std::fs::write(&golden, &golden_bytes).unwrap();
+    let data = root.join("data.img");
+    let data_bytes = common::random_bytes(4 << 20, seed + 1);
+    std::fs::write(&data, &data_bytes).unwrap();
+    (golden, golden_bytes, data, data_bytes)
+}
+
 /// SIGKILL node `x` and wait until another node's boot script places client `mac` on a live
 /// node (once the dead node's lease ran out). Returns that node's index.
 fn kill_and_replace(nodes: &mut [Node], x: usize, mac: &str) -> usize {
@@ -571,12 +586,7 @@ fn rbd_data_disk_survives_kill_and_is_fenced() {
     common::require("rbd", "ceph-common");
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let golden = tmp.path().join("golden.img");
-    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 31);
-    std::fs::write(&golden, &golden_bytes).unwrap();
-    let data = tmp.path().join("data.img");
-    let data_bytes = common::random_bytes(4 << 20, 32);
-    std::fs::write(&data, &data_bytes).unwrap();
+    let (golden, _, data, data_bytes) = image_files(tmp.path(), 31);
 
     let ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
@@ -802,12 +812,7 @@ fn rbd_reset_recreates_the_clone_at_the_next_login() {
     common::require("rbd", "ceph-common");
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let golden = tmp.path().join("golden.img");
-    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 51);
-    std::fs::write(&golden, &golden_bytes).unwrap();
-    let data = tmp.path().join("data.img");
-    let data_bytes = common::random_bytes(4 << 20, 52);
-    std::fs::write(&data, &data_bytes).unwrap();
+    let (golden, golden_bytes, data, data_bytes) = image_files(tmp.path(), 51);
 
     let ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
@@ -1000,12 +1005,7 @@ fn snapshots(ceph: &Ceph, image: &str) -> Vec<String> {
 fn rbd_commit_copies_a_running_disk() {
     common::require("rbd", "ceph-common");
     let tmp = tempfile::tempdir().unwrap();
-    let golden = tmp.path().join("golden.img");
-    let golden_bytes = common::random_bytes(GOLDEN_SIZE, 71);
-    std::fs::write(&golden, &golden_bytes).unwrap();
-    let data = tmp.path().join("data.img");
-    let data_bytes = common::random_bytes(4 << 20, 72);
-    std::fs::write(&data, &data_bytes).unwrap();
+    let (golden, golden_bytes, data, data_bytes) = image_files(tmp.path(), 71);
     let ceph = Ceph::start();
     let etcd = Etcd::start(tmp.path());
     let nodes = data_disk_nodes(tmp.path(), &ceph, &etcd, &golden, &data, &["n1"]);

@@ -170,33 +170,37 @@ pub fn write_new_file(
     Ok(())
 }
 
-/// Copy every byte of `store` into the new sparse file `path` ([`write_new_file`]):
-/// all-zero 4 KiB pieces are left as holes.
+/// Copy every byte of `store` into the new sparse file `path` ([`write_new_file`]).
 pub fn copy_to_new_file(
     store: &dyn BlockStore,
     path: &std::path::Path,
 ) -> Result<(), StorageError> {
+    write_new_file(path, |out| copy_sparse(store, out).map(drop))
+}
+
+/// Copy every byte of `store` into `out` (set to its size first), leaving all-zero 4 KiB
+/// pieces as holes; returns the bytes written.
+pub fn copy_sparse(store: &dyn BlockStore, out: &std::fs::File) -> Result<u64, StorageError> {
     use std::os::unix::fs::FileExt;
-    write_new_file(path, |out| {
-        let size = store.size();
-        out.set_len(size)?;
-        let mut buf = vec![0u8; 4 << 20];
-        let mut pos = 0u64;
-        while pos < size {
-            let n = (size - pos).min(buf.len() as u64) as usize;
-            let b = buf.get_mut(..n).unwrap_or_default();
-            store.read_at(b, pos)?;
-            let mut off = 0u64;
-            for piece in b.chunks(4096) {
-                if piece.iter().any(|&x| x != 0) {
-                    out.write_all_at(piece, pos + off)?;
-                }
-                off += piece.len() as u64;
+    let size = store.size();
+    out.set_len(size)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut pos, mut written) = (0u64, 0u64);
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        let b = buf.get_mut(..n).unwrap_or_default();
+        store.read_at(b, pos)?;
+        let mut off = 0u64;
+        for piece in b.chunks(4096) {
+            if piece.iter().any(|&x| x != 0) {
+                out.write_all_at(piece, pos + off)?;
+                written += piece.len() as u64;
             }
-            pos += n as u64;
+            off += piece.len() as u64;
         }
-        Ok(())
-    })
+        pos += n as u64;
+    }
+    Ok(written)
 }
 
 /// A byte range of an open file that a Data-In may be sent from directly (`sendfile(2)`):

@@ -1377,25 +1377,7 @@ pub fn export_raw(store: &dyn BlockStore, path: &Path) -> Result<u64, VersionErr
         .create_new(true)
         .open(path)
         .map_err(|e| with_path(e, path))?;
-    let size = store.size();
-    out.set_len(size)?;
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut pos = 0;
-    let mut written = 0;
-    while pos < size {
-        let n = (size - pos).min(COPY_BUF as u64) as usize;
-        let b = buf.get_mut(..n).unwrap_or_default();
-        store.read_at(b, pos)?;
-        let mut off = 0u64;
-        for piece in b.chunks(4096) {
-            if piece.iter().any(|&x| x != 0) {
-                out.write_all_at(piece, pos + off)?;
-                written += piece.len() as u64;
-            }
-            off += piece.len() as u64;
-        }
-        pos += n as u64;
-    }
+    let written = super::copy_sparse(store, &out)?;
     out.sync_all()?;
     Ok(written)
 }
