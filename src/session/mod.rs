@@ -707,6 +707,31 @@ impl crate::boot::http::BootScripts for Server {
     }
 }
 
+/// A client's lifecycle records, to etcd through this node's writer.
+struct RecordSink {
+    records: Arc<crate::cluster::clients::Records>,
+    node: String,
+    /// The name its ownership key has (as the client was placed).
+    owner_name: String,
+}
+
+impl crate::boot::record::RecordSink for RecordSink {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn send(&self, rec: crate::boot::record::ClientRecord) {
+        match serde_json::to_vec(&rec) {
+            Ok(v) => self
+                .records
+                .send(&rec.target, &rec.initiator, &self.owner_name, rec.seq, v),
+            Err(e) => {
+                warn!(initiator = %rec.initiator, error = %e, "client lifecycle record not encoded")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,30 +757,5 @@ mod tests {
         assert_eq!(s.cmd_window, 32);
         assert!(!s.params.allow_header_digest);
         assert!(s.params.allow_data_digest);
-    }
-}
-
-/// A client's lifecycle records, to etcd through this node's writer.
-struct RecordSink {
-    records: Arc<crate::cluster::clients::Records>,
-    node: String,
-    /// The name its ownership key has (as the client was placed).
-    owner_name: String,
-}
-
-impl crate::boot::record::RecordSink for RecordSink {
-    fn node(&self) -> &str {
-        &self.node
-    }
-
-    fn send(&self, rec: crate::boot::record::ClientRecord) {
-        match serde_json::to_vec(&rec) {
-            Ok(v) => self
-                .records
-                .send(&rec.target, &rec.initiator, &self.owner_name, rec.seq, v),
-            Err(e) => {
-                warn!(initiator = %rec.initiator, error = %e, "client lifecycle record not encoded")
-            }
-        }
     }
 }
