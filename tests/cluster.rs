@@ -31,10 +31,12 @@
 //!   open and silent: slow, not refused): that node answers a new login with 0x0301 within
 //!   the raw client's 5 s answer limit (never a hang), its open session goes on reading and
 //!   writing, the other node places the new client; etcd answers again: the node places
-//!   logins again, and no client has two owners.//! - `etcd_errors_refuse_placement_clearly`: etcd answers with errors (its space quota
+//!   logins again, and no client has two owners.
+//! - `etcd_errors_refuse_placement_clearly`: etcd answers with errors (its space quota
 //!   exceeded: the NOSPACE alarm refuses writes): a new client's login is refused with 0x0301
 //!   and the node's log names etcd's error; the open session goes on; once the operator frees
-//!   space (delete, compact, defrag, disarm) the node places logins again.//!
+//!   space (delete, compact, defrag, disarm) the node places logins again.
+//!
 //! Waits are for conditions (a lease gone, a status shown), never fixed sleeps.
 
 #[path = "common/cluster.rs"]
