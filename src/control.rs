@@ -435,14 +435,8 @@ async fn handle(server: &Server, config_path: Option<&Path>, line: &str) -> Resu
             };
             let done = server
                 .reset_client_scope(&boot.name, &c.initiator, scope)
-                .await;
-            if !matches!(done, Err(crate::session::ResetError::Failed(_))) {
-                // Applied on this node (a reset not yet durable in etcd too).
-                server
-                    .metrics()
-                    .client_reset(&boot.name, &c.initiator, "operator");
-            }
-            let done = done.map_err(|e| e.to_string())?;
+                .await
+                .map_err(|e| e.to_string())?;
             let mut out = match lun {
                 Some(n) => format!("reset {} LUN {n}\n", c.initiator),
                 None => format!("reset {}\n", c.initiator),

@@ -77,18 +77,17 @@ pub async fn reset(api: &Api, initiator: &str, body: &Value) -> Result<Value, Ap
     let (boot, name) = find_client(api, initiator)?;
     let _slot = api.guard.take(&name, "an action")?;
     open_client(&boot, &name).await?;
-    let done = api.server.reset_client(&boot.name, &name).await;
-    if !matches!(done, Err(crate::session::ResetError::Failed(_))) {
-        // Applied on this node (a reset not yet durable in etcd too).
-        api.server
-            .metrics()
-            .client_reset(&boot.name, &name, "operator");
-    }
-    let done = done.map_err(|e| match e {
-        crate::session::ResetError::Failed(m) => ApiError::Internal(m),
-        // etcd did not take the mark in time: a condition to retry, not a server bug.
-        e @ crate::session::ResetError::NotDurable { .. } => ApiError::Unavailable(e.to_string()),
-    })?;
+    let done = api
+        .server
+        .reset_client(&boot.name, &name)
+        .await
+        .map_err(|e| match e {
+            crate::session::ResetError::Failed(m) => ApiError::Internal(m),
+            // etcd did not take the mark in time: a condition to retry, not a server bug.
+            e @ crate::session::ResetError::NotDurable { .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
+        })?;
     Ok(json!({
         "result": "reset",
         "rbd_recreate": done.rbd_recreate,

@@ -603,6 +603,8 @@ impl Server {
         reset_blocking(&boot, &client)
             .await
             .map_err(|e| ResetError::Failed(e.to_string()))?;
+        // Applied on this node (counted even when the mark is not yet durable in etcd).
+        self.metrics().client_reset(target, initiator, "operator");
         let Some(mark) = client.recreate_mark() else {
             return Ok(Reset::default());
         };
