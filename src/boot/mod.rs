@@ -1128,6 +1128,12 @@ impl Client {
             .and_then(|x| x.shared_name.as_deref())
     }
 
+    /// Record a commit (or publish) of one of the client's disks in its lifecycle.
+    fn note_committed(&self) {
+        let mut st = lock(&self.state);
+        self.event(&mut st, Event::Committed, now_ms());
+    }
+
     /// For the disk on `lun` when it is in RBD: a read-only view of it as of now (an RBD
     /// snapshot, removed when the view is dropped), which a commit copies while the client
     /// keeps running. Ok(None): the disk is not in RBD.
@@ -1156,8 +1162,7 @@ impl Client {
         if let Some(view) = self.rbd_snapshot_of(lun)? {
             crate::storage::copy_to_new_file(view.as_ref(), path).map_err(|e| e.to_string())?;
             drop(view);
-            let mut st = lock(&self.state);
-            self.event(&mut st, Event::Committed, now_ms());
+            self.note_committed();
             return Ok(());
         }
         let (_, overlay, mode) = self
@@ -1167,8 +1172,7 @@ impl Client {
             Some(o) => {
                 o.flush().map_err(|e| e.to_string())?;
                 o.commit_to(path).map_err(|e| e.to_string())?;
-                let mut st = lock(&self.state);
-                self.event(&mut st, Event::Committed, now_ms());
+                self.note_committed();
                 Ok(())
             }
             None => Err(format!(
@@ -1246,8 +1250,7 @@ impl Client {
                 overlay.commit_to(to).map_err(|e| e.to_string())
             });
         };
-        let mut st = lock(&self.state);
-        self.event(&mut st, Event::Committed, now_ms());
+        self.note_committed();
         Ok(v)
     }
 
@@ -1278,8 +1281,7 @@ impl Client {
         });
         let _ = std::fs::remove_file(&staged);
         res?;
-        let mut st = lock(&self.state);
-        self.event(&mut st, Event::Committed, now_ms());
+        self.note_committed();
         Ok(1)
     }
 }

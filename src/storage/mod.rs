@@ -131,12 +131,15 @@ pub fn write_new_file(
     fill: impl FnOnce(&std::fs::File) -> Result<(), StorageError>,
 ) -> Result<(), StorageError> {
     use std::io::ErrorKind;
-    if path.exists() {
-        return Err(std::io::Error::new(
+    let exists = || -> StorageError {
+        std::io::Error::new(
             ErrorKind::AlreadyExists,
             format!("{} exists already", path.display()),
         )
-        .into());
+        .into()
+    };
+    if path.exists() {
+        return Err(exists());
     }
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
@@ -151,11 +154,7 @@ pub fn write_new_file(
             .and_then(|()| Ok(out.sync_all()?))
             .and_then(|()| match std::fs::hard_link(&partial, path) {
                 Ok(()) => Ok(()),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(std::io::Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("{} exists already", path.display()),
-                )
-                .into()),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(exists()),
                 Err(e) => {
                     Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())).into())
                 }

@@ -73,7 +73,8 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Writeback {
     /// Start the thread. `flush` makes every waiting change durable and returns when the
     /// oldest change still waiting was queued (None: none waits), so the next deadline can be
-    /// set. A thread that cannot start leaves only the count bounds in force (logged).
+    /// set. If the thread cannot start (logged), the writer flushes itself whenever a
+    /// flush is due (`Overlay::after_change`).
     pub(crate) fn start(
         name: &str,
         flush: impl Fn() -> Option<Instant> + Send + 'static,
