@@ -80,28 +80,38 @@ fn data_disk_nodes(
 ) -> Vec<Node> {
     ceph.rbd_parent(golden, "golden");
     ceph.rbd_parent(data, "data");
-    let spec = cluster::Spec {
-        cluster: CLUSTER,
-        target: TARGET,
-        etcd: etcd.endpoint(),
-        ttl: TTL,
-        images: format!(
+    let spec = rbd_spec(
+        ceph,
+        etcd,
+        format!(
             "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n  \
              - {{name: data, path: {}, rbd: {{parent: data@v1}}}}\n",
             golden.display(),
             data.display()
         ),
+    );
+    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
+    ids.iter()
+        .map(|id| Node::start_custom(root, id, &spec, boot, "127.0.0.1"))
+        .collect()
+}
+
+/// The nodes' cluster spec: `images` (indented list items; the default binding's is
+/// `golden`) and RBD through `ceph`'s configuration as `client.admin`, pool `rbd`.
+fn rbd_spec(ceph: &Ceph, etcd: &Etcd, images: String) -> cluster::Spec<'static> {
+    cluster::Spec {
+        cluster: CLUSTER,
+        target: TARGET,
+        etcd: etcd.endpoint(),
+        ttl: TTL,
+        images,
         image: "golden",
         cluster_extra: String::new(),
         extra: format!(
             "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
             ceph.conf().display()
         ),
-    };
-    let boot = "      default: {image: golden, mode: persistent, disks: [{lun: 1, image: data, mode: persistent}]}\n";
-    ids.iter()
-        .map(|id| Node::start_custom(root, id, &spec, boot, "127.0.0.1"))
-        .collect()
+    }
 }
 
 /// The golden image (GOLDEN_SIZE) and the data disk's image (4 MiB) as files in `root`,
@@ -224,22 +234,14 @@ fn rbd_disks_survive_kill_and_fence_a_paused_node() {
     // The golden image in RBD as a protected snapshot, parent of the clients' disks.
     ceph.rbd_parent(&golden, "golden");
 
-    let spec = cluster::Spec {
-        cluster: CLUSTER,
-        target: TARGET,
-        etcd: etcd.endpoint(),
-        ttl: TTL,
-        images: format!(
+    let spec = rbd_spec(
+        &ceph,
+        &etcd,
+        format!(
             "  - {{name: golden, path: {}, rbd: {{parent: golden@v1}}}}\n",
             golden.display()
         ),
-        image: "golden",
-        cluster_extra: String::new(),
-        extra: format!(
-            "rbd: {{pool: rbd, id: admin, conf: {}}}\n",
-            ceph.conf().display()
-        ),
-    };
+    );
     let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
         .iter()
         .map(|id| Node::start_mode(tmp.path(), id, &spec, "persistent"))
