@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
-use writeback::{Due, Writeback};
+use writeback::Writeback;
 
 const META_FILE: &str = "overlay.meta";
 const META_TMP: &str = "overlay.meta.tmp";
@@ -1014,16 +1014,8 @@ impl Overlay {
             Ok(l) => (l.pending.len(), l.since),
             Err(_) => return Err(OverlayError::Poisoned),
         };
-        let max_age = self.writeback.max_age();
-        let age = since.map(|t| t.elapsed());
-        let due = writeback::due(n, age, max_age);
-        if due == Due::Inline || (due == Due::Background && !self.writeback.running()) {
+        if self.writeback.after_change(n, since) {
             return self.core.flush_inner();
-        }
-        if due == Due::Background {
-            self.writeback.kick();
-        } else if let Some(t) = since {
-            self.writeback.arm(t);
         }
         Ok(())
     }

@@ -107,24 +107,34 @@ impl Writeback {
         }
     }
 
-    pub(crate) fn max_age(&self) -> Duration {
-        guard(&self.shared.0).max_age
-    }
-
     /// Change the age limit (tests and drills use a short one).
     pub(crate) fn set_max_age(&self, age: Duration) {
         guard(&self.shared.0).max_age = age;
     }
 
-    /// The oldest waiting change was queued at `since`: make sure a flush is due by its age
-    /// limit. Cheap when a deadline is set already (one uncontended lock).
-    pub(crate) fn arm(&self, since: Instant) {
+    /// After a change that was not asked to be durable: `pending` changes wait, the oldest
+    /// queued at `since`. Applies [`due`] with this overlay's age limit, under one lock on
+    /// the hot path: arms the deadline, or kicks the thread. True: the writer must flush
+    /// itself (the queue at its memory bound, or a flush due and no thread to run it).
+    pub(crate) fn after_change(&self, pending: usize, since: Option<Instant>) -> bool {
         let (m, cv) = &*self.shared;
         let mut st = guard(m);
-        let at = since + st.max_age;
-        if st.deadline.is_none_or(|d| at < d) {
-            st.deadline = Some(at);
-            cv.notify_one();
+        match due(pending, since.map(|t| t.elapsed()), st.max_age) {
+            Due::Inline => true,
+            Due::Background => {
+                drop(st);
+                if !self.running() {
+                    return true;
+                }
+                self.kick();
+                false
+            }
+            Due::Nothing => {
+                if let Some(t) = since {
+                    arm_locked(&mut st, cv, t);
+                }
+                false
+            }
         }
     }
 
@@ -153,6 +163,15 @@ impl Writeback {
         if let Some(h) = guard(&self.thread).take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Make sure a flush is due by `since`'s age limit (the lock held).
+fn arm_locked(st: &mut State, cv: &Condvar, since: Instant) {
+    let at = since + st.max_age;
+    if st.deadline.is_none_or(|d| at < d) {
+        st.deadline = Some(at);
+        cv.notify_one();
     }
 }
 
@@ -223,7 +242,10 @@ mod tests {
         assert!(wb.running());
         wb.set_max_age(Duration::from_millis(50));
         let t0 = Instant::now();
-        wb.arm(t0);
+        assert!(
+            !wb.after_change(1, Some(t0)),
+            "armed, not flushed in the writer"
+        );
         let at = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("flushed by age");
