@@ -159,6 +159,13 @@ if [[ $(id -u) -ne 0 ]]; then
 	dl_log "warning: not root; tests that capture packets with tcpdump will fail"
 fi
 
+# Free space where the tests write (target/ and the temp directory), for a failure that is a
+# full disk.
+df_report() {
+	dl_log "free space: $(df -h --output=avail,pcent,target "${CARGO_TARGET_DIR:-$ROOT}" "${TMPDIR:-/tmp}" | tail -n +2 | tr -s ' ' | paste -sd ';')"
+}
+df_report
+
 # ---- 3. build, test, conformance ---------------------------------------------------------------
 PASSED=0
 FAILED=0
@@ -240,6 +247,7 @@ count_cargo() {
 stage_start "cargo test"
 timeout -k 10 "$CARGO_TEST_SECS" cargo test --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log"
 count_cargo "$LOGDIR/cargo-test.log" "${PIPESTATUS[0]}" "cargo test"
+df_report
 stage_end
 
 # The RBD backend is behind the cargo feature `rbd` (it links librbd): its tests against a
