@@ -541,6 +541,8 @@ enum Op {
         seed: u64,
         fua: bool,
     },
+    /// `write_many`: (block, count, seed) each, most of them whole chunks.
+    WriteMany(Vec<(u64, u64, u64)>),
     Read {
         blk: u64,
         n: u64,
@@ -554,10 +556,24 @@ enum Op {
     Crash,
 }
 
-fn op(blocks: u64) -> impl Strategy<Value = Op> {
+/// A write of `write_many`: whole chunks (of `per_chunk` blocks) three times in four, the
+/// kind it writes side by side, else any blocks.
+fn many_write(blocks: u64, per_chunk: u64) -> impl Strategy<Value = (u64, u64, u64)> {
+    let chunks = blocks / per_chunk;
+    prop_oneof![
+        3 => (0..chunks, 1..4u64, any::<u64>()).prop_map(move |(c, k, seed)| {
+            (c * per_chunk, k.min(chunks - c) * per_chunk, seed)
+        }),
+        1 => (0..blocks, 1..20u64, any::<u64>())
+            .prop_map(move |(blk, n, seed)| (blk, n.min(blocks - blk), seed)),
+    ]
+}
+
+fn op(blocks: u64, per_chunk: u64) -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0..blocks, 1..40u64, any::<u64>(), proptest::bool::weighted(0.1))
             .prop_map(move |(blk, n, seed, fua)| Op::Write { blk, n: n.min(blocks - blk), seed, fua }),
+        3 => proptest::collection::vec(many_write(blocks, per_chunk), 1..12).prop_map(Op::WriteMany),
         3 => (0..blocks, 1..64u64).prop_map(move |(blk, n)| Op::Read { blk, n: n.min(blocks - blk) }),
         2 => (0..blocks, 1..64u64).prop_map(move |(blk, n)| Op::Discard { blk, n: n.min(blocks - blk) }),
         1 => Just(Op::Flush),
@@ -586,6 +602,17 @@ fn run_model(bs: u32, chunk: u32, blocks: u64, ops: Vec<Op>) -> Result<(), TestC
                 if fua {
                     // FUA makes everything written so far durable (we flush all).
                     durable = model.clone();
+                }
+            }
+            Op::WriteMany(writes) => {
+                let data: Vec<(u64, Vec<u8>)> = writes
+                    .iter()
+                    .map(|&(blk, n, seed)| (blk * u64::from(bs), pattern(n as usize * b, seed)))
+                    .collect();
+                let refs: Vec<(u64, &[u8])> = data.iter().map(|(o, d)| (*o, &d[..])).collect();
+                ov.write_many(&refs).unwrap();
+                for (o, d) in &data {
+                    model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
                 }
             }
             Op::Read { blk, n } => {
@@ -642,12 +669,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn model_512_blocks(ops in proptest::collection::vec(op(300), 1..50)) {
+    fn model_512_blocks(ops in proptest::collection::vec(op(300, 8), 1..50)) {
         run_model(512, 4096, 300, ops)?;
     }
 
     #[test]
-    fn model_4096_blocks(ops in proptest::collection::vec(op(70), 1..50)) {
+    fn model_4096_blocks(ops in proptest::collection::vec(op(70, 2), 1..50)) {
         run_model(4096, 8192, 70, ops)?;
     }
 }

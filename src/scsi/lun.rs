@@ -255,6 +255,111 @@ mod tests {
         (s[2] & 0x0f == key::UNIT_ATTENTION).then(|| (s[12], s[13]))
     }
 
+    fn ident() -> LuIdentity {
+        LuIdentity {
+            vendor: "V".into(),
+            product: "P".into(),
+            revision: "1".into(),
+            serial: "S".into(),
+            naa: [0x60; 16],
+        }
+    }
+
+    /// A store whose `write_many` always fails (after writing nothing): the LU must then
+    /// write each command on its own.
+    struct NoBatch(crate::storage::MemStore);
+
+    impl BlockStore for NoBatch {
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), StorageError> {
+            self.0.read_at(b, o)
+        }
+        fn write_at(&self, d: &[u8], o: u64, fua: bool) -> Result<(), StorageError> {
+            self.0.write_at(d, o, fua)
+        }
+        fn write_many(&self, _: &[(u64, &[u8])]) -> Result<(), StorageError> {
+            Err(StorageError::Io(std::io::Error::from_raw_os_error(5)))
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn discard(&self, o: u64, l: u64) -> Result<(), StorageError> {
+            self.0.discard(o, l)
+        }
+        fn thin_provisioned(&self) -> bool {
+            false
+        }
+        fn allocation(&self, o: u64) -> Result<(bool, u64), StorageError> {
+            self.0.allocation(o)
+        }
+    }
+
+    fn write10(lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
+        let mut c = vec![0x2a, flags, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    /// `execute_writes` answers each command as `execute` would, one after another, and
+    /// leaves the same bytes: a pending unit attention, an LBA out of range, a FUA write,
+    /// a READ among the writes, a zero-length write, overlapping writes, a failed batch.
+    #[test]
+    fn execute_writes_is_execute_in_turn() {
+        let blocks = 64u32;
+        let mut cmds: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let data = |n: usize, v: u8| vec![v; n * 512];
+        cmds.push((write10(0, 2, 0), data(2, 1)));
+        cmds.push((write10(blocks - 1, 2, 0), data(2, 2)));
+        cmds.push((write10(8, 8, 0), data(8, 3)));
+        cmds.push((write10(9, 1, 0x08), data(1, 4)));
+        cmds.push((vec![0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], vec![]));
+        cmds.push((write10(12, 0, 0), vec![]));
+        cmds.push((write10(4, 8, 0), data(8, 5)));
+        cmds.push((write10(20, 4, 0x20), data(4, 6)));
+        let refs: Vec<(&[u8], &[u8])> = cmds.iter().map(|(c, d)| (&c[..], &d[..])).collect();
+        let size = u64::from(blocks) * 512;
+        let one = Arc::new(crate::storage::MemStore::new(size, 512, false));
+        let lu_one = LogicalUnit::new(one.clone(), ident());
+        let many = Arc::new(crate::storage::MemStore::new(size, 512, false));
+        let lu_many = LogicalUnit::new(many.clone(), ident());
+        let failing = Arc::new(NoBatch(crate::storage::MemStore::new(size, 512, false)));
+        let lu_failing = LogicalUnit::new(failing.clone(), ident());
+        let n = nexus(1);
+        // A unit attention waits for the nexus on each LU: the first command gets it.
+        for lu in [&lu_one, &lu_many, &lu_failing] {
+            while ua(lu, &n).is_some() {}
+            lu.unit_attention_all(0x2a, 0x09);
+        }
+        let want: Vec<(u8, Option<Vec<u8>>, Vec<u8>)> = refs
+            .iter()
+            .map(|&(c, d)| {
+                let r = lu_one.execute(&n, c, d);
+                (r.status, r.sense.map(|s| s.to_vec()), r.data_in.to_vec())
+            })
+            .collect();
+        assert!(want[0].1.is_some(), "the unit attention comes first");
+        assert_eq!(want[2].0, status::GOOD);
+        for lu in [&lu_many, &lu_failing] {
+            let got: Vec<(u8, Option<Vec<u8>>, Vec<u8>)> = lu
+                .execute_writes(&n, &refs)
+                .into_iter()
+                .map(|r| (r.status, r.sense.map(|s| s.to_vec()), r.data_in.to_vec()))
+                .collect();
+            assert_eq!(got, want);
+        }
+        assert_eq!(many.snapshot(), one.snapshot());
+        assert_eq!(failing.0.snapshot(), one.snapshot());
+    }
+
     #[test]
     fn preempt_and_abort_names_the_preempted_nexuses() {
         let store = Arc::new(crate::storage::MemStore::new(1 << 20, 512, false));
@@ -519,6 +624,77 @@ impl LogicalUnit {
     /// than the CDB asked if the transport saw an underflow). Blocking: storage I/O happens here.
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
         let out = self.execute_inner(nexus, cdb, data_out);
+        self.result(nexus, cdb, out)
+    }
+
+    /// WRITE commands without FUA (what a connection received in one go), with the outcome
+    /// of `execute` on each in turn, but their data written by one
+    /// [`BlockStore::write_many`]. Anything else in `cmds` (a FUA write, another command,
+    /// any write while the write cache is off) runs through `execute` in its place, after
+    /// the writes before it.
+    pub fn execute_writes(&self, nexus: &Nexus, cmds: &[(&[u8], &[u8])]) -> Vec<ScsiResult> {
+        let mut results: Vec<Option<ScsiResult>> = (0..cmds.len()).map(|_| None).collect();
+        let mut planned: Vec<(usize, u64, &[u8])> = Vec::new();
+        for (i, &(cdb, data)) in cmds.iter().enumerate() {
+            let plain = matches!(
+                byte(cdb, 0),
+                op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16
+            ) && rw_fields(cdb).flags & 0x08 == 0;
+            if !plain || !self.lock().mode.wce {
+                self.write_planned(nexus, cmds, &mut planned, &mut results);
+                results[i] = Some(self.execute(nexus, cdb, data));
+                continue;
+            }
+            match self
+                .admit(nexus, cdb)
+                .and_then(|_| self.write_range(cdb, data))
+            {
+                Ok(Some((offset, d))) => planned.push((i, offset, d)),
+                Ok(None) => results[i] = Some(self.result(nexus, cdb, good(vec![]))),
+                Err(f) => results[i] = Some(self.result(nexus, cdb, Err(f))),
+            }
+        }
+        self.write_planned(nexus, cmds, &mut planned, &mut results);
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| check_result(INVALID_FIELD_IU, false)))
+            .collect()
+    }
+
+    /// Write what [`LogicalUnit::execute_writes`] planned and set those commands' results.
+    /// Should the batch fail, each write is tried again on its own, for its own status
+    /// (writing the same data again is harmless, and they are redone in order).
+    fn write_planned(
+        &self,
+        nexus: &Nexus,
+        cmds: &[(&[u8], &[u8])],
+        planned: &mut Vec<(usize, u64, &[u8])>,
+        results: &mut [Option<ScsiResult>],
+    ) {
+        if planned.is_empty() {
+            return;
+        }
+        let writes: Vec<(u64, &[u8])> = planned.iter().map(|&(_, o, d)| (o, d)).collect();
+        let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+        let ok = self.store.write_many(&writes).is_ok();
+        for (i, offset, d) in planned.drain(..) {
+            let out = if ok {
+                good(vec![])
+            } else {
+                self.store
+                    .write_at(d, offset, false)
+                    .map_err(|e| storage(e, true))
+                    .and_then(|()| good(vec![]))
+            };
+            if let (Some(slot), Some(&(cdb, _))) = (results.get_mut(i), cmds.get(i)) {
+                *slot = Some(self.result(nexus, cdb, out));
+            }
+        }
+    }
+
+    /// A command's outcome as the transport sends it: sense in the format MODE SELECT chose,
+    /// and the nexuses a PREEMPT AND ABORT preempted.
+    fn result(&self, nexus: &Nexus, cdb: &[u8], out: Out) -> ScsiResult {
         let (desc, abort_nexuses) = {
             let mut st = self.lock();
             let preempted = match byte(cdb, 0) {
@@ -555,7 +731,10 @@ impl LogicalUnit {
         result
     }
 
-    fn execute_inner(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Out {
+    /// What every command passes before it runs (SAM-5 §5.14, SPC-4 §5.9): no SANITIZE in
+    /// progress, a pending unit attention reported, a known opcode with valid CDB usage
+    /// bits, no reservation conflict, a medium present. Returns the initiator's port.
+    fn admit(&self, nexus: &Nexus, cdb: &[u8]) -> Result<PortId, Fail> {
         let opcode = byte(cdb, 0);
         let who = PortId {
             initiator_port: nexus.initiator_port.clone(),
@@ -585,6 +764,12 @@ impl LogicalUnit {
         if self.lock().ejected && needs_medium(opcode) {
             return Err(MEDIUM_NOT_PRESENT.into());
         }
+        Ok(who)
+    }
+
+    fn execute_inner(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Out {
+        let opcode = byte(cdb, 0);
+        let who = self.admit(nexus, cdb)?;
         match opcode {
             op::TEST_UNIT_READY => good(vec![]),
             op::REQUEST_SENSE => self.request_sense(nexus, cdb),
@@ -850,6 +1035,18 @@ impl LogicalUnit {
     }
 
     fn write(&self, cdb: &[u8], data: &[u8]) -> Out {
+        if let Some((offset, data)) = self.write_range(cdb, data)? {
+            let fua = rw_fields(cdb).flags & 0x08 != 0 || !self.lock().mode.wce;
+            let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
+            self.store
+                .write_at(data, offset, fua)
+                .map_err(|e| storage(e, true))?;
+        }
+        good(vec![])
+    }
+
+    /// A WRITE's checks, and the bytes it writes where (None: nothing to write).
+    fn write_range<'a>(&self, cdb: &[u8], data: &'a [u8]) -> Result<Option<(u64, &'a [u8])>, Fail> {
         let rw = rw_fields(cdb);
         self.rw_check(cdb, &rw)?;
         self.check_writable()?;
@@ -860,14 +1057,7 @@ impl LogicalUnit {
         // transport reports the residual.
         let len = len.min(data.len() / bs as usize * bs as usize);
         let data = data.get(..len).ok_or(Fail::Check(INVALID_FIELD_IU))?;
-        if !data.is_empty() {
-            let fua = rw.flags & 0x08 != 0 || !self.lock().mode.wce;
-            let _g = self.io.read().unwrap_or_else(|p| p.into_inner());
-            self.store
-                .write_at(data, rw.lba * bs, fua)
-                .map_err(|e| storage(e, true))?;
-        }
-        good(vec![])
+        Ok((!data.is_empty()).then_some((rw.lba * bs, data)))
     }
 
     /// WRITE ATOMIC(16) (SBC-4 §5.48): all or nothing, and never seen half-done by a

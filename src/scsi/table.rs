@@ -79,6 +79,23 @@ impl LunTable {
         Err(check_result(super::sense::INVALID_FIELD_IU, desc))
     }
 
+    /// [`LogicalUnit::execute_writes`] on LUN `lun`: the results of `execute` on each of
+    /// `cmds` (CDB, Data-Out) in turn.
+    pub fn execute_writes(
+        &self,
+        nexus: &Nexus,
+        lun: u64,
+        cmds: &[(&[u8], &[u8])],
+    ) -> Vec<ScsiResult> {
+        match self.get(lun) {
+            Some(lu) => lu.execute_writes(nexus, cmds),
+            None => cmds
+                .iter()
+                .map(|&(cdb, data)| self.execute(nexus, lun, cdb, data))
+                .collect(),
+        }
+    }
+
     pub fn execute(&self, nexus: &Nexus, lun: u64, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
         let opcode = byte(cdb, 0);
         let lu = self.get(lun);

@@ -1393,8 +1393,8 @@ impl Conn {
     }
 
     /// Hand the batched writes to the connection's [`WriteQueue`]: a thread hop only when no
-    /// pool job is running it already. Each write is answered as soon as it is done, in
-    /// arrival order; durability is unchanged (none of them is FUA, and SYNCHRONIZE CACHE
+    /// pool job is running it already. The writes run in arrival order, those to one LUN that
+    /// the job finds queued together written together, and are answered when written; durability is unchanged (none of them is FUA, and SYNCHRONIZE CACHE
     /// only covers writes already acknowledged).
     fn flush_batch(&mut self) {
         self.batch_bytes = 0;
@@ -1418,16 +1418,24 @@ impl Conn {
             // Should a command panic, the next batch starts a job of its own.
             let _active = ActiveGuard(&queue);
             while let Some(batch) = queue.take() {
-                for b in batch {
-                    let result = luns.execute(&nexus, b.lun, &b.cdb, &b.data);
-                    let _ = done.send(Done {
-                        itt: b.itt,
-                        lun: b.lun,
-                        result,
-                        edtl: b.edtl,
-                        write_len: b.write_len,
-                        r2t_count: b.r2t_count,
-                    });
+                let batch = Vec::from(batch);
+                // Consecutive writes to one LUN go down together: an overlay writes the
+                // first touches among them with one system call (Overlay::write_many).
+                for run in batch.chunk_by(|a, b| a.lun == b.lun) {
+                    let Some(first) = run.first() else { continue };
+                    let cmds: Vec<(&[u8], &[u8])> =
+                        run.iter().map(|b| (&b.cdb[..], &b.data[..])).collect();
+                    let results = luns.execute_writes(&nexus, first.lun, &cmds);
+                    for (b, result) in run.iter().zip(results) {
+                        let _ = done.send(Done {
+                            itt: b.itt,
+                            lun: b.lun,
+                            result,
+                            edtl: b.edtl,
+                            write_len: b.write_len,
+                            r2t_count: b.r2t_count,
+                        });
+                    }
                 }
             }
         });

@@ -85,6 +85,16 @@ pub trait BlockStore: Send + Sync + 'static {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError>;
     /// Write `data` at `offset`. Not durable until `flush` unless `fua`.
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError>;
+    /// Several writes, none FUA, with the effect of `write_at` on each in turn: what a
+    /// connection received in one go. The default does exactly that; a store whose new data
+    /// lands side by side (the overlay's data file) writes them with one system call. On an
+    /// error some of them may have been written (as after `write_at` errors on one of them).
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        for &(offset, data) in writes {
+            self.write_at(data, offset, false)?;
+        }
+        Ok(())
+    }
     /// Make every acknowledged write durable (SYNCHRONIZE CACHE).
     fn flush(&self) -> Result<(), StorageError>;
     /// Deallocate the range; afterwards it reads as zeroes (UNMAP, WRITE SAME with UNMAP).

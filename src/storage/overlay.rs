@@ -283,6 +283,27 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OverlayError> {
     m.lock().map_err(|_| OverlayError::Poisoned)
 }
 
+/// `pwritev(2)` of all of `bufs` at `offset`: a short write goes on where it stopped, at
+/// most `IOV_MAX` (1024 on Linux) buffers per call.
+fn write_all_vectored_at(
+    file: &File,
+    mut bufs: &mut [io::IoSlice<'_>],
+    mut offset: u64,
+) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    while !bufs.is_empty() {
+        let n = match rustix::io::pwritev(file, &bufs[..bufs.len().min(IOV_MAX)], offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += n as u64;
+        io::IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -872,12 +893,24 @@ impl Overlay {
 
     /// Lock the stripes of chunks `[cs, ce)` in ascending order.
     fn lock_stripes(&self, cs: u64, ce: u64) -> Result<Vec<MutexGuard<'_, ()>>, OverlayError> {
+        self.lock_stripes_of(&[(cs, ce)])
+    }
+
+    /// Lock the stripes of the chunk ranges `[cs, ce)` of `ranges`, each once, in ascending
+    /// order.
+    fn lock_stripes_of(
+        &self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<MutexGuard<'_, ()>>, OverlayError> {
         let n = STRIPES as u64;
-        let mut idx: Vec<usize> = if ce - cs >= n {
-            (0..STRIPES).collect()
-        } else {
-            (cs..ce).map(|c| (c % n) as usize).collect()
-        };
+        let mut idx: Vec<usize> = Vec::new();
+        for &(cs, ce) in ranges {
+            if ce - cs >= n {
+                idx = (0..STRIPES).collect();
+                break;
+            }
+            idx.extend((cs..ce).map(|c| (c % n) as usize));
+        }
         idx.sort_unstable();
         idx.dedup();
         idx.iter()
@@ -983,6 +1016,128 @@ impl Overlay {
             });
         }
         drop(live);
+        Ok(self.take_ticket())
+    }
+
+    /// [`BlockStore::write_many`], with the gate held. Whole-chunk writes go in groups to
+    /// [`Overlay::write_group`]; a group ends before a write that is not whole chunks (it
+    /// goes through `write_locked`) or that touches a chunk already in the group, so the
+    /// writes keep their order. Returns the last write's group-commit ticket.
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result<u64, OverlayError> {
+        let mut ticket = self.core.written.load(Ordering::SeqCst);
+        let mut group: Vec<(u64, &[u8])> = Vec::new();
+        for &(offset, data) in writes {
+            if data.is_empty() {
+                continue;
+            }
+            let end = offset + data.len() as u64;
+            let whole = offset % self.chunk == 0 && end % self.chunk == 0;
+            // Whole chunks: the byte ranges overlap exactly when the chunk ranges do.
+            let clash = group
+                .iter()
+                .any(|&(o, d)| o < end && offset < o + d.len() as u64);
+            if !whole || clash {
+                ticket = ticket.max(self.write_group(&group)?);
+                group.clear();
+            }
+            if whole {
+                group.push((offset, data));
+            } else {
+                ticket = ticket.max(self.write_locked(data, offset)?);
+            }
+        }
+        Ok(ticket.max(self.write_group(&group)?))
+    }
+
+    /// Writes of whole chunks, no two touching the same chunk. The chunks written for the
+    /// first time take consecutive slots and reach the data file with one `pwritev(2)` (a
+    /// first touch is an append, and these appends are side by side), and their state
+    /// changes are queued under one lock; rewrites go to their slots in place. Crash safety
+    /// is `write_locked`'s: the data is in its slots before the map points at them.
+    fn write_group(&self, group: &[(u64, &[u8])]) -> Result<u64, OverlayError> {
+        match group {
+            [] => return Ok(0),
+            [(offset, data)] => return self.write_locked(data, *offset),
+            _ => {}
+        }
+        let ranges: Vec<(u64, u64)> = group
+            .iter()
+            .map(|&(o, d)| (o / self.chunk, (o + d.len() as u64) / self.chunk))
+            .collect();
+        let stripes = self.lock_stripes_of(&ranges)?;
+        let found: Vec<Vec<Run>> = {
+            let live = self.core.live.read().map_err(|_| OverlayError::Poisoned)?;
+            let found: Vec<Vec<Run>> = ranges
+                .iter()
+                .map(|&(cs, ce)| live.map.runs(cs, ce))
+                .collect();
+            // A chunk unmapped earlier in this session goes back to its own slot (Live::
+            // retired): write_locked knows how.
+            let retired = !live.retired.is_empty()
+                && found.iter().flatten().any(|r| r.state == ChunkState::Zero);
+            if retired {
+                drop(live);
+                drop(stripes);
+                let mut ticket = 0;
+                for &(offset, data) in group {
+                    ticket = self.write_locked(data, offset)?;
+                }
+                return Ok(ticket);
+            }
+            found
+        };
+        let fresh_chunks: u64 = found
+            .iter()
+            .flatten()
+            .filter(|r| r.state != ChunkState::Overlay)
+            .map(|r| r.end - r.start)
+            .sum();
+        let base = self
+            .core
+            .next_slot
+            .fetch_add(fresh_chunks, Ordering::SeqCst);
+        let mut slot = base;
+        let mut parts: Vec<io::IoSlice<'_>> = Vec::new();
+        let mut fresh: Vec<Run> = Vec::new();
+        for (&(offset, data), runs) in group.iter().zip(&found) {
+            for r in runs {
+                let (from, to) = (r.start * self.chunk, r.end * self.chunk);
+                let part = data
+                    .get((from - offset) as usize..(to - offset) as usize)
+                    .ok_or(StorageError::OutOfRange {
+                        offset: from,
+                        len: to - from,
+                    })?;
+                if r.state == ChunkState::Overlay {
+                    self.data.write_all_at(part, r.slot * self.chunk)?;
+                    continue;
+                }
+                parts.push(io::IoSlice::new(part));
+                fresh.push(Run {
+                    start: r.start,
+                    end: r.end,
+                    state: r.state,
+                    slot,
+                });
+                slot += r.end - r.start;
+            }
+        }
+        write_all_vectored_at(&self.data, &mut parts, base * self.chunk)?;
+        if !fresh.is_empty() {
+            let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
+            for r in &fresh {
+                live.map.set_slots(r.start, r.end, r.slot);
+                if r.state == ChunkState::Zero {
+                    live.retired.set(r.start, r.end, ChunkState::Golden);
+                }
+                live.queue(Rec {
+                    start: r.start,
+                    count: r.end - r.start,
+                    state: ChunkState::Overlay,
+                    slot: r.slot,
+                });
+            }
+        }
         Ok(self.take_ticket())
     }
 
@@ -1270,6 +1425,17 @@ impl BlockStore for Overlay {
         } else {
             self.after_change()?;
         }
+        Ok(())
+    }
+
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        for &(offset, data) in writes {
+            self.check_range(offset, data.len() as u64)?;
+        }
+        let _gate = self.gate.read().map_err(|_| OverlayError::Poisoned)?;
+        self.writable()?;
+        self.write_batch(writes)?;
+        self.after_change()?;
         Ok(())
     }
 

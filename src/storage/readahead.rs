@@ -214,6 +214,9 @@ impl BlockStore for LearningStore {
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StorageError> {
         self.inner.write_at(data, offset, fua)
     }
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        self.inner.write_many(writes)
+    }
     fn flush(&self) -> Result<(), StorageError> {
         self.inner.flush()
     }
