@@ -185,21 +185,38 @@ pub fn wait_for_views<'a>(nodes: impl IntoIterator<Item = &'a Node>, limit: Dura
 }
 
 /// The boot script for `mac` from the node whose boot HTTP port is `http`: (initiator,
-/// iSCSI port it names).
+/// iSCSI port it names). A node that cannot place the client now (etcd slow to answer on a
+/// loaded machine, a dead owner's lease not yet run out) answers with a script that retries
+/// in 10 s; this asks again, as iPXE would, for up to a minute.
 pub fn script(http: u16, mac: &str) -> (String, u16) {
-    let r = crate::http::request(
-        &format!("http://127.0.0.1:{http}/"),
-        "GET",
-        &format!("/boot.ipxe?mac={mac}"),
-        &[],
-        None,
+    let mut last = String::new();
+    let body = crate::http::wait_for(
+        std::time::Duration::from_secs(60),
+        &format!("a script that places {mac} from port {http}"),
+        || {
+            let r = crate::http::request(
+                &format!("http://127.0.0.1:{http}/"),
+                "GET",
+                &format!("/boot.ipxe?mac={mac}"),
+                &[],
+                None,
+            );
+            assert_eq!(
+                r.status, 200,
+                "script for {mac} from port {http}: {}",
+                r.body
+            );
+            if r.body.contains("cannot be placed now") {
+                if r.body != last {
+                    eprintln!("node on port {http} cannot place {mac} now:\n{}", r.body);
+                    last = r.body;
+                }
+                return None;
+            }
+            Some(r.body)
+        },
     );
-    assert_eq!(
-        r.status, 200,
-        "script for {mac} from port {http}: {}",
-        r.body
-    );
-    crate::common::script_placement(&r.body)
+    crate::common::script_placement(&body)
 }
 
 /// Initiators of the Normal sessions in the output of `diskless sessions` (tab-separated,
