@@ -166,6 +166,21 @@ struct Live {
 }
 
 impl Live {
+    /// Chunks `r` (golden or zero until now) are in their new slots `r.slot..`: map them
+    /// there, and queue the state change.
+    fn map_fresh(&mut self, r: &Run) {
+        self.map.set_slots(r.start, r.end, r.slot);
+        if r.state == ChunkState::Zero {
+            self.retired.set(r.start, r.end, ChunkState::Golden);
+        }
+        self.queue(Rec {
+            start: r.start,
+            count: r.end - r.start,
+            state: ChunkState::Overlay,
+            slot: r.slot,
+        });
+    }
+
     /// Queue a state change until the next flush.
     fn queue(&mut self, rec: Rec) {
         if self.pending.is_empty() {
@@ -1004,16 +1019,7 @@ impl Overlay {
         }
         let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
         for r in runs.iter().filter(|r| r.state != ChunkState::Overlay) {
-            live.map.set_slots(r.start, r.end, r.slot);
-            if r.state == ChunkState::Zero {
-                live.retired.set(r.start, r.end, ChunkState::Golden);
-            }
-            live.queue(Rec {
-                start: r.start,
-                count: r.end - r.start,
-                state: ChunkState::Overlay,
-                slot: r.slot,
-            });
+            live.map_fresh(r);
         }
         drop(live);
         Ok(self.take_ticket())
@@ -1126,16 +1132,7 @@ impl Overlay {
         if !fresh.is_empty() {
             let mut live = self.core.live.write().map_err(|_| OverlayError::Poisoned)?;
             for r in &fresh {
-                live.map.set_slots(r.start, r.end, r.slot);
-                if r.state == ChunkState::Zero {
-                    live.retired.set(r.start, r.end, ChunkState::Golden);
-                }
-                live.queue(Rec {
-                    start: r.start,
-                    count: r.end - r.start,
-                    state: ChunkState::Overlay,
-                    slot: r.slot,
-                });
+                live.map_fresh(r);
             }
         }
         Ok(self.take_ticket())
