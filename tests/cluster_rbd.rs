@@ -1084,7 +1084,49 @@ fn rbd_commit_copies_a_running_disk() {
     // The client's session went on through both commits.
     s.lun = diskless::pdu::lun_from_index(1);
     assert_eq!(s.read10(300, 8), w1);
-    eprintln!("measured: commit of an 8 MiB RBD disk to a file {took:?}");
+
+    // With the OSD gone (memstore: it does not come back), a commit cannot take its
+    // snapshot: it fails with the RBD call and the error it got, once the OSD request
+    // gives up (rados_osd_op_timeout, 10 s), and leaves no file and no version behind.
+    let mut ceph = ceph;
+    ceph.stop_daemon("osd");
+    let lost = tmp.path().join("lost.img");
+    let t_down = Instant::now();
+    let (ok, out, err) = control(n, &["client", "commit", &who, &lost.to_string_lossy()]);
+    let down_file = t_down.elapsed();
+    assert!(!ok, "a commit with the OSD down must fail: {out}{err}");
+    assert!(err.contains("rbd"), "the error names the RBD step: {err}");
+    assert!(!lost.exists(), "no file left behind");
+    let mut partial = lost.clone().into_os_string();
+    partial.push(".partial");
+    assert!(
+        !std::path::Path::new(&partial).exists(),
+        "no partial file left"
+    );
+    let t_down = Instant::now();
+    let (ok, out, err) = control(n, &["client", "commit", &who, "lostimage", "--lun", "1"]);
+    let down_image = t_down.elapsed();
+    assert!(
+        !ok,
+        "a commit as an image with the OSD down must fail: {out}{err}"
+    );
+    assert!(
+        err.contains("Ceph is unreachable") || err.contains("rbd"),
+        "the error says why: {err}"
+    );
+    assert!(
+        images.open("lostimage", 1).is_err(),
+        "no version of lostimage left behind"
+    );
+    for took in [down_file, down_image] {
+        assert!(
+            took < Duration::from_secs(40),
+            "bounded by rados_osd_op_timeout: {took:?}"
+        );
+    }
+    eprintln!(
+        "measured: commit of an 8 MiB RBD disk to a file {took:?}; with the OSD down, commit to a file failed after {down_file:?}, as an image after {down_image:?}: {err}"
+    );
 }
 
 fn io_failures_logged(node: &Node) -> usize {

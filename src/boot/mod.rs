@@ -1146,7 +1146,7 @@ impl Client {
             .ok_or_else(|| format!("client {} has no LUN {lun}", self.initiator))?;
         if image.store.fenced() {
             return Err(format!(
-                "client {}'s LUN {lun} is the RBD clone {name}, whose lock this node does not hold: commit it on the node that serves the client",
+                "client {}'s LUN {lun} is the RBD clone {name}, and this node cannot confirm it holds its lock (another node took the disk over, or Ceph is unreachable): commit it on the node that serves the client, with Ceph up",
                 self.initiator
             ));
         }
@@ -2551,7 +2551,9 @@ mod tests {
         lock(&shared.0)[3].1 .1.store(true, Ordering::SeqCst);
         let e = c2.commit_lun_to(1, &dir.path().join("y.img")).unwrap_err();
         assert!(
-            e.contains("RBD clone pool/iqn.x:c1.lun1, whose lock this node does not hold"),
+            e.contains(
+                "RBD clone pool/iqn.x:c1.lun1, and this node cannot confirm it holds its lock"
+            ),
             "{e}"
         );
     }
