@@ -15,6 +15,17 @@ pub fn byte(cdb: &[u8], off: usize) -> u8 {
     cdb.get(off).copied().unwrap_or(0)
 }
 
+/// WRITE(6/10/12/16) without FUA (SBC-4 §5.40-5.43: FUA is byte 1 bit 3 of WRITE(10/12/16);
+/// WRITE(6) has none): the writes a connection may hand down together
+/// (`LogicalUnit::execute_writes`).
+pub fn plain_write(cdb: &[u8]) -> bool {
+    match byte(cdb, 0) {
+        op::WRITE6 => true,
+        op::WRITE10 | op::WRITE12 | op::WRITE16 => byte(cdb, 1) & 0x08 == 0,
+        _ => false,
+    }
+}
+
 /// One supported command.
 pub struct CmdInfo {
     pub opcode: u8,

@@ -636,11 +636,7 @@ impl LogicalUnit {
         let mut results: Vec<Option<ScsiResult>> = (0..cmds.len()).map(|_| None).collect();
         let mut planned: Vec<(usize, u64, &[u8])> = Vec::new();
         for (i, &(cdb, data)) in cmds.iter().enumerate() {
-            let plain = matches!(
-                byte(cdb, 0),
-                op::WRITE6 | op::WRITE10 | op::WRITE12 | op::WRITE16
-            ) && rw_fields(cdb).flags & 0x08 == 0;
-            if !plain || !self.lock().mode.wce {
+            if !super::cdb::plain_write(cdb) || !self.lock().mode.wce {
                 self.write_planned(nexus, cmds, &mut planned, &mut results);
                 results[i] = Some(self.execute(nexus, cdb, data));
                 continue;

@@ -670,17 +670,6 @@ struct Batched {
 const BATCH_MAX_WRITES: usize = 32;
 const BATCH_MAX_BYTES: usize = 1 << 20;
 
-/// WRITE(6/10/12/16) without FUA (SBC-4 §5.40-5.43: FUA is byte 1 bit 3 of WRITE(10/12/16)).
-/// These are batched; FUA writes keep a pool job each so that concurrent ones share one
-/// group-committed flush instead of flushing one after another in a batch.
-fn batchable_write(cdb: &[u8]) -> bool {
-    match cdb.first() {
-        Some(0x0a) => true,
-        Some(0x2a | 0xaa | 0x8a) => cdb.get(1).is_some_and(|b| b & 0x08 == 0),
-        _ => false,
-    }
-}
-
 /// Why the full-feature loop ended.
 enum End {
     Closed(DropReason),
@@ -1361,7 +1350,10 @@ impl Conn {
                     .await;
             }
         }
-        if batchable_write(&cdb) {
+        // Plain writes (no FUA) are batched; FUA writes keep a pool job each so that
+        // concurrent ones share one group-committed flush instead of flushing one after
+        // another in a batch.
+        if crate::scsi::cdb::plain_write(&cdb) {
             self.batch_bytes += data.len();
             self.batch.push(Batched {
                 itt,
@@ -1393,9 +1385,10 @@ impl Conn {
     }
 
     /// Hand the batched writes to the connection's [`WriteQueue`]: a thread hop only when no
-    /// pool job is running it already. The writes run in arrival order, those to one LUN that
-    /// the job finds queued together written together, and are answered when written; durability is unchanged (none of them is FUA, and SYNCHRONIZE CACHE
-    /// only covers writes already acknowledged).
+    /// pool job is running it already. The writes run in arrival order (those to one LUN
+    /// that the job finds queued together are written together) and are answered when
+    /// written; durability is unchanged (none of them is FUA, and SYNCHRONIZE CACHE only
+    /// covers writes already acknowledged).
     fn flush_batch(&mut self) {
         self.batch_bytes = 0;
         let batch = std::mem::take(&mut self.batch);

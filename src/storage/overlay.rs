@@ -298,6 +298,15 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OverlayError> {
     m.lock().map_err(|_| OverlayError::Poisoned)
 }
 
+/// The bytes of `data` (written at device offset `offset`) for device bytes `[from, to)`.
+fn part_of(data: &[u8], offset: u64, from: u64, to: u64) -> Result<&[u8], StorageError> {
+    data.get((from - offset) as usize..(to - offset) as usize)
+        .ok_or(StorageError::OutOfRange {
+            offset: from,
+            len: to - from,
+        })
+}
+
 /// At most this many bytes of several buffers per `pwritev`. The page cache sizes a new
 /// folio by the write that creates it, and a later 4 KiB rewrite into a large folio costs the
 /// kernel time in proportion to the folio (file.rs, `small_folios`): uncapped, the batches
@@ -1019,13 +1028,8 @@ impl Overlay {
         for r in &runs {
             let from = (r.start * self.chunk).max(offset);
             let to = (r.end * self.chunk).min(end);
-            let part = data
-                .get((from - offset) as usize..(to - offset) as usize)
-                .ok_or(StorageError::OutOfRange {
-                    offset: from,
-                    len: to - from,
-                })?;
-            self.data.write_all_at(part, at(r, from))?;
+            self.data
+                .write_all_at(part_of(data, offset, from, to)?, at(r, from))?;
         }
         if !fresh {
             // Rewrite in place: no state change, nothing to journal.
@@ -1042,9 +1046,8 @@ impl Overlay {
     /// [`BlockStore::write_many`], with the gate held. Whole-chunk writes go in groups to
     /// [`Overlay::write_group`]; a group ends before a write that is not whole chunks (it
     /// goes through `write_locked`) or that touches a chunk already in the group, so the
-    /// writes keep their order. Returns the last write's group-commit ticket.
-    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result<u64, OverlayError> {
-        let mut ticket = self.core.written.load(Ordering::SeqCst);
+    /// writes keep their order. None is FUA, so no one waits on their group-commit tickets.
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result<(), OverlayError> {
         let mut group: Vec<(u64, &[u8])> = Vec::new();
         for &(offset, data) in writes {
             if data.is_empty() {
@@ -1057,16 +1060,16 @@ impl Overlay {
                 .iter()
                 .any(|&(o, d)| o < end && offset < o + d.len() as u64);
             if !whole || clash {
-                ticket = ticket.max(self.write_group(&group)?);
+                self.write_group(&group)?;
                 group.clear();
             }
             if whole {
                 group.push((offset, data));
             } else {
-                ticket = ticket.max(self.write_locked(data, offset)?);
+                self.write_locked(data, offset)?;
             }
         }
-        Ok(ticket.max(self.write_group(&group)?))
+        self.write_group(&group)
     }
 
     /// Writes of whole chunks, no two touching the same chunk. The chunks written for the
@@ -1074,10 +1077,10 @@ impl Overlay {
     /// first touch is an append, and these appends are side by side), and their state
     /// changes are queued under one lock; rewrites go to their slots in place. Crash safety
     /// is `write_locked`'s: the data is in its slots before the map points at them.
-    fn write_group(&self, group: &[(u64, &[u8])]) -> Result<u64, OverlayError> {
+    fn write_group(&self, group: &[(u64, &[u8])]) -> Result<(), OverlayError> {
         match group {
-            [] => return Ok(0),
-            [(offset, data)] => return self.write_locked(data, *offset),
+            [] => return Ok(()),
+            [(offset, data)] => return self.write_locked(data, *offset).map(drop),
             _ => {}
         }
         let ranges: Vec<(u64, u64)> = group
@@ -1098,11 +1101,10 @@ impl Overlay {
             if retired {
                 drop(live);
                 drop(stripes);
-                let mut ticket = 0;
                 for &(offset, data) in group {
-                    ticket = self.write_locked(data, offset)?;
+                    self.write_locked(data, offset)?;
                 }
-                return Ok(ticket);
+                return Ok(());
             }
             found
         };
@@ -1121,13 +1123,7 @@ impl Overlay {
         let mut fresh: Vec<Run> = Vec::new();
         for (&(offset, data), runs) in group.iter().zip(&found) {
             for r in runs {
-                let (from, to) = (r.start * self.chunk, r.end * self.chunk);
-                let part = data
-                    .get((from - offset) as usize..(to - offset) as usize)
-                    .ok_or(StorageError::OutOfRange {
-                        offset: from,
-                        len: to - from,
-                    })?;
+                let part = part_of(data, offset, r.start * self.chunk, r.end * self.chunk)?;
                 if r.state == ChunkState::Overlay {
                     self.data.write_all_at(part, r.slot * self.chunk)?;
                     continue;
@@ -1149,7 +1145,9 @@ impl Overlay {
                 live.map_fresh(r);
             }
         }
-        Ok(self.take_ticket())
+        // Counted like any write, so that a later flush_upto knows these are covered.
+        self.take_ticket();
+        Ok(())
     }
 
     /// A completed write's (or discard's) group-commit ticket: taken after its data and
